@@ -1,0 +1,46 @@
+"""loratools: read, validate, diff, resize, combine, convert, merge, export and push LoRA adapters.
+
+The public API is imported lazily so that ``import loratools`` (and ``loratools --help``) stays fast and
+does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+#: public name -> module that defines it
+_API = {
+    "Adapter": "loratools.adapter",
+    "LoraModule": "loratools.adapter",
+    "load_adapter": "loratools.io",
+    "save_adapter": "loratools.io",
+    "open_checkpoint": "loratools.checkpoint.reader",
+    "CheckpointReader": "loratools.checkpoint.reader",
+    "info": "loratools.ops.info",
+    "validate": "loratools.ops.validate",
+    "merge": "loratools.ops.merge",
+    "verify": "loratools.ops.verify",
+    "resize": "loratools.ops.resize",
+    "rescale": "loratools.ops.rescale",
+    "diff": "loratools.ops.diff",
+    "combine": "loratools.ops.combine",
+    "extract": "loratools.ops.extract",
+    "spectrum": "loratools.ops.spectrum",
+    "convert": "loratools.ops.convert",
+    "LoratoolsError": "loratools.errors",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'loratools' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

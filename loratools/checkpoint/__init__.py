@@ -1,0 +1,1 @@
+"""Base checkpoints: lazy readers, the streaming writer, and module-path -> tensor-key matching."""

@@ -1,0 +1,74 @@
+"""Module path -> base tensor key matching.
+
+An adapter names modules by the path in the model it was trained on (``model.layers.0.self_attn.q_proj``);
+a base checkpoint names tensors as its ``save_pretrained`` wrote them, which may add or drop wrapper
+prefixes (``bert.``, ``model.``, the Hub's ``text_model.``). Matching tries the exact ``<module>.weight``
+first, then compares names with wrapper components removed; a match must be unique.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..adapter import Adapter
+    from .reader import CheckpointReader
+
+#: path components that wrap a model without changing what a module is
+WRAPPERS = frozenset({"model", "base_model", "text_model", "bert", "roberta", "transformer", "language_model"})
+
+
+def _strip(path: str) -> str:
+    return ".".join(p for p in path.split(".") if p not in WRAPPERS)
+
+
+class KeyMatcher:
+    """Finds the base tensor for module paths; build once per base."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = set(keys)
+        self._by_stripped: dict[str, list[str]] = {}
+        for k in keys:
+            self._by_stripped.setdefault(_strip(k), []).append(k)
+
+    def tensor_key(self, name: str, suffix: str = "weight") -> str | None:
+        """The base key for tensor ``suffix`` of module ``name``, or None when absent or ambiguous."""
+        exact = f"{name}.{suffix}"
+        if exact in self.keys:
+            return exact
+        found = self._by_stripped.get(_strip(exact), [])
+        return found[0] if len(found) == 1 else None
+
+    def module(self, name: str) -> str | None:
+        """The base's own module path for an adapter module path (its weight key minus ``.weight``)."""
+        key = self.tensor_key(name)
+        return key[: -len(".weight")] if key else None
+
+
+def resolve_modules(names: list[str], reader: CheckpointReader) -> tuple[dict[str, str], list[str]]:
+    """Map module paths to the base's module paths; returns ``(mapping, unmatched)``."""
+    matcher = KeyMatcher(reader.keys())
+    mapping, unmatched = {}, []
+    for n in names:
+        m = matcher.module(n)
+        if m is None:
+            unmatched.append(n)
+        else:
+            mapping[n] = m
+    return mapping, unmatched
+
+
+def normalize_adapter(adapter: Adapter, reader: CheckpointReader) -> Adapter:
+    """A copy whose module and replacement keys use the base's own names (unmatched ones unchanged)."""
+    matcher = KeyMatcher(reader.keys())
+    modules = {}
+    for name, mod in adapter.modules.items():
+        modules[matcher.module(name) or name] = mod
+    replacements = {}
+    for key, tensor in adapter.replacements.items():
+        mod, _, suffix = key.rpartition(".")
+        replacements[matcher.tensor_key(mod, suffix) or key] = tensor
+    meta = dict(adapter.meta)
+    meta["unresolved"] = [n for n in adapter.modules if matcher.module(n) is None]
+    return replace(adapter, modules=modules, replacements=replacements, meta=meta)

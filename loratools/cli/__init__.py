@@ -1,0 +1,1 @@
+"""The ``loratools`` command line: thin click commands over the public API."""

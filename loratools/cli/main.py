@@ -1,0 +1,96 @@
+"""The ``loratools`` click group and the error boundary.
+
+Command modules import only click and cli helpers at module level; the library (and torch) is imported
+inside each command, so ``loratools --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from .. import __version__
+
+#: command name -> "module:attribute" (module relative to loratools.cli)
+COMMANDS: dict[str, str] = {
+    "info": "info:info",
+    "validate": "validate:validate",
+}
+
+
+class LazyGroup(click.Group):
+    """Loads each command module on first use; the listing still shows every command's short help."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="loratools")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool) -> None:
+    """Read, validate, diff, resize, combine, convert, merge, export and push LoRA adapters.
+
+    \b
+    Examples:
+      loratools info adapter/
+      loratools merge base/ adapter/ -o merged/
+      loratools resize adapter/ --rank 2 -o small/
+
+    Exit codes: 0 success, 1 the command ran and found problems, 2 unusable input or usage error.
+    Set LORATOOLS_DEBUG=1 to see tracebacks.
+    """
+    ctx.obj = {"quiet": quiet}
+
+
+def _fail(message: str, hint: str | None, code: int) -> None:
+    click.echo(f"Error: {message}", err=True)
+    if hint:
+        click.echo(f"Hint: {hint}", err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the group and turns errors into one line plus a hint (no traceback)."""
+    from ..errors import LoratoolsError
+
+    debug = os.environ.get("LORATOOLS_DEBUG") == "1"
+    try:
+        rv = cli.main(args=argv, prog_name="loratools", standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("aborted", None, 2)
+    except click.ClickException as exc:
+        if debug:
+            raise
+        exc.show()
+        sys.exit(exc.exit_code)
+    except LoratoolsError as exc:
+        if debug:
+            raise
+        _fail(exc.message, exc.hint, exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was published", None, 130)
+    except (OSError, MemoryError) as exc:
+        if debug:
+            raise
+        _fail(f"{exc.__class__.__name__}: {exc}", None, 2)
+    except Exception as exc:  # a bug: still one line, but say so
+        if debug:
+            raise
+        _fail(
+            f"internal error: {exc.__class__.__name__}: {exc}",
+            "this is a loratools bug; rerun with LORATOOLS_DEBUG=1 and report the traceback",
+            3,
+        )
+    sys.exit(rv if isinstance(rv, int) else 0)

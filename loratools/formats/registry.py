@@ -1,0 +1,84 @@
+"""Format registry and detection. Formats plug in with ``@register_format``."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import FormatError, InputNotFoundError, UsageError
+
+if TYPE_CHECKING:
+    from ..adapter import Adapter
+    from ..checkpoint.reader import CheckpointReader
+
+_REGISTRY: dict[str, type[AdapterFormat]] = {}
+
+
+class AdapterFormat:
+    """Base class of a format. Subclasses set ``name`` and implement the three methods."""
+
+    name: ClassVar[str] = ""
+    #: what ``--help`` and errors say about the on-disk shape ("folder", "file")
+    layout: ClassVar[str] = "folder"
+
+    @classmethod
+    def sniff(cls, path: Path) -> bool:
+        """True when ``path`` looks like this format (cheap: names and headers only)."""
+        raise NotImplementedError
+
+    @classmethod
+    def read(cls, path: Path, base: CheckpointReader | None = None) -> Adapter:
+        """Read ``path`` into the canonical model; ``base`` resolves ambiguous names if given."""
+        raise NotImplementedError
+
+    @classmethod
+    def write(cls, adapter: Adapter, path: Path, **options: Any) -> None:
+        """Write ``adapter`` to ``path`` (a fresh temporary location: publishing is the caller's)."""
+        raise NotImplementedError
+
+
+def register_format(cls: type[AdapterFormat]) -> type[AdapterFormat]:
+    """Class decorator that adds a format to the registry under ``cls.name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtins() -> None:
+    from . import _BUILTIN
+
+    for name in _BUILTIN:
+        try:
+            importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as exc:  # a format module not written yet or an extra missing
+            if exc.name != f"{__package__}.{name}":
+                raise
+
+
+def list_formats() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_format(name: str) -> type[AdapterFormat]:
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UsageError(f"unknown adapter format {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def detect_format(path: str | Path) -> type[AdapterFormat]:
+    """The format of an adapter at ``path``; FormatError listing what was tried when none fits."""
+    _load_builtins()
+    p = Path(path)
+    if not p.exists():
+        raise InputNotFoundError(f"{p}: no such file or folder", path=p)
+    for fmt in _REGISTRY.values():
+        if fmt.sniff(p):
+            return fmt
+    raise FormatError(
+        f"{p}: not a LoRA adapter in any known format (tried {', '.join(sorted(_REGISTRY))})",
+        hint="a PEFT adapter is a folder with adapter_config.json; a kohya file is one .safetensors",
+        path=p,
+    )

@@ -1,0 +1,201 @@
+"""Atomic publishing of outputs, disk-space preflight, and the provenance record.
+
+Every writing command writes into a temporary sibling of its output (``.NAME.loratools-tmp-PID-XXXX``)
+and renames it into place at the end, so a killed run never leaves a finished-looking output. With
+``overwrite`` the old output is moved aside, the new one renamed in, then the old one deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import DiskSpaceError, OutputExistsError, UsageError
+
+SCHEMA_VERSION = 1
+METADATA_KEY = "loratools"
+_TMP_MARK = ".loratools-tmp-"
+_OLD_MARK = ".loratools-old-"
+#: files up to this size are hashed whole for provenance; larger ones by size and header
+HASH_LIMIT = 256 * 1024 * 1024
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output_target(target: str | Path, inputs: Iterable[str | Path] = (), overwrite: bool = False) -> Path:
+    """Refuse an output that exists (unless ``overwrite``), or lies on, inside or around an input."""
+    out = Path(target).resolve()
+    for inp in inputs:
+        src = Path(inp).resolve()
+        if out == src or _inside(out, src) or _inside(src, out):
+            raise OutputExistsError(
+                f"{target}: the output would overwrite or sit inside the input {inp}",
+                hint="choose an output path outside every input",
+                path=target,
+            )
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise OutputExistsError(f"{target} exists already", hint="pass --overwrite to replace it", path=target)
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_temporaries(target: str | Path) -> list[Path]:
+    """Temporary siblings of ``target`` left by runs that are no longer alive."""
+    out = Path(target).absolute()
+    found = []
+    if not out.parent.is_dir():
+        return found
+    for p in out.parent.iterdir():
+        for mark in (_TMP_MARK, _OLD_MARK):
+            prefix = f".{out.name}{mark}"
+            if p.name.startswith(prefix):
+                pid = p.name[len(prefix) :].split("-", 1)[0]
+                if not pid.isdigit() or not _pid_alive(int(pid)):
+                    found.append(p)
+    return found
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def check_disk_space(target: str | Path, nbytes: int, *, margin: float = 1.02) -> None:
+    """Raise :class:`DiskSpaceError` when the file system of ``target`` lacks ``nbytes`` (+2%)."""
+    parent = Path(target).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    need = int(nbytes * margin)
+    if need > free:
+        raise DiskSpaceError(
+            f"{target}: needs {format_bytes(need)} but only {format_bytes(free)} is free on {parent}",
+            hint="free some space or write the output elsewhere",
+            path=target,
+        )
+
+
+@contextlib.contextmanager
+def atomic_output(
+    target: str | Path,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
+    directory: bool = True,
+    expected_bytes: int | None = None,
+) -> Iterator[Path]:
+    """Yield a temporary path to write into; publish it at ``target`` when the block succeeds.
+
+    ``directory`` says whether the output is a folder (created empty) or a single file (the caller
+    creates it). Stale temporaries of killed runs are removed first. On error nothing is published.
+    """
+    out = check_output_target(target, inputs, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_temporaries(out):
+        _remove(stale)
+    if expected_bytes is not None:
+        check_disk_space(out, expected_bytes)
+    tmp = out.parent / f".{out.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+        if not (tmp.exists() or tmp.is_symlink()):
+            raise UsageError(f"{target}: nothing was written")
+        old = None
+        if out.exists() or out.is_symlink():
+            if not overwrite:  # appeared while we worked
+                raise OutputExistsError(f"{target} exists already", hint="pass --overwrite to replace it")
+            old = out.parent / f".{out.name}{_OLD_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            _remove(old)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def file_digest(path: str | Path) -> dict[str, Any]:
+    """sha256 of a file (whole for files up to HASH_LIMIT; else of its first MiB, with the size)."""
+    p = Path(path)
+    size = p.stat().st_size
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        if size <= HASH_LIMIT:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+            return {"path": p.name, "size": size, "sha256": h.hexdigest()}
+        h.update(f.read(1 << 20))
+    return {"path": p.name, "size": size, "sha256_first_mib": h.hexdigest()}
+
+
+def describe_input(path: str | Path, hub: dict[str, str] | None = None) -> dict[str, Any]:
+    """Provenance of one input: its Hub id and revision, or its files with their digests."""
+    if hub:
+        return dict(hub)
+    p = Path(path)
+    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+    weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".json", ".onnx_adapter")]
+    return {"path": str(p), "files": [file_digest(f) for f in weights[:64]]}
+
+
+def provenance(operation: str, parameters: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    """The record written under the ``loratools`` metadata key of every safetensors output."""
+    from . import __version__
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "loratools_version": __version__,
+        "operation": operation,
+        "parameters": parameters,
+        "inputs": inputs,
+    }
+
+
+def provenance_metadata(record: dict[str, Any]) -> dict[str, str]:
+    return {METADATA_KEY: json.dumps(record, sort_keys=True, separators=(",", ":"))}
+
+
+def read_provenance(metadata: dict[str, str] | None) -> dict[str, Any] | None:
+    """The provenance record from safetensors metadata, or None (also for malformed records)."""
+    if not metadata or METADATA_KEY not in metadata:
+        return None
+    try:
+        rec = json.loads(metadata[METADATA_KEY])
+    except (TypeError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
