@@ -10,13 +10,14 @@ Keys are ``base_model.model.<module>.lora_A.weight`` (r×in) and ``.lora_B.weigh
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, LoraModule
-from ..errors import FormatError, UnsupportedError, ValidationError
+from ..errors import FormatError, ShapeError, UnsupportedError, ValidationError
 from ..publish import provenance_metadata, read_provenance
 from ..safetensors_file import load_file
 from .registry import AdapterFormat, register_format
@@ -67,6 +68,9 @@ def _read_config(path: Path) -> dict[str, Any]:
             f"{cfg_path}: PEFT type {peft_type} is not LoRA; loratools handles LoRA (and DoRA) adapters only",
             path=cfg_path,
         )
+    for key, what in _UNSUPPORTED_FEATURES.items():
+        if cfg.get(key):
+            raise UnsupportedError(f"{cfg_path}: uses {what}, which loratools does not support", path=cfg_path)
     return cfg
 
 
@@ -92,6 +96,124 @@ def _number(cfg: dict[str, Any], key: str, where: Path) -> float:
     return float(value)
 
 
+#: config keys of PEFT LoRA features that change what the tensors mean; refused by name
+_UNSUPPORTED_FEATURES = {
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "target_parameters": "LoRA on raw parameters (target_parameters)",
+    "layer_replication": "layer replication (layer_replication)",
+}
+#: model types whose projections are transformers' Conv1D (weight stored in x out)
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
+#: leaf names that are nn.Linear heads even in Conv1D models (PEFT turns fan_in_fan_out off for them)
+_LINEAR_HEADS = frozenset({"lm_head", "score", "classifier", "qa_outputs"})
+
+
+def split_key(key: str) -> tuple[str, str | None]:
+    """``(module, role)`` of a PEFT tensor key; role is None for a full tensor (a replacement).
+
+    Roles: down, up, bias, down_emb, up_emb, magnitude. Replacements come back under the base's tensor
+    name (``model.embed_tokens.base_layer.weight`` -> ``model.embed_tokens.weight``).
+    """
+    name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+    for suffix, role in _ROLES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)], role
+    if name.endswith(".base_layer.weight"):
+        name = name[: -len(".base_layer.weight")] + ".weight"
+    return name.replace(".modules_to_save.default.", "."), None
+
+
+def _looks_lora(name: str) -> bool:
+    return any(part.startswith(("lora_", "hada_", "lokr_")) for part in name.split(".")[-3:])
+
+
+def check_structure(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str | None, str, str, str | None]]:
+    """Every structural problem of a PEFT tensor set, as ``(module, code, message, tensor)``.
+
+    Checked: each module has A and B, A's rows equal B's columns, factors are at least 2-D, conv B is
+    1x1, magnitude and bias have one entry per output, and no tensor has an unknown LoRA name.
+    """
+    parts: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    problems: list[tuple[str | None, str, str, str | None]] = []
+    for key, shape in shapes.items():
+        mod, role = split_key(key)
+        if role is None:
+            if _looks_lora(mod):
+                problems.append((None, "unknown_tensor", f"tensor {key} is not a LoRA tensor loratools knows", key))
+            continue
+        parts.setdefault(mod, {})[role] = (key, tuple(shape))
+    for mod, p in sorted(parts.items()):
+        emb = "down_emb" in p or "up_emb" in p
+        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
+        down, up = p.get("down_emb" if emb else "down"), p.get("up_emb" if emb else "up")
+        if down is None or up is None:
+            missing = a_name if down is None else b_name
+            problems.append((mod, "missing_factor", f"module {mod} has no {missing} tensor", None))
+            continue
+        (ak, a), (bk, b) = down, up
+        if len(a) < 2 or len(b) < 2:
+            msg = f"module {mod}: {a_name} {list(a)} and {b_name} {list(b)} must be at least 2-D"
+            problems.append((mod, "bad_shape", msg, ak))
+            continue
+        if a[0] != b[1]:
+            problems.append(
+                (mod, "rank_mismatch", f"module {mod}: {a_name} has rank {a[0]} but {b_name} has rank {b[1]}", bk)
+            )
+            continue
+        if len(a) > 2 and any(s != 1 for s in b[2:]):
+            problems.append((mod, "bad_shape", f"module {mod}: conv {b_name} must be 1x1, got {list(b)}", bk))
+        out = b[0]
+        for role, what in (("magnitude", "lora_magnitude_vector"), ("bias", "lora_B.bias")):
+            if role in p:
+                k, s = p[role]
+                if math.prod(s) != out:
+                    problems.append(
+                        (mod, f"{role}_shape", f"module {mod}: {what} has shape {list(s)}, expected {out} entries", k)
+                    )
+    return problems
+
+
+def _tensor_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], Path]:
+    st = path / WEIGHTS
+    if st.is_file():
+        from ..safetensors_file import read_header
+
+        header, _ = read_header(st)
+        return {k: t.shape for k, t in header.items()}, st
+    tensors, _, f = _read_tensors(path)
+    return {k: tuple(t.shape) for k, t in tensors.items()}, f
+
+
+def _fan_in_fan_out(modules: dict[str, LoraModule], cfg_flag: bool, base: CheckpointReader | None) -> None:
+    """Decide per module whether the base stores the weight (in, out) (transformers' Conv1D).
+
+    PEFT flips ``fan_in_fan_out`` per layer type at load time, so the config flag is only a hint
+    (the last layer decides what it says). With a base: the weight's shape decides when it is not
+    square, the model type (GPT-2 family) when it is. Without: the config flag, except on heads.
+    """
+    matcher = None
+    model_type = None
+    if base is not None:
+        from ..checkpoint.keymap import KeyMatcher
+
+        matcher = KeyMatcher(base.keys())
+        model_type = (base.config or {}).get("model_type")
+    for name, m in modules.items():
+        if m.kind != "linear":
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        fifo = cfg_flag and leaf not in _LINEAR_HEADS
+        key = matcher.tensor_key(name) if matcher is not None else None
+        if key is not None:
+            shape = tuple(base.info(key).shape)
+            straight, flipped = (m.out_features, m.in_features), (m.in_features, m.out_features)
+            if straight != flipped and shape in (straight, flipped):
+                fifo = shape == flipped
+            elif shape == straight == flipped:
+                fifo = model_type in CONV1D_MODEL_TYPES and leaf not in _LINEAR_HEADS
+        m.fan_in_fan_out = fifo
+
+
 @register_format
 class PeftFormat(AdapterFormat):
     name = "peft"
@@ -102,59 +224,58 @@ class PeftFormat(AdapterFormat):
         return path.is_dir() and (path / CONFIG).is_file()
 
     @classmethod
+    def structural_findings(cls, path: Path) -> list[tuple[str | None, str, str, str | None]]:
+        """All structural problems of the adapter at ``path`` (see :func:`check_structure`), from headers."""
+        _read_config(path)
+        shapes, _ = _tensor_shapes(path)
+        return check_structure(shapes)
+
+    @classmethod
     def read(cls, path: Path, base: CheckpointReader | None = None) -> Adapter:
         cfg = _read_config(path)
         tensors, metadata, weights_file = _read_tensors(path)
+        problems = check_structure({k: tuple(t.shape) for k, t in tensors.items()})
+        if problems:
+            mod, code, message, _ = problems[0]
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            err = ShapeError if code.endswith(("shape", "mismatch")) else ValidationError
+            raise err(
+                f"{weights_file}: {message}{more}",
+                hint=f"run 'loratools validate {path}' to list every problem",
+                path=weights_file,
+            )
         r_default = _number(cfg, "r", path)
         alpha_default = _number(cfg, "lora_alpha", path)
-        rank_pattern = cfg.get("rank_pattern") or {}
-        alpha_pattern = cfg.get("alpha_pattern") or {}
+        rank_pattern = _pattern(cfg, "rank_pattern", path)
+        alpha_pattern = _pattern(cfg, "alpha_pattern", path)
         rslora = bool(cfg.get("use_rslora", False))
-        fifo = bool(cfg.get("fan_in_fan_out", False))
 
         parts: dict[str, dict[str, torch.Tensor]] = {}
         replacements: dict[str, torch.Tensor] = {}
         for key, tensor in tensors.items():
-            name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-            for suffix, role in _ROLES:
-                if name.endswith(suffix):
-                    parts.setdefault(name[: -len(suffix)], {})[role] = tensor
-                    break
+            mod, role = split_key(key)
+            if role is None:
+                replacements[mod] = tensor
             else:
-                if name.endswith(".base_layer.weight"):
-                    name = name[: -len(".base_layer.weight")] + ".weight"
-                name = name.replace(".modules_to_save.default.", ".")
-                replacements[name] = tensor
+                parts.setdefault(mod, {})[role] = tensor
 
         modules: dict[str, LoraModule] = {}
         for mod, p in sorted(parts.items()):
             emb = "down_emb" in p or "up_emb" in p
-            down, up = p.get("down_emb" if emb else "down"), p.get("up_emb" if emb else "up")
-            if down is None or up is None:
-                missing = (
-                    ("lora_embedding_A" if emb else "lora_A")
-                    if down is None
-                    else ("lora_embedding_B" if emb else "lora_B")
-                )
-                raise ValidationError(f"{weights_file}: module {mod} has no {missing} tensor", path=weights_file)
+            down, up = p["down_emb" if emb else "down"], p["up_emb" if emb else "up"]
             alpha_key = get_pattern_key(list(alpha_pattern), mod)
-            alpha = float(alpha_pattern[alpha_key]) if alpha_key is not None else alpha_default
+            alpha = _to_float(alpha_pattern[alpha_key], path) if alpha_key is not None else alpha_default
             kind = "embedding" if emb else ("conv" if down.ndim > 2 else "linear")
-            try:
-                modules[mod] = LoraModule(
-                    down=down,
-                    up=up,
-                    alpha=alpha,
-                    kind=kind,
-                    use_rslora=rslora,
-                    fan_in_fan_out=fifo and kind == "linear",
-                    magnitude=p.get("magnitude"),
-                    bias=p.get("bias"),
-                )
-            except ValidationError as exc:
-                raise type(exc)(
-                    f"{weights_file}: module {mod}: {exc.message}", hint=exc.hint, path=weights_file
-                ) from None
+            modules[mod] = LoraModule(
+                down=down,
+                up=up,
+                alpha=alpha,
+                kind=kind,
+                use_rslora=rslora,
+                magnitude=p.get("magnitude"),
+                bias=p.get("bias"),
+            )
+        _fan_in_fan_out(modules, bool(cfg.get("fan_in_fan_out", False)), base)
         return Adapter(
             modules=modules,
             replacements=replacements,
@@ -164,9 +285,7 @@ class PeftFormat(AdapterFormat):
                 "config": cfg,
                 "metadata": metadata,
                 "provenance": read_provenance(metadata),
-                "declared_ranks": {
-                    m: _declared_rank(mod_name=m, cfg=cfg, r=r_default, rp=rank_pattern) for m in modules
-                },
+                "declared_ranks": {m: _declared_rank(m, r_default, rank_pattern, path) for m in modules},
                 "files": [str(path / CONFIG), str(weights_file)],
             },
         )
@@ -202,9 +321,22 @@ class PeftFormat(AdapterFormat):
         (path / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _declared_rank(mod_name: str, cfg: dict[str, Any], r: float, rp: dict[str, Any]) -> int:
+def _declared_rank(mod_name: str, r: float, rp: dict[str, Any], where: Path) -> int:
     key = get_pattern_key(list(rp), mod_name)
-    return int(rp[key]) if key is not None else int(r)
+    return int(_to_float(rp[key], where)) if key is not None else int(r)
+
+
+def _to_float(value: Any, where: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FormatError(f"{where / CONFIG}: pattern value {value!r} is not a number", path=where)
+    return float(value)
+
+
+def _pattern(cfg: dict[str, Any], key: str, where: Path) -> dict[str, Any]:
+    value = cfg.get(key) or {}
+    if not isinstance(value, dict):
+        raise FormatError(f"{where / CONFIG}: {key} must be an object of regex -> number", path=where)
+    return value
 
 
 def config_for(adapter: Adapter) -> dict[str, Any]:
