@@ -1,0 +1,267 @@
+"""diffusers LoRA files: ``pytorch_lora_weights.safetensors`` with pipeline-component key prefixes.
+
+Keys are PEFT's without ``base_model.model.``, prefixed with the component: ``unet.<module>.lora_A.weight``,
+``text_encoder.<module>.lora_B.weight``, ``text_encoder_2.…``. Older diffusers releases wrote
+``…attn1.processor.to_q_lora.down.weight``, ``…mlp.fc1.lora_linear_layer.down.weight`` and
+``…conv1.lora.down.weight``; those are read too. Alpha comes from the ``lora_adapter_metadata`` JSON in the
+safetensors metadata (the component's LoraConfig fields under ``<component>.``, as diffusers'
+``save_lora_weights`` writes and ``load_lora_weights`` reads them), else from ``<module>.alpha`` keys; no
+alpha at all means alpha = rank (scale 1), diffusers' own convention.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..adapter import Adapter, LoraModule
+from ..errors import FormatError, UnsupportedError, UsageError, ValidationError
+from ..publish import provenance_metadata, read_provenance
+from ..safetensors_file import load_file, read_header
+from .peft import get_pattern_key
+from .registry import AdapterFormat, register_format
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..checkpoint.reader import CheckpointReader
+
+WEIGHTS = "pytorch_lora_weights.safetensors"
+WEIGHTS_BIN = "pytorch_lora_weights.bin"
+METADATA_KEY = "lora_adapter_metadata"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_REFUSED_COMPONENTS = {"transformer": "Flux/SD3 transformer", "prior": "Würstchen prior", "text_encoder_3": "SD3 T5"}
+#: suffix -> role, longest first
+_ROLES = (
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_B.bias", "bias"),
+    (".lora_embedding_A", "down_emb"),
+    (".lora_embedding_B", "up_emb"),
+    (".lora_magnitude_vector.weight", "magnitude"),
+    (".lora_magnitude_vector", "magnitude"),
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".alpha", "alpha"),
+)
+#: old attention-processor names: ``<attn>.processor.to_q_lora`` -> module under the attention
+_PROCESSOR = re.compile(
+    r"^(?P<attn>.*?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$"
+)
+_UNET_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
+def _weights_file(path: Path) -> Path | None:
+    if path.is_file():
+        return path
+    for name in (WEIGHTS, WEIGHTS_BIN):
+        if (path / name).is_file():
+            return path / name
+    return None
+
+
+def _split_key(key: str) -> tuple[str, str, str] | None:
+    """``(component, module, role)`` of a diffusers LoRA key, or None when it is not one."""
+    component, _, rest = key.partition(".")
+    m = _PROCESSOR.match(rest)
+    if m:
+        proj = (_UNET_PROJ if component == "unet" else _TE_PROJ)[m.group("proj")]
+        return component, f"{m.group('attn')}.{proj}", m.group("part")
+    for suffix, role in _ROLES:
+        if rest.endswith(suffix):
+            module = rest[: -len(suffix)]
+            if role == "alpha":  # an alpha may sit beside any of the forms above
+                module = re.sub(r"(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora$", "", module)
+            return component, module, role
+    return None
+
+
+def _lora_metadata(metadata: dict[str, str], where: Path) -> dict[str, dict[str, Any]]:
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except ValueError as exc:
+        raise FormatError(f"{where}: {METADATA_KEY} metadata is not valid JSON ({exc})", path=where) from None
+    if not isinstance(flat, dict):
+        raise FormatError(f"{where}: {METADATA_KEY} metadata is not a JSON object", path=where)
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        component, _, field = key.partition(".")
+        out.setdefault(component, {})[field] = value
+    return out
+
+
+def _alpha(module: str, rank: int, cfg: dict[str, Any] | None, alpha_key: float | None) -> float:
+    if cfg:
+        pattern = cfg.get("alpha_pattern") or {}
+        hit = get_pattern_key(list(pattern), module)
+        if hit is not None:
+            return float(pattern[hit])
+        value = cfg.get("lora_alpha")
+        return float(8 if value is None else value)  # LoraConfig's default, as diffusers would build it
+    return float(alpha_key) if alpha_key else float(rank)
+
+
+@register_format
+class DiffusersFormat(AdapterFormat):
+    name = "diffusers"
+    layout = "folder"
+
+    @classmethod
+    def sniff(cls, path: Path) -> bool:
+        if path.is_dir():
+            return not (path / "adapter_config.json").is_file() and _weights_file(path) is not None
+        if path.suffix != ".safetensors" or not path.is_file():
+            return False
+        try:
+            tensors, _ = read_header(path)
+        except FormatError:
+            return False
+        known = (*COMPONENTS, *_REFUSED_COMPONENTS)
+        return bool(tensors) and all(k.partition(".")[0] in known and "lora" in k for k in tensors if k != "alpha")
+
+    @classmethod
+    def read(cls, path: Path, base: CheckpointReader | None = None) -> Adapter:
+        weights = _weights_file(path)
+        if weights is None:
+            raise FormatError(f"{path}: no {WEIGHTS} in this folder", path=path)
+        if weights.suffix == ".bin":
+            from ..checkpoint.reader import load_pickle_weights
+
+            tensors, metadata = load_pickle_weights(weights), {}
+        else:
+            tensors, metadata = load_file(weights)
+        configs = _lora_metadata(metadata, weights)
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            component = key.partition(".")[0]
+            if component in _REFUSED_COMPONENTS:
+                raise UnsupportedError(
+                    f"{weights}: {key!r} belongs to a {_REFUSED_COMPONENTS[component]} LoRA; loratools handles "
+                    "SD1/SD2/SDXL (unet, text_encoder, text_encoder_2) diffusers LoRAs only for now",
+                    path=weights,
+                )
+            split = _split_key(key)
+            if split is None or split[0] not in COMPONENTS:
+                raise FormatError(
+                    f"{weights}: tensor {key!r} is not a diffusers LoRA tensor "
+                    f"(expected {'/'.join(COMPONENTS)}.<module>.lora_A.weight and similar)",
+                    path=weights,
+                )
+            parts.setdefault(f"{split[0]}.{split[1]}", {})[split[2]] = t
+        modules: dict[str, LoraModule] = {}
+        for name, p in sorted(parts.items()):
+            component, _, module = name.partition(".")
+            emb = "down_emb" in p
+            down, up = p.get("down_emb" if emb else "down"), p.get("up_emb" if emb else "up")
+            if down is None or up is None:
+                if set(p) == {"alpha"}:
+                    continue
+                raise ValidationError(f"{weights}: module {name} lacks its {'down' if down is None else 'up'} factor")
+            cfg = configs.get(component)
+            alpha_t = p.get("alpha")
+            alpha = _alpha(
+                module, int(down.shape[0]), cfg, float(alpha_t.float().reshape(-1)[0]) if alpha_t is not None else None
+            )
+            kind = "embedding" if emb else ("conv" if down.ndim == 4 else "linear")
+            magnitude = p.get("magnitude")
+            try:
+                modules[name] = LoraModule(
+                    down=down,
+                    up=up,
+                    alpha=alpha,
+                    kind=kind,
+                    use_rslora=bool(cfg and cfg.get("use_rslora")),
+                    magnitude=magnitude.reshape(-1) if magnitude is not None else None,
+                    bias=p.get("bias"),
+                )
+            except ValidationError as exc:
+                raise type(exc)(f"{weights}: module {name}: {exc.message}", hint=exc.hint, path=weights) from None
+        return Adapter(
+            modules=modules,
+            meta={
+                "format": "diffusers",
+                "base_model": next((c.get("base_model_name_or_path") for c in configs.values() if c), None),
+                "metadata": metadata,
+                "config": configs or None,
+                "provenance": read_provenance(metadata),
+                "files": [str(weights)],
+            },
+        )
+
+    @classmethod
+    def write(cls, adapter: Adapter, path: Path, provenance: dict[str, Any] | None = None, **options: Any) -> None:
+        from safetensors.torch import save_file
+
+        tensors, configs = diffusers_state(adapter)
+        flat = {f"{c}.{k}": v for c, cfg in configs.items() for k, v in cfg.items()}
+        metadata = {"format": "pt", METADATA_KEY: json.dumps(flat, indent=2, sort_keys=True)}
+        if provenance:
+            metadata.update(provenance_metadata(provenance))
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path / WEIGHTS), metadata=metadata)
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def diffusers_state(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """The diffusers state dict and per-component LoraConfig fields that rebuild every module's scale."""
+    from collections import Counter
+
+    if adapter.replacements:
+        names = ", ".join(list(adapter.replacements)[:5])
+        raise UnsupportedError(
+            f"a diffusers LoRA cannot hold full replacements (modules_to_save): {names}",
+            hint="drop them with --exclude, or convert to peft instead",
+        )
+    orphans = [n for n in adapter.modules if n.partition(".")[0] not in COMPONENTS or "." not in n]
+    if orphans:
+        raise UsageError(
+            f"{len(orphans)} module(s) are not under a pipeline component ({', '.join(COMPONENTS)}): "
+            + ", ".join(orphans[:5])
+            + (" ..." if len(orphans) > 5 else ""),
+            hint="a diffusers LoRA adapts a pipeline; kohya names need --base PIPELINE to resolve them",
+        )
+    by_component: dict[str, dict[str, LoraModule]] = {}
+    for name, m in adapter.modules.items():
+        component, _, module = name.partition(".")
+        by_component.setdefault(component, {})[module] = m
+    tensors: dict[str, torch.Tensor] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    for component, mods in sorted(by_component.items()):
+        rslora = {m.use_rslora for m in mods.values()}
+        if len(rslora) > 1:
+            raise UnsupportedError(f"{component}: rsLoRA and plain LoRA modules cannot share one LoraConfig")
+        r = Counter(m.rank for m in mods.values()).most_common(1)[0][0]
+        alpha = Counter(float(m.alpha) for m in mods.values()).most_common(1)[0][0]
+        configs[component] = {
+            "r": r,
+            "lora_alpha": _num(alpha),
+            "rank_pattern": {re.escape(n): m.rank for n, m in mods.items() if m.rank != r},
+            "alpha_pattern": {re.escape(n): _num(m.alpha) for n, m in mods.items() if float(m.alpha) != alpha},
+            "target_modules": sorted(mods),
+            "use_rslora": rslora.pop(),
+            "use_dora": any(m.magnitude is not None for m in mods.values()),
+            "lora_bias": any(m.bias is not None for m in mods.values()),
+            "peft_type": "LORA",
+        }
+        for module, m in mods.items():
+            k = f"{component}.{module}"
+            if m.kind == "embedding":
+                tensors[f"{k}.lora_embedding_A"], tensors[f"{k}.lora_embedding_B"] = m.down, m.up
+            else:
+                tensors[f"{k}.lora_A.weight"], tensors[f"{k}.lora_B.weight"] = m.down, m.up
+            if m.bias is not None:
+                tensors[f"{k}.lora_B.bias"] = m.bias
+            if m.magnitude is not None:
+                tensors[f"{k}.lora_magnitude_vector"] = m.magnitude
+    return {k: v.contiguous() for k, v in tensors.items()}, configs
