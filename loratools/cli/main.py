@@ -17,7 +17,17 @@ from .. import __version__
 #: command name -> "module:attribute" (module relative to loratools.cli)
 COMMANDS: dict[str, str] = {
     "info": "info:info",
+    "merge": "merge:merge",
+    "verify": "verify:verify",
     "validate": "validate:validate",
+    "resize": "resize:resize",
+    "rescale": "rescale:rescale",
+    "diff": "diff:diff",
+    "combine": "combine:combine",
+    "extract": "extract:extract",
+    "spectrum": "spectrum:spectrum",
+    "push": "push:push",
+    "convert": "convert:convert",
 }
 
 

@@ -1,0 +1,96 @@
+"""``loratools convert``: an adapter in another format (peft, kohya, diffusers, ...), every ΔW unchanged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .options import base_option, dtype_option, filters, json_option, output_option, overwrite_option
+from .output import get_output
+
+
+class FormatChoice(click.Choice):
+    """The registered adapter formats, looked up only when needed (the registry imports torch)."""
+
+    def __init__(self) -> None:
+        super().__init__([], case_sensitive=True)
+
+    @property  # type: ignore[override]
+    def choices(self) -> list[str]:  # noqa: D102
+        from ..formats.registry import list_formats
+
+        return list_formats()
+
+    @choices.setter
+    def choices(self, value: Any) -> None:
+        pass
+
+
+@click.command("convert")
+@click.argument("adapter", type=str)
+@click.option("--to", "to", required=True, type=FormatChoice(), help="Target format (any registered format).")
+@base_option
+@click.option(
+    "--kohya-prefix",
+    default=None,
+    help="kohya name prefix for modules outside a pipeline component (for example lora_te_).",
+)
+@filters
+@dtype_option
+@click.option("--model", default=None, help="The ONNX model the adapter is for (onnx-adapter only).")
+@output_option
+@overwrite_option
+@json_option
+@click.pass_context
+def convert(
+    ctx: click.Context,
+    adapter: str,
+    to: str,
+    base: str | None,
+    kohya_prefix: str | None,
+    include: str | None,
+    exclude: str | None,
+    dtype: str,
+    model: str | None,
+    output: str,
+    overwrite: bool,
+    json_mode: bool,
+) -> None:
+    """Convert ADAPTER to another format, losslessly: every module's ΔW is unchanged and alpha is kept
+    or folded exactly. What the target cannot hold (an embedding LoRA or modules_to_save in a kohya
+    file, say) is refused with the list of modules. PEFT and diffusers outputs are folders, kohya is
+    one .safetensors file. Leaving kohya needs --base to resolve its underscore names; an adapter that
+    is not for a diffusers pipeline needs --kohya-prefix to become a kohya file.
+
+    \b
+    Examples:
+      loratools convert style.safetensors --to peft --base sd15-pipeline/ -o style-peft/
+      loratools convert style-peft/ --to kohya -o style.safetensors
+      loratools convert style.safetensors --to peft --base sd15/unet --exclude '^lora_te' -o unet-peft/
+      loratools convert pytorch_lora_weights/ --to kohya -o style.safetensors
+      loratools convert llama-lora/ --to kohya --kohya-prefix lora_te_ -o llama.safetensors
+      loratools convert llama-lora/ --to onnx-adapter --model model.onnx --dtype fp32 -o a.onnx_adapter
+    """
+    from ..ops.convert import convert as run_convert
+
+    out = get_output(ctx, json_mode)
+    result = run_convert(
+        adapter,
+        to,
+        output,
+        base=base,
+        kohya_prefix=kohya_prefix,
+        include=include,
+        exclude=exclude,
+        overwrite=overwrite,
+        dtype=None if dtype == "auto" else dtype,
+        model=model,
+    )
+    out.result(result.to_dict(), _human)
+
+
+def _human(d: dict[str, Any]) -> None:
+    click.echo(f"wrote {d['output']} ({d['format']}, {d['modules']} modules, from {d['source_format']})")
+    if d["folded_alpha"]:
+        click.echo(f"folded rsLoRA's √r into alpha for {len(d['folded_alpha'])} module(s)")
