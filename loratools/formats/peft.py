@@ -84,7 +84,11 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], 
         from ..checkpoint.reader import load_pickle_weights
 
         return load_pickle_weights(binf), {}, binf
-    raise FormatError(f"{path}: has {CONFIG} but no {WEIGHTS} or {WEIGHTS_BIN}", path=path)
+    raise FormatError(
+        f"{path}: has {CONFIG} but no {WEIGHTS} or {WEIGHTS_BIN}",
+        hint="copy the adapter's weights file next to its config",
+        path=path,
+    )
 
 
 def _number(cfg: dict[str, Any], key: str, where: Path) -> float:

@@ -1,0 +1,90 @@
+"""``loratools info``: what an adapter holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .options import base_option, json_option
+from .output import get_output, render_table
+
+#: metadata values longer than this are shortened in human output (kohya's ss_tag_frequency is huge)
+_MAX_VALUE = 80
+
+
+@click.command("info")
+@click.argument("adapter", type=str)
+@base_option
+@json_option
+@click.pass_context
+def info(ctx: click.Context, adapter: str, base: str | None, json_mode: bool) -> None:
+    """Show what an adapter holds: format, ranks, alphas, scale, targets, parameters, metadata.
+
+    ADAPTER is a PEFT folder (adapter_config.json + weights) or any other supported adapter file.
+    With --base, module names are matched to the base checkpoint and the parameter share is shown.
+
+    \b
+    Examples:
+      loratools info fixtures/peft/llama-lora
+      loratools info fixtures/peft/llama-lora --base fixtures/bases/llama
+      loratools info fixtures/peft/llama-lora --json | jq .modules[0]
+    """
+    from ..ops.info import info as run_info
+
+    out = get_output(ctx, json_mode)
+    out.result(run_info(adapter, base=base), _human)
+
+
+def _fmt_number(n: int) -> str:
+    return f"{n:,}"
+
+
+def _human(d: dict[str, Any]) -> None:
+    from ..publish import format_bytes
+
+    def same_or_list(one: Any, many: list[Any]) -> str:
+        return str(one) if one is not None else ", ".join(str(x) for x in many) + " (varies)"
+
+    scale = f"{d['scale']:.4g}" if d["scale"] is not None else "varies"
+    flags = [f for f, on in (("rsLoRA", d["use_rslora"]), ("DoRA", d["use_dora"]), ("lora bias", d["lora_bias"])) if on]
+    params = _fmt_number(d["parameters"])
+    if d.get("base_parameters"):
+        params += f" ({100 * d['parameter_share']:.3g}% of the base's {_fmt_number(d['base_parameters'])})"
+    rows = [
+        ("path", d["path"]),
+        ("format", d["format"]),
+        ("base model", d["base_model"] or "-"),
+        ("modules", f"{d['num_modules']} ({', '.join(d['kinds']) or '-'})"),
+        ("targets", ", ".join(d["target_modules"]) or "-"),
+        ("rank", same_or_list(d["rank"], d["ranks"])),
+        ("alpha", same_or_list(d["alpha"], d["alphas"])),
+        ("scale", scale),
+        ("variants", ", ".join(flags) or "plain LoRA"),
+        ("parameters", params),
+        ("dtype", d["dtype"] or ", ".join(d["dtypes"])),
+        ("size on disk", format_bytes(d["size_on_disk"])),
+    ]
+    if d["replacements"]:
+        rows.append(("full tensors", ", ".join(f"{r['name']} {r['shape']}" for r in d["replacements"])))
+    if d.get("unresolved"):
+        rows.append(("not in base", ", ".join(d["unresolved"])))
+    if d["provenance"]:
+        p = d["provenance"]
+        rows.append(("made by", f"loratools {p.get('loratools_version', '?')} {p.get('operation', '?')}"))
+    for k, v in sorted(d["metadata"].items()):
+        v = str(v)
+        if (k, v) == ("format", "pt"):  # safetensors' torch marker, not information
+            continue
+        rows.append((k, v if len(v) <= _MAX_VALUE else v[: _MAX_VALUE - 3] + "..."))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k.ljust(width)}  {v}")
+    if d["modules"]:
+        click.echo()
+        headers = ["module", "kind", "rank", "alpha", "scale", "in", "out"]
+        table = [
+            [m["name"], m["kind"], m["rank"], m["alpha"], m["scale"], m["in_features"], m["out_features"]]
+            for m in d["modules"]
+        ]
+        click.echo(render_table(headers, table))

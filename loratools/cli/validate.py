@@ -1,0 +1,58 @@
+"""``loratools validate``: every problem of an adapter, alone or against its base."""
+
+from __future__ import annotations
+
+import click
+
+from .options import base_option, json_option
+from .output import get_output, render_table
+
+
+@click.command("validate")
+@click.argument("adapter", type=str)
+@base_option
+@json_option
+@click.pass_context
+def validate(ctx: click.Context, adapter: str, base: str | None, json_mode: bool) -> None:
+    """Check an adapter: A/B present and rank-consistent, config agrees with the tensors, float
+    dtypes, no NaN/Inf; with --base, every module resolves to a base weight of the right shape and
+    the base is not quantized.
+
+    Exit code 0: no errors (warnings allowed); 1: errors found; 2: the input cannot be read.
+
+    \b
+    Examples:
+      loratools validate fixtures/peft/llama-lora
+      loratools validate fixtures/peft/llama-lora --base fixtures/bases/llama --json
+    """
+    from ..ops.validate import validate as run_validate
+
+    out = get_output(ctx, json_mode)
+    report = run_validate(adapter, base=base)
+    data = report.to_dict()
+    out.result(data, _human)
+    if not report.usable and not json_mode:
+        # unreadable input reads like every other command's error: one line and a hint, on stderr
+        for f in report.errors:
+            click.echo(f"Error: {f.message}", err=True)
+            if f.hint:
+                click.echo(f"Hint: {f.hint}", err=True)
+    ctx.exit(report.exit_code)
+
+
+def _human(d: dict) -> None:
+    if not d["usable"]:
+        return
+    findings = d["findings"]
+    where = f"{d['path']} ({d['format']}, {d['modules_checked']} modules"
+    where += f", against {d['base']})" if d["base"] else ")"
+    if not findings:
+        click.echo(f"{where}: OK, no problems found")
+        return
+    click.echo(f"{where}: {d['errors']} error(s), {d['warnings']} warning(s)")
+    # messages name their module and tensor; the JSON output has them as fields
+    rows = [[f["severity"], f["code"], f["message"]] for f in findings]
+    click.echo(render_table(["severity", "code", "message"], rows))
+    hints = sorted({f["hint"] for f in findings if f["hint"]})
+    for h in hints:
+        click.echo(f"Hint: {h}")

@@ -1,0 +1,381 @@
+"""``validate``: every problem of an adapter (and of it against a base), as findings naming the module.
+
+Input that cannot be read at all is itself reported (``usable`` False, exit code 2); an adapter that
+reads but disagrees with itself or its base gives error findings (exit code 1). Warnings never fail.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..errors import LoratoolsError, UnsupportedError, ValidationError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapter import Adapter
+    from ..checkpoint.reader import CheckpointReader
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass
+class Finding:
+    """One problem: ``severity`` ('error' | 'warning'), the module it concerns (or None), a stable
+    ``code`` for scripts, and a message naming the file and tensor where there is one."""
+
+    severity: Severity
+    module: str | None
+    code: str
+    message: str
+    hint: str | None = None
+    file: str | None = None
+    tensor: str | None = None
+    index: list[int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ValidationReport:
+    """The findings of one ``validate`` run. ``ok``: no errors; ``usable``: the input could be read."""
+
+    path: str
+    findings: list[Finding] = field(default_factory=list)
+    format: str | None = None
+    base: str | None = None
+    modules_checked: int = 0
+    usable: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.usable and not self.errors
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def exit_code(self) -> int:
+        """0 ok (warnings allowed), 1 error findings, 2 input unusable."""
+        return 2 if not self.usable else (1 if self.errors else 0)
+
+    def add(self, severity: Severity, module: str | None, code: str, message: str, **kw: Any) -> None:
+        self.findings.append(Finding(severity, module, code, message, **kw))
+
+    def unusable(self, exc: LoratoolsError, code: str) -> ValidationReport:
+        self.usable = False
+        self.add("error", None, code, exc.message, hint=exc.hint, file=str(exc.path) if exc.path else None)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "base": self.base,
+            "ok": self.ok,
+            "usable": self.usable,
+            "modules_checked": self.modules_checked,
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+
+def validate(adapter_path: str | Path, base: str | Path | None = None, target: str | None = None) -> ValidationReport:
+    """Check the adapter at ``adapter_path`` (and, with ``base``, against a base checkpoint).
+
+    Never raises for bad input: unreadable files become findings with ``usable`` False. ``target``
+    (a serving runtime) adds the findings of :func:`loratools.ops.serving.serving_findings`.
+
+    Example::
+
+        >>> from loratools import validate
+        >>> report = validate("fixtures/peft/llama-lora", base="fixtures/bases/llama")
+        >>> report.ok, [f.code for f in report.findings]
+        (True, [])
+    """
+    from ..checkpoint.reader import open_checkpoint
+    from ..formats.registry import detect_format
+    from ..io import resolve_path
+
+    report = ValidationReport(path=str(adapter_path), base=str(base) if base is not None else None)
+    try:
+        local = resolve_path(adapter_path, "adapter")
+        fmt = detect_format(local)
+    except LoratoolsError as exc:
+        return report.unusable(exc, "unreadable")
+    report.format = fmt.name
+    scan = getattr(fmt, "structural_findings", None)
+    if scan is not None:
+        try:
+            problems = scan(local)
+        except UnsupportedError as exc:
+            return report.unusable(exc, "unsupported_type")
+        except LoratoolsError as exc:
+            return report.unusable(exc, "unreadable")
+        for module, code, message, tensor in problems:
+            report.add("error", module, code, message, tensor=tensor)
+        if problems:
+            return report
+    reader = None
+    if base is not None:
+        try:
+            reader = open_checkpoint(base)
+        except LoratoolsError as exc:
+            return report.unusable(exc, "base_unreadable")
+    try:
+        try:
+            adapter = fmt.read(local, base=reader)
+        except UnsupportedError as exc:
+            return report.unusable(exc, "unsupported_type")
+        except ValidationError as exc:
+            report.add("error", None, "invalid", exc.message, hint=exc.hint)
+            return report
+        except LoratoolsError as exc:
+            return report.unusable(exc, "unreadable")
+        report.modules_checked = len(adapter.modules)
+        check_adapter(adapter, report)
+        check_finite(adapter, report)
+        if reader is not None:
+            check_against_base(adapter, reader, report)
+        if target is not None:
+            from .serving import serving_findings
+
+            report.findings += serving_findings(adapter, target)
+    finally:
+        if reader is not None:
+            reader.close()
+    return report
+
+
+# -- the adapter on its own ----------------------------------------------------------------------
+def check_adapter(adapter: Adapter, report: ValidationReport) -> None:
+    """Dtypes, config agreement (ranks, targets, patterns, modules_to_save), empty and no-op modules."""
+    if not adapter.modules and not adapter.replacements:
+        report.add("error", None, "empty", f"{report.path}: the adapter has no LoRA modules and no full tensors")
+    for name, m in sorted(adapter.modules.items()):
+        for role, t in (("lora_A", m.down), ("lora_B", m.up), ("magnitude", m.magnitude), ("bias", m.bias)):
+            if t is not None and not t.is_floating_point():
+                report.add(
+                    "error", name, "dtype", f"module {name}: {role} is {_dt(t)}; LoRA tensors must be floating point"
+                )
+        if m.alpha == 0:
+            report.add("warning", name, "zero_scale", f"module {name}: alpha is 0, so the module changes nothing")
+        elif m.up.is_floating_point() and not bool(m.up.any()):
+            report.add(
+                "warning",
+                name,
+                "zero_delta",
+                f"module {name}: lora_B is all zeros, so the module changes nothing (an untrained adapter?)",
+            )
+    cfg = adapter.meta.get("config")
+    if adapter.format == "peft" and isinstance(cfg, dict):
+        _check_peft_config(adapter, cfg, report)
+
+
+def _check_peft_config(adapter: Adapter, cfg: dict[str, Any], report: ValidationReport) -> None:
+    declared = adapter.meta.get("declared_ranks") or {}
+    for name, m in sorted(adapter.modules.items()):
+        want = declared.get(name)
+        if want is not None and want != m.rank:
+            report.add(
+                "error",
+                name,
+                "config_rank",
+                f"module {name}: adapter_config.json declares rank {want} (r / rank_pattern) "
+                f"but the tensors have rank {m.rank}; PEFT will refuse to load it",
+                hint="fix r or rank_pattern in adapter_config.json to match the tensors",
+            )
+    targets = cfg.get("target_modules")
+    if targets and targets != "all-linear" and not cfg.get("layers_to_transform"):
+        for name in sorted(adapter.modules):
+            if not _targeted(name, targets):
+                report.add(
+                    "warning",
+                    name,
+                    "not_targeted",
+                    f"module {name} is not matched by target_modules {targets!r}; PEFT will ignore its tensors",
+                )
+    names = list(adapter.modules)
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in cfg.get(key) or {}:
+            if not any(re.match(rf"(.*\.)?({pattern})$", n) for n in names):
+                report.add("warning", None, "unused_pattern", f"{key} entry {pattern!r} matches no module")
+    saved = {k.rpartition(".")[0] for k in adapter.replacements}
+    for mod in cfg.get("modules_to_save") or []:
+        if not any(s == mod or s.endswith("." + mod) for s in saved):
+            report.add(
+                "warning", mod, "missing_replacement", f"modules_to_save lists {mod} but the file has no tensor for it"
+            )
+
+
+def _targeted(name: str, targets: str | list[str]) -> bool:
+    """PEFT's rule: a string is a full-match regex, a list matches a name or a dotted suffix."""
+    if isinstance(targets, str):
+        try:
+            return re.fullmatch(targets, name) is not None
+        except re.error:
+            return True
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _dt(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def check_finite(adapter: Adapter, report: ValidationReport) -> None:
+    """NaN/Inf in any tensor, named by file, tensor and first bad index (streamed, one tensor at a time)."""
+    files = [Path(f) for f in adapter.meta.get("files") or [] if str(f).endswith((".safetensors", ".bin"))]
+    if files:
+        for f in files:
+            for key, t in _file_tensors(f):
+                _report_nonfinite(t, key, f, _module_of(key, adapter), report)
+        return
+    for name, m in adapter.modules.items():
+        for role, t in (("lora_A", m.down), ("lora_B", m.up), ("magnitude", m.magnitude), ("bias", m.bias)):
+            if t is not None:
+                _report_nonfinite(t, f"{name} ({role})", None, name, report)
+    for key, t in adapter.replacements.items():
+        _report_nonfinite(t, key, None, key.rpartition(".")[0], report)
+
+
+def _file_tensors(path: Path):  # noqa: ANN202 - yields (name, tensor)
+    if path.suffix == ".safetensors":
+        from ..safetensors_file import SafetensorsFile
+
+        f = SafetensorsFile(path)
+        try:
+            for key in f.keys():
+                if f.info(key).is_float:
+                    yield key, f.get(key)
+        finally:
+            f.close()
+    else:
+        from ..checkpoint.reader import load_pickle_weights
+
+        yield from load_pickle_weights(path).items()
+
+
+def _module_of(key: str, adapter: Adapter) -> str | None:
+    if adapter.format == "peft":
+        from ..formats.peft import split_key
+
+        return split_key(key)[0]
+    hits = [n for n in adapter.modules if n in key or n.replace(".", "_") in key]
+    return max(hits, key=len) if hits else None
+
+
+def _report_nonfinite(
+    t: torch.Tensor, tensor: str, file: Path | None, module: str | None, report: ValidationReport
+) -> None:
+    import torch
+
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    x = t if t.element_size() > 1 else t.float()  # isfinite has no fp8 kernels
+    bad = ~torch.isfinite(x)
+    if not bool(bad.any()):
+        return
+    first = [int(i) for i in bad.nonzero()[0].tolist()]
+    value = float(x[tuple(first)])
+    where = f"{file}: " if file is not None else ""
+    report.add(
+        "error",
+        module,
+        "nonfinite",
+        f"{where}tensor {tensor} has {int(bad.sum())} NaN/Inf values (first at index {first}: {value})",
+        hint="the training run diverged or the file is damaged; use an earlier checkpoint",
+        file=str(file) if file is not None else None,
+        tensor=tensor,
+        index=first,
+    )
+
+
+# -- against a base ------------------------------------------------------------------------------
+def check_against_base(adapter: Adapter, reader: CheckpointReader, report: ValidationReport) -> None:
+    """Every module resolves to a float base weight of the shape it expects; the base is not quantized."""
+    from ..checkpoint.keymap import KeyMatcher
+
+    quant = reader.quantization
+    if quant:
+        report.add(
+            "error",
+            None,
+            "base_quantized",
+            f"{reader.root}: the base is quantized ({quant}); loratools cannot merge into it",
+            hint="validate and merge against the unquantized (fp32/fp16/bf16) base model",
+        )
+    matcher = KeyMatcher(reader.keys())
+    replaced = {}
+    for key, t in adapter.replacements.items():
+        mod, _, suffix = key.rpartition(".")
+        bkey = matcher.tensor_key(mod, suffix)
+        if bkey is None:
+            report.add("error", mod, "unresolved", f"full tensor {key} has no counterpart in the base {reader.root}")
+            continue
+        replaced[bkey] = tuple(t.shape)
+        bshape = tuple(reader.info(bkey).shape)
+        if bshape != tuple(t.shape):
+            report.add(
+                "warning",
+                mod,
+                "replacement_shape",
+                f"full tensor {key} has shape {list(t.shape)}, the base's {bkey} has {list(bshape)} "
+                "(a resized vocabulary?)",
+            )
+    unresolved = [n for n in adapter.modules if matcher.tensor_key(n) is None]
+    if len(unresolved) > 1 and len(unresolved) == len(adapter.modules):
+        report.add(
+            "error",
+            None,
+            "unresolved",
+            f"none of the adapter's {len(unresolved)} modules has a weight in the base {reader.root} "
+            f"(first: {sorted(unresolved)[0]}.weight)",
+            hint="is this the base model the adapter was trained on?",
+        )
+        return
+    for name, m in sorted(adapter.modules.items()):
+        bkey = matcher.tensor_key(name)
+        if bkey is None:
+            report.add(
+                "error",
+                name,
+                "unresolved",
+                f"module {name}: no weight {name}.weight (or a prefixed variant) in the base {reader.root}",
+                hint="is this the base model the adapter was trained on?",
+            )
+            continue
+        bi = reader.info(bkey)
+        if not bi.is_float:
+            report.add(
+                "error",
+                name,
+                "base_not_float",
+                f"module {name}: base weight {bkey} in {reader.file_of(bkey).name} is {bi.dtype} "
+                "(quantized/packed); it cannot be merged into",
+                hint="use the unquantized base model",
+            )
+            continue
+        have = replaced.get(bkey, tuple(bi.shape))
+        want = tuple(m.weight_shape)
+        if have != want:
+            hint = None
+            if len(want) == 2 and have == want[::-1]:
+                hint = "the base stores this weight transposed; the adapter's fan_in_fan_out setting disagrees"
+            report.add(
+                "error",
+                name,
+                "shape_mismatch",
+                f"module {name}: expects a base weight of shape {list(want)} but {bkey} in "
+                f"{reader.file_of(bkey).name} has shape {list(have)}",
+                hint=hint or "the adapter was trained on a different base model",
+            )
