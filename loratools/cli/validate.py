@@ -11,9 +11,15 @@ from .output import get_output, render_table
 @click.command("validate")
 @click.argument("adapter", type=str)
 @base_option
+@click.option(
+    "--target",
+    type=click.Choice(["vllm", "sglang", "llama.cpp", "onnxruntime-genai"]),
+    default=None,
+    help="Also report what this serving runtime would reject or silently ignore (see docs/formats.md).",
+)
 @json_option
 @click.pass_context
-def validate(ctx: click.Context, adapter: str, base: str | None, json_mode: bool) -> None:
+def validate(ctx: click.Context, adapter: str, base: str | None, target: str | None, json_mode: bool) -> None:
     """Check an adapter: A/B present and rank-consistent, config agrees with the tensors, float
     dtypes, no NaN/Inf; with --base, every module resolves to a base weight of the right shape and
     the base is not quantized.
@@ -24,11 +30,12 @@ def validate(ctx: click.Context, adapter: str, base: str | None, json_mode: bool
     Examples:
       loratools validate fixtures/peft/llama-lora
       loratools validate fixtures/peft/llama-lora --base fixtures/bases/llama --json
+      loratools validate fixtures/peft/llama-lora --target vllm
     """
     from ..ops.validate import validate as run_validate
 
     out = get_output(ctx, json_mode)
-    report = run_validate(adapter, base=base)
+    report = run_validate(adapter, base=base, target=target)
     data = report.to_dict()
     out.result(data, _human)
     if not report.usable and not json_mode:

@@ -1,0 +1,130 @@
+"""Serving compatibility: what a runtime (vLLM, SGLang, llama.cpp, ONNX Runtime GenAI) would reject or ignore.
+
+The rules are data, in ``loratools/serving_rules.json``: each names a condition, a severity, a message and
+the runtime version and source it was read from. This module only evaluates the conditions below on an
+adapter; a runtime change is an edit of the JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Callable
+from functools import cache
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from ..adapter import Adapter
+    from .validate import Finding
+
+_KOHYA_NAME = re.compile(r"^lora_[a-z0-9]+_[A-Za-z0-9_]+$")
+_PIPELINE_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
+
+
+@cache
+def serving_rules() -> dict[str, Any]:
+    """The rule table, keyed by runtime name (``vllm``, ``sglang``, ``llama.cpp``, ``onnxruntime-genai``)."""
+    text = resources.files("loratools").joinpath("serving_rules.json").read_text(encoding="utf-8")
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def serving_targets() -> list[str]:
+    return sorted(serving_rules())
+
+
+def _modules_where(adapter: Adapter, pred: Callable[[Any], bool]) -> list[str]:
+    return [n for n, m in adapter.modules.items() if pred(m)]
+
+
+def _scale_varies(adapter: Adapter) -> list[str]:
+    scales = Counter(round(m.scale, 12) for m in adapter.modules.values())
+    if len(scales) <= 1:
+        return []
+    common = scales.most_common(1)[0][0]
+    return [n for n, m in adapter.modules.items() if round(m.scale, 12) != common]
+
+
+def _alpha_varies(adapter: Adapter) -> list[str]:
+    alphas = Counter(float(m.alpha) for m in adapter.modules.values())
+    if len(alphas) <= 1:
+        return []
+    common = alphas.most_common(1)[0][0]
+    return [n for n, m in adapter.modules.items() if float(m.alpha) != common]
+
+
+def _conditions(adapter: Adapter, rules: dict[str, Any], settings: dict[str, Any]) -> dict[str, list[str]]:
+    """condition name -> the modules (or tensor names) it applies to; empty when it does not apply."""
+    max_rank = settings.get("max_lora_rank")
+    allowed = set(rules.get("settings", {}).get("allowed_max_lora_ranks") or [])
+    if max_rank is not None and allowed and int(max_rank) not in allowed:
+        accepted = ", ".join(map(str, sorted(allowed)))
+        raise UsageError(f"max_lora_rank {max_rank} is not a value {rules['runtime']} accepts ({accepted})")
+    targets = set(rules.get("linear_targets") or [])
+    return {
+        "always": ["*"],
+        "dora": _modules_where(adapter, lambda m: m.magnitude is not None),
+        "bias": _modules_where(adapter, lambda m: m.bias is not None),
+        "rslora": _modules_where(adapter, lambda m: m.use_rslora),
+        "conv": _modules_where(adapter, lambda m: m.kind == "conv"),
+        "embedding": _modules_where(adapter, lambda m: m.kind == "embedding"),
+        "modules_to_save": sorted(adapter.replacements),
+        "rank_above_max": (_modules_where(adapter, lambda m: m.rank > int(max_rank)) if max_rank is not None else []),
+        "scale_varies": _scale_varies(adapter),
+        "alpha_varies": _alpha_varies(adapter),
+        "not_llm": [n for n in adapter.modules if n.startswith(_PIPELINE_COMPONENTS) or _KOHYA_NAME.match(n)],
+        "unknown_target": (
+            [n for n in adapter.modules if n.rsplit(".", 1)[-1] not in targets and not _KOHYA_NAME.match(n)]
+            if targets
+            else []
+        ),
+    }
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:3])
+    return f"{shown} (+{len(names) - 3} more)" if len(names) > 3 else shown
+
+
+def serving_findings(adapter: Adapter, target: str, **settings: Any) -> list[Finding]:
+    """Findings for what ``target`` would reject or silently ignore in ``adapter``.
+
+    ``settings`` override the runtime's defaults from the rule table (``max_lora_rank=64`` for vLLM,
+    say). Each finding's code is ``<target>.<rule id>``; its message ends with the runtime version and
+    source the rule was read from.
+    """
+    from .validate import Finding
+
+    table = serving_rules()
+    if target not in table:
+        raise UsageError(f"unknown serving target {target!r}; known: {', '.join(sorted(table))}")
+    rules = table[target]
+    effective = {**rules.get("settings", {}), **{k: v for k, v in settings.items() if v is not None}}
+    found = _conditions(adapter, rules, effective)
+    where = f"[{rules['runtime']}, {rules['version']}; {rules['sources'][0]}]"
+    out: list[Finding] = []
+    for rule in rules["rules"]:
+        hits = found.get(rule["when"])
+        if hits is None:
+            raise UsageError(f"serving rule {target}.{rule['id']} uses unknown condition {rule['when']!r}")
+        if not hits or (found["not_llm"] and rule["when"] != "not_llm"):
+            continue  # a diffusion LoRA gets the one finding that says so
+        message = rule["message"]
+        if rule["when"] == "rank_above_max":
+            ranks = sorted({adapter.modules[n].rank for n in hits})
+            message = f"rank {ranks[-1]} > max_lora_rank {effective.get('max_lora_rank')}: {message}"
+        if hits != ["*"]:
+            message = f"{message}: {_listing(hits)}"
+        out.append(
+            Finding(
+                severity=rule["severity"],
+                module=hits[0] if len(hits) == 1 and hits != ["*"] else None,
+                code=f"{target}.{rule['id']}",
+                message=f"{message} {where}",
+                hint=rule.get("hint"),
+            )
+        )
+    return out
