@@ -1,0 +1,30 @@
+"""ONNX: export (merged) models, merge adapters straight into ONNX initializers, LoRA slots, runtime.
+
+Everything here needs the ``onnx`` extra (onnx, onnxruntime, onnxscript, transformers), imported
+lazily. Modules: :mod:`.export` (transformers + torch.onnx), :mod:`.patch` (merge into an exported
+model), :mod:`.slots` (LoRA-input graphs for onnxruntime's multi-LoRA), :mod:`.runtime` (sessions,
+providers, verification, timing), :mod:`.bench` (the latency table), :mod:`.graph` / :mod:`.store`
+(weight lookup and external-data streaming).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_API = {
+    "export_onnx": "export",
+    "merge_onnx": "patch",
+    "add_slots": "slots",
+    "slot_tensors": "slots",
+    "bench": "bench",
+}
+
+__all__ = list(_API)
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _API:
+        return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,387 @@
+"""Export a Hugging Face checkpoint (optionally merged with adapters) to ONNX with torch.onnx.
+
+The model is built with transformers from the checkpoint's own config, offline, and its weights
+loaded from the checkpoint. torch.onnx's dynamo exporter runs with ``optimize=False`` so every
+initializer keeps its parameter name and PyTorch layout (onnxruntime folds the transposes itself at
+session start); the names are then rewritten to the checkpoint's tensor names. Inputs are
+``input_ids``, ``attention_mask`` (and ``token_type_ids`` for BERT-like models), int64 with dynamic
+batch and sequence; the output is ``logits`` or ``last_hidden_state``; no past key values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import FormatError, UsageError, VerificationError, require
+from .runtime import max_difference, sample_batches, session, tolerance
+from .store import MODEL_FILE, InitializerSource, load_graph, write_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapter import Adapter
+
+MANIFEST = "loratools_onnx.json"
+DTYPES = {"fp32": "float32", "fp16": "float16"}
+#: checkpoint files never copied next to the ONNX model
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx", ".data")
+
+
+@dataclass
+class LoadedModel:
+    """A transformers model ready to export, and what its ONNX graph will look like."""
+
+    model: torch.nn.Module
+    inputs: list[str]
+    output: str
+    task: str  # "causal-lm" or "encoder"
+    vocab_size: int
+    aliases: dict[str, list[str]] = field(default_factory=dict)  # canonical parameter -> tied names
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_onnx` wrote and how well it matched PyTorch."""
+
+    output: Path
+    task: str
+    inputs: list[str]
+    outputs: list[str]
+    dtype: str
+    opset: int | None
+    seconds: float
+    data_bytes: int
+    max_diff: float | None = None
+    atol: float | None = None
+    merged: list[str] = field(default_factory=list)
+    slots: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data["output"] = str(self.output)
+        data["seconds"] = round(self.seconds, 3)
+        data["verified"] = self.max_diff is not None
+        return data
+
+
+def load_model(path: str | Path, dtype: str = "fp32", device: str = "cpu") -> LoadedModel:
+    """Build the model from ``path``'s config.json (offline) and load its weights from the checkpoint."""
+    import inspect
+
+    import torch
+
+    transformers = require("transformers", "onnx")
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        raise FormatError(
+            f"{root}: no config.json; export-onnx needs a Hugging Face model folder",
+            hint="pass the folder save_pretrained wrote (config.json + weights)",
+            path=root,
+        )
+    config = transformers.AutoConfig.from_pretrained(str(root), local_files_only=True)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        causal = type(config) in transformers.AutoModelForCausalLM._model_mapping
+        cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    transformers.utils.logging.disable_progress_bar()
+    with _quiet():
+        model = cls.from_pretrained(str(root), local_files_only=True, dtype=getattr(torch, DTYPES[dtype]))
+    model = model.to(device).eval()
+    model.config.use_cache = False
+    params = inspect.signature(model.forward).parameters
+    inputs = ["input_ids", "attention_mask"]
+    if "token_type_ids" in params and getattr(config, "type_vocab_size", 0):
+        inputs.append("token_type_ids")
+    vocab = int(getattr(config, "vocab_size", None) or model.get_input_embeddings().num_embeddings)
+    probe = {n: torch.ones((1, 2), dtype=torch.int64, device=device) for n in inputs}
+    with torch.no_grad():
+        out = model(**probe, use_cache=False) if "use_cache" in params else model(**probe)
+    output = "logits" if getattr(out, "logits", None) is not None else "last_hidden_state"
+    task = "causal-lm" if output == "logits" and type(config) in transformers.AutoModelForCausalLM._model_mapping else (
+        "encoder" if output == "last_hidden_state" else "logits"
+    )  # fmt: skip
+    return LoadedModel(model, inputs, output, task, vocab, _aliases(model))
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {names[0]: names for names in groups.values()}
+
+
+@contextlib.contextmanager
+def _quiet():  # noqa: ANN202
+    """Silence the exporter's progress prints and warnings (they go to stdout, which --json owns)."""
+    import logging
+
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _wrapper(loaded: LoadedModel) -> torch.nn.Module:
+    import torch
+
+    model, output = loaded.model, loaded.output
+    kwargs = {"use_cache": False} if "use_cache" in __import__("inspect").signature(model.forward).parameters else {}
+
+    class TwoInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs), output)
+
+    class ThreeInputs(TwoInputs):
+        def forward(  # type: ignore[override]
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+        ) -> torch.Tensor:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            return getattr(out, output)
+
+    return ThreeInputs() if "token_type_ids" in loaded.inputs else TwoInputs()
+
+
+def trace_to_onnx(loaded: LoadedModel, out_file: Path, opset: int | None = None) -> None:
+    """torch.onnx dynamo export with names kept (optimize=False), dynamic batch and sequence."""
+    import torch
+
+    device = next(loaded.model.parameters()).device
+    sample = {n: torch.ones((2, 8), dtype=torch.int64, device=device) for n in loaded.inputs}
+    sample["input_ids"] = torch.arange(16, device=device).reshape(2, 8) % loaded.vocab_size
+    dynamic = {n: {0: "batch", 1: "sequence"} for n in loaded.inputs}
+    kw: dict[str, Any] = {} if opset is None else {"opset_version": opset}
+    with _quiet():
+        program = torch.onnx.export(
+            _wrapper(loaded), tuple(sample[n] for n in loaded.inputs), dynamo=True, optimize=False,
+            input_names=loaded.inputs, output_names=[loaded.output], dynamic_shapes=dynamic, verbose=False, **kw,
+        )  # fmt: skip
+        program.save(str(out_file), external_data=True)
+
+
+def rename_initializers(proto: Any, aliases: dict[str, list[str]], keys: set[str]) -> dict[str, str]:
+    """Strip the export wrapper's ``model.`` prefix; tied weights take the name the checkpoint stores."""
+    owner = {name: names for names in aliases.values() for name in names}
+    mapping = {}
+    for t in proto.graph.initializer:
+        name = t.name[len("model.") :] if t.name.startswith("model.") else t.name
+        names = owner.get(name, [name])
+        stored = [n for n in names if n in keys]
+        new = stored[0] if stored else name
+        if new != t.name:
+            mapping[t.name] = new
+    if not mapping:
+        return mapping
+    for t in proto.graph.initializer:
+        t.name = mapping.get(t.name, t.name)
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            if name in mapping:
+                node.input[i] = mapping[name]
+    for value in (*proto.graph.input, *proto.graph.value_info):
+        value.name = mapping.get(value.name, value.name)
+    return mapping
+
+
+def verify_export(
+    model_dir: Path, loaded: LoadedModel, dtype: str, device: str, feeds: dict[str, Any] | None = None
+) -> tuple[float, float]:
+    """Run onnxruntime and PyTorch on sample inputs; returns (max diff, tolerance) or raises VerificationError."""
+    import numpy as np
+    import torch
+
+    sess = session(model_dir, device)
+    tdev = next(loaded.model.parameters()).device
+    worst, limit = 0.0, 0.0
+    for batch in sample_batches(loaded.vocab_size, loaded.inputs):
+        got = sess.run([loaded.output], {**batch, **(feeds or {})})[0]
+        with torch.no_grad():
+            ref = _wrapper(loaded)(*(torch.from_numpy(batch[n]).to(tdev) for n in loaded.inputs))
+        ref_np = ref.float().cpu().numpy()
+        diff = max_difference(got, ref_np, batch["attention_mask"])
+        allowed = tolerance(dtype, float(np.abs(ref_np).max()))
+        worst, limit = max(worst, diff), max(limit, allowed)
+        if not diff <= allowed:  # also catches NaN
+            raise VerificationError(
+                f"{model_dir}: onnxruntime differs from PyTorch by {diff:.3g} (allowed {allowed:.3g}) "
+                f"on a batch of shape {list(batch['input_ids'].shape)}; nothing was published",
+                hint="report the model type; try another --opset, or --dtype fp32",
+            )
+    return worst, limit
+
+
+def merge_in_memory(model: torch.nn.Module, adapters: Sequence[Adapter], weights: Sequence[float]) -> list[str]:
+    """Add each adapter's weighted delta to the model's parameters (fp32 math); returns the modules.
+
+    The layout comes from the module type (Linear stores (out, in); GPT-2's Conv1D (in, out)).
+    """
+    import torch
+
+    from ..checkpoint.keymap import KeyMatcher
+    from ..errors import UnsupportedError, ValidationError
+
+    names = dict(model.named_parameters())
+    matcher = KeyMatcher(list(names))
+    done = []
+    for adapter, w in zip(adapters, weights, strict=True):
+        if adapter.replacements:
+            raise UnsupportedError(
+                f"{adapter.meta.get('source')}: full replacement tensors cannot be merged here",
+                hint="merge into the checkpoint with `loratools merge` first",
+            )
+        for name, module in adapter.modules.items():
+            key = matcher.tensor_key(name, "weight")
+            if key is None:
+                raise ValidationError(f"{adapter.meta.get('source')}: module {name} is not in the model")
+            if module.magnitude is not None or module.bias is not None:
+                raise UnsupportedError(f"module {name}: DoRA/LoRA bias: merge with `loratools merge` first")
+            param = names[key]
+            owner = model.get_submodule(key.rsplit(".", 1)[0])
+            with torch.no_grad():
+                if module.kind == "linear":
+                    up, down = module.factors()
+                    delta = (up * (module.scale * w)) @ down
+                    if type(owner).__name__ == "Conv1D":
+                        delta = delta.T
+                else:
+                    delta = module.delta() * w
+                param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
+            done.append(name)
+    return done
+
+
+def _merged_source(
+    model: Path, adapters: Sequence[Any], weights: Sequence[float], dtype: str, tmp: Path
+) -> Path | None:
+    """The streaming merge (in the export dtype) into a temporary folder, when loratools.ops.merge exists."""
+    try:
+        from ..ops.merge import merge
+    except ImportError:
+        return None
+    merge(model, list(adapters), tmp / "merged", weights=list(weights), dtype=dtype)
+    return tmp / "merged"
+
+
+def copy_config_files(src: Path, dst: Path) -> list[str]:
+    """Config and tokenizer files of a checkpoint folder (no weights, no adapter files)."""
+    copied = []
+    for f in sorted(src.iterdir()) if src.is_dir() else []:
+        if not f.is_file() or f.name.startswith(".") or f.name.startswith("adapter_"):
+            continue
+        if f.suffix in _WEIGHT_SUFFIXES or f.name.endswith(".index.json"):
+            continue
+        shutil.copy2(f, dst / f.name)
+        copied.append(f.name)
+    return copied
+
+
+def export_onnx(
+    model: str | Path,
+    output: str | Path,
+    *,
+    adapters: Sequence[str | Path | Adapter] = (),
+    weights: Sequence[float] | None = None,
+    opset: int | None = None,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    verify: bool = True,
+    overwrite: bool = False,
+    lora_slots: str | Path | Adapter | None = None,
+) -> ExportResult:
+    """Export ``model`` (merged with ``adapters`` first, if any) to ``output/model.onnx`` + one data file.
+
+    With ``lora_slots`` (an adapter), every module it targets gets LoRA slot inputs (see
+    :mod:`loratools.onnx.slots`). Verification (on by default) compares onnxruntime with PyTorch on
+    sample inputs and raises :class:`VerificationError` (nothing published) when they differ.
+    """
+    from ..io import load_adapter, resolve_path
+    from ..publish import atomic_output, describe_input, provenance
+    from .slots import add_slots, slot_tensors
+
+    start = time.perf_counter()
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {dtype!r}; expected fp32 or fp16")
+    root = resolve_path(model, "base checkpoint")
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise UsageError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    from ..checkpoint.reader import open_checkpoint
+
+    with open_checkpoint(root) as reader:
+        keys = set(reader.keys())
+        params_bytes = sum(int(reader.info(k).nbytes) // _element_size(reader.info(k).dtype) for k in keys)
+    expected = params_bytes * (2 if dtype == "fp16" else 4)
+    slot_adapter = None
+    if lora_slots is not None:
+        slot_adapter = lora_slots if not isinstance(lora_slots, str | Path) else load_adapter(lora_slots, base=root)
+        slot_tensors(slot_adapter, label=str(lora_slots))  # refuses DoRA, biases, embeddings, conv early
+    loaded_adapters = [a if not isinstance(a, str | Path) else load_adapter(a, base=root) for a in adapters]
+    inputs = [root, *(Path(a) for a in adapters if isinstance(a, str | Path)), *(
+        [Path(lora_slots)] if isinstance(lora_slots, str | Path) else [])]  # fmt: skip
+    with atomic_output(output, overwrite=overwrite, inputs=inputs, expected_bytes=expected) as tmp:
+        work = tmp / ".work"
+        work.mkdir()
+        source = _merged_source(root, loaded_adapters, weights, dtype, work) if adapters else None
+        loaded = load_model(source or root, dtype, device)
+        merged = [m for a in loaded_adapters for m in a.modules] if source else []
+        if adapters and source is None:
+            merged = merge_in_memory(loaded.model, loaded_adapters, weights)
+        raw = work / "raw.onnx"
+        trace_to_onnx(loaded, raw, opset)
+        proto = load_graph(raw)
+        rename_initializers(proto, loaded.aliases, keys)
+        slots = add_slots(proto, list(slot_adapter.modules), str(root)) if slot_adapter else []
+        record = provenance(
+            "export-onnx",
+            {"dtype": dtype, "opset": opset, "weights": weights, "device": device, "lora_slots": bool(slots)},
+            {"model": describe_input(root), "adapters": [describe_input(a) for a in adapters if isinstance(a, str | Path)]},
+        )  # fmt: skip
+        meta = proto.metadata_props.add()
+        meta.key, meta.value = "loratools", json.dumps(record, sort_keys=True, separators=(",", ":"))
+        src = InitializerSource(raw)
+        data_bytes = write_model(proto, src, tmp / MODEL_FILE)
+        src.close()
+        shutil.rmtree(work)
+        opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+        result = ExportResult(
+            Path(output), loaded.task, loaded.inputs, [loaded.output], dtype, opset_used, 0.0, data_bytes,
+            merged=merged, slots=slots,
+        )  # fmt: skip
+        if verify:
+            result.max_diff, result.atol = verify_export(tmp, loaded, dtype, device)
+            if slot_adapter is not None:
+                np_dtype = DTYPES[dtype]
+                feeds = slot_tensors(slot_adapter, np_dtype)
+                merge_in_memory(loaded.model, [slot_adapter], [1.0])
+                diff, _ = verify_export(tmp, loaded, dtype, device, feeds)
+                result.max_diff = max(result.max_diff, diff)
+        copy_config_files(root, tmp)
+        manifest = {**result.to_dict(), "provenance": record, "tied": {k: v for k, v in loaded.aliases.items() if len(v) > 1}}
+        manifest.pop("output")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _element_size(dtype: str) -> int:
+    from ..safetensors_file import DTYPES as ST
+
+    return ST.get(dtype, ("", 4))[1]

@@ -1,0 +1,208 @@
+"""Merge LoRA deltas straight into an exported ONNX model's initializers (no PyTorch export).
+
+Each adapter module is matched to its weight by parameter name, directly or through onnxscript's
+``folded_from`` metadata (:mod:`loratools.onnx.graph`); the layout comes from the graph. Initializers
+are streamed from wherever their ``location`` points into one new external data file; only the
+patched weights are ever materialized, in fp32, and cast once to their stored dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UnsupportedError, UsageError, ValidationError
+from .graph import GraphIndex, WeightSite, check_shape
+from .store import InitializerSource, external_info, load_graph, model_path, write_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapter import Adapter, LoraModule
+
+
+@dataclass
+class OnnxMergeResult:
+    """What :func:`merge_onnx` did."""
+
+    output: Path
+    modules: int
+    adapters: int
+    seconds: float
+    data_bytes: int
+    folded: int = 0  # modules found through folded_from metadata
+    weights: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output),
+            "modules": self.modules,
+            "adapters": self.adapters,
+            "folded": self.folded,
+            "weights": self.weights,
+            "seconds": round(self.seconds, 3),
+            "data_bytes": self.data_bytes,
+        }
+
+
+def _load(spec: str | Path | Adapter) -> tuple[Adapter, str]:
+    from ..adapter import Adapter
+    from ..io import load_adapter
+
+    if isinstance(spec, Adapter):
+        return spec, str(spec.meta.get("source", "<adapter>"))
+    return load_adapter(spec), str(spec)
+
+
+def plan_sites(
+    index: GraphIndex, adapters: Sequence[tuple[Adapter, str]], where: str
+) -> dict[str, list[tuple[WeightSite, LoraModule, int]]]:
+    """Initializer name -> [(site, module, adapter number)]; clear errors for anything unresolvable."""
+    from ..checkpoint.keymap import KeyMatcher
+
+    matcher = KeyMatcher(index.matcher_keys())
+    plan: dict[str, list[tuple[WeightSite, LoraModule, int]]] = {}
+    for number, (adapter, label) in enumerate(adapters):
+        if adapter.replacements:
+            first = sorted(adapter.replacements)[0]
+            raise UnsupportedError(
+                f"{label}: full replacement tensors ({first}, modules_to_save) cannot be merged into an ONNX model",
+                hint="merge into the checkpoint (`loratools merge`) and export that with `loratools export-onnx`",
+            )
+        missing = []
+        for name, module in adapter.modules.items():
+            if module.magnitude is not None or module.bias is not None or module.kind == "conv":
+                what = "DoRA" if module.magnitude is not None else ("a LoRA bias" if module.bias is not None else "conv")
+                raise UnsupportedError(
+                    f"{label}: module {name} uses {what}, which merge-into-ONNX does not support",
+                    hint="merge into the checkpoint with `loratools merge`, then `loratools export-onnx` it",
+                )
+            parameter = matcher.tensor_key(name, "weight")
+            if parameter is None:
+                missing.append(name)
+                continue
+            site = index.site(parameter, where)
+            if module.kind == "embedding" and site.layout != "embedding":
+                raise UnsupportedError(f"{where}: {parameter} is not an embedding table, but {label} treats it as one")
+            if module.kind != "embedding" and site.layout == "embedding":
+                raise UnsupportedError(f"{where}: {parameter} is an embedding table; {label} adapts it as a linear")
+            if module.kind == "embedding":
+                expected = (module.in_features, module.out_features)
+                if site.shape != expected:
+                    raise ValidationError(f"{where}: {parameter} is {list(site.shape)}, adapter expects {list(expected)}")
+            else:
+                check_shape(site, module.out_features, module.in_features, where)
+            plan.setdefault(site.initializer, []).append((site, module, number))
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise ValidationError(
+                f"{where}: no weight for {len(missing)} module(s) of {label}: {shown} "
+                "(looked up by initializer name and by onnxscript folded_from metadata)",
+                hint="export the model with `loratools export-onnx` (names kept), or with torch.onnx.export's "
+                "optimizer on (it records folded_from); the adapter must be for this model",
+            )
+    return plan
+
+
+def delta_for(site: WeightSite, module: LoraModule, weight: float) -> torch.Tensor:
+    """weight·scale·B·A (fp32) in the stored layout of ``site``."""
+    if module.kind == "embedding":
+        return module.delta() * weight
+    up, down = module.factors()
+    delta = (up * (module.scale * weight)) @ down  # (out, in)
+    return delta if site.layout == "out_in" else delta.T
+
+
+def merge_onnx(
+    onnx_dir: str | Path,
+    adapters: Sequence[str | Path | Adapter],
+    output: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> OnnxMergeResult:
+    """Merge ``adapters`` (each times its weight, default 1) into the ONNX model at ``onnx_dir``.
+
+    Writes ``output/model.onnx`` plus one ``model.onnx.data`` and copies the folder's other files
+    (config, tokenizer). The result equals exporting the merged checkpoint, without a PyTorch export.
+    """
+    import torch
+
+    from ..io import resolve_path
+    from ..publish import atomic_output, describe_input, provenance
+
+    start = time.perf_counter()
+    if not adapters:
+        raise UsageError("merge_onnx needs at least one adapter")
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise UsageError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    source_path = resolve_path(onnx_dir, "onnx model")
+    model_file = model_path(source_path)
+    proto = load_graph(model_file)
+    index = GraphIndex(proto)
+    loaded = [_load(a) for a in adapters]
+    plan = plan_sites(index, loaded, str(model_file))
+
+    def patched(tensor: Any) -> bytes | None:
+        entries = plan.get(tensor.name)
+        if not entries:
+            return None
+        base = source.tensor(tensor)
+        acc = base.to(torch.float32)
+        for site, module, number in entries:
+            acc += delta_for(site, module, weights[number])
+        if not torch.isfinite(acc).all():
+            from ..errors import NumericError
+
+            raise NumericError(f"{model_file}: merging into {entries[0][0].parameter} gives NaN or Inf")
+        return acc.to(base.dtype).contiguous().view(torch.uint8).numpy().tobytes()
+
+    data_files = {e["location"] for t in proto.graph.initializer if (e := external_info(t))}
+    expected = sum((model_file.parent / f).stat().st_size for f in data_files if (model_file.parent / f).is_file())
+    record = provenance(
+        "merge-onnx",
+        {"weights": weights, "modules": sum(len(v) for v in plan.values())},
+        {"onnx": describe_input(source_path), "adapters": [describe_input(label) for _, label in loaded]},
+    )
+    _set_metadata(proto, "loratools", json.dumps(record, sort_keys=True, separators=(",", ":")))
+    inputs = [source_path, *(label for _, label in loaded if Path(label).exists())]
+    source = InitializerSource(model_file)
+    try:
+        with atomic_output(output, overwrite=overwrite, inputs=inputs, expected_bytes=expected) as tmp:
+            out_file = tmp / model_file.name
+            data_bytes = write_model(proto, source, out_file, patched, progress)
+            if source_path.is_dir():
+                copy_side_files(source_path, tmp, skip={model_file.name, *data_files})
+    finally:
+        source.close()
+    folded = sum(1 for v in plan.values() for site, _, _ in v if site.initializer != site.parameter)
+    return OnnxMergeResult(
+        Path(output), sum(len(v) for v in plan.values()), len(loaded), time.perf_counter() - start, data_bytes,
+        folded, weights,
+    )  # fmt: skip
+
+
+def copy_side_files(src: Path, dst: Path, skip: set[str]) -> list[str]:
+    """Copy the small files of an ONNX folder (config, tokenizer, manifest), not its models or data."""
+    copied = []
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name not in skip and f.suffix not in (".onnx", ".data") and not f.name.startswith("."):
+            shutil.copy2(f, dst / f.name)
+            copied.append(f.name)
+    return copied
+
+
+def _set_metadata(proto: Any, key: str, value: str) -> None:
+    for prop in proto.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = key, value
