@@ -1,0 +1,83 @@
+"""``loratools merge``: adapters merged into a base checkpoint, streamed tensor by tensor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .options import device_option, dtype_option, filters, json_option, output_option, overwrite_option, parse_weights
+from .output import get_output
+
+
+@click.command("merge")
+@click.argument("base", type=str)
+@click.argument("adapters", nargs=-1, required=True, type=str)
+@output_option
+@click.option(
+    "--weights", default=None, help="Comma-separated weight per adapter (default 1 each; negative subtracts)."
+)
+@dtype_option
+@click.option("--max-shard-size", default=None, help="Reshard the output (Hugging Face units: 5GB, 500MB, 2GiB).")
+@device_option
+@click.option("--verify", "run_verify", is_flag=True, help="Verify the output before publishing it.")
+@overwrite_option
+@filters
+@json_option
+@click.pass_context
+def merge(
+    ctx: click.Context,
+    base: str,
+    adapters: tuple[str, ...],
+    output: str,
+    weights: str | None,
+    dtype: str,
+    max_shard_size: str | None,
+    device: str,
+    run_verify: bool,
+    overwrite: bool,
+    include: str | None,
+    exclude: str | None,
+    json_mode: bool,
+) -> None:
+    """Merge ADAPTERS into the BASE checkpoint: W' = W + sum of weight * scale * B * A.
+
+    BASE is a model folder (sharded or not, safetensors or .bin), a .safetensors file, a diffusers
+    pipeline folder or an ONNX export. Tensors no adapter touches are copied byte for byte; memory
+    stays at about one tensor. Tied embeddings are untied when an adapter changes one side.
+
+    \b
+    Examples:
+      loratools merge base/ adapter/ -o merged/
+      loratools merge base/ style/ detail/ --weights 1,-0.5 -o merged/ --verify
+      loratools merge base/ adapter/ -o merged/ --dtype bf16 --max-shard-size 2GB
+    """
+    from ..ops.merge import merge as run_merge
+
+    out = get_output(ctx, json_mode)
+    summary = run_merge(
+        base,
+        list(adapters),
+        output,
+        weights=parse_weights(weights, len(adapters)),
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        device=device,
+        verify=run_verify,
+        overwrite=overwrite,
+        include=include,
+        exclude=exclude,
+        progress=lambda total: out.progress_callback(total, "merging"),
+    )
+    out.result(summary.to_dict() if hasattr(summary, "to_dict") else dict(summary), _human)
+
+
+def _human(d: dict[str, Any]) -> None:
+    from ..publish import format_bytes
+
+    extra = " (verified)" if d.get("verified") else ""
+    untied = f", untied {', '.join(d['untied'])}" if d.get("untied") else ""
+    click.echo(
+        f"merged {d['modules_merged']} modules into {d['output']}: {format_bytes(d['bytes_written'])} written "
+        f"in {d['seconds']:.1f} s{untied}{extra}"
+    )

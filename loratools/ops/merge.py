@@ -1,0 +1,395 @@
+"""Streaming merge of LoRA adapters into a base checkpoint: W' = W + Σ w_i·scale_i·B_i·A_i.
+
+Data flows one way: reader -> keymap (``load_adapter(..., base=reader)``) -> plan (validated in full
+before anything is written) -> layout -> writer -> publish. Tensors no adapter touches are copied byte
+for byte in the kernel; touched ones are read into a private buffer (not the page-cache map, so peak
+RSS stays at one tensor), updated in fp32 in factor space and cast once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UsageError, VerificationError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapter import Adapter
+    from ..checkpoint.reader import CheckpointReader
+    from .merge_layout import Source, Unit
+    from .verify import VerifyReport
+
+DTYPE_NAMES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_SKIP_DIRS = {".git", ".cache", "__pycache__"}
+#: test hook: seconds to sleep after each written weight file (lets a test kill a merge mid-way)
+PAUSE_ENV = "LORATOOLS_MERGE_TEST_PAUSE"
+
+
+@dataclass
+class MergeSummary:
+    """What a merge wrote."""
+
+    output: Path
+    modules_merged: int
+    tensors_changed: int
+    tensors_written: int
+    bytes_written: int
+    seconds: float
+    files: list[str] = field(default_factory=list)
+    untied: list[str] = field(default_factory=list)
+    verify: VerifyReport | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output),
+            "modules_merged": self.modules_merged,
+            "tensors_changed": self.tensors_changed,
+            "tensors_written": self.tensors_written,
+            "bytes_written": self.bytes_written,
+            "seconds": round(self.seconds, 3),
+            "files": self.files,
+            "untied": self.untied,
+            "verified": None if self.verify is None else self.verify.verified,
+        }
+
+
+def _is_onnx(path: Path) -> bool:
+    return path.suffix == ".onnx" or (path.is_dir() and (path / "model.onnx").is_file())
+
+
+def merge(
+    base: str | Path,
+    adapters: Sequence[str | Path | Adapter],
+    output: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    dtype: str = "auto",
+    max_shard_size: str | int | None = None,
+    device: str = "cpu",
+    verify: bool = False,
+    overwrite: bool = False,
+    include: str | None = None,
+    exclude: str | None = None,
+    progress: Callable[[int], contextlib.AbstractContextManager[Callable[[int], None]]] | None = None,
+) -> MergeSummary:
+    """Merge ``adapters`` into ``base`` and publish the result at ``output`` atomically.
+
+    ``weights`` (one per adapter, default 1; negative subtracts) scale each adapter's update.
+    ``dtype`` ``auto`` keeps every tensor's dtype; ``fp32``/``fp16``/``bf16`` cast every float tensor.
+    ``max_shard_size`` (``5GB``, ``500MB``, ``2GiB``) reshards; by default the base's shard names are kept.
+    ``device="cuda"`` computes updates on the GPU. ``verify`` checks the output before publishing.
+    ``progress(total_bytes)`` may return a context manager yielding ``advance(n_bytes)``.
+    """
+    from ..checkpoint.reader import open_checkpoint
+    from ..checkpoint.writer import parse_size
+    from ..io import load_adapter, resolve_path
+    from ..publish import atomic_output
+    from .merge_plan import build_plan
+
+    t0 = time.perf_counter()
+    base_path = resolve_path(base, "base checkpoint")
+    if _is_onnx(base_path):
+        from ..onnx.patch import merge_onnx
+
+        onnx_dir = base_path.parent if base_path.suffix == ".onnx" else base_path
+        return merge_onnx(onnx_dir, list(adapters), output, weights=weights, overwrite=overwrite)
+    if not adapters:
+        raise UsageError("merge needs at least one adapter")
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise UsageError(f"got {len(weights)} weights for {len(adapters)} adapters", hint="give one weight per adapter")
+    out_dtype = None if dtype in (None, "auto") else DTYPE_NAMES.get(str(dtype).lower())
+    if dtype not in (None, "auto") and out_dtype is None:
+        raise UsageError(f"--dtype {dtype!r} is not one of auto, fp32, fp16, bf16")
+    shard_bytes = parse_size(max_shard_size) if max_shard_size else None
+    dev = _device(device)
+
+    reader = open_checkpoint(base_path)
+    try:
+        loaded = [a if not isinstance(a, str | Path) else load_adapter(a, base=reader) for a in adapters]
+        if include or exclude:
+            loaded = [a.select(include, exclude) for a in loaded]
+        if not any(a.modules or a.replacements for a in loaded):
+            raise UsageError("no adapter module is left to merge", hint="check --include / --exclude")
+        plan = build_plan(reader, loaded, weights)
+        if reader.kind == "file" and shard_bytes:
+            raise UsageError("--max-shard-size needs a model folder base, not a single file")
+        meta = _provenance(base, base_path, reader, adapters, weights, dtype, max_shard_size, include, exclude)
+        units = _layout(reader, plan, out_dtype, shard_bytes, meta)
+        single = reader.kind == "file"
+        total = sum(e.nbytes for u in units for f in u.files for e in f.entries)
+        extra = 0 if single else sum(p.stat().st_size for _, p in _other_files(base_path, units))
+        inputs = [base_path, *[Path(a) for a in adapters if isinstance(a, str | Path)]]
+        written = 0
+        with atomic_output(
+            output, overwrite=overwrite, inputs=inputs, directory=not single, expected_bytes=total + extra
+        ) as tmp:
+            ctx = progress(total) if progress is not None else contextlib.nullcontext(lambda n: None)
+            with ctx as advance:
+                for unit in units:
+                    written += _write_unit(reader, unit, tmp, single, dev, advance)
+            if not single:
+                written += _copy_other_files(base_path, tmp, units, plan, out_dtype)
+            report = None
+            if verify:
+                from .verify import verify as run_verify
+
+                report = run_verify(tmp, reader, loaded, weights)
+                if not report.verified:
+                    raise VerificationError(
+                        f"the merged output failed verification: {report.summary()}",
+                        hint="nothing was published; rerun with LORATOOLS_DEBUG=1 and report this as a bug",
+                    )
+        changed = sum(1 for j in plan.jobs.values() if not j.is_copy)
+        return MergeSummary(
+            output=Path(output),
+            modules_merged=plan.modules_merged,
+            tensors_changed=changed,
+            tensors_written=sum(len(f.entries) for u in units for f in u.files),
+            bytes_written=written,
+            seconds=time.perf_counter() - t0,
+            files=sorted(f.rel or Path(output).name for u in units for f in u.files),
+            untied=plan.untied,
+            verify=report,
+        )
+    finally:
+        reader.close()
+
+
+def _device(device: str) -> Any:
+    if device in (None, "cpu"):
+        return None
+    if device != "cuda":
+        raise UsageError(f"--device {device!r} is not cpu or cuda")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA GPU here", hint="use --device cpu (the default)")
+    return torch.device("cuda")
+
+
+def _describe_base(base: str | Path, reader: CheckpointReader) -> dict[str, Any]:
+    """The base's weight files by name, size and sha256 of their safetensors header (not all bytes: speed)."""
+    import hashlib
+
+    from ..publish import file_digest
+
+    root = reader.root if reader.root.is_dir() else reader.root.parent
+    files = []
+    for f in reader.files:
+        rel = f.relative_to(root).as_posix()
+        if f.suffix != ".safetensors":
+            files.append({**file_digest(f), "path": rel})
+            continue
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            head += fh.read(int.from_bytes(head, "little"))
+        files.append({"path": rel, "size": f.stat().st_size, "sha256_header": hashlib.sha256(head).hexdigest()})
+    return {"path": str(base), "files": files}
+
+
+def _provenance(base, base_path, reader, adapters, weights, dtype, max_shard_size, include, exclude) -> dict[str, str]:  # noqa: ANN001
+    from ..publish import describe_input, provenance, provenance_metadata
+
+    described = [
+        describe_input(a) if isinstance(a, str | Path) else {"source": str(a.meta.get("source"))} for a in adapters
+    ]
+    record = provenance(
+        "merge",
+        {
+            "weights": list(weights),
+            "dtype": dtype or "auto",
+            "max_shard_size": max_shard_size,
+            "include": include,
+            "exclude": exclude,
+        },
+        {"base": _describe_base(base, reader), "adapters": described},
+    )
+    return provenance_metadata(record)
+
+
+def _layout(reader, plan, out_dtype, shard_bytes, meta) -> list[Unit]:  # noqa: ANN001
+    from .merge_layout import layout_unit
+
+    if reader.kind != "pipeline":
+        return [
+            layout_unit(
+                reader,
+                plan,
+                out_dtype=out_dtype,
+                max_shard_size=shard_bytes,
+                metadata=meta,
+                single_file=reader.kind == "file",
+            )
+        ]
+    units = []
+    for name, comp in reader.components.items():
+        prefix = f"{name}."
+        touched = any(k.startswith(prefix) and not j.is_copy for k, j in plan.jobs.items())
+        if touched or out_dtype:
+            units.append(
+                layout_unit(
+                    comp,
+                    plan,
+                    prefix=prefix,
+                    subdir=comp.root.relative_to(reader.root).as_posix(),
+                    out_dtype=out_dtype,
+                    max_shard_size=shard_bytes,
+                    metadata=meta,
+                )
+            )
+    return units
+
+
+class _BaseBytes:
+    """Reads base tensors into private buffers with ``pread`` (no shared map pages in our RSS)."""
+
+    def __init__(self, reader: CheckpointReader) -> None:
+        self.reader = reader
+        self.fds: dict[Path, int] = {}
+
+    def get(self, key: str) -> torch.Tensor:
+        import torch
+
+        from ..safetensors_file import torch_dtype
+
+        info = self.reader.info(key)
+        if not hasattr(info, "start"):
+            return self.reader.get(key)
+        path = self.reader.file_of(key)
+        fd = self.fds.get(path)
+        if fd is None:
+            fd = self.fds[path] = os.open(path, os.O_RDONLY)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        view, pos = memoryview(buf.numpy()), 0
+        while pos < info.nbytes:
+            n = os.preadv(fd, [view[pos:]], info.start + pos)
+            if n <= 0:
+                raise OSError(f"{path}: unexpected end of file reading {key}")
+            pos += n
+        return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance) -> int:  # noqa: ANN001
+    from ..checkpoint.writer import SafetensorsWriter, write_index
+
+    sub = reader.components[unit.subdir.split("/")[0]] if reader.kind == "pipeline" else reader
+    prefix = f"{unit.subdir.split('/')[0]}." if reader.kind == "pipeline" else ""
+    base = _BaseBytes(sub)
+    pause = float(os.environ.get(PAUSE_ENV) or 0)
+    written = 0
+    try:
+        for f in unit.files:
+            path = tmp if single else tmp / f.rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with SafetensorsWriter(path, f.entries, f.metadata) as w:
+                run: list[str] = []
+                run_src: Source | None = None
+                run_end = 0
+                for e in f.entries:
+                    src = f.sources[e.name]
+                    if src.kind == "copy" and run and src.path == run_src.path and src.start == run_end:
+                        run.append(e.name)
+                        run_end += src.nbytes
+                        continue
+                    if run:
+                        w.copy_run(run, run_src.path, run_src.start)
+                        advance(run_end - run_src.start)
+                        run = []
+                    if src.kind == "copy":
+                        run, run_src, run_end = [e.name], src, src.start + src.nbytes
+                        continue
+                    w.write(e.name, _make(src, e.dtype, base, prefix, dev))
+                    advance(e.nbytes)
+                if run:
+                    w.copy_run(run, run_src.path, run_src.start)
+                    advance(run_end - run_src.start)
+            written += w.bytes_written
+            if pause:
+                time.sleep(pause)
+        if unit.index_name:
+            index_path = tmp / unit.subdir / unit.index_name if unit.subdir else tmp / unit.index_name
+            write_index(index_path, unit.shard_plan, unit.index_meta)
+            written += index_path.stat().st_size
+    finally:
+        base.close()
+    return written
+
+
+def _make(src: Source, dtype: str, base: _BaseBytes, prefix: str, dev) -> torch.Tensor:  # noqa: ANN001
+    from ..safetensors_file import torch_dtype
+    from .merge_plan import compute
+
+    target = torch_dtype(dtype)
+    job = src.job
+    if job is None:  # a cast
+        return base.get(src.key[len(prefix) :]).to(target)
+    source = None
+    if job.replacement is None:
+        source = base.get(job.source[len(prefix) :])
+    return compute(job, source, dev).to(target)
+
+
+def _other_files(base: Path, units: list[Unit]) -> list[tuple[str, Path]]:
+    """Every file of the base folder that is not a rewritten weight file or index."""
+    from .merge_layout import INDEX_NAMES
+
+    consumed = {p.resolve() for u in units for p in u.consumed}
+    rewritten_dirs = {(base / u.subdir).resolve() for u in units}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and ".loratools-" not in d)
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if p.resolve() in consumed or ".loratools-" in name:
+                continue
+            if name in INDEX_NAMES and Path(dirpath).resolve() in rewritten_dirs:
+                continue
+            found.append((p.relative_to(base).as_posix(), p))
+    return found
+
+
+def _copy_other_files(base: Path, tmp: Path, units: list[Unit], plan, out_dtype) -> int:  # noqa: ANN001
+    written = 0
+    for rel, src in _other_files(base, units):
+        dst = tmp / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if rel == "config.json" and (plan.untied or plan.vocab_size or out_dtype):
+            dst.write_text(_patched_config(src, plan, out_dtype), encoding="utf-8")
+        else:
+            shutil.copyfile(src, dst)
+        written += dst.stat().st_size
+    return written
+
+
+def _patched_config(path: Path, plan, out_dtype) -> str:  # noqa: ANN001
+    """config.json with tied embeddings untied, a resized vocabulary and the new dtype recorded."""
+    from ..checkpoint.reader import read_json
+
+    cfg = read_json(path, "config")
+    targets = [cfg] + [cfg[k] for k in ("text_config",) if isinstance(cfg.get(k), dict)]
+    for c in targets:
+        if plan.untied and c.get("tie_word_embeddings", c is cfg):
+            c["tie_word_embeddings"] = False
+        if plan.vocab_size and "vocab_size" in c:
+            c["vocab_size"] = plan.vocab_size
+        if out_dtype:
+            name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[out_dtype]
+            for key in ("dtype", "torch_dtype"):
+                if key in c:
+                    c[key] = name
+    return json.dumps(cfg, indent=2) + "\n"

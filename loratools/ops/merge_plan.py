@@ -1,0 +1,296 @@
+"""What a merge will do to each base tensor, decided and validated before anything is written.
+
+``build_plan`` resolves every adapter module and replacement to a base tensor (tied output heads
+included), checks shapes, finite values and the refusals (DoRA with a weight other than 1 or sharing
+its module, two adapters replacing one tensor, quantized bases), and returns one :class:`TensorJob`
+per output tensor that differs from a plain copy. ``compute`` applies a job in fp32:
+W' = R or W, + Σ w_i·scale_i·B_i·A_i (in factor space, ``addmm_``), DoRA rescaling, bias updates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import NumericError, ShapeError, UnsupportedError, UsageError, ValidationError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapter import Adapter, LoraModule
+    from ..checkpoint.reader import CheckpointReader
+
+#: last path component of output heads and suffixes of input embeddings (for tied weights)
+HEAD_NAMES = ("lm_head", "embed_out")
+EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
+
+
+@dataclass
+class Contribution:
+    """One adapter's update to a tensor: ``weight``·scale·B·A (or ``weight``·scale·bias)."""
+
+    adapter: int
+    module: str
+    lora: LoraModule
+    weight: float
+
+    @property
+    def coefficient(self) -> float:
+        return self.weight * self.lora.scale
+
+
+@dataclass
+class TensorJob:
+    """How to produce output tensor ``key``: start from ``source`` (a base key) or ``replacement``."""
+
+    key: str
+    source: str | None
+    replacement: torch.Tensor | None = None
+    deltas: list[Contribution] = field(default_factory=list)
+    biases: list[Contribution] = field(default_factory=list)
+    shape: tuple[int, ...] = ()
+    dtype: str = "F32"
+
+    @property
+    def dora(self) -> Contribution | None:
+        return next((c for c in self.deltas if c.lora.magnitude is not None), None)
+
+    @property
+    def is_copy(self) -> bool:
+        """A plain copy of a base tensor (possibly under another name: an untied head)."""
+        return self.replacement is None and not self.deltas and not self.biases
+
+
+@dataclass
+class MergePlan:
+    jobs: dict[str, TensorJob]
+    new_keys: dict[str, str]  # output key not in the base -> base key it sits next to
+    untied: list[str]
+    vocab_size: int | None
+    modules_merged: int
+
+
+def _where(adapter: Adapter) -> str:
+    return str(adapter.meta.get("source") or "adapter")
+
+
+def _check_finite(name: str, where: str, tensor: torch.Tensor) -> None:
+    import torch
+
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise NumericError(
+            f"{where}: tensor {name} holds NaN or Inf values",
+            hint="the adapter is damaged (a diverged training run?); nothing was written",
+        )
+
+
+def tied_keys(reader: CheckpointReader) -> str | None:
+    """The input-embedding key of a model whose config ties word embeddings, else None."""
+    if not getattr(reader, "tie_word_embeddings", False):
+        return None
+    found = [k for k in reader.keys() if k.endswith(EMBED_SUFFIXES)]
+    return found[0] if len(found) == 1 else None
+
+
+def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[float]) -> MergePlan:
+    """Resolve, validate and plan a merge; raises before anything is written."""
+    if len(weights) != len(adapters):
+        raise UsageError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    quant = reader.quantization
+    if quant:
+        raise UnsupportedError(
+            f"{reader.root}: the base is quantized ({quant}); merging into quantized weights loses the adapter",
+            hint="dequantize the base to fp16/bf16 first, merge, then quantize the merged model",
+        )
+    keys = set(reader.keys())
+    emb_key = tied_keys(reader)
+    jobs: dict[str, TensorJob] = {}
+    new_keys: dict[str, str] = {}
+    replaced_by: dict[str, int] = {}
+
+    def job(key: str) -> TensorJob:
+        if key not in jobs:
+            jobs[key] = TensorJob(key=key, source=key if key in keys else None)
+        return jobs[key]
+
+    def head_source(name: str) -> str | None:
+        """A tied output head missing from the base reads the input embedding."""
+        if emb_key and name.rsplit(".", 1)[-1] in HEAD_NAMES:
+            return emb_key
+        return None
+
+    modules_merged = 0
+    for i, (adapter, w) in enumerate(zip(adapters, weights, strict=True)):
+        where = _where(adapter)
+        for key, tensor in adapter.replacements.items():
+            _check_finite(key, where, tensor)
+            module = key.rpartition(".")[0]
+            base_layer = module in adapter.modules  # a saved embedding base layer, not a trained copy
+            if not base_layer and w != 1:
+                raise UnsupportedError(
+                    f"{where}: replaces {key} in full (modules_to_save); a full replacement cannot be weighted by {w}",
+                    hint="merge this adapter with weight 1, or exclude that module with --exclude",
+                )
+            j = job(key)
+            if key not in keys:
+                src = head_source(module)
+                if src is None and not base_layer:
+                    new_keys[key] = _neighbour(key, reader)
+                elif src is not None:
+                    j.source = src
+                    new_keys[key] = src
+                else:
+                    _missing(where, module, reader)
+            if j.replacement is not None and key in replaced_by:
+                if replaced_by[key] != i and not _same(j.replacement, tensor):
+                    raise UnsupportedError(
+                        f"{where} and {_where(adapters[replaced_by[key]])} both replace {key}",
+                        hint="merge them one at a time or drop the module from one with --exclude",
+                    )
+            j.replacement, replaced_by[key] = tensor, i
+        for name, lora in adapter.modules.items():
+            for t_name, t in (("lora_A", lora.down), ("lora_B", lora.up), ("magnitude", lora.magnitude)):
+                if t is not None:
+                    _check_finite(f"{name}.{t_name}", where, t)
+            key = f"{name}.weight"
+            if key not in keys and key not in jobs:
+                src = head_source(name)
+                if src is None:
+                    _missing(where, name, reader)
+                job(key).source = src
+                new_keys[key] = src
+            c = Contribution(i, name, lora, w)
+            job(key).deltas.append(c)
+            modules_merged += 1
+            if lora.bias is not None:
+                _check_finite(f"{name}.lora_B.bias", where, lora.bias)
+                bkey = f"{name}.bias"
+                if bkey not in keys:
+                    raise ValidationError(
+                        f"{where}: module {name} has a LoRA bias (lora_B.bias) but the base has no {bkey}",
+                        hint="PEFT cannot merge lora_bias into a layer without a bias either",
+                    )
+                job(bkey).biases.append(c)
+
+    untied: list[str] = []
+    if emb_key:
+        heads = sorted({k for k in (*keys, *jobs) if _is_head(k)})
+        if emb_key in jobs or any(h in jobs for h in heads):
+            for head in heads or ["lm_head.weight"]:
+                if head not in keys and head not in jobs:
+                    job(head).source = emb_key
+                    new_keys[head] = emb_key
+                job(head)
+            job(emb_key)
+            untied = sorted({emb_key, *(heads or ["lm_head.weight"])})
+
+    vocab_size = None
+    for j in jobs.values():
+        _finish(j, reader, emb_key)
+        if j.key == (emb_key or "") or j.key.endswith(EMBED_SUFFIXES):
+            if j.source in keys and j.shape[:1] != tuple(reader.info(j.source).shape[:1]):
+                vocab_size = j.shape[0]
+    return MergePlan(jobs, new_keys, untied, vocab_size, modules_merged)
+
+
+def _is_head(key: str) -> bool:
+    module, _, suffix = key.rpartition(".")
+    return suffix == "weight" and module.rsplit(".", 1)[-1] in HEAD_NAMES
+
+
+def _neighbour(key: str, reader: CheckpointReader) -> str:
+    keys = reader.keys()
+    return keys[-1] if keys else key
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a.float(), b.float()))
+
+
+def _missing(where: str, module: str, reader: CheckpointReader) -> None:
+    raise ValidationError(
+        f"{where}: module {module} is not in the base {reader.root} (no tensor {module}.weight)",
+        hint="check that the adapter was trained on this base model, or skip the module with --exclude",
+    )
+
+
+def _finish(j: TensorJob, reader: CheckpointReader, emb_key: str | None) -> None:
+    """Fill in shape and dtype, check every contribution against them and apply the DoRA refusals."""
+    from ..safetensors_file import dtype_name
+
+    if j.replacement is not None:
+        shape = tuple(j.replacement.shape)
+        dtype = reader.info(j.source).dtype if j.source else dtype_name(j.replacement.dtype)
+        if j.source is not None:
+            base_shape = tuple(reader.info(j.source).shape)
+            resized = len(shape) == 2 and len(base_shape) == 2 and shape[1:] == base_shape[1:]
+            if shape != base_shape and not resized:
+                raise ShapeError(
+                    f"replacement for {j.key} has shape {shape}, the base tensor {j.source} is {base_shape}",
+                    hint="the adapter was saved from a different model",
+                )
+    else:
+        info = reader.info(j.source)
+        shape, dtype = tuple(info.shape), info.dtype
+    j.shape, j.dtype = shape, dtype
+    for c in j.deltas:
+        want = tuple(c.lora.weight_shape)
+        if want != shape:
+            raise ShapeError(
+                f"adapter module {c.module} (rank {c.lora.rank}) expects a weight of shape {want}, "
+                f"the base tensor {j.source or j.key} is {shape}",
+                hint="the adapter was trained on a different model size or layout",
+            )
+        if c.lora.magnitude is not None:
+            if c.weight != 1:
+                raise UnsupportedError(
+                    f"module {c.module} is DoRA; DoRA cannot be merged with weight {c.weight} "
+                    "(its magnitude rescaling is not linear in the update)",
+                    hint="merge DoRA adapters with weight 1",
+                )
+            if len(j.deltas) > 1:
+                raise UnsupportedError(
+                    f"module {c.module} is DoRA and another adapter also changes {j.key}; "
+                    "DoRA's normalization makes their sum ill-defined",
+                    hint="merge the DoRA adapter alone first, then merge the others into its output",
+                )
+            if int(c.lora.magnitude.numel()) != c.lora.out_features:
+                raise ShapeError(
+                    f"DoRA magnitude of {c.module} has {c.lora.magnitude.numel()} values, "
+                    f"the module has {c.lora.out_features} outputs"
+                )
+    for c in j.biases:
+        if tuple(c.lora.bias.shape) != shape:
+            raise ShapeError(f"LoRA bias of {c.module} is {tuple(c.lora.bias.shape)}, the base bias is {shape}")
+
+
+def compute(j: TensorJob, base: torch.Tensor | None, device: Any = None) -> torch.Tensor:
+    """The merged tensor in fp32 (on CPU). ``base`` is the source tensor (None when replaced)."""
+    import torch
+
+    if j.replacement is not None:
+        w = j.replacement.to(device=device or "cpu", dtype=torch.float32, copy=True)
+    else:
+        assert base is not None
+        w = base.to(device=device or "cpu", dtype=torch.float32, copy=base.dtype == torch.float32)
+    for c in j.deltas:
+        up, down = c.lora.factors(torch.float32)
+        up, down = up.to(w.device), down.to(w.device)
+        if c.lora.transposed:
+            w.addmm_(down.T, up.T, alpha=c.coefficient)
+        else:
+            w.view(w.shape[0], -1).addmm_(up, down, alpha=c.coefficient)
+    d = j.dora
+    if d is not None:
+        mat = d.lora.from_weight_layout(w)
+        norm = torch.linalg.vector_norm(mat, dim=1)
+        mat.mul_((d.lora.magnitude.to(w.device, torch.float32).reshape(-1) / norm).unsqueeze(1))
+    for c in j.biases:
+        w.add_(c.lora.bias.to(w.device, torch.float32), alpha=c.coefficient)
+    if not bool(torch.isfinite(w).all()):
+        raise NumericError(
+            f"merging into {j.key} produced NaN or Inf values", hint="the base or the adapter holds extreme values"
+        )
+    return w.cpu() if w.device.type != "cpu" else w

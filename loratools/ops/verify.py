@@ -1,0 +1,264 @@
+"""Prove that a merged checkpoint (ours or any tool's) holds exactly the adapters, tensor by tensor.
+
+For each tensor an adapter touches, the stored value is compared with W + Σ w_i·scale_i·B_i·A_i
+computed in fp32, within what the stored dtype can represent: ``eps·(|W| + |W'|)`` per element (one
+rounding step of each operand, since tools round in different orders) plus fp32 summation noise.
+A failing update is explained by fitting it to the adapters' rank-1 components: all ≈0 is "not
+applied", all ≈-1 "sign flipped", all ≈c "scaling mismatch" (ratio c), a mix of 1 and 0 "partial
+rank"; an update that matches the transpose is "transposed". Untouched tensors must be unchanged;
+a tied embedding that carries the head's update is "tied weight changed".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapter import Adapter
+    from ..checkpoint.reader import CheckpointReader
+    from .merge_plan import MergePlan, TensorJob
+
+EPS = {"F32": 2.0**-23, "F16": 2.0**-10, "BF16": 2.0**-7, "F64": 2.0**-52}
+FAILURES = (
+    "not_applied",
+    "scaling_mismatch",
+    "sign_flipped",
+    "transposed",
+    "partial_rank",
+    "tied_weight_changed",
+    "untouched_changed",
+    "below_precision",
+    "missing",
+    "shape_mismatch",
+    "unexpected",
+    "wrong_update",
+)
+
+
+@dataclass
+class Finding:
+    """The check of one tensor: ``status`` is ``ok`` or one of :data:`FAILURES`."""
+
+    tensor: str
+    status: str
+    detail: str = ""
+    modules: list[str] = field(default_factory=list)
+    max_error: float | None = None
+    tolerance: float | None = None
+    ratio: float | None = None
+
+
+@dataclass
+class VerifyReport:
+    merged: str
+    base: str
+    tensors_checked: int = 0
+    modules_checked: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[Finding]:
+        return [f for f in self.findings if f.status != "ok"]
+
+    @property
+    def verified(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> str:
+        bad = self.failures
+        if not bad:
+            return f"verified: {self.modules_checked} modules, {self.tensors_checked} tensors"
+        first = "; ".join(f"{f.tensor}: {f.status.replace('_', ' ')} ({f.detail})" for f in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        return f"{len(bad)} of {self.tensors_checked} tensors failed: {first}{more}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "verified": self.verified,
+            "merged": self.merged,
+            "base": self.base,
+            "tensors_checked": self.tensors_checked,
+            "modules_checked": self.modules_checked,
+            "failures": [asdict(f) for f in self.failures],
+            "touched": [asdict(f) for f in self.findings if f.modules],
+        }
+
+
+def verify(
+    merged: str | Path,
+    base: str | Path | CheckpointReader,
+    adapters: Sequence[str | Path | Adapter],
+    weights: Sequence[float] | None = None,
+) -> VerifyReport:
+    """Check that ``merged`` equals ``base`` with ``adapters`` (scaled by ``weights``) merged in."""
+    from ..checkpoint.reader import CheckpointReader, open_checkpoint
+    from ..io import load_adapter
+    from .merge import _BaseBytes
+    from .merge_plan import build_plan
+
+    own = not isinstance(base, CheckpointReader)
+    breader = open_checkpoint(base) if own else base
+    mreader = open_checkpoint(merged)
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    try:
+        loaded = [a if not isinstance(a, str | Path) else load_adapter(a, base=breader) for a in adapters]
+        plan = build_plan(breader, loaded, weights)
+        report = VerifyReport(merged=str(merged), base=str(breader.root), modules_checked=plan.modules_merged)
+        bbytes, mbytes = _BaseBytes(breader), _BaseBytes(mreader)
+        try:
+            _check_all(report, plan, breader, mreader, bbytes, mbytes)
+        finally:
+            bbytes.close()
+            mbytes.close()
+        return report
+    finally:
+        mreader.close()
+        if own:
+            breader.close()
+
+
+def _check_all(report, plan: MergePlan, breader, mreader, bbytes, mbytes) -> None:  # noqa: ANN001
+    from .merge_plan import _is_head, tied_keys
+
+    m_emb = tied_keys(mreader)
+    keys = list(dict.fromkeys([*breader.keys(), *plan.jobs]))
+    mkeys = set(mreader.keys())
+    for key in keys:
+        mkey = key if key in mkeys else None
+        if m_emb and _is_head(key):
+            mkey = m_emb  # the merged model reads its head from the tied embedding
+        if mkey is None:
+            if _is_head(key) and key not in plan.jobs and key not in breader:
+                continue
+            report.findings.append(Finding(key, "missing", "the merged checkpoint has no such tensor"))
+            continue
+        report.tensors_checked += 1
+        job = plan.jobs.get(key)
+        actual = mbytes.get(mkey)
+        report.findings.append(_check(key, job, actual, mreader.info(mkey).dtype, plan, bbytes, m_emb))
+    for extra in sorted(mkeys - set(keys)):
+        report.findings.append(Finding(extra, "unexpected", "the base and the adapters have no such tensor"))
+
+
+def _start(job: TensorJob | None, key: str, bbytes) -> torch.Tensor:  # noqa: ANN001
+    import torch
+
+    if job is not None and job.replacement is not None:
+        return job.replacement.to(torch.float32)
+    return bbytes.get(job.source if job is not None and job.source else key)
+
+
+def _check(key, job, actual, mdtype, plan, bbytes, m_emb) -> Finding:  # noqa: ANN001
+    import torch
+
+    from .merge_plan import compute
+
+    start = _start(job, key, bbytes)
+    mods = [c.module for c in job.deltas + job.biases] if job is not None else []
+    if tuple(actual.shape) != tuple(job.shape if job is not None else start.shape):
+        want = job.shape if job is not None else tuple(start.shape)
+        return Finding(key, "shape_mismatch", f"stored {tuple(actual.shape)}, expected {want}", mods)
+    if job is None or job.is_copy:
+        expected = start.to(actual.dtype)
+        if torch.equal(actual, expected):
+            return Finding(key, "ok")
+        diff = float((actual.float() - expected.float()).abs().max())
+        partner = _tied_partner(key, plan, actual, start, bbytes) if m_emb or plan.untied else None
+        if partner:
+            return Finding(key, "tied_weight_changed", partner, mods, max_error=diff)
+        return Finding(key, "untouched_changed", f"no adapter touches it, but it changed by up to {diff:.3g}", mods)
+    start32 = start.float()
+    expected = compute(job, start if job.replacement is None else None)
+    got = actual.float()
+    eps = EPS.get(mdtype, 2.0**-7)
+    exp_delta = expected - start32
+    rank = sum(c.lora.rank for c in job.deltas) or 1
+    floor = 4 * rank * 2.0**-23 * float(exp_delta.abs().max()) + 1e-30
+    tol = eps * (start32.abs() + expected.abs()) + floor
+    err = (got - expected).abs()
+    ok = bool((err <= tol).all())
+    max_err, max_tol = float(err.max()) if err.numel() else 0.0, float(tol.max()) if tol.numel() else 0.0
+    act_delta = got - start32
+    if ok:
+        if float(exp_delta.abs().max()) > 0 and not bool(act_delta.any()):
+            step = float((eps * start32.abs()).max())
+            return Finding(
+                key,
+                "below_precision",
+                f"the update (max |ΔW| {float(exp_delta.abs().max()):.3g}) is below the {mdtype} rounding step "
+                f"(up to {step:.3g}) at these weights; nothing of it is stored (merge with --dtype fp32)",
+                mods,
+                max_err,
+                max_tol,
+            )
+        return Finding(key, "ok", "", mods, max_err, max_tol)
+    status, detail, ratio = _diagnose(job, act_delta, exp_delta, tol)
+    return Finding(key, status, detail, mods, max_err, max_tol, ratio)
+
+
+def _tied_partner(key, plan, actual, start, bbytes) -> str | None:  # noqa: ANN001
+    """If ``key`` changed by exactly its tied partner's update, say so."""
+    from .merge_plan import _is_head, compute
+
+    for other, j in plan.jobs.items():
+        if other == key or not _is_head(other) or j.is_copy:
+            continue
+        src = bbytes.get(j.source) if j.replacement is None else None
+        want = compute(j, src)
+        if want.shape == actual.shape and bool(((actual.float() - want).abs() <= 2**-6 * (want.abs() + 1e-3)).all()):
+            return f"it carries {other}'s update: the merged model ties {other} to it, so the input embeddings changed"
+    return None
+
+
+def _diagnose(job, act: torch.Tensor, exp: torch.Tensor, tol: torch.Tensor) -> tuple[str, str, float | None]:  # noqa: ANN001
+    import torch
+
+    norm_exp = float(exp.norm())
+    if not bool((act.abs() > tol).any()):
+        return "not_applied", "the stored weight equals the base: the update is missing", 0.0
+    if job.biases and not job.deltas:
+        ratio = float((act * exp).sum() / max(norm_exp**2, 1e-30))
+        return _by_ratio([ratio], 1.0, "bias")
+    if job.dora is not None:
+        return (
+            "wrong_update",
+            f"the DoRA-merged weight does not match (max error {float((act - exp).abs().max()):.3g})",
+            None,
+        )
+    comps = [(c.coefficient, *c.lora.factors(torch.float32)) for c in job.deltas]
+    first = job.deltas[0].lora
+    m = first.from_weight_layout(act)
+    u = torch.cat([coef * b for coef, b, _ in comps], dim=1)
+    v = torch.cat([a for _, _, a in comps], dim=0)
+    gram = (u.T @ u) * (v @ v.T)
+    rhs = ((u.T @ m) * v).sum(dim=1)
+    coeffs = torch.linalg.lstsq(gram.double(), rhs.double().unsqueeze(1)).solution.squeeze(1).float()
+    res2 = float(m.norm() ** 2 - 2 * (coeffs * rhs).sum() + coeffs @ gram @ coeffs)
+    rel = (max(res2, 0.0) ** 0.5) / max(float(m.norm()), 1e-30)
+    if rel < 0.05:
+        return _by_ratio(coeffs.tolist(), 1.0, "component")
+    if m.shape[0] == m.shape[1]:
+        exp_m = first.from_weight_layout(exp)
+        if float((m - exp_m.T).norm()) < 0.05 * max(norm_exp, 1e-30):
+            return "transposed", "the update is stored transposed (rows and columns swapped)", None
+    return "wrong_update", f"the update does not match the adapter (relative misfit {rel:.2f})", None
+
+
+def _by_ratio(coeffs: list[float], want: float, what: str) -> tuple[str, str, float | None]:
+    near = lambda x, y: abs(x - y) <= 0.02 * max(abs(y), 1.0)  # noqa: E731
+    mean = sum(coeffs) / len(coeffs)
+    if all(near(c, 0.0) for c in coeffs):
+        return "not_applied", "the update is missing", 0.0
+    if all(near(c, -want) for c in coeffs):
+        return "sign_flipped", "the update was subtracted instead of added", -1.0
+    if all(near(c, mean) for c in coeffs):
+        return "scaling_mismatch", f"the update is scaled by {mean:.4g}× what the adapter says", mean
+    applied = sum(near(c, want) for c in coeffs)
+    if all(near(c, want) or near(c, 0.0) for c in coeffs):
+        return "partial_rank", f"only {applied} of {len(coeffs)} rank-1 {what}s were applied", None
+    return "wrong_update", f"{what} coefficients {', '.join(f'{c:.3g}' for c in coeffs[:6])} (expected {want})", None
