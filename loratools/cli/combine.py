@@ -1,0 +1,64 @@
+"""``loratools combine``: one adapter from several (exact cat, best rank-R svd, linear, ties, dare)."""
+
+from __future__ import annotations
+
+import click
+
+from .options import base_option, output_option, overwrite_option, parse_weights
+from .output import get_output
+
+_METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")
+
+
+@click.command(short_help="Combine adapters: exact weighted sum (cat), best rank-R (svd), linear, ties, dare.")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--weights", default=None, help="Comma-separated weights, one per adapter (default 1 each).")
+@click.option("--method", type=click.Choice(_METHODS), default="cat", show_default=True, help="How to combine.")
+@click.option("--rank", type=int, default=None, help="Output rank for svd/ties/dare (default: largest input rank).")
+@click.option("--density", type=float, default=None, help="Fraction of entries kept by ties/dare.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of dare's random drops.")
+@base_option
+@click.option("--to", "to", default=None, help="Output format (default: the first input's).")
+@output_option
+@overwrite_option
+@click.pass_context
+def combine(
+    ctx: click.Context,
+    adapters: tuple[str, ...],
+    weights: str | None,
+    method: str,
+    rank: int | None,
+    density: float | None,
+    seed: int,
+    base: str | None,
+    to: str | None,
+    output: str,
+    overwrite: bool,
+) -> None:
+    """Combine ADAPTERS with weights. cat is the exact weighted sum (ranks add up); svd is the best
+    rank-R approximation of it; linear (equal ranks) adds cross terms like PEFT's; ties/dare_linear/
+    dare_ties act on each module's exact delta and re-factor it to rank R (seeded, deterministic).
+
+    \b
+    Examples:
+      loratools combine style/ subject/ --weights 0.7,1.0 -o both/
+      loratools combine a/ b/ c/ --method svd --rank 16 -o merged16/
+      loratools combine a/ b/ --method dare_ties --density 0.5 --seed 1 -o mixed/
+    """
+    from ..ops.combine import combine as run
+
+    out = get_output(ctx)
+    w = parse_weights(weights, len(adapters))
+    ad = run(
+        list(adapters),
+        weights=w,
+        method=method,
+        rank=rank,
+        density=density,
+        seed=seed,
+        base=base,
+        output=output,
+        to=to,
+        overwrite=overwrite,
+    )
+    out.line(f"wrote {output}: {len(ad.modules)} modules ({method}), ranks {sorted(ad.ranks())}")

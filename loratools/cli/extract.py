@@ -1,0 +1,96 @@
+"""``loratools extract``: a LoRA from a fine-tuned checkpoint and its base, streamed tensor by tensor."""
+
+from __future__ import annotations
+
+import click
+
+from .options import dtype_option, filters, json_option, output_option, overwrite_option
+from .output import get_output
+
+
+@click.command(short_help="Extract a LoRA from a fine-tuned checkpoint minus its base.")
+@click.argument("base")
+@click.argument("tuned")
+@click.option("--rank", type=int, default=None, help="Rank of every extracted module.")
+@click.option("--fro", type=float, default=None, help="Per module the smallest rank keeping this Frobenius fraction.")
+@click.option("--max-rank", type=int, default=None, help="Cap on every module's rank.")
+@click.option("--exact", is_flag=True, help="Always use the full SVD (slower on large matrices).")
+@click.option(
+    "--threshold",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Matrices with min(out, in) above this use a randomized SVD.",
+)
+@click.option(
+    "--min-delta", type=float, default=1e-6, show_default=True, help="Skip tensors with |ΔW| <= this fraction of |W|."
+)
+@filters
+@dtype_option
+@click.option("--to", "to", default=None, help="Output format (default: peft).")
+@output_option
+@overwrite_option
+@json_option
+@click.pass_context
+def extract(
+    ctx: click.Context,
+    base: str,
+    tuned: str,
+    rank: int | None,
+    fro: float | None,
+    max_rank: int | None,
+    exact: bool,
+    threshold: int,
+    min_delta: float,
+    include: str | None,
+    exclude: str | None,
+    dtype: str,
+    to: str | None,
+    output: str,
+    overwrite: bool,
+    json_mode: bool,
+) -> None:
+    """Extract TUNED − BASE as a LoRA: linear and conv weights are factored by a truncated SVD, other
+    changed tensors (norms, embeddings, biases) are saved whole (modules_to_save).
+
+    \b
+    Examples:
+      loratools extract base/ finetuned/ --rank 16 -o lora/
+      loratools extract base/ finetuned/ --fro 0.9 --max-rank 64 --include 'self_attn' -o lora/
+    """
+    from ..ops.extract import extract as run
+
+    out = get_output(ctx, json_mode)
+    with out.progress_callback(0, "extracting") as step:
+        result = run(
+            base,
+            tuned,
+            rank=rank,
+            fro=fro,
+            max_rank=max_rank,
+            include=include,
+            exclude=exclude,
+            exact=exact,
+            threshold=threshold,
+            min_delta=min_delta,
+            dtype=dtype,
+            output=output,
+            to=to,
+            overwrite=overwrite,
+            progress=step,
+        )
+    data = result.to_dict()
+
+    def human(d: dict) -> None:
+        out.table(
+            ["module", "shape", "rank", "retained fro"],
+            [(m["name"], "x".join(map(str, m["shape"])), m["rank"], f"{m['retained_fro']:.4f}") for m in d["modules"]],
+        )
+        if d["replaced"]:
+            out.line(f"saved whole ({len(d['replaced'])}): {', '.join(d['replaced'])}")
+        out.line(
+            f"wrote {d['output']}: {len(d['modules'])} LoRA modules, "
+            f"{d['skipped_negligible']} unchanged tensors skipped"
+        )
+
+    out.result(data, human)

@@ -1,0 +1,217 @@
+"""``extract``: a LoRA from a fine-tuned checkpoint minus its base, streamed tensor by tensor.
+
+For every weight of TUNED: ΔW = tuned − base in fp32. Linear (2-D) and conv (4-D) weights with a
+non-negligible ΔW become LoRA modules from a truncated SVD (exact for ``min(out, in) <= threshold`` or
+``exact``; above it a randomized SVD with oversampling and power iterations whose truncation error stays
+within 1% of the optimal one on fine-tuning deltas). The σ are split as √σ, alpha = rank (scale 1).
+Other changed tensors (norms, embeddings, new or resized tensors) are saved as full replacements
+(PEFT modules_to_save); a changed bias of a module that became LoRA goes into the LoRA bias
+(``lora_B.bias``). Memory is O(the largest tensor): one base/tuned pair is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapter import Adapter
+
+#: leaf module names that are embeddings (saved whole, never factored)
+_EMBEDDING = re.compile(r"(^|\.)(embed\w*|\w*_embeddings?|wte|wpe|shared|embeddings)$")
+#: model types whose linear layers are transformers' Conv1D (weight stored in×out)
+_CONV1D_TYPES = {"gpt2": ("c_attn", "c_proj", "c_fc"), "openai-gpt": ("c_attn", "c_proj", "c_fc")}
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass
+class ExtractResult:
+    """The extracted adapter and what happened to every changed tensor."""
+
+    adapter: Adapter
+    modules: list[dict[str, Any]] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    output: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output) if self.output else None,
+            "modules": self.modules,
+            "replaced": self.replaced,
+            "skipped_negligible": len(self.skipped),
+        }
+
+
+def _conv1d(config: dict[str, Any] | None, module: str) -> bool:
+    leaves = _CONV1D_TYPES.get(str((config or {}).get("model_type")), ())
+    return module.rsplit(".", 1)[-1] in leaves
+
+
+def _factorable(key: str, shape: tuple[int, ...]) -> bool:
+    module, _, suffix = key.rpartition(".")
+    return suffix == "weight" and len(shape) in (2, 4) and not _EMBEDDING.search(module) and min(shape[:2]) > 1
+
+
+def extract(
+    base: str | Path,
+    tuned: str | Path,
+    *,
+    rank: int | None = None,
+    fro: float | None = None,
+    max_rank: int | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    exact: bool = False,
+    threshold: int = 1024,
+    min_delta: float = 1e-6,
+    dtype: str = "auto",
+    seed: int = 0,
+    output: str | Path | None = None,
+    to: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ExtractResult:
+    """Extract a LoRA of ``rank`` (or per module the smallest rank keeping ``fro`` of ‖ΔW‖_F).
+
+    ``min_delta``: tensors with ‖ΔW‖ ≤ min_delta·‖W‖ are skipped as unchanged. ``include``/``exclude``
+    filter module names (regexes). ``dtype`` (auto|fp32|fp16|bf16) of the factors; auto keeps the tuned
+    tensor's. ``threshold``/``exact`` choose the SVD (see the module docstring). The output is PEFT
+    unless ``to``; ``progress(n)`` is called once per tensor examined.
+    """
+    import torch
+
+    from ..adapter import Adapter, LoraModule
+    from ..checkpoint.reader import open_checkpoint
+    from ..filters import module_filter
+    from ..io import resolve_path
+    from ..lowrank import check_rule, dense_svd
+    from ._algebra_io import write
+
+    if (rank is None) == (fro is None):
+        raise UsageError("give exactly one of --rank and --fro", hint="e.g. loratools extract base/ tuned/ --rank 16")
+    check_rule("rank", rank) if rank is not None else check_rule("fro", fro)  # noqa: B018
+    if dtype not in ("auto", *_DTYPES):
+        raise UsageError(f"--dtype {dtype!r}: expected auto, fp32, fp16 or bf16")
+    keep = module_filter(include, exclude)
+    base_path, tuned_path = resolve_path(base, "base checkpoint"), resolve_path(tuned, "fine-tuned checkpoint")
+    gen = torch.Generator().manual_seed(seed)
+    modules: dict[str, LoraModule] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    report, replaced, skipped = [], [], []
+    with open_checkpoint(base_path) as rb, open_checkpoint(tuned_path) as rt:
+        keys = [k for k in rt.keys() if keep(k.rpartition(".")[0])]
+        lora_modules = set()
+        for key in keys:
+            if (
+                key in rb
+                and tuple(rb.info(key).shape) == tuple(rt.info(key).shape)
+                and _factorable(key, tuple(rt.info(key).shape))
+            ):
+                lora_modules.add(key.rpartition(".")[0])
+        pending_bias: dict[str, torch.Tensor] = {}
+        for key in keys:
+            if progress is not None:
+                progress(1)
+            module, _, suffix = key.rpartition(".")
+            info = rt.info(key)
+            new = rt.get(key)
+            if key not in rb or tuple(rb.info(key).shape) != tuple(info.shape):
+                replacements[key] = new
+                replaced.append(key)
+                continue
+            if not new.is_floating_point():
+                continue
+            old = rb.get(key)
+            delta = new.float() - old.float()
+            norm = float(torch.linalg.vector_norm(delta))
+            if norm == 0 or norm <= min_delta * float(torch.linalg.vector_norm(old.float())):
+                skipped.append(key)
+                continue
+            out_dtype = new.dtype if dtype == "auto" else getattr(torch, _DTYPES[dtype])
+            if module in lora_modules and suffix == "bias":
+                pending_bias[module] = delta.to(out_dtype)
+                continue
+            if module not in lora_modules or suffix != "weight":
+                replacements[key] = new
+                replaced.append(key)
+                continue
+            conv1d = delta.ndim == 2 and _conv1d(rt.config, module)
+            matrix = delta.T if conv1d else delta.reshape(delta.shape[0], -1)
+            target = min(rank, *matrix.shape) if rank is not None else None
+            if max_rank is not None and target is not None:
+                target = min(target, max_rank)
+            u, s, vh = dense_svd(matrix, target, fro, exact=exact, threshold=threshold, generator=gen)
+            if fro is not None and max_rank is not None:
+                u, s, vh = u[:, :max_rank], s[:max_rank], vh[:max_rank]
+            k = int(s.numel())
+            if k == 0:
+                skipped.append(key)
+                continue
+            root = s.sqrt()
+            up, down = (u * root), (root[:, None] * vh)
+            if delta.ndim == 4:
+                down, up = down.reshape(k, *delta.shape[1:]), up.reshape(up.shape[0], k, 1, 1)
+            modules[module] = LoraModule(
+                down=down.to(out_dtype).contiguous(),
+                up=up.to(out_dtype).contiguous(),
+                alpha=float(k),
+                kind="conv" if delta.ndim == 4 else "linear",
+                fan_in_fan_out=conv1d,
+            )
+            total = float(torch.linalg.matrix_norm(matrix).double())
+            kept = float((s.double() ** 2).sum()) ** 0.5
+            report.append(
+                {
+                    "name": module,
+                    "shape": list(matrix.shape),
+                    "rank": k,
+                    "norm": total,
+                    "retained_fro": min(kept / total, 1.0) if total > 0 else 1.0,
+                }
+            )
+            del delta, matrix, u, s, vh
+        for module, bias in pending_bias.items():
+            if module in modules:
+                modules[module].bias = bias
+            else:
+                replacements[f"{module}.bias"] = bias + rb.get(f"{module}.bias").to(bias.dtype)
+                replaced.append(f"{module}.bias")
+        config = rt.config
+    if not modules and not replacements:
+        raise UsageError(
+            f"{tuned}: no tensor differs from {base} by more than {min_delta:g} (relative)",
+            hint="check that the two checkpoints are a base and its fine-tune",
+        )
+    meta = {"format": "peft", "base_model": str((config or {}).get("_name_or_path") or base)}
+    adapter = Adapter(modules=modules, replacements=replacements, meta=meta)
+    result = ExtractResult(adapter, report, replaced, skipped)
+    if output is not None:
+        params = {
+            "rank": rank,
+            "fro": fro,
+            "max_rank": max_rank,
+            "include": include,
+            "exclude": exclude,
+            "exact": exact,
+            "threshold": threshold,
+            "min_delta": min_delta,
+            "seed": seed,
+        }
+        result.output = write(
+            adapter,
+            output,
+            operation="extract",
+            parameters=params,
+            inputs={"base": base_path, "tuned": tuned_path},
+            to=to,
+            overwrite=overwrite,
+        )
+    return result
