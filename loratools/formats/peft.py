@@ -361,7 +361,8 @@ def config_for(adapter: Adapter) -> dict[str, Any]:
     alpha = alpha_counts.most_common(1)[0][0] if mods else 8.0
     rank_pattern = {re.escape(n): m.rank for n, m in mods.items() if m.rank != r}
     alpha_pattern = {re.escape(n): _num(m.alpha) for n, m in mods.items() if float(m.alpha) != alpha}
-    targets = sorted({n.rsplit(".", 1)[-1] for n in mods})
+    # PEFT matches targets as name suffixes; a bare index (to_out.0, ff.net.2) would match whole blocks
+    targets = sorted({".".join(n.split(".")[-2 if n.rsplit(".", 1)[-1].isdigit() else -1 :]) for n in mods})
     to_save = sorted({k.rpartition(".")[0] for k in adapter.replacements if k.rpartition(".")[0] not in mods})
     old = dict(adapter.meta.get("config") or {}) if adapter.format == "peft" else {}
     cfg: dict[str, Any] = {**old}
