@@ -1,0 +1,71 @@
+"""Our PEFT writer's output loads with ``PeftModel.from_pretrained`` and gives the original outputs."""
+
+from __future__ import annotations
+
+import json
+
+import models
+import pytest
+import torch
+from conftest import ADAPTERS, adapter_dir, load_base, load_peft
+
+from loratools import load_adapter, save_adapter
+from loratools.publish import provenance, read_provenance
+from loratools.safetensors_file import read_header
+
+INPUTS = {"llama": models.sample_inputs(), "gpt2": models.sample_inputs(), "bert": models.sample_inputs()}
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_written_adapter_loads_in_peft_with_same_outputs(name: str, tmp_path) -> None:
+    kind = ADAPTERS[name]
+    inputs = INPUTS[kind]
+    original = models.outputs(load_peft(adapter_dir(name), kind), inputs)
+    base_out = models.outputs(load_base(kind), inputs)
+    assert (original - base_out).abs().max() > 1e-3, "the adapter must change the outputs"
+
+    out = tmp_path / "written"
+    record = provenance("test-roundtrip", {"name": name}, {})
+    save_adapter(load_adapter(adapter_dir(name)), out, provenance=record)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    _, meta = read_header(out / "adapter_model.safetensors")
+    assert read_provenance(meta)["operation"] == "test-roundtrip"
+
+    again = models.outputs(load_peft(out, kind), inputs)
+    torch.testing.assert_close(again, original, rtol=1e-5, atol=1e-5)
+
+
+def test_reread_is_identical(tmp_path) -> None:
+    for name in ("llama-patterns", "llama-dora", "llama-embed", "gpt2-lora"):
+        a = load_adapter(adapter_dir(name))
+        save_adapter(a, tmp_path / name)
+        b = load_adapter(tmp_path / name)
+        assert set(a.modules) == set(b.modules) and set(a.replacements) == set(b.replacements)
+        for k, m in a.modules.items():
+            n = b.modules[k]
+            assert (m.rank, m.alpha, m.kind, m.fan_in_fan_out, m.use_rslora) == (
+                n.rank,
+                n.alpha,
+                n.kind,
+                n.fan_in_fan_out,
+                n.use_rslora,
+            )
+            assert torch.equal(m.down, n.down) and torch.equal(m.up, n.up)
+
+
+def test_written_config_is_plain_peft(tmp_path) -> None:
+    save_adapter(load_adapter(adapter_dir("llama-patterns")), tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 7
+    assert cfg["init_lora_weights"] is True  # layers PEFT creates but the file lacks start as a zero delta
+    assert set(cfg["target_modules"]) == {"q_proj", "v_proj", "up_proj", "down_proj"}
+
+
+def test_save_refuses_existing_output(tmp_path) -> None:
+    from loratools.errors import OutputExistsError
+
+    a = load_adapter(adapter_dir("llama-lora"))
+    save_adapter(a, tmp_path / "o")
+    with pytest.raises(OutputExistsError):
+        save_adapter(a, tmp_path / "o")
+    save_adapter(a, tmp_path / "o", overwrite=True)
