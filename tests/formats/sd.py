@@ -102,10 +102,12 @@ def _kohya_name(prefix: str, module: str) -> str:
     return prefix + module.replace(".", "_")
 
 
-def kohya_state_dict(pipe, rank: int = 4, alpha: float = 3.0, seed: int = 2, te: bool = True) -> dict[str, torch.Tensor]:
+def kohya_state_dict(
+    pipe, rank: int = 4, alpha: float = 3.0, seed: int = 2, te: bool = True, uniform_alpha: bool = False
+) -> dict[str, torch.Tensor]:
     """A kohya LoRA state dict over the tiny pipeline: random non-zero down and up, alpha ≠ rank.
 
-    Ranks and alphas vary by module so per-module alpha handling is exercised.
+    Ranks (4, 5) vary by module; alphas too (3, 4, 5) unless ``uniform_alpha``.
     """
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
@@ -115,7 +117,7 @@ def kohya_state_dict(pipe, rank: int = 4, alpha: float = 3.0, seed: int = 2, te:
     for i, (prefix, model, name) in enumerate(targets):
         layer = model.get_submodule(name)
         r = rank + (i % 2)
-        a = alpha + (i % 3)
+        a = alpha if uniform_alpha else alpha + (i % 3)
         key = _kohya_name(prefix, name)
         if isinstance(layer, torch.nn.Conv2d):
             kh, kw = layer.kernel_size
@@ -152,9 +154,8 @@ def save_diffusers_lora(pipe, path: str | Path, rank: int = 4, alpha: float = 6.
     """A diffusers LoRA written by diffusers' own ``save_lora_weights`` (PEFT adapters on UNet and text encoder)."""
     import copy
 
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-
     from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
     torch.manual_seed(seed)
     unet = copy.deepcopy(pipe.unet)
