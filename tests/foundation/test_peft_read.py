@@ -123,3 +123,11 @@ def test_bin_equals_safetensors(tmp_path) -> None:
     assert set(a.modules) == set(b.modules)
     for k in a.modules:
         torch.testing.assert_close(a.modules[k].delta(), b.modules[k].delta(), rtol=0, atol=0)
+
+
+def test_committed_fixtures_stay_small(fixtures_root) -> None:
+    from conftest import ROOT
+
+    committed = [p for p in fixtures_root.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert sum(p.stat().st_size for p in committed) < 3_000_000, "keep committed fixtures to a few MB"
+    assert (ROOT / "fixtures" / "make_fixtures.py").is_file()
