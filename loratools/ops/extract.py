@@ -184,6 +184,18 @@ def extract(
             else:
                 replacements[f"{module}.bias"] = bias + rb.get(f"{module}.bias").to(bias.dtype)
                 replaced.append(f"{module}.bias")
+        if any(m.bias is not None for m in modules.values()):  # PEFT's lora_bias is all-or-nothing
+            for module, m in modules.items():
+                if m.bias is None and f"{module}.bias" in rt:
+                    m.bias = torch.zeros(m.out_features, dtype=m.up.dtype)
+        # PEFT's modules_to_save replaces whole modules: save every tensor of a replaced module
+        siblings: dict[str, list[str]] = {}
+        for key in rt.keys():
+            siblings.setdefault(key.rpartition(".")[0], []).append(key)
+        for key in list(replacements):
+            for other in siblings.get(key.rpartition(".")[0], []):
+                if other not in replacements:
+                    replacements[other] = rt.get(other)
         config = rt.config
     if not modules and not replacements:
         raise UsageError(
