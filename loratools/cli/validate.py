@@ -51,8 +51,12 @@ def _human(d: dict) -> None:
     if not d["usable"]:
         return
     findings = d["findings"]
-    where = f"{d['path']} ({d['format']}, {d['modules_checked']} modules"
-    where += f", against {d['base']})" if d["base"] else ")"
+    facts = [d["format"]]
+    if d["modules_checked"]:
+        facts.append(f"{d['modules_checked']} modules")
+    if d["base"]:
+        facts.append(f"against {d['base']}")
+    where = f"{d['path']} ({', '.join(facts)})"
     if not findings:
         click.echo(f"{where}: OK, no problems found")
         return

@@ -124,7 +124,10 @@ def validate(adapter_path: str | Path, base: str | Path | None = None, target: s
             return report.unusable(exc, "unreadable")
         for module, code, message, tensor in problems:
             report.add("error", module, code, message, tensor=tensor)
-        if problems:
+        if problems:  # the adapter cannot be built; still name every NaN/Inf in its files
+            for f in _weight_files(local):
+                for key, t in _file_tensors(f):
+                    _report_nonfinite(t, key, f, _module_of(key, None, fmt.name), report)
             return report
     reader = None
     if base is not None:
@@ -238,7 +241,7 @@ def check_finite(adapter: Adapter, report: ValidationReport) -> None:
     if files:
         for f in files:
             for key, t in _file_tensors(f):
-                _report_nonfinite(t, key, f, _module_of(key, adapter), report)
+                _report_nonfinite(t, key, f, _module_of(key, adapter, adapter.format), report)
         return
     for name, m in adapter.modules.items():
         for role, t in (("lora_A", m.down), ("lora_B", m.up), ("magnitude", m.magnitude), ("bias", m.bias)):
@@ -265,12 +268,19 @@ def _file_tensors(path: Path):  # noqa: ANN202 - yields (name, tensor)
         yield from load_pickle_weights(path).items()
 
 
-def _module_of(key: str, adapter: Adapter) -> str | None:
-    if adapter.format == "peft":
+def _weight_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path] if path.suffix in (".safetensors", ".bin") else []
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
+
+
+def _module_of(key: str, adapter: Adapter | None, format: str | None) -> str | None:
+    if format == "peft":
         from ..formats.peft import split_key
 
         return split_key(key)[0]
-    hits = [n for n in adapter.modules if n in key or n.replace(".", "_") in key]
+    names = adapter.modules if adapter is not None else []
+    hits = [n for n in names if n in key or n.replace(".", "_") in key]
     return max(hits, key=len) if hits else None
 
 

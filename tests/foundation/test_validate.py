@@ -169,3 +169,13 @@ def test_report_dict() -> None:
         "warnings": 0,
         "findings": [],
     }
+
+
+def test_structure_problems_and_nan_reported_together(tmp_path) -> None:
+    def both(t):
+        t[f"{PREFIX}{Q0}.lora_A.weight"][0, 0] = float("inf")
+        del t[f"{PREFIX}model.layers.1.mlp.up_proj.lora_B.weight"]
+
+    r = validate(broken(tmp_path, both))
+    assert codes(r) == ["missing_factor", "nonfinite"] and r.exit_code == 1
+    assert r.findings[1].module == Q0 and r.findings[1].index == [0, 0]
