@@ -352,8 +352,8 @@ def export_onnx(
         record = provenance(
             "export-onnx",
             {"dtype": dtype, "opset": opset, "weights": weights, "device": device, "lora_slots": bool(slots)},
-            {"model": describe_input(root), "adapters": [describe_input(a) for a in adapters if isinstance(a, str | Path)]},
-        )  # fmt: skip
+            {"model": describe_input(root), "adapters": [describe_input(a) for a in inputs[1:]]},
+        )
         meta = proto.metadata_props.add()
         meta.key, meta.value = "loratools", json.dumps(record, sort_keys=True, separators=(",", ":"))
         src = InitializerSource(raw)
@@ -374,7 +374,11 @@ def export_onnx(
                 diff, _ = verify_export(tmp, loaded, dtype, device, feeds)
                 result.max_diff = max(result.max_diff, diff)
         copy_config_files(root, tmp)
-        manifest = {**result.to_dict(), "provenance": record, "tied": {k: v for k, v in loaded.aliases.items() if len(v) > 1}}
+        manifest = {
+            **result.to_dict(),
+            "provenance": record,
+            "tied": {k: v for k, v in loaded.aliases.items() if len(v) > 1},
+        }
         manifest.pop("output")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     result.seconds = time.perf_counter() - start

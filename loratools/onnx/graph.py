@@ -83,9 +83,7 @@ class GraphIndex:
         tensor = self.initializers[init]
         return WeightSite(parameter, init, layout, node, tuple(int(d) for d in tensor.dims))
 
-    def _uses(
-        self, name: str, transposed: bool, seen: set[str]
-    ) -> Iterable[tuple[onnx.NodeProto, int, bool]]:
+    def _uses(self, name: str, transposed: bool, seen: set[str]) -> Iterable[tuple[onnx.NodeProto, int, bool]]:
         if name in seen:
             return
         seen.add(name)

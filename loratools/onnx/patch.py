@@ -77,7 +77,9 @@ def plan_sites(
         missing = []
         for name, module in adapter.modules.items():
             if module.magnitude is not None or module.bias is not None or module.kind == "conv":
-                what = "DoRA" if module.magnitude is not None else ("a LoRA bias" if module.bias is not None else "conv")
+                what = (
+                    "DoRA" if module.magnitude is not None else ("a LoRA bias" if module.bias is not None else "conv")
+                )
                 raise UnsupportedError(
                     f"{label}: module {name} uses {what}, which merge-into-ONNX does not support",
                     hint="merge into the checkpoint with `loratools merge`, then `loratools export-onnx` it",
@@ -94,7 +96,9 @@ def plan_sites(
             if module.kind == "embedding":
                 expected = (module.in_features, module.out_features)
                 if site.shape != expected:
-                    raise ValidationError(f"{where}: {parameter} is {list(site.shape)}, adapter expects {list(expected)}")
+                    raise ValidationError(
+                        f"{where}: {parameter} is {list(site.shape)}, adapter expects {list(expected)}"
+                    )
             else:
                 check_shape(site, module.out_features, module.in_features, where)
             plan.setdefault(site.initializer, []).append((site, module, number))

@@ -46,7 +46,10 @@ def check_slot_module(name: str, module: object, label: str) -> None:
 
 
 def add_slots(
-    model: onnx.ModelProto, modules: Iterable[str], where: str = "the ONNX model", parameters: dict[str, str] | None = None
+    model: onnx.ModelProto,
+    modules: Iterable[str],
+    where: str = "the ONNX model",
+    parameters: dict[str, str] | None = None,
 ) -> list[str]:
     """Add LoRA slot inputs for ``modules`` (base module paths) to ``model`` in place; returns the modules.
 
@@ -72,7 +75,8 @@ def add_slots(
         in_features, out_features = (cols, rows) if site.layout == "out_in" else (rows, cols)
         a_name, b_name = slot_names(module)
         dtype = weight.data_type
-        for name, shape, dims in ((a_name, [in_features, None], [in_features, 0]), (b_name, [None, out_features], [0, out_features])):  # fmt: skip
+        specs = ((a_name, [in_features, None], [in_features, 0]), (b_name, [None, out_features], [0, out_features]))
+        for name, shape, dims in specs:
             value = helper.make_tensor_value_info(name, dtype, shape)
             graph.input.append(value)
             graph.initializer.append(helper.make_tensor(name, dtype, dims, vals=[]))
@@ -157,4 +161,3 @@ def check_against_slots(adapter: Adapter, slots: dict[str, dict[str, object]], d
                 f"{where}: slot {name} takes {slot['dtype']}, the adapter would be written as {dtype}",
                 hint=f"pass --dtype {'fp16' if slot['dtype'] == 'float16' else 'fp32'}",
             )
-

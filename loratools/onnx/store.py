@@ -126,8 +126,10 @@ class InitializerSource:
 
         dtype = torch_dtype_of(tensor)
         data = bytearray(self.raw(tensor))
-        return torch.frombuffer(data, dtype=dtype).reshape(tuple(tensor.dims)) if data else torch.empty(
-            tuple(tensor.dims), dtype=dtype
+        return (
+            torch.frombuffer(data, dtype=dtype).reshape(tuple(tensor.dims))
+            if data
+            else torch.empty(tuple(tensor.dims), dtype=dtype)
         )
 
     def close(self) -> None:
