@@ -30,6 +30,10 @@ _API = {
     "extract": "loratools.ops.extract",
     "spectrum": "loratools.ops.spectrum",
     "convert": "loratools.ops.convert",
+    "push": "loratools.ops.push",
+    "PushResult": "loratools.ops.push",
+    "export_onnx": "loratools.onnx.export",
+    "merge_onnx": "loratools.onnx.patch",
     "LoratoolsError": "loratools.errors",
 }
 

@@ -28,6 +28,8 @@ COMMANDS: dict[str, str] = {
     "spectrum": "spectrum:spectrum",
     "push": "push:push",
     "convert": "convert:convert",
+    "export-onnx": "export_onnx:export_onnx",
+    "bench": "bench:bench",
 }
 
 
