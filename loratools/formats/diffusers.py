@@ -75,8 +75,12 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
     for suffix, role in _ROLES:
         if rest.endswith(suffix):
             module = rest[: -len(suffix)]
-            if role == "alpha":  # an alpha may sit beside any of the forms above
-                module = re.sub(r"(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora$", "", module)
+            if role == "alpha":  # an alpha may sit beside any of the forms above, even after .down.weight
+                module = re.sub(r"\.(down|up)\.weight$", "", module)
+                module = re.sub(r"\.(lora_linear_layer|lora)$", "", module)
+                p = re.match(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora$", module)
+                if p:
+                    module = f"{p.group(1)}.{(_UNET_PROJ if component == 'unet' else _TE_PROJ)[p.group(2)]}"
             return component, module, role
     return None
 
@@ -125,7 +129,7 @@ class DiffusersFormat(AdapterFormat):
         except FormatError:
             return False
         known = (*COMPONENTS, *_REFUSED_COMPONENTS)
-        return bool(tensors) and all(k.partition(".")[0] in known and "lora" in k for k in tensors if k != "alpha")
+        return all(k.partition(".")[0] in known for k in tensors) and any("lora" in k for k in tensors)
 
     @classmethod
     def read(cls, path: Path, base: CheckpointReader | None = None) -> Adapter:

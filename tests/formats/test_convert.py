@@ -205,3 +205,23 @@ def test_cli_convert_json_and_registry_choices(kohya_mixed, sd_dir, work):
         assert "dummy-format" in help_text and "kohya" in help_text
     finally:
         _REGISTRY.pop("dummy-format")
+
+
+def test_legacy_diffusers_forms_from_diffusers_conversion(sd_dir_text_model, kohya_mixed, work):
+    """diffusers' own kohya conversion writes the older forms (processor.to_q_lora, lora_linear_layer,
+    .lora.down) and ``.alpha`` keys; reading them gives the deltas of the kohya file itself."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from safetensors.torch import save_file
+
+    converted, alphas = _convert_non_diffusers_lora_to_diffusers(load_file(str(kohya_mixed)))
+    assert any(".processor.to_k_lora." in k for k in converted)
+    assert any(".lora_linear_layer." in k for k in converted) and any(".lora.down." in k for k in converted)
+    tensors = {**converted, **{k: torch.tensor(v) for k, v in alphas.items()}}
+    path = work / "legacy.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    legacy = load_adapter(path)
+    assert legacy.format == "diffusers"
+    expected = load_adapter(kohya_mixed, base=sd_dir_text_model)
+    assert legacy.modules.keys() == expected.modules.keys()
+    for name, m in expected.modules.items():
+        torch.testing.assert_close(legacy.modules[name].delta(), m.delta(), atol=0, rtol=1e-7, msg=name)
