@@ -3,10 +3,11 @@
 The spectrum of ``s·B·A`` (B: out×r, A: r×in) is that of the r×r core ``s·R_B·R_Aᵀ`` where
 ``B = Q_B·R_B`` and ``Aᵀ = Q_A·R_A``: with ``R_B·R_Aᵀ = U_c·Σ·V_cᵀ`` the SVD of the product is
 ``(Q_B·U_c)·Σ·(Q_A·V_c)ᵀ``. The R factors come from the fp64 Gram matrices ``BᵀB`` and ``A·Aᵀ``
-(Cholesky-QR, via a symmetric eigendecomposition so that rank-deficient factors work); when a Gram
-matrix is too ill-conditioned for that (κ(B) > 1e6) Householder QR is used instead. Frobenius norms and
-inner products of low-rank products come from r×r Gram matrices too. Everything is accumulated in fp64
-(the factors are small), so singular values agree with a dense fp64 SVD to ~1e-8 relative to σ_max.
+(scaled Cholesky-QR, via a symmetric eigendecomposition so that rank-deficient factors work); when the
+column-normalized Gram matrix is too ill-conditioned for that (κ > 1e6) Householder QR is used instead.
+Frobenius norms and inner products of low-rank products come from r×r Gram matrices too. Everything
+is accumulated in fp64 (the factors are thin), so singular values agree with an independent fp64
+computation to ~1e-15 relative to σ_max.
 
 Also here: the truncation rules (rank / fro / ratio / cumulative), the parameter-budget allocation,
 and a randomized SVD (oversampling + power iterations) for dense deltas (``extract``).
@@ -67,9 +68,14 @@ class LowRankSVD:
 
 
 def _gram_r(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """For x (n×r), ``(R, T)`` with xᵀx = RᵀR (R: p×r) and x·T (n×p) orthonormal; None if ill-conditioned."""
-    g = x.T @ x
-    lam, vec = torch.linalg.eigh(g)
+    """For x (n×r), ``(R, T)`` with xᵀx = RᵀR (R: p×r) and x·T (n×p) orthonormal; None if ill-conditioned.
+
+    Columns are normalized first (scaled Cholesky-QR), so factors whose columns merely differ in size by
+    many orders of magnitude (a fast-decaying spectrum) stay on this fast path.
+    """
+    d = torch.linalg.vector_norm(x, dim=0)
+    d = torch.where(d > 0, d, torch.ones_like(d))
+    lam, vec = torch.linalg.eigh((x / d).T @ (x / d))
     top = float(lam[-1]) if lam.numel() else 0.0
     if top <= 0:
         return x.new_zeros((0, x.shape[1])), x.new_zeros((x.shape[1], 0))
@@ -79,7 +85,7 @@ def _gram_r(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
     root = torch.sqrt(kept)
     vec = vec[:, keep]
-    return root[:, None] * vec.T, vec / root
+    return root[:, None] * vec.T * d, vec / root / d[:, None]
 
 
 def _orth_r(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
