@@ -68,7 +68,11 @@ def _human(d: dict[str, Any]) -> None:
     if d["replacements"]:
         rows.append(("full tensors", ", ".join(f"{r['name']} {r['shape']}" for r in d["replacements"])))
     if d.get("unresolved"):
-        rows.append(("not in base", ", ".join(d["unresolved"])))
+        missing = d["unresolved"]
+        shown = ", ".join(missing[:3]) + (
+            f", ... ({len(missing)} of {d['num_modules']} modules)" if len(missing) > 3 else ""
+        )
+        rows.append(("not in base", shown))
     if d["provenance"]:
         p = d["provenance"]
         rows.append(("made by", f"loratools {p.get('loratools_version', '?')} {p.get('operation', '?')}"))

@@ -92,9 +92,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], 
 
 
 def _number(cfg: dict[str, Any], key: str, where: Path) -> float:
-    value = cfg.get(key, _DEFAULTS[key])
-    if value is None:
-        value = _DEFAULTS[key]
+    value = _DEFAULTS[key] if cfg.get(key) is None else cfg[key]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise FormatError(f"{where / CONFIG}: {key} must be a number, got {value!r}", path=where)
     return float(value)
@@ -139,11 +137,15 @@ def check_structure(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str | None
     """
     parts: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
     problems: list[tuple[str | None, str, str, str | None]] = []
+
+    def add(module: str | None, code: str, message: str, tensor: str | None) -> None:
+        problems.append((module, code, message, tensor))
+
     for key, shape in shapes.items():
         mod, role = split_key(key)
         if role is None:
             if _looks_lora(mod):
-                problems.append((None, "unknown_tensor", f"tensor {key} is not a LoRA tensor loratools knows", key))
+                add(None, "unknown_tensor", f"tensor {key} is not a LoRA tensor loratools knows", key)
             continue
         parts.setdefault(mod, {})[role] = (key, tuple(shape))
     for mod, p in sorted(parts.items()):
@@ -151,30 +153,27 @@ def check_structure(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str | None
         a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
         down, up = p.get("down_emb" if emb else "down"), p.get("up_emb" if emb else "up")
         if down is None or up is None:
-            missing = a_name if down is None else b_name
-            problems.append((mod, "missing_factor", f"module {mod} has no {missing} tensor", None))
+            add(mod, "missing_factor", f"module {mod} has no {a_name if down is None else b_name} tensor", None)
             continue
         (ak, a), (bk, b) = down, up
         if len(a) < 2 or len(b) < 2:
-            msg = f"module {mod}: {a_name} {list(a)} and {b_name} {list(b)} must be at least 2-D"
-            problems.append((mod, "bad_shape", msg, ak))
+            add(mod, "bad_shape", f"module {mod}: {a_name} {list(a)} and {b_name} {list(b)} must be at least 2-D", ak)
             continue
         if a[0] != b[1]:
-            problems.append(
-                (mod, "rank_mismatch", f"module {mod}: {a_name} has rank {a[0]} but {b_name} has rank {b[1]}", bk)
-            )
+            add(mod, "rank_mismatch", f"module {mod}: {a_name} has rank {a[0]} but {b_name} has rank {b[1]}", bk)
             continue
         if len(a) > 2 and any(s != 1 for s in b[2:]):
-            problems.append((mod, "bad_shape", f"module {mod}: conv {b_name} must be 1x1, got {list(b)}", bk))
-        out = b[0]
+            add(mod, "bad_shape", f"module {mod}: conv {b_name} must be 1x1, got {list(b)}", bk)
         for role, what in (("magnitude", "lora_magnitude_vector"), ("bias", "lora_B.bias")):
-            if role in p:
+            if role in p and math.prod(p[role][1]) != b[0]:
                 k, s = p[role]
-                if math.prod(s) != out:
-                    problems.append(
-                        (mod, f"{role}_shape", f"module {mod}: {what} has shape {list(s)}, expected {out} entries", k)
-                    )
+                add(mod, f"{role}_shape", f"module {mod}: {what} has shape {list(s)}, expected {b[0]} entries", k)
     return problems
+
+
+def _inside_folder(path: Path) -> bool:
+    """A file of a PEFT folder given instead of the folder (``…/adapter_model.safetensors``)."""
+    return path.is_file() and path.name in (CONFIG, WEIGHTS, WEIGHTS_BIN) and (path.parent / CONFIG).is_file()
 
 
 def _tensor_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], Path]:
@@ -225,17 +224,19 @@ class PeftFormat(AdapterFormat):
 
     @classmethod
     def sniff(cls, path: Path) -> bool:
-        return path.is_dir() and (path / CONFIG).is_file()
+        return (path.is_dir() and (path / CONFIG).is_file()) or _inside_folder(path)
 
     @classmethod
     def structural_findings(cls, path: Path) -> list[tuple[str | None, str, str, str | None]]:
         """All structural problems of the adapter at ``path`` (see :func:`check_structure`), from headers."""
+        path = path.parent if _inside_folder(path) else path
         _read_config(path)
         shapes, _ = _tensor_shapes(path)
         return check_structure(shapes)
 
     @classmethod
     def read(cls, path: Path, base: CheckpointReader | None = None) -> Adapter:
+        path = path.parent if _inside_folder(path) else path
         cfg = _read_config(path)
         tensors, metadata, weights_file = _read_tensors(path)
         problems = check_structure({k: tuple(t.shape) for k, t in tensors.items()})

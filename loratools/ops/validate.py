@@ -350,7 +350,11 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
             "unresolved",
             f"none of the adapter's {len(unresolved)} modules has a weight in the base {reader.root} "
             f"(first: {sorted(unresolved)[0]}.weight)",
-            hint="is this the base model the adapter was trained on?",
+            hint=(
+                f"{reader.root} is an adapter, not a base model; pass the model the adapter was trained on"
+                if Path(reader.root, "adapter_config.json").exists()
+                else "is this the base model the adapter was trained on?"
+            ),
         )
         return
     for name, m in sorted(adapter.modules.items()):

@@ -179,3 +179,21 @@ def test_structure_problems_and_nan_reported_together(tmp_path) -> None:
     r = validate(broken(tmp_path, both))
     assert codes(r) == ["missing_factor", "nonfinite"] and r.exit_code == 1
     assert r.findings[1].module == Q0 and r.findings[1].index == [0, 0]
+
+
+def test_magnitude_bias_and_unknown_tensors(tmp_path) -> None:
+    def bad(t):
+        t[f"{PREFIX}{Q0}.lora_magnitude_vector"] = t[f"{PREFIX}{Q0}.lora_magnitude_vector"][:5].clone()
+        t[f"{PREFIX}{Q0}.lora_C.weight"] = torch.ones(2, 2)
+
+    r = validate(broken(tmp_path, bad, name="llama-dora"))
+    assert sorted(codes(r)) == ["magnitude_shape", "unknown_tensor"]
+
+
+def test_file_inside_a_peft_folder_is_the_folder() -> None:
+    from loratools import load_adapter
+
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        a = load_adapter(adapter_dir("llama-lora") / name)
+        assert a.format == "peft" and len(a.modules) == 8
+    assert validate(adapter_dir("llama-bin") / "adapter_model.bin").ok
