@@ -99,11 +99,18 @@ def _module_paths(reader: CheckpointReader) -> list[str]:
     return [k[: -len(".weight")] for k in reader.keys() if k.endswith(".weight")]
 
 
-def _name_index(paths: list[str], text_encoder: bool) -> dict[str, str | None]:
-    """underscore name -> module path (None when two paths collide)."""
+def _name_index(paths: list[str], text_encoder: bool, config: dict[str, Any] | None = None) -> dict[str, str | None]:
+    """underscore name -> module path (None when two paths collide); with a UNet ``config``, the original
+    (SGM) UNet names sd-scripts uses for SDXL map to the diffusers paths too."""
+    from .kohya_sgm import sgm_path
+
+    unet = config if config and "layers_per_block" in config else None
     index: dict[str, str | None] = {}
     for p in paths:
         names = {_underscored(p)}
+        sgm = sgm_path(p, unet) if unet else None
+        if sgm:
+            names.add(_underscored(sgm))
         if text_encoder:  # the Hub's CLIP checkpoints nest under text_model., transformers 5 saves without it
             names.add(_underscored(p.removeprefix("text_model.")))
             if not p.startswith("text_model."):
@@ -124,10 +131,10 @@ class _Resolver:
         key = component or ""
         if key not in self._indexes:
             if component is None:
-                self._indexes[key] = _name_index(_module_paths(self.base), text_encoder=True)
+                self._indexes[key] = _name_index(_module_paths(self.base), True, self.base.config)
             elif component in self.base.components:
                 reader = self.base.components[component]
-                self._indexes[key] = _name_index(_module_paths(reader), text_encoder=component.startswith("text_"))
+                self._indexes[key] = _name_index(_module_paths(reader), component.startswith("text_"), reader.config)
             else:
                 self._indexes[key] = {}
         return self._indexes[key]
@@ -236,8 +243,10 @@ class KohyaFormat(AdapterFormat):
         metadata = {k: v for k, v in (adapter.meta.get("metadata") or {}).items() if k != METADATA_KEY}
         if adapter.format != "kohya":
             metadata = {}
-        if adapter.meta.get("kohya_digest") != _content_digest(tensors) or "sshs_model_hash" not in metadata:
+        changed = adapter.meta.get("kohya_digest") != _content_digest(tensors)
+        if changed:
             metadata.update(_network_metadata(adapter))
+        if changed or "sshs_model_hash" not in metadata:
             metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = sd_scripts_hashes(tensors, metadata)
         if provenance:
             metadata.update(provenance_metadata(provenance))

@@ -77,10 +77,10 @@ def diffusers_lora(pipe, work: Path) -> Path:
     return sd.save_diffusers_lora(pipe, work / "diffusers-lora")
 
 
-def fused_weights(pipe, lora: Path) -> dict:
+def fused_weights(pipe, lora: Path, **kwargs) -> dict:
     """Pipeline weights after diffusers' own ``load_lora_weights`` + ``fuse_lora`` (component-prefixed)."""
     p = copy.deepcopy(pipe)
-    p.load_lora_weights(str(lora))
+    p.load_lora_weights(str(lora), **kwargs)
     p.fuse_lora()
     p.unload_lora_weights()
     return component_weights(p)

@@ -148,3 +148,43 @@ def test_refused_layouts(work, key, what):
     save_file({key: torch.ones(2, 4)}, str(path))
     with pytest.raises(UnsupportedError, match=what):
         load_adapter(path)
+
+
+#: diffusers UNet path -> the original-UNet (SGM) path sd-scripts' SDXL trainer names it by, worked out by hand
+#: for the tiny UNet (layers_per_block 1: CrossAttnDown, Down / Up, CrossAttnUp)
+SGM_NAMES = {
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+    "down_blocks.0.attentions.0.proj_in": "input_blocks.1.1.proj_in",
+    "down_blocks.0.resnets.0.conv1": "input_blocks.1.0.in_layers.2",
+    "down_blocks.0.downsamplers.0.conv": "input_blocks.2.0.op",
+    "down_blocks.1.resnets.0.time_emb_proj": "input_blocks.3.0.emb_layers.1",
+    "mid_block.attentions.0.transformer_blocks.0.attn2.to_k": "middle_block.1.transformer_blocks.0.attn2.to_k",
+    "up_blocks.0.resnets.1.conv2": "output_blocks.1.0.out_layers.3",
+    "up_blocks.1.resnets.0.conv_shortcut": "output_blocks.2.0.skip_connection",
+    "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2": "output_blocks.2.1.transformer_blocks.0.ff.net.2",
+}
+
+
+def test_sdxl_style_sgm_names_resolve(pipe, sd_dir, work):
+    """kohya files trained on sd-scripts' original UNet resolve against a diffusers UNet; diffusers agrees."""
+    g = torch.Generator().manual_seed(5)
+    sd = {}
+    for path, sgm in SGM_NAMES.items():
+        layer = pipe.unet.get_submodule(path)
+        key = "lora_unet_" + sgm.replace(".", "_")
+        if isinstance(layer, torch.nn.Conv2d):
+            sd[f"{key}.lora_down.weight"] = torch.randn(4, layer.in_channels, *layer.kernel_size, generator=g) * 0.3
+            sd[f"{key}.lora_up.weight"] = torch.randn(layer.out_channels, 4, 1, 1, generator=g) * 0.3
+        else:
+            sd[f"{key}.lora_down.weight"] = torch.randn(4, layer.in_features, generator=g) * 0.3
+            sd[f"{key}.lora_up.weight"] = torch.randn(layer.out_features, 4, generator=g) * 0.3
+        sd[f"{key}.alpha"] = torch.tensor(2.0)
+    path = work / "sgm.safetensors"
+    save_file(sd, str(path))
+    adapter = load_adapter(path, base=sd_dir)
+    assert adapter.meta["unresolved"] == []
+    assert set(adapter.modules) == {f"unet.{p}" for p in SGM_NAMES}
+    # the SDXL pipeline passes its UNet config so diffusers maps the block numbers; the SD one must be told
+    before, after = component_weights(pipe), fused_weights(pipe, path, unet_config=pipe.unet.config)
+    for name, m in adapter.modules.items():
+        torch.testing.assert_close(after[f"{name}.weight"] - before[f"{name}.weight"], m.delta(), atol=2e-6, rtol=1e-5)
