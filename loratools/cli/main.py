@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 
 import click
 
@@ -38,6 +37,10 @@ class LazyGroup(click.Group):
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201
+        """The error boundary: every command's errors pass through here (also under CliRunner)."""
+        return _boundary(lambda: super(LazyGroup, self).invoke(ctx))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         target = COMMANDS.get(name)
@@ -70,39 +73,33 @@ def _fail(message: str, hint: str | None, code: int) -> None:
     click.echo(f"Error: {message}", err=True)
     if hint:
         click.echo(f"Hint: {hint}", err=True)
-    sys.exit(code)
+    raise click.exceptions.Exit(code)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: runs the group and turns errors into one line plus a hint (no traceback)."""
+def _boundary(run):  # noqa: ANN001, ANN202
+    """Run a command; turn errors into one line plus a hint (no traceback unless LORATOOLS_DEBUG=1)."""
     from ..errors import LoratoolsError
 
-    debug = os.environ.get("LORATOOLS_DEBUG") == "1"
+    if os.environ.get("LORATOOLS_DEBUG") == "1":
+        return run()
     try:
-        rv = cli.main(args=argv, prog_name="loratools", standalone_mode=False)
-    except click.exceptions.Abort:
-        _fail("aborted", None, 2)
-    except click.ClickException as exc:
-        if debug:
-            raise
-        exc.show()
-        sys.exit(exc.exit_code)
+        return run()
+    except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        raise
     except LoratoolsError as exc:
-        if debug:
-            raise
         _fail(exc.message, exc.hint, exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted; nothing was published", None, 130)
     except (OSError, MemoryError) as exc:
-        if debug:
-            raise
         _fail(f"{exc.__class__.__name__}: {exc}", None, 2)
     except Exception as exc:  # a bug: still one line, but say so
-        if debug:
-            raise
         _fail(
             f"internal error: {exc.__class__.__name__}: {exc}",
             "this is a loratools bug; rerun with LORATOOLS_DEBUG=1 and report the traceback",
             3,
         )
-    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``loratools`` console script."""
+    cli.main(args=argv, prog_name="loratools")
