@@ -149,3 +149,14 @@ def test_randomized_svd_within_one_percent_of_optimal():
     uu, ss, vh = lr.dense_svd(m, fro=0.9, threshold=100, generator=torch.Generator().manual_seed(1))
     k = ss.numel()
     assert k == lr.select_rank(full, "fro", 0.9)
+
+
+def test_nearly_collinear_factors_use_householder():
+    up, down = factors(50, 4, 30, seed=8)
+    g = torch.Generator().manual_seed(9)
+    up = torch.cat([up, up[:, :1] + 3e-7 * torch.randn(50, 1, generator=g)], 1).double()  # Gram κ ~ 1e13
+    down = torch.cat([down, torch.randn(1, 30, generator=g)], 0).double()
+    assert lr._gram_r(up) is None  # too ill-conditioned for Cholesky-QR
+    ref = torch.linalg.svdvals(up @ down)
+    got = lr.lowrank_svd(up, down).s
+    assert torch.allclose(got, ref[: got.numel()], atol=1e-12 * float(ref[0]))
