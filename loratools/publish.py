@@ -165,6 +165,10 @@ def file_digest(path: str | Path) -> dict[str, Any]:
 
 def describe_input(path: str | Path, hub: dict[str, str] | None = None) -> dict[str, Any]:
     """Provenance of one input: its Hub id and revision, or its files with their digests."""
+    if hub is None:
+        from .hub import hub_info_for  # hf:// specs and paths in the Hugging Face cache
+
+        hub = hub_info_for(path)
     if hub:
         return dict(hub)
     p = Path(path)
