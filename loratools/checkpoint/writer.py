@@ -237,14 +237,18 @@ class SafetensorsWriter:
     def __enter__(self) -> SafetensorsWriter:
         return self
 
+    def abort(self) -> None:
+        """Close every file without the completeness check (after an error)."""
+        for fd in self._sources.values():
+            os.close(fd)
+        self._sources.clear()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is not None:
-            for fd in self._sources.values():
-                os.close(fd)
-            self._sources.clear()
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+            self.abort()
             return
         self.close()
 

@@ -266,6 +266,59 @@ def _finish(j: TensorJob, reader: CheckpointReader, emb_key: str | None) -> None
             raise ShapeError(f"LoRA bias of {c.module} is {tuple(c.lora.bias.shape)}, the base bias is {shape}")
 
 
+def _check_sum(j: TensorJob, w: torch.Tensor) -> None:
+    """NaN/Inf check in one cheap pass: a sum of finite values is finite unless it overflows (then look closer)."""
+    import torch
+
+    total = w.sum(dtype=torch.float32) if w.dtype != torch.float64 else w.sum()
+    if not bool(torch.isfinite(total)) and not bool(torch.isfinite(w).all()):
+        raise NumericError(
+            f"merging into {j.key} produced NaN or Inf values", hint="the base or the adapter holds extreme values"
+        )
+
+
+#: elements per block of the in-place update (fits in L2 with its fp32 copy)
+BLOCK_ELEMENTS = 1 << 18
+
+
+def apply_inplace(j: TensorJob, w: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain LoRA/bias updates applied to ``w`` in place, in fp32, rounded once into ``w``'s dtype.
+
+    A half-precision weight is processed in blocks of rows: each block is widened to fp32, gets
+    Σ coef·B[rows]·A straight from the factors (``addmm_``, no dense ΔW), and is rounded back, while
+    it is still in cache. fp32 weights are updated directly.
+    """
+    import torch
+
+    terms = []
+    for c in j.deltas:
+        up, down = c.lora.factors(torch.float32)
+        terms.append(((down.T, up.T) if c.lora.transposed else (up, down), c.coefficient))
+    mat = w.view(w.shape[0], -1) if w.ndim > 1 else w.view(1, -1)
+    if j.biases:  # a bias vector: small, do it whole
+        acc = w.to(torch.float32)
+        for c in j.biases:
+            acc.add_(c.lora.bias.to(torch.float32), alpha=c.coefficient)
+        w.copy_(acc)
+    elif w.dtype == torch.float32:
+        for (a, b), coef in terms:
+            mat.addmm_(a, b, alpha=coef)
+    else:
+        rows = max(1, BLOCK_ELEMENTS // max(1, mat.shape[1]))
+        buf = torch.empty((rows, mat.shape[1]), dtype=torch.float32) if scratch is None else scratch
+        buf = buf.view(-1)[: rows * mat.shape[1]].view(rows, mat.shape[1])
+        for r in range(0, mat.shape[0], rows):
+            blk = mat[r : r + rows]
+            acc = buf[: blk.shape[0]]
+            acc.copy_(blk)
+            for (a, b), coef in terms:
+                acc.addmm_(a[r : r + rows], b, alpha=coef)
+            blk.copy_(acc)
+    if w.dtype == torch.float16:  # the one dtype a sane update can overflow
+        _check_sum(j, w)
+    return w
+
+
 def compute(j: TensorJob, base: torch.Tensor | None, device: Any = None) -> torch.Tensor:
     """The merged tensor in fp32 (on CPU). ``base`` is the source tensor (None when replaced)."""
     import torch
@@ -289,8 +342,5 @@ def compute(j: TensorJob, base: torch.Tensor | None, device: Any = None) -> torc
         mat.mul_((d.lora.magnitude.to(w.device, torch.float32).reshape(-1) / norm).unsqueeze(1))
     for c in j.biases:
         w.add_(c.lora.bias.to(w.device, torch.float32), alpha=c.coefficient)
-    if not bool(torch.isfinite(w).all()):
-        raise NumericError(
-            f"merging into {j.key} produced NaN or Inf values", hint="the base or the adapter holds extreme values"
-        )
+    _check_sum(j, w)
     return w.cpu() if w.device.type != "cpu" else w
