@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, LoraModule
-from ..errors import FormatError, UsageError, ValidationError
+from ..errors import FormatError, UnsupportedError, UsageError, ValidationError
 from .registry import AdapterFormat, register_format
 
 if TYPE_CHECKING:
@@ -112,15 +112,15 @@ class OnnxAdapterFormat(AdapterFormat):
             np_dtype = _NP_DTYPES[dtype]
         else:
             raise UsageError(f"the onnx-adapter format stores fp32 or fp16, not {dtype}", hint="pass --dtype fp32|fp16")
+        tensors = slot_tensors(adapter, np_dtype, str(adapter.meta.get("source", "adapter")))
         if adapter.replacements:
             first = sorted(adapter.replacements)[0]
-            raise ValidationError(
+            raise UnsupportedError(
                 f"{first}: full replacement tensors (modules_to_save) cannot be fed through LoRA slots",
                 hint="merge the adapter instead (`loratools export-onnx MODEL --adapter ADAPTER`)",
             )
         if not adapter.modules:
             raise ValidationError("the adapter has no LoRA modules to write")
-        tensors = slot_tensors(adapter, np_dtype, str(adapter.meta.get("source", "adapter")))
         if slots is not None:
             check_against_slots(adapter, slots, np_dtype, str(model))
         ort = _ort()
