@@ -151,5 +151,11 @@ def _onnx_files(files: list[str]) -> list[str]:
     graphs = [f for f in files if f.endswith(".onnx")]
     if not graphs:
         return []
-    # external data may have any name: take everything that is not another framework's weights
-    return [f for f in files if f in graphs or (not f.endswith(_OTHER_WEIGHTS) and _base(f) != "README.md")]
+    # external data may have any name (even .bin): take everything but other frameworks' weights
+    return [f for f in files if f in graphs or not (_foreign(f) or _base(f) == "README.md")]
+
+
+def _foreign(name: str) -> bool:
+    if name.endswith(".bin"):
+        return _base(name).startswith((*_BIN_PREFIXES, "training_args", "optimizer", "scheduler", "rng_state"))
+    return name.endswith(_OTHER_WEIGHTS)

@@ -106,17 +106,10 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_cli(args: list[str]) -> tuple[int, str, str]:
-    """``loratools ARGS`` through the real entry point (error boundary included): (exit code, stdout, stderr)."""
+    """``loratools ARGS`` under CliRunner (the group holds the error boundary): (exit code, stdout, stderr)."""
     from click.testing import CliRunner
 
-    from loratools.cli.main import main
+    from loratools.cli.main import cli
 
-    runner = CliRunner()
-    with runner.isolation() as streams:
-        try:
-            main(args)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out, err = streams[0].getvalue().decode(), streams[1].getvalue().decode()
-    return code, out, err
+    result = CliRunner().invoke(cli, args)
+    return result.exit_code, result.stdout, result.stderr
