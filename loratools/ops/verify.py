@@ -98,8 +98,8 @@ def verify(
     """Check that ``merged`` equals ``base`` with ``adapters`` (scaled by ``weights``) merged in."""
     from ..checkpoint.reader import CheckpointReader, open_checkpoint
     from ..io import load_adapter
-    from .merge import _BaseBytes
     from .merge_plan import build_plan
+    from .merge_write import BaseBytes
 
     own = not isinstance(base, CheckpointReader)
     breader = open_checkpoint(base) if own else base
@@ -109,7 +109,7 @@ def verify(
         loaded = [a if not isinstance(a, str | Path) else load_adapter(a, base=breader) for a in adapters]
         plan = build_plan(breader, loaded, weights)
         report = VerifyReport(merged=str(merged), base=str(breader.root), modules_checked=plan.modules_merged)
-        bbytes, mbytes = _BaseBytes(breader), _BaseBytes(mreader)
+        bbytes, mbytes = BaseBytes(breader), BaseBytes(mreader)
         try:
             _check_all(report, plan, breader, mreader, bbytes, mbytes)
         finally:

@@ -1,0 +1,225 @@
+"""Writing one unit of a merge: recycled read buffers, in-place updates, a writer thread.
+
+Touched tensors are read with ``pread`` into a small ring of recycled buffers (not the page-cache map,
+so they do not stay in our RSS), updated in place and handed to one writer thread, which also runs
+the kernel copies of untouched byte ranges, so disk I/O overlaps the arithmetic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import NumericError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..checkpoint.reader import CheckpointReader
+    from .merge_layout import Source, Unit
+
+#: test hook: seconds to sleep after each written weight file (lets a test kill a merge mid-way)
+PAUSE_ENV = "LORATOOLS_MERGE_TEST_PAUSE"
+
+
+class BaseBytes:
+    """Reads base tensors into private buffers with ``pread`` (no shared map pages in our RSS).
+
+    With ``reuse=n`` a ring of n buffers is recycled (a returned tensor stays valid for n-1 more
+    ``get`` calls): fresh allocations page-fault on every touch and cost more than the arithmetic.
+    """
+
+    def __init__(self, reader: CheckpointReader, reuse: int = 0) -> None:
+        self.reader = reader
+        self.fds: dict[Path, int] = {}
+        self._ring: list[torch.Tensor | None] = [None] * reuse
+        self._turn = 0
+        self._scratch: torch.Tensor | None = None
+
+    def get(self, key: str) -> torch.Tensor:
+        import torch
+
+        from ..safetensors_file import torch_dtype
+
+        info = self.reader.info(key)
+        if not hasattr(info, "start"):
+            return self.reader.get(key)
+        path = self.reader.file_of(key)
+        fd = self.fds.get(path)
+        if fd is None:
+            fd = self.fds[path] = os.open(path, os.O_RDONLY)
+        if self._ring:
+            i = self._turn = (self._turn + 1) % len(self._ring)
+            if self._ring[i] is None or self._ring[i].numel() < info.nbytes:
+                self._ring[i] = torch.empty(info.nbytes, dtype=torch.uint8)
+            buf = self._ring[i][: info.nbytes]
+        else:
+            buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        view, pos = memoryview(buf.numpy()), 0
+        while pos < info.nbytes:
+            n = os.preadv(fd, [view[pos:]], info.start + pos)
+            if n <= 0:
+                raise OSError(f"{path}: unexpected end of file reading {key}")
+            pos += n
+        return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+    def scratch(self, numel: int) -> torch.Tensor:
+        """A recycled fp32 work buffer of ``numel`` elements."""
+        import torch
+
+        if self._scratch is None or self._scratch.numel() < numel:
+            self._scratch = torch.empty(numel, dtype=torch.float32)
+        return self._scratch[:numel]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+class _Pipeline:
+    """Runs write calls on one background thread, in order, so disk I/O overlaps the arithmetic."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self.q: queue.Queue[Callable[[], object] | None] = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="loratools-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (fn := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    fn()
+                except BaseException as exc:  # re-raised in the main thread
+                    self.error = exc
+
+    def submit(self, fn: Callable[[], object]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(fn)
+
+    def drain(self) -> None:
+        import threading
+
+        done = threading.Event()
+        self.submit(done.set)
+        done.wait()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+@contextlib.contextmanager
+def torch_threads() -> Any:
+    """One fewer compute thread than cores: the writer thread gets a core of its own."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance) -> int:  # noqa: ANN001
+    from functools import partial
+
+    from ..checkpoint.writer import SafetensorsWriter, write_index
+
+    sub = reader.components[unit.subdir.split("/")[0]] if reader.kind == "pipeline" else reader
+    prefix = f"{unit.subdir.split('/')[0]}." if reader.kind == "pipeline" else ""
+    base = BaseBytes(sub, reuse=3)
+    pause = float(os.environ.get(PAUSE_ENV) or 0)
+    writers: list[SafetensorsWriter] = []
+    pipe = _Pipeline()
+    try:
+        for f in unit.files:
+            path = tmp if single else tmp / f.rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            w = SafetensorsWriter(path, f.entries, f.metadata)
+            writers.append(w)
+            run: list[str] = []
+            run_src: Source | None = None
+            run_end = 0
+            for e in f.entries:
+                src = f.sources[e.name]
+                if src.kind == "copy" and run and src.path == run_src.path and src.start == run_end:
+                    run.append(e.name)
+                    run_end += src.nbytes
+                    continue
+                if run:
+                    pipe.submit(partial(w.copy_run, run, run_src.path, run_src.start))
+                    advance(run_end - run_src.start)
+                    run = []
+                if src.kind == "copy":
+                    run, run_src, run_end = [e.name], src, src.start + src.nbytes
+                    continue
+                pipe.submit(partial(w.write, e.name, _cast_checked(e.name, _make(src, e.dtype, base, prefix, dev))))
+                advance(e.nbytes)
+            if run:
+                pipe.submit(partial(w.copy_run, run, run_src.path, run_src.start))
+                advance(run_end - run_src.start)
+            pipe.submit(w.close)
+            if pause:
+                pipe.drain()
+                time.sleep(pause)
+        pipe.close()
+    finally:
+        if pipe.thread.is_alive():
+            with contextlib.suppress(BaseException):
+                pipe.close()
+        for w in writers:
+            w.abort()
+        base.close()
+    written = sum(w.bytes_written for w in writers)
+    if unit.index_name:
+        index_path = tmp / unit.subdir / unit.index_name if unit.subdir else tmp / unit.index_name
+        write_index(index_path, unit.shard_plan, unit.index_meta)
+        written += index_path.stat().st_size
+    return written
+
+
+def _cast_checked(name: str, t: torch.Tensor) -> torch.Tensor:
+    """An fp16 output tensor must be finite: a cast to fp16 overflows above 65504 (one cheap fp32 sum)."""
+    import torch
+
+    if t.dtype == torch.float16 and not bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        from ..io import first_nonfinite
+
+        first = first_nonfinite(t)
+        if first is not None:
+            raise NumericError(
+                f"tensor {name}: the merged values overflow fp16 (|value| > 65504, first at index {first})",
+                hint="merge with --dtype bf16 or fp32, or lower the adapter's weight; nothing was written",
+            )
+    return t
+
+
+def _make(src: Source, dtype: str, base: BaseBytes, prefix: str, dev) -> torch.Tensor:  # noqa: ANN001
+    from ..safetensors_file import torch_dtype
+    from .merge_plan import BLOCK_ELEMENTS, apply_inplace, compute
+
+    target = torch_dtype(dtype)
+    job = src.job
+    if job is None:  # a cast
+        return base.get(src.key[len(prefix) :]).to(target)
+    if job.replacement is not None:
+        return compute(job, None, dev).to(target)
+    source = base.get(job.source[len(prefix) :])
+    if dev is None and job.dora is None and source.dtype == target and source.is_floating_point():
+        return apply_inplace(job, source, base.scratch(BLOCK_ELEMENTS + source[0].numel()))
+    return compute(job, source, dev).to(target)
