@@ -101,8 +101,9 @@ def resolve_input(spec: str | Path, purpose: str = "adapter") -> Path:
     try:
         return resolve_hub(ref, purpose)
     except LoratoolsError as exc:
+        reason = _strip_label(exc.message, ref)
         raise type(exc)(
-            f"{spec}: no such local {purpose} file or folder, and on the Hub: {_strip_label(exc.message, ref)}",
+            f"{spec}: no such local {purpose} file or folder, and the Hub lookup failed too: {reason}",
             hint=exc.hint,
             path=exc.path,
         ) from None

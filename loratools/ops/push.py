@@ -8,6 +8,9 @@ memory and the user's folder is never modified. huggingface_hub's preupload step
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,27 +122,43 @@ def push(
 
     ref = HubRef(repo_id, spec=f"hf://{repo_id}")
     api = HfApi(token=token)
-    try:
-        result.repo_url = str(api.create_repo(repo_id, private=private, exist_ok=True))
-        if revision and not create_pr:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(f)) for rel, f in files]
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode("utf-8")))
-        info = api.create_commit(
-            repo_id,
-            operations=operations,
-            commit_message=message or f"Upload {local.name} with loratools",
-            revision=revision,
-            create_pr=create_pr,
-        )
-    except LoratoolsError:
-        raise
-    except Exception as exc:
-        raise hub_error(_unwrap(exc), ref, writing=True) from None
+    with _quiet_progress():
+        try:
+            result.repo_url = str(api.create_repo(repo_id, private=private, exist_ok=True))
+            if revision and not create_pr:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(f)) for rel, f in files]
+            operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode("utf-8")))
+            info = api.create_commit(
+                repo_id,
+                operations=operations,
+                commit_message=message or f"Upload {local.name} with loratools",
+                revision=revision,
+                create_pr=create_pr,
+            )
+        except LoratoolsError:
+            raise
+        except Exception as exc:
+            raise hub_error(_unwrap(exc), ref, writing=True) from None
     result.commit_url = info.commit_url
     result.commit_sha = info.oid
     result.pr_url = info.pr_url
     return result
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """huggingface_hub's upload bars only on a terminal (stderr); never in pipes, logs or tests."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if sys.stderr.isatty() or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
 
 
 def _unwrap(exc: BaseException) -> BaseException:
