@@ -102,7 +102,7 @@ def resolve_input(spec: str | Path, purpose: str = "adapter") -> Path:
         return resolve_hub(ref, purpose)
     except LoratoolsError as exc:
         reason = _strip_label(exc.message, ref)
-        raise type(exc)(
+        raise InputNotFoundError(  # the local lookup failed first: a missing input, whatever the Hub said
             f"{spec}: no such local {purpose} file or folder, and the Hub lookup failed too: {reason}",
             hint=exc.hint,
             path=exc.path,
@@ -121,9 +121,9 @@ def resolve_hub(ref: HubRef, purpose: str = "adapter") -> Path:
         try:
             info = HfApi().repo_info(ref.repo_id, repo_type=ref.repo_type, revision=ref.revision)
         except Exception as exc:
-            if not _unreachable(exc):
+            if not (_unreachable(exc) or getattr(getattr(exc, "response", None), "status_code", 0) >= 500):
                 raise
-            return _from_cache(ref, purpose, exc)
+            return _from_cache(ref, purpose, exc)  # offline, no network or a Hub outage: the cache may serve
         names = [s.rfilename for s in info.siblings or []]
         check_names(names, ref.label)
         wanted = select_files(names, ref.path_in_repo, purpose, ref.label)

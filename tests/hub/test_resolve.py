@@ -172,4 +172,10 @@ def test_unreachable_hub_is_one_line(tmp_path) -> None:  # noqa: ANN001
     with pointed_at(dead, tmp_path / "home"):
         code, out, err = run_cli(["info", "hf://org/adapter"])
     assert code == 2 and "the Hub cannot be reached (ConnectError" in err.splitlines()[0], err
-    assert isinstance(HubError("x"), Exception)
+    from loratools.hub import resolve_input
+
+    with pointed_at(dead, tmp_path / "home"):
+        with pytest.raises(HubError, match="the Hub cannot be reached"):
+            resolve_input("hf://org/adapter", "adapter")
+        with pytest.raises(InputNotFoundError, match="no such local adapter file or folder, and the Hub lookup"):
+            resolve_input("org/adapter", "adapter")  # a bare name: still a missing input
