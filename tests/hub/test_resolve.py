@@ -110,10 +110,17 @@ def test_hub_errors_are_one_line(hub, tmp_path, spec, token, first_line) -> None
     assert len(lines) == 2 and lines[1].startswith("Hint: ") and "Traceback" not in err
 
 
-def test_private_repo_with_token(hub, tmp_path) -> None:  # noqa: ANN001
+def test_private_repo_with_token_from_env_or_login(hub, tmp_path) -> None:  # noqa: ANN001
+    from fakehub import GOOD_TOKEN
+
     from loratools.io import load_adapter
 
-    with pointed_at(hub, tmp_path / "home"):
+    with pointed_at(hub, tmp_path / "env-home"):  # HF_TOKEN
+        assert load_adapter("hf://org/private").modules
+    login_home = tmp_path / "login-home"
+    login_home.mkdir()
+    (login_home / "token").write_text(GOOD_TOKEN)  # what `hf auth login` stores
+    with pointed_at(hub, login_home, token=None):
         assert load_adapter("hf://org/private").modules
 
 
