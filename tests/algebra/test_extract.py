@@ -9,7 +9,7 @@ import models
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import dense, peft_outputs
+from algebra_support import dense, peft_outputs
 
 from loratools import extract, load_adapter
 from loratools.cli.main import cli
@@ -75,7 +75,7 @@ def test_extract_exact_error_and_peft(llama, pair, work, inputs):
     assert len(res.skipped) == n_tensors - 7 and "lm_head.weight" in res.skipped  # unchanged: skipped
     _check_error(llama, tuned, ad, bound=1.0 + 1e-6)  # exact SVD: optimal
     # PEFT loads it; outputs equal the base + extracted deltas + the replaced norm
-    from conftest import with_deltas
+    from algebra_support import with_deltas
 
     expect_model = with_deltas(llama, {n: m.delta() for n, m in ad.modules.items()})
     with torch.no_grad():
@@ -120,7 +120,7 @@ def test_extract_gpt2_conv1d_and_bias(gpt2, work, inputs):
     assert all(m.fan_in_fan_out for m in ad.modules.values())
     assert ad.modules["transformer.h.0.attn.c_attn"].bias is not None
     got = peft_outputs(gpt2, work / "g_x", inputs)
-    from conftest import with_deltas
+    from algebra_support import with_deltas
 
     expect_model = with_deltas(gpt2, {n: m.delta() for n, m in ad.modules.items()})
     params = dict(expect_model.named_parameters())

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import dense, peft_outputs
+from algebra_support import dense, peft_outputs
 
 from loratools import diff, load_adapter, rescale, spectrum
 from loratools.cli.main import cli
@@ -29,7 +29,7 @@ def test_rescale_scale_is_exact(llama_adapter, work, s):
 
 def test_rescale_scale_in_peft(llama, llama_adapter, work, inputs):
     import models
-    from conftest import with_deltas
+    from algebra_support import with_deltas
 
     out_dir = work / "scale_peft"
     rescale(llama_adapter, scale=-0.8, output=out_dir)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FIXTURES, component_weights, fused_weights, run_cli
+from formats_support import FIXTURES, component_weights, fused_weights, run_cli
 from safetensors.torch import load_file
 
 from loratools import convert

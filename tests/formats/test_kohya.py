@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import component_weights, fused_weights
+from formats_support import component_weights, fused_weights
 from safetensors.torch import load_file, save_file
 
 from loratools.errors import UnsupportedError

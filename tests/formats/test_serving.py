@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import FIXTURES, run_cli
+from formats_support import FIXTURES, run_cli
 
 from loratools.adapter import Adapter, LoraModule
 from loratools.errors import UsageError

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import base_dir, load_base
+from foundation_support import base_dir, load_base
 
 from loratools import open_checkpoint
 from loratools.checkpoint.keymap import KeyMatcher, resolve_modules
@@ -107,7 +107,7 @@ def test_keymap_bert_prefix() -> None:
 
 
 def test_load_adapter_with_base_normalizes_names() -> None:
-    from conftest import adapter_dir
+    from foundation_support import adapter_dir
 
     from loratools import load_adapter
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT, adapter_dir, base_dir
+from foundation_support import ROOT, adapter_dir, base_dir
 
 from loratools.cli.main import COMMANDS, cli, main
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ADAPTERS, adapter_dir, base_dir, load_peft
+from foundation_support import ADAPTERS, adapter_dir, base_dir, load_peft
 
 from loratools import load_adapter
 
@@ -126,7 +126,7 @@ def test_bin_equals_safetensors(tmp_path) -> None:
 
 
 def test_committed_fixtures_stay_small(fixtures_root) -> None:
-    from conftest import ROOT
+    from foundation_support import ROOT
 
     committed = [p for p in fixtures_root.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
     assert sum(p.stat().st_size for p in committed) < 3_000_000, "keep committed fixtures to a few MB"

@@ -7,7 +7,7 @@ import json
 import models
 import pytest
 import torch
-from conftest import ADAPTERS, adapter_dir, load_base, load_peft
+from foundation_support import ADAPTERS, adapter_dir, load_base, load_peft
 
 from loratools import load_adapter, save_adapter
 from loratools.publish import provenance, read_provenance

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ADAPTERS, adapter_dir, base_dir
+from foundation_support import ADAPTERS, adapter_dir, base_dir
 from safetensors.torch import load_file, save_file
 
 from loratools import validate
