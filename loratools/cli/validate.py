@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .options import base_option, json_option
-from .output import get_output, render_table
+from .output import get_output
 
 
 @click.command("validate")
@@ -17,9 +17,12 @@ from .output import get_output, render_table
     default=None,
     help="Also report what this serving runtime would reject or silently ignore (see docs/formats.md).",
 )
+@click.option("--scan", is_flag=True, help="Also flag modules that stand out from their family (see docs/security.md).")
 @json_option
 @click.pass_context
-def validate(ctx: click.Context, adapter: str, base: str | None, target: str | None, json_mode: bool) -> None:
+def validate(
+    ctx: click.Context, adapter: str, base: str | None, target: str | None, scan: bool, json_mode: bool
+) -> None:
     """Check an adapter: A/B present and rank-consistent, config agrees with the tensors, float
     dtypes, no NaN/Inf; with --base, every module resolves to a base weight of the right shape and
     the base is not quantized.
@@ -31,11 +34,12 @@ def validate(ctx: click.Context, adapter: str, base: str | None, target: str | N
       loratools validate fixtures/peft/llama-lora
       loratools validate fixtures/peft/llama-lora --base fixtures/bases/llama --json
       loratools validate fixtures/peft/llama-lora --target vllm
+      loratools validate fixtures/peft/llama-lora --scan
     """
     from ..ops.validate import validate as run_validate
 
     out = get_output(ctx, json_mode)
-    report = run_validate(adapter, base=base, target=target)
+    report = run_validate(adapter, base=base, target=target, scan=scan)
     data = report.to_dict()
     out.result(data, _human)
     if not report.usable and not json_mode:
@@ -62,8 +66,8 @@ def _human(d: dict) -> None:
         return
     click.echo(f"{where}: {d['errors']} error(s), {d['warnings']} warning(s)")
     # messages name their module and tensor; the JSON output has them as fields
-    rows = [[f["severity"], f["code"], f["message"]] for f in findings]
-    click.echo(render_table(["severity", "code", "message"], rows))
+    for f in findings:
+        click.echo(f"  {f['severity']:<7} {f['code']}: {f['message']}")
     hints = sorted({f["hint"] for f in findings if f["hint"]})
     for h in hints:
         click.echo(f"Hint: {h}")

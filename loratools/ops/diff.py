@@ -38,11 +38,18 @@ def config_differences(a: Adapter, b: Adapter) -> dict[str, dict[str, Any]]:
     fa, fb = _facts(a), _facts(b)
     out = {k: {"a": fa[k], "b": fb[k]} for k in fa if fa[k] != fb[k]}
     ca, cb = a.meta.get("config") or {}, b.meta.get("config") or {}
-    if ca and cb:
-        for key in sorted(set(ca) | set(cb)):
-            if key not in out and ca.get(key) != cb.get(key) and key not in ("revision",):
-                out[f"config.{key}"] = {"a": ca.get(key), "b": cb.get(key)}
+    for key in _CONFIG_KEYS:
+        va, vb = ca.get(key), cb.get(key)
+        if isinstance(va, list) and isinstance(vb, list):
+            va, vb = sorted(map(str, va)), sorted(map(str, vb))
+        if ca and cb and va != vb:
+            out[f"config.{key}"] = {"a": ca.get(key), "b": cb.get(key)}
     return out
+
+
+#: raw config keys that change what an adapter does (ranks/alphas are compared per module already;
+#: writer bookkeeping such as init_lora_weights, inference_mode or peft_version is left out)
+_CONFIG_KEYS = ("task_type", "target_modules", "modules_to_save", "bias", "lora_bias", "layers_to_transform")
 
 
 def module_difference(name: str, ma: Any, mb: Any) -> dict[str, Any]:
