@@ -9,6 +9,8 @@ from .formats.registry import detect_format, get_format
 from .publish import atomic_output
 
 if TYPE_CHECKING:
+    import torch
+
     from .adapter import Adapter
     from .checkpoint.reader import CheckpointReader
 
@@ -40,6 +42,7 @@ def load_adapter(
         reader = base if isinstance(base, CheckpointReader) else open_checkpoint(base)
     adapter = fmt.read(local, base=reader)
     adapter.meta.setdefault("source", str(path))
+    check_tensors(adapter, _weights_label(adapter, local))
     if reader is not None:
         from .checkpoint.keymap import normalize_adapter
 
@@ -59,6 +62,58 @@ def save_adapter(
 ) -> Path:
     """Write ``adapter`` in ``format`` (default: the format it was read from, else PEFT), atomically."""
     fmt = get_format(format or adapter.format or "peft")
+    check_tensors(adapter, f"the output {path}")
     with atomic_output(path, overwrite=overwrite, inputs=inputs, directory=fmt.layout == "folder") as tmp:
         fmt.write(adapter, tmp, provenance=provenance, **options)
     return Path(path)
+
+
+def first_nonfinite(t: torch.Tensor) -> list[int] | None:
+    """The index of the first NaN/Inf entry of a float tensor, or None when all are finite."""
+    import torch
+
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    x = t if t.element_size() > 1 else t.float()  # isfinite has no fp8 kernels
+    if bool(torch.isfinite(x).all()):
+        return None
+    return [int(i) for i in (~torch.isfinite(x)).nonzero()[0].tolist()]
+
+
+def require_finite(t: torch.Tensor, tensor: str, where: str | Path, *, hint: str | None = None) -> None:
+    """Raise :class:`NumericError` naming ``where`` (a file), ``tensor`` and the first NaN/Inf index."""
+    from .errors import NumericError
+
+    first = first_nonfinite(t)
+    if first is not None:
+        x = t if t.element_size() > 1 else t.float()
+        raise NumericError(
+            f"{where}: tensor {tensor} holds NaN/Inf values (first at index {first}: {float(x[tuple(first)])})",
+            hint=hint or "the training run diverged or the file is damaged; nothing was written",
+            path=where,
+        )
+
+
+def check_tensors(adapter: Adapter, where: str | Path) -> None:
+    """Refuse non-float LoRA tensors and NaN/Inf anywhere in ``adapter``, naming ``where`` and the tensor."""
+    from .errors import ValidationError
+
+    for name, m in adapter.modules.items():
+        for role, t in (("lora_A", m.down), ("lora_B", m.up), ("magnitude", m.magnitude), ("bias", m.bias)):
+            if t is None:
+                continue
+            if not t.is_floating_point():
+                dtype = str(t.dtype).removeprefix("torch.")
+                raise ValidationError(
+                    f"{where}: tensor {name}.{role} is {dtype}; LoRA tensors must be floating point",
+                    hint="the file is damaged or not a LoRA adapter; re-export it from its training tool",
+                    path=where,
+                )
+            require_finite(t, f"{name}.{role}", where)
+    for key, t in adapter.replacements.items():
+        require_finite(t, key, where)
+
+
+def _weights_label(adapter: Adapter, local: Path) -> str:
+    files = [f for f in adapter.meta.get("files") or [] if not str(f).endswith(".json")]
+    return str(files[0]) if len(files) == 1 else str(local)

@@ -200,6 +200,6 @@ def read_provenance(metadata: dict[str, str] | None) -> dict[str, Any] | None:
         return None
     try:
         rec = json.loads(metadata[METADATA_KEY])
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return None
     return rec if isinstance(rec, dict) else None

@@ -116,6 +116,8 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
         raise FormatError(f"{p}: is a folder, expected a .safetensors file", path=p) from None
     try:
         header = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise UnsafeInputError(f"{p}: safetensors header is nested too deeply to parse", path=p) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(p, f"header is not JSON ({exc.__class__.__name__})") from None
     if not isinstance(header, dict):

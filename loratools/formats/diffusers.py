@@ -91,7 +91,7 @@ def _lora_metadata(metadata: dict[str, str], where: Path) -> dict[str, dict[str,
         return {}
     try:
         flat = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise FormatError(f"{where}: {METADATA_KEY} metadata is not valid JSON ({exc})", path=where) from None
     if not isinstance(flat, dict):
         raise FormatError(f"{where}: {METADATA_KEY} metadata is not a JSON object", path=where)

@@ -77,6 +77,14 @@ def detect_format(path: str | Path) -> type[AdapterFormat]:
     for fmt in _REGISTRY.values():
         if fmt.sniff(p):
             return fmt
+    if p.is_file() and p.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"):
+        from ..errors import UnsafeInputError
+
+        raise UnsafeInputError(
+            f"{p}: a bare pickle file is not read as an adapter (unpickling can run code)",
+            hint="convert it to .safetensors; a PEFT adapter_model.bin is read (weights only) inside its folder",
+            path=p,
+        )
     raise FormatError(
         f"{p}: not a LoRA adapter in any known format (tried {', '.join(sorted(_REGISTRY))})",
         hint="a PEFT adapter is a folder with adapter_config.json; a kohya file is one .safetensors",

@@ -136,6 +136,15 @@ def slot_tensors(adapter: Adapter, dtype: str = "float32", label: str = "adapter
         a_name, b_name = slot_names(name)
         tensors[a_name] = np.ascontiguousarray(down.T.numpy().astype(dtype))
         tensors[b_name] = np.ascontiguousarray((up * module.scale).T.numpy().astype(dtype))
+        for key in (a_name, b_name):
+            if not np.isfinite(tensors[key]).all():
+                from ..errors import NumericError
+
+                first = [int(i) for i in np.argwhere(~np.isfinite(tensors[key]))[0]]
+                raise NumericError(
+                    f"{label}: tensor {key} overflows {dtype} (NaN/Inf after the cast, first at index {first})",
+                    hint="write the adapter in fp32 (--dtype fp32)",
+                )
     return tensors
 
 

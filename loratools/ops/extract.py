@@ -131,6 +131,12 @@ def extract(
                 continue
             old = rb.get(key)
             delta = new.float() - old.float()
+            if not bool(torch.isfinite(delta).all()):  # name the input that holds NaN/Inf, not the SVD
+                from ..io import require_finite
+
+                require_finite(new, key, rt.file_of(key), hint="the fine-tuned checkpoint is damaged")
+                require_finite(old, key, rb.file_of(key), hint="the base checkpoint is damaged")
+                require_finite(delta, key, f"{tuned} minus {base}", hint="the difference overflows fp32")
             norm = float(torch.linalg.vector_norm(delta))
             if norm == 0 or norm <= min_delta * float(torch.linalg.vector_norm(old.float())):
                 skipped.append(key)

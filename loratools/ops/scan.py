@@ -78,6 +78,7 @@ class ScanReport:
     families: dict[str, int]
     red_flags: list[dict[str, Any]]
     threshold: float = THRESHOLD
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def flagged(self) -> list[ModuleFigures]:
@@ -90,15 +91,30 @@ class ScanReport:
             "families": self.families,
             "flagged": [m.module for m in self.flagged],
             "red_flags": self.red_flags,
+            "skipped": self.skipped,
             "modules": [asdict(m) for m in self.modules],
         }
 
 
-def module_figures(module: LoraModule) -> dict[str, float]:
-    """The spectral figures of one module (see the module docstring), in float64, from r×r Grams."""
+def module_figures(module: LoraModule) -> dict[str, float] | None:
+    """The spectral figures of one module (see the module docstring), in float64, from r×r Grams.
+
+    None when the factors hold NaN/Inf or their Grams overflow (``validate`` reports those itself).
+    """
     import torch
 
     up, down = module.factors(torch.float64)
+    if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+        return None
+    try:
+        return _figures(module, up, down)
+    except (RuntimeError, ValueError, ZeroDivisionError, OverflowError):  # eigh on overflowed Grams
+        return None
+
+
+def _figures(module: LoraModule, up: torch.Tensor, down: torch.Tensor) -> dict[str, float] | None:
+    import torch
+
     s2 = float(module.scale) ** 2
     ga, gb = down @ down.T, up.T @ up
     evals, vecs = torch.linalg.eigh(ga)
@@ -109,6 +125,8 @@ def module_figures(module: LoraModule) -> dict[str, float]:
     rows = ((up @ ga) * up).sum(1).clamp(min=0) * s2
     cols = ((down.T @ gb) * down.T).sum(1).clamp(min=0) * s2
     r = module.rank
+    if not math.isfinite(total):
+        return None
     if total <= 0:
         return dict.fromkeys(("fro_norm", "stable_rank", "spectral_entropy", "top_row_share", "top_col_share"), 0.0) | {
             "kurtosis": 0.0
@@ -241,6 +259,7 @@ def scan_adapter(adapter: Adapter | str | Path, *, threshold: float = THRESHOLD)
     elif adapter.meta.get("files"):
         path = Path(adapter.meta["files"][-1])
     figures: list[ModuleFigures] = []
+    skipped: list[str] = []
     groups: dict[str, list[tuple[tuple[int, ...], str]]] = {}
     for name in adapter.modules:
         fam, idx = family_of(name)
@@ -248,7 +267,11 @@ def scan_adapter(adapter: Adapter | str | Path, *, threshold: float = THRESHOLD)
     for fam, members in sorted(groups.items()):
         for depth, (_, name) in enumerate(sorted(members)):
             m = adapter.modules[name]
-            figures.append(ModuleFigures(name, fam, depth, m.rank, **module_figures(m)))
+            values = module_figures(m)
+            if values is None:
+                skipped.append(name)
+                continue
+            figures.append(ModuleFigures(name, fam, depth, m.rank, **values))
     by_family: dict[str, list[ModuleFigures]] = {}
     for f in figures:
         by_family.setdefault(f.family, []).append(f)
@@ -260,6 +283,7 @@ def scan_adapter(adapter: Adapter | str | Path, *, threshold: float = THRESHOLD)
         families={k: len(v) for k, v in sorted(by_family.items())},
         red_flags=_red_flags(adapter, path),
         threshold=threshold,
+        skipped=skipped,
     )
 
 

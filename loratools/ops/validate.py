@@ -50,6 +50,7 @@ class ValidationReport:
     base: str | None = None
     modules_checked: int = 0
     usable: bool = True
+    scan: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -77,6 +78,7 @@ class ValidationReport:
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        scan = {"scan": self.scan} if self.scan is not None else {}
         return {
             "path": self.path,
             "format": self.format,
@@ -87,14 +89,18 @@ class ValidationReport:
             "errors": len(self.errors),
             "warnings": len(self.warnings),
             "findings": [f.to_dict() for f in self.findings],
+            **scan,
         }
 
 
-def validate(adapter_path: str | Path, base: str | Path | None = None, target: str | None = None) -> ValidationReport:
+def validate(
+    adapter_path: str | Path, base: str | Path | None = None, target: str | None = None, scan: bool = False
+) -> ValidationReport:
     """Check the adapter at ``adapter_path`` (and, with ``base``, against a base checkpoint).
 
     Never raises for bad input: unreadable files become findings with ``usable`` False. ``target``
-    (a serving runtime) adds the findings of :func:`loratools.ops.serving.serving_findings`.
+    (a serving runtime) adds the findings of :func:`loratools.ops.serving.serving_findings`; ``scan``
+    adds the anomaly scan of :func:`loratools.ops.scan.scan_adapter` (warnings, figures in ``report.scan``).
 
     Example::
 
@@ -114,10 +120,10 @@ def validate(adapter_path: str | Path, base: str | Path | None = None, target: s
     except LoratoolsError as exc:
         return report.unusable(exc, "unreadable")
     report.format = fmt.name
-    scan = getattr(fmt, "structural_findings", None)
-    if scan is not None:
+    structural = getattr(fmt, "structural_findings", None)
+    if structural is not None:
         try:
-            problems = scan(local)
+            problems = structural(local)
         except UnsupportedError as exc:
             return report.unusable(exc, "unsupported_type")
         except LoratoolsError as exc:
@@ -154,6 +160,15 @@ def validate(adapter_path: str | Path, base: str | Path | None = None, target: s
             from .serving import serving_findings
 
             report.findings += serving_findings(adapter, target)
+        if scan:
+            from .scan import scan_adapter, scan_findings
+
+            result = scan_adapter(adapter)
+            report.scan = result.to_dict()
+            known = {(f.module, f.code) for f in report.findings}
+            for module, code, message in scan_findings(result):
+                if code != "scan_rank_declared" or (module, "config_rank") not in known:
+                    report.add("warning", module, code, message)
     finally:
         if reader is not None:
             reader.close()
@@ -171,6 +186,18 @@ def check_adapter(adapter: Adapter, report: ValidationReport) -> None:
                 report.add(
                     "error", name, "dtype", f"module {name}: {role} is {_dt(t)}; LoRA tensors must be floating point"
                 )
+        if m.rank > min(m.out_features, m.in_features):
+            files = [f for f in adapter.meta.get("files") or [] if not str(f).endswith(".json")]
+            report.add(
+                "error",
+                name,
+                "rank_exceeds_matrix",
+                f"{files[0] if files else report.path}: module {name}: rank {m.rank} exceeds its "
+                f"{m.out_features}x{m.in_features} matrix (lora_A {list(m.down.shape)}, lora_B {list(m.up.shape)})",
+                hint=f"resize it: loratools resize ADAPTER --max-rank {min(m.out_features, m.in_features)} -o OUT",
+                file=str(files[0]) if files else None,
+                tensor=f"{name}.lora_A",
+            )
         if m.alpha == 0:
             report.add("warning", name, "zero_scale", f"module {name}: alpha is 0, so the module changes nothing")
         elif m.up.is_floating_point() and not bool(m.up.any()):
