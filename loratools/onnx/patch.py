@@ -42,6 +42,9 @@ class OnnxMergeResult:
         return {
             "output": str(self.output),
             "modules": self.modules,
+            "modules_merged": self.modules,  # the names `loratools merge` prints for checkpoints
+            "bytes_written": self.data_bytes,
+            "format": "onnx",
             "adapters": self.adapters,
             "folded": self.folded,
             "weights": self.weights,
@@ -63,7 +66,10 @@ def plan_sites(
     index: GraphIndex, adapters: Sequence[tuple[Adapter, str]], where: str
 ) -> dict[str, list[tuple[WeightSite, LoraModule, int]]]:
     """Initializer name -> [(site, module, adapter number)]; clear errors for anything unresolvable."""
+    import torch
+
     from ..checkpoint.keymap import KeyMatcher
+    from ..errors import NumericError
 
     matcher = KeyMatcher(index.matcher_keys())
     plan: dict[str, list[tuple[WeightSite, LoraModule, int]]] = {}
@@ -101,6 +107,8 @@ def plan_sites(
                     )
             else:
                 check_shape(site, module.out_features, module.in_features, where)
+            if not (torch.isfinite(module.up).all() and torch.isfinite(module.down).all()):
+                raise NumericError(f"{label}: module {name} has NaN or Inf in its factors")
             plan.setdefault(site.initializer, []).append((site, module, number))
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -154,7 +162,7 @@ def merge_onnx(
     loaded = [_load(a) for a in adapters]
     plan = plan_sites(index, loaded, str(model_file))
 
-    def patched(tensor: Any) -> bytes | None:
+    def patched(tensor: Any) -> memoryview | None:
         entries = plan.get(tensor.name)
         if not entries:
             return None
@@ -162,11 +170,7 @@ def merge_onnx(
         acc = base.to(torch.float32)
         for site, module, number in entries:
             acc += delta_for(site, module, weights[number])
-        if not torch.isfinite(acc).all():
-            from ..errors import NumericError
-
-            raise NumericError(f"{model_file}: merging into {entries[0][0].parameter} gives NaN or Inf")
-        return acc.to(base.dtype).contiguous().view(torch.uint8).numpy().tobytes()
+        return memoryview(acc.to(base.dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
 
     data_files = {e["location"] for t in proto.graph.initializer if (e := external_info(t))}
     expected = sum((model_file.parent / f).stat().st_size for f in data_files if (model_file.parent / f).is_file())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -120,6 +120,30 @@ class InitializerSource:
             )
         return memoryview(mm[offset : offset + length])
 
+    def copy_into(self, tensor: onnx.TensorProto, out: Any) -> int:
+        """Append an external tensor's bytes to the unbuffered file ``out`` (copy_file_range where possible)."""
+        ext = external_info(tensor) or {}
+        view = self.raw(tensor)  # validates location and range
+        length = len(view)
+        offset = int(ext.get("offset", 0))
+        copy_range = getattr(os, "copy_file_range", None)
+        if copy_range is not None:
+            with open(self.root / ext["location"], "rb") as src:
+                done = 0
+                try:
+                    while done < length:
+                        n = copy_range(src.fileno(), out.fileno(), length - done, offset + done)
+                        if n <= 0:
+                            break
+                        done += n
+                except OSError:
+                    pass  # a file system without copy_file_range: finish in user space
+                if done == length:
+                    return length
+                view = view[done:]
+        _write_all(out, view)
+        return length
+
     def tensor(self, tensor: onnx.TensorProto) -> torch.Tensor:
         """The initializer as a torch tensor (a copy) in its stored dtype and shape."""
         import torch
@@ -172,40 +196,67 @@ def write_model(
     onnx = onnx_module()
     data_name = out_file.name + ".data"
     written = 0
-    with open(out_file.parent / data_name, "wb") as f:
+    with open(out_file.parent / data_name, "wb", buffering=0) as f:
         for tensor in model.graph.initializer:
             new = replace(tensor) if replace is not None else None
             ext = external_info(tensor)
             if new is None and ext is None and tensor_nbytes(tensor) < EXTERNAL_THRESHOLD:
                 continue  # small inline tensor: stays as it is
+            if new is None and ext is not None and source is not None:
+                written = _align(f, written, tensor_nbytes(tensor))
+                length = source.copy_into(tensor, f)  # kernel-side copy, no pass through Python
+                _point(tensor, data_name, written, length)
+                written += length
+                if progress is not None:
+                    progress(1)
+                continue
             if new is None:
                 if source is None:
                     raise FormatError(f"{out_file}: initializer {tensor.name} has no source to copy from")
                 new = source.raw(tensor)
-            if len(new) != tensor_nbytes(tensor):
+            if memoryview(new).nbytes != tensor_nbytes(tensor):
                 raise FormatError(f"initializer {tensor.name}: {len(new)} bytes for shape {list(tensor.dims)}")
             for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
                 tensor.ClearField(field)
+            new = memoryview(new).cast("B")
             if len(new) < EXTERNAL_THRESHOLD:
                 tensor.ClearField("external_data")
                 tensor.data_location = onnx.TensorProto.DEFAULT
                 tensor.raw_data = bytes(new)
                 continue
-            align = ALIGN_LARGE if len(new) >= LARGE else ALIGN_SMALL
-            pad = (-written) % align
-            f.write(b"\0" * pad)
-            written += pad
-            view = memoryview(new)
-            for start in range(0, len(view), _CHUNK):
-                f.write(view[start : start + _CHUNK])
-            tensor.ClearField("raw_data")
-            tensor.ClearField("external_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data_name), ("offset", str(written)), ("length", str(len(new)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
+            written = _align(f, written, len(new))
+            _write_all(f, new)
+            _point(tensor, data_name, written, len(new))
             written += len(new)
             if progress is not None:
                 progress(1)
     onnx.save(model, str(out_file))
     return written
+
+
+def _align(f: Any, written: int, nbytes: int) -> int:
+    """Pad the data file so the next tensor starts aligned (page-aligned when large); the new offset."""
+    align = ALIGN_LARGE if nbytes >= LARGE else ALIGN_SMALL
+    pad = (-written) % align
+    if pad:
+        _write_all(f, memoryview(b"\0" * pad))
+    return written + pad
+
+
+def _point(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make ``tensor`` an external tensor at ``location``/``offset``/``length``."""
+    onnx = onnx_module()
+    tensor.ClearField("raw_data")
+    tensor.ClearField("external_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _write_all(f: Any, view: memoryview) -> None:
+    """Write every byte to an unbuffered file (raw writes may be partial)."""
+    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    done = 0
+    while done < len(view):
+        done += f.write(view[done : done + _CHUNK])
