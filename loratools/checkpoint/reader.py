@@ -57,8 +57,8 @@ def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
     hint = "loratools never runs code from pickles; convert the file to .safetensors with its author's tools"
     try:
         is_zip = zipfile.is_zipfile(path)
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot be read ({exc.__class__.__name__})", path=path) from None
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise FormatError(f"{path}: not a readable torch.save archive ({exc})", path=path) from None
     if not is_zip:
         raise UnsafeInputError(
             f"{path}: refused to load: not a torch.save zip archive (a legacy or raw pickle, whose sizes "

@@ -90,7 +90,7 @@ def plot_energy(rows: list[dict[str, Any]], target: str | Path, *, overwrite: bo
     ax.legend(loc="lower right")
     fig.tight_layout()
     path = Path(target)
-    with atomic_output(path, overwrite=overwrite, inputs=inputs, directory=False) as tmp:
+    with atomic_output(path, overwrite=overwrite, inputs=inputs, directory=False, expected_bytes=1 << 20) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
