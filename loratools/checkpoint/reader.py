@@ -155,6 +155,8 @@ class CheckpointReader:
         self.weight_map = weight_map
         cfg = root / "config.json" if root.is_dir() else None
         self.config: dict[str, Any] | None = read_json(cfg, "config") if cfg and cfg.is_file() else None
+        if self.config is not None and not isinstance(self.config, dict):
+            raise FormatError(f"{cfg}: expected a JSON object", path=cfg)
 
     # -- construction ------------------------------------------------------------------------
     def _file(self, path: Path) -> Any:
@@ -197,13 +199,15 @@ class CheckpointReader:
         if "tie_word_embeddings" in cfg:
             return bool(cfg["tie_word_embeddings"])
         text = cfg.get("text_config") or {}
-        return bool(text.get("tie_word_embeddings", False))
+        return isinstance(text, dict) and bool(text.get("tie_word_embeddings", False))
 
     @property
     def quantization(self) -> str | None:
         """A description of the base's quantization, or None for a plain float checkpoint."""
         cfg = self.config or {}
         q = cfg.get("quantization_config")
+        if q and not isinstance(q, dict):
+            return str(q)
         if q:
             return str(q.get("quant_method") or q.get("load_in_4bit") and "bitsandbytes-4bit" or "quantized")
         for key in self.keys():

@@ -105,12 +105,20 @@ def _lora_metadata(metadata: dict[str, str], where: Path) -> dict[str, dict[str,
 def _alpha(module: str, rank: int, cfg: dict[str, Any] | None, alpha_key: float | None) -> float:
     if cfg:
         pattern = cfg.get("alpha_pattern") or {}
+        if not isinstance(pattern, dict):
+            raise FormatError(f"{METADATA_KEY}: alpha_pattern must be an object of regex -> number")
         hit = get_pattern_key(list(pattern), module)
         if hit is not None:
-            return float(pattern[hit])
+            return _number(pattern[hit], f"alpha_pattern[{hit!r}]")
         value = cfg.get("lora_alpha")
-        return float(8 if value is None else value)  # LoraConfig's default, as diffusers would build it
+        return 8.0 if value is None else _number(value, "lora_alpha")  # LoraConfig's default, as diffusers'
     return float(alpha_key) if alpha_key else float(rank)
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FormatError(f"{METADATA_KEY}: {what} must be a number, got {value!r}")
+    return float(value)
 
 
 @register_format
