@@ -21,6 +21,7 @@ _API = {
     "CheckpointReader": "loratools.checkpoint.reader",
     "info": "loratools.ops.info",
     "validate": "loratools.ops.validate",
+    "scan_adapter": "loratools.ops.scan",
     "merge": "loratools.ops.merge",
     "verify": "loratools.ops.verify",
     "resize": "loratools.ops.resize",
