@@ -64,9 +64,10 @@ def bench(
 
 
 def _bench(model, adapter, device, batches, seqs, warmup, repeats, work: Path, say) -> dict[str, Any]:  # noqa: ANN001
-    from .export import export_onnx
+    from .export import check_device, export_onnx
     from .patch import merge_onnx
 
+    check_device(device, verify=True)  # onnxruntime must run on it too
     dtype = "fp16" if device == "cuda" else "fp32"
     result: dict[str, Any] = {"device": device, "dtype": dtype, "rows": [], "model": str(model)}
     say("exporting the base model to ONNX ...")

@@ -320,6 +320,7 @@ def export_onnx(
     if dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r}; expected fp32 or fp16")
     root = resolve_path(model, "base checkpoint")
+    check_device(device, verify)
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     if len(weights) != len(adapters):
         raise UsageError(f"got {len(weights)} weights for {len(adapters)} adapters")
@@ -383,6 +384,21 @@ def export_onnx(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     result.seconds = time.perf_counter() - start
     return result
+
+
+def check_device(device: str, verify: bool) -> None:
+    """Fail before any work when ``device`` cannot be used (no CUDA in torch, or no CUDA provider to verify)."""
+    import torch
+
+    from ..errors import UnsupportedError
+    from .runtime import providers_for
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedError(
+            "--device cuda: PyTorch sees no CUDA device here", hint="run on a machine with a GPU, or use --device cpu"
+        )
+    if verify:
+        providers_for(device)  # a clear error (and the fix) when onnxruntime lacks the CUDA provider
 
 
 def _element_size(dtype: str) -> int:

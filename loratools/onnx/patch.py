@@ -9,9 +9,11 @@ patched weights are ever materialized, in fp32, and cast once to their stored dt
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +26,9 @@ if TYPE_CHECKING:
     import torch
 
     from ..adapter import Adapter, LoraModule
+
+#: patched weights read and updated ahead of the writer
+AHEAD = 2
 
 
 @dataclass
@@ -66,8 +71,6 @@ def plan_sites(
     index: GraphIndex, adapters: Sequence[tuple[Adapter, str]], where: str
 ) -> dict[str, list[tuple[WeightSite, LoraModule, int]]]:
     """Initializer name -> [(site, module, adapter number)]; clear errors for anything unresolvable."""
-    import torch
-
     from ..checkpoint.keymap import KeyMatcher
     from ..errors import NumericError
 
@@ -107,7 +110,7 @@ def plan_sites(
                     )
             else:
                 check_shape(site, module.out_features, module.in_features, where)
-            if not (torch.isfinite(module.up).all() and torch.isfinite(module.down).all()):
+            if not math.isfinite(float(module.up.float().sum()) + float(module.down.float().sum())):
                 raise NumericError(f"{label}: module {name} has NaN or Inf in its factors")
             plan.setdefault(site.initializer, []).append((site, module, number))
         if missing:
@@ -121,13 +124,17 @@ def plan_sites(
     return plan
 
 
-def delta_for(site: WeightSite, module: LoraModule, weight: float) -> torch.Tensor:
-    """weight·scale·B·A (fp32) in the stored layout of ``site``."""
+def add_delta(acc: torch.Tensor, site: WeightSite, module: LoraModule, weight: float) -> None:
+    """acc += weight·scale·B·A in the stored layout of ``site``, in place (fp32, no dense ΔW buffer)."""
     if module.kind == "embedding":
-        return module.delta() * weight
+        acc.add_(module.delta(), alpha=weight)
+        return
     up, down = module.factors()
-    delta = (up * (module.scale * weight)) @ down  # (out, in)
-    return delta if site.layout == "out_in" else delta.T
+    up = up * (module.scale * weight)
+    if site.layout == "out_in":
+        acc.addmm_(up, down)  # (out, r) @ (r, in)
+    else:
+        acc.addmm_(down.T, up.T)  # (in, r) @ (r, out)
 
 
 def merge_onnx(
@@ -162,15 +169,28 @@ def merge_onnx(
     loaded = [_load(a) for a in adapters]
     plan = plan_sites(index, loaded, str(model_file))
 
-    def patched(tensor: Any) -> memoryview | None:
-        entries = plan.get(tensor.name)
-        if not entries:
-            return None
+    def compute(tensor: Any) -> memoryview:
         base = source.tensor(tensor)
-        acc = base.to(torch.float32)
-        for site, module, number in entries:
-            acc += delta_for(site, module, weights[number])
-        return memoryview(acc.to(base.dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+        acc = base if base.dtype == torch.float32 else base.to(torch.float32)
+        for site, module, number in plan[tensor.name]:
+            add_delta(acc, site, module, weights[number])
+        out = acc if acc.dtype == base.dtype else acc.to(base.dtype)
+        return memoryview(out.reshape(-1).view(torch.uint8).numpy())
+
+    # read + update the next patched weights in a worker while this thread writes (at most AHEAD in flight)
+    order = [t for t in proto.graph.initializer if t.name in plan]
+    position = {t.name: i for i, t in enumerate(order)}
+    pool = ThreadPoolExecutor(max_workers=1)
+    pending: dict[str, Future] = {}
+
+    def patched(tensor: Any) -> memoryview | None:
+        if tensor.name not in position:
+            return None
+        i = position[tensor.name]
+        for ahead in order[i : i + AHEAD]:
+            if ahead.name not in pending and position[ahead.name] >= i:
+                pending[ahead.name] = pool.submit(compute, ahead)
+        return pending.pop(tensor.name).result()
 
     data_files = {e["location"] for t in proto.graph.initializer if (e := external_info(t))}
     expected = sum((model_file.parent / f).stat().st_size for f in data_files if (model_file.parent / f).is_file())
@@ -189,6 +209,9 @@ def merge_onnx(
             if source_path.is_dir():
                 copy_side_files(source_path, tmp, skip={model_file.name, *data_files})
     finally:
+        for future in pending.values():
+            future.cancel()
+        pool.shutdown(wait=True)
         source.close()
     folded = sum(1 for v in plan.values() for site, _, _ in v if site.initializer != site.parameter)
     return OnnxMergeResult(

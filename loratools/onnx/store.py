@@ -145,16 +145,28 @@ class InitializerSource:
         return length
 
     def tensor(self, tensor: onnx.TensorProto) -> torch.Tensor:
-        """The initializer as a torch tensor (a copy) in its stored dtype and shape."""
+        """The initializer as a torch tensor (a private copy) in its stored dtype and shape."""
         import torch
 
         dtype = torch_dtype_of(tensor)
-        data = bytearray(self.raw(tensor))
-        return (
-            torch.frombuffer(data, dtype=dtype).reshape(tuple(tensor.dims))
-            if data
-            else torch.empty(tuple(tensor.dims), dtype=dtype)
-        )
+        ext = external_info(tensor)
+        shape = tuple(int(d) for d in tensor.dims)
+        if ext is None:
+            data = bytearray(self.raw(tensor))
+            return torch.frombuffer(data, dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
+        self.raw(tensor)  # validates the location and byte range
+        length = tensor_nbytes(tensor)
+        buf = torch.empty(length, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        with open(self.root / ext["location"], "rb", buffering=0) as f:
+            f.seek(int(ext.get("offset", 0)))
+            done = 0
+            while done < length:  # one read straight into the tensor's memory
+                n = f.readinto(view[done:])
+                if not n:
+                    raise FormatError(f"{self.model_file}: {ext['location']} ended inside {tensor.name}")
+                done += n
+        return buf.view(dtype).reshape(shape)
 
     def close(self) -> None:
         self._maps.clear()

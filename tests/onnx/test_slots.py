@@ -93,3 +93,23 @@ def test_onnx_adapter_round_trip_and_refusals(slots, tmp_path):
     with pytest.raises(UnsupportedError, match="embedding"):
         save_adapter(load_adapter(tmp_path / "emb"), tmp_path / "e.onnx_adapter", format="onnx-adapter")
     assert not list(tmp_path.glob("*.onnx_adapter"))
+
+
+def test_fp16_slots_export_adapter_file_and_merge(tiny, tmp_path):
+    """fp16: the slot graph verifies with and without the adapter; merging into it matches the slot run."""
+    from loratools.io import load_adapter, save_adapter
+    from loratools.onnx.patch import merge_onnx
+
+    t = tiny("gpt2")
+    folder = t.export("slots-fp16", lora_slots=t.adapter, dtype="fp16")
+    save_adapter(load_adapter(t.adapter), tmp_path / "a.onnx_adapter", format="onnx-adapter", model=folder)
+    feed = t.feed()
+    with_adapter = run(folder, feed, tmp_path / "a.onnx_adapter")
+    assert with_adapter.dtype == np.float16
+    ref = models.outputs(t.peft, feed).numpy()
+    scale = float(np.abs(ref).max())
+    assert np.abs(with_adapter.astype(np.float32) - ref).max() <= 2e-2 * max(1.0, scale)
+    merge_onnx(folder, [t.adapter], tmp_path / "merged")  # the slots stay, at zero rank
+    merged = run(tmp_path / "merged", feed).astype(np.float32)
+    assert np.abs(merged - with_adapter.astype(np.float32)).max() <= 2e-2 * max(1.0, scale)
+    assert np.abs(merged - run(folder, feed).astype(np.float32)).max() > 1e-1
