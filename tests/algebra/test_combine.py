@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from click.testing import CliRunner
 from algebra_support import best_rank, dense, make_adapter, peft_outputs, toy_inputs, with_deltas
+from click.testing import CliRunner
 
 from loratools import combine, load_adapter
 from loratools.cli.main import cli

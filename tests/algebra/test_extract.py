@@ -8,8 +8,8 @@ import json
 import models
 import pytest
 import torch
-from click.testing import CliRunner
 from algebra_support import dense, peft_outputs
+from click.testing import CliRunner
 
 from loratools import extract, load_adapter
 from loratools.cli.main import cli

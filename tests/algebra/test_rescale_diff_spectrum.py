@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from click.testing import CliRunner
 from algebra_support import dense, peft_outputs
+from click.testing import CliRunner
 
 from loratools import diff, load_adapter, rescale, spectrum
 from loratools.cli.main import cli

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from click.testing import CliRunner
 from algebra_support import best_rank, dense, make_adapter, peft_outputs, toy_inputs, with_deltas
+from click.testing import CliRunner
 
 from loratools import load_adapter, resize
 from loratools.cli.main import cli

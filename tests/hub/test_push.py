@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import pointed_at, run_cli
+from hub_support import pointed_at, run_cli
 from huggingface_hub import ModelCard
 
 

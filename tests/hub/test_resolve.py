@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import pointed_at, run_cli
+from hub_support import pointed_at, run_cli
 
 from loratools.errors import HubError, InputNotFoundError, UnsafeInputError, UsageError
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOL, assert_parity, load_merged, logits, make_case, models, peft_merged_state, perturb
+from merge_support import TOL, assert_parity, load_merged, logits, make_case, models, peft_merged_state, perturb
 
 from loratools import merge
 from loratools.safetensors_file import load_file

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOL
+from merge_support import TOL
 
 from loratools import merge, verify
 

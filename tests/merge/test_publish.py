@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import make_case
+from merge_support import make_case
 
 from loratools import merge, verify
 from loratools.publish import read_provenance

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_case, perturb
+from merge_support import make_case, perturb
 from safetensors.torch import save_file
 
 from loratools.cli.main import main
