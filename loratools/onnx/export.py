@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import FormatError, UsageError, VerificationError, require
 from .runtime import max_difference, sample_batches, session, tolerance
 from .store import MODEL_FILE, InitializerSource, load_graph, write_model
+from .torch_merge import merge_in_memory
 
 if TYPE_CHECKING:
     import torch
@@ -228,54 +229,10 @@ def verify_export(
     return worst, limit
 
 
-def merge_in_memory(model: torch.nn.Module, adapters: Sequence[Adapter], weights: Sequence[float]) -> list[str]:
-    """Add each adapter's weighted delta to the model's parameters (fp32 math); returns the modules.
+def _merged_source(model: Path, adapters: Sequence[Any], weights: Sequence[float], dtype: str, tmp: Path) -> Path:
+    """The streaming merge (loratools.ops.merge) into a temporary folder, in the export dtype."""
+    from ..ops.merge import merge
 
-    The layout comes from the module type (Linear stores (out, in); GPT-2's Conv1D (in, out)).
-    """
-    import torch
-
-    from ..checkpoint.keymap import KeyMatcher
-    from ..errors import UnsupportedError, ValidationError
-
-    names = dict(model.named_parameters())
-    matcher = KeyMatcher(list(names))
-    done = []
-    for adapter, w in zip(adapters, weights, strict=True):
-        if adapter.replacements:
-            raise UnsupportedError(
-                f"{adapter.meta.get('source')}: full replacement tensors cannot be merged here",
-                hint="merge into the checkpoint with `loratools merge` first",
-            )
-        for name, module in adapter.modules.items():
-            key = matcher.tensor_key(name, "weight")
-            if key is None:
-                raise ValidationError(f"{adapter.meta.get('source')}: module {name} is not in the model")
-            if module.magnitude is not None or module.bias is not None:
-                raise UnsupportedError(f"module {name}: DoRA/LoRA bias: merge with `loratools merge` first")
-            param = names[key]
-            owner = model.get_submodule(key.rsplit(".", 1)[0])
-            with torch.no_grad():
-                if module.kind == "linear":
-                    up, down = module.factors()
-                    delta = (up * (module.scale * w)) @ down
-                    if type(owner).__name__ == "Conv1D":
-                        delta = delta.T
-                else:
-                    delta = module.delta() * w
-                param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
-            done.append(name)
-    return done
-
-
-def _merged_source(
-    model: Path, adapters: Sequence[Any], weights: Sequence[float], dtype: str, tmp: Path
-) -> Path | None:
-    """The streaming merge (in the export dtype) into a temporary folder, when loratools.ops.merge exists."""
-    try:
-        from ..ops.merge import merge
-    except ImportError:
-        return None
     merge(model, list(adapters), tmp / "merged", weights=list(weights), dtype=dtype)
     return tmp / "merged"
 
@@ -342,9 +299,7 @@ def export_onnx(
         work.mkdir()
         source = _merged_source(root, loaded_adapters, weights, dtype, work) if adapters else None
         loaded = load_model(source or root, dtype, device)
-        merged = [m for a in loaded_adapters for m in a.modules] if source else []
-        if adapters and source is None:
-            merged = merge_in_memory(loaded.model, loaded_adapters, weights)
+        merged = [m for a in loaded_adapters for m in a.modules]
         raw = work / "raw.onnx"
         trace_to_onnx(loaded, raw, opset)
         proto = load_graph(raw)

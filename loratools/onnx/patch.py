@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedError, UsageError, ValidationError
 from .graph import GraphIndex, WeightSite, check_shape
-from .store import InitializerSource, external_info, load_graph, model_path, write_model
+from .store import InitializerSource, external_info, load_graph, model_path, tensor_nbytes, write_model
 
 if TYPE_CHECKING:
     import torch
@@ -170,7 +170,12 @@ def merge_onnx(
     plan = plan_sites(index, loaded, str(model_file))
 
     def compute(tensor: Any) -> memoryview:
-        base = source.tensor(tensor)
+        # round-robin buffers: the one for weight k is reused for weight k + AHEAD + 1, which is only
+        # requested after weight k has been written
+        slot = position[tensor.name] % (AHEAD + 1)
+        if buffers[slot] is None:
+            buffers[slot] = torch.empty(largest, dtype=torch.uint8)
+        base = source.tensor(tensor, buffers[slot])
         acc = base if base.dtype == torch.float32 else base.to(torch.float32)
         for site, module, number in plan[tensor.name]:
             add_delta(acc, site, module, weights[number])
@@ -180,6 +185,8 @@ def merge_onnx(
     # read + update the next patched weights in a worker while this thread writes (at most AHEAD in flight)
     order = [t for t in proto.graph.initializer if t.name in plan]
     position = {t.name: i for i, t in enumerate(order)}
+    largest = max((tensor_nbytes(t) for t in order), default=0)
+    buffers: list[Any] = [None] * (AHEAD + 1)
     pool = ThreadPoolExecutor(max_workers=1)
     pending: dict[str, Future] = {}
 

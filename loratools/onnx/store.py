@@ -144,8 +144,12 @@ class InitializerSource:
         _write_all(out, view)
         return length
 
-    def tensor(self, tensor: onnx.TensorProto) -> torch.Tensor:
-        """The initializer as a torch tensor (a private copy) in its stored dtype and shape."""
+    def tensor(self, tensor: onnx.TensorProto, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The initializer as a torch tensor (a private copy) in its stored dtype and shape.
+
+        ``buffer`` (uint8, at least as large) is reused for external tensors instead of a fresh
+        allocation, whose first touch of every page would cost more than the read itself.
+        """
         import torch
 
         dtype = torch_dtype_of(tensor)
@@ -156,7 +160,10 @@ class InitializerSource:
             return torch.frombuffer(data, dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
         self.raw(tensor)  # validates the location and byte range
         length = tensor_nbytes(tensor)
-        buf = torch.empty(length, dtype=torch.uint8)
+        if buffer is not None and buffer.numel() >= length:
+            buf = buffer[:length]
+        else:
+            buf = torch.empty(length, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         with open(self.root / ext["location"], "rb", buffering=0) as f:
             f.seek(int(ext.get("offset", 0)))
