@@ -20,6 +20,7 @@ from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, UnsupportedError, UsageError, ValidationError
 from ..publish import provenance_metadata, read_provenance
 from ..safetensors_file import load_file, read_header
+from .peft import ROLES as PEFT_ROLES
 from .peft import get_pattern_key
 from .registry import AdapterFormat, register_format
 
@@ -33,15 +34,9 @@ WEIGHTS_BIN = "pytorch_lora_weights.bin"
 METADATA_KEY = "lora_adapter_metadata"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _REFUSED_COMPONENTS = {"transformer": "Flux/SD3 transformer", "prior": "Würstchen prior", "text_encoder_3": "SD3 T5"}
-#: suffix -> role, longest first
+#: PEFT's suffixes plus diffusers' older forms, longest first within each family
 _ROLES = (
-    (".lora_A.weight", "down"),
-    (".lora_B.weight", "up"),
-    (".lora_B.bias", "bias"),
-    (".lora_embedding_A", "down_emb"),
-    (".lora_embedding_B", "up_emb"),
-    (".lora_magnitude_vector.weight", "magnitude"),
-    (".lora_magnitude_vector", "magnitude"),
+    *PEFT_ROLES,
     (".lora_linear_layer.down.weight", "down"),
     (".lora_linear_layer.up.weight", "up"),
     (".lora.down.weight", "down"),

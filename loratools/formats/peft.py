@@ -32,7 +32,7 @@ WEIGHTS = "adapter_model.safetensors"
 WEIGHTS_BIN = "adapter_model.bin"
 PREFIX = "base_model.model."
 #: suffix -> (role) for LoRA tensors, longest first
-_ROLES = (
+ROLES = (
     (".lora_A.weight", "down"),
     (".lora_B.weight", "up"),
     (".lora_B.bias", "bias"),
@@ -117,7 +117,7 @@ def split_key(key: str) -> tuple[str, str | None]:
     name (``model.embed_tokens.base_layer.weight`` -> ``model.embed_tokens.weight``).
     """
     name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-    for suffix, role in _ROLES:
+    for suffix, role in ROLES:
         if name.endswith(suffix):
             return name[: -len(suffix)], role
     if name.endswith(".base_layer.weight"):
