@@ -7,10 +7,13 @@ overlap and are aligned to the element size. Tensors are then read one at a time
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -220,11 +223,57 @@ class SafetensorsFile:
             self._mmap = None
 
 
-def load_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a (small) safetensors file, validated, plus its metadata."""
-    f = SafetensorsFile(path)
+class LazySources:
+    """Where each placeholder handed out by :func:`load_file` inside :func:`lazy_tensors` comes from."""
+
+    def __init__(self, min_bytes: int) -> None:
+        self.min_bytes = min_bytes
+        self._entries: dict[int, tuple[torch.Tensor, Path, TensorInfo]] = {}
+
+    def placeholder(self, path: Path, info: TensorInfo) -> torch.Tensor:
+        import torch
+
+        t = torch.empty(info.shape, dtype=torch_dtype(info.dtype), device="meta")
+        self._entries[id(t)] = (t, path, info)
+        return t
+
+    def source(self, tensor: torch.Tensor) -> tuple[Path, TensorInfo] | None:
+        """``(file, header entry)`` of a placeholder handed out here (the very object), else None."""
+        entry = self._entries.get(id(tensor))
+        return (entry[1], entry[2]) if entry is not None and entry[0] is tensor else None
+
+
+_LAZY: contextvars.ContextVar[LazySources | None] = contextvars.ContextVar("loratools_lazy_tensors", default=None)
+
+
+@contextlib.contextmanager
+def lazy_tensors(min_bytes: int = 4096) -> Iterator[LazySources]:
+    """Inside, :func:`load_file` returns data-less ``meta`` placeholders for float tensors of ``min_bytes`` or
+    more and records their source in the yielded :class:`LazySources` (read them later one at a time).
+
+    A reader that computes on a placeholder gets an error or an unrecorded tensor: callers must check
+    every placeholder in what they built against :meth:`LazySources.source` and otherwise load eagerly.
+    """
+    sources = LazySources(min_bytes)
+    token = _LAZY.set(sources)
     try:
-        return {k: f.get(k) for k in f.keys()}, f.metadata
+        yield sources
+    finally:
+        _LAZY.reset(token)
+
+
+def load_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a (small) safetensors file, validated, plus its metadata (see :func:`lazy_tensors`)."""
+    f = SafetensorsFile(path)
+    lazy = _LAZY.get()
+    try:
+        out = {}
+        for k, info in f.tensors.items():
+            if lazy is not None and info.is_float and info.nbytes >= lazy.min_bytes:
+                out[k] = lazy.placeholder(f.path, info)
+            else:
+                out[k] = f.get(k)
+        return out, f.metadata
     finally:
         f.close()
 

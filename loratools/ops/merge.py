@@ -1,7 +1,8 @@
 """Streaming merge of LoRA adapters into a base checkpoint: W' = W + Σ w_i·scale_i·B_i·A_i.
 
-Data flows one way: reader -> keymap (``load_adapter(..., base=reader)``) -> plan (validated in full
-before anything is written) -> layout -> writer -> publish. Tensors no adapter touches are copied byte
+Data flows one way: reader -> keymap (``load_lean``: ``load_adapter(..., base=reader)`` with the factors
+left in their files, each checked once) -> plan (validated in full before anything is written) -> layout
+-> writer (factors read back per module) -> publish. Tensors no adapter touches are copied byte
 for byte in the kernel; touched ones are read into a private buffer (not the page-cache map, so peak
 RSS stays at one tensor), updated in fp32 in factor space and cast once.
 """
@@ -87,8 +88,9 @@ def merge(
     """
     from ..checkpoint.reader import open_checkpoint
     from ..checkpoint.writer import parse_size
-    from ..io import load_adapter, resolve_path
+    from ..io import resolve_path
     from ..publish import atomic_output
+    from .merge_factors import FactorStore, load_lean, release_memory
     from .merge_plan import build_plan
     from .merge_write import torch_threads, write_unit
 
@@ -113,8 +115,9 @@ def merge(
     threads = torch_threads()
     threads.__enter__()
     reader = open_checkpoint(base_path)
+    factors = FactorStore()
     try:
-        loaded = [a if not isinstance(a, str | Path) else load_adapter(a, base=reader) for a in adapters]
+        loaded = [a if not isinstance(a, str | Path) else load_lean(a, reader, factors) for a in adapters]
         if include or exclude:
             loaded = [a.select(include, exclude) for a in loaded]
         if not any(a.modules or a.replacements for a in loaded):
@@ -124,6 +127,7 @@ def merge(
             raise UsageError("--max-shard-size needs a model folder base, not a single file")
         meta = _provenance(base, base_path, reader, adapters, weights, dtype, max_shard_size, include, exclude)
         units = _layout(reader, plan, out_dtype, shard_bytes, meta)
+        release_memory()
         single = reader.kind == "file"
         total = sum(e.nbytes for u in units for f in u.files for e in f.entries)
         extra = 0 if single else sum(p.stat().st_size for _, p in _other_files(base_path, units))
@@ -135,14 +139,14 @@ def merge(
             ctx = progress(total) if progress is not None else contextlib.nullcontext(lambda n: None)
             with ctx as advance:
                 for unit in units:
-                    written += write_unit(reader, unit, tmp, single, dev, advance)
+                    written += write_unit(reader, unit, tmp, single, dev, advance, factors)
             if not single:
                 written += _copy_other_files(base_path, tmp, units, plan, out_dtype)
             report = None
             if verify:
                 from .verify import verify as run_verify
 
-                report = run_verify(tmp, reader, loaded, weights)
+                report = run_verify(tmp, reader, [factors.materialized(a) for a in loaded], weights)
                 if not report.verified:
                     raise VerificationError(
                         f"the merged output failed verification: {report.summary()}",
@@ -161,6 +165,7 @@ def merge(
             verify=report,
         )
     finally:
+        factors.close()
         reader.close()
         threads.__exit__(None, None, None)
 

@@ -44,6 +44,7 @@ class BaseBytes:
         import torch
 
         from ..safetensors_file import torch_dtype
+        from .merge_factors import pread_exact
 
         info = self.reader.info(key)
         if not hasattr(info, "start"):
@@ -59,12 +60,7 @@ class BaseBytes:
             buf = self._ring[i][: info.nbytes]
         else:
             buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view, pos = memoryview(buf.numpy()), 0
-        while pos < info.nbytes:
-            n = os.preadv(fd, [view[pos:]], info.start + pos)
-            if n <= 0:
-                raise OSError(f"{path}: unexpected end of file reading {key}")
-            pos += n
+        pread_exact(fd, buf, info.start, path, key)
         return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def scratch(self, numel: int) -> torch.Tensor:
@@ -135,7 +131,8 @@ def torch_threads() -> Any:
         torch.set_num_threads(before)
 
 
-def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance) -> int:  # noqa: ANN001
+def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance, factors=None) -> int:  # noqa: ANN001
+    """Write ``unit`` under ``tmp``; ``factors`` (a FactorStore) reads each job's adapter factors just in time."""
     from functools import partial
 
     from ..checkpoint.writer import SafetensorsWriter, write_index
@@ -168,7 +165,8 @@ def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance) -> int
                 if src.kind == "copy":
                     run, run_src, run_end = [e.name], src, src.start + src.nbytes
                     continue
-                pipe.submit(partial(w.write, e.name, _cast_checked(e.name, _make(src, e.dtype, base, prefix, dev))))
+                tensor = _make(src, e.dtype, base, prefix, dev, factors)
+                pipe.submit(partial(w.write, e.name, _cast_checked(e.name, tensor)))
                 advance(e.nbytes)
             if run:
                 pipe.submit(partial(w.copy_run, run, run_src.path, run_src.start))
@@ -209,14 +207,14 @@ def _cast_checked(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _make(src: Source, dtype: str, base: BaseBytes, prefix: str, dev) -> torch.Tensor:  # noqa: ANN001
+def _make(src: Source, dtype: str, base: BaseBytes, prefix: str, dev, factors) -> torch.Tensor:  # noqa: ANN001
     from ..safetensors_file import torch_dtype
     from .merge_plan import BLOCK_ELEMENTS, apply_inplace, compute
 
     target = torch_dtype(dtype)
-    job = src.job
-    if job is None:  # a cast
+    if src.job is None:  # a cast
         return base.get(src.key[len(prefix) :]).to(target)
+    job = factors.resolve(src.job) if factors is not None else src.job
     if job.replacement is not None:
         return compute(job, None, dev).to(target)
     source = base.get(job.source[len(prefix) :])

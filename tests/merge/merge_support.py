@@ -82,3 +82,11 @@ def peft_merged_state(case: Case) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def tmp_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("merge")
+
+
+@pytest.fixture(autouse=True)
+def factors_in_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every adapter tensor stays in its file until used, as real-sized factors do (tiny ones are held)."""
+    from loratools.ops import merge_factors
+
+    monkeypatch.setattr(merge_factors, "LAZY_MIN_BYTES", 1)

@@ -1,0 +1,165 @@
+"""Adapter factors for a merge, held as file handles and read one module at a time.
+
+``load_lean`` reads an adapter with :func:`~loratools.safetensors_file.lazy_tensors`: the format
+reader builds its modules from data-less placeholders, each recorded with its file and byte range.
+Every placeholder is then read once, checked (float dtype, no NaN/Inf, exactly what ``load_adapter``
+checks) and dropped, so validation still covers the whole adapter before anything is written, while
+the merge's adapter memory stays at one tensor. ``FactorStore.resolve`` reads a job's factors back
+just before its base tensor is updated. Readers that compute on their tensors (or formats that are
+not safetensors) fall back to ``load_adapter``'s eager load: same result, the adapter held whole.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapter import Adapter, LoraModule
+    from ..checkpoint.reader import CheckpointReader
+    from ..safetensors_file import LazySources, TensorInfo
+    from .merge_plan import TensorJob
+
+#: adapter tensors this small are loaded eagerly (scalars: alphas); larger float tensors stay in their file
+LAZY_MIN_BYTES = 4096
+_ROLES = (("lora_A", "down"), ("lora_B", "up"), ("magnitude", "magnitude"), ("bias", "bias"))
+
+
+def pread_exact(fd: int, buf: torch.Tensor, start: int, path: Path, what: str) -> None:
+    """Fill the uint8 tensor ``buf`` from ``fd`` at offset ``start`` (``pread``: no page-cache map in our RSS)."""
+    view, pos, n = memoryview(buf.numpy()), 0, buf.numel()
+    while pos < n:
+        got = os.preadv(fd, [view[pos:]], start + pos)
+        if got <= 0:
+            raise OSError(f"{path}: unexpected end of file reading {what}")
+        pos += got
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise, and it would count in peak RSS)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class FactorStore:
+    """Placeholders of lean-loaded adapters -> their bytes in the adapter files, read on demand."""
+
+    def __init__(self) -> None:
+        self._sources: list[LazySources] = []
+        self._fds: dict[Path, int] = {}
+
+    @property
+    def lazy(self) -> bool:
+        return bool(self._sources)
+
+    def add(self, sources: LazySources) -> None:
+        self._sources.append(sources)
+
+    def source(self, t: torch.Tensor) -> tuple[Path, TensorInfo] | None:
+        for s in self._sources:
+            found = s.source(t)
+            if found is not None:
+                return found
+        return None
+
+    def read(self, t: torch.Tensor) -> torch.Tensor:
+        """The data of placeholder ``t`` (a real tensor is returned as it is)."""
+        import torch
+
+        from ..safetensors_file import torch_dtype
+
+        if not t.is_meta:
+            return t
+        found = self.source(t)
+        if found is None:
+            raise RuntimeError("an adapter tensor without data and without a recorded source (a loratools bug)")
+        path, info = found
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        pread_exact(fd, buf, info.start, path, info.name)
+        return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+    def real(self, lora: LoraModule) -> LoraModule:
+        """``lora`` with its factors, magnitude and bias read from disk."""
+        tensors = {attr: getattr(lora, attr) for _, attr in _ROLES}
+        if not any(t is not None and t.is_meta for t in tensors.values()):
+            return lora
+        return dataclasses.replace(lora, **{k: None if t is None else self.read(t) for k, t in tensors.items()})
+
+    def resolve(self, job: TensorJob) -> TensorJob:
+        """A copy of ``job`` whose contributions hold real tensors (only this job's modules are read)."""
+        if not self._sources:
+            return job
+        cache: dict[int, LoraModule] = {}
+
+        def fix(c):  # noqa: ANN001, ANN202
+            if id(c.lora) not in cache:
+                cache[id(c.lora)] = self.real(c.lora)
+            return dataclasses.replace(c, lora=cache[id(c.lora)])
+
+        return dataclasses.replace(job, deltas=[fix(c) for c in job.deltas], biases=[fix(c) for c in job.biases])
+
+    def materialized(self, adapter: Adapter) -> Adapter:
+        """``adapter`` with every module read whole (for ``--verify``, which needs them all)."""
+        return dataclasses.replace(adapter, modules={k: self.real(m) for k, m in adapter.modules.items()})
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def load_lean(spec: str | Path, reader: CheckpointReader, store: FactorStore) -> Adapter:
+    """Like ``load_adapter(spec, base=reader)``, with module tensors left in the file (see the module docstring)."""
+    from ..checkpoint.keymap import normalize_adapter
+    from ..formats.registry import detect_format
+    from ..io import _weights_label, load_adapter, resolve_path
+    from ..safetensors_file import lazy_tensors
+
+    local = resolve_path(spec, "adapter")
+    try:
+        with lazy_tensors(LAZY_MIN_BYTES) as sources:
+            adapter = detect_format(local).read(local, base=reader)
+    except Exception:  # a reader that needs the data (or a bad input): the eager path decides
+        return load_adapter(spec, base=reader)
+    pending = [t for m in adapter.modules.values() for _, a in _ROLES if (t := getattr(m, a)) is not None]
+    pending += list(adapter.replacements.values())
+    if any(t.is_meta and sources.source(t) is None for t in pending):
+        return load_adapter(spec, base=reader)
+    store.add(sources)
+    adapter.meta.setdefault("source", str(spec))
+    _check(adapter, _weights_label(adapter, local), store)
+    adapter.replacements = {k: store.read(t) for k, t in adapter.replacements.items()}
+    return normalize_adapter(adapter, reader)
+
+
+def _check(adapter: Adapter, where: str, store: FactorStore) -> None:
+    """``io.check_tensors``, one tensor in memory at a time: same order, same messages."""
+    from ..errors import ValidationError
+    from ..io import require_finite
+
+    for name, m in adapter.modules.items():
+        for role, attr in _ROLES:
+            t = getattr(m, attr)
+            if t is None:
+                continue
+            if not t.is_floating_point():
+                dtype = str(t.dtype).removeprefix("torch.")
+                raise ValidationError(
+                    f"{where}: tensor {name}.{role} is {dtype}; LoRA tensors must be floating point",
+                    hint="the file is damaged or not a LoRA adapter; re-export it from its training tool",
+                    path=where,
+                )
+            require_finite(store.read(t), f"{name}.{role}", where)
+    for key, t in adapter.replacements.items():
+        require_finite(store.read(t), key, where)
+    release_memory()
