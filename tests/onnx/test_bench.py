@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli
+from onnx_support import run_cli
 
 
 def test_bench_cli_json(tiny, tmp_path):

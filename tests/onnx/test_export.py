@@ -7,7 +7,7 @@ import json
 import models
 import numpy as np
 import pytest
-from conftest import KINDS, run, run_cli
+from onnx_support import KINDS, run, run_cli
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import KINDS, run
+from onnx_support import KINDS, run
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import models
 import numpy as np
 import pytest
-from conftest import run
+from onnx_support import run
 
 
 @pytest.fixture(scope="module")
