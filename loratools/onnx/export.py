@@ -287,6 +287,8 @@ def export_onnx(
         keys = set(reader.keys())
         params_bytes = sum(int(reader.info(k).nbytes) // _element_size(reader.info(k).dtype) for k in keys)
     expected = params_bytes * (2 if dtype == "fp16" else 4)
+    if adapters:  # the merged checkpoint lives in a temporary folder next to the output until the end
+        expected *= 2
     slot_adapter = None
     if lora_slots is not None:
         slot_adapter = lora_slots if not isinstance(lora_slots, str | Path) else load_adapter(lora_slots, base=root)
