@@ -62,6 +62,7 @@ def plot_energy(rows: list[dict[str, Any]], target: str | Path, *, overwrite: bo
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
@@ -87,6 +88,7 @@ def plot_energy(rows: list[dict[str, Any]], target: str | Path, *, overwrite: bo
         xlim=(0, width),
         title=f"Retained energy per module ({len(rows)} modules)",
     )
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # ranks are whole numbers
     ax.legend(loc="lower right")
     fig.tight_layout()
     path = Path(target)
