@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,9 @@ def _torch_rows(model, adapter, device, dtype, batches, seqs, warmup, repeats, v
         peft_dir = _peft_copy(adapter, adapter_obj, work)
         from peft import PeftModel
 
-        unmerged = PeftModel.from_pretrained(loaded.model, str(peft_dir)).eval()
+        with warnings.catch_warnings():  # PEFT calls transformers APIs that warn about their own deprecations
+            warnings.simplefilter("ignore", FutureWarning)
+            unmerged = PeftModel.from_pretrained(loaded.model, str(peft_dir)).eval()
         run_all("pytorch eager unmerged (peft)", unmerged)
         loaded.model = unmerged.unload()  # the plain base model back, LoRA layers removed
     merge_in_memory(loaded.model, [adapter_obj], [1.0])
