@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,10 +95,17 @@ def require_finite(t: torch.Tensor, tensor: str, where: str | Path, *, hint: str
         )
 
 
-def check_tensors(adapter: Adapter, where: str | Path) -> None:
-    """Refuse non-float LoRA tensors and NaN/Inf anywhere in ``adapter``, naming ``where`` and the tensor."""
+def check_tensors(
+    adapter: Adapter, where: str | Path, read: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> None:
+    """Refuse non-float LoRA tensors and NaN/Inf anywhere in ``adapter``, naming ``where`` and the tensor.
+
+    ``read`` turns a stored tensor into its values (merge passes one that reads data-less placeholders
+    back from the file, so only one tensor is in memory at a time).
+    """
     from .errors import ValidationError
 
+    read = read or (lambda t: t)
     for name, m in adapter.modules.items():
         for role, t in (("lora_A", m.down), ("lora_B", m.up), ("magnitude", m.magnitude), ("bias", m.bias)):
             if t is None:
@@ -109,9 +117,9 @@ def check_tensors(adapter: Adapter, where: str | Path) -> None:
                     hint="the file is damaged or not a LoRA adapter; re-export it from its training tool",
                     path=where,
                 )
-            require_finite(t, f"{name}.{role}", where)
+            require_finite(read(t), f"{name}.{role}", where)
     for key, t in adapter.replacements.items():
-        require_finite(t, key, where)
+        require_finite(read(t), key, where)
 
 
 def _weights_label(adapter: Adapter, local: Path) -> str:

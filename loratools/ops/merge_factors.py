@@ -144,22 +144,7 @@ def load_lean(spec: str | Path, reader: CheckpointReader, store: FactorStore) ->
 
 def _check(adapter: Adapter, where: str, store: FactorStore) -> None:
     """``io.check_tensors``, one tensor in memory at a time: same order, same messages."""
-    from ..errors import ValidationError
-    from ..io import require_finite
+    from ..io import check_tensors
 
-    for name, m in adapter.modules.items():
-        for role, attr in _ROLES:
-            t = getattr(m, attr)
-            if t is None:
-                continue
-            if not t.is_floating_point():
-                dtype = str(t.dtype).removeprefix("torch.")
-                raise ValidationError(
-                    f"{where}: tensor {name}.{role} is {dtype}; LoRA tensors must be floating point",
-                    hint="the file is damaged or not a LoRA adapter; re-export it from its training tool",
-                    path=where,
-                )
-            require_finite(store.read(t), f"{name}.{role}", where)
-    for key, t in adapter.replacements.items():
-        require_finite(store.read(t), key, where)
+    check_tensors(adapter, where, read=store.read)
     release_memory()
