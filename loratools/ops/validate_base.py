@@ -1,0 +1,95 @@
+"""``validate --base``: every module resolves to a float base weight of the shape it expects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..adapter import Adapter
+    from ..checkpoint.reader import CheckpointReader
+    from .validate import ValidationReport
+
+
+def check_against_base(adapter: Adapter, reader: CheckpointReader, report: ValidationReport) -> None:
+    """Every module resolves to a float base weight of the shape it expects; the base is not quantized."""
+    from ..checkpoint.keymap import KeyMatcher
+
+    quant = reader.quantization
+    if quant:
+        report.add(
+            "error",
+            None,
+            "base_quantized",
+            f"{reader.root}: the base is quantized ({quant}); loratools cannot merge into it",
+            hint="validate and merge against the unquantized (fp32/fp16/bf16) base model",
+        )
+    matcher = KeyMatcher(reader.keys())
+    replaced = {}
+    for key, t in adapter.replacements.items():
+        mod, _, suffix = key.rpartition(".")
+        bkey = matcher.tensor_key(mod, suffix)
+        if bkey is None:
+            report.add("error", mod, "unresolved", f"full tensor {key} has no counterpart in the base {reader.root}")
+            continue
+        replaced[bkey] = tuple(t.shape)
+        bshape = tuple(reader.info(bkey).shape)
+        if bshape != tuple(t.shape):
+            report.add(
+                "warning",
+                mod,
+                "replacement_shape",
+                f"full tensor {key} has shape {list(t.shape)}, the base's {bkey} has {list(bshape)} "
+                "(a resized vocabulary?)",
+            )
+    unresolved = [n for n in adapter.modules if matcher.tensor_key(n) is None]
+    if len(unresolved) > 1 and len(unresolved) == len(adapter.modules):
+        report.add(
+            "error",
+            None,
+            "unresolved",
+            f"none of the adapter's {len(unresolved)} modules has a weight in the base {reader.root} "
+            f"(first: {sorted(unresolved)[0]}.weight)",
+            hint=(
+                f"{reader.root} is an adapter, not a base model; pass the model the adapter was trained on"
+                if Path(reader.root, "adapter_config.json").exists()
+                else "is this the base model the adapter was trained on?"
+            ),
+        )
+        return
+    for name, m in sorted(adapter.modules.items()):
+        bkey = matcher.tensor_key(name)
+        if bkey is None:
+            report.add(
+                "error",
+                name,
+                "unresolved",
+                f"module {name}: no weight {name}.weight (or a prefixed variant) in the base {reader.root}",
+                hint="is this the base model the adapter was trained on?",
+            )
+            continue
+        bi = reader.info(bkey)
+        if not bi.is_float:
+            report.add(
+                "error",
+                name,
+                "base_not_float",
+                f"module {name}: base weight {bkey} in {reader.file_of(bkey).name} is {bi.dtype} "
+                "(quantized/packed); it cannot be merged into",
+                hint="use the unquantized base model",
+            )
+            continue
+        have = replaced.get(bkey, tuple(bi.shape))
+        want = tuple(m.weight_shape)
+        if have != want:
+            hint = None
+            if len(want) == 2 and have == want[::-1]:
+                hint = "the base stores this weight transposed; the adapter's fan_in_fan_out setting disagrees"
+            report.add(
+                "error",
+                name,
+                "shape_mismatch",
+                f"module {name}: expects a base weight of shape {list(want)} but {bkey} in "
+                f"{reader.file_of(bkey).name} has shape {list(have)}",
+                hint=hint or "the adapter was trained on a different base model",
+            )
