@@ -85,8 +85,9 @@ def detect_format(path: str | Path) -> type[AdapterFormat]:
             hint="convert it to .safetensors; a PEFT adapter_model.bin is read (weights only) inside its folder",
             path=p,
         )
+    hint = "a PEFT adapter is a folder with adapter_config.json; a kohya file is one .safetensors"
+    if p.is_dir() and ((p / "config.json").is_file() or (p / "model_index.json").is_file()):
+        hint = f"{p} looks like a base model, not an adapter; pass the adapter (and the model as --base)"
     raise FormatError(
-        f"{p}: not a LoRA adapter in any known format (tried {', '.join(sorted(_REGISTRY))})",
-        hint="a PEFT adapter is a folder with adapter_config.json; a kohya file is one .safetensors",
-        path=p,
+        f"{p}: not a LoRA adapter in any known format (tried {', '.join(sorted(_REGISTRY))})", hint=hint, path=p
     )
