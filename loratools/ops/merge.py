@@ -186,8 +186,12 @@ def _describe_base(base: str | Path, reader: CheckpointReader) -> dict[str, Any]
     """The base's weight files by name, size and sha256 of their safetensors header (not all bytes: speed)."""
     import hashlib
 
+    from ..hub import hub_info_for
     from ..publish import file_digest
 
+    hub = hub_info_for(base)  # a Hub base: its repo id and commit identify it
+    if hub:
+        return dict(hub)
     root = reader.root if reader.root.is_dir() else reader.root.parent
     files = []
     for f in reader.files:

@@ -62,6 +62,7 @@ def test_merge_from_hub_base_and_adapter_matches_peft(hub, home, local, models, 
     record = read_provenance(read_header(tmp_path / "merged" / "model.safetensors")[1])
     adapters = record["inputs"]["adapters"]
     assert adapters[0]["repo_id"] == "org/adapter" and len(adapters[0]["revision"]) == 40
+    assert record["inputs"]["base"]["repo_id"] == "org/base" and len(record["inputs"]["base"]["revision"]) == 40
 
 
 def test_offline_from_populated_cache(hub, home, local, tmp_path) -> None:  # noqa: ANN001
