@@ -99,8 +99,8 @@ def merge(
     if _is_onnx(base_path):
         from ..onnx.patch import merge_onnx
 
-        onnx_dir = base_path.parent if base_path.suffix == ".onnx" else base_path
-        return merge_onnx(onnx_dir, list(adapters), output, weights=weights, overwrite=overwrite)
+        # a named .onnx file stays the user's choice (its folder may hold several graphs)
+        return merge_onnx(base_path, list(adapters), output, weights=weights, overwrite=overwrite)
     if not adapters:
         raise UsageError("merge needs at least one adapter")
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]

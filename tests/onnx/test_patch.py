@@ -81,3 +81,20 @@ def test_unresolvable_weights_and_existing_output(tiny, tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(OutputExistsError):
         merge_onnx(llama.export("base"), [llama.adapter], tmp_path / "exists")
+
+
+def test_merge_given_an_onnx_file_uses_that_file(tiny, tmp_path):
+    """`loratools merge some.onnx ...` patches the named graph, not the folder's model.onnx."""
+    import shutil
+
+    from loratools import merge
+
+    t = tiny("llama")
+    feed = t.feed()
+    folder = tmp_path / "two-graphs"
+    shutil.copytree(t.export("base"), folder)
+    (folder / "model.onnx").rename(folder / "chosen.onnx")
+    (folder / "model.onnx").write_bytes(b"not a graph")  # a decoy the folder lookup would take
+    merge(folder / "chosen.onnx", [t.adapter], tmp_path / "patched")
+    merged = run(t.export("merged", adapters=[t.adapter]), feed)
+    assert np.abs(run(tmp_path / "patched", feed) - merged).max() <= 1e-4
