@@ -86,6 +86,8 @@ def _boundary(run):  # noqa: ANN001, ANN202
         return run()
     except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
         raise
+    except BrokenPipeError:  # stdout's reader left (`loratools info a/ | head`): click exits quietly
+        raise
     except LoratoolsError as exc:
         _fail(exc.message, exc.hint, exc.exit_code)
     except KeyboardInterrupt:

@@ -186,3 +186,19 @@ def test_docs_cli_md_is_current() -> None:
 
     doc = ROOT / "docs" / "cli.md"
     assert doc.read_text(encoding="utf-8") == gen_cli_docs.generate(), "run: python tools/gen_cli_docs.py"
+
+
+def test_closed_stdout_is_not_an_error() -> None:
+    """`loratools ... | head` closes the pipe early: no "Error: BrokenPipeError", no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loratools", "info", str(adapter_dir("llama-lora")), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    proc.stdout.close()  # the reader is gone before loratools writes anything
+    stderr = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Error" not in stderr and "Traceback" not in stderr, stderr
+    assert proc.returncode != 2, stderr
