@@ -280,3 +280,27 @@ def load_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 def file_size(path: str | Path) -> int:
     return os.stat(path).st_size
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file``, leaving the file as readable as the umask allows (like config.json beside it).
+
+    safetensors 0.8 writes through a temporary file created 0600 and renames it into place
+    (safetensors/safetensors#782): without the chmod, an adapter is unreadable to a server running as
+    another user.
+    """
+    from safetensors.torch import save_file as _save_file
+
+    _save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+_UMASK: list[int] = []
+
+
+def _umask() -> int:
+    if not _UMASK:  # os.umask can only be read by setting it; done once
+        mask = os.umask(0o022)
+        os.umask(mask)
+        _UMASK.append(mask)
+    return _UMASK[0]

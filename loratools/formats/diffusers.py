@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, UnsupportedError, UsageError, ValidationError
 from ..publish import provenance_metadata, read_provenance
-from ..safetensors_file import load_file, read_header
+from ..safetensors_file import load_file, read_header, save_file
 from .peft import ROLES as PEFT_ROLES
 from .peft import get_pattern_key
 from .registry import AdapterFormat, register_format
@@ -205,8 +205,6 @@ class DiffusersFormat(AdapterFormat):
 
     @classmethod
     def write(cls, adapter: Adapter, path: Path, provenance: dict[str, Any] | None = None, **options: Any) -> None:
-        from safetensors.torch import save_file
-
         tensors, configs = diffusers_state(adapter)
         flat = {f"{c}.{k}": v for c, cfg in configs.items() for k, v in cfg.items()}
         metadata = {"format": "pt", METADATA_KEY: json.dumps(flat, indent=2, sort_keys=True)}

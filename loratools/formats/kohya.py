@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, UnsupportedError, UsageError, ValidationError
 from ..publish import METADATA_KEY, provenance_metadata, read_provenance
-from ..safetensors_file import load_file, read_header
+from ..safetensors_file import load_file, read_header, save_file
 from .registry import AdapterFormat, register_format
 
 if TYPE_CHECKING:
@@ -237,8 +237,6 @@ class KohyaFormat(AdapterFormat):
         kohya_prefix: str | None = None,
         **options: Any,
     ) -> None:
-        from safetensors.torch import save_file
-
         tensors = kohya_tensors(adapter, kohya_prefix)
         metadata = {k: v for k, v in (adapter.meta.get("metadata") or {}).items() if k != METADATA_KEY}
         if adapter.format != "kohya":

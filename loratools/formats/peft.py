@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, ShapeError, UnsupportedError, ValidationError
 from ..publish import provenance_metadata, read_provenance
-from ..safetensors_file import load_file
+from ..safetensors_file import load_file, save_file
 from .registry import AdapterFormat, register_format
 
 if TYPE_CHECKING:
@@ -297,8 +297,6 @@ class PeftFormat(AdapterFormat):
 
     @classmethod
     def write(cls, adapter: Adapter, path: Path, provenance: dict[str, Any] | None = None, **options: Any) -> None:
-        from safetensors.torch import save_file
-
         path.mkdir(parents=True, exist_ok=True)
         cfg = config_for(adapter)
         tensors: dict[str, torch.Tensor] = {}

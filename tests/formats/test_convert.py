@@ -225,3 +225,21 @@ def test_legacy_diffusers_forms_from_diffusers_conversion(sd_dir_text_model, koh
     assert legacy.modules.keys() == expected.modules.keys()
     for name, m in expected.modules.items():
         torch.testing.assert_close(legacy.modules[name].delta(), m.delta(), atol=0, rtol=1e-7, msg=name)
+
+
+def test_written_weights_are_as_readable_as_other_new_files(diffusers_lora, work):
+    """safetensors 0.8 creates its files 0600; ours get what the umask gives any new file (0644 under 022)."""
+    import stat
+
+    probe = work / "mode-probe.txt"
+    probe.write_text("")
+    want = stat.S_IMODE(probe.stat().st_mode)
+    outputs = {
+        "peft": (FIXTURES / "peft" / "llama-lora", work / "mode-peft", "adapter_model.safetensors", {}),
+        "kohya": (FIXTURES / "peft" / "llama-lora", work / "mode.safetensors", "", {"kohya_prefix": "lora_te_"}),
+        "diffusers": (diffusers_lora, work / "mode-diffusers", "pytorch_lora_weights.safetensors", {}),
+    }
+    for to, (src, out, name, options) in outputs.items():
+        convert(src, to, out, **options)
+        written = out / name if name else out
+        assert stat.S_IMODE(written.stat().st_mode) == want, (to, oct(written.stat().st_mode))
