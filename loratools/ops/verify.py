@@ -256,6 +256,13 @@ def _by_ratio(coeffs: list[float], want: float, what: str) -> tuple[str, str, fl
         return "not_applied", "the update is missing", 0.0
     if all(near(c, -want) for c in coeffs):
         return "sign_flipped", "the update was subtracted instead of added", -1.0
+    if all(near(c, want) for c in coeffs):  # right scale, yet outside the tolerance: not a scaling defect
+        return (
+            "wrong_update",
+            "the update has the adapter's direction and scale but differs from it by more than rounding "
+            "(merged from a rounded copy of the adapter, such as bf16 factors, or in lower precision?)",
+            None,
+        )
     if all(near(c, mean) for c in coeffs):
         return "scaling_mismatch", f"the update is scaled by {mean:.4g}× what the adapter says", mean
     applied = sum(near(c, want) for c in coeffs)

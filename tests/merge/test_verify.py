@@ -63,6 +63,7 @@ def test_verify_passes_peft_merge(case, tmp_module: Path) -> None:
         ("transposed", "transposed"),
         ("partial", "partial_rank"),
         ("untouched", "untouched_changed"),
+        ("rounded", "wrong_update"),
     ],
 )
 def test_verify_names_defects(case, tmp_module: Path, defect: str, status: str) -> None:
@@ -77,6 +78,10 @@ def test_verify_names_defects(case, tmp_module: Path, defect: str, status: str) 
         "transposed": lambda t: t.__setitem__(f"{Q}.weight", w + d.T),
         "partial": lambda t: t.__setitem__(f"{Q}.weight", w + layer.scaling["default"] * b[:, :2] @ a[:2]),
         "untouched": lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"] + 0.01),
+        # merged from bf16 copies of the factors: right scale, wrong by far more than fp32 rounding
+        "rounded": lambda t: t.__setitem__(
+            f"{Q}.weight", w + layer.scaling["default"] * b.bfloat16().float() @ a.bfloat16().float()
+        ),
     }
     out = _broken(tmp_module, case, defect, edits[defect])
     report = verify(out, case.base, [case.adapter])
@@ -84,6 +89,8 @@ def test_verify_names_defects(case, tmp_module: Path, defect: str, status: str) 
     assert [f.status for f in report.failures] == [status], report.summary()
     if defect == "doubled":
         assert report.failures[0].ratio == pytest.approx(2.0, rel=1e-3)
+    if defect == "rounded":  # was "scaling mismatch (ratio 1)": a contradiction
+        assert "direction and scale" in report.failures[0].detail, report.summary()
 
 
 def test_verify_catches_peft_tied_lm_head(tmp_path: Path) -> None:
