@@ -138,7 +138,7 @@ def extract(
                 require_finite(old, key, rb.file_of(key), hint="the base checkpoint is damaged")
                 require_finite(delta, key, f"{tuned} minus {base}", hint="the difference overflows fp32")
             norm = float(torch.linalg.vector_norm(delta))
-            if norm == 0 or norm <= min_delta * float(torch.linalg.vector_norm(old.float())):
+            if norm == 0 or norm <= min_delta * float(torch.linalg.vector_norm(old.float())) or _only_cast(old, new):
                 skipped.append(key)
                 continue
             out_dtype = new.dtype if dtype == "auto" else getattr(torch, _DTYPES[dtype])
@@ -233,3 +233,12 @@ def extract(
             overwrite=overwrite,
         )
     return result
+
+
+def _only_cast(old: torch.Tensor, new: torch.Tensor) -> bool:
+    """True when ``new`` is just ``old`` rounded to another dtype (a bf16 copy of an fp32 base, say)."""
+    import torch
+
+    if old.dtype == new.dtype:
+        return False
+    return bool(torch.equal(old.to(new.dtype), new) or torch.equal(new.to(old.dtype), old))

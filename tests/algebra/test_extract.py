@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import models
 import pytest
@@ -135,3 +136,16 @@ def test_extract_gpt2_conv1d_and_bias(gpt2, work, inputs):
     want, base = models.outputs(tuned, inputs), models.outputs(gpt2, inputs)
     # rank 8 holds the whole low-rank part; only (most of) the 1e-3 noise floor is lost
     assert float((got - want).abs().max()) < 0.1 * float((want - base).abs().max())
+
+
+def test_a_bf16_fine_tune_of_an_fp32_base_extracts_only_the_changed_modules(tmp_path) -> None:
+    """Tensors that are only the base rounded to bf16 are unchanged, not LoRA modules of rounding noise."""
+    from loratools import merge
+
+    fixtures = Path(__file__).resolve().parents[2] / "fixtures"
+    adapter = load_adapter(fixtures / "peft" / "llama-lora")
+    tuned = tmp_path / "tuned-bf16"
+    merge(fixtures / "bases" / "llama", [fixtures / "peft" / "llama-lora"], tuned, dtype="bf16")
+    result = extract(fixtures / "bases" / "llama", tuned, rank=4, output=tmp_path / "extracted")
+    assert set(result.adapter.modules) == set(adapter.modules)
+    assert not result.adapter.replacements
