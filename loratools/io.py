@@ -63,10 +63,31 @@ def save_adapter(
 ) -> Path:
     """Write ``adapter`` in ``format`` (default: the format it was read from, else PEFT), atomically."""
     fmt = get_format(format or adapter.format or "peft")
+    _check_output_shape(fmt.name, fmt.layout, path)
     check_tensors(adapter, f"the output {path}")
     with atomic_output(path, overwrite=overwrite, inputs=inputs, directory=fmt.layout == "folder") as tmp:
         fmt.write(adapter, tmp, provenance=provenance, **options)
     return Path(path)
+
+
+_FILE_SUFFIXES = (".safetensors", ".bin", ".onnx_adapter", ".pt")
+
+
+def _check_output_shape(name: str, layout: str, path: str | Path) -> None:
+    """Refuse a folder-looking path for a one-file format and a file-looking path for a folder format."""
+    from .errors import UsageError
+
+    text = str(path)
+    if layout == "file" and (text.endswith(("/", "\\")) or Path(path).is_dir()):
+        raise UsageError(
+            f"{path}: the {name} format writes one file, but this is a folder path",
+            hint="name the file, e.g. -o out.safetensors",
+        )
+    if layout == "folder" and Path(path).suffix in _FILE_SUFFIXES:
+        raise UsageError(
+            f"{path}: the {name} format writes a folder, but this names a {Path(path).suffix} file",
+            hint="give a folder name (e.g. -o out/), or choose a one-file format with --to",
+        )
 
 
 def first_nonfinite(t: torch.Tensor) -> list[int] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import models
 import pytest
@@ -69,3 +70,16 @@ def test_save_refuses_existing_output(tmp_path) -> None:
     with pytest.raises(OutputExistsError):
         save_adapter(a, tmp_path / "o")
     save_adapter(a, tmp_path / "o", overwrite=True)
+
+
+def test_output_path_must_fit_the_format_layout(tmp_path) -> None:
+    """A one-file format given a folder path, or a folder format given a file name, is refused up front."""
+    from loratools.errors import UsageError
+    from loratools.io import load_adapter, save_adapter
+
+    adapter = load_adapter(Path(__file__).resolve().parents[2] / "fixtures" / "peft" / "llama-lora")
+    with pytest.raises(UsageError, match="writes a folder"):
+        save_adapter(adapter, tmp_path / "out.safetensors", format="peft")
+    with pytest.raises(UsageError, match="writes one file"):
+        save_adapter(adapter, f"{tmp_path}/kdir/", format="kohya", kohya_prefix="lora_llm_")
+    assert not any(tmp_path.iterdir())

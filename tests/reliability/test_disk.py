@@ -18,7 +18,7 @@ WRITERS = {
     "rescale": lambda o: ("rescale", LLAMA_LORA, "--scale", "0.5", "-o", o),
     "combine": lambda o: ("combine", LLAMA_LORA, LLAMA_LORA, "-o", o),
     "convert": lambda o: ("convert", LLAMA_LORA, "--to", "kohya", "--kohya-prefix", "lora_te_", "-o", o),
-    "extract": lambda o: ("extract", LLAMA_BASE, LLAMA_BASE.parent / "llama-bf16", "--rank", "2", "-o", o),
+    "extract": lambda o: ("extract", LLAMA_BASE, LLAMA_BASE.parent / "llama-tuned", "--rank", "2", "-o", o),
     "spectrum-plot": lambda o: ("spectrum", LLAMA_LORA, "--plot", f"{o}.png"),
     "export-onnx": lambda o: ("export-onnx", LLAMA_BASE, "-o", o, "--no-verify"),
 }

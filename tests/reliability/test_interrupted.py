@@ -16,7 +16,7 @@ WRITERS = {
     "rescale": lambda o: ("rescale", LLAMA_LORA, "--scale", "0.5", "-o", o),
     "combine": lambda o: ("combine", LLAMA_LORA, LLAMA_LORA, "-o", o),
     "convert": lambda o: ("convert", LLAMA_LORA, "--to", "peft", "-o", o),
-    "extract": lambda o: ("extract", LLAMA_BASE, LLAMA_BASE.parent / "llama-bf16", "--rank", "2", "-o", o),
+    "extract": lambda o: ("extract", LLAMA_BASE, LLAMA_BASE.parent / "llama-tuned", "--rank", "2", "-o", o),
 }
 
 
