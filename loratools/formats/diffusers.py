@@ -12,6 +12,7 @@ alpha at all means alpha = rank (scale 1), diffusers' own convention.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,12 +108,16 @@ def _alpha(module: str, rank: int, cfg: dict[str, Any] | None, alpha_key: float 
             return _number(pattern[hit], f"alpha_pattern[{hit!r}]")
         value = cfg.get("lora_alpha")
         return 8.0 if value is None else _number(value, "lora_alpha")  # LoraConfig's default, as diffusers'
+    if alpha_key is not None and not math.isfinite(alpha_key):
+        raise FormatError(f"module {module}: its .alpha is {alpha_key}", hint="the file is damaged; re-export it")
     return float(alpha_key) if alpha_key else float(rank)
 
 
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise FormatError(f"{METADATA_KEY}: {what} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise FormatError(f"{METADATA_KEY}: {what} must be a finite number, got {value!r}")
     return float(value)
 
 

@@ -93,8 +93,8 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], 
 
 def _number(cfg: dict[str, Any], key: str, where: Path) -> float:
     value = _DEFAULTS[key] if cfg.get(key) is None else cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise FormatError(f"{where / CONFIG}: {key} must be a number, got {value!r}", path=where)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise FormatError(f"{where / CONFIG}: {key} must be a finite number, got {value!r}", path=where)
     return float(value)
 
 
@@ -330,8 +330,8 @@ def _declared_rank(mod_name: str, r: float, rp: dict[str, Any], where: Path) -> 
 
 
 def _to_float(value: Any, where: Path) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise FormatError(f"{where / CONFIG}: pattern value {value!r} is not a number", path=where)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise FormatError(f"{where / CONFIG}: pattern value {value!r} is not a finite number", path=where)
     return float(value)
 
 

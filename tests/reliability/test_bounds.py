@@ -148,3 +148,27 @@ def test_base_with_absurd_shape_names_file_and_tensor(tmp_path: Path) -> None:
     with pytest.raises(FormatError) as exc:
         open_checkpoint(base)
     assert "model.safetensors" in exc.value.message and "'model.norm.weight'" in exc.value.message
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("r", "Infinity"), ("lora_alpha", "NaN"), ("lora_alpha", "-Infinity"), ("alpha_pattern", '{"q_proj": Infinity}')],
+)
+def test_non_finite_config_numbers_are_refused(tmp_path: Path, field: str, value: str) -> None:
+    """JSON's Infinity/NaN in a PEFT config is a FormatError naming the key (found by fuzzing: int(inf))."""
+    import json
+    import re
+    import shutil
+
+    from loratools.errors import FormatError
+    from loratools.io import load_adapter
+
+    src = Path(__file__).resolve().parents[2] / "fixtures" / "peft" / "llama-lora"
+    dst = tmp_path / "adapter"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg[field] = "__PLACEHOLDER__"
+    text = json.dumps(cfg).replace('"__PLACEHOLDER__"', value)
+    (dst / "adapter_config.json").write_text(text)
+    with pytest.raises(FormatError, match=re.escape("finite number")):
+        load_adapter(dst)
