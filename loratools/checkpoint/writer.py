@@ -225,12 +225,7 @@ class SafetensorsWriter:
         self.bytes_written += nbytes
 
     def close(self) -> None:
-        for fd in self._sources.values():
-            os.close(fd)
-        self._sources.clear()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self.abort()
         if self._next != len(self.entries):
             raise FormatError(f"{self.path.name}: {len(self.entries) - self._next} planned tensors were not written")
 
