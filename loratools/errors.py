@@ -83,6 +83,11 @@ class VerificationError(LoratoolsError):
     exit_code = 1
 
 
+def name_list(names: list[str], limit: int) -> str:
+    """The first ``limit`` names for a message, comma-separated, `` ...`` when there are more."""
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
 def require(module: str, extra: str):  # noqa: ANN201 - returns a module
     """Import an optional dependency or raise :class:`MissingExtraError` naming the extra."""
     import importlib

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .errors import InputNotFoundError, UnsafeInputError, UsageError
+from .errors import InputNotFoundError, UnsafeInputError, UsageError, name_list
 
 ADAPTER_CONFIG = "adapter_config.json"
 #: small files a base checkpoint folder carries besides weights: configs, index and tokenizer files
@@ -88,7 +88,7 @@ def _adapter_files(files: list[str], label: str) -> list[str]:
     if len(tensors) == 1:
         return [tensors[0], *readme]
     if len(tensors) > 1:
-        listed = ", ".join(_base(t) for t in tensors[:6]) + (" ..." if len(tensors) > 6 else "")
+        listed = name_list([_base(t) for t in tensors], 6)
         ref = label if label.startswith("hf://") else f"hf://{label}"
         raise UsageError(
             f"{label}: holds {len(tensors)} weight files ({listed}); which one is the adapter?",

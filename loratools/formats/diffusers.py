@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, LoraModule
-from ..errors import FormatError, UnsupportedError, UsageError, ValidationError
+from ..errors import FormatError, UnsupportedError, UsageError, ValidationError, name_list
 from ..publish import provenance_metadata, read_provenance
 from ..safetensors_file import load_file, read_header, save_file
 from .peft import ROLES as PEFT_ROLES
@@ -237,8 +237,7 @@ def diffusers_state(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str
     if orphans:
         raise UsageError(
             f"{len(orphans)} module(s) are not under a pipeline component ({', '.join(COMPONENTS)}): "
-            + ", ".join(orphans[:5])
-            + (" ..." if len(orphans) > 5 else ""),
+            + name_list(orphans, 5),
             hint="a diffusers LoRA adapts a pipeline; kohya names need --base PIPELINE to resolve them",
         )
     by_component: dict[str, dict[str, LoraModule]] = {}

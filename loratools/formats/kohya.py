@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, LoraModule
-from ..errors import FormatError, UnsupportedError, UsageError, ValidationError
+from ..errors import FormatError, UnsupportedError, UsageError, ValidationError, name_list
 from ..publish import METADATA_KEY, provenance_metadata, read_provenance
 from ..safetensors_file import load_file, read_header, save_file
 from .registry import AdapterFormat, register_format
@@ -309,8 +309,7 @@ def kohya_names(adapter: Adapter, kohya_prefix: str | None = None) -> dict[str, 
     if orphans:
         raise UsageError(
             f"{len(orphans)} module(s) have no kohya prefix (not unet./text_encoder./text_encoder_2. paths): "
-            + ", ".join(orphans[:5])
-            + (" ..." if len(orphans) > 5 else ""),
+            + name_list(orphans, 5),
             hint="pass --kohya-prefix (for example lora_te_ for a text encoder) to name them",
         )
     seen: dict[str, str] = {}
@@ -339,9 +338,7 @@ def kohya_tensors(adapter: Adapter, kohya_prefix: str | None = None) -> dict[str
     bad += [f"{k} (full replacement / modules_to_save)" for k in adapter.replacements]
     if bad:
         raise UnsupportedError(
-            f"a kohya file cannot hold {len(bad)} part(s) of this adapter: "
-            + ", ".join(bad[:6])
-            + (" ..." if len(bad) > 6 else ""),
+            f"a kohya file cannot hold {len(bad)} part(s) of this adapter: " + name_list(bad, 6),
             hint="drop them with --exclude, or convert to peft instead",
         )
     names = kohya_names(adapter, kohya_prefix)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ..errors import UnsupportedError, ValidationError
+from ..errors import UnsupportedError, ValidationError, name_list
 from .graph import GraphIndex
 
 if TYPE_CHECKING:
@@ -153,9 +153,7 @@ def check_against_slots(adapter: Adapter, slots: dict[str, dict[str, object]], d
     outside = sorted(set(adapter.modules) - set(slots))
     if outside:
         raise ValidationError(
-            f"{where}: the slot graph has no LoRA slot for {len(outside)} module(s): "
-            + ", ".join(outside[:3])
-            + (" ..." if len(outside) > 3 else ""),
+            f"{where}: the slot graph has no LoRA slot for {len(outside)} module(s): " + name_list(outside, 3),
             hint="export the graph with `--lora-slots` for an adapter that targets these modules",
         )
     for name, module in adapter.modules.items():

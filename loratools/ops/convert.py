@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UsageError
+from ..errors import UsageError, name_list
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -102,8 +102,7 @@ def convert(
     if unresolved and fmt.name != "kohya":
         raise UsageError(
             f"{len(unresolved)} module(s) still have kohya names, which {fmt.name} cannot hold: "
-            + ", ".join(unresolved[:4])
-            + (" ..." if len(unresolved) > 4 else ""),
+            + name_list(unresolved, 4),
             hint="pass --base (the model or diffusers pipeline the LoRA was trained for) to resolve them",
         )
     nbytes = sum(m.parameters * m.down.element_size() for m in source.modules.values())
