@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 _API = {
     "Adapter": "loratools.adapter",
     "LoraModule": "loratools.adapter",
-    "load_adapter": "loratools.io",
-    "save_adapter": "loratools.io",
+    "load_adapter": "loratools.adapter_io",
+    "save_adapter": "loratools.adapter_io",
     "open_checkpoint": "loratools.checkpoint.reader",
     "CheckpointReader": "loratools.checkpoint.reader",
     "info": "loratools.ops.info",

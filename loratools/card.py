@@ -120,7 +120,7 @@ def _checkpoint(p: Path) -> Artifact:
 
 
 def _adapter(p: Path) -> Artifact:
-    from .io import load_adapter
+    from .adapter_io import load_adapter
     from .ops.info import summarize
 
     try:

@@ -79,6 +79,11 @@ def _bare_ref(spec: str) -> HubRef | None:
     return HubRef(ref.repo_id, ref.repo_type, ref.revision, ref.path_in_repo, spec)
 
 
+def resolve_path(spec: str | Path, purpose: str = "adapter") -> Path:
+    """A local path for ``spec``: a path as given, or an ``hf://`` / ``ORG/NAME`` Hub reference."""
+    return resolve_input(spec, purpose)
+
+
 def resolve_input(spec: str | Path, purpose: str = "adapter") -> Path:
     """A local path for ``spec``: a local path as given, else the Hub snapshot of an ``hf://`` / ``ORG/NAME`` ref.
 

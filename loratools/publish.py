@@ -203,3 +203,21 @@ def read_provenance(metadata: dict[str, str] | None) -> dict[str, Any] | None:
     except (TypeError, ValueError, RecursionError):
         return None
     return rec if isinstance(rec, dict) else None
+
+
+_FILE_SUFFIXES = (".safetensors", ".bin", ".onnx_adapter", ".pt", ".gguf")
+
+
+def check_output_layout(name: str, layout: str, path: str | Path) -> None:
+    """Refuse a folder-looking path for a one-file format and a file-looking path for a folder format."""
+    text = str(path)
+    if layout == "file" and (text.endswith(("/", "\\")) or Path(path).is_dir()):
+        raise UsageError(
+            f"{path}: the {name} format writes one file, but this is a folder path",
+            hint="name the file, e.g. -o out.safetensors",
+        )
+    if layout == "folder" and Path(path).suffix in _FILE_SUFFIXES:
+        raise UsageError(
+            f"{path}: the {name} format writes a folder, but this names a {Path(path).suffix} file",
+            hint="give a folder name (e.g. -o out/), or choose a one-file format with --to",
+        )

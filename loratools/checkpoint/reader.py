@@ -309,7 +309,7 @@ def _open_folder(root: Path) -> CheckpointReader:
 
 def open_checkpoint(path: str | Path) -> CheckpointReader:
     """Open a base checkpoint (folder, sharded folder, single .safetensors file or diffusers pipeline)."""
-    from ..io import resolve_path
+    from ..hub import resolve_path
 
     p = resolve_path(path, "base checkpoint")
     if p.is_file():

@@ -84,7 +84,7 @@ def _bench(model, adapter, device, batches, seqs, warmup, repeats, work: Path, s
         result["merge_speedup"] = result["export_seconds"] / max(result["merge_onnx_seconds"], 1e-9)
         say("exporting the LoRA-slots graph ...")
         export_onnx(model, work / "slots", dtype=dtype, device=device, verify=False, overwrite=True, lora_slots=adapter)
-        from ..io import load_adapter, save_adapter
+        from ..adapter_io import load_adapter, save_adapter
 
         slot_file = work / "adapter.onnx_adapter"
         save_adapter(
@@ -141,7 +141,7 @@ def _torch_rows(model, adapter, device, dtype, batches, seqs, warmup, repeats, v
     if adapter is None:
         run_all("pytorch eager", loaded.model)
         return rows
-    from ..io import load_adapter
+    from ..adapter_io import load_adapter
 
     adapter_obj = load_adapter(adapter, base=model)
     try:
@@ -164,7 +164,7 @@ def _torch_rows(model, adapter, device, dtype, batches, seqs, warmup, repeats, v
 
 def _peft_copy(adapter: str | Path, adapter_obj: Any, work: Path) -> Path:
     """The adapter as a PEFT folder PeftModel can load (the input itself when it is one)."""
-    from ..io import save_adapter
+    from ..adapter_io import save_adapter
 
     p = Path(adapter)
     if p.is_dir() and (p / "adapter_config.json").is_file():

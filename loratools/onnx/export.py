@@ -269,7 +269,8 @@ def export_onnx(
     :mod:`loratools.onnx.slots`). Verification (on by default) compares onnxruntime with PyTorch on
     sample inputs and raises :class:`VerificationError` (nothing published) when they differ.
     """
-    from ..io import load_adapter, resolve_path
+    from ..adapter_io import load_adapter
+    from ..hub import resolve_path
     from ..publish import atomic_output, describe_input, provenance
     from .slots import add_slots, slot_tensors
 

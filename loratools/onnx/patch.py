@@ -60,7 +60,7 @@ class OnnxMergeResult:
 
 def _load(spec: str | Path | Adapter) -> tuple[Adapter, str]:
     from ..adapter import Adapter
-    from ..io import load_adapter
+    from ..adapter_io import load_adapter
 
     if isinstance(spec, Adapter):
         return spec, str(spec.meta.get("source", "<adapter>"))
@@ -153,7 +153,7 @@ def merge_onnx(
     """
     import torch
 
-    from ..io import resolve_path
+    from ..hub import resolve_path
     from ..publish import atomic_output, describe_input, provenance
 
     start = time.perf_counter()

@@ -16,7 +16,8 @@ _OVERHEAD = 1 << 20
 def load(adapter: Adapter | str | Path, base: Any = None) -> tuple[Adapter, Path | None]:
     """An Adapter and its path (None when an Adapter object was passed)."""
     from ..adapter import Adapter
-    from ..io import load_adapter, resolve_path
+    from ..adapter_io import load_adapter
+    from ..hub import resolve_path
 
     if isinstance(adapter, Adapter):
         return adapter, None
@@ -54,7 +55,7 @@ def write(
     overwrite: bool = False,
 ) -> Path:
     """Save ``adapter`` atomically in ``to`` (default: its own format) with a provenance record."""
-    from ..io import save_adapter
+    from ..adapter_io import save_adapter
     from ..publish import check_disk_space, describe_input, provenance
 
     adapter = replace(adapter, meta=fresh_meta(adapter))

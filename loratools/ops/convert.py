@@ -74,8 +74,8 @@ def convert(
     :class:`UnsupportedError` listing the modules the target cannot hold.
     """
     from ..adapter import Adapter
+    from ..adapter_io import load_adapter, save_adapter
     from ..formats.registry import get_format
-    from ..io import load_adapter, save_adapter
     from ..publish import check_disk_space, describe_input, provenance
 
     fmt = get_format(to)

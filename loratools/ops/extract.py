@@ -91,7 +91,7 @@ def extract(
     from ..adapter import Adapter, LoraModule
     from ..checkpoint.reader import open_checkpoint
     from ..filters import module_filter
-    from ..io import resolve_path
+    from ..hub import resolve_path
     from ..lowrank import check_rule, dense_svd
     from ._algebra_io import write
 
@@ -132,7 +132,7 @@ def extract(
             old = rb.get(key)
             delta = new.float() - old.float()
             if not bool(torch.isfinite(delta).all()):  # name the input that holds NaN/Inf, not the SVD
-                from ..io import require_finite
+                from ..finite import require_finite
 
                 require_finite(new, key, rt.file_of(key), hint="the fine-tuned checkpoint is damaged")
                 require_finite(old, key, rb.file_of(key), hint="the base checkpoint is damaged")

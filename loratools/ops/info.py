@@ -108,8 +108,9 @@ def info(adapter_path: str | Path, base: str | Path | None = None, *, format: st
         >>> d["rank"], d["alpha"], d["num_modules"]
         (4, 7, 8)
     """
+    from ..adapter_io import load_adapter
     from ..checkpoint.reader import open_checkpoint
-    from ..io import load_adapter, resolve_path
+    from ..hub import resolve_path
 
     local = resolve_path(adapter_path, "adapter")
     reader = open_checkpoint(base) if base is not None else None

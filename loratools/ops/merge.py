@@ -88,7 +88,7 @@ def merge(
     """
     from ..checkpoint.reader import open_checkpoint
     from ..checkpoint.writer import parse_size
-    from ..io import resolve_path
+    from ..hub import resolve_path
     from ..publish import atomic_output
     from .merge_factors import FactorStore, load_lean, release_memory
     from .merge_plan import build_plan

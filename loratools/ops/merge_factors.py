@@ -120,9 +120,10 @@ class FactorStore:
 
 def load_lean(spec: str | Path, reader: CheckpointReader, store: FactorStore) -> Adapter:
     """Like ``load_adapter(spec, base=reader)``, with module tensors left in the file (see the module docstring)."""
+    from ..adapter_io import load_adapter, weights_label
     from ..checkpoint.keymap import normalize_adapter
     from ..formats.registry import detect_format
-    from ..io import _weights_label, load_adapter, resolve_path
+    from ..hub import resolve_path
     from ..safetensors_file import lazy_tensors
 
     local = resolve_path(spec, "adapter")
@@ -137,14 +138,14 @@ def load_lean(spec: str | Path, reader: CheckpointReader, store: FactorStore) ->
         return load_adapter(spec, base=reader)
     store.add(sources)
     adapter.meta.setdefault("source", str(spec))
-    _check(adapter, _weights_label(adapter, local), store)
+    _check(adapter, weights_label(adapter, local), store)
     adapter.replacements = {k: store.read(t) for k, t in adapter.replacements.items()}
     return normalize_adapter(adapter, reader)
 
 
 def _check(adapter: Adapter, where: str, store: FactorStore) -> None:
     """``io.check_tensors``, one tensor in memory at a time: same order, same messages."""
-    from ..io import check_tensors
+    from ..finite import check_tensors
 
     check_tensors(adapter, where, read=store.read)
     release_memory()

@@ -196,7 +196,7 @@ def _cast_checked(name: str, t: torch.Tensor) -> torch.Tensor:
     import torch
 
     if t.dtype == torch.float16 and not bool(torch.isfinite(t.sum(dtype=torch.float32))):
-        from ..io import first_nonfinite
+        from ..finite import first_nonfinite
 
         first = first_nonfinite(t)
         if first is not None:

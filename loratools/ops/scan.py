@@ -250,7 +250,8 @@ def scan_adapter(adapter: Adapter | str | Path, *, threshold: float = THRESHOLD)
         []
     """
     from ..adapter import Adapter
-    from ..io import load_adapter, resolve_path
+    from ..adapter_io import load_adapter
+    from ..hub import resolve_path
 
     path = None
     if not isinstance(adapter, Adapter):

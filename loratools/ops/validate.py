@@ -110,7 +110,7 @@ def validate(
     """
     from ..checkpoint.reader import open_checkpoint
     from ..formats.registry import detect_format
-    from ..io import resolve_path
+    from ..hub import resolve_path
 
     report = ValidationReport(path=str(adapter_path), base=str(base) if base is not None else None)
     try:

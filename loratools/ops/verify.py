@@ -96,8 +96,8 @@ def verify(
     weights: Sequence[float] | None = None,
 ) -> VerifyReport:
     """Check that ``merged`` equals ``base`` with ``adapters`` (scaled by ``weights``) merged in."""
+    from ..adapter_io import load_adapter
     from ..checkpoint.reader import CheckpointReader, open_checkpoint
-    from ..io import load_adapter
     from .merge_plan import build_plan
     from .merge_write import BaseBytes
 

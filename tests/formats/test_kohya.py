@@ -10,8 +10,8 @@ import torch
 from formats_support import component_weights, fused_weights
 from safetensors.torch import load_file, save_file
 
+from loratools.adapter_io import load_adapter, save_adapter
 from loratools.errors import UnsupportedError
-from loratools.io import load_adapter, save_adapter
 
 
 def test_reader_deltas_match_diffusers_fuse(pipe, sd_dir, kohya_uniform):

@@ -9,8 +9,8 @@ import torch
 from formats_support import FIXTURES, run_cli
 
 from loratools.adapter import Adapter, LoraModule
+from loratools.adapter_io import load_adapter
 from loratools.errors import UsageError
-from loratools.io import load_adapter
 from loratools.ops.serving import serving_findings, serving_rules, serving_targets
 
 PEFT = FIXTURES / "peft"

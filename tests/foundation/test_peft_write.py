@@ -74,8 +74,8 @@ def test_save_refuses_existing_output(tmp_path) -> None:
 
 def test_output_path_must_fit_the_format_layout(tmp_path) -> None:
     """A one-file format given a folder path, or a folder format given a file name, is refused up front."""
+    from loratools.adapter_io import load_adapter, save_adapter
     from loratools.errors import UsageError
-    from loratools.io import load_adapter, save_adapter
 
     adapter = load_adapter(Path(__file__).resolve().parents[2] / "fixtures" / "peft" / "llama-lora")
     with pytest.raises(UsageError, match="writes a folder"):

@@ -114,7 +114,7 @@ def test_hub_errors_are_one_line(hub, tmp_path, spec, token, first_line) -> None
 def test_private_repo_with_token_from_env_or_login(hub, tmp_path) -> None:  # noqa: ANN001
     from fakehub import GOOD_TOKEN
 
-    from loratools.io import load_adapter
+    from loratools.adapter_io import load_adapter
 
     with pointed_at(hub, tmp_path / "env-home"):  # HF_TOKEN
         assert load_adapter("hf://org/private").modules
@@ -126,8 +126,8 @@ def test_private_repo_with_token_from_env_or_login(hub, tmp_path) -> None:  # no
 
 
 def test_paths_revisions_and_datasets(hub, home) -> None:  # noqa: ANN001
+    from loratools.adapter_io import load_adapter
     from loratools.hub import resolve_input
-    from loratools.io import load_adapter
 
     repo = hub.repos[("model", "org/adapter")]
     sha = repo.branches["main"]

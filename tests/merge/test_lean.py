@@ -11,10 +11,10 @@ import torch
 from merge_support import make_case
 from safetensors.torch import save_file
 
+from loratools.adapter_io import load_adapter
 from loratools.checkpoint.reader import open_checkpoint
 from loratools.errors import NumericError
 from loratools.formats.peft import PeftFormat
-from loratools.io import load_adapter
 from loratools.ops import merge_factors
 from loratools.ops.merge import merge
 from loratools.safetensors_file import load_file

@@ -28,8 +28,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from reliability_support import LLAMA_LORA, ROOT
 
+from loratools.adapter_io import load_adapter
 from loratools.checkpoint.reader import open_checkpoint
-from loratools.io import load_adapter
 from loratools.safetensors_file import SafetensorsFile, read_header
 
 EXAMPLES = int(os.environ.get("LORATOOLS_FUZZ_EXAMPLES", "2000"))
@@ -165,7 +165,7 @@ def test_fuzz_diffusers_format(data: bytes, folder: bool) -> None:
 @pytest.fixture(scope="module")
 def onnx_adapter_seed() -> bytes:
     pytest.importorskip("onnxruntime")
-    from loratools.io import save_adapter
+    from loratools.adapter_io import save_adapter
 
     adapter = load_adapter(LLAMA_LORA)
     out = WORK / "seed.onnx_adapter"
@@ -218,7 +218,7 @@ import torch
 torch.set_num_threads(1)
 import fuzz_support as fs
 from hypothesis import given, settings, HealthCheck, strategies as st
-from loratools.io import load_adapter
+from loratools.adapter_io import load_adapter
 from loratools.checkpoint.reader import open_checkpoint
 from loratools.safetensors_file import MAX_HEADER_BYTES
 from pathlib import Path

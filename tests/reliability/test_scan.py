@@ -12,7 +12,7 @@ import torch
 from reliability_support import FIXTURES, LLAMA_LORA, invoke
 
 from loratools.adapter import Adapter, LoraModule
-from loratools.io import save_adapter
+from loratools.adapter_io import save_adapter
 from loratools.ops.scan import module_figures, scan_adapter
 
 SHAPES = {
