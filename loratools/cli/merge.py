@@ -6,7 +6,16 @@ from typing import Any
 
 import click
 
-from .options import device_option, dtype_option, filters, json_option, output_option, overwrite_option, parse_weights
+from .options import (
+    device_option,
+    dtype_option,
+    filters,
+    json_option,
+    output_option,
+    overwrite_option,
+    parse_weights,
+    weights_option,
+)
 from .output import get_output
 
 
@@ -14,9 +23,7 @@ from .output import get_output
 @click.argument("base", type=str)
 @click.argument("adapters", nargs=-1, required=True, type=str)
 @output_option
-@click.option(
-    "--weights", default=None, help="Comma-separated weight per adapter (default 1 each; negative subtracts)."
-)
+@weights_option("Comma-separated weight per adapter (default 1 each; negative subtracts).")
 @dtype_option
 @click.option("--max-shard-size", default=None, help="Reshard the output (Hugging Face units: 5GB, 500MB, 2GiB).")
 @device_option
@@ -30,7 +37,7 @@ def merge(
     base: str,
     adapters: tuple[str, ...],
     output: str,
-    weights: str | None,
+    weights: tuple[float, ...] | None,
     dtype: str,
     max_shard_size: str | None,
     device: str,
@@ -77,7 +84,12 @@ def _human(d: dict[str, Any]) -> None:
 
     extra = " (verified)" if d.get("verified") else ""
     untied = f", untied {', '.join(d['untied'])}" if d.get("untied") else ""
+    n = d["modules_merged"]
     click.echo(
-        f"merged {d['modules_merged']} modules into {d['output']}: {format_bytes(d['bytes_written'])} written "
+        f"merged {n} module{'' if n == 1 else 's'} into {d['output']}: {format_bytes(d['bytes_written'])} written "
         f"in {d['seconds']:.1f} s{untied}{extra}"
     )
+    left = d.get("left_out") or []
+    if left:
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        click.echo(f"left out {len(left)} file(s) that hold the base's unmerged weights: {shown}")

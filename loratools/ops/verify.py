@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from ..adapter import Adapter
     from ..checkpoint.reader import CheckpointReader
-    from .merge_plan import MergePlan, TensorJob
+    from .merge.plan import MergePlan, TensorJob
 
 EPS = {"F32": 2.0**-23, "F16": 2.0**-10, "BF16": 2.0**-7, "F64": 2.0**-52}
 FAILURES = (
@@ -98,8 +98,8 @@ def verify(
     """Check that ``merged`` equals ``base`` with ``adapters`` (scaled by ``weights``) merged in."""
     from ..adapter_io import load_adapter
     from ..checkpoint.reader import CheckpointReader, open_checkpoint
-    from .merge_plan import build_plan
-    from .merge_write import BaseBytes
+    from .merge.plan import build_plan
+    from .merge.write import BaseBytes
 
     own = not isinstance(base, CheckpointReader)
     breader = open_checkpoint(base) if own else base
@@ -123,7 +123,7 @@ def verify(
 
 
 def _check_all(report, plan: MergePlan, breader, mreader, bbytes, mbytes) -> None:  # noqa: ANN001
-    from .merge_plan import _is_head, tied_keys
+    from .merge.plan import _is_head, tied_keys
 
     m_emb = tied_keys(mreader)
     keys = list(dict.fromkeys([*breader.keys(), *plan.jobs]))
@@ -156,7 +156,7 @@ def _start(job: TensorJob | None, key: str, bbytes) -> torch.Tensor:  # noqa: AN
 def _check(key, job, actual, mdtype, plan, bbytes, m_emb) -> Finding:  # noqa: ANN001
     import torch
 
-    from .merge_plan import compute
+    from .merge.plan import compute
 
     start = _start(job, key, bbytes)
     mods = [c.module for c in job.deltas + job.biases] if job is not None else []
@@ -203,7 +203,7 @@ def _check(key, job, actual, mdtype, plan, bbytes, m_emb) -> Finding:  # noqa: A
 
 def _tied_partner(key, plan, actual, start, bbytes) -> str | None:  # noqa: ANN001
     """If ``key`` changed by exactly its tied partner's update, say so."""
-    from .merge_plan import _is_head, compute
+    from .merge.plan import _is_head, compute
 
     for other, j in plan.jobs.items():
         if other == key or not _is_head(other) or j.is_copy:

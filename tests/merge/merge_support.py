@@ -87,6 +87,6 @@ def tmp_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def factors_in_files(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every adapter tensor stays in its file until used, as real-sized factors do (tiny ones are held)."""
-    from loratools.ops import merge_factors
+    from loratools.ops.merge import factors as merge_factors
 
     monkeypatch.setattr(merge_factors, "LAZY_MIN_BYTES", 1)

@@ -15,7 +15,7 @@ from loratools.adapter_io import load_adapter
 from loratools.checkpoint.reader import open_checkpoint
 from loratools.errors import NumericError
 from loratools.formats.peft import PeftFormat
-from loratools.ops import merge_factors
+from loratools.ops.merge import factors as merge_factors
 from loratools.ops.merge import merge
 from loratools.safetensors_file import load_file
 

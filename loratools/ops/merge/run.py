@@ -10,25 +10,21 @@ RSS stays at one tensor), updated in fp32 in factor space and cast once.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UsageError, VerificationError
+from ...errors import UsageError, VerificationError
 
 if TYPE_CHECKING:
-    from ..adapter import Adapter
-    from ..checkpoint.reader import CheckpointReader
-    from .merge_layout import Unit
-    from .verify import VerifyReport
+    from ...adapter import Adapter
+    from ...checkpoint.reader import CheckpointReader
+    from ..verify import VerifyReport
+    from .layout import Unit
 
 DTYPE_NAMES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-_SKIP_DIRS = {".git", ".cache", "__pycache__"}
 
 
 @dataclass
@@ -44,6 +40,8 @@ class MergeSummary:
     files: list[str] = field(default_factory=list)
     untied: list[str] = field(default_factory=list)
     verify: VerifyReport | None = None
+    #: weight files / exports of the base folder not copied: they hold the unmerged base
+    left_out: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +54,7 @@ class MergeSummary:
             "files": self.files,
             "untied": self.untied,
             "verified": None if self.verify is None else self.verify.verified,
+            "left_out": self.left_out,
         }
 
 
@@ -86,18 +85,19 @@ def merge(
     ``device="cuda"`` computes updates on the GPU. ``verify`` checks the output before publishing.
     ``progress(total_bytes)`` may return a context manager yielding ``advance(n_bytes)``.
     """
-    from ..checkpoint.reader import open_checkpoint
-    from ..checkpoint.writer import parse_size
-    from ..hub import resolve_path
-    from ..publish import atomic_output
-    from .merge_factors import FactorStore, load_lean, release_memory
-    from .merge_plan import build_plan
-    from .merge_write import torch_threads, write_unit
+    from ...checkpoint.reader import open_checkpoint
+    from ...checkpoint.writer import parse_size
+    from ...hub import resolve_path
+    from ...publish import atomic_output
+    from .factors import FactorStore, load_lean, release_memory
+    from .files import copy_other_files, other_files
+    from .plan import build_plan
+    from .write import torch_threads, write_unit
 
     t0 = time.perf_counter()
     base_path = resolve_path(base, "base checkpoint")
     if _is_onnx(base_path):
-        from ..onnx.patch import merge_onnx
+        from ...onnx.patch import merge_onnx
 
         # a named .onnx file stays the user's choice (its folder may hold several graphs)
         return merge_onnx(base_path, list(adapters), output, weights=weights, overwrite=overwrite)
@@ -130,7 +130,8 @@ def merge(
         release_memory()
         single = reader.kind == "file"
         total = sum(e.nbytes for u in units for f in u.files for e in f.entries)
-        extra = 0 if single else sum(p.stat().st_size for _, p in _other_files(base_path, units))
+        others, left_out = ([], []) if single else other_files(base_path, units)
+        extra = sum(p.stat().st_size for _, p in others)
         inputs = [base_path, *[Path(a) for a in adapters if isinstance(a, str | Path)]]
         written = 0
         with atomic_output(
@@ -141,10 +142,10 @@ def merge(
                 for unit in units:
                     written += write_unit(reader, unit, tmp, single, dev, advance, factors)
             if not single:
-                written += _copy_other_files(base_path, tmp, units, plan, out_dtype)
+                written += copy_other_files(base_path, tmp, units, plan, out_dtype)
             report = None
             if verify:
-                from .verify import verify as run_verify
+                from ..verify import verify as run_verify
 
                 report = run_verify(tmp, reader, [factors.materialized(a) for a in loaded], weights)
                 if not report.verified:
@@ -163,6 +164,7 @@ def merge(
             files=sorted(f.rel or Path(output).name for u in units for f in u.files),
             untied=plan.untied,
             verify=report,
+            left_out=left_out,
         )
     finally:
         factors.close()
@@ -186,8 +188,8 @@ def _describe_base(base: str | Path, reader: CheckpointReader) -> dict[str, Any]
     """The base's weight files by name, size and sha256 of their safetensors header (not all bytes: speed)."""
     import hashlib
 
-    from ..hub import hub_info_for
-    from ..publish import file_digest
+    from ...hub import hub_info_for
+    from ...publish import file_digest
 
     hub = hub_info_for(base)  # a Hub base: its repo id and commit identify it
     if hub:
@@ -207,7 +209,7 @@ def _describe_base(base: str | Path, reader: CheckpointReader) -> dict[str, Any]
 
 
 def _provenance(base, base_path, reader, adapters, weights, dtype, max_shard_size, include, exclude) -> dict[str, str]:  # noqa: ANN001
-    from ..publish import describe_input, provenance, provenance_metadata
+    from ...publish import describe_input, provenance, provenance_metadata
 
     described = [
         describe_input(a) if isinstance(a, str | Path) else {"source": str(a.meta.get("source"))} for a in adapters
@@ -227,7 +229,7 @@ def _provenance(base, base_path, reader, adapters, weights, dtype, max_shard_siz
 
 
 def _layout(reader, plan, out_dtype, shard_bytes, meta) -> list[Unit]:  # noqa: ANN001
-    from .merge_layout import layout_unit
+    from .layout import layout_unit
 
     if reader.kind != "pipeline":
         return [
@@ -257,54 +259,3 @@ def _layout(reader, plan, out_dtype, shard_bytes, meta) -> list[Unit]:  # noqa: 
                 )
             )
     return units
-
-
-def _other_files(base: Path, units: list[Unit]) -> list[tuple[str, Path]]:
-    """Every file of the base folder that is not a rewritten weight file or index."""
-    from .merge_layout import INDEX_NAMES
-
-    consumed = {p.resolve() for u in units for p in u.consumed}
-    rewritten_dirs = {(base / u.subdir).resolve() for u in units}
-    found = []
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and ".loratools-" not in d)
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            if p.resolve() in consumed or ".loratools-" in name:
-                continue
-            if name in INDEX_NAMES and Path(dirpath).resolve() in rewritten_dirs:
-                continue
-            found.append((p.relative_to(base).as_posix(), p))
-    return found
-
-
-def _copy_other_files(base: Path, tmp: Path, units: list[Unit], plan, out_dtype) -> int:  # noqa: ANN001
-    written = 0
-    for rel, src in _other_files(base, units):
-        dst = tmp / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if rel == "config.json" and (plan.untied or plan.vocab_size or out_dtype):
-            dst.write_text(_patched_config(src, plan, out_dtype), encoding="utf-8")
-        else:
-            shutil.copyfile(src, dst)
-        written += dst.stat().st_size
-    return written
-
-
-def _patched_config(path: Path, plan, out_dtype) -> str:  # noqa: ANN001
-    """config.json with tied embeddings untied, a resized vocabulary and the new dtype recorded."""
-    from ..checkpoint.reader import read_json
-
-    cfg = read_json(path, "config")
-    targets = [cfg] + [cfg[k] for k in ("text_config",) if isinstance(cfg.get(k), dict)]
-    for c in targets:
-        if plan.untied and c.get("tie_word_embeddings", c is cfg):
-            c["tie_word_embeddings"] = False
-        if plan.vocab_size and "vocab_size" in c:
-            c["vocab_size"] = plan.vocab_size
-        if out_dtype:
-            name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[out_dtype]
-            for key in ("dtype", "torch_dtype"):
-                if key in c:
-                    c[key] = name
-    return json.dumps(cfg, indent=2) + "\n"

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import Adapter, LoraModule
-    from ..checkpoint.reader import CheckpointReader
-    from ..safetensors_file import LazySources, TensorInfo
-    from .merge_plan import TensorJob
+    from ...adapter import Adapter, LoraModule
+    from ...checkpoint.reader import CheckpointReader
+    from ...safetensors_file import LazySources, TensorInfo
+    from .plan import TensorJob
 
 #: adapter tensors this small are loaded eagerly (scalars: alphas); larger float tensors stay in their file
 LAZY_MIN_BYTES = 4096
@@ -73,7 +73,7 @@ class FactorStore:
         """The data of placeholder ``t`` (a real tensor is returned as it is)."""
         import torch
 
-        from ..safetensors_file import torch_dtype
+        from ...safetensors_file import torch_dtype
 
         if not t.is_meta:
             return t
@@ -120,11 +120,11 @@ class FactorStore:
 
 def load_lean(spec: str | Path, reader: CheckpointReader, store: FactorStore) -> Adapter:
     """Like ``load_adapter(spec, base=reader)``, with module tensors left in the file (see the module docstring)."""
-    from ..adapter_io import load_adapter, weights_label
-    from ..checkpoint.keymap import normalize_adapter
-    from ..formats.registry import detect_format
-    from ..hub import resolve_path
-    from ..safetensors_file import lazy_tensors
+    from ...adapter_io import load_adapter, weights_label
+    from ...checkpoint.keymap import normalize_adapter
+    from ...formats.registry import detect_format
+    from ...hub import resolve_path
+    from ...safetensors_file import lazy_tensors
 
     local = resolve_path(spec, "adapter")
     try:
@@ -145,7 +145,7 @@ def load_lean(spec: str | Path, reader: CheckpointReader, store: FactorStore) ->
 
 def _check(adapter: Adapter, where: str, store: FactorStore) -> None:
     """``io.check_tensors``, one tensor in memory at a time: same order, same messages."""
-    from ..finite import check_tensors
+    from ...finite import check_tensors
 
     check_tensors(adapter, where, read=store.read)
     release_memory()

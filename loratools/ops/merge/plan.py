@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import NumericError, ShapeError, UnsupportedError, UsageError, ValidationError
+from ...errors import NumericError, ShapeError, UnsupportedError, UsageError, ValidationError
 
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import Adapter, LoraModule
-    from ..checkpoint.reader import CheckpointReader
+    from ...adapter import Adapter, LoraModule
+    from ...checkpoint.reader import CheckpointReader
 
 #: last path component of output heads and suffixes of input embeddings (for tied weights)
 HEAD_NAMES = ("lm_head", "embed_out")
@@ -220,7 +220,7 @@ def _missing(where: str, module: str, reader: CheckpointReader) -> None:
 
 def _finish(j: TensorJob, reader: CheckpointReader, emb_key: str | None) -> None:
     """Fill in shape and dtype, check every contribution against them and apply the DoRA refusals."""
-    from ..safetensors_file import dtype_name
+    from ...safetensors_file import dtype_name
 
     if j.replacement is not None:
         shape = tuple(j.replacement.shape)

@@ -1,0 +1,10 @@
+"""The streaming merge, one way: plan (which base tensors change, validated in full) -> layout (shards,
+byte ranges to copy, tensors to compute) -> factors (adapter tensors left in their files, read per module)
+-> write (fp32 update, one cast, atomic publish). ``run`` drives it; ``files`` decides what else of the
+base folder belongs to the output."""
+
+from __future__ import annotations
+
+from .run import MergeSummary, merge
+
+__all__ = ["MergeSummary", "merge"]
