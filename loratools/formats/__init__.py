@@ -8,6 +8,6 @@ from __future__ import annotations
 
 from .registry import AdapterFormat, detect_format, get_format, list_formats, register_format
 
-_BUILTIN = ("peft", "kohya", "diffusers", "onnx_adapter")
+_BUILTIN = ("peft", "kohya", "diffusers", "onnx_adapter", "gguf")
 
 __all__ = ["AdapterFormat", "detect_format", "get_format", "list_formats", "register_format"]
