@@ -11,7 +11,7 @@ from formats_support import FIXTURES, run_cli
 from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_io import load_adapter
 from loratools.errors import UsageError
-from loratools.ops.serving import serving_findings, serving_rules, serving_targets
+from loratools.ops.validate.serving import serving_findings, serving_rules, serving_targets
 
 PEFT = FIXTURES / "peft"
 

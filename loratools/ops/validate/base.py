@@ -6,14 +6,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..adapter import Adapter
-    from ..checkpoint.reader import CheckpointReader
-    from .validate import ValidationReport
+    from ...adapter import Adapter
+    from ...checkpoint.reader import CheckpointReader
+    from .findings import ValidationReport
 
 
 def check_against_base(adapter: Adapter, reader: CheckpointReader, report: ValidationReport) -> None:
     """Every module resolves to a float base weight of the shape it expects; the base is not quantized."""
-    from ..checkpoint.keymap import KeyMatcher
+    from ...checkpoint.keymap import KeyMatcher
 
     quant = reader.quantization
     if quant:

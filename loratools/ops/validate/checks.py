@@ -7,90 +7,16 @@ reads but disagrees with itself or its base gives error findings (exit code 1). 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from ..errors import LoratoolsError, UnsupportedError, ValidationError
+from ...errors import LoratoolsError, UnsupportedError, ValidationError
+from .findings import ValidationReport
 
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import Adapter
-
-Severity = Literal["error", "warning"]
-
-
-@dataclass
-class Finding:
-    """One problem: ``severity`` ('error' | 'warning'), the module it concerns (or None), a stable
-    ``code`` for scripts, and a message naming the file and tensor where there is one."""
-
-    severity: Severity
-    module: str | None
-    code: str
-    message: str
-    hint: str | None = None
-    file: str | None = None
-    tensor: str | None = None
-    index: list[int] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class ValidationReport:
-    """The findings of one ``validate`` run. ``ok``: no errors; ``usable``: the input could be read."""
-
-    path: str
-    findings: list[Finding] = field(default_factory=list)
-    format: str | None = None
-    base: str | None = None
-    modules_checked: int = 0
-    usable: bool = True
-    scan: dict[str, Any] | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.usable and not self.errors
-
-    @property
-    def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "warning"]
-
-    @property
-    def exit_code(self) -> int:
-        """0 ok (warnings allowed), 1 error findings, 2 input unusable."""
-        return 2 if not self.usable else (1 if self.errors else 0)
-
-    def add(self, severity: Severity, module: str | None, code: str, message: str, **kw: Any) -> None:
-        self.findings.append(Finding(severity, module, code, message, **kw))
-
-    def unusable(self, exc: LoratoolsError, code: str) -> ValidationReport:
-        self.usable = False
-        self.add("error", None, code, exc.message, hint=exc.hint, file=str(exc.path) if exc.path else None)
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        scan = {"scan": self.scan} if self.scan is not None else {}
-        return {
-            "path": self.path,
-            "format": self.format,
-            "base": self.base,
-            "ok": self.ok,
-            "usable": self.usable,
-            "modules_checked": self.modules_checked,
-            "errors": len(self.errors),
-            "warnings": len(self.warnings),
-            "findings": [f.to_dict() for f in self.findings],
-            **scan,
-        }
-
+    from ...adapter import Adapter
 
 def validate(
     adapter_path: str | Path, base: str | Path | None = None, target: str | None = None, scan: bool = False
@@ -108,9 +34,9 @@ def validate(
         >>> report.ok, [f.code for f in report.findings]
         (True, [])
     """
-    from ..checkpoint.reader import open_checkpoint
-    from ..formats.registry import detect_format
-    from ..hub import resolve_path
+    from ...checkpoint.reader import open_checkpoint
+    from ...formats.registry import detect_format
+    from ...hub import resolve_path
 
     report = ValidationReport(path=str(adapter_path), base=str(base) if base is not None else None)
     try:
@@ -154,7 +80,7 @@ def validate(
         check_adapter(adapter, report)
         check_finite(adapter, report)
         if reader is not None:
-            from .validate_base import check_against_base
+            from .base import check_against_base
 
             check_against_base(adapter, reader, report)
         if target is not None:
@@ -162,7 +88,7 @@ def validate(
 
             report.findings += serving_findings(adapter, target)
         if scan:
-            from .scan import scan_adapter, scan_findings
+            from ..scan import scan_adapter, scan_findings
 
             result = scan_adapter(adapter)
             report.scan = result.to_dict()
@@ -281,7 +207,7 @@ def check_finite(adapter: Adapter, report: ValidationReport) -> None:
 
 def _file_tensors(path: Path):  # noqa: ANN202 - yields (name, tensor)
     if path.suffix == ".safetensors":
-        from ..safetensors_file import SafetensorsFile
+        from ...safetensors_file import SafetensorsFile
 
         f = SafetensorsFile(path)
         try:
@@ -291,7 +217,7 @@ def _file_tensors(path: Path):  # noqa: ANN202 - yields (name, tensor)
         finally:
             f.close()
     else:
-        from ..checkpoint.reader import load_pickle_weights
+        from ...checkpoint.reader import load_pickle_weights
 
         yield from load_pickle_weights(path).items()
 
@@ -304,7 +230,7 @@ def _weight_files(path: Path) -> list[Path]:
 
 def _module_of(key: str, adapter: Adapter | None, format: str | None) -> str | None:
     if format == "peft":
-        from ..formats.peft import split_key
+        from ...formats.peft import split_key
 
         return split_key(key)[0]
     names = adapter.modules if adapter is not None else []

@@ -15,11 +15,11 @@ from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UsageError
+from ...errors import UsageError
 
 if TYPE_CHECKING:
-    from ..adapter import Adapter
-    from .validate import Finding
+    from ...adapter import Adapter
+    from .findings import Finding
 
 _KOHYA_NAME = re.compile(r"^lora_[a-z0-9]+_[A-Za-z0-9_]+$")
 _PIPELINE_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
@@ -96,7 +96,7 @@ def serving_findings(adapter: Adapter, target: str, **settings: Any) -> list[Fin
     say). Each finding's code is ``<target>.<rule id>``; its message ends with the runtime version and
     source the rule was read from.
     """
-    from .validate import Finding
+    from .findings import Finding
 
     table = serving_rules()
     if target not in table:
