@@ -25,7 +25,7 @@ from .registry import AdapterFormat, register_format
 if TYPE_CHECKING:
     import torch
 
-    from ..checkpoint.reader import CheckpointReader
+    from .registry import KeyResolver
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -56,7 +56,7 @@ def get_pattern_key(pattern_keys: list[str], key: str) -> str | None:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    from ..checkpoint.reader import read_json
+    from ..json_file import read_json
 
     cfg_path = path / CONFIG
     cfg = read_json(cfg_path, CONFIG)
@@ -81,7 +81,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], 
         return tensors, meta, st
     binf = path / WEIGHTS_BIN
     if binf.is_file():
-        from ..checkpoint.reader import load_pickle_weights
+        from ..pickle_file import load_pickle_weights
 
         return load_pickle_weights(binf), {}, binf
     raise FormatError(
@@ -187,26 +187,20 @@ def _tensor_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], Path]:
     return {k: tuple(t.shape) for k, t in tensors.items()}, f
 
 
-def _fan_in_fan_out(modules: dict[str, LoraModule], cfg_flag: bool, base: CheckpointReader | None) -> None:
+def _fan_in_fan_out(modules: dict[str, LoraModule], cfg_flag: bool, base: KeyResolver | None) -> None:
     """Decide per module whether the base stores the weight (in, out) (transformers' Conv1D).
 
     PEFT flips ``fan_in_fan_out`` per layer type at load time, so the config flag is only a hint
     (the last layer decides what it says). With a base: the weight's shape decides when it is not
     square, the model type (GPT-2 family) when it is. Without: the config flag, except on heads.
     """
-    matcher = None
-    model_type = None
-    if base is not None:
-        from ..checkpoint.keymap import KeyMatcher
-
-        matcher = KeyMatcher(base.keys())
-        model_type = (base.config or {}).get("model_type")
+    model_type = (base.config or {}).get("model_type") if base is not None else None
     for name, m in modules.items():
         if m.kind != "linear":
             continue
         leaf = name.rsplit(".", 1)[-1]
         fifo = cfg_flag and leaf not in _LINEAR_HEADS
-        key = matcher.tensor_key(name) if matcher is not None else None
+        key = base.tensor_key(name) if base is not None else None
         if key is not None:
             shape = tuple(base.info(key).shape)
             straight, flipped = (m.out_features, m.in_features), (m.in_features, m.out_features)
@@ -235,7 +229,7 @@ class PeftFormat(AdapterFormat):
         return check_structure(shapes)
 
     @classmethod
-    def read(cls, path: Path, base: CheckpointReader | None = None) -> Adapter:
+    def read(cls, path: Path, base: KeyResolver | None = None) -> Adapter:
         path = path.parent if _inside_folder(path) else path
         cfg = _read_config(path)
         tensors, metadata, weights_file = _read_tensors(path)

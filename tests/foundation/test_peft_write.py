@@ -59,7 +59,8 @@ def test_written_config_is_plain_peft(tmp_path) -> None:
     cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 7
     assert cfg["init_lora_weights"] is True  # layers PEFT creates but the file lacks start as a zero delta
-    assert set(cfg["target_modules"]) == {"q_proj", "v_proj", "up_proj", "down_proj"}
+    leaves = ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")
+    assert cfg["target_modules"] == sorted(f"model.layers.{i}.{leaf}" for i in range(2) for leaf in leaves)
 
 
 def test_save_refuses_existing_output(tmp_path) -> None:
