@@ -291,10 +291,12 @@ class PeftFormat(AdapterFormat):
 
     @classmethod
     def write(cls, adapter: Adapter, path: Path, provenance: dict[str, Any] | None = None, **options: Any) -> None:
+        if has_family(adapter):
+            return write_adapter(adapter, path, provenance)
         path.mkdir(parents=True, exist_ok=True)
         cfg = config_for(adapter)
         tensors: dict[str, torch.Tensor] = {}
-        for name, m in adapter.modules.items():
+        for name, m in live_modules(adapter).items():
             k = PREFIX + name
             if m.kind == "embedding":
                 tensors[f"{k}.lora_embedding_A"] = m.down
@@ -336,9 +338,14 @@ def _pattern(cfg: dict[str, Any], key: str, where: Path) -> dict[str, Any]:
     return value
 
 
+def live_modules(adapter: Adapter) -> dict[str, LoraModule]:
+    """The modules with rank > 0: a rank-0 module changes nothing and PEFT cannot build one."""
+    return {n: m for n, m in adapter.modules.items() if m.rank > 0}
+
+
 def config_for(adapter: Adapter) -> dict[str, Any]:
     """An ``adapter_config.json`` that makes PEFT rebuild exactly these modules, ranks and scales."""
-    mods = adapter.modules
+    mods = live_modules(adapter)
     if not mods and not adapter.replacements:
         raise ValidationError("the adapter has no modules to write")
     rslora = {m.use_rslora for m in mods.values()}
@@ -354,8 +361,9 @@ def config_for(adapter: Adapter) -> dict[str, Any]:
     alpha = alpha_counts.most_common(1)[0][0] if mods else 8.0
     rank_pattern = {re.escape(n): m.rank for n, m in mods.items() if m.rank != r}
     alpha_pattern = {re.escape(n): _num(m.alpha) for n, m in mods.items() if float(m.alpha) != alpha}
-    # PEFT matches targets as name suffixes; a bare index (to_out.0, ff.net.2) would match whole blocks
-    targets = sorted({".".join(n.split(".")[-2 if n.rsplit(".", 1)[-1].isdigit() else -1 :]) for n in mods})
+    # full module paths: PEFT takes a list entry as the exact name (or a dotted suffix of one), so a
+    # leaf name would also wrap same-named modules the file holds no tensors for (BERT's three `dense`)
+    targets = sorted(mods)
     to_save = sorted({k.rpartition(".")[0] for k in adapter.replacements if k.rpartition(".")[0] not in mods})
     old = dict(adapter.meta.get("config") or {}) if adapter.format == "peft" else {}
     cfg: dict[str, Any] = {**old}
