@@ -28,7 +28,7 @@ from .registry import AdapterFormat, register_format
 if TYPE_CHECKING:
     import torch
 
-    from ..checkpoint.reader import CheckpointReader
+    from .registry import KeyResolver
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 WEIGHTS_BIN = "pytorch_lora_weights.bin"
@@ -140,12 +140,12 @@ class DiffusersFormat(AdapterFormat):
         return all(k.partition(".")[0] in known for k in tensors) and any("lora" in k for k in tensors)
 
     @classmethod
-    def read(cls, path: Path, base: CheckpointReader | None = None) -> Adapter:
+    def read(cls, path: Path, base: KeyResolver | None = None) -> Adapter:
         weights = _weights_file(path)
         if weights is None:
             raise FormatError(f"{path}: no {WEIGHTS} in this folder", path=path)
         if weights.suffix == ".bin":
-            from ..checkpoint.reader import load_pickle_weights
+            from ..pickle_file import load_pickle_weights
 
             tensors, metadata = load_pickle_weights(weights), {}
         else:

@@ -28,7 +28,7 @@ from .registry import AdapterFormat, register_format
 if TYPE_CHECKING:
     import torch
 
-    from ..checkpoint.reader import CheckpointReader
+    from .registry import KeyResolver
 
 #: kohya prefix -> diffusers pipeline component
 PREFIX_COMPONENT = {
@@ -95,7 +95,7 @@ def _underscored(path: str) -> str:
     return path.replace(".", "_")
 
 
-def _module_paths(reader: CheckpointReader) -> list[str]:
+def _module_paths(reader: KeyResolver) -> list[str]:
     return [k[: -len(".weight")] for k in reader.keys() if k.endswith(".weight")]
 
 
@@ -123,7 +123,7 @@ def _name_index(paths: list[str], text_encoder: bool, config: dict[str, Any] | N
 class _Resolver:
     """Kohya names -> the base's module paths (component-prefixed for a diffusers pipeline)."""
 
-    def __init__(self, base: CheckpointReader) -> None:
+    def __init__(self, base: KeyResolver) -> None:
         self.base = base
         self._indexes: dict[str, dict[str, str | None]] = {}
 
@@ -190,7 +190,7 @@ class KohyaFormat(AdapterFormat):
         return any(_NAME.match(k.partition(".")[0]) or k.startswith("diffusion_model.") for k in tensors)
 
     @classmethod
-    def read(cls, path: Path, base: CheckpointReader | None = None) -> Adapter:
+    def read(cls, path: Path, base: KeyResolver | None = None) -> Adapter:
         tensors, metadata = load_file(path)
         _refuse_layouts(path, list(tensors))
         parts: dict[str, dict[str, torch.Tensor]] = {}

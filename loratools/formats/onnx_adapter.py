@@ -16,7 +16,7 @@ from ..errors import FormatError, UnsupportedError, UsageError, ValidationError
 from .registry import AdapterFormat, register_format
 
 if TYPE_CHECKING:
-    from ..checkpoint.reader import CheckpointReader
+    from .registry import KeyResolver
 
 SUFFIX = ".onnx_adapter"
 _NP_DTYPES = {"fp32": "float32", "fp16": "float16"}
@@ -52,7 +52,7 @@ class OnnxAdapterFormat(AdapterFormat):
         return path.is_file() and path.suffix == SUFFIX
 
     @classmethod
-    def read(cls, path: Path, base: CheckpointReader | None = None) -> Adapter:
+    def read(cls, path: Path, base: KeyResolver | None = None) -> Adapter:
         import torch
 
         from ..onnx.slots import A_SUFFIX, B_SUFFIX

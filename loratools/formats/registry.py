@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..errors import FormatError, InputNotFoundError, UsageError
 
 if TYPE_CHECKING:
+    import torch
+
     from ..adapter import Adapter
-    from ..checkpoint.reader import CheckpointReader
+
+
+class KeyResolver(Protocol):
+    """What a format may know of a base checkpoint: its names, shapes and config — nothing of its files.
+
+    ``loratools.checkpoint.reader.CheckpointReader`` is one; formats never import checkpoint code.
+    """
+
+    kind: str  # "folder" | "file" | "pipeline"
+    config: dict[str, Any] | None
+    components: Mapping[str, KeyResolver]
+
+    def keys(self) -> list[str]: ...
+
+    def info(self, key: str) -> Any: ...  # has .shape
+
+    def get(self, key: str) -> torch.Tensor: ...
+
+    def tensor_key(self, module: str, suffix: str = "weight") -> str | None: ...
 
 _REGISTRY: dict[str, type[AdapterFormat]] = {}
 
@@ -28,7 +49,7 @@ class AdapterFormat:
         raise NotImplementedError
 
     @classmethod
-    def read(cls, path: Path, base: CheckpointReader | None = None) -> Adapter:
+    def read(cls, path: Path, base: KeyResolver | None = None) -> Adapter:
         """Read ``path`` into the canonical model; ``base`` resolves ambiguous names if given."""
         raise NotImplementedError
 
