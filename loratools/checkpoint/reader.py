@@ -69,8 +69,12 @@ class CheckpointReader:
     """Tensors of a base checkpoint by name, read lazily from their shard.
 
     ``files`` lists the weight files in order; ``file_of(key)`` the file a tensor lives in; ``config``
-    the ``config.json`` (or None); ``components`` the sub-readers of a diffusers pipeline.
+    the ``config.json`` (or None); ``components`` the sub-readers of a diffusers pipeline. A quantized
+    base (``quantization_config``) has ``quant`` set: its companion tensors are hidden and each quantized
+    module's ``.weight`` reads dequantized (``raw_weight_map`` lists the tensors as stored).
     """
+
+    quant: Any = None
 
     def __init__(self, root: Path, files: list[Path], weight_map: dict[str, Path] | None = None) -> None:
         self.root = root
@@ -89,6 +93,13 @@ class CheckpointReader:
         self.config: dict[str, Any] | None = read_json(cfg, "config") if cfg and cfg.is_file() else None
         if self.config is not None and not isinstance(self.config, dict):
             raise FormatError(f"{cfg}: expected a JSON object", path=cfg)
+        self.raw_weight_map = weight_map
+        if self.config and isinstance(self.config.get("quantization_config"), dict):
+            from .quant import attach  # quantized modules read as one dequantized weight each
+
+            self.quant = attach(self)
+            if self.quant is not None:
+                self.weight_map = self.quant.logical_weight_map(weight_map)
 
     # -- construction ------------------------------------------------------------------------
     def _file(self, path: Path) -> Any:
@@ -119,9 +130,13 @@ class CheckpointReader:
             raise FormatError(f"{self.root}: no tensor named {key!r}", path=self.root) from None
 
     def info(self, key: str) -> TensorInfo | _BinInfo:
+        if self.quant is not None and key in self.quant.tensors:
+            return self.quant.info(key)  # type: ignore[return-value]
         return self._file(self.file_of(key)).info(key)
 
     def get(self, key: str) -> torch.Tensor:
+        if self.quant is not None and key in self.quant.tensors:
+            return self.quant.get(key)
         return self._file(self.file_of(key)).get(key)
 
     def metadata(self, path: Path) -> dict[str, str]:
@@ -232,7 +247,7 @@ def _open_folder(root: Path) -> CheckpointReader:
             reader = CheckpointReader(root, files, None)
             reader.index = index
             # the index must agree with the shards' own headers
-            actual = reader.weight_map
+            actual = reader.raw_weight_map
             missing = sorted(set(weight_map) - set(actual))
             if missing:
                 raise FormatError(f"{index_path}: lists {missing[0]!r} but no shard holds it", path=index_path)

@@ -1,0 +1,39 @@
+"""Quantized base checkpoints read as they sit on disk, one dequantized tensor at a time (pure torch).
+
+Supported (from ``quantization_config`` in config.json): bitsandbytes 4-bit (nf4/fp4, with or without
+double quantization) and 8-bit, FP8 with block-wise or per-tensor scales, GPTQ (2/4/8-bit, act-order,
+v1 and v2 zero points) and AWQ GEMM. :func:`attach` gives a reader its :class:`QuantizedCheckpoint`:
+the reader then lists one logical ``<module>.weight`` per quantized module (companions hidden) and
+``get`` returns it dequantized in the base's compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .layout import SCHEMES, LogicalInfo, QuantizedCheckpoint, QuantTensor, scheme_of
+
+if TYPE_CHECKING:
+    from ..reader import CheckpointReader
+
+
+def attach(reader: CheckpointReader) -> QuantizedCheckpoint | None:
+    """The quantized modules of ``reader``; None for a float checkpoint, an unknown method, or no packed tensor."""
+    cfg = reader.config or {}
+    qcfg = cfg.get("quantization_config")
+    if not isinstance(qcfg, dict) or scheme_of(qcfg) is None:
+        return None
+    raw = dict(reader.weight_map)
+
+    def raw_info(key: str):  # noqa: ANN202
+        return reader._file(raw[key]).info(key)
+
+    def raw_get(key: str):  # noqa: ANN202
+        return reader._file(raw[key]).get(key)
+
+    found = QuantizedCheckpoint(qcfg, cfg, list(raw), raw_info, raw_get, str(reader.root))
+    # a config that claims quantization over float weights: nothing to dequantize (merge refuses it)
+    return found if found.tensors else None
+
+
+__all__ = ["SCHEMES", "LogicalInfo", "QuantTensor", "QuantizedCheckpoint", "attach", "scheme_of"]

@@ -1,0 +1,196 @@
+"""bitsandbytes 4-bit (nf4/fp4, optionally double-quantized) and 8-bit (LLM.int8) weights, in plain torch.
+
+The arithmetic follows bitsandbytes' own CPU path (``backends/default/ops.py``, ``functional.py``:
+``QuantState.from_dict``, ``dequantize_4bit``, ``quantize_4bit``, ``quantize_blockwise``,
+``int8_vectorwise_dequant``) operation for operation, so results are bit-equal to it (tests/quant):
+
+- 4-bit: two codes per byte, high nibble first; value = ``quant_map[code] * absmax[block]`` in fp32,
+  cast once to the state's dtype. Double quantization stores ``absmax`` as uint8 codes of the dynamic
+  map ``nested_quant_map`` with one fp32 ``nested_absmax`` per ``nested_blocksize`` (256) blocks, plus
+  ``nested_offset``: absmax = nested_quant_map[q] * nested_absmax[block] + offset.
+- 8-bit: W = (q * SCB[row]) * (1/127) in fp32 (bitsandbytes multiplies by the reciprocal).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ...errors import FormatError
+
+if TYPE_CHECKING:
+    import torch
+
+#: bitsandbytes' int8_vectorwise_dequant multiplies by this constant, not by 1/127 computed in fp32
+INV_127 = 7.874015718698502e-3
+STATE_PREFIX = "quant_state.bitsandbytes__"
+BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass
+class State4bit:
+    """The non-tensor part of a 4-bit quant state (the JSON stored as a uint8 tensor)."""
+
+    quant_type: str
+    blocksize: int
+    dtype: str
+    shape: tuple[int, ...]
+    nested_blocksize: int | None = None
+    nested_dtype: str | None = None
+    nested_offset: float | None = None
+    raw: dict[str, Any] | None = None
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_offset is not None
+
+
+def parse_state(data: torch.Tensor, where: str) -> State4bit:
+    """The ``quant_state.bitsandbytes__nf4|fp4`` tensor: UTF-8 JSON bytes (bitsandbytes' pack_dict_to_tensor)."""
+    try:
+        doc = json.loads(bytes(data.reshape(-1).numpy()).decode("utf-8"))
+        shape = tuple(int(s) for s in doc["shape"])
+        state = State4bit(
+            quant_type=str(doc["quant_type"]),
+            blocksize=int(doc["blocksize"]),
+            dtype=str(doc["dtype"]),
+            shape=shape,
+            raw=doc,
+        )
+        if "nested_offset" in doc:
+            state.nested_blocksize = int(doc["nested_blocksize"])
+            state.nested_dtype = str(doc.get("nested_dtype", "float32"))
+            state.nested_offset = float(doc["nested_offset"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{where}: not a readable bitsandbytes quant state ({exc})") from None
+    if state.quant_type not in ("nf4", "fp4") or state.blocksize not in BLOCKSIZES_4BIT:
+        raise FormatError(f"{where}: unsupported bitsandbytes 4-bit state {state.quant_type}/{state.blocksize}")
+    if state.dtype not in ("float32", "float16", "bfloat16"):
+        raise FormatError(f"{where}: bitsandbytes 4-bit dtype {state.dtype!r} is not a float type")
+    return state
+
+
+def pack_state(state: State4bit, nested_offset: float | None) -> torch.Tensor:
+    """The JSON state tensor again, with a new nested offset (same keys in the same order as bitsandbytes)."""
+    import torch
+
+    doc = dict(state.raw or {})
+    if nested_offset is not None:
+        doc["nested_offset"] = nested_offset
+    return torch.tensor(list(json.dumps(doc).encode("utf-8")), dtype=torch.uint8)
+
+
+def _blockwise(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``values * absmax[i // blocksize]`` in fp32, the last block possibly short (bitsandbytes' layout)."""
+    import torch
+
+    n = values.numel()
+    rem = n % blocksize
+    if rem == 0:
+        return (values.view(-1, blocksize) * absmax.view(-1, 1)).reshape(n)
+    full = n - rem
+    blocks = full // blocksize
+    out = torch.empty(n, dtype=torch.float32)
+    out[:full] = (values[:full].view(-1, blocksize) * absmax[:blocks].view(-1, 1)).reshape(full)
+    out[full:] = values[full:] * absmax[blocks]
+    return out
+
+
+def nested_absmax(state: State4bit, qabsmax: torch.Tensor, nested_absmax: torch.Tensor, nested_map: torch.Tensor):  # noqa: ANN201
+    """fp32 absmax of a double-quantized state: nested_map[q] * nested_absmax[block] + offset."""
+    import torch
+
+    codes = nested_map.to(torch.float32)[qabsmax.reshape(-1).to(torch.int64)]
+    absmax = _blockwise(codes, nested_absmax.to(torch.float32).reshape(-1), state.nested_blocksize or 256)
+    absmax += torch.tensor(float(state.nested_offset or 0.0), dtype=torch.float32)
+    return absmax
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, state: State4bit):  # noqa: ANN201
+    """The weight of ``state.shape`` in ``state.dtype``; ``absmax`` already fp32 (nested resolved)."""
+    import torch
+
+    data = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    n = math.prod(state.shape)
+    if data.numel() * 2 < n:
+        raise FormatError(
+            f"packed 4-bit data holds {data.numel() * 2} values, the state's shape {state.shape} needs {n}"
+        )
+    idx = torch.empty(data.numel() * 2, dtype=torch.int64)
+    idx[0::2] = data >> 4
+    idx[1::2] = data & 0xF
+    values = quant_map.to(torch.float32)[idx][:n]
+    out = _blockwise(values, absmax.to(torch.float32).reshape(-1), state.blocksize)
+    return out.reshape(state.shape).to(getattr(torch, state.dtype))
+
+
+def _quantize_blockwise_to(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest code value (``code`` sorted; ties as bitsandbytes' bucketize resolves them)."""
+    import torch
+
+    bounds = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(scaled, bounds, out_int32=True)
+
+
+def _scaled_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block absmax and values scaled into [-1, 1] (bitsandbytes' quantize_4bit/blockwise prologue)."""
+    import torch
+
+    n = flat.numel()
+    rem = n % blocksize
+    full = n - rem
+    com = flat[:full].reshape(full // blocksize, blocksize)
+    absmax = com.abs().max(dim=-1)[0]
+    scaled = torch.clamp(com * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        am = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
+    return absmax, scaled
+
+
+def quantize_4bit(weight: torch.Tensor, quant_map: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed uint8 (n/2, 1), absmax fp32)`` of ``weight`` with the 4-bit code ``quant_map``.
+
+    ``weight`` should already be in the state's dtype (bitsandbytes quantizes the stored-dtype tensor).
+    """
+    import torch
+
+    code = quant_map.to(torch.float32)
+    order = torch.argsort(code)
+    bounds = (code[order[:-1]] + code[order[1:]]) / 2
+    absmax, scaled = _scaled_blocks(weight.reshape(-1).float(), blocksize)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    q = order[torch.bucketize(scaled, bounds, out_int32=True).to(torch.int64)].to(torch.uint8)
+    packed = ((q[::2] << 4) | q[1::2]).unsqueeze(1)
+    return packed, absmax
+
+
+def quantize_nested(absmax: torch.Tensor, nested_map: torch.Tensor, nested_blocksize: int):  # noqa: ANN201
+    """Double quantization of fp32 absmax: ``(q uint8, nested_absmax fp32, offset float)``."""
+    import torch
+
+    offset = absmax.mean()
+    centred = absmax - offset
+    nabs, scaled = _scaled_blocks(centred.reshape(-1).float(), nested_blocksize)
+    q = _quantize_blockwise_to(scaled, nested_map.to(torch.float32)).to(torch.uint8)
+    return q, nabs, offset.item()
+
+
+def dequantize_int8(q: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """LLM.int8 row-wise: (q * SCB[row]) * (1/127) in fp32, exactly as bitsandbytes computes it."""
+    import torch
+
+    return q.to(torch.int8) * scb.to(torch.float32).view(-1, 1) * INV_127
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise int8 of ``weight`` (bitsandbytes' int8_vectorwise_quant, threshold 0): ``(q, SCB)``."""
+    import torch
+
+    row_stats = torch.max(weight.abs(), dim=1).values.float()
+    q = torch.round(weight * (127.0 / row_stats.unsqueeze(-1))).to(torch.int8)
+    return q, row_stats

@@ -1,0 +1,278 @@
+"""Which tensors of a quantized checkpoint belong together, and the logical weights they make.
+
+A :class:`QuantizedCheckpoint` is built from ``quantization_config`` in config.json and the raw tensor
+names. Each quantized module becomes one logical ``<module>.weight`` in the base's compute dtype;
+its companion tensors (``absmax``, ``SCB``, ``weight_scale_inv``, ``qzeros`` ...) are hidden from the
+reader's key list. Everything else (norms, embeddings, an unquantized lm_head) passes through.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ...errors import FormatError, UnsupportedError
+from ...safetensors_file import DTYPES
+
+if TYPE_CHECKING:
+    import torch
+
+SCHEMES = ("bnb-4bit", "bnb-8bit", "fp8", "gptq", "awq")
+_FLOAT_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_BNB4_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+@dataclass(frozen=True)
+class LogicalInfo:
+    """Header-like info of a dequantized weight (no byte range: it has to be computed)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    scheme: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[self.dtype][1]
+
+    @property
+    def is_float(self) -> bool:
+        return True
+
+
+@dataclass
+class QuantTensor:
+    """One quantized module: its logical weight key, scheme, raw parts by role and settings."""
+
+    key: str
+    scheme: str
+    parts: dict[str, str]
+    shape: tuple[int, ...]
+    dtype: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _dtype_name(value: object, default: str = "BF16") -> str:
+    return _FLOAT_NAMES.get(str(value).removeprefix("torch."), default)
+
+
+def scheme_of(qcfg: dict[str, Any]) -> str | None:
+    """``bnb-4bit``/``bnb-8bit``/``fp8``/``gptq``/``awq`` from a ``quantization_config``, or None."""
+    method = str(qcfg.get("quant_method", "")).lower()
+    if method == "bitsandbytes" or "load_in_4bit" in qcfg or "load_in_8bit" in qcfg:
+        if qcfg.get("load_in_4bit") or qcfg.get("_load_in_4bit"):
+            return "bnb-4bit"
+        if qcfg.get("load_in_8bit") or qcfg.get("_load_in_8bit"):
+            return "bnb-8bit"
+        return None
+    if method in ("fp8", "fbgemm_fp8"):
+        return "fp8"
+    if method == "gptq":
+        return "gptq"
+    if method == "awq":
+        return "awq"
+    return None
+
+
+class QuantizedCheckpoint:
+    """The quantized modules of a checkpoint; ``get`` dequantizes one of them.
+
+    ``raw_info(key)`` and ``raw_get(key)`` read the tensors as stored (given by the reader).
+    """
+
+    def __init__(
+        self,
+        qcfg: dict[str, Any],
+        config: dict[str, Any],
+        raw_keys: list[str],
+        raw_info: Callable[[str], Any],
+        raw_get: Callable[[str], torch.Tensor],
+        where: str,
+    ) -> None:
+        scheme = scheme_of(qcfg)
+        if scheme is None:
+            raise UnsupportedError(
+                f"{where}: quantization_config method {qcfg.get('quant_method')!r} is not one loratools reads",
+                hint="supported: bitsandbytes 4/8-bit, fp8, gptq, awq; dequantize other bases with their own library",
+            )
+        self.scheme = scheme
+        self.qcfg = qcfg
+        self.where = where
+        self.raw_info = raw_info
+        self.raw_get = raw_get
+        self.compute_dtype = _dtype_name(config.get("dtype") or config.get("torch_dtype"), "BF16")
+        self.tensors: dict[str, QuantTensor] = {}
+        keys = set(raw_keys)
+        find = {"bnb-4bit": self._bnb4, "bnb-8bit": self._bnb8, "fp8": self._fp8, "gptq": self._gptq, "awq": self._awq}
+        find[scheme](keys)
+        self.hidden = {p for t in self.tensors.values() for p in t.parts.values()} - set(self.tensors)
+
+    # -- discovery per scheme ---------------------------------------------------------------------
+    def _bnb4(self, keys: set[str]) -> None:
+        from .bnb import STATE_PREFIX, parse_state
+
+        for k in sorted(keys):
+            base, sep, qt = k.partition("." + STATE_PREFIX)
+            if not sep or qt not in ("nf4", "fp4") or base not in keys:
+                continue
+            state = parse_state(self.raw_get(k), f"{self.where}: {k}")
+            parts = {"weight": base, "state": k}
+            parts.update({p: f"{base}.{p}" for p in _BNB4_PARTS if f"{base}.{p}" in keys})
+            if "absmax" not in parts or "quant_map" not in parts or (state.nested and "nested_absmax" not in parts):
+                raise FormatError(f"{self.where}: {base} lacks part of its bitsandbytes quant state", path=None)
+            settings = {"quant_type": state.quant_type, "blocksize": state.blocksize, "nested": state.nested}
+            if state.nested:
+                settings["nested_blocksize"] = state.nested_blocksize
+            self.tensors[base] = QuantTensor(base, "bnb-4bit", parts, state.shape, _dtype_name(state.dtype), settings)
+
+    def _bnb8(self, keys: set[str]) -> None:
+        for k in sorted(keys):
+            if not k.endswith(".SCB"):
+                continue
+            module = k[: -len(".SCB")]
+            wkey = f"{module}.weight"
+            if wkey not in keys or self.raw_info(wkey).dtype != "I8":
+                continue
+            parts = {"weight": wkey, "SCB": k}
+            if f"{wkey}_format" in keys:
+                parts["format"] = f"{wkey}_format"
+            info = self.raw_info(wkey)
+            self.tensors[wkey] = QuantTensor(wkey, "bnb-8bit", parts, tuple(info.shape), self.compute_dtype)
+
+    def _fp8(self, keys: set[str]) -> None:
+        block = self.qcfg.get("weight_block_size")
+        block_t = (int(block[0]), int(block[1])) if isinstance(block, list | tuple) and len(block) == 2 else None
+        for k in sorted(keys):
+            if not k.endswith(".weight") or self.raw_info(k).dtype not in ("F8_E4M3", "F8_E5M2"):
+                continue
+            stem = k[: -len(".weight")]
+            scale = next((s for s in (f"{k}_scale_inv", f"{k}_scale") if s in keys), None)
+            if scale is None:
+                raise FormatError(f"{self.where}: FP8 weight {k} has no {k}_scale_inv or {k}_scale")
+            parts = {"weight": k, "scale": scale}
+            for extra in ("input_scale", "activation_scale"):
+                if f"{stem}.{extra}" in keys:
+                    parts[extra] = f"{stem}.{extra}"
+            per_tensor = self.raw_info(scale).numel == 1
+            settings = {
+                "block": None if per_tensor else block_t,
+                "scale_name": scale.rsplit(".", 1)[1],
+                "ue8m0": self.qcfg.get("scale_fmt") == "ue8m0",
+                "fp8_dtype": self.raw_info(k).dtype,
+            }
+            info = self.raw_info(k)
+            self.tensors[k] = QuantTensor(k, "fp8", parts, tuple(info.shape), self.compute_dtype, settings)
+
+    def _int_packed(self, keys: set[str], scheme: str) -> None:
+        bits = int(self.qcfg.get("bits", self.qcfg.get("w_bit", 4)))
+        group = int(self.qcfg.get("group_size", self.qcfg.get("q_group_size", 128)))
+        for k in sorted(keys):
+            if not k.endswith(".qweight"):
+                continue
+            module = k[: -len(".qweight")]
+            parts = {"qweight": k}
+            for role in ("qzeros", "scales", "g_idx"):
+                if f"{module}.{role}" in keys:
+                    parts[role] = f"{module}.{role}"
+            if "qzeros" not in parts or "scales" not in parts:
+                raise FormatError(f"{self.where}: {k} has no qzeros/scales beside it")
+            qinfo, sinfo = self.raw_info(k), self.raw_info(parts["scales"])
+            if scheme == "gptq":
+                shape = (qinfo.shape[1], qinfo.shape[0] * 32 // bits)
+                fmt = str(self.qcfg.get("checkpoint_format", "gptq")).lower()
+                settings = {
+                    "bits": bits,
+                    "group_size": group,
+                    "v1": fmt != "gptq_v2",
+                    "desc_act": bool(self.qcfg.get("desc_act")),
+                }
+            else:
+                version = str(self.qcfg.get("version", "gemm")).lower()
+                if version != "gemm":
+                    raise UnsupportedError(
+                        f"{self.where}: AWQ version {version!r} is not supported (GEMM is)",
+                        hint="dequantize the base with autoawq and merge into the 16-bit copy",
+                    )
+                shape = (qinfo.shape[1] * 32 // bits, qinfo.shape[0])
+                settings = {"bits": bits, "group_size": group}
+            dtype = sinfo.dtype if sinfo.dtype in ("F16", "BF16", "F32") else "F16"
+            self.tensors[f"{module}.weight"] = QuantTensor(f"{module}.weight", scheme, parts, shape, dtype, settings)
+
+    def _gptq(self, keys: set[str]) -> None:
+        self._int_packed(keys, "gptq")
+
+    def _awq(self, keys: set[str]) -> None:
+        self._int_packed(keys, "awq")
+
+    # -- reading ---------------------------------------------------------------------------------
+    def info(self, key: str) -> LogicalInfo:
+        t = self.tensors[key]
+        return LogicalInfo(key, t.dtype, t.shape, t.scheme)
+
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dequantized weight in the compute dtype (``dtype=torch.float32`` skips the final cast)."""
+        from ...safetensors_file import torch_dtype
+
+        t = self.tensors[key]
+        out = torch_dtype(t.dtype) if dtype is None else dtype
+        return dequantize(t, {role: self.raw_get(k) for role, k in t.parts.items()}, out, f"{self.where}: {key}")
+
+    def logical_weight_map(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """``raw`` (key -> file) with the companion tensors hidden and each logical weight in its place."""
+        placed = {t.parts.get("qweight", t.key): t.key for t in self.tensors.values()}
+        out: dict[str, Any] = {}
+        for k, f in raw.items():
+            if k in placed:
+                out[placed[k]] = f
+            elif k not in self.hidden:
+                out[k] = f
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Scheme, bits, block sizes and the quantized tensors (for info/validate)."""
+        names = sorted(self.tensors)
+        first = self.tensors[names[0]]
+        bits = {"bnb-4bit": 4, "bnb-8bit": 8, "fp8": 8}.get(self.scheme, first.settings.get("bits"))
+        settings = {k: v for k, v in first.settings.items() if k not in ("scale_name",)}
+        return {
+            "scheme": self.scheme,
+            "bits": bits,
+            "settings": settings,
+            "compute_dtype": {v: k for k, v in _FLOAT_NAMES.items()}[first.dtype],
+            "quantized_tensors": len(names),
+            "quantized": names,
+        }
+
+
+def dequantize(t: QuantTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype, where: str) -> torch.Tensor:
+    """A module's weight from its raw parts, cast once to ``dtype``."""
+    from . import bnb, fp8, gptq
+
+    if t.scheme == "bnb-4bit":
+        state = bnb.parse_state(parts["state"], where)
+        absmax = parts["absmax"]
+        if state.nested:
+            absmax = bnb.nested_absmax(state, absmax, parts["nested_absmax"], parts["nested_quant_map"])
+        w = bnb.dequantize_4bit(parts["weight"], absmax, parts["quant_map"], state)  # bitsandbytes' own rounding
+        return w if w.dtype == dtype else w.to(dtype)
+    if t.scheme == "bnb-8bit":
+        return bnb.dequantize_int8(parts["weight"], parts["SCB"]).to(dtype)
+    if t.scheme == "fp8":
+        return fp8.dequantize(parts["weight"], parts["scale"], t.settings["block"], dtype, where)
+    s = t.settings
+    if t.scheme == "gptq":
+        w = gptq.dequantize_gptq(
+            parts["qweight"], parts["qzeros"], parts["scales"], parts.get("g_idx"),
+            bits=s["bits"], group_size=s["group_size"], v1=s["v1"], where=where,
+        )  # fmt: skip
+    else:
+        w = gptq.dequantize_awq(
+            parts["qweight"], parts["qzeros"], parts["scales"], bits=s["bits"], group_size=s["group_size"], where=where
+        )
+    return w if w.dtype == dtype else w.to(dtype)
