@@ -24,6 +24,7 @@ import torch
 
 from .adapter import LoraModule, scale_for
 from .errors import UsageError
+from .numeric_args import AT_LEAST_ONE, FRACTION, POSITIVE_INT, check_number
 
 #: relative eigenvalue cut for Cholesky-QR: directions below it carry < 1e-7 of the factor's norm
 _EIG_CUT = 1e-14
@@ -204,12 +205,9 @@ def select_rank(s: torch.Tensor, rule: str, value: float) -> int:
 
 def check_rule(rule: str, value: float) -> None:
     """Raise UsageError for values out of range for ``rule``."""
-    if rule == "rank" and (value != int(value) or value < 1):
-        raise UsageError(f"--rank must be a positive integer, got {value}")
-    if rule in ("fro", "cumulative") and not 0 < value <= 1:
-        raise UsageError(f"--{rule} must be in (0, 1], got {value}", hint="e.g. 0.9 keeps 90%")
-    if rule == "ratio" and value < 1:
-        raise UsageError(f"--ratio must be >= 1 (σ_max/σ), got {value}")
+    allowed = {"rank": POSITIVE_INT, "fro": FRACTION, "cumulative": FRACTION, "ratio": AT_LEAST_ONE}.get(rule)
+    if allowed is not None:
+        check_number(f"--{rule}", value, allowed)
 
 
 def energy_rank(s: torch.Tensor, fraction: float) -> int:

@@ -2,7 +2,10 @@
 
 Every writing command writes into a temporary sibling of its output (``.NAME.loratools-tmp-PID-XXXX``)
 and renames it into place at the end, so a killed run never leaves a finished-looking output. With
-``overwrite`` the old output is moved aside, the new one renamed in, then the old one deleted.
+``overwrite`` the old output is moved aside, the new one renamed in, then the old one deleted — only if
+output_guard proves it a previous loratools output. SIGTERM and SIGHUP (default action: die on the spot)
+become an exception while an output is being written, so the temporary is removed as for Ctrl-C, and
+no signal can land between moving the old output aside and renaming the new one in.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ import json
 import os
 import secrets
 import shutil
+import signal
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import DiskSpaceError, OutputExistsError, UsageError
+from .output_guard import entries_summary, location_problem, previous_output_problem
 
 SCHEMA_VERSION = 1
 METADATA_KEY = "loratools"
@@ -46,9 +52,37 @@ def check_output_target(target: str | Path, inputs: Iterable[str | Path] = (), o
                 hint="choose an output path outside every input",
                 path=target,
             )
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputExistsError(f"{target} exists already", hint="pass --overwrite to replace it", path=target)
+    if out.exists() or out.is_symlink():
+        check_replaceable(target, out, overwrite)
     return out
+
+
+def check_replaceable(target: str | Path, out: Path, overwrite: bool) -> None:
+    """Refuse to replace the existing ``out`` (``target`` resolved) unless ``overwrite`` and it is ours.
+
+    Never replaced: the working directory, the home folder and their ancestors; a folder is replaced
+    only when output_guard proves it one previous loratools output. A single file the user named with
+    --overwrite is replaced. The message says what would have been removed.
+    """
+    hint = "write to a new path (for example -o out/NAME), or delete the folder yourself if you mean it"
+    where = location_problem(out)
+    if where is not None:
+        raise OutputExistsError(
+            f"refusing to replace {target}: it {where}; --overwrite would have removed {entries_summary(out)}",
+            hint=hint,
+            path=target,
+        )
+    if not overwrite:
+        raise OutputExistsError(f"{target} exists already", hint="pass --overwrite to replace it", path=target)
+    if out.is_dir() and not out.is_symlink():
+        why = previous_output_problem(out)
+        if why is not None:
+            raise OutputExistsError(
+                f"refusing to replace {target}: {target} is not a previous loratools output ({why}); "
+                f"--overwrite would have removed {entries_summary(out)}",
+                hint=hint,
+                path=target,
+            )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -100,6 +134,60 @@ def check_disk_space(target: str | Path, nbytes: int, *, margin: float = 1.02) -
         )
 
 
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP arrived while an output was being written (exit status 128 + signal)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+        self.message = f"terminated by {signal.Signals(signum).name}; nothing was published"
+
+
+_CAUGHT = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+_state = {"depth": 0, "deferring": 0, "pending": None, "previous": {}}
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if _state["deferring"]:
+        _state["pending"] = signum
+        return
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _signals_caught() -> Iterator[None]:
+    """While writing: SIGTERM/SIGHUP raise Terminated (only where their action is the default death)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if _state["depth"] == 0:
+        _state["previous"] = {}
+        for sig in _CAUGHT:
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                _state["previous"][sig] = signal.signal(sig, _on_signal)
+    _state["depth"] += 1
+    try:
+        yield
+    finally:
+        _state["depth"] -= 1
+        if _state["depth"] == 0:
+            for sig, previous in _state["previous"].items():
+                signal.signal(sig, previous)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """A signal that arrives inside the block is raised when the block ends."""
+    _state["deferring"] += 1
+    try:
+        yield
+    finally:
+        _state["deferring"] -= 1
+        pending, _state["pending"] = _state["pending"], None
+        if pending is not None and not _state["deferring"]:
+            raise Terminated(pending)
+
+
 @contextlib.contextmanager
 def atomic_output(
     target: str | Path,
@@ -120,20 +208,31 @@ def atomic_output(
         _remove(stale)
     if expected_bytes is not None:
         check_disk_space(out, expected_bytes)
+    with _signals_caught():
+        yield from _publish(target, out, overwrite, directory)
+
+
+def _publish(target: str | Path, out: Path, overwrite: bool, directory: bool) -> Iterator[Path]:
     tmp = out.parent / f".{out.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    if directory:
-        tmp.mkdir()
     try:
+        if directory:
+            tmp.mkdir()
         yield tmp
         if not (tmp.exists() or tmp.is_symlink()):
             raise UsageError(f"{target}: nothing was written")
         old = None
-        if out.exists() or out.is_symlink():
-            if not overwrite:  # appeared while we worked
-                raise OutputExistsError(f"{target} exists already", hint="pass --overwrite to replace it")
+        if out.exists() or out.is_symlink():  # it may have appeared (or changed) while we worked
+            check_replaceable(target, out, overwrite)
             old = out.parent / f".{out.name}{_OLD_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-            os.replace(out, old)
-        os.replace(tmp, out)
+        with _signals_deferred():  # the old output is never left moved aside without the new one in place
+            if old is not None:
+                os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, out)
+                raise
         if old is not None:
             _remove(old)
     except BaseException:

@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from .options import device_option, json_option
+from ..numeric_args import NON_NEGATIVE_INT, POSITIVE_INT
+from .options import Number, device_option, json_option
 from .output import get_output, render_table
 
 
@@ -14,10 +15,14 @@ from .output import get_output, render_table
 @click.argument("model", type=str)
 @click.option("--adapter", default=None, help="The adapter to merge / feed through LoRA slots.")
 @device_option
-@click.option("--batch", "batches", type=int, multiple=True, help="Batch size (repeatable; default 1).")
-@click.option("--seq", "seqs", type=int, multiple=True, help="Sequence length (repeatable; default 128).")
-@click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per row.")
-@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs first.")
+@click.option(
+    "--batch", "batches", type=Number(POSITIVE_INT), multiple=True, help="Batch size (repeatable; default 1)."
+)
+@click.option(
+    "--seq", "seqs", type=Number(POSITIVE_INT), multiple=True, help="Sequence length (repeatable; default 128)."
+)
+@click.option("--repeats", type=Number(POSITIVE_INT), default=20, show_default=True, help="Timed runs per row.")
+@click.option("--warmup", type=Number(NON_NEGATIVE_INT), default=3, show_default=True, help="Untimed runs first.")
 @click.option("--work-dir", default=None, help="Keep the exported ONNX models here (default: a temporary folder).")
 @json_option
 @click.pass_context

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .options import base_option, output_option, overwrite_option, parse_weights
+from ..numeric_args import FRACTION, NON_NEGATIVE_INT
+from .options import Number, base_option, output_option, overwrite_option, parse_weights, rank_option, weights_option
 from .output import get_output
 
 _METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")
@@ -12,11 +13,13 @@ _METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")
 
 @click.command(short_help="Combine adapters: exact weighted sum (cat), best rank-R (svd), linear, ties, dare.")
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("--weights", default=None, help="Comma-separated weights, one per adapter (default 1 each).")
+@weights_option("Comma-separated weights, one per adapter (default 1 each).")
 @click.option("--method", type=click.Choice(_METHODS), default="cat", show_default=True, help="How to combine.")
-@click.option("--rank", type=int, default=None, help="Output rank for svd/ties/dare (default: largest input rank).")
-@click.option("--density", type=float, default=None, help="Fraction of entries kept by ties/dare.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of dare's random drops.")
+@rank_option("Output rank for svd/ties/dare (default: largest input rank).")
+@click.option("--density", type=Number(FRACTION), default=None, help="Fraction of entries kept by ties/dare.")
+@click.option(
+    "--seed", type=Number(NON_NEGATIVE_INT), default=0, show_default=True, help="Seed of dare's random drops."
+)
 @base_option
 @click.option("--to", "to", default=None, help="Output format (default: the first input's).")
 @output_option
@@ -25,7 +28,7 @@ _METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")
 def combine(
     ctx: click.Context,
     adapters: tuple[str, ...],
-    weights: str | None,
+    weights: tuple[float, ...] | None,
     method: str,
     rank: int | None,
     density: float | None,

@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from .options import json_option, output_option, overwrite_option, parse_weights
+from ..numeric_args import POSITIVE_INT
+from .options import Number, json_option, output_option, overwrite_option, parse_weights, weights_option
 from .output import get_output
 
 
@@ -14,8 +15,8 @@ from .output import get_output
 @click.argument("model", type=str)
 @output_option
 @click.option("--adapter", "adapters", multiple=True, help="Merge this adapter first (repeatable).")
-@click.option("--weights", default=None, help="Comma-separated weight per --adapter (default 1 each).")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default: torch.onnx's).")
+@weights_option("Comma-separated weight per --adapter (default 1 each).")
+@click.option("--opset", type=Number(POSITIVE_INT), default=None, help="ONNX opset (default: torch.onnx's).")
 @click.option(
     "--dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="fp32 (CPU, default) or fp16 (default on cuda)."
 )
@@ -32,7 +33,7 @@ def export_onnx(
     model: str,
     output: str,
     adapters: tuple[str, ...],
-    weights: str | None,
+    weights: tuple[float, ...] | None,
     opset: int | None,
     dtype: str | None,
     no_verify: bool,

@@ -4,26 +4,33 @@ from __future__ import annotations
 
 import click
 
-from .options import dtype_option, filters, json_option, output_option, overwrite_option
+from ..numeric_args import FRACTION, NON_NEGATIVE, POSITIVE_INT
+from .options import Number, dtype_option, filters, json_option, output_option, overwrite_option, rank_option
 from .output import get_output
 
 
 @click.command(short_help="Extract a LoRA from a fine-tuned checkpoint minus its base.")
 @click.argument("base")
 @click.argument("tuned")
-@click.option("--rank", type=int, default=None, help="Rank of every extracted module.")
-@click.option("--fro", type=float, default=None, help="Per module the smallest rank keeping this Frobenius fraction.")
-@click.option("--max-rank", type=int, default=None, help="Cap on every module's rank.")
+@rank_option("Rank of every extracted module.")
+@click.option(
+    "--fro", type=Number(FRACTION), default=None, help="Per module the smallest rank keeping this Frobenius fraction."
+)
+@click.option("--max-rank", type=Number(POSITIVE_INT), default=None, help="Cap on every module's rank.")
 @click.option("--exact", is_flag=True, help="Always use the full SVD (slower on large matrices).")
 @click.option(
     "--threshold",
-    type=int,
+    type=Number(POSITIVE_INT),
     default=1024,
     show_default=True,
     help="Matrices with min(out, in) above this use a randomized SVD.",
 )
 @click.option(
-    "--min-delta", type=float, default=1e-6, show_default=True, help="Skip tensors with |ΔW| <= this fraction of |W|."
+    "--min-delta",
+    type=Number(NON_NEGATIVE),
+    default=1e-6,
+    show_default=True,
+    help="Skip tensors with |ΔW| <= this fraction of |W|.",
 )
 @filters
 @dtype_option

@@ -105,3 +105,6 @@ def _boundary(run):  # noqa: ANN001, ANN202
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``loratools`` console script."""
     cli.main(args=argv, prog_name="loratools")
+    from ..publish import Terminated
+    except Terminated as exc:  # SIGTERM/SIGHUP while writing: the temporary is gone already
+        _fail(exc.message, None, int(exc.code or 1))

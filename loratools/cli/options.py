@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import click
+
+from ..errors import UsageError
+from ..numeric_args import POSITIVE_INT, WEIGHT, Range, check_weights
 
 json_option = click.option("--json", "json_mode", is_flag=True, help="Print one JSON object (see docs/json.md).")
 output_option = click.option(
@@ -31,14 +37,62 @@ def filters(f):  # noqa: ANN001, ANN201
     return include_option(exclude_option(f))
 
 
-def parse_weights(text: str | None, count: int) -> list[float]:
-    """``--weights 1,0.5,-1`` -> floats, one per input (default 1 each)."""
-    if not text:
-        return [1.0] * count
+class Number(click.ParamType):
+    """A number option: finite and in ``allowed`` (numeric_args.Range), a usage error otherwise.
+
+    Every numeric option of every command uses this type, so ``nan``, ``inf``, ``1e39`` and values out
+    of range are refused the same way, by the same check the library functions make.
+    """
+
+    def __init__(self, allowed: Range) -> None:
+        self.allowed = allowed
+        self.name = "integer" if allowed.integer else "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:  # noqa: D102
+        if isinstance(value, str):
+            try:
+                value = int(value) if self.allowed.integer else float(value)
+            except ValueError:
+                self.fail(f"{value!r} is not {self.allowed.describe()}", param, ctx)
+        problem = self.allowed.problem(value)
+        if problem is not None:
+            self.fail(problem, param, ctx)
+        return value
+
+
+class WeightList(click.ParamType):
+    """``1,0.5,-1`` -> a tuple of finite float32 weights (each checked like every other number)."""
+
+    name = "weights"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:  # noqa: D102
+        if isinstance(value, tuple):
+            return value
+        weights = []
+        for part in str(value).split(","):
+            try:
+                weights.append(float(part))
+            except ValueError:
+                self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+            problem = WEIGHT.problem(weights[-1])
+            if problem is not None:
+                self.fail(f"each weight {problem}", param, ctx)
+        return tuple(weights)
+
+
+def weights_option(help: str = "Comma-separated weight per adapter (default 1 each).") -> Any:  # noqa: A002
+    """``--weights``: one finite weight per adapter."""
+    return click.option("--weights", type=WeightList(), default=None, help=help)
+
+
+def rank_option(help: str) -> Any:  # noqa: A002
+    """``--rank``: a positive integer."""
+    return click.option("--rank", type=Number(POSITIVE_INT), default=None, help=help)
+
+
+def parse_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    """``--weights`` (already parsed and checked by WeightList) -> one float per input (default 1 each)."""
     try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint="--weights") from None
-    if len(weights) != count:
-        raise click.BadParameter(f"got {len(weights)} weights for {count} adapters", param_hint="--weights")
-    return weights
+        return check_weights(weights, count)
+    except UsageError as exc:  # the count does not match the inputs
+        raise click.BadParameter(str(exc), param_hint="--weights") from None

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import click
 
-from .options import output_option, overwrite_option
+from ..numeric_args import POSITIVE, SCALE
+from .options import Number, output_option, overwrite_option
 from .output import get_output
 
 
 @click.command(short_help="Multiply every delta by a factor, or set alpha keeping the delta.")
 @click.argument("adapter")
-@click.option("--scale", type=float, default=None, help="Multiply every module's delta by this (exact).")
-@click.option("--alpha", type=float, default=None, help="Set every module's alpha; B is rebalanced so ΔW is kept.")
+@click.option("--scale", type=Number(SCALE), default=None, help="Multiply every module's delta by this (exact).")
+@click.option(
+    "--alpha", type=Number(POSITIVE), default=None, help="Set every module's alpha; B is rebalanced so ΔW is kept."
+)
 @click.option("--to", "to", default=None, help="Output format (default: the input's).")
 @output_option
 @overwrite_option

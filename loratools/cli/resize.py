@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import click
 
-from .options import json_option, output_option, overwrite_option
+from ..numeric_args import AT_LEAST_ONE, FRACTION, NON_NEGATIVE_INT, POSITIVE_INT
+from .options import Number, json_option, output_option, overwrite_option, rank_option
 from .output import get_output
 
 
 @click.command(short_help="Shrink ranks: best rank-R, Frobenius/ratio/cumulative rules or a parameter budget.")
 @click.argument("adapter")
-@click.option("--rank", type=int, default=None, help="Best rank-R approximation of every module (Eckart-Young).")
-@click.option("--fro", type=float, default=None, help="Per module the smallest rank keeping this Frobenius fraction.")
-@click.option("--ratio", type=float, default=None, help="Keep singular values >= sigma_max / RATIO.")
-@click.option("--cumulative", type=float, default=None, help="Smallest rank whose sigma sum reaches this fraction.")
-@click.option("--budget", type=int, default=None, help="At most N factor parameters in all, most energy kept.")
-@click.option("--max-rank", type=int, default=None, help="Cap on every module's new rank.")
-@click.option("--conv-rank", type=int, default=None, help="Rank for conv modules (overrides the rule for them).")
+@rank_option("Best rank-R approximation of every module (Eckart-Young).")
+@click.option(
+    "--fro", type=Number(FRACTION), default=None, help="Per module the smallest rank keeping this Frobenius fraction."
+)
+@click.option("--ratio", type=Number(AT_LEAST_ONE), default=None, help="Keep singular values >= sigma_max / RATIO.")
+@click.option(
+    "--cumulative", type=Number(FRACTION), default=None, help="Smallest rank whose sigma sum reaches this fraction."
+)
+@click.option(
+    "--budget",
+    type=Number(NON_NEGATIVE_INT),
+    default=None,
+    help="At most N factor parameters in all, most energy kept.",
+)
+@click.option("--max-rank", type=Number(POSITIVE_INT), default=None, help="Cap on every module's new rank.")
+@click.option(
+    "--conv-rank", type=Number(POSITIVE_INT), default=None, help="Rank for conv modules (overrides the rule for them)."
+)
 @click.option("--to", "to", default=None, help="Output format (default: the input's).")
 @output_option
 @overwrite_option

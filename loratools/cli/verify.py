@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .options import json_option, parse_weights
+from .options import json_option, parse_weights, weights_option
 from .output import get_output
 
 
@@ -14,11 +14,16 @@ from .output import get_output
 @click.argument("merged", type=str)
 @click.option("--base", required=True, help="The base checkpoint the adapters were merged into.")
 @click.option("--adapter", "adapters", multiple=True, required=True, help="An adapter (repeat for several, in order).")
-@click.option("--weights", default=None, help="Comma-separated weight per adapter (default 1 each).")
+@weights_option()
 @json_option
 @click.pass_context
 def verify(
-    ctx: click.Context, merged: str, base: str, adapters: tuple[str, ...], weights: str | None, json_mode: bool
+    ctx: click.Context,
+    merged: str,
+    base: str,
+    adapters: tuple[str, ...],
+    weights: tuple[float, ...] | None,
+    json_mode: bool,
 ) -> None:
     """Check that MERGED equals BASE plus the adapters, tensor by tensor, within the dtype's rounding.
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..numeric_args import NON_NEGATIVE_INT, POSITIVE_INT, check_number
 from .runtime import run_with_adapter, session, timed
 
 
@@ -47,8 +48,12 @@ def bench(
     ONNX models are exported into ``work_dir`` (a temporary folder by default, removed afterwards).
     Returns ``{"device", "dtype", "rows": [...], "export_seconds", "merge_onnx_seconds", "merge_speedup"}``.
     """
-    if not batches or not seqs or min(*batches, *seqs) < 1:
-        raise UsageError("--batch and --seq must be positive integers")
+    if not batches or not seqs:
+        raise UsageError("--batch and --seq need at least one value each")
+    for name, values in (("--batch", batches), ("--seq", seqs), ("--repeats", [repeats])):
+        for v in values:
+            check_number(name, v, POSITIVE_INT)
+    check_number("--warmup", warmup, NON_NEGATIVE_INT)
     say = note or (lambda text: None)
     holder = None
     if work_dir is None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UsageError, VerificationError, require
+from ..numeric_args import POSITIVE_INT, check_optional, check_weights
 from .runtime import max_difference, sample_batches, session, tolerance
 from .store import MODEL_FILE, InitializerSource, load_graph, write_model
 from .torch_merge import merge_in_memory
@@ -275,13 +276,12 @@ def export_onnx(
     from .slots import add_slots, slot_tensors
 
     start = time.perf_counter()
+    check_optional("--opset", opset, POSITIVE_INT)
     if dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r}; expected fp32 or fp16")
     root = resolve_path(model, "base checkpoint")
     check_device(device, verify)
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise UsageError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    weights = check_weights(weights, len(adapters))
     from ..checkpoint.reader import open_checkpoint
 
     with open_checkpoint(root) as reader:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedError, UsageError, ValidationError
+from ..numeric_args import check_weights
 from .graph import GraphIndex, WeightSite, check_shape
 from .store import InitializerSource, external_info, load_graph, model_path, tensor_nbytes, write_model
 
@@ -159,9 +160,7 @@ def merge_onnx(
     start = time.perf_counter()
     if not adapters:
         raise UsageError("merge_onnx needs at least one adapter")
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise UsageError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    weights = check_weights(weights, len(adapters))
     source_path = resolve_path(onnx_dir, "onnx model")
     model_file = model_path(source_path)
     proto = load_graph(model_file)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ShapeError, UnsupportedError, UsageError
+from ..numeric_args import FRACTION, NON_NEGATIVE_INT, POSITIVE_INT, check_number, check_optional, check_weights
 
 if TYPE_CHECKING:
     import torch
@@ -183,16 +184,13 @@ def combine(
         raise UsageError(f"unknown combine method {method!r}; expected one of {', '.join(METHODS)}")
     if len(adapters) < 1:
         raise UsageError("combine needs at least one adapter")
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise UsageError(f"got {len(weights)} weights for {len(adapters)} adapters")
-    if rank is not None and rank < 1:
-        raise UsageError(f"--rank must be a positive integer, got {rank}")
+    weights = check_weights(weights, len(adapters))
+    check_optional("--rank", rank, POSITIVE_INT)
+    check_optional("--density", density, FRACTION)
+    check_number("--seed", seed, NON_NEGATIVE_INT)
     needs_density = method in ("ties", "dare_linear", "dare_ties")
     if needs_density and density is None:
         raise UsageError(f"method {method} needs --density (the fraction of entries kept, e.g. 0.5)")
-    if density is not None and not 0 < density <= 1:
-        raise UsageError(f"--density must be in (0, 1], got {density}")
     reader = None
     if base is not None:
         from ..checkpoint.reader import open_checkpoint

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
+from ..numeric_args import NON_NEGATIVE, POSITIVE_INT, check_number, check_optional
 
 if TYPE_CHECKING:
     import torch
@@ -98,6 +99,9 @@ def extract(
     if (rank is None) == (fro is None):
         raise UsageError("give exactly one of --rank and --fro", hint="e.g. loratools extract base/ tuned/ --rank 16")
     check_rule("rank", rank) if rank is not None else check_rule("fro", fro)  # noqa: B018
+    check_optional("--max-rank", max_rank, POSITIVE_INT)
+    check_number("--threshold", threshold, POSITIVE_INT)
+    check_number("--min-delta", min_delta, NON_NEGATIVE)
     if dtype not in ("auto", *_DTYPES):
         raise UsageError(f"--dtype {dtype!r}: expected auto, fp32, fp16 or bf16")
     keep = module_filter(include, exclude)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+from ..numeric_args import POSITIVE, SCALE, check_optional
 
 if TYPE_CHECKING:
     from ..adapter import Adapter, LoraModule
@@ -62,8 +63,8 @@ def rescale(
         raise UsageError("give exactly one of --scale and --alpha", hint="e.g. loratools rescale a/ --scale 0.5 -o b/")
     if scale is not None and scale == 0:
         raise UsageError("--scale 0 would remove the adapter", hint="use a small non-zero scale, or drop the adapter")
-    if alpha is not None and alpha <= 0:
-        raise UsageError(f"--alpha must be positive, got {alpha}")
+    check_optional("--scale", scale, SCALE)
+    check_optional("--alpha", alpha, POSITIVE)
     ad, path = load(adapter)
     modules = {name: rescale_module(m, scale=scale, alpha=alpha) for name, m in ad.modules.items()}
     out = replace(ad, modules=modules, meta=dict(ad.meta))

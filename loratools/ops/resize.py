@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
+from ..numeric_args import NON_NEGATIVE_INT, POSITIVE_INT, check_number, check_optional
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -94,13 +95,11 @@ def resize(
 
     rule, value = _rule(rank, fro, ratio, cumulative, budget)
     if rule == "budget":
-        if int(value) != value or value < 0:
-            raise UsageError(f"--budget must be a non-negative number of parameters, got {value}")
+        check_number("--budget", value, NON_NEGATIVE_INT)
     else:
         check_rule(rule, value)
-    for name, v in (("--max-rank", max_rank), ("--conv-rank", conv_rank)):
-        if v is not None and v < 1:
-            raise UsageError(f"{name} must be a positive integer, got {v}")
+    check_optional("--max-rank", max_rank, POSITIVE_INT)
+    check_optional("--conv-rank", conv_rank, POSITIVE_INT)
     ad, path = load(adapter)
     if not ad.modules:
         raise UsageError(f"{path or 'adapter'}: has no LoRA modules to resize")

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..numeric_args import check_weights
+
 if TYPE_CHECKING:
     import torch
 
@@ -101,10 +103,10 @@ def verify(
     from .merge.plan import build_plan
     from .merge.write import BaseBytes
 
+    weights = check_weights(weights, len(adapters))
     own = not isinstance(base, CheckpointReader)
     breader = open_checkpoint(base) if own else base
     mreader = open_checkpoint(merged)
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     try:
         loaded = [a if not isinstance(a, str | Path) else load_adapter(a, base=breader) for a in adapters]
         plan = build_plan(breader, loaded, weights)

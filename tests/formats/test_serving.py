@@ -87,6 +87,17 @@ def test_diffusion_lora_gets_one_finding(kohya_mixed):
     assert [f.code for f in findings] == ["vllm.not_llm"]
 
 
+def test_gpt2_family_adapters_are_language_model_adapters():
+    """GPT-2 (and Falcon, Bloom, ChatGLM) name their blocks transformer.*: not a pipeline (issue 14 item 7)."""
+    adapter = load_adapter(PEFT / "gpt2-lora")
+    assert all(n.startswith("transformer.") for n in adapter.modules)
+    for target in serving_targets():
+        assert f"{target}.not_llm" not in {f.code for f in serving_findings(adapter, target)}
+    # the real findings are no longer hidden behind the false one
+    assert serving_findings(adapter, "vllm") == serving_findings(adapter, "vllm", base_kind="folder")
+    assert [f.code for f in serving_findings(adapter, "vllm", base_kind="pipeline")] == ["vllm.not_llm"]
+
+
 def test_unknown_target():
     with pytest.raises(UsageError, match="known: llama.cpp"):
         serving_findings(_big_rank(4), "tgi")

@@ -51,9 +51,17 @@ def test_existing_output_needs_overwrite(tmp_path: Path, command: str) -> None:
     assert_one_line_error(code, stdout, err, f"{out} exists already")
     assert "--overwrite" in err and (out / "precious.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    code, _, err = invoke(*WRITERS[command](out), "--overwrite")
+    code, stdout, err = invoke(*WRITERS[command](out), "--overwrite")  # not ours: never deleted
+    assert_one_line_error(code, stdout, err, "is not a previous loratools output")
+    assert (out / "precious.txt").read_text() == "keep me"
+    (out / "precious.txt").unlink()
+    out.rmdir()
+    code, _, err = invoke(*WRITERS[command](out))
     assert code == 0, err
-    assert not (out / "precious.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    before = sorted(tree_digest(out))
+    code, _, err = invoke(*WRITERS[command](out), "--overwrite")  # a previous output of ours is replaced
+    assert code == 0, err
+    assert sorted(tree_digest(out)) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 @pytest.mark.parametrize("where", ["itself", "inside", "symlink", "single-file"])

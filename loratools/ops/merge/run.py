@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import UsageError, VerificationError
+from ...numeric_args import check_weights
 
 if TYPE_CHECKING:
     from ...adapter import Adapter
@@ -103,9 +104,7 @@ def merge(
         return merge_onnx(base_path, list(adapters), output, weights=weights, overwrite=overwrite)
     if not adapters:
         raise UsageError("merge needs at least one adapter")
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise UsageError(f"got {len(weights)} weights for {len(adapters)} adapters", hint="give one weight per adapter")
+    weights = check_weights(weights, len(adapters))
     out_dtype = None if dtype in (None, "auto") else DTYPE_NAMES.get(str(dtype).lower())
     if dtype not in (None, "auto") and out_dtype is None:
         raise UsageError(f"--dtype {dtype!r} is not one of auto, fp32, fp16, bf16")

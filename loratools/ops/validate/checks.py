@@ -86,7 +86,7 @@ def validate(
         if target is not None:
             from .serving import serving_findings
 
-            report.findings += serving_findings(adapter, target)
+            report.findings += serving_findings(adapter, target, base_kind=reader.kind if reader else None)
         if scan:
             from ..scan import scan_adapter, scan_findings
 
@@ -140,18 +140,10 @@ def check_adapter(adapter: Adapter, report: ValidationReport) -> None:
 
 
 def _check_peft_config(adapter: Adapter, cfg: dict[str, Any], report: ValidationReport) -> None:
-    declared = adapter.meta.get("declared_ranks") or {}
-    for name, m in sorted(adapter.modules.items()):
-        want = declared.get(name)
-        if want is not None and want != m.rank:
-            report.add(
-                "error",
-                name,
-                "config_rank",
-                f"module {name}: adapter_config.json declares rank {want} (r / rank_pattern) "
-                f"but the tensors have rank {m.rank}; PEFT will refuse to load it",
-                hint="fix r or rank_pattern in adapter_config.json to match the tensors",
-            )
+    from ...ambiguity import TRUST_HINT, ambiguities
+
+    for amb in ambiguities(adapter):
+        report.add("error", amb.module, "config_rank", amb.message(), hint=TRUST_HINT)
     targets = cfg.get("target_modules")
     if targets and targets != "all-linear" and not cfg.get("layers_to_transform"):
         for name in sorted(adapter.modules):
@@ -217,7 +209,7 @@ def _file_tensors(path: Path):  # noqa: ANN202 - yields (name, tensor)
         finally:
             f.close()
     else:
-        from ...checkpoint.reader import load_pickle_weights
+        from ...pickle_file import load_pickle_weights
 
         yield from load_pickle_weights(path).items()
 

@@ -22,7 +22,17 @@ if TYPE_CHECKING:
     from .findings import Finding
 
 _KOHYA_NAME = re.compile(r"^lora_[a-z0-9]+_[A-Za-z0-9_]+$")
-_PIPELINE_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
+#: formats that only ever hold diffusion-pipeline adapters (kohya / LyCORIS files, diffusers LoRAs)
+_PIPELINE_FORMATS = ("kohya", "diffusers", "lycoris")
+
+
+def is_pipeline_adapter(adapter: Adapter, base_kind: str | None = None) -> bool:
+    """Whether ``adapter`` adapts a diffusion pipeline rather than a language model.
+
+    Decided from the base (a diffusers pipeline folder) or the format, never from a name prefix:
+    GPT-2, Falcon, Bloom and ChatGLM name their blocks ``transformer.…`` like a pipeline component.
+    """
+    return base_kind == "pipeline" or adapter.format in _PIPELINE_FORMATS
 
 
 @cache
@@ -56,7 +66,9 @@ def _alpha_varies(adapter: Adapter) -> list[str]:
     return [n for n, m in adapter.modules.items() if float(m.alpha) != common]
 
 
-def _conditions(adapter: Adapter, rules: dict[str, Any], settings: dict[str, Any]) -> dict[str, list[str]]:
+def _conditions(
+    adapter: Adapter, rules: dict[str, Any], settings: dict[str, Any], base_kind: str | None = None
+) -> dict[str, list[str]]:
     """condition name -> the modules (or tensor names) it applies to; empty when it does not apply."""
     max_rank = settings.get("max_lora_rank")
     allowed = set(rules.get("settings", {}).get("allowed_max_lora_ranks") or [])
@@ -75,7 +87,7 @@ def _conditions(adapter: Adapter, rules: dict[str, Any], settings: dict[str, Any
         "rank_above_max": (_modules_where(adapter, lambda m: m.rank > int(max_rank)) if max_rank is not None else []),
         "scale_varies": _scale_varies(adapter),
         "alpha_varies": _alpha_varies(adapter),
-        "not_llm": [n for n in adapter.modules if n.startswith(_PIPELINE_COMPONENTS) or _KOHYA_NAME.match(n)],
+        "not_llm": sorted(adapter.modules) if is_pipeline_adapter(adapter, base_kind) else [],
         "unknown_target": (
             [n for n in adapter.modules if n.rsplit(".", 1)[-1] not in targets and not _KOHYA_NAME.match(n)]
             if targets
@@ -89,12 +101,13 @@ def _listing(names: list[str]) -> str:
     return f"{shown} (+{len(names) - 3} more)" if len(names) > 3 else shown
 
 
-def serving_findings(adapter: Adapter, target: str, **settings: Any) -> list[Finding]:
+def serving_findings(adapter: Adapter, target: str, *, base_kind: str | None = None, **settings: Any) -> list[Finding]:
     """Findings for what ``target`` would reject or silently ignore in ``adapter``.
 
     ``settings`` override the runtime's defaults from the rule table (``max_lora_rank=64`` for vLLM,
     say). Each finding's code is ``<target>.<rule id>``; its message ends with the runtime version and
-    source the rule was read from.
+    source the rule was read from. ``base_kind`` ("pipeline", "folder", "file") is the base's, when
+    validating against one.
     """
     from .findings import Finding
 
@@ -103,7 +116,7 @@ def serving_findings(adapter: Adapter, target: str, **settings: Any) -> list[Fin
         raise UsageError(f"unknown serving target {target!r}; known: {', '.join(sorted(table))}")
     rules = table[target]
     effective = {**rules.get("settings", {}), **{k: v for k, v in settings.items() if v is not None}}
-    found = _conditions(adapter, rules, effective)
+    found = _conditions(adapter, rules, effective, base_kind)
     where = f"[{rules['runtime']}, {rules['version']}; {rules['sources'][0]}]"
     out: list[Finding] = []
     for rule in rules["rules"]:
