@@ -79,6 +79,7 @@ def _fail(message: str, hint: str | None, code: int) -> None:
 def _boundary(run):  # noqa: ANN001, ANN202
     """Run a command; turn errors into one line plus a hint (no traceback unless LORATOOLS_DEBUG=1)."""
     from ..errors import LoratoolsError
+    from ..publish import Terminated
 
     if os.environ.get("LORATOOLS_DEBUG") == "1":
         return run()
@@ -92,6 +93,8 @@ def _boundary(run):  # noqa: ANN001, ANN202
         _fail(exc.message, exc.hint, exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted; nothing was published", None, 130)
+    except Terminated as exc:  # SIGTERM/SIGHUP while writing: the temporary is gone already
+        _fail(exc.message, None, int(exc.code or 1))
     except (OSError, MemoryError) as exc:
         _fail(f"{exc.__class__.__name__}: {exc}", None, 2)
     except Exception as exc:  # a bug: still one line, but say so
@@ -105,6 +108,3 @@ def _boundary(run):  # noqa: ANN001, ANN202
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``loratools`` console script."""
     cli.main(args=argv, prog_name="loratools")
-    from ..publish import Terminated
-    except Terminated as exc:  # SIGTERM/SIGHUP while writing: the temporary is gone already
-        _fail(exc.message, None, int(exc.code or 1))
