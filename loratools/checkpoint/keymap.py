@@ -3,7 +3,9 @@
 An adapter names modules by the path in the model it was trained on (``model.layers.0.self_attn.q_proj``);
 a base checkpoint names tensors as its ``save_pretrained`` wrote them, which may add or drop wrapper
 prefixes (``bert.``, ``model.``, the Hub's ``text_model.``). Matching tries the exact ``<module>.weight``
-first, then compares names with wrapper components removed; a match must be unique.
+first, then compares names with wrapper components removed; a match must be unique. A Stable Diffusion
+single file in the original (LDM) layout also answers to its diffusers pipeline names
+(:mod:`loratools.ldm_keymap`), and some of its modules are a third of a fused tensor (:class:`WeightTargets`).
 """
 
 from __future__ import annotations
@@ -27,23 +29,52 @@ class KeyMatcher:
     """Finds the base tensor for module paths; build once per base."""
 
     def __init__(self, keys: list[str]) -> None:
+        from ..ldm_keymap import ldm_layout
+
         self.keys = set(keys)
         self._by_stripped: dict[str, list[str]] = {}
         for k in keys:
             self._by_stripped.setdefault(_strip(k), []).append(k)
+        self.ldm = ldm_layout(keys)
 
     def tensor_key(self, name: str, suffix: str = "weight") -> str | None:
         """The base key for tensor ``suffix`` of module ``name``, or None when absent or ambiguous."""
         exact = f"{name}.{suffix}"
         if exact in self.keys:
             return exact
+        if self.ldm is not None and name in self.ldm.aliases:
+            aliased = f"{self.ldm.aliases[name]}.{suffix}"
+            return aliased if aliased in self.keys else None
         found = self._by_stripped.get(_strip(exact), [])
         return found[0] if len(found) == 1 else None
 
     def module(self, name: str) -> str | None:
         """The base's own module path for an adapter module path (its weight key minus ``.weight``)."""
+        if self.ldm is not None and (name in self.ldm.fused or self.ldm.aliases.get(name) in self.ldm.fused):
+            return self.ldm.aliases.get(name, name)  # a third of a fused tensor: no weight key of its own
         key = self.tensor_key(name)
         return key[: -len(".weight")] if key else None
+
+
+class WeightTargets:
+    """Module path -> ``(tensor key, rows)``: the tensor a module's update goes into, and for a fused part
+    (``...attn.in_proj.q`` of an LDM file's OpenCLIP encoder) the ``(start, stop)`` of its rows, else None."""
+
+    def __init__(self, reader: CheckpointReader) -> None:
+        from ..ldm_keymap import is_ldm, ldm_layout
+
+        keys = reader.keys()
+        self.reader = reader
+        self.keys = set(keys)
+        self.fused = layout.fused if is_ldm(keys) and (layout := ldm_layout(keys)) is not None else {}
+
+    def __call__(self, module: str) -> tuple[str, tuple[int, int] | None]:
+        key = f"{module}.weight"
+        part = self.fused.get(module) if key not in self.keys else None
+        if part is None:
+            return key, None
+        step = int(self.reader.info(part.key).shape[0]) // part.parts
+        return part.key, (part.index * step, (part.index + 1) * step)
 
 
 def resolve_modules(names: list[str], reader: CheckpointReader) -> tuple[dict[str, str], list[str]]:

@@ -124,8 +124,20 @@ class _Resolver:
     """Kohya names -> the base's module paths (component-prefixed for a diffusers pipeline)."""
 
     def __init__(self, base: KeyResolver) -> None:
+        from ..ldm_keymap import ldm_layout  # a name table; reads no tensors
+
         self.base = base
         self._indexes: dict[str, dict[str, str | None]] = {}
+        # a single-file SD checkpoint in the original layout answers to the pipeline's names per component
+        self._ldm = ldm_layout(base.keys()) if base.kind == "file" else None
+
+    def _ldm_index(self, component: str) -> dict[str, str | None]:
+        key = f"ldm:{component}"
+        if key not in self._indexes and self._ldm is not None:
+            names = self._ldm.component_names(component)
+            index = _name_index(list(names), component.startswith("text_"))
+            self._indexes[key] = {n: names[p] if p else None for n, p in index.items()}
+        return self._indexes.get(key, {})
 
     def _index(self, component: str | None) -> dict[str, str | None]:
         key = component or ""
@@ -147,6 +159,9 @@ class _Resolver:
             component = PREFIX_COMPONENT.get(prefix)
             found = self._index(component).get(rest) if component else None
             return f"{component}.{found}" if found else None
+        if self._ldm is not None:
+            component = PREFIX_COMPONENT.get(prefix)
+            return self._ldm_index(component).get(rest) if component else None
         return self._index(None).get(rest)
 
 

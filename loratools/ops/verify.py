@@ -232,9 +232,9 @@ def _diagnose(job, act: torch.Tensor, exp: torch.Tensor, tol: torch.Tensor) -> t
             f"the DoRA-merged weight does not match (max error {float((act - exp).abs().max()):.3g})",
             None,
         )
-    comps = [(c.coefficient, *c.lora.factors(torch.float32)) for c in job.deltas]
     first = job.deltas[0].lora
     m = first.from_weight_layout(act)
+    comps = [(c.coefficient, _full_rows(c, m.shape[0]), c.lora.factors(torch.float32)[1]) for c in job.deltas]
     u = torch.cat([coef * b for coef, b, _ in comps], dim=1)
     v = torch.cat([a for _, _, a in comps], dim=0)
     gram = (u.T @ u) * (v @ v.T)
@@ -249,6 +249,18 @@ def _diagnose(job, act: torch.Tensor, exp: torch.Tensor, tol: torch.Tensor) -> t
         if float((m - exp_m.T).norm()) < 0.05 * max(norm_exp, 1e-30):
             return "transposed", "the update is stored transposed (rows and columns swapped)", None
     return "wrong_update", f"the update does not match the adapter (relative misfit {rel:.2f})", None
+
+
+def _full_rows(c, rows: int) -> torch.Tensor:  # noqa: ANN001
+    """B over all rows of the tensor (zeros outside a fused part's rows)."""
+    import torch
+
+    up = c.lora.factors(torch.float32)[0]
+    if c.rows is None:
+        return up
+    full = torch.zeros(rows, up.shape[1])
+    full[c.rows[0] : c.rows[1]] = up
+    return full
 
 
 def _by_ratio(coeffs: list[float], want: float, what: str) -> tuple[str, str, float | None]:

@@ -33,6 +33,8 @@ class Contribution:
     module: str
     lora: LoraModule
     weight: float
+    #: the rows of the tensor it updates when the module is one part of a fused tensor (OpenCLIP's in_proj)
+    rows: tuple[int, int] | None = None
 
     @property
     def coefficient(self) -> float:
@@ -99,12 +101,15 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
     if len(weights) != len(adapters):
         raise UsageError(f"got {len(weights)} weights for {len(adapters)} adapters")
     quant = reader.quantization
-    if quant:
+    if quant and reader.quant is None:  # a scheme checkpoint/quant cannot dequantize
         raise UnsupportedError(
             f"{reader.root}: the base is quantized ({quant}); merging into quantized weights loses the adapter",
             hint="dequantize the base to fp16/bf16 first, merge, then quantize the merged model",
         )
+    from ...checkpoint.keymap import WeightTargets
+
     keys = set(reader.keys())
+    target = WeightTargets(reader)
     emb_key = tied_keys(reader)
     jobs: dict[str, TensorJob] = {}
     new_keys: dict[str, str] = {}
@@ -154,14 +159,14 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
             for t_name, t in (("lora_A", lora.down), ("lora_B", lora.up), ("magnitude", lora.magnitude)):
                 if t is not None:
                     _check_finite(f"{name}.{t_name}", where, t)
-            key = f"{name}.weight"
+            key, rows = target(name)
             if key not in keys and key not in jobs:
                 src = head_source(name)
                 if src is None:
                     _missing(where, name, reader)
                 job(key).source = src
                 new_keys[key] = src
-            c = Contribution(i, name, lora, w)
+            c = Contribution(i, name, lora, w, rows)
             job(key).deltas.append(c)
             modules_merged += 1
             if lora.bias is not None:
@@ -239,13 +244,20 @@ def _finish(j: TensorJob, reader: CheckpointReader, emb_key: str | None) -> None
     j.shape, j.dtype = shape, dtype
     for c in j.deltas:
         want = tuple(c.lora.weight_shape)
-        if want != shape:
+        if not _fits(c, shape):
             raise ShapeError(
                 f"adapter module {c.module} (rank {c.lora.rank}) expects a weight of shape {want}, "
-                f"the base tensor {j.source or j.key} is {shape}",
+                f"the base tensor {j.source or j.key} is {shape}"
+                + (f" (its rows {c.rows[0]}:{c.rows[1]} are this module)" if c.rows else ""),
                 hint="the adapter was trained on a different model size or layout",
             )
         if c.lora.magnitude is not None:
+            if c.rows is not None:
+                raise UnsupportedError(
+                    f"module {c.module} is DoRA and only rows {c.rows[0]}:{c.rows[1]} of {j.key} are its weight; "
+                    "DoRA's per-row norms of a fused tensor are not defined",
+                    hint="merge it into the model as a diffusers pipeline folder instead",
+                )
             if c.weight != 1:
                 raise UnsupportedError(
                     f"module {c.module} is DoRA; DoRA cannot be merged with weight {c.weight} "
@@ -266,6 +278,22 @@ def _finish(j: TensorJob, reader: CheckpointReader, emb_key: str | None) -> None
     for c in j.biases:
         if tuple(c.lora.bias.shape) != shape:
             raise ShapeError(f"LoRA bias of {c.module} is {tuple(c.lora.bias.shape)}, the base bias is {shape}")
+
+
+def _fits(c: Contribution, shape: tuple[int, ...]) -> bool:
+    """The module's weight shape is the tensor's (its rows of it for a fused part); a linear module and a
+    1×1 conv hold the same matrix, so either fits the other (sd-scripts' SD2 LoRAs store the linear
+    proj_in/proj_out of the original UNet as 1×1 convs)."""
+    if c.rows is not None:
+        if c.lora.transposed or len(shape) != 2:
+            return False
+        shape = (c.rows[1] - c.rows[0], *shape[1:])
+    want = tuple(c.lora.weight_shape)
+    if want == shape:
+        return True
+    matrix = [s for s in (want, shape) if len(s) == 2]
+    conv1x1 = [s for s in (want, shape) if len(s) == 4 and s[2:] == (1, 1)]
+    return not c.lora.transposed and len(matrix) == 1 and len(conv1x1) == 1 and matrix[0] == conv1x1[0][:2]
 
 
 def _check_sum(j: TensorJob, w: torch.Tensor) -> None:
@@ -292,19 +320,20 @@ def apply_inplace(j: TensorJob, w: torch.Tensor, scratch: torch.Tensor | None = 
     """
     import torch
 
-    terms = []
+    mat = w.view(w.shape[0], -1) if w.ndim > 1 else w.view(1, -1)
+    terms = []  # (left, right, coefficient, first row of the tensor it updates)
     for c in j.deltas:
         up, down = c.lora.factors(torch.float32)
-        terms.append(((down.T, up.T) if c.lora.transposed else (up, down), c.coefficient))
-    mat = w.view(w.shape[0], -1) if w.ndim > 1 else w.view(1, -1)
+        a, b = (down.T, up.T) if c.lora.transposed else (up, down)
+        terms.append((a, b, c.coefficient, c.rows[0] if c.rows else 0))
     if j.biases:  # a bias vector: small, do it whole
         acc = w.to(torch.float32)
         for c in j.biases:
             acc.add_(c.lora.bias.to(torch.float32), alpha=c.coefficient)
         w.copy_(acc)
     elif w.dtype == torch.float32:
-        for (a, b), coef in terms:
-            mat.addmm_(a, b, alpha=coef)
+        for a, b, coef, r0 in terms:
+            mat[r0 : r0 + a.shape[0]].addmm_(a, b, alpha=coef)
     else:
         rows = max(1, BLOCK_ELEMENTS // max(1, mat.shape[1]))
         buf = torch.empty((rows, mat.shape[1]), dtype=torch.float32) if scratch is None else scratch
@@ -313,8 +342,10 @@ def apply_inplace(j: TensorJob, w: torch.Tensor, scratch: torch.Tensor | None = 
             blk = mat[r : r + rows]
             acc = buf[: blk.shape[0]]
             acc.copy_(blk)
-            for (a, b), coef in terms:
-                acc.addmm_(a[r : r + rows], b, alpha=coef)
+            for a, b, coef, r0 in terms:
+                lo, hi = max(r, r0), min(r + blk.shape[0], r0 + a.shape[0])
+                if lo < hi:
+                    acc[lo - r : hi - r].addmm_(a[lo - r0 : hi - r0], b, alpha=coef)
             blk.copy_(acc)
     if w.dtype == torch.float16:  # the one dtype a sane update can overflow
         _check_sum(j, w)
@@ -336,7 +367,8 @@ def compute(j: TensorJob, base: torch.Tensor | None, device: Any = None) -> torc
         if c.lora.transposed:
             w.addmm_(down.T, up.T, alpha=c.coefficient)
         else:
-            w.view(w.shape[0], -1).addmm_(up, down, alpha=c.coefficient)
+            r0 = c.rows[0] if c.rows else 0
+            w.view(w.shape[0], -1)[r0 : r0 + up.shape[0]].addmm_(up, down, alpha=c.coefficient)
     d = j.dora
     if d is not None:
         mat = d.lora.from_weight_layout(w)

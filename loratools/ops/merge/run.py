@@ -146,7 +146,15 @@ def merge(
             if verify:
                 from ..verify import verify as run_verify
 
-                report = run_verify(tmp, reader, [factors.materialized(a) for a in loaded], weights)
+                merged = tmp
+                if single:  # its temporary name does not end in .safetensors: verify it through a named link
+                    merged = tmp.with_name(tmp.name + ".safetensors")
+                    merged.symlink_to(tmp.name)
+                try:
+                    report = run_verify(merged, reader, [factors.materialized(a) for a in loaded], weights)
+                finally:
+                    if single:
+                        merged.unlink(missing_ok=True)
                 if not report.verified:
                     raise VerificationError(
                         f"the merged output failed verification: {report.summary()}",
