@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     import torch
 
     from ..adapter import Adapter
-    from ..checkpoint.reader import CheckpointReader
     from .gguf_names import GgufBase
+    from .registry import KeyResolver
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 _PROVENANCE_KEY = "loratools.provenance"
@@ -77,6 +77,15 @@ def check_plan(adapter: Adapter, base: GgufBase) -> Any:
     return p
 
 
+def _base_of_file(d: dict[str, Any]) -> GgufBase:
+    from .gguf_names import GgufBase, spec_for_gguf_arch
+
+    spec = spec_for_gguf_arch(str(d["arch"]), "the adapter's GGUF metadata")
+    return GgufBase(
+        "the adapter's own GGUF metadata", spec, int(d["n_layer"]), int(d["n_head"]), int(d["n_head_kv"]), False
+    )
+
+
 @register_format
 class GgufFormat(AdapterFormat):
     name = "gguf"
@@ -95,13 +104,15 @@ class GgufFormat(AdapterFormat):
         path: Path,
         provenance: dict[str, Any] | None = None,
         *,
-        base: str | Path | GgufBase | CheckpointReader | None = None,
+        base: str | Path | GgufBase | KeyResolver | None = None,
         outtype: str | None = None,
     ) -> None:
         import gguf
 
         from .gguf_names import load_base
 
+        if base is None and adapter.meta.get("gguf_base"):
+            base = _base_of_file(adapter.meta["gguf_base"])  # read from a GGUF adapter: written for its base
         if base is None:
             raise UsageError(
                 "a GGUF adapter is written for one base model: pass --base (a .gguf model file or the "
@@ -144,7 +155,7 @@ class GgufFormat(AdapterFormat):
         writer.close()
 
     @classmethod
-    def read(cls, path: Path, base: CheckpointReader | None = None) -> Adapter:
+    def read(cls, path: Path, base: KeyResolver | None = None) -> Adapter:
         import gguf
 
         from ..adapter import Adapter, LoraModule
@@ -213,6 +224,11 @@ class GgufFormat(AdapterFormat):
                 "base_model": _scalar(reader, _BASE_KEY),
                 "gguf_arch": arch,
                 "gguf_alpha": alpha,
+                "gguf_base": (
+                    {"arch": arch, "n_layer": info.n_layer, "n_head": info.n_head, "n_head_kv": info.n_head_kv}
+                    if info is not None
+                    else None
+                ),
                 "ignored_tensors": ignored,
                 "alora_invocation_tokens": tokens.contents() if tokens is not None else None,
                 "provenance": json.loads(prov) if isinstance(prov, str) else None,

@@ -21,7 +21,7 @@ from ..errors import FormatError, InputNotFoundError, UnsupportedError, UsageErr
 if TYPE_CHECKING:
     import torch
 
-    from ..checkpoint.reader import CheckpointReader
+    from .registry import KeyResolver
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,9 @@ def spec_for_gguf_arch(arch: str, where: object) -> ArchSpec:
 class GgufBase:
     """A base model as the GGUF runtime sees it.
 
-    ``tensors`` (GGUF base only): GGUF name -> (shape in PyTorch order, GGML type name). ``hf``: an open
-    Hugging Face checkpoint (HF base only), for comparing saved full tensors with the base's.
+    ``tensors`` (GGUF base only): GGUF name -> (shape in PyTorch order, GGML type name). ``hf``: the
+    Hugging Face checkpoint's names and tensors (a KeyResolver, when the caller opened one), for names and
+    for comparing saved full tensors with the base's.
     """
 
     source: str
@@ -93,7 +94,7 @@ class GgufBase:
     tied: bool
     tensors: dict[str, tuple[tuple[int, ...], str]] | None = None
     gguf_path: Path | None = None
-    hf: CheckpointReader | None = None
+    hf: KeyResolver | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -160,22 +161,19 @@ def _int(cfg: dict[str, Any], keys: tuple[str, ...], where: object) -> int:
     raise FormatError(f"{where}: config.json has no {keys[0]}", path=where)
 
 
-def _from_hf(path: Path) -> GgufBase:
-    from ..checkpoint.reader import open_checkpoint, read_json
-
-    cfg = read_json(path / "config.json", "config")
+def _from_config(cfg: Any, where: str, hf: KeyResolver | None = None) -> GgufBase:
     if not isinstance(cfg, dict):
-        raise FormatError(f"{path / 'config.json'}: expected a JSON object", path=path)
-    spec = _spec_from_config(cfg, path / "config.json")
-    n_head = _int(cfg, ("num_attention_heads", "n_head"), path / "config.json")
+        raise FormatError(f"{where}: expected a config.json object", path=where)
+    spec = _spec_from_config(cfg, where)
+    n_head = _int(cfg, ("num_attention_heads", "n_head"), where)
     return GgufBase(
-        source=str(path),
+        source=where.removesuffix("/config.json"),
         spec=spec,
-        n_layer=_int(cfg, ("num_hidden_layers", "n_layer"), path / "config.json"),
+        n_layer=_int(cfg, ("num_hidden_layers", "n_layer"), where),
         n_head=n_head,
         n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
         tied=bool(cfg.get("tie_word_embeddings", spec.tied_default)),
-        hf=open_checkpoint(path) if any(path.glob("*.safetensors")) or any(path.glob("*.bin")) else None,
+        hf=hf,
     )
 
 
@@ -241,6 +239,30 @@ def read_tensor(path: Path, name: str, reader: Any = None) -> torch.Tensor:
     return out.to(torch.bfloat16) if t.tensor_type == gguf.GGMLQuantizationType.BF16 else out
 
 
+def equals_gguf_tensor(path: Path, name: str, value: torch.Tensor) -> bool | None:
+    """Whether ``value`` is what GGUF tensor ``name`` stores (encoded in its type by the gguf package and
+    compared byte for byte), or None when the package cannot encode that type (K- and I-quants)."""
+    import gguf
+    import numpy as np
+
+    t = next((x for x in open_gguf(path).tensors if x.name == name), None)
+    if t is None:
+        return None
+    x = value.detach().float().cpu().numpy().astype(np.float32)
+    if tuple(reversed(t.shape.tolist())) != x.shape:
+        return False
+    try:
+        if t.tensor_type == gguf.GGMLQuantizationType.F32:
+            enc = x
+        elif t.tensor_type == gguf.GGMLQuantizationType.F16:
+            enc = x.astype(np.float16)
+        else:
+            enc = gguf.quants.quantize(x, t.tensor_type)
+    except (NotImplementedError, gguf.QuantError):
+        return None
+    return bool(np.array_equal(np.asarray(t.data).reshape(-1).view(np.uint8), enc.reshape(-1).view(np.uint8)))
+
+
 def is_gguf_file(path: str | Path) -> bool:
     p = Path(path)
     if not p.is_file():
@@ -249,24 +271,25 @@ def is_gguf_file(path: str | Path) -> bool:
         return fh.read(4) == b"GGUF"
 
 
-def load_base(base: str | Path | GgufBase | CheckpointReader) -> GgufBase:
-    """A :class:`GgufBase` from a Hugging Face folder, a GGUF model file or an open checkpoint reader."""
-    from ..checkpoint.reader import CheckpointReader
+def load_base(base: str | Path | GgufBase | KeyResolver) -> GgufBase:
+    """A :class:`GgufBase` from a GGUF model file, a Hugging Face folder (its config.json only) or an open
+    checkpoint (a KeyResolver: its config, names and tensors)."""
+    from ..json_file import read_json
 
     if isinstance(base, GgufBase):
         return base
-    if isinstance(base, CheckpointReader):
-        info = _from_hf(Path(base.root)) if Path(base.root).is_dir() else None
-        if info is None:
-            raise UsageError(f"{base.root}: a GGUF adapter needs the base's config.json (pass its folder)")
-        return info
+    if not isinstance(base, str | Path):
+        where = f"{getattr(base, 'root', 'the base')}/config.json"
+        if base.config is None:
+            raise UsageError(f"{where}: a GGUF adapter needs the base's config.json (pass its folder as --base)")
+        return _from_config(base.config, where, hf=base)
     p = Path(base)
     if not p.exists():
         raise InputNotFoundError(f"{p}: no such base model file or folder", path=p)
     if is_gguf_file(p):
         return _from_gguf(p)
     if p.is_dir() and (p / "config.json").is_file():
-        return _from_hf(p)
+        return _from_config(read_json(p / "config.json", "config"), str(p / "config.json"))
     raise UsageError(
         f"{p}: not a GGUF model file nor a Hugging Face model folder with config.json",
         hint="pass --base model.gguf or --base the Hugging Face folder the adapter was trained on",

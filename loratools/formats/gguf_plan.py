@@ -109,36 +109,36 @@ def _shape_problem(pair: Pair, base: GgufBase) -> Problem | None:
 
 def _replacement(key: str, t: torch.Tensor, base: GgufBase) -> tuple[bool, Problem | None]:
     """(dropped, problem) for one full tensor: dropped when it equals the base's, refused otherwise."""
-    import torch
-
     leaf = key.rsplit(".", 2)[-2] if key.count(".") else key
-    reference = _base_tensor(key, base)
-    if reference is not None and reference.shape == t.shape and torch.equal(t.to(reference.dtype), reference):
+    same = _equals_base(key, t, base)
+    if same:
         return True, None
     if "norm" in leaf or "ln_" in leaf:
         why = "the llama.cpp loader skips norm tensors in adapters (llama_adapter_lora_init_impl): the change is lost"
     else:
         why = "a GGUF LoRA holds lora_a/lora_b pairs only; full tensors (modules_to_save) cannot be carried"
-    if reference is None:
-        why += "; not comparable with the base (pass the Hugging Face folder or an F32/F16/BF16 GGUF as --base)"
+    if same is None:
+        why += "; not comparable with the base (pass the Hugging Face folder, or a GGUF base not K/I-quantized)"
     return False, Problem(key, "full_tensor", f"{key}: {why}", MERGE_HINT)
 
 
-def _base_tensor(key: str, base: GgufBase) -> torch.Tensor | None:
-    """The base's own value of the HF tensor ``key`` (exact types only), or None."""
+def _equals_base(key: str, t: torch.Tensor, base: GgufBase) -> bool | None:
+    """Whether the HF tensor ``key`` equals the base's own (exactly, or as the GGUF type stores it); None
+    when the base cannot tell."""
+    import torch
+
     if base.hf is not None:
-        from ..checkpoint.keymap import KeyMatcher
-
         mod, _, suffix = key.rpartition(".")
-        found = KeyMatcher(base.hf.keys()).tensor_key(mod, suffix)
-        return base.hf.get(found) if found else None
-    if base.gguf_path is not None and base.tensors is not None:
-        name = base.gguf_name(key.rpartition(".")[0])
-        if name is None or base.tensors.get(name, ((), ""))[1] not in ("F32", "F16", "BF16"):
+        found = base.hf.tensor_key(mod, suffix)
+        if found is None:
             return None
-        from .gguf_names import read_tensor
+        ref = base.hf.get(found)
+        return ref.shape == t.shape and torch.equal(t.to(ref.dtype), ref)
+    if base.gguf_path is not None:
+        from .gguf_names import equals_gguf_tensor
 
-        return read_tensor(base.gguf_path, name)
+        name = base.gguf_name(key.rpartition(".")[0])
+        return None if name is None else equals_gguf_tensor(base.gguf_path, name, t)
     return None
 
 

@@ -54,7 +54,11 @@ def peft_deltas(adapter: str, kind: str) -> tuple[dict[str, torch.Tensor], float
 
 
 def write(adapter, work, name: str, base, **kw):
+    """The gguf writer as convert calls it: a Hugging Face folder opened (names and tensors), GGUF as a path."""
+    from loratools.checkpoint.reader import open_checkpoint
+
     path = work / f"{name}.gguf"
+    base = open_checkpoint(base) if base.is_dir() else base
     get_format("gguf").write(adapter, path, base=base, **kw)
     return path
 

@@ -1,0 +1,229 @@
+"""Merge LoRA adapters into a GGUF base model, streaming: one tensor in memory at a time.
+
+The output keeps the base's metadata and tokenizer (every key/value copied, as the ``gguf`` package's
+``gguf_new_metadata.py`` copies them) and its tensor order. Tensors no adapter touches are copied byte
+for byte. A touched tensor is dequantized with the ``gguf`` package, updated in fp32 with
+Σ wᵢ·ΔWᵢ in the GGUF layout (the same pairs a GGUF adapter holds: each module's exact scale, the
+converter's Q/K row permutation, token_embd's rule), and written back in its own type when the package
+can write it (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0); K- and I-quant tensors are written as F16,
+as llama.cpp's ``llama-export-lora`` does, and are counted in ``retyped``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...errors import UsageError, VerificationError
+from .run import MergeSummary
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from ...adapter import Adapter
+    from ...formats.gguf_names import GgufBase
+
+#: tensor types the gguf package quantizes itself (others are written as F16 after merging)
+_KEEP_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+
+@dataclass
+class GgufMergeSummary(MergeSummary):
+    """A GGUF merge: also which touched tensors changed type (K/I-quants written as F16)."""
+
+    retyped: list[str] = field(default_factory=list)
+    verified_gguf: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "verified": self.verified_gguf, "retyped": self.retyped}
+
+
+def is_gguf_base(path: str | Path) -> bool:
+    from ...formats.gguf_names import is_gguf_file
+
+    return is_gguf_file(path)
+
+
+def _updates(adapters: Sequence[Adapter], weights: Sequence[float], info: GgufBase) -> dict[str, list[Any]]:
+    """GGUF tensor name -> [(lora_a, lora_b·w), ...] for every adapter, each checked like a GGUF adapter."""
+    from ...formats.gguf import check_plan
+
+    out: dict[str, list[Any]] = {}
+    for adapter, w in zip(adapters, weights, strict=True):
+        for pair in check_plan(adapter, info).pairs:
+            out.setdefault(pair.tensor, []).append((pair.lora_a, pair.lora_b * float(w)))
+    return out
+
+
+def delta(name: str, pairs: list[Any]) -> torch.Tensor:
+    """Σ ΔW for GGUF tensor ``name`` in its PyTorch layout, fp32, scale already in lora_b."""
+    from ...formats.gguf_rewrites import delta_as_runtime
+
+    total = None
+    for a, b in pairs:
+        d = delta_as_runtime(a, b, 0.0, name)
+        total = d if total is None else total + d
+    assert total is not None
+    return total
+
+
+def _out_type(type_name: str) -> str:
+    return type_name if type_name in _KEEP_TYPES else "F16"
+
+
+def _encode(x: torch.Tensor, type_name: str) -> np.ndarray:
+    import gguf
+    import numpy as np
+
+    arr = x.float().numpy().astype(np.float32, copy=False)
+    if type_name == "F32":
+        return arr
+    if type_name == "F16":
+        return arr.astype(np.float16)
+    return gguf.quants.quantize(arr, gguf.GGMLQuantizationType[type_name])
+
+
+def _merged(t: Any, pairs: list[Any]) -> tuple[np.ndarray, str]:
+    """(encoded array, type name) of base tensor ``t`` plus its update."""
+    import gguf
+    import numpy as np
+    import torch
+
+    shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+    base = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(shape)
+    out_type = _out_type(t.tensor_type.name)
+    return _encode(base.float() + delta(t.name, pairs), out_type), out_type
+
+
+def _copy_metadata(reader: Any, writer: Any, record: dict[str, Any]) -> None:
+    import gguf
+
+    for f in reader.fields.values():
+        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+    writer.add_string("loratools.provenance", json.dumps(record, sort_keys=True))
+
+
+def merge_gguf(
+    base: str | Path,
+    adapters: Sequence[str | Path | Adapter],
+    output: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    verify: bool = False,
+    overwrite: bool = False,
+    include: str | None = None,
+    exclude: str | None = None,
+) -> GgufMergeSummary:
+    """Merge ``adapters`` into the GGUF model ``base`` and write ``output`` (a .gguf file), atomically.
+
+    Every adapter is checked in full against the base's tensor table first (names, shapes, what a GGUF
+    LoRA can hold); nothing is written on a problem. ``verify`` re-reads the output before publishing:
+    untouched tensors must be byte-identical and touched ones equal to the base plus ΔW as encoded.
+    """
+    import gguf
+
+    from ...adapter import Adapter
+    from ...adapter_io import load_adapter
+    from ...formats.gguf_names import load_base, open_gguf
+    from ...publish import atomic_output, describe_input, provenance
+
+    t0 = time.perf_counter()
+    base_path = Path(base)
+    if not adapters:
+        raise UsageError("give at least one adapter to merge")
+    weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise UsageError(f"{len(weights)} weights for {len(adapters)} adapters", hint="give one --weights per adapter")
+    info = load_base(base_path)
+    loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
+    if include or exclude:
+        loaded = [a.select(include, exclude) for a in loaded]
+    updates = _updates(loaded, weights, info)
+    reader = open_gguf(base_path)
+    paths = [a for a in adapters if not isinstance(a, Adapter)]
+    record = provenance(
+        "merge",
+        {"weights": list(weights), "include": include, "exclude": exclude},
+        {"base": describe_input(base_path), **{f"adapter{i}": describe_input(p) for i, p in enumerate(paths)}},
+    )
+    retyped: list[str] = []
+    written = 0
+    with atomic_output(output, overwrite=overwrite, inputs=[base_path, *paths], directory=False) as tmp:
+        writer = gguf.GGUFWriter(tmp, info.arch)
+        writer.data_alignment = reader.alignment
+        _copy_metadata(reader, writer, record)
+        plan: list[tuple[Any, str | None]] = []
+        for t in reader.tensors:
+            if t.name in updates:
+                out_type = _out_type(t.tensor_type.name)
+                shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+                writer.add_tensor_info(t.name, *_tensor_info(shape, out_type))
+                if out_type != t.tensor_type.name:
+                    retyped.append(t.name)
+                plan.append((t, out_type))
+            else:
+                writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+                plan.append((t, None))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t, out_type in plan:
+            data = t.data if out_type is None else _merged(t, updates[t.name])[0]
+            writer.write_tensor_data(data)
+            written += int(data.nbytes)
+        writer.close()
+        if verify:
+            verify_gguf_merge(base_path, Path(tmp), updates)
+    return GgufMergeSummary(
+        output=Path(output),
+        modules_merged=sum(len(v) for v in updates.values()),
+        tensors_changed=len(updates),
+        tensors_written=len(plan),
+        bytes_written=written,
+        seconds=time.perf_counter() - t0,
+        files=[Path(output).name],
+        retyped=retyped,
+        verified_gguf=True if verify else None,
+    )
+
+
+def _tensor_info(shape: tuple[int, ...], out_type: str) -> tuple[Any, Any, int, Any]:
+    """(shape, numpy dtype, nbytes, raw type) for ``GGUFWriter.add_tensor_info`` (quantized: byte shape)."""
+    import math
+
+    import gguf
+    import numpy as np
+
+    qtype = gguf.GGMLQuantizationType[out_type]
+    if out_type in ("F32", "F16"):
+        dtype = np.dtype(np.float32 if out_type == "F32" else np.float16)
+        return shape, dtype, math.prod(shape) * dtype.itemsize, qtype
+    byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+    return byte_shape, np.dtype(np.uint8), math.prod(byte_shape), qtype
+
+
+def verify_gguf_merge(base: Path, merged: Path, updates: dict[str, list[Any]]) -> None:
+    """Untouched tensors byte-identical, touched ones equal to base + ΔW as their type encodes it."""
+    import numpy as np
+
+    from ...formats.gguf_names import open_gguf
+
+    before, after = open_gguf(base), open_gguf(merged)
+    if [t.name for t in before.tensors] != [t.name for t in after.tensors]:
+        raise VerificationError(f"{merged}: tensor names or order differ from the base {base}")
+    for old, new in zip(before.tensors, after.tensors, strict=True):
+        if old.name not in updates:
+            if old.tensor_type != new.tensor_type or not np.array_equal(old.data, new.data):
+                raise VerificationError(f"{merged}: untouched tensor {old.name} is not byte-identical to the base")
+            continue
+        want, _ = _merged(old, updates[old.name])
+        if not np.array_equal(np.asarray(new.data).reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8)):
+            raise VerificationError(f"{merged}: tensor {old.name} is not the base plus the adapters' ΔW")
