@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from .errors import ShapeError
+from .errors import ShapeError, UnsupportedError
+from .families import FamilyModule
 
 Kind = Literal["linear", "conv", "embedding"]
 KINDS: tuple[str, ...] = ("linear", "conv", "embedding")
@@ -34,6 +35,11 @@ def scale_for(alpha: float, rank: int, use_rslora: bool = False) -> float:
 @dataclass
 class LoraModule:
     """One adapted module: ΔW = scale · B · A (see the module docstring for shapes)."""
+
+    #: the update family (see :mod:`loratools.families` for the others)
+    family: ClassVar[str] = "lora"
+    label: ClassVar[str] = "LoRA"
+    multiplicative: ClassVar[bool] = False
 
     down: torch.Tensor
     up: torch.Tensor
@@ -62,6 +68,20 @@ class LoraModule:
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
+
+    @property
+    def needs_base(self) -> bool:
+        """True for DoRA: the merged weight depends on the base weight's norms."""
+        return self.magnitude is not None
+
+    @property
+    def is_low_rank(self) -> bool:
+        """True unless DoRA (a DoRA update is exactly low-rank only together with its base)."""
+        return self.magnitude is None
+
+    @property
+    def max_rank(self) -> int:
+        return self.rank
 
     @property
     def scale(self) -> float:
@@ -133,6 +153,21 @@ class LoraModule:
         return replace(self, down=down, up=up, alpha=self.alpha if alpha is None else alpha)
 
 
+#: any adapted module: plain LoRA (with its factor-space fast paths) or a member of another family
+AdapterModule = LoraModule | FamilyModule
+
+
+def require_lora(adapter: Adapter, command: str) -> None:
+    """UnsupportedError (one line naming the module and family) when ``adapter`` holds non-LoRA modules."""
+    for name, m in adapter.modules.items():
+        if not isinstance(m, LoraModule):
+            raise UnsupportedError(
+                f"{command}: module {name} is a {m.label} update; {command} handles plain LoRA only",
+                hint="lower it first: loratools convert ADAPTER --to peft --as-lora -o OUT (add --base BASE for "
+                "OFT/BOFT/IA3)",
+            )
+
+
 @dataclass
 class Adapter:
     """A LoRA adapter: modules keyed by module path, full replacements, and metadata.
@@ -144,7 +179,7 @@ class Adapter:
     ``provenance`` (the loratools record, if any).
     """
 
-    modules: dict[str, LoraModule] = field(default_factory=dict)
+    modules: dict[str, LoraModule] = field(default_factory=dict)  # or FamilyModule: see AdapterModule
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -167,10 +202,18 @@ class Adapter:
         return {m.rank for m in self.modules.values()}
 
     def alphas(self) -> set[float]:
-        return {float(m.alpha) for m in self.modules.values()}
+        return {float(a) for m in self.modules.values() if (a := getattr(m, "alpha", None)) is not None}
 
     def dtypes(self) -> set[torch.dtype]:
-        return {t.dtype for m in self.modules.values() for t in (m.down, m.up)}
+        return {
+            t.dtype
+            for m in self.modules.values()
+            for t in ((m.down, m.up) if isinstance(m, LoraModule) else m.tensors().values())
+        }
+
+    def families(self) -> set[str]:
+        """The update families present (``lora``, ``loha``, ``lokr``, ``oft``, ``boft``, ``ia3``, ``diag_oft``)."""
+        return {m.family for m in self.modules.values()}
 
     def select(self, include: str | None = None, exclude: str | None = None) -> Adapter:
         """A copy keeping only modules whose names match ``include`` and not ``exclude`` (regexes)."""

@@ -50,7 +50,12 @@ def check_tensors(
 
     read = read or (lambda t: t)
     for name, m in adapter.modules.items():
-        for role, t in (("lora_A", m.down), ("lora_B", m.up), ("magnitude", m.magnitude), ("bias", m.bias)):
+        roles = (
+            (("lora_A", m.down), ("lora_B", m.up), ("magnitude", m.magnitude), ("bias", m.bias))
+            if hasattr(m, "down")
+            else tuple(m.tensors().items())  # another family (LoHa, LoKr, OFT, ...): its own tensor names
+        )
+        for role, t in roles:
             if t is None:
                 continue
             if not t.is_floating_point():

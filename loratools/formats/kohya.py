@@ -23,6 +23,8 @@ from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, UnsupportedError, UsageError, ValidationError, name_list
 from ..publish import METADATA_KEY, provenance_metadata, read_provenance
 from ..safetensors_file import load_file, read_header, save_file
+from .lycoris import PARTS as LYCORIS_PARTS
+from .lycoris import family_parts, module_from_parts
 from .registry import AdapterFormat, register_format
 
 if TYPE_CHECKING:
@@ -38,7 +40,7 @@ PREFIX_COMPONENT = {
     "lora_te2_": "text_encoder_2",
 }
 _PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale"}
-_NAME = re.compile(r"^(lora_[a-z0-9]+_)[A-Za-z0-9_]+$")
+_NAME = re.compile(r"^(lora_[a-z0-9]+_|lycoris_)[A-Za-z0-9_]+$")
 #: LyCORIS algorithms other than LoRA/LoCon, by a tensor part they use
 _LYCORIS = {
     "hada_w1_a": "LoHa",
@@ -78,9 +80,10 @@ def _refuse_layouts(path: Path, keys: list[str]) -> None:
             )
     for k in keys:
         part = k.split(".", 1)[1] if "." in k else ""
-        if part in _LYCORIS:
+        if part in _LYCORIS and part not in LYCORIS_PARTS:
             raise UnsupportedError(
-                f"{path}: {k!r} is a LyCORIS {_LYCORIS[part]} tensor; only LoRA/LoCon (lora_down/lora_up) is supported",
+                f"{path}: {k!r} is a LyCORIS {_LYCORIS[part]} tensor; loratools reads LoRA/LoCon, LoHa, LoKr and "
+                "diag-OFT",
                 hint="merge it with its training tool, or extract a plain LoRA from the merged model",
                 path=path,
             )
@@ -88,6 +91,8 @@ def _refuse_layouts(path: Path, keys: list[str]) -> None:
 
 def _split(key: str) -> tuple[str, str] | None:
     name, _, part = key.partition(".")
+    if part in LYCORIS_PARTS and _NAME.match(name):
+        return name, part
     return (name, _PARTS[part]) if part in _PARTS and _NAME.match(name) else None
 
 
@@ -222,6 +227,12 @@ class KohyaFormat(AdapterFormat):
         modules: dict[str, LoraModule] = {}
         names: dict[str, str] = {}
         for name, p in sorted(parts.items()):
+            if LYCORIS_PARTS.intersection(p):
+                key = (resolver.resolve(name) if resolver else None) or name
+                if key in modules:
+                    raise ValidationError(f"{path}: {name} and {names[key]} both resolve to module {key}", path=path)
+                modules[key], names[key] = module_from_parts(path, name, p), name  # type: ignore[assignment]
+                continue
             if "down" not in p or "up" not in p:
                 missing = "lora_down.weight" if "down" not in p else "lora_up.weight"
                 raise ValidationError(f"{path}: module {name} has no {missing} tensor", path=path)
@@ -291,6 +302,10 @@ def _module(path: Path, name: str, p: dict[str, torch.Tensor]) -> LoraModule:
         raise type(exc)(f"{path}: module {name}: {exc.message}", hint=exc.hint, path=path) from None
 
 
+def _fifo(m: object) -> bool:
+    return bool(getattr(m, "fan_in_fan_out", False))
+
+
 def _normalize_prefix(prefix: str) -> str:
     if not re.fullmatch(r"lora_[a-z0-9]+_?", prefix):
         raise UsageError(f"kohya prefix {prefix!r} must look like lora_te_ or lora_unet_ (lowercase letters/digits)")
@@ -348,8 +363,8 @@ def _alpha_tensor(alpha: float, like: torch.Tensor) -> torch.Tensor:
 def kohya_tensors(adapter: Adapter, kohya_prefix: str | None = None) -> dict[str, torch.Tensor]:
     """The kohya state dict for ``adapter``; refuses (listing modules) what kohya files cannot hold."""
     bad = [f"{n} (embedding)" for n, m in adapter.modules.items() if m.kind == "embedding"]
-    bad += [f"{n} (lora_B bias)" for n, m in adapter.modules.items() if m.bias is not None]
-    bad += [f"{n} (fan_in_fan_out / Conv1D layout)" for n, m in adapter.modules.items() if m.fan_in_fan_out]
+    bad += [f"{n} (lora_B bias)" for n, m in adapter.modules.items() if getattr(m, "bias", None) is not None]
+    bad += [f"{n} (fan_in_fan_out / Conv1D layout)" for n, m in adapter.modules.items() if _fifo(m)]
     bad += [f"{k} (full replacement / modules_to_save)" for k in adapter.replacements]
     if bad:
         raise UnsupportedError(
@@ -360,6 +375,9 @@ def kohya_tensors(adapter: Adapter, kohya_prefix: str | None = None) -> dict[str
     out: dict[str, torch.Tensor] = {}
     for mod, m in adapter.modules.items():
         k = names[mod]
+        if not isinstance(m, LoraModule):
+            out.update({f"{k}.{part}": t.contiguous() for part, t in family_parts(mod, m).items()})
+            continue
         # rsLoRA's alpha/√r becomes kohya's alpha/r by folding √r into alpha
         alpha = float(m.alpha) * math.sqrt(m.rank) if m.use_rslora else float(m.alpha)
         out[f"{k}.lora_down.weight"] = m.down.contiguous()
@@ -373,9 +391,11 @@ def kohya_tensors(adapter: Adapter, kohya_prefix: str | None = None) -> dict[str
 
 def _network_metadata(adapter: Adapter) -> dict[str, str]:
     ranks = adapter.ranks()
-    alphas = {float(m.alpha) * (math.sqrt(m.rank) if m.use_rslora else 1.0) for m in adapter.modules.values()}
+    alphas = {float(getattr(m, "alpha", 0) or 0) * (math.sqrt(m.rank) if getattr(m, "use_rslora", False) else 1.0)
+              for m in adapter.modules.values()}
+    lycoris = any(not isinstance(m, LoraModule) for m in adapter.modules.values())
     return {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
         "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
         "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
     }

@@ -20,6 +20,7 @@ from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, ShapeError, UnsupportedError, ValidationError
 from ..publish import provenance_metadata, read_provenance
 from ..safetensors_file import load_file, save_file
+from .peft_families import FAMILY_TYPES, has_family, read_adapter, write_adapter
 from .registry import AdapterFormat, register_format
 
 if TYPE_CHECKING:
@@ -63,9 +64,10 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise FormatError(f"{cfg_path}: expected a JSON object", path=cfg_path)
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
+    if peft_type != "LORA" and peft_type not in FAMILY_TYPES:
         raise UnsupportedError(
-            f"{cfg_path}: PEFT type {peft_type} is not LoRA; loratools handles LoRA (and DoRA) adapters only",
+            f"{cfg_path}: PEFT type {peft_type} is not one loratools reads "
+            "(LoRA, DoRA, LoHa, LoKr, OFT, BOFT, IA3)",
             path=cfg_path,
         )
     for key, what in _UNSUPPORTED_FEATURES.items():
@@ -224,7 +226,8 @@ class PeftFormat(AdapterFormat):
     def structural_findings(cls, path: Path) -> list[tuple[str | None, str, str, str | None]]:
         """All structural problems of the adapter at ``path`` (see :func:`check_structure`), from headers."""
         path = path.parent if _inside_folder(path) else path
-        _read_config(path)
+        if str(_read_config(path).get("peft_type", "LORA")).upper() in FAMILY_TYPES:
+            return []  # family tensors are checked when read
         shapes, _ = _tensor_shapes(path)
         return check_structure(shapes)
 
@@ -233,6 +236,8 @@ class PeftFormat(AdapterFormat):
         path = path.parent if _inside_folder(path) else path
         cfg = _read_config(path)
         tensors, metadata, weights_file = _read_tensors(path)
+        if str(cfg.get("peft_type", "LORA")).upper() in FAMILY_TYPES:
+            return read_adapter(path, cfg, tensors, metadata, weights_file)
         problems = check_structure({k: tuple(t.shape) for k, t in tensors.items()})
         if problems:
             mod, code, message, _ = problems[0]

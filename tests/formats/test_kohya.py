@@ -137,8 +137,8 @@ def test_dora_scale_reads_as_magnitude(work):
 @pytest.mark.parametrize(
     ("key", "what"),
     [
-        ("lora_unet_down_blocks_0_x.hada_w1_a", "LoHa"),
-        ("lora_unet_down_blocks_0_x.lokr_w1", "LoKr"),
+        ("lora_unet_down_blocks_0_x.lora_mid.weight", "LoCon \\(Tucker\\)"),
+        ("lora_unet_down_blocks_0_x.w_norm", "norm"),
         ("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "Flux/SD3"),
         ("lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight", "Flux/SD3"),
     ],
