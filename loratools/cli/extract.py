@@ -32,6 +32,21 @@ from .output import get_output
     show_default=True,
     help="Skip tensors with |ΔW| <= this fraction of |W|.",
 )
+@click.option(
+    "--save-module",
+    "save_modules",
+    multiple=True,
+    metavar="REGEX",
+    help="Save modules matching this regex whole (modules_to_save) instead of as LoRA; repeatable.",
+)
+@click.option(
+    "--head-error",
+    type=Number(NON_NEGATIVE),
+    default=0.1,
+    show_default=True,
+    help="Save an output head (lm_head, score, ...) whole when its LoRA would lose more than this fraction "
+    "of |ΔW| (1: never).",
+)
 @filters
 @dtype_option
 @click.option("--to", "to", default=None, help="Output format (default: peft).")
@@ -49,6 +64,8 @@ def extract(
     exact: bool,
     threshold: int,
     min_delta: float,
+    save_modules: tuple[str, ...],
+    head_error: float,
     include: str | None,
     exclude: str | None,
     dtype: str,
@@ -64,6 +81,7 @@ def extract(
     Examples:
       loratools extract base/ finetuned/ --rank 16 -o lora/
       loratools extract base/ finetuned/ --fro 0.9 --max-rank 64 --include 'self_attn' -o lora/
+      loratools extract base/ finetuned/ --rank 16 --save-module 'embed_tokens|lm_head' -o lora/
     """
     from ..ops.extract import extract as run
 
@@ -77,6 +95,8 @@ def extract(
             max_rank=max_rank,
             include=include,
             exclude=exclude,
+            save_modules="|".join(f"(?:{r})" for r in save_modules) or None,
+            head_error=head_error,
             exact=exact,
             threshold=threshold,
             min_delta=min_delta,
@@ -95,6 +115,9 @@ def extract(
         )
         if d["replaced"]:
             out.line(f"saved whole ({len(d['replaced'])}): {', '.join(d['replaced'])}")
+        for w in d["saved_whole"]:
+            if w["lowrank_error"] is not None:
+                out.line(f"{w['name']} saved whole: a rank-{w['rank']} LoRA would be {w['lowrank_error']:.1%} off")
         out.line(
             f"wrote {d['output']}: {len(d['modules'])} LoRA modules, "
             f"{d['skipped_negligible']} unchanged tensors skipped"

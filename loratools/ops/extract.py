@@ -6,7 +6,13 @@ non-negligible ΔW become LoRA modules from a truncated SVD (exact for ``min(out
 within 1% of the optimal one on fine-tuning deltas). The σ are split as √σ, alpha = rank (scale 1).
 Other changed tensors (norms, embeddings, new or resized tensors) are saved as full replacements
 (PEFT modules_to_save); a changed bias of a module that became LoRA goes into the LoRA bias
-(``lora_B.bias``). Memory is O(the largest tensor): one base/tuned pair is in memory at a time.
+(``lora_B.bias``). So are modules named by ``save_modules``, and output heads (``lm_head``, ``score``, …)
+whose rank-k fit would lose more than ``head_error`` of ‖ΔW‖_F (a densely fine-tuned head: a LoRA of it
+would be far off, whole it is exact); the error is reported.
+
+Memory is one tensor pair's working set (the pair, ΔW in fp32 and the SVD's factors) plus the output:
+tensors are read with ``pread`` into private buffers (a memory map would add every page read to the
+process's RSS) and freed after each one.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ if TYPE_CHECKING:
 
 #: leaf module names that are embeddings (saved whole, never factored)
 _EMBEDDING = re.compile(r"(^|\.)(embed\w*|\w*_embeddings?|wte|wpe|shared|embeddings)$")
+#: output heads (vocabulary or label projections): fine-tunes often change them densely, so a low-rank
+#: fit is checked and the tensor saved whole when it loses more than ``head_error`` of the change
+_HEAD = re.compile(r"(^|\.)(lm_head|output|score|classifier|qa_outputs)$")
 #: model types whose linear layers are transformers' Conv1D (weight stored in×out)
 _CONV1D_TYPES = {"gpt2": ("c_attn", "c_proj", "c_fc"), "openai-gpt": ("c_attn", "c_proj", "c_fc")}
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -40,6 +49,7 @@ class ExtractResult:
     modules: list[dict[str, Any]] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    whole: list[dict[str, Any]] = field(default_factory=list)
     output: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,6 +58,7 @@ class ExtractResult:
             "modules": self.modules,
             "replaced": self.replaced,
             "skipped_negligible": len(self.skipped),
+            "saved_whole": self.whole,
         }
 
 
@@ -70,6 +81,8 @@ def extract(
     max_rank: int | None = None,
     include: str | None = None,
     exclude: str | None = None,
+    save_modules: str | None = None,
+    head_error: float = 0.1,
     exact: bool = False,
     threshold: int = 1024,
     min_delta: float = 1e-6,
@@ -81,6 +94,9 @@ def extract(
     progress: Callable[[int], None] | None = None,
 ) -> ExtractResult:
     """Extract a LoRA of ``rank`` (or per module the smallest rank keeping ``fro`` of ‖ΔW‖_F).
+
+    Modules matching ``save_modules`` (a regex) are saved whole, and so is an output head whose
+    low-rank error (relative to ‖ΔW‖_F) exceeds ``head_error`` (1: never).
 
     ``min_delta``: tensors with ‖ΔW‖ ≤ min_delta·‖W‖ are skipped as unchanged. ``include``/``exclude``
     filter module names (regexes). ``dtype`` (auto|fp32|fp16|bf16) of the factors; auto keeps the tuned
@@ -95,6 +111,8 @@ def extract(
     from ..hub import resolve_path
     from ..lowrank import check_rule, dense_svd
     from ._algebra_io import write
+    from .merge.factors import release_memory
+    from .merge.write import BaseBytes
 
     if (rank is None) == (fro is None):
         raise UsageError("give exactly one of --rank and --fro", hint="e.g. loratools extract base/ tuned/ --rank 16")
@@ -109,32 +127,43 @@ def extract(
     gen = torch.Generator().manual_seed(seed)
     modules: dict[str, LoraModule] = {}
     replacements: dict[str, torch.Tensor] = {}
-    report, replaced, skipped = [], [], []
+    report, replaced, skipped, whole = [], [], [], []
+    check_number("--head-error", head_error, NON_NEGATIVE)
+    try:
+        save_whole = re.compile(save_modules).search if save_modules else None
+    except re.error as exc:
+        raise UsageError(f"--save-module {save_modules!r} is not a valid regex: {exc}") from None
     with open_checkpoint(base_path) as rb, open_checkpoint(tuned_path) as rt:
+        # pread into private buffers: a memory map of either file would add every page read to our RSS
+        fb, ft = BaseBytes(rb), BaseBytes(rt)
         keys = [k for k in rt.keys() if keep(k.rpartition(".")[0])]
         lora_modules = set()
         for key in keys:
+            module = key.rpartition(".")[0]
+            if save_whole is not None and save_whole(module):
+                continue
             if (
                 key in rb
                 and tuple(rb.info(key).shape) == tuple(rt.info(key).shape)
                 and _factorable(key, tuple(rt.info(key).shape))
             ):
-                lora_modules.add(key.rpartition(".")[0])
+                lora_modules.add(module)
         pending_bias: dict[str, torch.Tensor] = {}
         for key in keys:
             if progress is not None:
                 progress(1)
             module, _, suffix = key.rpartition(".")
             info = rt.info(key)
-            new = rt.get(key)
+            new = ft.get(key)
             if key not in rb or tuple(rb.info(key).shape) != tuple(info.shape):
                 replacements[key] = new
                 replaced.append(key)
                 continue
             if not new.is_floating_point():
                 continue
-            old = rb.get(key)
-            delta = new.float() - old.float()
+            old = fb.get(key)
+            delta = new.to(torch.float32, copy=True)
+            delta.sub_(old)
             if not bool(torch.isfinite(delta).all()):  # name the input that holds NaN/Inf, not the SVD
                 from ..finite import require_finite
 
@@ -142,7 +171,10 @@ def extract(
                 require_finite(old, key, rb.file_of(key), hint="the base checkpoint is damaged")
                 require_finite(delta, key, f"{tuned} minus {base}", hint="the difference overflows fp32")
             norm = float(torch.linalg.vector_norm(delta))
-            if norm == 0 or norm <= min_delta * float(torch.linalg.vector_norm(old.float())) or _only_cast(old, new):
+            unchanged = norm == 0 or norm <= min_delta * float(torch.linalg.vector_norm(old, dtype=torch.float32))
+            unchanged = unchanged or _only_cast(old, new)
+            del old
+            if unchanged:
                 skipped.append(key)
                 continue
             out_dtype = new.dtype if dtype == "auto" else getattr(torch, _DTYPES[dtype])
@@ -150,8 +182,12 @@ def extract(
                 pending_bias[module] = delta.to(out_dtype)
                 continue
             if module not in lora_modules or suffix != "weight":
+                by_name = save_whole is not None and bool(save_whole(module))
                 replacements[key] = new
                 replaced.append(key)
+                if module not in {w["name"] for w in whole} and (by_name or _EMBEDDING.search(module)):
+                    reason = "--save-module" if by_name else "embedding"
+                    whole.append({"name": module, "reason": reason, "lowrank_error": None})
                 continue
             conv1d = delta.ndim == 2 and _conv1d(rt.config, module)
             matrix = delta.T if conv1d else delta.reshape(delta.shape[0], -1)
@@ -162,6 +198,18 @@ def extract(
             if fro is not None and max_rank is not None:
                 u, s, vh = u[:, :max_rank], s[:max_rank], vh[:max_rank]
             k = int(s.numel())
+            kept = float((s.double() ** 2).sum()) ** 0.5
+            retained = min(kept / norm, 1.0) if norm > 0 else 1.0
+            error = max(0.0, 1.0 - retained**2) ** 0.5
+            if _HEAD.search(module) and (error > head_error or k * sum(matrix.shape) >= matrix.numel()):
+                replacements[key] = new  # a head low rank cannot hold: whole, like the fine-tune has it
+                replaced.append(key)
+                lora_modules.discard(module)
+                whole.append({"name": module, "reason": "head", "rank": k, "lowrank_error": error})
+                del delta, matrix, u, s, vh, new
+                release_memory()
+                continue
+            del new
             if k == 0:
                 skipped.append(key)
                 continue
@@ -176,23 +224,16 @@ def extract(
                 kind="conv" if delta.ndim == 4 else "linear",
                 fan_in_fan_out=conv1d,
             )
-            total = float(torch.linalg.matrix_norm(matrix).double())
-            kept = float((s.double() ** 2).sum()) ** 0.5
             report.append(
-                {
-                    "name": module,
-                    "shape": list(matrix.shape),
-                    "rank": k,
-                    "norm": total,
-                    "retained_fro": min(kept / total, 1.0) if total > 0 else 1.0,
-                }
+                {"name": module, "shape": list(matrix.shape), "rank": k, "norm": norm, "retained_fro": retained}
             )
-            del delta, matrix, u, s, vh
+            del delta, matrix, u, s, vh, up, down
+            release_memory()
         for module, bias in pending_bias.items():
             if module in modules:
                 modules[module].bias = bias
             else:
-                replacements[f"{module}.bias"] = bias + rb.get(f"{module}.bias").to(bias.dtype)
+                replacements[f"{module}.bias"] = bias + fb.get(f"{module}.bias").to(bias.dtype)
                 replaced.append(f"{module}.bias")
         if any(m.bias is not None for m in modules.values()):  # PEFT's lora_bias is all-or-nothing
             for module, m in modules.items():
@@ -205,7 +246,9 @@ def extract(
         for key in list(replacements):
             for other in siblings.get(key.rpartition(".")[0], []):
                 if other not in replacements:
-                    replacements[other] = rt.get(other)
+                    replacements[other] = ft.get(other)
+        fb.close()
+        ft.close()
         config = rt.config
     if not modules and not replacements:
         raise UsageError(
@@ -214,7 +257,7 @@ def extract(
         )
     meta = {"format": "peft", "base_model": str((config or {}).get("_name_or_path") or base)}
     adapter = Adapter(modules=modules, replacements=replacements, meta=meta)
-    result = ExtractResult(adapter, report, replaced, skipped)
+    result = ExtractResult(adapter, report, replaced, skipped, whole)
     if output is not None:
         params = {
             "rank": rank,
@@ -222,6 +265,8 @@ def extract(
             "max_rank": max_rank,
             "include": include,
             "exclude": exclude,
+            "save_modules": save_modules,
+            "head_error": head_error,
             "exact": exact,
             "threshold": threshold,
             "min_delta": min_delta,

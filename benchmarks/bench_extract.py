@@ -1,0 +1,153 @@
+"""Benchmark: peak memory and time of ``loratools extract`` on a Llama-shaped base + fine-tune pair.
+
+Builds, in /tmp/loratools-bench, a bf16 Llama-shaped base (hidden 2048, intermediate 5632, vocab 32000,
+untied head; ``--layers`` decoder layers, one safetensors file) and a "fine-tune" of it, tensor by tensor:
+every linear projection gets a decaying rank-32 delta plus a noise floor, ``lm_head`` a dense full-rank
+change (what a real fine-tune of the head looks like to a low-rank fit), 500 embedding rows change, and
+the final norm is scaled. Then it times whole processes (imports included) with ``/usr/bin/time -v``:
+
+- ``extract --rank 16`` of everything (lm_head is saved whole by the default head rule);
+- ``extract --rank 16 --include`` of two projections (the floor: imports plus one tensor pair);
+- ``python -c 'import torch, loratools'`` (the import floor).
+
+    python benchmarks/bench_extract.py [--layers 1] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path("/tmp/loratools-bench")
+HIDDEN, INTER, HEADS, VOCAB = 2048, 5632, 16, 32000
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    out = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        out += [(f"{p}.self_attn.{n}.weight", (HIDDEN, HIDDEN)) for n in PROJ]
+        out += [
+            (f"{p}.mlp.gate_proj.weight", (INTER, HIDDEN)),
+            (f"{p}.mlp.up_proj.weight", (INTER, HIDDEN)),
+            (f"{p}.mlp.down_proj.weight", (HIDDEN, INTER)),
+            (f"{p}.input_layernorm.weight", (HIDDEN,)),
+            (f"{p}.post_attention_layernorm.weight", (HIDDEN,)),
+        ]
+    return out + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+
+
+def config(layers: int) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": HEADS,
+        "num_hidden_layers": layers,
+        "vocab_size": VOCAB,
+        "tie_word_embeddings": False,
+        "dtype": "bfloat16",
+    }
+
+
+def _tuned(name: str, w, g):  # noqa: ANN001, ANN202
+    import torch
+
+    w = w.float()
+    if name.endswith(("norm.weight", "layernorm.weight")):
+        return w * 1.05 if name == "model.norm.weight" else w
+    if name == "model.embed_tokens.weight":
+        rows = torch.randint(0, w.shape[0], (500,), generator=g)
+        w[rows] += 0.01 * torch.randn(500, w.shape[1], generator=g)
+        return w
+    if name == "lm_head.weight":
+        return w + 0.01 * torch.randn(w.shape, generator=g)
+    r = 32
+    s = 0.5 * 0.8 ** torch.arange(r, dtype=torch.float32)
+    u = torch.randn(w.shape[0], r, generator=g) / w.shape[0] ** 0.5
+    v = torch.randn(r, w.shape[1], generator=g) / w.shape[1] ** 0.5
+    return w + (u * s) @ v + 2e-4 * torch.randn(w.shape, generator=g)
+
+
+def build_pair(layers: int) -> tuple[Path, Path]:
+    import torch
+
+    from loratools.checkpoint.writer import SafetensorsWriter, TensorEntry
+
+    base, tuned = ROOT / f"extract-base-{layers}l", ROOT / f"extract-tuned-{layers}l"
+    if (tuned / "model.safetensors").is_file():
+        return base, tuned
+    entries = [TensorEntry(n, "BF16", s) for n, s in shapes(layers)]
+    g = torch.Generator().manual_seed(0)
+    for d in (base, tuned):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(config(layers), indent=2))
+    with (
+        SafetensorsWriter(base / "model.safetensors", entries, {"format": "pt"}) as wb,
+        SafetensorsWriter(tuned / "model.safetensors", entries, {"format": "pt"}) as wt,
+    ):
+        for e in entries:
+            w = (torch.randn(e.shape, generator=g) * 0.02).to(torch.bfloat16)
+            if len(e.shape) == 1:
+                w = torch.ones(e.shape, dtype=torch.bfloat16)
+            wb.write(e.name, w)
+            wt.write(e.name, _tuned(e.name, w, g).to(torch.bfloat16))
+    return base, tuned
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of a whole process, from /usr/bin/time -v."""
+    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{cmd} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", r.stderr)
+    h, m, s = (float(x) if x else 0.0 for x in wall.groups())
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
+    return h * 3600 + m * 60 + s, rss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    base, tuned = build_pair(args.layers)
+    pair = sum(f.stat().st_size for d in (base, tuned) for f in d.glob("*.safetensors"))
+    largest = max(2 * 2 * s[0] * (s[1] if len(s) > 1 else 1) for _, s in shapes(args.layers))
+    out = ROOT / "extract-out"
+    cli = [sys.executable, "-m", "loratools", "extract", str(base), str(tuned), "--rank", "16"]
+    runs = {
+        "extract --rank 16 (all tensors)": [*cli, "-o", str(out), "--overwrite"],
+        "extract --rank 16 --include 2 projections": [
+            *cli,
+            "--include",
+            r"layers\.0\.self_attn\.(q|v)_proj",
+            "-o",
+            str(out),
+            "--overwrite",
+        ],
+        "import torch, loratools": [sys.executable, "-c", "import torch, loratools.ops.extract"],
+    }
+    rows = []
+    for name, cmd in runs.items():
+        rs = [timed(cmd) for _ in range(args.runs)]
+        rows.append((name, statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)))
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"\nbase + tuned: {pair / 1e9:.2f} GB; largest tensor pair (bf16): {largest / 1e6:.0f} MB\n")
+    print("| run | wall time (s) | peak RSS (MB) |\n|---|---|---|")
+    for name, wall, rss in rows:
+        print(f"| {name} | {wall:.2f} | {rss:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
