@@ -13,7 +13,7 @@ from .output import get_output
 @base_option
 @click.option(
     "--target",
-    type=click.Choice(["vllm", "sglang", "llama.cpp", "onnxruntime-genai"]),
+    type=click.Choice(["vllm", "sglang", "llama.cpp", "ollama", "onnxruntime-genai"]),
     default=None,
     help="Also report what this serving runtime would reject or silently ignore (see docs/formats.md).",
 )
@@ -34,6 +34,7 @@ def validate(
       loratools validate fixtures/peft/llama-lora
       loratools validate fixtures/peft/llama-lora --base fixtures/bases/llama --json
       loratools validate fixtures/peft/llama-lora --target vllm
+      loratools validate fixtures/peft/llama-rslora --target ollama --base fixtures/gguf/llama-q8_0.gguf
       loratools validate fixtures/peft/llama-lora --scan
     """
     from ..ops.validate import validate as run_validate

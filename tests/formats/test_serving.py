@@ -22,7 +22,7 @@ def codes(adapter, target, **settings) -> set[str]:
 
 def test_every_rule_names_version_and_source():
     rules = serving_rules()
-    assert set(serving_targets()) == {"vllm", "sglang", "llama.cpp", "onnxruntime-genai"}
+    assert set(serving_targets()) == {"vllm", "sglang", "llama.cpp", "ollama", "onnxruntime-genai"}
     for name, r in rules.items():
         assert r["version"] and r["sources"] and all(s.startswith("https://") for s in r["sources"]), name
         for rule in r["rules"]:
@@ -43,12 +43,12 @@ def test_plain_lora_is_fine_everywhere():
         ("llama-dora", "sglang", "sglang.dora"),
         ("llama-dora", "onnxruntime-genai", "onnxruntime-genai.dora"),
         ("llama-mts", "vllm", "vllm.modules_to_save"),
-        ("llama-mts", "llama.cpp", "llama.cpp.modules_to_save"),
+        ("gpt2-lora", "ollama", "ollama.importer_arch"),
         ("llama-bias", "vllm", "vllm.bias"),
         ("llama-bias", "llama.cpp", "llama.cpp.bias"),
-        ("llama-rslora", "llama.cpp", "llama.cpp.rslora"),
+        ("llama-rslora", "ollama", "ollama.rslora"),
         ("llama-rslora", "sglang", "sglang.rslora"),
-        ("llama-patterns", "llama.cpp", "llama.cpp.single_alpha"),
+        ("llama-patterns", "ollama", "ollama.single_alpha"),
         ("llama-embed", "onnxruntime-genai", "onnxruntime-genai.embedding"),
     ],
 )

@@ -61,7 +61,9 @@ def validate(
                     _report_nonfinite(t, key, f, _module_of(key, None, fmt.name), report)
             return report
     reader = None
-    if base is not None:
+    from ...formats.gguf_names import is_gguf_file
+
+    if base is not None and not is_gguf_file(base):  # a GGUF model is a base only for the GGUF targets
         try:
             reader = open_checkpoint(base)
         except LoratoolsError as exc:
@@ -86,7 +88,9 @@ def validate(
         if target is not None:
             from .serving import serving_findings
 
-            report.findings += serving_findings(adapter, target, base_kind=reader.kind if reader else None)
+            report.findings += serving_findings(
+                adapter, target, base_kind=reader.kind if reader else None, base=base
+            )
         if scan:
             from ..scan import scan_adapter, scan_findings
 

@@ -67,7 +67,7 @@ def _alpha_varies(adapter: Adapter) -> list[str]:
 
 
 def _conditions(
-    adapter: Adapter, rules: dict[str, Any], settings: dict[str, Any], base_kind: str | None = None
+    adapter: Adapter, rules: dict[str, Any], settings: dict[str, Any], base_kind: str | None = None, base: Any = None
 ) -> dict[str, list[str]]:
     """condition name -> the modules (or tensor names) it applies to; empty when it does not apply."""
     max_rank = settings.get("max_lora_rank")
@@ -93,6 +93,27 @@ def _conditions(
             if targets
             else []
         ),
+        **(_gguf_conditions(adapter, settings, base) if rules.get("gguf") else {}),
+    }
+
+
+def _gguf_conditions(adapter: Adapter, settings: dict[str, Any], base: Any) -> dict[str, list[str]]:
+    """Conditions of the GGUF runtimes: an adapter that is not a GGUF file yet; Ollama's own importer
+    (architectures it converts, an integer lora_alpha)."""
+    from .gguf_serving import gguf_architecture
+
+    gguf_file = adapter.format == "gguf"
+    arch = None if gguf_file else gguf_architecture(adapter, base)
+    converts = set(settings.get("importer_architectures") or [])
+    gguf_only = {"rslora": [], "alpha_varies": [], "scale_varies": []} if gguf_file else {}
+    planned = {"modules_to_save": []} if base is not None else {}  # the plan against the base decides
+    return {
+        **gguf_only,
+        **planned,
+        "not_gguf": [] if gguf_file else ["*"],
+        "alpha_not_integer": [] if gguf_file else _modules_where(adapter, lambda m: not float(m.alpha).is_integer()),
+        "arch_not_imported": ["*"] if arch is not None and converts and arch not in converts else [],
+        "arch_unknown": ["*"] if not gguf_file and arch is None and base is not None else [],
     }
 
 
@@ -101,13 +122,16 @@ def _listing(names: list[str]) -> str:
     return f"{shown} (+{len(names) - 3} more)" if len(names) > 3 else shown
 
 
-def serving_findings(adapter: Adapter, target: str, *, base_kind: str | None = None, **settings: Any) -> list[Finding]:
+def serving_findings(
+    adapter: Adapter, target: str, *, base_kind: str | None = None, base: Any = None, **settings: Any
+) -> list[Finding]:
     """Findings for what ``target`` would reject or silently ignore in ``adapter``.
 
     ``settings`` override the runtime's defaults from the rule table (``max_lora_rank=64`` for vLLM,
     say). Each finding's code is ``<target>.<rule id>``; its message ends with the runtime version and
     source the rule was read from. ``base_kind`` ("pipeline", "folder", "file") is the base's, when
-    validating against one.
+    validating against one. For the GGUF runtimes (rules with ``"gguf": true``) ``base`` (a .gguf model
+    or a Hugging Face folder) also plans the GGUF file exactly as ``convert --to gguf`` writes it.
     """
     from .findings import Finding
 
@@ -116,7 +140,7 @@ def serving_findings(adapter: Adapter, target: str, *, base_kind: str | None = N
         raise UsageError(f"unknown serving target {target!r}; known: {', '.join(sorted(table))}")
     rules = table[target]
     effective = {**rules.get("settings", {}), **{k: v for k, v in settings.items() if v is not None}}
-    found = _conditions(adapter, rules, effective, base_kind)
+    found = _conditions(adapter, rules, effective, base_kind, base)
     where = f"[{rules['runtime']}, {rules['version']}; {rules['sources'][0]}]"
     out: list[Finding] = []
     for rule in rules["rules"]:
@@ -140,4 +164,8 @@ def serving_findings(adapter: Adapter, target: str, *, base_kind: str | None = N
                 hint=rule.get("hint"),
             )
         )
+    if rules.get("gguf") and base is not None and not found["not_llm"]:
+        from .gguf_serving import base_findings
+
+        out += base_findings(adapter, target, base, where)
     return out

@@ -1,0 +1,65 @@
+"""Serving checks for the GGUF runtimes (llama.cpp, LM Studio, Ollama) that need more than the rule table.
+
+With a base (a .gguf model or a Hugging Face folder), the adapter is planned exactly as ``convert --to
+gguf`` would write it (:func:`loratools.formats.gguf_plan.plan`): every module's GGUF tensor, the loader's
+shape rule against a GGUF base's tensor table, tied output, full tensors. Each problem becomes a finding
+``<target>.<code>``. Without a base, the architecture comes from the adapter itself (a GGUF file's
+``general.architecture``, or PEFT's ``auto_mapping.base_model_class``) when it says.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ...adapter import Adapter
+    from .findings import Finding
+
+
+def gguf_architecture(adapter: Adapter, base: Any = None) -> str | None:
+    """The GGUF architecture the adapter is for (``llama``, ``qwen2``...), or None when nothing says."""
+    from ...errors import LoratoolsError
+    from ...formats.gguf_names import ARCHITECTURES, load_base
+
+    if base is not None:
+        try:
+            return load_base(base).arch
+        except LoratoolsError:
+            return None
+    if adapter.meta.get("gguf_arch"):
+        return str(adapter.meta["gguf_arch"])
+    cfg = adapter.meta.get("config") or {}
+    cls = (cfg.get("auto_mapping") or {}).get("base_model_class")
+    spec = ARCHITECTURES.get(str(cls))
+    return spec.gguf_arch if spec else None
+
+
+def base_findings(adapter: Adapter, target: str, base: str | Path | Any, where: str) -> list[Finding]:
+    """Findings from planning the GGUF file for ``base`` (see the module docstring)."""
+    from ...errors import LoratoolsError
+    from ...formats.gguf_names import load_base
+    from ...formats.gguf_plan import plan
+    from .findings import Finding
+
+    try:
+        info = load_base(opened_base(base))
+    except LoratoolsError as exc:
+        return [Finding("error", None, f"{target}.base", f"{exc.message} {where}", hint=exc.hint)]
+    return [
+        Finding("error", p.module, f"{target}.{p.code}", f"{p.message} {where}", hint=p.hint)
+        for p in plan(adapter, info).problems
+    ]
+
+
+def opened_base(base: Any) -> Any:
+    """A Hugging Face folder opened (names and tensors to compare with), anything else as given."""
+    if isinstance(base, str | Path) and Path(base).is_dir():
+        from ...checkpoint.reader import open_checkpoint
+        from ...errors import LoratoolsError
+
+        try:
+            return open_checkpoint(base)
+        except LoratoolsError:
+            return base
+    return base
