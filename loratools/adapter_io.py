@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .finite import check_tensors
+from .formats.peft_pipeline import split_components
 from .formats.registry import detect_format, get_format
 from .hub import resolve_path
 from .publish import atomic_output, check_output_layout
@@ -53,13 +55,44 @@ def save_adapter(
     provenance: dict[str, Any] | None = None,
     **options: Any,
 ) -> Path:
-    """Write ``adapter`` in ``format`` (default: the format it was read from, else PEFT), atomically."""
+    """Write ``adapter`` in ``format`` (default: the format it was read from, else PEFT), atomically.
+
+    The one output path of every writing command (convert, resize, rescale, combine, extract), so all
+    share the same refusals: module names still in kohya form cannot leave the kohya format (resolve
+    them with a base), and a pipeline adapter written as PEFT becomes one PEFT adapter per component
+    (``OUT/unet/``, ``OUT/text_encoder/`` ...): PEFT adapts one model, so a single adapter spanning
+    components would load with nothing applied.
+    """
     fmt = get_format(format or adapter.format or "peft")
     check_output_layout(fmt.name, fmt.layout, path)
+    _refuse_kohya_names(adapter, fmt.name)
     check_tensors(adapter, f"the output {path}")
+    parts = split_components(adapter) if fmt.name == "peft" else {}
     with atomic_output(path, overwrite=overwrite, inputs=inputs, directory=fmt.layout == "folder") as tmp:
-        fmt.write(adapter, tmp, provenance=provenance, **options)
+        if parts:
+            for component, part in parts.items():
+                fmt.write(part, Path(tmp) / component, provenance=provenance, **options)
+        else:
+            fmt.write(adapter, tmp, provenance=provenance, **options)
     return Path(path)
+
+
+#: a module key that is still a kohya name (no dots), i.e. was not resolved against a base
+_KOHYA_NAME = re.compile(r"^lora_[a-z0-9]+_[A-Za-z0-9_]+$")
+#: formats that keep kohya names as they are
+_KOHYA_FORMATS = ("kohya", "lycoris")
+
+
+def _refuse_kohya_names(adapter: Adapter, target: str) -> None:
+    from .errors import UsageError, name_list
+
+    unresolved = [n for n in adapter.modules if _KOHYA_NAME.match(n)]
+    if unresolved and target not in _KOHYA_FORMATS:
+        raise UsageError(
+            f"{len(unresolved)} module(s) still have kohya names, which {target} cannot hold: "
+            + name_list(unresolved, 4),
+            hint="pass --base (the model or diffusers pipeline the LoRA was trained for) to resolve them",
+        )
 
 
 def weights_label(adapter: Adapter, local: Path) -> str:

@@ -5,7 +5,18 @@ from __future__ import annotations
 import click
 
 from ..numeric_args import FRACTION, NON_NEGATIVE_INT
-from .options import Number, base_option, output_option, overwrite_option, parse_weights, rank_option, weights_option
+from .options import (
+    Number,
+    base_option,
+    json_option,
+    kohya_prefix_option,
+    output_option,
+    overwrite_option,
+    parse_weights,
+    rank_option,
+    trust_tensors_option,
+    weights_option,
+)
 from .output import get_output
 
 _METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")
@@ -22,8 +33,11 @@ _METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")
 )
 @base_option
 @click.option("--to", "to", default=None, help="Output format (default: the first input's).")
+@kohya_prefix_option
 @output_option
 @overwrite_option
+@trust_tensors_option
+@json_option
 @click.pass_context
 def combine(
     ctx: click.Context,
@@ -37,6 +51,9 @@ def combine(
     to: str | None,
     output: str,
     overwrite: bool,
+    trust_tensors: bool,
+    kohya_prefix: str | None,
+    json_mode: bool,
 ) -> None:
     """Combine ADAPTERS with weights. cat is the exact weighted sum (ranks add up); svd is the best
     rank-R approximation of it; linear (equal ranks) adds cross terms like PEFT's; ties/dare_linear/
@@ -50,7 +67,7 @@ def combine(
     """
     from ..ops.combine import combine as run
 
-    out = get_output(ctx)
+    out = get_output(ctx, json_mode)
     w = parse_weights(weights, len(adapters))
     ad = run(
         list(adapters),
@@ -63,5 +80,19 @@ def combine(
         output=output,
         to=to,
         overwrite=overwrite,
+        trust_tensors=trust_tensors,
+        kohya_prefix=kohya_prefix,
     )
-    out.line(f"wrote {output}: {len(ad.modules)} modules ({method}), ranks {sorted(ad.ranks())}")
+    data = {
+        "output": output,
+        "format": to or ad.format,
+        "method": method,
+        "modules": len(ad.modules),
+        "ranks": sorted(ad.ranks()),
+        "replacements": sorted(ad.replacements),
+    }
+    out.result(data, _human)
+
+
+def _human(d: dict) -> None:
+    click.echo(f"wrote {d['output']}: {d['modules']} modules ({d['method']}), ranks {d['ranks']}")

@@ -6,7 +6,15 @@ from typing import Any
 
 import click
 
-from .options import base_option, dtype_option, filters, json_option, output_option, overwrite_option
+from .options import (
+    base_option,
+    dtype_option,
+    filters,
+    json_option,
+    output_option,
+    overwrite_option,
+    trust_tensors_option,
+)
 from .output import get_output
 
 
@@ -39,8 +47,16 @@ class FormatChoice(click.Choice):
 @filters
 @dtype_option
 @click.option("--model", default=None, help="The ONNX model the adapter is for (onnx-adapter only).")
+@click.option(
+    "--outtype",
+    type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
+    default=None,
+    help="GGUF tensor type (gguf only; default: the adapter's float type).",
+)
+@click.option("--ollama", is_flag=True, help="Also write an Ollama Modelfile beside the GGUF adapter (gguf only).")
 @output_option
 @overwrite_option
+@trust_tensors_option
 @json_option
 @click.pass_context
 def convert(
@@ -53,15 +69,20 @@ def convert(
     exclude: str | None,
     dtype: str,
     model: str | None,
+    outtype: str | None,
+    ollama: bool,
     output: str,
     overwrite: bool,
     json_mode: bool,
+    trust_tensors: bool,
 ) -> None:
     """Convert ADAPTER to another format, losslessly: every module's ΔW is unchanged and alpha is kept
     or folded exactly. What the target cannot hold (an embedding LoRA or modules_to_save in a kohya
     file, say) is refused with the list of modules. PEFT and diffusers outputs are folders, kohya is
     one .safetensors file. Leaving kohya needs --base to resolve its underscore names; an adapter that
-    is not for a diffusers pipeline needs --kohya-prefix to become a kohya file.
+    is not for a diffusers pipeline needs --kohya-prefix to become a kohya file. A GGUF adapter (for
+    llama.cpp, Ollama, LM Studio) is written for one base: --base names the .gguf model or its Hugging
+    Face folder; every module's exact scale is kept.
 
     \b
     Examples:
@@ -71,6 +92,8 @@ def convert(
       loratools convert pytorch_lora_weights/ --to kohya -o style.safetensors
       loratools convert llama-lora/ --to kohya --kohya-prefix lora_te_ -o llama.safetensors
       loratools convert llama-lora/ --to onnx-adapter --model model.onnx --dtype fp32 -o a.onnx_adapter
+      loratools convert llama-lora/ --to gguf --base model.gguf -o adapter.gguf --ollama
+      loratools convert adapter.gguf --to peft -o llama-lora/
     """
     from ..ops.convert import convert as run_convert
 
@@ -84,13 +107,18 @@ def convert(
         include=include,
         exclude=exclude,
         overwrite=overwrite,
+        trust_tensors=trust_tensors,
         dtype=None if dtype == "auto" else dtype,
         model=model,
+        outtype=outtype,
+        ollama=ollama,
     )
     out.result(result.to_dict(), _human)
 
 
 def _human(d: dict[str, Any]) -> None:
     click.echo(f"wrote {d['output']} ({d['format']}, {d['modules']} modules, from {d['source_format']})")
+    if d.get("modelfile"):
+        click.echo(f"wrote {d['modelfile']} (ollama create NAME -f {d['modelfile']})")
     if d["folded_alpha"]:
         click.echo(f"folded rsLoRA's √r into alpha for {len(d['folded_alpha'])} module(s)")

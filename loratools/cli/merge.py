@@ -14,6 +14,7 @@ from .options import (
     output_option,
     overwrite_option,
     parse_weights,
+    trust_tensors_option,
     weights_option,
 )
 from .output import get_output
@@ -29,6 +30,14 @@ from .output import get_output
 @device_option
 @click.option("--verify", "run_verify", is_flag=True, help="Verify the output before publishing it.")
 @overwrite_option
+@trust_tensors_option
+@click.option(
+    "--skip-module",
+    "skip_modules",
+    multiple=True,
+    metavar="NAME",
+    help="ONNX base only: leave out this adapter module, whose weight the graph does not hold (repeatable).",
+)
 @filters
 @json_option
 @click.pass_context
@@ -46,11 +55,14 @@ def merge(
     include: str | None,
     exclude: str | None,
     json_mode: bool,
+    trust_tensors: bool,
+    skip_modules: tuple[str, ...],
 ) -> None:
     """Merge ADAPTERS into the BASE checkpoint: W' = W + sum of weight * scale * B * A.
 
     BASE is a model folder (sharded or not, safetensors or .bin), a .safetensors file, a diffusers
-    pipeline folder or an ONNX export. Tensors no adapter touches are copied byte for byte; memory
+    pipeline folder, an ONNX export or a GGUF model (touched tensors keep their type; K/I-quants become
+    F16). Tensors no adapter touches are copied byte for byte; memory
     stays at about one tensor. Tied embeddings are untied when an adapter changes one side.
 
     \b
@@ -58,6 +70,7 @@ def merge(
       loratools merge base/ adapter/ -o merged/
       loratools merge base/ style/ detail/ --weights 1,-0.5 -o merged/ --verify
       loratools merge base/ adapter/ -o merged/ --dtype bf16 --max-shard-size 2GB
+      loratools merge model-Q8_0.gguf adapter/ -o merged.gguf --verify
     """
     from ..ops.merge import merge as run_merge
 
@@ -72,6 +85,8 @@ def merge(
         device=device,
         verify=run_verify,
         overwrite=overwrite,
+        trust_tensors=trust_tensors,
+        skip_modules=list(skip_modules),
         include=include,
         exclude=exclude,
         progress=lambda total: out.progress_callback(total, "merging"),
@@ -93,3 +108,12 @@ def _human(d: dict[str, Any]) -> None:
     if left:
         shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
         click.echo(f"left out {len(left)} file(s) that hold the base's unmerged weights: {shown}")
+    for module, reason in (d.get("skipped") or {}).items():
+        click.echo(f"skipped {module}: {reason}")
+    retyped = d.get("retyped") or []
+    if retyped:
+        click.echo(
+            f"{len(retyped)} K/I-quant tensor(s) changed by the adapters are written as F16 (the gguf package "
+            f"cannot re-quantize them; llama.cpp's llama-export-lora does the same): {', '.join(retyped[:3])}"
+            + (" ..." if len(retyped) > 3 else "")
+        )

@@ -96,3 +96,23 @@ def parse_weights(weights: Sequence[float] | None, count: int) -> list[float]:
         return check_weights(weights, count)
     except UsageError as exc:  # the count does not match the inputs
         raise click.BadParameter(str(exc), param_hint="--weights") from None
+
+
+trust_tensors_option = click.option(
+    "--trust-tensors",
+    is_flag=True,
+    help="Use the tensors' rank where adapter_config.json declares another (scale = alpha / tensor rank); "
+    "without it such an adapter is refused, since its scale is ambiguous.",
+)
+
+kohya_prefix_option = click.option(
+    "--kohya-prefix",
+    default=None,
+    help="kohya name prefix for modules outside a pipeline component (for example lora_te_; --to kohya only).",
+)
+resolve_base_option = click.option(
+    "--base",
+    type=str,
+    default=None,
+    help="The model (or diffusers pipeline) the adapter is for: resolves kohya names when --to leaves kohya.",
+)

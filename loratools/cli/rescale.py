@@ -5,7 +5,15 @@ from __future__ import annotations
 import click
 
 from ..numeric_args import POSITIVE, SCALE
-from .options import Number, output_option, overwrite_option
+from .options import (
+    Number,
+    json_option,
+    kohya_prefix_option,
+    output_option,
+    overwrite_option,
+    resolve_base_option,
+    trust_tensors_option,
+)
 from .output import get_output
 
 
@@ -16,8 +24,12 @@ from .output import get_output
     "--alpha", type=Number(POSITIVE), default=None, help="Set every module's alpha; B is rebalanced so ΔW is kept."
 )
 @click.option("--to", "to", default=None, help="Output format (default: the input's).")
+@resolve_base_option
+@kohya_prefix_option
 @output_option
 @overwrite_option
+@trust_tensors_option
+@json_option
 @click.pass_context
 def rescale(
     ctx: click.Context,
@@ -27,6 +39,10 @@ def rescale(
     to: str | None,
     output: str,
     overwrite: bool,
+    trust_tensors: bool,
+    base: str | None,
+    kohya_prefix: str | None,
+    json_mode: bool,
 ) -> None:
     """Rescale ADAPTER: --scale S multiplies every ΔW by S (alpha becomes |S|·alpha, bit-exact);
     --alpha A sets alpha to A and rebalances B so ΔW is unchanged.
@@ -34,10 +50,29 @@ def rescale(
     \b
     Examples:
       loratools rescale adapter/ --scale 0.5 -o half/
-      loratools rescale adapter/ --alpha 16 -o normalized/
+      loratools rescale adapter/ --alpha 16 -o normalized/ --json
+      loratools rescale style.safetensors --scale 0.8 --to diffusers --base sdxl-pipeline/ -o style/
     """
     from ..ops.rescale import rescale as run
 
-    out = get_output(ctx)
-    ad = run(adapter, scale=scale, alpha=alpha, output=output, to=to, overwrite=overwrite)
-    out.line(f"wrote {output}: {len(ad.modules)} modules, alphas {sorted(ad.alphas())[:6]}")
+    out = get_output(ctx, json_mode)
+    ad = run(
+        adapter,
+        scale=scale,
+        alpha=alpha,
+        output=output,
+        to=to,
+        overwrite=overwrite,
+        trust_tensors=trust_tensors,
+        base=base,
+        kohya_prefix=kohya_prefix,
+    )
+    data = {
+        "output": output,
+        "format": to or ad.format,
+        "modules": len(ad.modules),
+        "scale": scale,
+        "alpha": alpha,
+        "alphas": sorted(ad.alphas()),
+    }
+    out.result(data, lambda d: click.echo(f"wrote {d['output']}: {d['modules']} modules, alphas {d['alphas'][:6]}"))

@@ -5,7 +5,16 @@ from __future__ import annotations
 import click
 
 from ..numeric_args import AT_LEAST_ONE, FRACTION, NON_NEGATIVE_INT, POSITIVE_INT
-from .options import Number, json_option, output_option, overwrite_option, rank_option
+from .options import (
+    Number,
+    json_option,
+    kohya_prefix_option,
+    output_option,
+    overwrite_option,
+    rank_option,
+    resolve_base_option,
+    trust_tensors_option,
+)
 from .output import get_output
 
 
@@ -30,8 +39,11 @@ from .output import get_output
     "--conv-rank", type=Number(POSITIVE_INT), default=None, help="Rank for conv modules (overrides the rule for them)."
 )
 @click.option("--to", "to", default=None, help="Output format (default: the input's).")
+@resolve_base_option
+@kohya_prefix_option
 @output_option
 @overwrite_option
+@trust_tensors_option
 @click.option("--report", is_flag=True, help="Print old/new rank and retained Frobenius fraction per module.")
 @json_option
 @click.pass_context
@@ -50,6 +62,9 @@ def resize(
     overwrite: bool,
     report: bool,
     json_mode: bool,
+    trust_tensors: bool,
+    base: str | None,
+    kohya_prefix: str | None,
 ) -> None:
     """Resize ADAPTER's ranks; the spectrum comes from QR of the factors, never from a dense ΔW.
 
@@ -61,6 +76,7 @@ def resize(
       loratools resize adapter/ --rank 4 -o small/
       loratools resize adapter/ --fro 0.95 --max-rank 16 -o small/ --report
       loratools resize adapter/ --budget 2000000 -o small/ --json
+      loratools resize llama-lora/ --rank 4 --to kohya --kohya-prefix lora_te_ -o small.safetensors
     """
     from ..ops.resize import resize as run
 
@@ -77,6 +93,9 @@ def resize(
         output=output,
         to=to,
         overwrite=overwrite,
+        trust_tensors=trust_tensors,
+        base=base,
+        kohya_prefix=kohya_prefix,
     )
     data = result.to_dict()
 

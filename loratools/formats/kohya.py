@@ -325,8 +325,9 @@ def kohya_names(adapter: Adapter, kohya_prefix: str | None = None) -> dict[str, 
             out[name] = known[name]
         elif _NAME.match(name):
             out[name] = name
-        elif prefix is not None:
-            out[name] = prefix + _underscored(name)
+        elif prefix is not None:  # a text encoder's paths get CLIP's text_model. root, as kohya names have it
+            te = prefix.startswith("lora_te") and name.startswith(_TE_ROOTS)
+            out[name] = prefix + _underscored("text_model." + name if te else name)
         else:
             component, _, rest = name.partition(".")
             if component == "unet":

@@ -21,6 +21,7 @@ from ..errors import FormatError, ShapeError, UnsupportedError, ValidationError
 from ..publish import provenance_metadata, read_provenance
 from ..safetensors_file import load_file, save_file
 from .peft_families import FAMILY_TYPES, has_family, read_adapter, write_adapter
+from .peft_pipeline import component_folders, read_pipeline
 from .registry import AdapterFormat, register_format
 
 if TYPE_CHECKING:
@@ -220,7 +221,7 @@ class PeftFormat(AdapterFormat):
 
     @classmethod
     def sniff(cls, path: Path) -> bool:
-        return (path.is_dir() and (path / CONFIG).is_file()) or _inside_folder(path)
+        return (path.is_dir() and (path / CONFIG).is_file()) or _inside_folder(path) or bool(component_folders(path))
 
     @classmethod
     def structural_findings(cls, path: Path) -> list[tuple[str | None, str, str, str | None]]:
@@ -233,6 +234,8 @@ class PeftFormat(AdapterFormat):
 
     @classmethod
     def read(cls, path: Path, base: KeyResolver | None = None) -> Adapter:
+        if component_folders(path):  # a pipeline adapter: one PEFT adapter per component
+            return read_pipeline(path, base, cls.read)
         path = path.parent if _inside_folder(path) else path
         cfg = _read_config(path)
         tensors, metadata, weights_file = _read_tensors(path)

@@ -13,15 +13,26 @@ if TYPE_CHECKING:
 _OVERHEAD = 1 << 20
 
 
-def load(adapter: Adapter | str | Path, base: Any = None) -> tuple[Adapter, Path | None]:
-    """An Adapter and its path (None when an Adapter object was passed)."""
+def load(
+    adapter: Adapter | str | Path, base: Any = None, *, trust_tensors: bool | None = None
+) -> tuple[Adapter, Path | None]:
+    """An Adapter and its path (None when an Adapter object was passed).
+
+    ``trust_tensors`` False (the writing verbs' default) refuses an adapter whose update is ambiguous
+    (see :mod:`loratools.ambiguity`); None (read-only verbs) does not check.
+    """
     from ..adapter import Adapter
     from ..adapter_io import load_adapter
+    from ..ambiguity import require_unambiguous
     from ..hub import resolve_path
 
     if isinstance(adapter, Adapter):
-        return adapter, None
-    return load_adapter(adapter, base=base), resolve_path(adapter, "adapter")
+        loaded, path = adapter, None
+    else:
+        loaded, path = load_adapter(adapter, base=base), resolve_path(adapter, "adapter")
+    if trust_tensors is not None:
+        require_unambiguous(loaded, trust_tensors=trust_tensors)
+    return loaded, path
 
 
 def payload_bytes(adapter: Adapter) -> int:
@@ -44,6 +55,33 @@ def fresh_meta(adapter: Adapter) -> dict[str, Any]:
     return meta
 
 
+def writer_options(fmt: type, options: dict[str, Any]) -> dict[str, Any]:
+    """The set ``options`` if ``fmt``'s writer takes them all; a UsageError naming the CLI options otherwise.
+
+    An option the target format does not take is refused, never ignored (``--kohya-prefix`` for a PEFT
+    output, ``--model`` for a kohya file).
+    """
+    import inspect
+
+    from ..errors import UsageError
+
+    accepted = set(inspect.signature(fmt.write).parameters) - {"cls", "adapter", "path", "options", "provenance"}
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(given) - accepted)
+    if unknown:
+        flags = sorted(cli_flag(k) for k in accepted)
+        raise UsageError(
+            f"the {fmt.name} format takes no {', '.join(cli_flag(k) for k in unknown)} option",
+            hint=f"{fmt.name} takes {', '.join(flags)}" if flags else f"drop it: {fmt.name} takes no such options",
+        )
+    return given
+
+
+def cli_flag(name: str) -> str:
+    """A Python keyword (``kohya_prefix``) as the command-line option that sets it (``--kohya-prefix``)."""
+    return "--" + name.replace("_", "-")
+
+
 def write(
     adapter: Adapter,
     output: str | Path,
@@ -53,11 +91,20 @@ def write(
     inputs: dict[str, str | Path | None],
     to: str | None = None,
     overwrite: bool = False,
+    kohya_prefix: str | None = None,
 ) -> Path:
-    """Save ``adapter`` atomically in ``to`` (default: its own format) with a provenance record."""
+    """Save ``adapter`` atomically in ``to`` (default: its own format) with a provenance record.
+
+    ``kohya_prefix`` names modules that are under no pipeline component in a kohya output (``lora_te_``).
+    """
     from ..adapter_io import save_adapter
+    from ..formats.registry import get_format
     from ..publish import check_disk_space, describe_input, provenance
 
+    fmt = get_format(to or adapter.format or "peft")
+    options = writer_options(fmt, {"kohya_prefix": kohya_prefix})
+    if kohya_prefix is not None:
+        parameters = {**parameters, "kohya_prefix": kohya_prefix}
     adapter = replace(adapter, meta=fresh_meta(adapter))
     check_disk_space(output, payload_bytes(adapter))
     record = provenance(
@@ -66,4 +113,6 @@ def write(
         {name: describe_input(path) for name, path in inputs.items() if path is not None},
     )
     paths = tuple(p for p in inputs.values() if p is not None)
-    return save_adapter(adapter, output, format=to, overwrite=overwrite, inputs=paths, provenance=record)
+    return save_adapter(
+        adapter, output, format=fmt.name, overwrite=overwrite, inputs=paths, provenance=record, **options
+    )

@@ -159,6 +159,33 @@ def _replacements(adapters: list[Adapter], paths: list[str]) -> dict[str, torch.
     return out
 
 
+def _refuse_unused(method: str, rank: int | None, density: float | None, needs_density: bool) -> None:
+    """An option the method does not use is refused, not ignored."""
+    if method in ("cat", "linear") and rank is not None:
+        why = "the exact sum: its rank is the sum of the input ranks" if method == "cat" else "rank-preserving"
+        raise UsageError(
+            f"--method {method} is {why}, so it takes no --rank",
+            hint="for a rank-R result use --method svd --rank R",
+        )
+    if density is not None and not needs_density:
+        raise UsageError(
+            f"--method {method} keeps every entry, so it takes no --density",
+            hint="--density is for --method ties, dare_linear or dare_ties",
+        )
+
+
+def _require_one_base_model(ads: list[Adapter], labels: list[str]) -> None:
+    """Adapters recorded for different base models (llama + gpt2) are not combined silently."""
+    recorded = {lab: ad.base_model for lab, ad in zip(labels, ads, strict=True) if ad.base_model}
+    if len(set(recorded.values())) > 1:
+        listed = "; ".join(f"{lab} is for {model}" for lab, model in recorded.items())
+        raise UsageError(
+            f"the adapters were trained on different base models: {listed}",
+            hint="combine adapters of one base model; if these are the same model under two names, "
+            "pass it as --base MODEL",
+        )
+
+
 def combine(
     adapters: Sequence[Adapter | str | Path],
     *,
@@ -171,12 +198,17 @@ def combine(
     output: str | Path | None = None,
     to: str | None = None,
     overwrite: bool = False,
+    trust_tensors: bool = False,
+    kohya_prefix: str | None = None,
 ) -> Adapter:
     """Combine adapters (paths or Adapters) by ``method`` (see the module docstring); write if ``output``.
 
     ``weights`` default to 1 each; ``rank`` (svd, ties, dare_*) defaults per module to the largest input
     rank; ``density`` (ties, dare_*) is the fraction of entries kept; ``base`` resolves module names when
-    the inputs are in different formats. The output is in the first input's format unless ``to``.
+    the inputs are in different formats. The output is in the first input's format unless ``to``
+    (``kohya_prefix`` names the modules of a kohya output). ``cat`` is exact and takes neither ``rank``
+    nor ``density`` (refused, not ignored); adapters recorded for different base models are refused
+    unless ``base`` names the model they are all combined for.
     """
     from ._algebra_io import load, write
 
@@ -189,6 +221,7 @@ def combine(
     check_optional("--density", density, FRACTION)
     check_number("--seed", seed, NON_NEGATIVE_INT)
     needs_density = method in ("ties", "dare_linear", "dare_ties")
+    _refuse_unused(method, rank, density, needs_density)
     if needs_density and density is None:
         raise UsageError(f"method {method} needs --density (the fraction of entries kept, e.g. 0.5)")
     reader = None
@@ -196,9 +229,11 @@ def combine(
         from ..checkpoint.reader import open_checkpoint
 
         reader = open_checkpoint(base)
-    loaded = [load(a, base=reader) for a in adapters]
+    loaded = [load(a, base=reader, trust_tensors=trust_tensors) for a in adapters]
     ads = [ad for ad, _ in loaded]
     labels = [str(p or f"adapter #{i + 1}") for i, (_, p) in enumerate(loaded)]
+    if base is None:
+        _require_one_base_model(ads, labels)
     use_rslora = any(m.use_rslora for m in ads[0].modules.values())
 
     names: list[str] = []
@@ -233,5 +268,14 @@ def combine(
     if output is not None:
         params = {"method": method, "weights": weights, "rank": rank, "density": density, "seed": seed}
         inputs = {f"adapter_{i + 1}": p for i, (_, p) in enumerate(loaded)}
-        write(out, output, operation="combine", parameters=params, inputs=inputs, to=to, overwrite=overwrite)
+        write(
+            out,
+            output,
+            operation="combine",
+            parameters=params,
+            inputs=inputs,
+            to=to,
+            overwrite=overwrite,
+            kohya_prefix=kohya_prefix,
+        )
     return out

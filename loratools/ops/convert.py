@@ -8,20 +8,17 @@ ONNX adapter format) pass through ``**format_options``, and options a format doe
 
 from __future__ import annotations
 
-import inspect
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UsageError, name_list
+from ..errors import UsageError
+from ._algebra_io import writer_options
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
     from ..checkpoint.reader import CheckpointReader
 
-#: a module key that is still a kohya name (no dots), i.e. was not resolved against a base
-_KOHYA_NAME = re.compile(r"^lora_[a-z0-9]+_[A-Za-z0-9_]+$")
 
 
 @dataclass
@@ -34,22 +31,11 @@ class ConvertResult:
     modules: int
     replacements: int
     folded_alpha: list[str] = field(default_factory=list)
+    #: the Ollama Modelfile written beside a GGUF adapter (``ollama=True``), else None
+    modelfile: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _write_options(fmt: type, options: dict[str, Any]) -> dict[str, Any]:
-    """Options the format's writer names explicitly; UsageError for any other (set) option."""
-    accepted = set(inspect.signature(fmt.write).parameters) - {"cls", "adapter", "path", "options", "provenance"}
-    given = {k: v for k, v in options.items() if v is not None}
-    unknown = sorted(set(given) - accepted)
-    if unknown:
-        raise UsageError(
-            f"the {fmt.name} format takes no {', '.join(unknown)} option",
-            hint=f"{fmt.name} accepts: {', '.join(sorted(accepted)) or 'no options'}",
-        )
-    return given
 
 
 def convert(
@@ -62,6 +48,8 @@ def convert(
     include: str | None = None,
     exclude: str | None = None,
     overwrite: bool = False,
+    ollama: bool = False,
+    trust_tensors: bool = False,
     **format_options: Any,
 ) -> ConvertResult:
     """Write ``adapter`` (a path or an :class:`Adapter`) to ``output`` in format ``to``, losslessly.
@@ -70,7 +58,9 @@ def convert(
     modules that are not under a pipeline component when writing kohya (``lora_te_`` for a bare text
     encoder, say). ``include``/``exclude`` (regexes over module names, applied after resolution) pick
     modules, e.g. one component of a pipeline LoRA for a single-model base. ``format_options`` go to the
-    target format's writer (``dtype=``, ``model=`` for ``onnx-adapter``). Raises :class:`UsageError` or
+    target format's writer (``dtype=``, ``model=`` for ``onnx-adapter``, ``outtype=`` for ``gguf``). For
+    ``gguf``, ``base`` (a .gguf model file or a Hugging Face folder) is also the model the file is written
+    for, and ``ollama`` writes an Ollama ``Modelfile`` beside it. Raises :class:`UsageError` or
     :class:`UnsupportedError` listing the modules the target cannot hold.
     """
     from ..adapter import Adapter
@@ -79,6 +69,14 @@ def convert(
     from ..publish import check_disk_space, describe_input, provenance
 
     fmt = get_format(to)
+    if ollama and fmt.name != "gguf":
+        raise UsageError("--ollama writes a Modelfile for a GGUF adapter", hint="use it with --to gguf")
+    target_base = base
+    if isinstance(base, str | Path):
+        from ..formats.gguf_names import is_gguf_file
+
+        if is_gguf_file(base):
+            base = None  # a GGUF model names no Hugging Face modules; the gguf writer checks against it
     inputs: tuple[str | Path, ...] = ()
     if isinstance(adapter, Adapter):
         source = adapter
@@ -91,20 +89,18 @@ def convert(
     else:
         inputs = (adapter,)
         source = load_adapter(adapter, base=base)
+    from ..ambiguity import require_unambiguous
+
+    require_unambiguous(source, trust_tensors=trust_tensors)
     if include or exclude:
         source = source.select(include, exclude)
     options = dict(format_options)
     if kohya_prefix is not None:
         options["kohya_prefix"] = kohya_prefix
-    options = _write_options(fmt, options)
+    options = writer_options(fmt, options)
+    if fmt.name == "gguf":
+        options["base"] = _gguf_base(target_base)
 
-    unresolved = [n for n in source.modules if _KOHYA_NAME.match(n)]
-    if unresolved and fmt.name != "kohya":
-        raise UsageError(
-            f"{len(unresolved)} module(s) still have kohya names, which {fmt.name} cannot hold: "
-            + name_list(unresolved, 4),
-            hint="pass --base (the model or diffusers pipeline the LoRA was trained for) to resolve them",
-        )
     nbytes = sum(m.parameters * m.down.element_size() for m in source.modules.values())
     nbytes += sum(t.numel() * t.element_size() for t in source.replacements.values())
     check_disk_space(output, nbytes)
@@ -112,7 +108,7 @@ def convert(
         "convert",
         {
             "to": fmt.name,
-            "base": str(base) if isinstance(base, str | Path) else None,
+            "base": str(target_base) if isinstance(target_base, str | Path) else None,
             "kohya_prefix": kohya_prefix,
             **{k: str(v) for k, v in format_options.items() if v is not None},
         },
@@ -120,6 +116,7 @@ def convert(
     )
     save_adapter(source, output, format=fmt.name, overwrite=overwrite, inputs=inputs, provenance=record, **options)
     folded = [n for n, m in source.modules.items() if m.use_rslora] if fmt.name == "kohya" else []
+    modelfile = _write_modelfile(output, target_base, overwrite) if ollama else None
     return ConvertResult(
         output=str(output),
         format=fmt.name,
@@ -127,4 +124,37 @@ def convert(
         modules=len(source.modules),
         replacements=len(source.replacements),
         folded_alpha=folded,
+        modelfile=modelfile,
     )
+
+
+def _gguf_base(base: Any) -> Any:
+    """What the gguf writer gets as its base: a Hugging Face folder opened (names, tensors to compare full
+    tensors with), a folder holding only config.json as its path, anything else as given."""
+    if isinstance(base, str | Path) and Path(base).is_dir():
+        from ..checkpoint.reader import open_checkpoint
+        from ..errors import LoratoolsError
+
+        try:
+            return open_checkpoint(base)
+        except LoratoolsError:
+            return base
+    return base
+
+
+def _write_modelfile(adapter: str | Path, base: Any, overwrite: bool) -> str:
+    """An Ollama ``Modelfile`` beside ``adapter``: ``FROM`` the base, ``ADAPTER ./<adapter file>``.
+
+    Ollama resolves relative paths against the Modelfile's folder, so the base is written relative to it.
+    """
+    import os
+
+    from ..publish import atomic_output
+
+    path = Path(adapter).parent / "Modelfile"
+    origin = os.path.relpath(Path(str(base)).resolve(), path.parent.resolve())
+    origin = origin if origin.startswith(".") else f"./{origin}"
+    text = f"FROM {origin}\nADAPTER ./{Path(adapter).name}\n"
+    with atomic_output(path, overwrite=overwrite, directory=False) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return str(path)

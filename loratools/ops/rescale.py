@@ -51,11 +51,15 @@ def rescale(
     output: str | Path | None = None,
     to: str | None = None,
     overwrite: bool = False,
+    trust_tensors: bool = False,
+    base: str | Path | None = None,
+    kohya_prefix: str | None = None,
 ) -> Adapter:
     """Multiply every ΔW by ``scale``, or set every alpha to ``alpha`` keeping ΔW; write it if ``output``.
 
     Returns the rescaled adapter. ``scale`` must be non-zero (0 would mean "alpha = r" to kohya tools);
-    ``alpha`` must be positive.
+    ``alpha`` must be positive. ``base`` resolves kohya names (to leave kohya with ``to``);
+    ``kohya_prefix`` names modules for a kohya output (``lora_te_``).
     """
     from ._algebra_io import load, write
 
@@ -65,7 +69,7 @@ def rescale(
         raise UsageError("--scale 0 would remove the adapter", hint="use a small non-zero scale, or drop the adapter")
     check_optional("--scale", scale, SCALE)
     check_optional("--alpha", alpha, POSITIVE)
-    ad, path = load(adapter)
+    ad, path = load(adapter, base=base, trust_tensors=trust_tensors)
     modules = {name: rescale_module(m, scale=scale, alpha=alpha) for name, m in ad.modules.items()}
     out = replace(ad, modules=modules, meta=dict(ad.meta))
     if output is not None:
@@ -77,5 +81,6 @@ def rescale(
             inputs={"adapter": path},
             to=to,
             overwrite=overwrite,
+            kohya_prefix=kohya_prefix,
         )
     return out

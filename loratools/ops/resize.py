@@ -80,6 +80,9 @@ def resize(
     output: str | Path | None = None,
     to: str | None = None,
     overwrite: bool = False,
+    trust_tensors: bool = False,
+    base: str | Path | None = None,
+    kohya_prefix: str | None = None,
 ) -> ResizeResult:
     """Truncate every module of ``adapter`` (a path or an Adapter) by one rule; write it if ``output``.
 
@@ -88,7 +91,8 @@ def resize(
     that fraction), ``budget`` (at most that many factor parameters Σ r·(out+in) over all modules,
     greedy on σ² per parameter). ``max_rank`` caps every module (never above its current rank);
     ``conv_rank`` fixes the rank of conv modules (their parameters count toward a budget). Modules
-    left with rank 0 are dropped and listed in the report.
+    left with rank 0 are dropped and listed in the report. ``base`` resolves kohya names (to leave kohya
+    with ``to``); ``kohya_prefix`` names modules for a kohya output (``lora_te_``).
     """
     from ..lowrank import allocate_budget, check_rule, module_svd, retained_fro, select_rank, truncate_module
     from ._algebra_io import load, write
@@ -100,7 +104,7 @@ def resize(
         check_rule(rule, value)
     check_optional("--max-rank", max_rank, POSITIVE_INT)
     check_optional("--conv-rank", conv_rank, POSITIVE_INT)
-    ad, path = load(adapter)
+    ad, path = load(adapter, base=base, trust_tensors=trust_tensors)
     if not ad.modules:
         raise UsageError(f"{path or 'adapter'}: has no LoRA modules to resize")
 
@@ -158,5 +162,6 @@ def resize(
             inputs={"adapter": path},
             to=to,
             overwrite=overwrite,
+            kohya_prefix=kohya_prefix,
         )
     return result

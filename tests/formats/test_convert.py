@@ -64,12 +64,37 @@ def test_kohya_to_peft_unet_loads_in_peft(pipe, sd_dir, kohya_mixed, work):
     _assert_changes(base_out, got, expected, atol=1e-4)
 
 
+def test_pipeline_lora_to_peft_is_one_adapter_per_component(pipe, sd_dir, kohya_mixed, work):
+    """PEFT adapts one model: a pipeline LoRA becomes OUT/unet/ and OUT/text_encoder/, each loading into its
+    own model with every module applied (one adapter spanning both loaded with nothing applied, issue 14 #18)."""
+    from peft import PeftModel
+
+    out = work / "pipe-peft"
+    convert(kohya_mixed, "peft", out, base=sd_dir)
+    assert sorted(p.name for p in out.iterdir()) == ["text_encoder", "unet"]
+    source = load_adapter(kohya_mixed, base=sd_dir)
+    for component in ("unet", "text_encoder"):
+        part = load_adapter(out / component)
+        mine = {k.removeprefix(component + "."): m for k, m in source.modules.items() if k.startswith(component + ".")}
+        assert part.modules.keys() == mine.keys()
+        for name, m in part.modules.items():
+            assert torch.equal(m.delta(), mine[name].delta()), name
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    te = pipe.text_encoder
+    with torch.no_grad():
+        base_out = te(input_ids=ids).last_hidden_state
+        expected = _merged_copy(te, load_adapter(out / "text_encoder"))(input_ids=ids).last_hidden_state
+        got = PeftModel.from_pretrained(copy.deepcopy(te), str(out / "text_encoder")).eval()(input_ids=ids)
+    _assert_changes(base_out, got.last_hidden_state, expected, atol=1e-5)
+
+
 def test_kohya_peft_kohya_round_trip_is_exact(sd_dir, kohya_mixed, work):
-    convert(kohya_mixed, "peft", work / "rt-peft", base=sd_dir)
+    convert(kohya_mixed, "peft", work / "rt-peft", base=sd_dir / "text_encoder", exclude="^lora_unet_")
     back = work / "rt.safetensors"
-    convert(work / "rt-peft", "kohya", back)
+    convert(work / "rt-peft", "kohya", back, kohya_prefix="lora_te_")
     a, b = load_file(str(kohya_mixed)), load_file(str(back))
-    assert a.keys() == b.keys()  # the same kohya names, te and unet prefixes included
+    a = {k: v for k, v in a.items() if k.startswith("lora_te_")}
+    assert a.keys() == b.keys()  # the same kohya names
     for k in a:
         assert torch.equal(a[k].float(), b[k].float()), k
 
@@ -243,3 +268,12 @@ def test_written_weights_are_as_readable_as_other_new_files(diffusers_lora, work
         convert(src, to, out, **options)
         written = out / name if name else out
         assert stat.S_IMODE(written.stat().st_mode) == want, (to, oct(written.stat().st_mode))
+
+
+@pytest.mark.parametrize("command", [["resize", "--rank", "2"], ["rescale", "--scale", "2"]])
+def test_every_writer_refuses_kohya_names_for_peft(kohya_mixed, work, command):
+    """resize/rescale --to peft used to write kohya underscore names as PEFT targets (issue 14 #18)."""
+    out = work / f"kohya-names-{command[0]}"
+    code, _, err = run_cli([command[0], str(kohya_mixed), *command[1:], "--to", "peft", "-o", str(out)])
+    _one_error(code, err, "still have kohya names, which peft cannot hold", "lora_te_text_model_encoder")
+    assert not out.exists()
