@@ -69,7 +69,7 @@ def check_plan(adapter: Adapter, base: GgufBase) -> Any:
         first = p.problems[0]
         more = f" (and {len(p.problems) - 1} more: {name_list([x.module or '' for x in p.problems[1:]], 3)})"
         raise UnsupportedError(
-            f"cannot write a GGUF adapter: {first.message}" + (more if len(p.problems) > 1 else ""),
+            f"{base.source}: {first.message}" + (more if len(p.problems) > 1 else ""),
             hint=first.hint or f"run 'loratools validate ADAPTER --target llama.cpp --base {base.source}'",
         )
     if not p.pairs:

@@ -121,12 +121,14 @@ def merge_gguf(
     overwrite: bool = False,
     include: str | None = None,
     exclude: str | None = None,
+    trust_tensors: bool = False,
 ) -> GgufMergeSummary:
     """Merge ``adapters`` into the GGUF model ``base`` and write ``output`` (a .gguf file), atomically.
 
     Every adapter is checked in full against the base's tensor table first (names, shapes, what a GGUF
     LoRA can hold); nothing is written on a problem. ``verify`` re-reads the output before publishing:
     untouched tensors must be byte-identical and touched ones equal to the base plus ΔW as encoded.
+    ``trust_tensors`` accepts adapters whose config disagrees with their tensors (see ``loratools.ambiguity``).
     """
     import gguf
 
@@ -146,6 +148,10 @@ def merge_gguf(
     loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
     if include or exclude:
         loaded = [a.select(include, exclude) for a in loaded]
+    from ...ambiguity import require_unambiguous
+
+    for a in loaded:
+        require_unambiguous(a, trust_tensors=trust_tensors)
     updates = _updates(loaded, weights, info)
     reader = open_gguf(base_path)
     paths = [a for a in adapters if not isinstance(a, Adapter)]
