@@ -46,7 +46,15 @@ class FormatChoice(click.Choice):
 )
 @filters
 @dtype_option
-@click.option("--model", default=None, help="The ONNX model the adapter is for (onnx-adapter only).")
+@click.option(
+    "--for",
+    "--model",
+    "model",
+    default=None,
+    metavar="MODEL.onnx",
+    help="onnx-adapter only: the ONNX model (slot graph, onnxruntime-genai builder model) whose LoRA inputs "
+    "name, size and rank the tensors.",
+)
 @click.option(
     "--outtype",
     type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
@@ -91,7 +99,7 @@ def convert(
       loratools convert style.safetensors --to peft --base sd15/unet --exclude '^lora_te' -o unet-peft/
       loratools convert pytorch_lora_weights/ --to kohya -o style.safetensors
       loratools convert llama-lora/ --to kohya --kohya-prefix lora_te_ -o llama.safetensors
-      loratools convert llama-lora/ --to onnx-adapter --model model.onnx --dtype fp32 -o a.onnx_adapter
+      loratools convert llama-lora/ --to onnx-adapter --for genai-model/model.onnx -o a.onnx_adapter
       loratools convert llama-lora/ --to gguf --base model.gguf -o adapter.gguf --ollama
       loratools convert adapter.gguf --to peft -o llama-lora/
     """

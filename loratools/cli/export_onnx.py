@@ -6,8 +6,17 @@ from typing import Any
 
 import click
 
-from ..numeric_args import POSITIVE_INT
-from .options import Number, json_option, output_option, overwrite_option, parse_weights, weights_option
+from ..numeric_args import Range
+from ..onnx import MAX_OPSET, MIN_OPSET
+from .options import (
+    Number,
+    json_option,
+    output_option,
+    overwrite_option,
+    parse_weights,
+    trust_tensors_option,
+    weights_option,
+)
 from .output import get_output
 
 
@@ -16,7 +25,12 @@ from .output import get_output
 @output_option
 @click.option("--adapter", "adapters", multiple=True, help="Merge this adapter first (repeatable).")
 @weights_option("Comma-separated weight per --adapter (default 1 each).")
-@click.option("--opset", type=Number(POSITIVE_INT), default=None, help="ONNX opset (default: torch.onnx's).")
+@click.option(
+    "--opset",
+    type=Number(Range(low=MIN_OPSET, high=MAX_OPSET, integer=True)),
+    default=None,
+    help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: torch.onnx's).",
+)
 @click.option(
     "--dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="fp32 (CPU, default) or fp16 (default on cuda)."
 )
@@ -26,6 +40,7 @@ from .output import get_output
 )
 @click.option("--lora-slots", default=None, help="Add LoRA slot inputs for every module this adapter targets.")
 @overwrite_option
+@trust_tensors_option
 @json_option
 @click.pass_context
 def export_onnx(
@@ -41,6 +56,7 @@ def export_onnx(
     lora_slots: str | None,
     overwrite: bool,
     json_mode: bool,
+    trust_tensors: bool,
 ) -> None:
     """Export MODEL (a Hugging Face folder) to OUTPUT/model.onnx with its weights in one
     model.onnx.data file, config and tokenizer files copied. Inputs input_ids, attention_mask (and
@@ -63,12 +79,13 @@ def export_onnx(
         model,
         output,
         adapters=list(adapters),
-        weights=parse_weights(weights, len(adapters)) if adapters else None,
+        weights=parse_weights(weights, len(adapters)) if adapters or weights else None,
         opset=opset,
         dtype=dtype or ("fp16" if device == "cuda" else "fp32"),
         device=device,
         verify=not no_verify,
         overwrite=overwrite,
+        trust_tensors=trust_tensors,
         lora_slots=lora_slots,
     )
     out.result(result.to_dict(), _human)
@@ -80,6 +97,8 @@ def _human(d: dict[str, Any]) -> None:
     click.echo(
         f"wrote {d['output']}/model.onnx ({d['task']}, {d['dtype']}, opset {d['opset']}{extra}) in {d['seconds']:.1f} s"
     )
+    for module, reason in (d.get("skipped") or {}).items():
+        click.echo(f"no LoRA slot for {module}: {reason}")
     if d["verified"]:
         click.echo(f"verified: max |onnxruntime - PyTorch| = {d['max_diff']:.3g} (allowed {d['atol']:.3g})")
     else:

@@ -28,20 +28,6 @@ def _ort():  # noqa: ANN202
     return ort_module()
 
 
-def _slots_of(model: str | Path) -> dict[str, dict[str, object]]:
-    from ..onnx.slots import slot_modules
-    from ..onnx.store import load_graph, model_path
-
-    path = model_path(model)
-    slots = slot_modules(load_graph(path))
-    if not slots:
-        raise ValidationError(
-            f"{path}: the model has no LoRA slots",
-            hint="export it with `loratools export-onnx MODEL --lora-slots ADAPTER -o OUT_DIR`",
-        )
-    return slots
-
-
 @register_format
 class OnnxAdapterFormat(AdapterFormat):
     name = "onnx-adapter"
@@ -55,12 +41,14 @@ class OnnxAdapterFormat(AdapterFormat):
     def read(cls, path: Path, base: KeyResolver | None = None) -> Adapter:
         import torch
 
+        from ..onnx.runtime import ort_message
         from ..onnx.slots import A_SUFFIX, B_SUFFIX
 
         try:
             params = _ort().AdapterFormat.read_adapter(str(path)).get_parameters()
         except Exception as exc:  # onnxruntime raises its own RuntimeError subclasses
-            raise FormatError(f"{path}: not a readable .onnx_adapter file ({exc})", path=path) from None
+            reason = ort_message(exc)
+            raise FormatError(f"{path}: not a readable .onnx_adapter file ({reason})", path=path) from None
         modules: dict[str, LoraModule] = {}
         for name in sorted(params):
             if not name.endswith(A_SUFFIX):
@@ -99,20 +87,16 @@ class OnnxAdapterFormat(AdapterFormat):
     ) -> None:
         """Write ``adapter`` for a slot graph; ``dtype`` fp32 | fp16 (default: the slot graph's, else fp32).
 
-        With ``model`` (an ONNX folder or file exported with LoRA slots) names, sizes and dtype are
-        checked against the graph's slots; an adapter may cover a subset of them.
+        With ``model`` (an ONNX folder or file with LoRA inputs: ``export-onnx --lora-slots``, Olive, the
+        onnxruntime-genai builder) the tensors take the names, sizes, dtype and rank of the graph's inputs
+        (:func:`loratools.onnx.slot_map.slot_feeds`); an adapter may cover a subset of them.
         """
-        from ..onnx.slots import check_against_slots, slot_tensors
+        from ..onnx.slot_map import slot_feeds
+        from ..onnx.slots import slot_tensors
 
-        slots = _slots_of(model) if model is not None else None
-        if dtype in (None, "auto"):
-            first = next(iter(slots.values()))["dtype"] if slots else "float32"
-            np_dtype = str(first)
-        elif dtype in _NP_DTYPES:
-            np_dtype = _NP_DTYPES[dtype]
-        else:
+        if dtype not in (None, "auto") and dtype not in _NP_DTYPES:
             raise UsageError(f"the onnx-adapter format stores fp32 or fp16, not {dtype}", hint="pass --dtype fp32|fp16")
-        tensors = slot_tensors(adapter, np_dtype, str(adapter.meta.get("source", "adapter")))
+        np_dtype = None if dtype in (None, "auto") else _NP_DTYPES[dtype]
         if adapter.replacements:
             first = sorted(adapter.replacements)[0]
             raise UnsupportedError(
@@ -121,8 +105,10 @@ class OnnxAdapterFormat(AdapterFormat):
             )
         if not adapter.modules:
             raise ValidationError("the adapter has no LoRA modules to write")
-        if slots is not None:
-            check_against_slots(adapter, slots, np_dtype, str(model))
+        if model is not None:  # names, sizes, dtype and rank from the graph's LoRA inputs
+            tensors = slot_feeds(adapter, model, np_dtype)
+        else:
+            tensors = slot_tensors(adapter, np_dtype or "float32", str(adapter.meta.get("source", "adapter")))
         ort = _ort()
         fmt = ort.AdapterFormat()
         fmt.set_adapter_version(1)

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+#: opsets export-onnx writes: torch.onnx implements its ops from opset 18 (lower ones are a version
+#: conversion that fails and silently keeps 18) up to torch.onnx's ONNX_MAX_OPSET (23 in torch 2.13)
+MIN_OPSET, MAX_OPSET = 18, 23
+
 _API = {
     "export_onnx": "export",
     "merge_onnx": "patch",

@@ -21,10 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FormatError, UsageError, VerificationError, require
-from ..numeric_args import POSITIVE_INT, check_optional, check_weights
+from ..errors import FormatError, UnsupportedError, UsageError, VerificationError, require
+from ..numeric_args import Range, check_optional, check_weights
+from . import MAX_OPSET, MIN_OPSET
+from .dropped import dropped_tensors, record_dropped, skip_reason
 from .runtime import max_difference, sample_batches, session, tolerance
 from .store import MODEL_FILE, InitializerSource, load_graph, write_model
+from .tasks import task_of
 from .torch_merge import merge_in_memory
 
 if TYPE_CHECKING:
@@ -33,6 +36,8 @@ if TYPE_CHECKING:
     from ..adapter import Adapter
 
 MANIFEST = "loratools_onnx.json"
+#: the opsets --opset takes (loratools.onnx.MIN_OPSET..MAX_OPSET)
+OPSET = Range(low=MIN_OPSET, high=MAX_OPSET, integer=True)
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 #: checkpoint files never copied next to the ONNX model
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx", ".data")
@@ -45,7 +50,7 @@ class LoadedModel:
     model: torch.nn.Module
     inputs: list[str]
     output: str
-    task: str  # "causal-lm" or "encoder"
+    task: str  # see task_of: "causal-lm", "sequence-classification", ..., "encoder"
     vocab_size: int
     aliases: dict[str, list[str]] = field(default_factory=dict)  # canonical parameter -> tied names
 
@@ -66,6 +71,10 @@ class ExportResult:
     atol: float | None = None
     merged: list[str] = field(default_factory=list)
     slots: list[str] = field(default_factory=list)
+    #: checkpoint tensors the graph does not hold (its outputs do not depend on them)
+    dropped: list[str] = field(default_factory=list)
+    #: --lora-slots modules left without a slot, and why (their weight is among ``dropped``)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -109,10 +118,7 @@ def load_model(path: str | Path, dtype: str = "fp32", device: str = "cpu") -> Lo
     with torch.no_grad():
         out = model(**probe, use_cache=False) if "use_cache" in params else model(**probe)
     output = "logits" if getattr(out, "logits", None) is not None else "last_hidden_state"
-    task = "causal-lm" if output == "logits" and type(config) in transformers.AutoModelForCausalLM._model_mapping else (
-        "encoder" if output == "last_hidden_state" else "logits"
-    )  # fmt: skip
-    return LoadedModel(model, inputs, output, task, vocab, _aliases(model))
+    return LoadedModel(model, inputs, output, task_of(model, output), vocab, _aliases(model))
 
 
 def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -263,6 +269,7 @@ def export_onnx(
     verify: bool = True,
     overwrite: bool = False,
     lora_slots: str | Path | Adapter | None = None,
+    trust_tensors: bool = False,
 ) -> ExportResult:
     """Export ``model`` (merged with ``adapters`` first, if any) to ``output/model.onnx`` + one data file.
 
@@ -271,12 +278,13 @@ def export_onnx(
     sample inputs and raises :class:`VerificationError` (nothing published) when they differ.
     """
     from ..adapter_io import load_adapter
+    from ..ambiguity import require_unambiguous
     from ..hub import resolve_path
     from ..publish import atomic_output, describe_input, provenance
     from .slots import add_slots, slot_tensors
 
     start = time.perf_counter()
-    check_optional("--opset", opset, POSITIVE_INT)
+    check_optional("--opset", opset, OPSET)
     if dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r}; expected fp32 or fp16")
     root = resolve_path(model, "base checkpoint")
@@ -295,6 +303,8 @@ def export_onnx(
         slot_adapter = lora_slots if not isinstance(lora_slots, str | Path) else load_adapter(lora_slots, base=root)
         slot_tensors(slot_adapter, label=str(lora_slots))  # refuses DoRA, biases, embeddings, conv early
     loaded_adapters = [a if not isinstance(a, str | Path) else load_adapter(a, base=root) for a in adapters]
+    for a in [*loaded_adapters, *([slot_adapter] if slot_adapter is not None else [])]:
+        require_unambiguous(a, trust_tensors=trust_tensors)
     inputs = [root, *(Path(a) for a in adapters if isinstance(a, str | Path)), *(
         [Path(lora_slots)] if isinstance(lora_slots, str | Path) else [])]  # fmt: skip
     with atomic_output(output, overwrite=overwrite, inputs=inputs, expected_bytes=expected) as tmp:
@@ -307,7 +317,14 @@ def export_onnx(
         trace_to_onnx(loaded, raw, opset)
         proto = load_graph(raw)
         rename_initializers(proto, loaded.aliases, keys)
-        slots = add_slots(proto, list(slot_adapter.modules), str(root)) if slot_adapter else []
+        dropped = dropped_tensors(proto, keys, loaded.aliases)
+        record_dropped(proto, dropped)  # the proof merge-into-ONNX and --lora-slots skip modules by
+        skipped = {}
+        if slot_adapter is not None:
+            skipped = {m: r for m in slot_adapter.modules if (r := skip_reason(m, set(dropped), ())) is not None}
+        slots = (
+            add_slots(proto, [m for m in slot_adapter.modules if m not in skipped], str(root)) if slot_adapter else []
+        )
         record = provenance(
             "export-onnx",
             {"dtype": dtype, "opset": opset, "weights": weights, "device": device, "lora_slots": bool(slots)},
@@ -320,15 +337,23 @@ def export_onnx(
         src.close()
         shutil.rmtree(work)
         opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+        if opset is not None and opset_used != opset:  # torch.onnx keeps its own opset when a conversion fails
+            raise UnsupportedError(
+                f"{root}: torch.onnx wrote opset {opset_used}, not the --opset {opset} asked for; "
+                "nothing was published",
+                hint=f"leave --opset out (torch.onnx's default) or pick one in {MIN_OPSET}..{MAX_OPSET}",
+            )
         result = ExportResult(
             Path(output), loaded.task, loaded.inputs, [loaded.output], dtype, opset_used, 0.0, data_bytes,
-            merged=merged, slots=slots,
+            merged=merged, slots=slots, dropped=dropped, skipped=skipped,
         )  # fmt: skip
         if verify:
             result.max_diff, result.atol = verify_export(tmp, loaded, dtype, device)
             if slot_adapter is not None:
                 np_dtype = DTYPES[dtype]
-                feeds = slot_tensors(slot_adapter, np_dtype)
+                feeds = {
+                    k: v for k, v in slot_tensors(slot_adapter, np_dtype).items() if k.rsplit(".lora_", 1)[0] in slots
+                }
                 merge_in_memory(loaded.model, [slot_adapter], [1.0])
                 diff, _ = verify_export(tmp, loaded, dtype, device, feeds)
                 result.max_diff = max(result.max_diff, diff)
@@ -346,15 +371,10 @@ def export_onnx(
 
 def check_device(device: str, verify: bool) -> None:
     """Fail before any work when ``device`` cannot be used (no CUDA in torch, or no CUDA provider to verify)."""
-    import torch
-
-    from ..errors import UnsupportedError
+    from ..devices import torch_device
     from .runtime import providers_for
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UnsupportedError(
-            "--device cuda: PyTorch sees no CUDA device here", hint="run on a machine with a GPU, or use --device cpu"
-        )
+    torch_device(device)  # the refusal merge gives too
     if verify:
         providers_for(device)  # a clear error (and the fix) when onnxruntime lacks the CUDA provider
 

@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedError, UsageError, ValidationError
 from ..numeric_args import check_weights
+from .dropped import read_dropped
 from .graph import GraphIndex, WeightSite, check_shape
 from .store import InitializerSource, external_info, load_graph, model_path, tensor_nbytes, write_model
+from .verify_merge import refuse_checkpoint_options, verify_patched
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +45,10 @@ class OnnxMergeResult:
     data_bytes: int
     folded: int = 0  # modules found through folded_from metadata
     weights: list[float] = field(default_factory=list)
+    #: module -> why it was left out (its weight is not in the graph)
+    skipped: dict[str, str] = field(default_factory=dict)
+    #: worst relative error of the patched weights read back (None: not verified)
+    verify_error: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,24 +62,39 @@ class OnnxMergeResult:
             "weights": self.weights,
             "seconds": round(self.seconds, 3),
             "data_bytes": self.data_bytes,
+            "skipped": self.skipped,
+            "verified": None if self.verify_error is None else True,
+            "verify_error": self.verify_error,
         }
 
 
-def _load(spec: str | Path | Adapter) -> tuple[Adapter, str]:
+def _load(spec: str | Path | Adapter, trust_tensors: bool = False) -> tuple[Adapter, str]:
     from ..adapter import Adapter
     from ..adapter_io import load_adapter
+    from ..ambiguity import require_unambiguous
 
-    if isinstance(spec, Adapter):
-        return spec, str(spec.meta.get("source", "<adapter>"))
-    return load_adapter(spec), str(spec)
+    loaded, label = (spec, str(spec.meta.get("source", "<adapter>"))) if isinstance(spec, Adapter) else (
+        load_adapter(spec), str(spec))  # fmt: skip
+    require_unambiguous(loaded, trust_tensors=trust_tensors)
+    return loaded, label
 
 
 def plan_sites(
-    index: GraphIndex, adapters: Sequence[tuple[Adapter, str]], where: str
+    index: GraphIndex,
+    adapters: Sequence[tuple[Adapter, str]],
+    where: str,
+    dropped: set[str] | None = None,
+    skip: Sequence[str] = (),
+    skipped: dict[str, str] | None = None,
 ) -> dict[str, list[tuple[WeightSite, LoraModule, int]]]:
-    """Initializer name -> [(site, module, adapter number)]; clear errors for anything unresolvable."""
+    """Initializer name -> [(site, module, adapter number)]; clear errors for anything unresolvable.
+
+    A module without a weight in the graph is left out (and added to ``skipped`` with the reason) when
+    ``dropped`` (the export's record of tensors it left out) holds its weight or ``skip`` names it.
+    """
     from ..checkpoint.keymap import KeyMatcher
     from ..errors import NumericError
+    from .dropped import skip_reason
 
     matcher = KeyMatcher(index.matcher_keys())
     plan: dict[str, list[tuple[WeightSite, LoraModule, int]]] = {}
@@ -95,6 +116,11 @@ def plan_sites(
                     hint="merge into the checkpoint with `loratools merge`, then `loratools export-onnx` it",
                 )
             parameter = matcher.tensor_key(name, "weight")
+            reason = skip_reason(name, dropped, skip) if parameter is None or name in skip else None
+            if reason is not None:
+                if skipped is not None:
+                    skipped[name] = reason
+                continue
             if parameter is None:
                 missing.append(name)
                 continue
@@ -116,11 +142,12 @@ def plan_sites(
             plan.setdefault(site.initializer, []).append((site, module, number))
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            recorded = "" if dropped is None else "; the export's record of dropped tensors does not name them"
             raise ValidationError(
                 f"{where}: no weight for {len(missing)} module(s) of {label}: {shown} "
-                "(looked up by initializer name and by onnxscript folded_from metadata)",
-                hint="export the model with `loratools export-onnx` (names kept), or with torch.onnx.export's "
-                "optimizer on (it records folded_from); the adapter must be for this model",
+                f"(looked up by initializer name and by onnxscript folded_from metadata{recorded})",
+                hint="export the model with `loratools export-onnx` (names kept, dropped weights recorded); "
+                f"if this graph left them out on purpose, pass --skip-module {missing[0]} (once per module)",
             )
     return plan
 
@@ -146,11 +173,25 @@ def merge_onnx(
     weights: Sequence[float] | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    trust_tensors: bool = False,
+    include: str | None = None,
+    exclude: str | None = None,
+    skip_modules: Sequence[str] = (),
+    verify: bool = False,
+    dtype: str | None = "auto",
+    max_shard_size: str | int | None = None,
+    device: str = "cpu",
 ) -> OnnxMergeResult:
     """Merge ``adapters`` (each times its weight, default 1) into the ONNX model at ``onnx_dir``.
 
     Writes ``output/model.onnx`` plus one ``model.onnx.data`` and copies the folder's other files
     (config, tokenizer). The result equals exporting the merged checkpoint, without a PyTorch export.
+    ``include``/``exclude`` pick modules by regex. ``skip_modules`` names modules to leave out although
+    the graph does not record dropping their weight (a foreign export); modules whose weight our export
+    recorded as dropped are left out anyway. ``verify`` reads every patched weight back from the
+    output and checks it against base + update before publishing. ``dtype`` (only ``auto``: weights
+    keep their stored dtype), ``max_shard_size`` (one data file is written) and ``device`` (the update
+    is computed on the CPU) are refused when set otherwise, not ignored.
     """
     import torch
 
@@ -161,12 +202,23 @@ def merge_onnx(
     if not adapters:
         raise UsageError("merge_onnx needs at least one adapter")
     weights = check_weights(weights, len(adapters))
+    refuse_checkpoint_options(dtype, max_shard_size, device)
     source_path = resolve_path(onnx_dir, "onnx model")
     model_file = model_path(source_path)
     proto = load_graph(model_file)
     index = GraphIndex(proto)
-    loaded = [_load(a) for a in adapters]
-    plan = plan_sites(index, loaded, str(model_file))
+    loaded = [_load(a, trust_tensors) for a in adapters]
+    unknown = sorted(set(skip_modules) - {m for a, _ in loaded for m in a.modules})
+    if unknown:
+        raise UsageError(f"--skip-module {unknown[0]}: no adapter has a module of that name")
+    if include or exclude:
+        loaded = [(a.select(include, exclude), label) for a, label in loaded]
+        if not any(a.modules or a.replacements for a, _ in loaded):
+            raise UsageError("no adapter module is left to merge", hint="check --include / --exclude")
+    skipped: dict[str, str] = {}
+    plan = plan_sites(index, loaded, str(model_file), read_dropped(proto, model_file), skip_modules, skipped)
+    if not plan:
+        raise UsageError("no adapter module has a weight in this graph: nothing to merge")
 
     def compute(tensor: Any) -> memoryview:
         # round-robin buffers: the one for weight k is reused for weight k + AHEAD + 1, which is only
@@ -212,6 +264,7 @@ def merge_onnx(
         with atomic_output(output, overwrite=overwrite, inputs=inputs, expected_bytes=expected) as tmp:
             out_file = tmp / model_file.name
             data_bytes = write_model(proto, source, out_file, patched, progress)
+            checked = verify_patched(source, out_file, plan, weights) if verify else None
             if source_path.is_dir():
                 copy_side_files(source_path, tmp, skip={model_file.name, *data_files})
     finally:
@@ -222,7 +275,7 @@ def merge_onnx(
     folded = sum(1 for v in plan.values() for site, _, _ in v if site.initializer != site.parameter)
     return OnnxMergeResult(
         Path(output), sum(len(v) for v in plan.values()), len(loaded), time.perf_counter() - start, data_bytes,
-        folded, weights,
+        folded, weights, skipped, checked,
     )  # fmt: skip
 
 

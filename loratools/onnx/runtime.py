@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -25,6 +26,16 @@ def ort_module():  # noqa: ANN201 - returns the onnxruntime module
     """``onnxruntime`` (telemetry off), or a MissingExtraError naming the ``onnx`` extra."""
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     return require("onnxruntime", "onnx")
+
+
+#: onnxruntime's C++ prefix on exception text: ``/src/file.cc:93 ReturnType ns::Function(args) message``
+_ORT_SOURCE = re.compile(r"^\S+\.(?:cc|cpp|h):\d+\s+(?:[^()]*\([^()]*\)\s*(?:const\s*)?)?")
+
+
+def ort_message(exc: BaseException) -> str:
+    """onnxruntime's exception text as one line, without its C++ source path and function signature."""
+    text = " ".join(str(exc).split())
+    return _ORT_SOURCE.sub("", text).strip() or exc.__class__.__name__
 
 
 def providers_for(device: str) -> list[str]:

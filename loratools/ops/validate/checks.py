@@ -63,7 +63,8 @@ def validate(
     reader = None
     from ...formats.gguf_names import is_gguf_file
 
-    if base is not None and not is_gguf_file(base):  # a GGUF model is a base only for the GGUF targets
+    onnx_base = base is not None and target == "onnxruntime-genai" and _is_onnx_model(base)
+    if base is not None and not is_gguf_file(base) and not onnx_base:  # a GGUF model: a base for GGUF targets
         try:
             reader = open_checkpoint(base)
         except LoratoolsError as exc:
@@ -89,8 +90,15 @@ def validate(
             from .serving import serving_findings
 
             report.findings += serving_findings(
-                adapter, target, base_kind=reader.kind if reader else None, base=base
+                adapter, target, base_kind=reader.kind if reader else None, base=None if onnx_base else base
             )
+        if onnx_base:  # the model's LoRA inputs: names, sizes, dtype and rank, as convert --for checks them
+            from ...onnx.slot_map import slot_feeds
+
+            try:
+                slot_feeds(adapter, base)
+            except LoratoolsError as exc:
+                report.add("error", None, "onnxruntime-genai.lora_inputs", exc.message, hint=exc.hint)
         if scan:
             from ..scan import scan_adapter, scan_findings
 
@@ -258,3 +266,9 @@ def _report_nonfinite(
         tensor=tensor,
         index=first,
     )
+
+
+def _is_onnx_model(path: str | Path) -> bool:
+    """An .onnx file, or a folder holding model.onnx (what ``validate --target onnxruntime-genai`` checks against)."""
+    p = Path(path)
+    return p.suffix == ".onnx" or (p.is_dir() and (p / "model.onnx").is_file())
