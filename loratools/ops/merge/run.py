@@ -76,6 +76,8 @@ def merge(
     overwrite: bool = False,
     include: str | None = None,
     exclude: str | None = None,
+    trust_tensors: bool = False,
+    skip_modules: Sequence[str] = (),
     progress: Callable[[int], contextlib.AbstractContextManager[Callable[[int], None]]] | None = None,
 ) -> MergeSummary:
     """Merge ``adapters`` into ``base`` and publish the result at ``output`` atomically.
@@ -85,7 +87,10 @@ def merge(
     ``max_shard_size`` (``5GB``, ``500MB``, ``2GiB``) reshards; by default the base's shard names are kept.
     ``device="cuda"`` computes updates on the GPU. ``verify`` checks the output before publishing.
     ``progress(total_bytes)`` may return a context manager yielding ``advance(n_bytes)``.
+    An ONNX ``base`` goes to :func:`loratools.onnx.patch.merge_onnx` with every option (``skip_modules``
+    is only for it); it refuses the options a graph has no use for.
     """
+    from ...ambiguity import require_unambiguous
     from ...checkpoint.reader import open_checkpoint
     from ...checkpoint.writer import parse_size
     from ...hub import resolve_path
@@ -101,7 +106,16 @@ def merge(
         from ...onnx.patch import merge_onnx
 
         # a named .onnx file stays the user's choice (its folder may hold several graphs)
-        return merge_onnx(base_path, list(adapters), output, weights=weights, overwrite=overwrite)
+        return merge_onnx(
+            base_path, list(adapters), output, weights=weights, overwrite=overwrite, trust_tensors=trust_tensors,
+            include=include, exclude=exclude, skip_modules=skip_modules, verify=verify, dtype=dtype,
+            max_shard_size=max_shard_size, device=device,
+        )  # fmt: skip
+    if skip_modules:
+        raise UsageError(
+            "--skip-module is for merging into an ONNX model (modules its export left out)",
+            hint="leave a module out of a checkpoint merge with --exclude REGEX",
+        )
     if not adapters:
         raise UsageError("merge needs at least one adapter")
     weights = check_weights(weights, len(adapters))
@@ -117,6 +131,8 @@ def merge(
     factors = FactorStore()
     try:
         loaded = [a if not isinstance(a, str | Path) else load_lean(a, reader, factors) for a in adapters]
+        for a in loaded:
+            require_unambiguous(a, trust_tensors=trust_tensors)
         if include or exclude:
             loaded = [a.select(include, exclude) for a in loaded]
         if not any(a.modules or a.replacements for a in loaded):
@@ -180,15 +196,9 @@ def merge(
 
 
 def _device(device: str) -> Any:
-    if device in (None, "cpu"):
-        return None
-    if device != "cuda":
-        raise UsageError(f"--device {device!r} is not cpu or cuda")
-    import torch
+    from ...devices import torch_device  # one refusal, worded the same by every command
 
-    if not torch.cuda.is_available():
-        raise UsageError("--device cuda: torch sees no CUDA GPU here", hint="use --device cpu (the default)")
-    return torch.device("cuda")
+    return torch_device(device)
 
 
 def _describe_base(base: str | Path, reader: CheckpointReader) -> dict[str, Any]:
