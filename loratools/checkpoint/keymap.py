@@ -56,6 +56,16 @@ class KeyMatcher:
         return key[: -len(".weight")] if key else None
 
 
+def same_matrix(want: tuple[int, ...], have: tuple[int, ...]) -> bool:
+    """Equal shapes, or a linear weight (out, in) and a 1×1 conv (out, in, 1, 1): the same matrix stored two
+    ways (sd-scripts' SD2 LoRAs hold the original UNet's linear proj_in/proj_out as 1×1 convs)."""
+    if want == have:
+        return True
+    matrix = [s for s in (want, have) if len(s) == 2]
+    conv1x1 = [s for s in (want, have) if len(s) == 4 and s[2:] == (1, 1)]
+    return len(matrix) == 1 and len(conv1x1) == 1 and matrix[0] == conv1x1[0][:2]
+
+
 class WeightTargets:
     """Module path -> ``(tensor key, rows)``: the tensor a module's update goes into, and for a fused part
     (``...attn.in_proj.q`` of an LDM file's OpenCLIP encoder) the ``(start, stop)`` of its rows, else None."""

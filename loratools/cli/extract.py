@@ -5,7 +5,16 @@ from __future__ import annotations
 import click
 
 from ..numeric_args import FRACTION, NON_NEGATIVE, POSITIVE_INT
-from .options import Number, dtype_option, filters, json_option, output_option, overwrite_option, rank_option
+from .options import (
+    Number,
+    dtype_option,
+    filters,
+    json_option,
+    kohya_prefix_option,
+    output_option,
+    overwrite_option,
+    rank_option,
+)
 from .output import get_output
 
 
@@ -50,6 +59,7 @@ from .output import get_output
 @filters
 @dtype_option
 @click.option("--to", "to", default=None, help="Output format (default: peft).")
+@kohya_prefix_option
 @output_option
 @overwrite_option
 @json_option
@@ -70,6 +80,7 @@ def extract(
     exclude: str | None,
     dtype: str,
     to: str | None,
+    kohya_prefix: str | None,
     output: str,
     overwrite: bool,
     json_mode: bool,
@@ -105,6 +116,7 @@ def extract(
             to=to,
             overwrite=overwrite,
             progress=step,
+            kohya_prefix=kohya_prefix,
         )
     data = result.to_dict()
 

@@ -12,6 +12,7 @@ import os
 import click
 
 from .. import __version__
+from .output import PROGRESS_ENV, PROGRESS_MODES
 
 #: command name -> "module:attribute" (module relative to loratools.cli)
 COMMANDS: dict[str, str] = {
@@ -47,14 +48,65 @@ class LazyGroup(click.Group):
         if target is None:
             return None
         module, attr = target.split(":")
-        return getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+        return _with_common_options(getattr(importlib.import_module(f"{__package__}.{module}"), attr))
+
+
+def _remember(key: str):  # noqa: ANN202
+    """A callback storing an option's value in the root context (``-q`` and ``--progress`` anywhere)."""
+
+    def store(ctx: click.Context, param: click.Parameter, value: object) -> object:
+        root = ctx.find_root()
+        if root.obj is None:
+            root.obj = {}
+        if value:
+            root.obj[key] = value
+        return value
+
+    return store
+
+
+def _quiet_option() -> click.Option:
+    return click.Option(
+        ["-q", "--quiet"],
+        is_flag=True,
+        expose_value=False,
+        callback=_remember("quiet"),
+        help="Print nothing but errors.",
+    )
+
+
+def _progress_option() -> click.Option:
+    return click.Option(
+        ["--progress"],
+        type=click.Choice(PROGRESS_MODES),
+        default=None,
+        expose_value=False,
+        callback=_remember("progress"),
+        help=f"Progress on stderr: a bar on a terminal (auto), text lines for logs (plain), off. Env: {PROGRESS_ENV}.",
+    )
+
+
+def _with_common_options(command: click.Command) -> click.Command:
+    """Every command also takes -q and --progress after its name (``loratools info X -q``)."""
+    names = {opt for p in command.params for opt in getattr(p, "opts", ())}
+    if "--quiet" not in names:
+        command.params.append(_quiet_option())
+    if "--progress" not in names:
+        command.params.append(_progress_option())
+    return command
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="loratools")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (also after the command name).")
+@click.option(
+    "--progress",
+    type=click.Choice(PROGRESS_MODES),
+    default=None,
+    help=f"Progress on stderr: auto (a bar on a terminal), plain (text lines, for logs), off. Env: {PROGRESS_ENV}.",
+)
 @click.pass_context
-def cli(ctx: click.Context, quiet: bool) -> None:
+def cli(ctx: click.Context, quiet: bool, progress: str | None) -> None:
     """Read, validate, diff, resize, combine, convert, merge, export and push LoRA adapters.
 
     \b
@@ -66,7 +118,7 @@ def cli(ctx: click.Context, quiet: bool) -> None:
     Exit codes: 0 success, 1 the command ran and found problems, 2 unusable input or usage error.
     Set LORATOOLS_DEBUG=1 to see tracebacks.
     """
-    ctx.obj = {"quiet": quiet}
+    ctx.obj = {"quiet": quiet, "progress": progress}
 
 
 def _fail(message: str, hint: str | None, code: int) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .options import json_option, parse_weights, weights_option
+from .options import filters, json_option, parse_weights, weights_option
 from .output import get_output
 
 
@@ -15,6 +15,7 @@ from .output import get_output
 @click.option("--base", required=True, help="The base checkpoint the adapters were merged into.")
 @click.option("--adapter", "adapters", multiple=True, required=True, help="An adapter (repeat for several, in order).")
 @weights_option()
+@filters
 @json_option
 @click.pass_context
 def verify(
@@ -23,6 +24,8 @@ def verify(
     base: str,
     adapters: tuple[str, ...],
     weights: tuple[float, ...] | None,
+    include: str | None,
+    exclude: str | None,
     json_mode: bool,
 ) -> None:
     """Check that MERGED equals BASE plus the adapters, tensor by tensor, within the dtype's rounding.
@@ -35,11 +38,14 @@ def verify(
     Examples:
       loratools verify merged/ --base base/ --adapter adapter/
       loratools verify merged/ --base base/ --adapter a/ --adapter b/ --weights 1,0.5 --json
+      loratools verify merged/ --base base/ --adapter adapter/ --include 'self_attn'
     """
     from ..ops.verify import verify as run_verify
 
     out = get_output(ctx, json_mode)
-    report = run_verify(merged, base, list(adapters), weights=parse_weights(weights, len(adapters)))
+    report = run_verify(
+        merged, base, list(adapters), weights=parse_weights(weights, len(adapters)), include=include, exclude=exclude
+    )
     out.result(report.to_dict(), _human)
     if not report.verified:
         ctx.exit(1)

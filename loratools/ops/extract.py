@@ -92,6 +92,7 @@ def extract(
     to: str | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    kohya_prefix: str | None = None,
 ) -> ExtractResult:
     """Extract a LoRA of ``rank`` (or per module the smallest rank keeping ``fro`` of ‖ΔW‖_F).
 
@@ -101,7 +102,8 @@ def extract(
     ``min_delta``: tensors with ‖ΔW‖ ≤ min_delta·‖W‖ are skipped as unchanged. ``include``/``exclude``
     filter module names (regexes). ``dtype`` (auto|fp32|fp16|bf16) of the factors; auto keeps the tuned
     tensor's. ``threshold``/``exact`` choose the SVD (see the module docstring). The output is PEFT
-    unless ``to``; ``progress(n)`` is called once per tensor examined.
+    unless ``to`` (``kohya_prefix`` names the modules of a kohya output, e.g. ``lora_te_``);
+    ``progress(n)`` is called once per tensor examined.
     """
     import torch
 
@@ -280,6 +282,7 @@ def extract(
             inputs={"base": base_path, "tuned": tuned_path},
             to=to,
             overwrite=overwrite,
+            kohya_prefix=kohya_prefix,
         )
     return result
 

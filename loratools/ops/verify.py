@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import UsageError
 from ..numeric_args import check_weights
 
 if TYPE_CHECKING:
@@ -96,8 +97,15 @@ def verify(
     base: str | Path | CheckpointReader,
     adapters: Sequence[str | Path | Adapter],
     weights: Sequence[float] | None = None,
+    *,
+    include: str | None = None,
+    exclude: str | None = None,
 ) -> VerifyReport:
-    """Check that ``merged`` equals ``base`` with ``adapters`` (scaled by ``weights``) merged in."""
+    """Check that ``merged`` equals ``base`` with ``adapters`` (scaled by ``weights``) merged in.
+
+    ``include``/``exclude`` (regexes over module names) pick the adapters' modules the way ``merge``
+    took them, so a ``merge --include`` output verifies with the same ``--include``.
+    """
     from ..adapter_io import load_adapter
     from ..checkpoint.reader import CheckpointReader, open_checkpoint
     from .merge.plan import build_plan
@@ -109,6 +117,10 @@ def verify(
     mreader = open_checkpoint(merged)
     try:
         loaded = [a if not isinstance(a, str | Path) else load_adapter(a, base=breader) for a in adapters]
+        if include or exclude:
+            loaded = [a.select(include, exclude) for a in loaded]
+            if not any(a.modules or a.replacements for a in loaded):
+                raise UsageError("no adapter module is left to verify", hint="check --include / --exclude")
         plan = build_plan(breader, loaded, weights)
         report = VerifyReport(merged=str(merged), base=str(breader.root), modules_checked=plan.modules_merged)
         bbytes, mbytes = BaseBytes(breader), BaseBytes(mreader)
@@ -232,6 +244,10 @@ def _diagnose(job, act: torch.Tensor, exp: torch.Tensor, tol: torch.Tensor) -> t
             f"the DoRA-merged weight does not match (max error {float((act - exp).abs().max()):.3g})",
             None,
         )
+    family = next((c.lora.label for c in job.deltas if not hasattr(c.lora, "factors")), None)
+    if family is not None:  # LoHa, LoKr, OFT, BOFT, IA3: no factor-space fit, the dense check decides
+        err = float((act - exp).abs().max())
+        return "wrong_update", f"the {family}-merged weight does not match (max error {err:.3g})", None
     first = job.deltas[0].lora
     m = first.from_weight_layout(act)
     comps = [(c.coefficient, _full_rows(c, m.shape[0]), c.lora.factors(torch.float32)[1]) for c in job.deltas]

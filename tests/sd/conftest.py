@@ -14,7 +14,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 import ldm_support  # noqa: E402
 
 
-def _case(name: str, build, work: Path, linear_as_conv: tuple[str, ...] = ()) -> dict:
+def _case(name: str, build, work: Path, linear_as_conv: tuple[str, ...] = (), pipeline: bool = True) -> dict:
     from safetensors.torch import save_file
 
     parts = build()
@@ -26,7 +26,7 @@ def _case(name: str, build, work: Path, linear_as_conv: tuple[str, ...] = ()) ->
     return {
         "parts": parts,
         "ldm": ldm_support.save_ldm(parts, folder / f"{name}.safetensors"),
-        "pipeline": ldm_support.save_pipeline(parts, folder / "pipeline"),
+        "pipeline": ldm_support.save_pipeline(parts, folder / "pipeline") if pipeline else None,
         "lora": lora,
         "lora_path": lora_path,
     }
@@ -35,6 +35,11 @@ def _case(name: str, build, work: Path, linear_as_conv: tuple[str, ...] = ()) ->
 @pytest.fixture(scope="module")
 def sd15(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return _case("sd15", ldm_support.build_sd15, tmp_path_factory.mktemp("ldm"))
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _case("sd2", ldm_support.build_sd2, tmp_path_factory.mktemp("ldm"), pipeline=False)
 
 
 @pytest.fixture(scope="module")

@@ -108,6 +108,14 @@ def build_sd15(seed: int = 0) -> dict:
     return parts
 
 
+def build_sd2(seed: int = 2) -> dict:
+    """SD2-shaped as sd-scripts holds it: its UNet keeps proj_in/proj_out as 1×1 convs (the original file
+    stores them linear); the text encoder is written as OpenCLIP. ``v2`` is a marker (an empty module)."""
+    parts = build_sd15(seed)
+    parts["v2"] = torch.nn.Module()
+    return parts
+
+
 def build_sdxl(seed: int = 1) -> dict:
     """SDXL-shaped UNet (text_time embedding, linear projections, 2 transformer layers), CLIP + OpenCLIP-style
     encoders, VAE."""
@@ -153,6 +161,11 @@ def ldm_from_state_dicts(sds: dict[str, dict[str, torch.Tensor]]) -> dict[str, t
         out.update({f"conditioner.embedders.0.transformer.{k}": v for k, v in te.items()})
         te2 = ko.convert_text_encoder_2_state_dict_to_sdxl(sds["text_encoder_2"], torch.tensor(4.6))
         out.update({f"conditioner.embedders.1.model.{k}": v for k, v in te2.items()})
+    elif "v2" in sds:  # SD2: linear proj_in/proj_out, OpenCLIP text encoder with fused q/k/v
+        out.update({f"model.diffusion_model.{k}": v for k, v in ko.convert_unet_state_dict_to_sd(True, unet).items()})
+        out.update(
+            {f"cond_stage_model.model.{k}": v for k, v in ko.convert_text_encoder_state_dict_to_sd_v2(te).items()}
+        )
     else:
         out.update({f"model.diffusion_model.{k}": v for k, v in ko.convert_unet_state_dict_to_sd(False, unet).items()})
         out.update({f"cond_stage_model.transformer.{k}": v for k, v in te.items()})

@@ -65,6 +65,19 @@ def test_sd15_equals_pipeline_merge(sd15: dict, merged_sd15: Path, tmp_path: Pat
     assert changed == equal == len(ldm_support.SD15_UNET_TARGETS) + len(ldm_support.TE_TARGETS)
 
 
+def test_sd2_equals_kohya_merge_lora(sd2: dict, tmp_path: Path) -> None:
+    """SD2: sd-scripts' 1×1-conv proj_in/proj_out factors into the file's linear weights; OpenCLIP encoder."""
+    out = tmp_path / "merged.safetensors"
+    assert merge(sd2["ldm"], [sd2["lora_path"]], out, verify=True).verify.verified
+    ours, base = load_file(str(out)), load_file(str(sd2["ldm"]))
+    assert base["model.diffusion_model.input_blocks.2.1.proj_in.weight"].ndim == 2
+    ref = ldm_support.kohya_merged_ldm(sd2["parts"], sd2["lora"])
+    qkv = {t.split(".self_attn")[0] for t in ldm_support.TE_TARGETS if t.endswith(("q_proj", "k_proj", "v_proj"))}
+    te = len([t for t in ldm_support.TE_TARGETS if not t.endswith(("q_proj", "k_proj", "v_proj"))]) + len(qkv)
+    changed, _ = _compare(ours, ref, base)
+    assert changed == len(ldm_support.SD15_UNET_TARGETS) + te
+
+
 def test_sdxl_equals_kohya_and_pipeline_merge(sdxl: dict, tmp_path: Path) -> None:
     """SGM UNet names, both encoders, q/k/v into OpenCLIP's fused in_proj, a 1×1-conv LoRA on a linear proj_in."""
     out = tmp_path / "merged.safetensors"
@@ -82,7 +95,7 @@ def test_sdxl_equals_kohya_and_pipeline_merge(sdxl: dict, tmp_path: Path) -> Non
     assert changed == equal == expected
 
 
-@pytest.mark.parametrize("case", ["sd15", "sdxl"])
+@pytest.mark.parametrize("case", ["sd15", "sd2", "sdxl"])
 def test_key_table_matches_diffusers_conversion(case: str, request: pytest.FixtureRequest) -> None:
     """Every alias points at the tensor diffusers' own LDM -> diffusers conversion puts at that diffusers name."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint
@@ -90,22 +103,30 @@ def test_key_table_matches_diffusers_conversion(case: str, request: pytest.Fixtu
     c = request.getfixturevalue(case)
     ldm = load_file(str(c["ldm"]))
     layout = ldm_layout(ldm)
-    assert layout is not None and layout.version == ("sdxl" if case == "sdxl" else "sd1")
+    assert layout is not None and layout.version == {"sd15": "sd1", "sd2": "sd2", "sdxl": "sdxl"}[case]
     converted = {f"unet.{k}": v for k, v in convert_ldm_unet_checkpoint(ldm, dict(c["parts"]["unet"].config)).items()}
-    if case == "sdxl":
-        te2 = convert_open_clip_checkpoint(c["parts"]["text_encoder_2"], ldm, prefix="conditioner.embedders.1.model.")
-        converted.update({f"text_encoder_2.{k}": v for k, v in te2.items()})
+    component = "unet"
+    if case != "sd15":  # the OpenCLIP encoder, with q/k/v fused
+        component, prefix = {"sd2": ("text_encoder", "cond_stage_model.model."),
+                             "sdxl": ("text_encoder_2", "conditioner.embedders.1.model.")}[case]  # fmt: skip
+        te = convert_open_clip_checkpoint(c["parts"][component], ldm, prefix=prefix)
+        converted.update({f"{component}.{k}": v for k, v in te.items()})
     checked = 0
     for alias, path in layout.aliases.items():
         if f"{alias}.weight" not in converted:
-            assert not alias.startswith(("unet.", "text_encoder_2.")), alias
+            assert not alias.startswith(("unet.", f"{component}.")), alias
             continue
         fused = layout.fused.get(path)
         stored = ldm[fused.key].chunk(fused.parts)[fused.index] if fused else ldm[f"{path}.weight"]
         assert torch.equal(converted[f"{alias}.weight"], stored), alias
         checked += 1
-    unet_modules = {k for k in converted if k.endswith(".weight")}
-    assert checked >= len(unet_modules) - 2  # every UNet (and OpenCLIP) weight has its alias
+    # every converted weight has its alias, but the two OpenCLIP parameters stored without ``.weight``
+    missing = {k for k in converted if k.endswith(".weight") and k[: -len(".weight")] not in layout.aliases}
+    assert {m.split(".", 1)[1] for m in missing} <= {
+        "text_projection.weight",
+        "text_model.embeddings.position_embedding.weight",
+    }
+    assert checked > 100
 
 
 def test_cli_merge_single_file(sd15: dict, tmp_path: Path) -> None:
@@ -117,3 +138,25 @@ def test_cli_merge_single_file(sd15: dict, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["merge", str(sd15["ldm"]), str(sd15["lora_path"]), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert set(load_file(str(out))) == set(load_file(str(sd15["ldm"])))
+
+
+def test_validate_against_single_file(sdxl: dict) -> None:
+    """validate --base sees fused parts and 1×1-conv factors on linear weights as the merge does."""
+    from loratools.ops.validate import validate
+
+    report = validate(sdxl["lora_path"], base=sdxl["ldm"])
+    assert not [f for f in report.findings if f.severity == "error"], report.findings
+
+
+def test_dora_into_fused_part_is_refused(sdxl: dict, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from loratools.errors import UnsupportedError
+
+    name = "lora_te2_text_model_encoder_layers_0_self_attn_k_proj"
+    lora = {k: v for k, v in sdxl["lora"].items() if k.startswith(name)}
+    lora[f"{name}.dora_scale"] = torch.rand(lora[f"{name}.lora_up.weight"].shape[0], 1).half() + 0.5
+    save_file(lora, str(tmp_path / "dora.safetensors"))
+    with pytest.raises(UnsupportedError, match=r"resblocks\.0\.attn\.in_proj\.k is DoRA .* rows 32:64"):
+        merge(sdxl["ldm"], [tmp_path / "dora.safetensors"], tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

@@ -281,19 +281,16 @@ def _finish(j: TensorJob, reader: CheckpointReader, emb_key: str | None) -> None
 
 
 def _fits(c: Contribution, shape: tuple[int, ...]) -> bool:
-    """The module's weight shape is the tensor's (its rows of it for a fused part); a linear module and a
-    1×1 conv hold the same matrix, so either fits the other (sd-scripts' SD2 LoRAs store the linear
-    proj_in/proj_out of the original UNet as 1×1 convs)."""
+    """The module's weight shape is the tensor's (its rows of it for a fused part), or the same matrix as a
+    linear weight / 1×1 conv (:func:`~loratools.checkpoint.keymap.same_matrix`)."""
+    from ...checkpoint.keymap import same_matrix
+
     if c.rows is not None:
         if c.lora.transposed or len(shape) != 2:
             return False
         shape = (c.rows[1] - c.rows[0], *shape[1:])
     want = tuple(c.lora.weight_shape)
-    if want == shape:
-        return True
-    matrix = [s for s in (want, shape) if len(s) == 2]
-    conv1x1 = [s for s in (want, shape) if len(s) == 4 and s[2:] == (1, 1)]
-    return not c.lora.transposed and len(matrix) == 1 and len(conv1x1) == 1 and matrix[0] == conv1x1[0][:2]
+    return want == shape or (not c.lora.transposed and same_matrix(want, shape))
 
 
 def _check_sum(j: TensorJob, w: torch.Tensor) -> None:

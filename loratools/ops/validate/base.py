@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 def check_against_base(adapter: Adapter, reader: CheckpointReader, report: ValidationReport) -> None:
     """Every module resolves to a float base weight of the shape it expects; the base is not quantized."""
-    from ...checkpoint.keymap import KeyMatcher
+    from ...checkpoint.keymap import KeyMatcher, WeightTargets, same_matrix
 
     quant = reader.quantization
     if quant:
@@ -25,6 +25,7 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
             hint="validate and merge against the unquantized (fp32/fp16/bf16) base model",
         )
     matcher = KeyMatcher(reader.keys())
+    target = WeightTargets(reader)  # a module may be a part of a fused tensor (an LDM file's OpenCLIP in_proj)
     replaced = {}
     for key, t in adapter.replacements.items():
         mod, _, suffix = key.rpartition(".")
@@ -42,7 +43,7 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
                 f"full tensor {key} has shape {list(t.shape)}, the base's {bkey} has {list(bshape)} "
                 "(a resized vocabulary?)",
             )
-    unresolved = [n for n in adapter.modules if matcher.tensor_key(n) is None]
+    unresolved = [n for n in adapter.modules if matcher.tensor_key(n) is None and target(n)[1] is None]
     if len(unresolved) > 1 and len(unresolved) == len(adapter.modules):
         report.add(
             "error",
@@ -58,7 +59,10 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
         )
         return
     for name, m in sorted(adapter.modules.items()):
-        bkey = matcher.tensor_key(name)
+        bkey, rows = matcher.tensor_key(name), None
+        if bkey is None:
+            fused, rows = target(name)
+            bkey = fused if rows else None
         if bkey is None:
             report.add(
                 "error",
@@ -80,8 +84,10 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
             )
             continue
         have = replaced.get(bkey, tuple(bi.shape))
+        if rows:
+            have = (rows[1] - rows[0], *have[1:])
         want = tuple(m.weight_shape)
-        if have != want:
+        if have != want and (getattr(m, "transposed", False) or not same_matrix(want, have)):
             hint = None
             if len(want) == 2 and have == want[::-1]:
                 hint = "the base stores this weight transposed; the adapter's fan_in_fan_out setting disagrees"
