@@ -129,7 +129,7 @@ def test_real_subprocess() -> None:
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["num_modules"] == 8
@@ -138,7 +138,7 @@ def test_real_subprocess() -> None:
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=600,
     )
     assert r.returncode == 2 and r.stderr.startswith("Error: ") and "Traceback" not in r.stderr
 
@@ -153,7 +153,7 @@ def test_help_imports_no_heavy_modules() -> None:
         "heavy = sorted(m for m in ('torch', 'transformers', 'onnx', 'onnxruntime', 'peft') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "", f"loratools --help imported {r.stdout.strip()}"
 
@@ -199,6 +199,6 @@ def test_closed_stdout_is_not_an_error() -> None:
     )
     proc.stdout.close()  # the reader is gone before loratools writes anything
     stderr = proc.stderr.read().decode()
-    proc.wait(timeout=120)
+    proc.wait(timeout=600)
     assert "Error" not in stderr and "Traceback" not in stderr, stderr
     assert proc.returncode != 2, stderr

@@ -86,7 +86,7 @@ def test_expected_table_covers_the_corpus_and_the_generator_rebuilds_it(tmp_path
     for spec in EXPECTED.values():
         assert spec["kind"] in ("adapter", "base") and spec["message"] and spec["validate_exit"] in (1, 2)
     r = subprocess.run(
-        [sys.executable, str(BROKEN / "make_broken.py"), str(tmp_path)], capture_output=True, timeout=120
+        [sys.executable, str(BROKEN / "make_broken.py"), str(tmp_path)], capture_output=True, timeout=600
     )
     assert r.returncode == 0, r.stderr.decode()
     assert json.loads((tmp_path / "EXPECTED.json").read_text()) == EXPECTED
@@ -111,7 +111,7 @@ def test_real_subprocess(tmp_path: Path, argv: list, code: int, message: str) ->
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("LORATOOLS_DEBUG", None)
     args = [str(tmp_path / "out") if a == "OUT" else str(a) for a in argv]
-    r = subprocess.run([sys.executable, "-m", "loratools", *args], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "loratools", *args], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == code, r.stderr
     assert "Traceback" not in r.stdout + r.stderr
     if code == 2:

@@ -31,7 +31,14 @@ def _merge(out: Path, cwd: Path, *extra: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_signals,
     )
+
+
+def _default_signals() -> None:
+    """A shell's background job inherits SIGINT ignored (and Python then keeps it ignored): undo that."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _wait_for_written_temporary(folder: Path, name: str, proc: subprocess.Popen) -> Path:
