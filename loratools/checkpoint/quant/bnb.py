@@ -126,14 +126,6 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch
     return out.reshape(state.shape).to(getattr(torch, state.dtype))
 
 
-def _quantize_blockwise_to(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest code value (``code`` sorted; ties as bitsandbytes' bucketize resolves them)."""
-    import torch
-
-    bounds = (code[:-1] + code[1:]) / 2
-    return torch.bucketize(scaled, bounds, out_int32=True)
-
-
 def _scaled_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block absmax and values scaled into [-1, 1] (bitsandbytes' quantize_4bit/blockwise prologue)."""
     import torch
@@ -170,14 +162,37 @@ def quantize_4bit(weight: torch.Tensor, quant_map: torch.Tensor, blocksize: int)
 
 
 def quantize_nested(absmax: torch.Tensor, nested_map: torch.Tensor, nested_blocksize: int):  # noqa: ANN201
-    """Double quantization of fp32 absmax: ``(q uint8, nested_absmax fp32, offset float)``."""
+    """Double quantization of fp32 absmax: ``(q uint8, nested_absmax fp32, offset float)``.
+
+    bitsandbytes' CPU kernel (``quantize_cpu_impl``, 0.50) picks each code through a 65,536-bin table of
+    [-1, 1] (bin i holds -1 + 2i/65535; its code is the number of code midpoints below it) indexed by
+    ``(v + 1) · 0.5 · 65535 + 0.5`` truncated, not by the exact nearest code: the same here, in fp32.
+    """
     import torch
 
     offset = absmax.mean()
-    centred = absmax - offset
-    nabs, scaled = _scaled_blocks(centred.reshape(-1).float(), nested_blocksize)
-    q = _quantize_blockwise_to(scaled, nested_map.to(torch.float32)).to(torch.uint8)
-    return q, nabs, offset.item()
+    flat = (absmax - offset).reshape(-1).float()
+    n = flat.numel()
+    blocks = -(-n // nested_blocksize)
+    padded = torch.zeros(blocks * nested_blocksize, dtype=torch.float32)
+    padded[:n] = flat
+    tiles = padded.view(blocks, nested_blocksize)
+    nabs = tiles.abs().amax(dim=1)
+    scaled = (tiles * (1.0 / nabs).unsqueeze(1)).clamp(-1.0, 1.0)
+    index = (((scaled + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int64).clamp(0, 65535)
+    q = _code_table(nested_map)[index]
+    q[nabs == 0] = 0
+    return q.reshape(-1)[:n].contiguous(), nabs, offset.item()
+
+
+def _code_table(code: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' CPU lookup table: for each of 65,536 points of [-1, 1], its code index."""
+    import torch
+
+    c = code.to(torch.float32)
+    midpoints = 0.5 * (c[:-1] + c[1:])
+    points = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0
+    return torch.searchsorted(midpoints, points, side="left").to(torch.uint8)
 
 
 def dequantize_int8(q: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:

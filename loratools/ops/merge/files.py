@@ -64,24 +64,28 @@ def other_files(base: Path, units: list[Unit]) -> tuple[list[tuple[str, Path]], 
     return found, sorted(stale)
 
 
-def copy_other_files(base: Path, tmp: Path, units: list[Unit], plan, out_dtype) -> int:  # noqa: ANN001
+def copy_other_files(base: Path, tmp: Path, units: list[Unit], plan, out_dtype, dequantized: bool = False) -> int:  # noqa: ANN001
+    """Copy :func:`other_files`; ``dequantized``: the weights were written dequantized (16-bit)."""
     written = 0
     for rel, src in other_files(base, units)[0]:
         dst = tmp / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if rel == "config.json" and (plan.untied or plan.vocab_size or out_dtype):
-            dst.write_text(patched_config(src, plan, out_dtype), encoding="utf-8")
+        if rel == "config.json" and (plan.untied or plan.vocab_size or out_dtype or dequantized):
+            dst.write_text(patched_config(src, plan, out_dtype, dequantized), encoding="utf-8")
         else:
             shutil.copyfile(src, dst)
         written += dst.stat().st_size
     return written
 
 
-def patched_config(path: Path, plan, out_dtype) -> str:  # noqa: ANN001
-    """config.json with tied embeddings untied, a resized vocabulary and the new dtype recorded."""
+def patched_config(path: Path, plan, out_dtype, dequantized: bool = False) -> str:  # noqa: ANN001
+    """config.json with tied embeddings untied, a resized vocabulary, the new dtype recorded and, for a
+    dequantized base, ``quantization_config`` removed (loaders would expect packed weights)."""
     from ...checkpoint.reader import read_json
 
     cfg = read_json(path, "config")
+    if dequantized:
+        cfg.pop("quantization_config", None)
     targets = [cfg] + [cfg[k] for k in ("text_config",) if isinstance(cfg.get(k), dict)]
     for c in targets:
         if plan.untied and c.get("tie_word_embeddings", c is cfg):

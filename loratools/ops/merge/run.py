@@ -43,6 +43,8 @@ class MergeSummary:
     verify: VerifyReport | None = None
     #: weight files / exports of the base folder not copied: they hold the unmerged base
     left_out: list[str] = field(default_factory=list)
+    #: a quantized base: its scheme and, with --requantize/--reference, per-module numbers (QuantReport)
+    quant: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +58,7 @@ class MergeSummary:
             "untied": self.untied,
             "verified": None if self.verify is None else self.verify.verified,
             "left_out": self.left_out,
+            **({"quantized_base": self.quant.to_dict()} if self.quant is not None else {}),
         }
 
 
@@ -79,6 +82,9 @@ def merge(
     trust_tensors: bool = False,
     skip_modules: Sequence[str] = (),
     progress: Callable[[int], contextlib.AbstractContextManager[Callable[[int], None]]] | None = None,
+    requantize: bool = False,
+    reference: str | Path | None = None,
+    into: str = "base",
 ) -> MergeSummary:
     """Merge ``adapters`` into ``base`` and publish the result at ``output`` atomically.
 
@@ -87,6 +93,8 @@ def merge(
     ``max_shard_size`` (``5GB``, ``500MB``, ``2GiB``) reshards; by default the base's shard names are kept.
     ``device="cuda"`` computes updates on the GPU. ``verify`` checks the output before publishing.
     ``progress(total_bytes)`` may return a context manager yielding ``advance(n_bytes)``.
+    A quantized base (bitsandbytes, FP8, GPTQ, AWQ) is dequantized: deq(Wq) + ΔW in its compute dtype;
+    ``requantize``, ``reference`` (its 16-bit base) and ``into`` are described in :mod:`.quantized`.
     An ONNX ``base`` goes to :func:`loratools.onnx.patch.merge_onnx` with every option (``skip_modules``
     is only for it); it refuses the options a graph has no use for.
     """
@@ -118,6 +126,24 @@ def merge(
         )
     if not adapters:
         raise UsageError("merge needs at least one adapter")
+    quant_base = None  # with --reference/--into: the quantized base the report is about
+    if requantize or reference is not None or into != "base":
+        from .quantized import check_quant_options, merge_requantized
+
+        check_quant_options(base_path, requantize, reference, into, dtype, max_shard_size, verify, device)
+        if requantize:
+            def meta(reader: CheckpointReader, w: list[float]) -> dict[str, str]:
+                return _provenance(base, base_path, reader, adapters, w, "requantize", None, include, exclude)
+
+            done = merge_requantized(
+                base_path, adapters, output, meta, reference=reference, weights=weights, overwrite=overwrite,
+                include=include, exclude=exclude, trust_tensors=trust_tensors, progress=progress,
+            )  # fmt: skip
+            return MergeSummary(output=Path(output), seconds=time.perf_counter() - t0, **done)
+        quant_base = base_path
+        if into == "reference":
+            base = reference
+            base_path = resolve_path(reference, "reference checkpoint")
     weights = check_weights(weights, len(adapters))
     out_dtype = None if dtype in (None, "auto") else DTYPE_NAMES.get(str(dtype).lower())
     if dtype not in (None, "auto") and out_dtype is None:
@@ -157,7 +183,7 @@ def merge(
                 for unit in units:
                     written += write_unit(reader, unit, tmp, single, dev, advance, factors)
             if not single:
-                written += copy_other_files(base_path, tmp, units, plan, out_dtype)
+                written += copy_other_files(base_path, tmp, units, plan, out_dtype, reader.quant is not None)
             report = None
             if verify:
                 from ..verify import verify as run_verify
@@ -188,11 +214,27 @@ def merge(
             untied=plan.untied,
             verify=report,
             left_out=left_out,
+            quant=_quant_report(reader, quant_base, adapters, weights, reference, into, include, exclude, trust_tensors),  # noqa: E501
         )
     finally:
         factors.close()
         reader.close()
         threads.__exit__(None, None, None)
+
+
+def _quant_report(reader, quant_base, adapters, weights, reference, into, include, exclude, trust) -> Any:  # noqa: ANN001
+    """The quantized base's scheme (a dequantized merge), and per-module gaps with ``--reference``."""
+    if quant_base is None:
+        if reader.quant is None:
+            return None
+        from .quant_report import QuantReport
+
+        brief = {k: v for k, v in reader.quant.summary().items() if k != "quantized"}
+        return QuantReport(reader.quant.scheme, "16-bit", "quantized", brief)
+    from .quantized import quant_report
+
+    into_name = "reference" if into == "reference" else "quantized"
+    return quant_report(quant_base, adapters, weights, reference, into_name, include, exclude, trust)
 
 
 def _device(device: str) -> Any:

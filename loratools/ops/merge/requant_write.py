@@ -1,0 +1,163 @@
+"""Writing a requantized merge: touched modules' new parts to a spill file, then each output file
+assembled in the base's own tensor order from base byte ranges (untouched, copied in the kernel) and
+spill ranges (touched). One module's tensors are in memory at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from ...checkpoint.reader import CheckpointReader
+    from .factors import FactorStore
+    from .plan import MergePlan
+    from .quant_report import QuantReport
+
+SPILL = ".loratools-requant-spill"
+
+
+def _new_tensors(
+    reader: CheckpointReader, key: str, job: Any, report: QuantReport, ref: Any
+) -> dict[str, torch.Tensor]:
+    """Raw key -> new tensor for one touched job (a quantized module's parts, or one float tensor)."""
+    import torch
+
+    from ...checkpoint.quant.layout import dequantize
+    from ...checkpoint.quant.requant import requantize
+    from ...safetensors_file import torch_dtype
+    from .plan import compute
+    from .quant_report import ModuleRow, gap_ratio, share_surviving
+
+    q = reader.quant
+    if key not in q.tensors:  # a 16-bit tensor of the quantized base (lm_head, a bias): merged as usual
+        info = reader.info(key)
+        return {key: compute(job, reader.get(key)).to(torch_dtype(info.dtype))}
+    t = q.tensors[key]
+    old = {role: q.raw_get(k) for role, k in t.parts.items()}
+    where = f"{reader.root}: {key}"
+    deq = dequantize(t, old, torch.float32, where)
+    merged = _plain_sum(job, deq)
+    if merged is None:
+        merged = compute(job, deq)
+    new = requantize(t, merged, old, where)
+    back = dequantize(t, new, torch.float32, where)
+    delta = merged.sub_(deq)  # ΔW as the merge applied it (merged is not needed any more)
+    norm = float(torch.linalg.vector_norm(delta.to(torch.float64)))
+    row = ModuleRow(key, t.scheme, norm, rho=share_surviving(back, deq, delta))
+    if ref is not None:
+        check_reference(ref, key, reader)
+        row.gap = gap_ratio(ref.get(key).float(), deq, norm)
+    report.rows.append(row)
+    return {t.parts[role]: tensor.contiguous() for role, tensor in new.items()}
+
+
+def _plain_sum(job: Any, deq: torch.Tensor) -> torch.Tensor | None:
+    """deq + Σ (B·A)·coef in PEFT's order of operations (its bnb merge: delta first, then one add), so
+    a requantized module is bit-equal to PEFT's merge_and_unload; None for DoRA and other special jobs."""
+    if job.dora is not None or job.replacement is not None or job.biases or deq.ndim != 2:
+        return None
+    if any(not hasattr(c.lora, "factors") for c in job.deltas):  # LoHa, LoKr, OFT, ...: compute()
+        return None
+    if any(getattr(c, "rows", None) is not None for c in job.deltas):
+        return None
+    import torch
+
+    delta = None
+    for c in job.deltas:
+        up, down = c.lora.factors(torch.float32)
+        d = up @ down
+        d = (d.T if c.lora.transposed else d) * c.coefficient
+        delta = d if delta is None else delta.add_(d)
+    return deq + delta if delta is not None else deq.clone()
+
+
+def write_requantized(
+    reader: CheckpointReader,
+    plan: MergePlan,
+    factors: FactorStore,
+    tmp: Path,
+    single: bool,
+    meta: dict[str, str],
+    report: QuantReport,
+    ref: Any,
+    progress: Any,
+) -> tuple[int, list[str], int]:
+    """Write every base file again under ``tmp``; returns (bytes written, file names, tensors written)."""
+    import contextlib
+
+    from ...checkpoint.writer import SafetensorsWriter, ShardPlan, TensorEntry, tensor_bytes, write_index
+    from ...safetensors_file import dtype_name
+
+    spill_path = (tmp.parent if single else tmp) / (SPILL if not single else tmp.name + SPILL)
+    spilled: dict[str, tuple[int, TensorEntry]] = {}
+    pos = 0
+    total = sum(f.stat().st_size for f in reader.files)
+    ctx = progress(total) if progress is not None else contextlib.nullcontext(lambda n: None)
+    try:
+        with ctx as advance, open(spill_path, "wb") as spill:
+            for key, job in sorted(plan.jobs.items()):
+                if job.is_copy:
+                    continue
+                for raw, tensor in _new_tensors(reader, key, factors.resolve(job), report, ref).items():
+                    data = tensor_bytes(tensor)
+                    spill.write(data)
+                    spilled[raw] = (pos, TensorEntry(raw, dtype_name(tensor.dtype), tuple(tensor.shape)))
+                    pos += data.nbytes
+            spill.flush()
+            written, names, count = 0, [], 0
+            out_plan = ShardPlan()
+            for f in reader.files:
+                keys = sorted(
+                    (k for k, p in reader.raw_weight_map.items() if p == f), key=lambda k: _raw(reader, k).start
+                )
+                entries = []
+                for k in keys:
+                    info = _raw(reader, k)
+                    entries.append(spilled[k][1] if k in spilled else TensorEntry(k, info.dtype, tuple(info.shape)))
+                dest = tmp if single else tmp / f.name
+                meta_f = {**reader.metadata(f), **meta}
+                meta_f.setdefault("format", "pt")
+                with SafetensorsWriter(dest, entries, meta_f) as w:
+                    for k in keys:
+                        if k in spilled:
+                            w.copy(k, spill_path, spilled[k][0])
+                        else:
+                            w.copy(k, f, _raw(reader, k).start)
+                written += w.bytes_written
+                names.append(Path(dest).name if single else f.name)
+                count += len(entries)
+                out_plan.files[f.name] = entries
+                advance(f.stat().st_size)
+    finally:
+        spill_path.unlink(missing_ok=True)
+    if reader.index is not None and not single:
+        idx_meta = reader.index.get("metadata") if isinstance(reader.index, dict) else None
+        index_path = tmp / "model.safetensors.index.json"
+        write_index(index_path, out_plan, {k: v for k, v in (idx_meta or {}).items() if k != "total_size"})
+        written += index_path.stat().st_size
+    return written, sorted(names), count
+
+
+def check_reference(ref: CheckpointReader, key: str, reader: CheckpointReader) -> None:
+    """``ref`` is a 16-bit checkpoint with ``key`` in the quantized base's logical shape."""
+    from ...errors import ShapeError, UsageError, ValidationError
+
+    if ref.quant is not None:
+        raise UsageError(f"--reference {ref.root} is quantized too; give the 16-bit base it was quantized from")
+    if key not in ref:
+        raise ValidationError(f"--reference {ref.root} has no tensor {key}", hint="give the 16-bit base of this model")
+    want = tuple(reader.quant.tensors[key].shape)
+    if tuple(ref.info(key).shape) != want:
+        raise ShapeError(
+            f"--reference {ref.root}: {key} is {tuple(ref.info(key).shape)}, the quantized base's is {want}",
+            hint="give the 16-bit base this checkpoint was quantized from",
+        )
+
+
+def _raw(reader: CheckpointReader, key: str) -> Any:
+    return reader._file(reader.raw_weight_map[key]).info(key)
+
+
+__all__ = ["check_reference", "write_requantized"]
