@@ -157,6 +157,14 @@ class LoraModule:
 AdapterModule = LoraModule | FamilyModule
 
 
+def module_tensors(m: AdapterModule) -> dict[str, torch.Tensor]:
+    """Every tensor a module holds, by its role name (LoRA: lora_A, lora_B, magnitude, bias)."""
+    if isinstance(m, LoraModule):
+        roles = (("lora_A", m.down), ("lora_B", m.up), ("magnitude", m.magnitude), ("bias", m.bias))
+        return {k: t for k, t in roles if t is not None}
+    return m.tensors()
+
+
 def require_lora(adapter: Adapter, command: str) -> None:
     """UnsupportedError (one line naming the module and family) when ``adapter`` holds non-LoRA modules."""
     for name, m in adapter.modules.items():

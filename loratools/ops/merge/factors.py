@@ -90,6 +90,10 @@ class FactorStore:
 
     def real(self, lora: LoraModule) -> LoraModule:
         """``lora`` with its factors, magnitude and bias read from disk."""
+        if not hasattr(lora, "down"):  # another family: every tensor field of the dataclass
+            fields = {f.name: getattr(lora, f.name) for f in dataclasses.fields(lora)}
+            lazy = {k: self.read(t) for k, t in fields.items() if hasattr(t, "is_meta") and t.is_meta}
+            return dataclasses.replace(lora, **lazy) if lazy else lora
         tensors = {attr: getattr(lora, attr) for _, attr in _ROLES}
         if not any(t is not None and t.is_meta for t in tensors.values()):
             return lora
@@ -132,7 +136,9 @@ def load_lean(spec: str | Path, reader: CheckpointReader, store: FactorStore) ->
             adapter = detect_format(local).read(local, base=reader)
     except Exception:  # a reader that needs the data (or a bad input): the eager path decides
         return load_adapter(spec, base=reader)
-    pending = [t for m in adapter.modules.values() for _, a in _ROLES if (t := getattr(m, a)) is not None]
+    from ...adapter import module_tensors
+
+    pending = [t for m in adapter.modules.values() for t in module_tensors(m).values()]
     pending += list(adapter.replacements.values())
     if any(t.is_meta and sources.source(t) is None for t in pending):
         return load_adapter(spec, base=reader)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ...errors import NumericError, ShapeError, UnsupportedError, UsageError, ValidationError
+from . import families as fam
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +56,7 @@ class TensorJob:
 
     @property
     def dora(self) -> Contribution | None:
-        return next((c for c in self.deltas if c.lora.magnitude is not None), None)
+        return next((c for c in self.deltas if not fam.is_family(c) and c.lora.magnitude is not None), None)
 
     @property
     def is_copy(self) -> bool:
@@ -156,9 +157,10 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
                     )
             j.replacement, replaced_by[key] = tensor, i
         for name, lora in adapter.modules.items():
-            for t_name, t in (("lora_A", lora.down), ("lora_B", lora.up), ("magnitude", lora.magnitude)):
-                if t is not None:
-                    _check_finite(f"{name}.{t_name}", where, t)
+            from ...adapter import module_tensors
+
+            for t_name, t in module_tensors(lora).items():
+                _check_finite(f"{name}.{t_name}", where, t)
             key, rows = target(name)
             if key not in keys and key not in jobs:
                 src = head_source(name)
@@ -169,7 +171,9 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
             c = Contribution(i, name, lora, w, rows)
             job(key).deltas.append(c)
             modules_merged += 1
-            if lora.bias is not None:
+            if fam.is_family(c) and lora.bias_factor() is not None and f"{name}.bias" in keys:
+                job(f"{name}.bias").biases.append(c)  # (IA)³ on the output side scales the base bias too
+            if getattr(lora, "bias", None) is not None:
                 _check_finite(f"{name}.lora_B.bias", where, lora.bias)
                 bkey = f"{name}.bias"
                 if bkey not in keys:
@@ -242,7 +246,10 @@ def _finish(j: TensorJob, reader: CheckpointReader, emb_key: str | None) -> None
         info = reader.info(j.source)
         shape, dtype = tuple(info.shape), info.dtype
     j.shape, j.dtype = shape, dtype
+    fam.check(j)
     for c in j.deltas:
+        if fam.is_family(c):
+            continue
         want = tuple(c.lora.weight_shape)
         if not _fits(c, shape):
             raise ShapeError(
@@ -276,7 +283,7 @@ def _finish(j: TensorJob, reader: CheckpointReader, emb_key: str | None) -> None
                     f"the module has {c.lora.out_features} outputs"
                 )
     for c in j.biases:
-        if tuple(c.lora.bias.shape) != shape:
+        if not fam.is_family(c) and tuple(c.lora.bias.shape) != shape:
             raise ShapeError(f"LoRA bias of {c.module} is {tuple(c.lora.bias.shape)}, the base bias is {shape}")
 
 
@@ -359,6 +366,9 @@ def compute(j: TensorJob, base: torch.Tensor | None, device: Any = None) -> torc
         assert base is not None
         w = base.to(device=device or "cpu", dtype=torch.float32, copy=base.dtype == torch.float32)
     for c in j.deltas:
+        if fam.is_family(c):  # LoHa, LoKr, OFT, BOFT, IA3: their own maths (ops/merge/families.py)
+            w = fam.apply(c, w)
+            continue
         up, down = c.lora.factors(torch.float32)
         up, down = up.to(w.device), down.to(w.device)
         if c.lora.transposed:
@@ -372,6 +382,9 @@ def compute(j: TensorJob, base: torch.Tensor | None, device: Any = None) -> torc
         norm = torch.linalg.vector_norm(mat, dim=1)
         mat.mul_((d.lora.magnitude.to(w.device, torch.float32).reshape(-1) / norm).unsqueeze(1))
     for c in j.biases:
+        if fam.is_family(c):
+            fam.scale_bias(c, w)
+            continue
         w.add_(c.lora.bias.to(w.device, torch.float32), alpha=c.coefficient)
     _check_sum(j, w)
     return w.cpu() if w.device.type != "cpu" else w
