@@ -231,7 +231,8 @@ def diffusers_state(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str
         names = ", ".join(list(adapter.replacements)[:5])
         raise UnsupportedError(
             f"a diffusers LoRA cannot hold full replacements (modules_to_save): {names}",
-            hint="drop them with --exclude, or convert to peft instead",
+            hint="write peft instead (--to peft), or leave them out: "
+            "loratools convert ADAPTER --to diffusers --exclude REGEX -o OUT",
         )
     orphans = [n for n in adapter.modules if n.partition(".")[0] not in COMPONENTS or "." not in n]
     if orphans:

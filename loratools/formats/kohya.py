@@ -370,7 +370,8 @@ def kohya_tensors(adapter: Adapter, kohya_prefix: str | None = None) -> dict[str
     if bad:
         raise UnsupportedError(
             f"a kohya file cannot hold {len(bad)} part(s) of this adapter: " + name_list(bad, 6),
-            hint="drop them with --exclude, or convert to peft instead",
+            hint="write peft instead (--to peft), or leave them out: "
+            "loratools convert ADAPTER --to kohya --exclude REGEX -o OUT",
         )
     names = kohya_names(adapter, kohya_prefix)
     out: dict[str, torch.Tensor] = {}

@@ -108,7 +108,10 @@ def detect_format(path: str | Path) -> type[AdapterFormat]:
         )
     hint = "a PEFT adapter is a folder with adapter_config.json; a kohya file is one .safetensors"
     if p.is_dir() and ((p / "config.json").is_file() or (p / "model_index.json").is_file()):
-        hint = f"{p} looks like a base model, not an adapter; pass the adapter (and the model as --base)"
+        hint = (
+            f"{p} looks like a base model, not an adapter: name the adapter here "
+            "(merge takes the model first: loratools merge MODEL ADAPTER -o OUT)"
+        )
     raise FormatError(
         f"{p}: not a LoRA adapter in any known format (tried {', '.join(sorted(_REGISTRY))})", hint=hint, path=p
     )

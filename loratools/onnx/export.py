@@ -231,7 +231,7 @@ def verify_export(
             raise VerificationError(
                 f"{model_dir}: onnxruntime differs from PyTorch by {diff:.3g} (allowed {allowed:.3g}) "
                 f"on a batch of shape {list(batch['input_ids'].shape)}; nothing was published",
-                hint="report the model type; try another --opset, or --dtype fp32",
+                hint="report the model type; try loratools export-onnx with another --opset, or --dtype fp32",
             )
     return worst, limit
 

@@ -104,7 +104,7 @@ def map_modules(adapter: Adapter, slots: dict[str, SlotInput], where: str) -> di
     if outside:
         raise ValidationError(
             f"{where}: the slot graph has no LoRA slot for {len(outside)} module(s): " + name_list(outside, 3),
-            hint="export the graph with `--lora-slots` for an adapter that targets these modules",
+            hint="export a graph for this adapter: `loratools export-onnx MODEL --lora-slots ADAPTER -o OUT`",
         )
     taken: dict[str, str] = {}
     for name, slot in mapping.items():

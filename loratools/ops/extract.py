@@ -117,7 +117,9 @@ def extract(
     from .merge.write import BaseBytes
 
     if (rank is None) == (fro is None):
-        raise UsageError("give exactly one of --rank and --fro", hint="e.g. loratools extract base/ tuned/ --rank 16")
+        raise UsageError(
+            "give exactly one of --rank and --fro", hint="e.g. loratools extract base/ tuned/ --rank 16 -o lora/"
+        )
     check_rule("rank", rank) if rank is not None else check_rule("fro", fro)  # noqa: B018
     check_optional("--max-rank", max_rank, POSITIVE_INT)
     check_number("--threshold", threshold, POSITIVE_INT)
