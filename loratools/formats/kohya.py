@@ -270,6 +270,11 @@ class KohyaFormat(AdapterFormat):
         changed = adapter.meta.get("kohya_digest") != _content_digest(tensors)
         if changed:
             metadata.update(_network_metadata(adapter))
+            from .kohya_meta import network_args  # conv_dim/conv_alpha follow the tensors too
+
+            args = network_args(adapter, metadata.pop("ss_network_args", None))
+            if args is not None:
+                metadata["ss_network_args"] = args
         if changed or "sshs_model_hash" not in metadata:
             metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = sd_scripts_hashes(tensors, metadata)
         if provenance:

@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ShapeError, UnsupportedError, UsageError
 from ..numeric_args import FRACTION, NON_NEGATIVE_INT, POSITIVE_INT, check_number, check_optional, check_weights
@@ -186,6 +186,33 @@ def _require_one_base_model(ads: list[Adapter], labels: list[str]) -> None:
         )
 
 
+def _combined_meta(ads: list[Adapter], labels: list[str]) -> dict[str, Any]:
+    """The combination's meta: a new artefact, so only what stays true of it. Plain entries (format, base
+    model, …) are kept when every input agrees; file metadata is rebuilt by
+    :func:`~loratools.formats.kohya_meta.combined_metadata` (sources named, training facts dropped); a
+    config keeps the entries all configs share; kohya names of every input are pooled."""
+    from ..formats.kohya_meta import combined_metadata
+
+    rebuilt = ("metadata", "config", "kohya_names", "kohya_digest", "files", "declared_ranks", "provenance", "source")
+    first = ads[0].meta
+    meta: dict[str, Any] = {
+        k: v for k, v in first.items() if k not in rebuilt and all(ad.meta.get(k) == v for ad in ads[1:])
+    }
+    meta["format"], meta["base_model"] = first.get("format"), first.get("base_model")
+    sources = [ad.meta.get("metadata") or {} for ad in ads]
+    if any(sources):
+        meta["metadata"] = combined_metadata(sources, labels)
+    configs = [ad.meta["config"] for ad in ads if isinstance(ad.meta.get("config"), dict)]
+    if configs:
+        meta["config"] = {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs[1:])}
+    names: dict[str, str] = {}
+    for ad in ads:
+        names.update(ad.meta.get("kohya_names") or {})
+    if names:
+        meta["kohya_names"] = names
+    return meta
+
+
 def combine(
     adapters: Sequence[Adapter | str | Path],
     *,
@@ -264,7 +291,7 @@ def combine(
             modules[name] = new
     if not modules:
         raise UsageError("every module of the combination is zero (all weights 0?)")
-    out = replace(ads[0], modules=modules, replacements=_replacements(ads, labels), meta=dict(ads[0].meta))
+    out = replace(ads[0], modules=modules, replacements=_replacements(ads, labels), meta=_combined_meta(ads, labels))
     if output is not None:
         params = {"method": method, "weights": weights, "rank": rank, "density": density, "seed": seed}
         inputs = {f"adapter_{i + 1}": p for i, (_, p) in enumerate(loaded)}

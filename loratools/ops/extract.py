@@ -17,6 +17,7 @@ process's RSS) and freed after each one.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -168,13 +169,13 @@ def extract(
             old = fb.get(key)
             delta = new.to(torch.float32, copy=True)
             delta.sub_(old)
-            if not bool(torch.isfinite(delta).all()):  # name the input that holds NaN/Inf, not the SVD
+            norm = float(torch.linalg.vector_norm(delta))
+            if not math.isfinite(norm):  # NaN/Inf somewhere (a full isfinite() would cost 3 copies of ΔW)
                 from ..finite import require_finite
 
                 require_finite(new, key, rt.file_of(key), hint="the fine-tuned checkpoint is damaged")
                 require_finite(old, key, rb.file_of(key), hint="the base checkpoint is damaged")
                 require_finite(delta, key, f"{tuned} minus {base}", hint="the difference overflows fp32")
-            norm = float(torch.linalg.vector_norm(delta))
             unchanged = norm == 0 or norm <= min_delta * float(torch.linalg.vector_norm(old, dtype=torch.float32))
             unchanged = unchanged or _only_cast(old, new)
             del old
