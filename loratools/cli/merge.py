@@ -38,6 +38,26 @@ from .output import get_output
     metavar="NAME",
     help="ONNX base only: leave out this adapter module, whose weight the graph does not hold (repeatable).",
 )
+@click.option(
+    "--requantize",
+    is_flag=True,
+    help="Quantized base: write the base's own quantization back (bitsandbytes 4/8-bit, FP8) instead of "
+    "16-bit, and report how much of each update survives (see docs/quantized.md).",
+)
+@click.option(
+    "--reference",
+    default=None,
+    metavar="BASE16",
+    help="Quantized base: the 16-bit model it was quantized from; reports |W16 - deq(Wq)| / |dW| per module "
+    "and which base to merge into.",
+)
+@click.option(
+    "--into",
+    type=click.Choice(["base", "reference"]),
+    default="base",
+    show_default=True,
+    help="Quantized base: merge into deq(Wq) (base) or into the --reference 16-bit model.",
+)
 @filters
 @json_option
 @click.pass_context
@@ -57,12 +77,16 @@ def merge(
     json_mode: bool,
     trust_tensors: bool,
     skip_modules: tuple[str, ...],
+    requantize: bool,
+    reference: str | None,
+    into: str,
 ) -> None:
     """Merge ADAPTERS into the BASE checkpoint: W' = W + sum of weight * scale * B * A.
 
     BASE is a model folder (sharded or not, safetensors or .bin), a .safetensors file, a diffusers
     pipeline folder, an ONNX export or a GGUF model (touched tensors keep their type; K/I-quants become
-    F16). Tensors no adapter touches are copied byte for byte; memory
+    F16), or a quantized checkpoint (bitsandbytes 4/8-bit, FP8, GPTQ, AWQ: merged into its dequantized
+    weights and written in 16-bit, or requantized). Tensors no adapter touches are copied byte for byte; memory
     stays at about one tensor. Tied embeddings are untied when an adapter changes one side.
 
     \b
@@ -71,6 +95,8 @@ def merge(
       loratools merge base/ style/ detail/ --weights 1,-0.5 -o merged/ --verify
       loratools merge base/ adapter/ -o merged/ --dtype bf16 --max-shard-size 2GB
       loratools merge model-Q8_0.gguf adapter/ -o merged.gguf --verify
+      loratools merge model-bnb-4bit/ qlora/ -o merged/ --reference model-bf16/
+      loratools merge model-bnb-4bit/ qlora/ -o merged-4bit/ --requantize
     """
     from ..ops.merge import merge as run_merge
 
@@ -89,6 +115,9 @@ def merge(
         skip_modules=list(skip_modules),
         include=include,
         exclude=exclude,
+        requantize=requantize,
+        reference=reference,
+        into=into,
         progress=lambda total: out.progress_callback(total, "merging"),
     )
     out.result(summary.to_dict() if hasattr(summary, "to_dict") else dict(summary), _human)
@@ -110,6 +139,10 @@ def _human(d: dict[str, Any]) -> None:
         click.echo(f"left out {len(left)} file(s) that hold the base's unmerged weights: {shown}")
     for module, reason in (d.get("skipped") or {}).items():
         click.echo(f"skipped {module}: {reason}")
+    if d.get("quantized_base"):
+        from .quant_render import render_quant_report
+
+        render_quant_report(d["quantized_base"])
     retyped = d.get("retyped") or []
     if retyped:
         click.echo(

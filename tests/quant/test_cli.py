@@ -1,0 +1,34 @@
+"""The quantized-base options of ``loratools merge`` / ``validate`` / ``info`` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from loratools.cli.main import cli
+
+
+def _run(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    return res.exit_code, res.output
+
+
+def test_merge_requantize_json_and_human(tmp_path, bnb_bases, base16) -> None:  # noqa: ANN001
+    from quant_support import ALL_LINEAR, models
+
+    adapter = tmp_path / "ad"
+    models.make_peft(
+        models.build_model("llama", hidden_size=64, intermediate_size=96), adapter, target_modules=ALL_LINEAR
+    )
+    code, out = _run("merge", bnb_bases["fp4"], adapter, "-o", tmp_path / "q", "--requantize", "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    q = data["quantized_base"]
+    assert q["scheme"] == "bnb-4bit" and q["output"] == "requantized" and len(q["modules"]) == 14
+    assert all(m["rho"] is not None for m in q["modules"])
+    code, out = _run("merge", bnb_bases["fp4"], adapter, "-o", tmp_path / "r", "--reference", base16)
+    assert code == 0, out
+    assert "quantized base: bnb-4bit (fp4, blocksize 64)" in out and "median gap" in out and "Recommendation:" in out
+    code, out = _run("merge", bnb_bases["fp4"], adapter, "-o", tmp_path / "s", "--into", "reference")
+    assert code == 2 and "--into reference needs --reference" in out
