@@ -4,8 +4,10 @@ Front matter: ``base_model`` (``--base-model``, else the adapter config, else th
 base input), ``library_name`` (``peft`` adapters, ``transformers`` merged checkpoints, ``diffusers``
 pipelines and diffusers/kohya LoRA files, ``onnx`` exports) and tags including ``lora`` and
 ``loratools``. Body: rank, alpha, targets, parameter count, and how it was made (the provenance record
-under the safetensors metadata key ``loratools``). An existing README keeps its text; its front matter
-only gains what is missing or empty (a ``base_model`` that is a local path counts as empty).
+under the safetensors metadata key ``loratools``). An existing README a person wrote keeps its text; its
+front matter only gains what is missing or empty (a ``base_model`` that is a local path counts as empty).
+The empty template PEFT's ``save_pretrained`` writes (huggingface_hub's card template, every field
+``[More Information Needed]``) is no one's text: the generated body replaces it, its front matter kept.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ _PIPELINE_TAGS = {
     "FEATURE_EXTRACTION": "feature-extraction",
 }
 _LIBRARY_OF_FORMAT = {"peft": "peft", "diffusers": "diffusers", "kohya": "diffusers", "onnx_adapter": "onnx"}
+_PLACEHOLDER = "[More Information Needed]"
+#: what PEFT appends to the template: "### Framework versions" and "- PEFT 0.x.y" under it
+_PEFT_LINES = re.compile(r"^(### Framework versions|- PEFT \S+)$")
 
 
 @dataclass
@@ -256,6 +261,25 @@ def _usage(art: Artifact, repo_id: str, base_model: str | None) -> list[str]:
     ]
 
 
+def _content_lines(text: str) -> list[str]:
+    """The lines of a card body that say something: comments, blank and placeholder lines dropped."""
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    return [s for s in (line.strip() for line in text.splitlines()) if s and _PLACEHOLDER not in s]
+
+
+def is_untouched_template(readme: str) -> bool:
+    """True when ``readme`` is huggingface_hub's empty card template (what PEFT's save_pretrained writes):
+    placeholders left, and no line that the template does not hold — one filled field makes it a person's.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    text = ModelCard(readme, ignore_metadata_errors=True).text
+    if _PLACEHOLDER not in text:
+        return False
+    stock = set(_content_lines(ModelCard.from_template(ModelCardData()).text))
+    return all(line in stock or _PEFT_LINES.match(line) for line in _content_lines(text))
+
+
 def build_card(
     path: str | Path,
     repo_id: str,
@@ -267,7 +291,9 @@ def build_card(
     """The model card to publish for ``path`` as ``repo_id``.
 
     ``existing`` is the text of a README.md already there: unless ``overwrite``, its text is kept and its
-    front matter gains only what is missing or empty. ``base_model`` (a Hub id) wins over what is found.
+    front matter gains only what is missing or empty — except an untouched template
+    (:func:`is_untouched_template`), whose body the generated one replaces. ``base_model`` (a Hub id)
+    wins over what is found.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -292,6 +318,8 @@ def build_card(
             data[key] = value
     if data.get("base_model") is not None and not _valid_bases(data.get("base_model")):
         data.pop("base_model")  # a local path: the Hub would refuse the card
+    if is_untouched_template(existing):
+        return ModelCard(f"---\n{data.to_yaml()}\n---\n{body(art, repo_id, data.get('base_model'))}")
     return card
 
 

@@ -41,7 +41,8 @@ def push(
 
     The card's front matter gets base_model, library_name and the tags lora and loratools; its body
     the rank, alpha, targets, parameter count and how PATH was made. A README.md in PATH keeps its
-    text and only gains missing metadata, unless --overwrite-card.
+    text and only gains missing metadata, unless --overwrite-card; PEFT's untouched template README
+    is replaced by the generated card.
 
     \b
     Examples:

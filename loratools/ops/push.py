@@ -31,7 +31,7 @@ class PushResult:
     commit_url: str | None = None
     commit_sha: str | None = None
     pr_url: str | None = None
-    card_source: str = "generated"  # generated | merged (kept an existing README) | replaced
+    card_source: str = "generated"  # generated | merged (kept an existing README) | replaced | replaced-template
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -93,7 +93,7 @@ def push(
         >>> push("adapter/", "me/my-lora", dry_run=True).files[0]["path"]
         'adapter_config.json'
     """
-    from ..card import build_card
+    from ..card import build_card, is_untouched_template
     from ..hub import HubRef, hub_error
 
     local = Path(path)
@@ -110,6 +110,8 @@ def push(
     card = build_card(local, repo_id, base_model=base_model, existing=existing, overwrite=overwrite_card)
     card_text = str(card)
     source = "generated" if existing is None else ("replaced" if overwrite_card else "merged")
+    if source == "merged" and is_untouched_template(existing):
+        source = "replaced-template"
     listing = [{"path": rel, "size": f.stat().st_size} for rel, f in files]
     listing.append({"path": "README.md", "size": len(card_text.encode("utf-8"))})
     result = PushResult(repo_id, listing, card_text, dry_run, revision=revision, card_source=source)

@@ -39,12 +39,31 @@ def test_push_adapter_arrives_byte_for_byte(hub, tmp_path, adapter_copy) -> None
     assert hashlib.sha256(weights).hexdigest() in hub.lfs
     assert hub.requests("POST", "me/lora.git/info/lfs/objects/batch") and hub.requests("PUT", "/__lfs/")
     assert hashlib.sha256(remote["adapter_config.json"]).hexdigest() not in hub.lfs
-    # PEFT's template card keeps its text; its front matter gains what was empty
+    # PEFT's untouched template card (issue 14.4) gives way to the generated one; its front matter is kept
+    assert template.count("[More Information Needed]") > 20
     card = ModelCard(remote["README.md"].decode())
     assert card.data.base_model == "org/base" and card.data.library_name == "peft"
-    assert {"lora", "loratools", "base_model:adapter:org/base"} <= set(card.data.tags)
+    assert {"lora", "loratools", "base_model:adapter:org/base", "transformers"} <= set(card.data.tags)
     assert "base_model:adapter:" not in card.data.tags
-    assert card.text == ModelCard(template).text and result["card_source"] == "merged"
+    assert "[More Information Needed]" not in card.text and "Model Card for Model ID" not in card.text
+    for row in ("| rank | 4 |", "| alpha | 7 |", "| targets | ", "| parameters | ", "PeftModel.from_pretrained"):
+        assert row in card.text, row
+    assert result["card_source"] == "replaced-template"
+
+
+def test_a_readme_a_person_wrote_is_kept(tmp_path, adapter_copy) -> None:  # noqa: ANN001
+    """An edited template (one field filled) and a README of one's own keep their text; front matter grows."""
+    from loratools import push
+
+    template = (adapter_copy / "README.md").read_text()
+    edited = template.replace("- **Developed by:** [More Information Needed]", "- **Developed by:** Ada Lovelace")
+    assert edited != template
+    for text in (edited, "---\nlicense: mit\n---\n# My LoRA\n\nTrained on my cat pictures.\n"):
+        (adapter_copy / "README.md").write_text(text)
+        result = push(adapter_copy, "me/kept", dry_run=True, base_model="org/base")
+        card = ModelCard(result.card)
+        assert result.card_source == "merged" and card.text == ModelCard(text).text
+        assert card.data.base_model == "org/base" and "loratools" in card.data.tags
 
 
 def test_overwrite_card_and_base_model_from_config(hub, tmp_path, adapter_copy) -> None:  # noqa: ANN001
