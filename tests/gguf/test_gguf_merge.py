@@ -4,11 +4,13 @@ converted the way llama.cpp's converter converts it."""
 
 from __future__ import annotations
 
+import json
+
 import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_support import FIXTURES, GGUF, llama_permute
+from gguf_support import FIXTURES, GGUF, llama_permute, run_cli
 
 from loratools.adapter import Adapter, LoraModule
 from loratools.errors import UnsupportedError
@@ -99,3 +101,16 @@ def test_merge_refuses_before_writing(work):
     with pytest.raises(UnsupportedError, match="DoRA"):
         merge_gguf(GGUF / "llama-f32.gguf", [PEFT / "llama-dora"], out)
     assert not out.exists()
+
+
+def test_merge_into_gguf_cli(work):
+    out = work / "cli" / "merged.gguf"
+    code, stdout, err = run_cli(
+        ["merge", str(GGUF / "llama-q8_0.gguf"), str(PEFT / "llama-rslora"), "-o", str(out), "--verify", "--json"]
+    )
+    assert code == 0, err
+    d = json.loads(stdout)
+    assert d["verified"] is True and d["tensors_changed"] == 8 and d["retyped"] == []
+    code, _, err = run_cli(["merge", str(GGUF / "llama-q8_0.gguf"), str(PEFT / "llama-rslora"), "-o",
+                            str(work / "cli" / "m2.gguf"), "--dtype", "fp16"])  # fmt: skip
+    assert code != 0 and "GGUF" in err

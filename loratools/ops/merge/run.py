@@ -119,6 +119,20 @@ def merge(
             include=include, exclude=exclude, skip_modules=skip_modules, verify=verify, dtype=dtype,
             max_shard_size=max_shard_size, device=device,
         )  # fmt: skip
+    from .gguf import is_gguf_base
+
+    if is_gguf_base(base_path) and not skip_modules:
+        from .gguf import merge_gguf
+
+        if dtype != "auto" or max_shard_size or device != "cpu" or requantize or reference or into != "base":
+            raise UsageError(
+                "merging into a GGUF model keeps each tensor's own type in one file on the CPU",
+                hint="leave out --dtype, --max-shard-size, --device, --requantize, --reference and --into",
+            )
+        return merge_gguf(
+            base_path, list(adapters), output, weights=weights, verify=verify, overwrite=overwrite,
+            include=include, exclude=exclude, trust_tensors=trust_tensors,
+        )  # fmt: skip
     if skip_modules:
         raise UsageError(
             "--skip-module is for merging into an ONNX model (modules its export left out)",
