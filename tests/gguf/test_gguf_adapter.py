@@ -132,7 +132,7 @@ def test_foreign_alpha_is_honoured(work):
 
 @pytest.mark.parametrize(
     ("case", "code"),
-    [("llama-dora", "DoRA"), ("llama-bias", "bias"), ("llama-mts", "lm_head")],
+    [("llama-dora", "DoRA"), ("llama-bias", "bias"), ("llama-mts", "lm_head"), ("llama-embed", "modules_to_save")],
 )
 def test_what_gguf_cannot_hold_is_refused(case, code, work):
     adapter = load_adapter(PEFT / case, base=BASES / "llama")
@@ -164,3 +164,31 @@ def test_gguf_base_shape_rule(work):
     wrong = LoraModule(torch.randn(2, 32, generator=g), torch.randn(40, 2, generator=g), alpha=3)
     with pytest.raises(UnsupportedError, match="do not fit base tensor blk.0.ffn_up.weight"):
         write(Adapter({"model.layers.0.mlp.up_proj": wrong}), work, "wrong", GGUF / "llama-q8_0.gguf")
+
+
+def test_plain_adapter_matches_llama_cpps_converter_after_its_scale_rule(work):
+    """convert_lora_to_gguf.py writes lora_a = A, lora_b = P·B (Q/K rows permuted) and alpha = lora_alpha;
+    ours folds alpha/r into lora_b and writes alpha 0: the same tensors up to that factor."""
+    from loratools.formats.gguf_names import load_base
+
+    adapter = load_adapter(PEFT / "llama-lora", base=BASES / "llama")
+    _, tensors = read_gguf(write(adapter, work, "plain", GGUF / "llama-f32.gguf"))
+    info = load_base(GGUF / "llama-f32.gguf")
+    for name, m in adapter.modules.items():
+        tensor = info.gguf_name(name)
+        b = m.up.float()
+        if name.endswith("q_proj"):
+            b = llama_permute(b, 4, 4)
+        elif name.endswith("k_proj"):
+            b = llama_permute(b, 4, 2)
+        assert torch.equal(torch.from_numpy(tensors[f"{tensor}.lora_a"][0]), m.down.float())
+        assert torch.allclose(torch.from_numpy(tensors[f"{tensor}.lora_b"][0]), b * (m.alpha / m.rank), rtol=1e-6)
+
+
+def test_alora_invocation_tokens_travel(work):
+    adapter = load_adapter(PEFT / "llama-lora")
+    adapter.meta["config"] = {**adapter.meta["config"], "alora_invocation_tokens": [5, 17, 3]}
+    path = write(adapter, work, "alora", GGUF / "llama-f32.gguf")
+    fields, _ = read_gguf(path)
+    assert fields["adapter.alora.invocation_tokens"] == [5, 17, 3]
+    assert get_format("gguf").read(path).meta["alora_invocation_tokens"] == [5, 17, 3]
