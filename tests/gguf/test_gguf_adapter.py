@@ -192,3 +192,17 @@ def test_alora_invocation_tokens_travel(work):
     fields, _ = read_gguf(path)
     assert fields["adapter.alora.invocation_tokens"] == [5, 17, 3]
     assert get_format("gguf").read(path).meta["alora_invocation_tokens"] == [5, 17, 3]
+
+
+def test_untied_output_lora_and_changed_norms(work):
+    """lm_head -> output.weight (plain linear rule) on an untied base; a changed norm weight is refused
+    because the loader skips *_norm.weight tensors in adapters."""
+    from loratools.adapter import Adapter, LoraModule
+
+    g = torch.Generator().manual_seed(0)
+    head = LoraModule(torch.randn(2, 32, generator=g), torch.randn(96, 2, generator=g), alpha=3)
+    _, tensors = read_gguf(write(Adapter({"lm_head": head}), work, "head", GGUF / "llama-q8_0.gguf"))
+    assert tensors["output.weight.lora_a"][0].shape == (2, 32) and tensors["output.weight.lora_b"][0].shape == (96, 2)
+    norm = Adapter({"lm_head": head}, replacements={"model.norm.weight": torch.full((32,), 2.0)})
+    with pytest.raises(UnsupportedError, match="skips norm tensors"):
+        write(norm, work, "norm", BASES / "llama")
