@@ -18,14 +18,28 @@ from .output import get_output
     help="Also report what this serving runtime would reject or silently ignore (see docs/formats.md).",
 )
 @click.option("--scan", is_flag=True, help="Also flag modules that stand out from their family (see docs/security.md).")
+@click.option(
+    "--reference",
+    default=None,
+    metavar="BASE16",
+    help="With a quantized --base: the 16-bit model it was quantized from; reports |W16 - deq(Wq)| / |dW| per "
+    "module and which base to merge into (see docs/quantized.md).",
+)
 @json_option
 @click.pass_context
 def validate(
-    ctx: click.Context, adapter: str, base: str | None, target: str | None, scan: bool, json_mode: bool
+    ctx: click.Context,
+    adapter: str,
+    base: str | None,
+    target: str | None,
+    scan: bool,
+    reference: str | None,
+    json_mode: bool,
 ) -> None:
     """Check an adapter: A/B present and rank-consistent, config agrees with the tensors, float
-    dtypes, no NaN/Inf; with --base, every module resolves to a base weight of the right shape and
-    the base is not quantized.
+    dtypes, no NaN/Inf; with --base, every module resolves to a base weight of the right shape; a
+    quantized base (bitsandbytes, FP8, GPTQ, AWQ) is described, and --reference compares it with its
+    16-bit original.
 
     Exit code 0: no errors (warnings allowed); 1: errors found; 2: the input cannot be read.
 
@@ -36,11 +50,15 @@ def validate(
       loratools validate fixtures/peft/llama-lora --target vllm
       loratools validate fixtures/peft/llama-rslora --target ollama --base fixtures/gguf/llama-q8_0.gguf
       loratools validate fixtures/peft/llama-lora --scan
+      loratools validate qlora/ --base model-bnb-4bit/ --reference model-bf16/
     """
+    from ..errors import UsageError
     from ..ops.validate import validate as run_validate
 
+    if reference is not None and base is None:
+        raise UsageError("--reference needs --base QUANT_BASE", hint="give the quantized base with --base")
     out = get_output(ctx, json_mode)
-    report = run_validate(adapter, base=base, target=target, scan=scan)
+    report = run_validate(adapter, base=base, target=target, scan=scan, reference=reference)
     data = report.to_dict()
     out.result(data, _human)
     if not report.usable and not json_mode:
@@ -62,6 +80,10 @@ def _human(d: dict) -> None:
     if d["base"]:
         facts.append(f"against {d['base']}")
     where = f"{d['path']} ({', '.join(facts)})"
+    if d.get("quantized_base"):
+        from .quant_render import render_quant_report
+
+        render_quant_report(d["quantized_base"])
     if not findings:
         click.echo(f"{where}: OK, no problems found")
         return

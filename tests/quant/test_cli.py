@@ -32,3 +32,29 @@ def test_merge_requantize_json_and_human(tmp_path, bnb_bases, base16) -> None:  
     assert "quantized base: bnb-4bit (fp4, blocksize 64)" in out and "median gap" in out and "Recommendation:" in out
     code, out = _run("merge", bnb_bases["fp4"], adapter, "-o", tmp_path / "s", "--into", "reference")
     assert code == 2 and "--into reference needs --reference" in out
+
+
+def test_validate_quantized_base_with_reference(tmp_path, bnb_bases, base16) -> None:  # noqa: ANN001
+    """A QLoRA-sized update on an nf4 base: the 16-bit base is far from deq(Wq), and validate says so."""
+    import torch
+    from quant_support import ALL_LINEAR, models
+
+    peft = models.make_peft(
+        models.build_model("llama", hidden_size=64, intermediate_size=96), None, target_modules=ALL_LINEAR
+    )
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.mul_(1e-3)
+    peft.save_pretrained(str(tmp_path / "ad"))
+    code, out = _run("validate", tmp_path / "ad", "--base", bnb_bases["nf4-dq"], "--reference", base16, "--json")
+    assert code == 0, out  # a warning, not an error
+    data = json.loads(out)
+    q = data["quantized_base"]
+    assert q["quantization"]["settings"]["blocksize"] == 64 and len(q["quantized"]) == 14
+    assert q["median_gap"] > 1 and "merge into the quantized base" in q["recommendation"]
+    assert [f["code"] for f in data["findings"]] == ["reference_far_from_trained_base"]
+    code, out = _run("validate", tmp_path / "ad", "--base", bnb_bases["int8"])
+    assert code == 0 and "quantized base: bnb-8bit" in out
+    code, out = _run("validate", tmp_path / "ad", "--reference", base16)
+    assert code == 2 and "--reference needs --base" in out

@@ -19,13 +19,19 @@ if TYPE_CHECKING:
     from ...adapter import Adapter
 
 def validate(
-    adapter_path: str | Path, base: str | Path | None = None, target: str | None = None, scan: bool = False
+    adapter_path: str | Path,
+    base: str | Path | None = None,
+    target: str | None = None,
+    scan: bool = False,
+    reference: str | Path | None = None,
 ) -> ValidationReport:
     """Check the adapter at ``adapter_path`` (and, with ``base``, against a base checkpoint).
 
     Never raises for bad input: unreadable files become findings with ``usable`` False. ``target``
     (a serving runtime) adds the findings of :func:`loratools.ops.serving.serving_findings`; ``scan``
     adds the anomaly scan of :func:`loratools.ops.scan.scan_adapter` (warnings, figures in ``report.scan``).
+    A quantized ``base`` is described in ``report.quantized_base``; ``reference`` (its 16-bit original)
+    adds per-module ‖W16 − deq(Wq)‖ / ‖ΔW‖ (:mod:`loratools.ops.validate.quantized`).
 
     Example::
 
@@ -86,6 +92,10 @@ def validate(
             from .base import check_against_base
 
             check_against_base(adapter, reader, report)
+            if reader.quant is not None or reference is not None:
+                from .quantized import check_quantized_base
+
+                check_quantized_base(adapter, reader, reference, report)
         if target is not None:
             from .serving import serving_findings
 

@@ -40,6 +40,8 @@ class ValidationReport:
     modules_checked: int = 0
     usable: bool = True
     scan: dict[str, Any] | None = None
+    #: a quantized --base: scheme, settings, quantized tensors and (with --reference) per-module gaps
+    quantized_base: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -79,4 +81,5 @@ class ValidationReport:
             "warnings": len(self.warnings),
             "findings": [f.to_dict() for f in self.findings],
             **scan,
+            **({"quantized_base": self.quantized_base} if self.quantized_base is not None else {}),
         }
