@@ -130,3 +130,5 @@ def _human(d: dict[str, Any]) -> None:
         click.echo(f"wrote {d['modelfile']} (ollama create NAME -f {d['modelfile']})")
     if d["folded_alpha"]:
         click.echo(f"folded rsLoRA's √r into alpha for {len(d['folded_alpha'])} module(s)")
+    for module, reason in (d.get("skipped") or {}).items():
+        click.echo(f"skipped {module}: {reason}")

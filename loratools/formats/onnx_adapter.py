@@ -92,11 +92,13 @@ class OnnxAdapterFormat(AdapterFormat):
         (:func:`loratools.onnx.slot_map.slot_feeds`); an adapter may cover a subset of them.
         """
         from ..onnx.slot_map import slot_feeds
-        from ..onnx.slots import slot_tensors
+        from ..onnx.slots import check_slot_module, slot_tensors
 
         if dtype not in (None, "auto") and dtype not in _NP_DTYPES:
             raise UsageError(f"the onnx-adapter format stores fp32 or fp16, not {dtype}", hint="pass --dtype fp32|fp16")
         np_dtype = None if dtype in (None, "auto") else _NP_DTYPES[dtype]
+        for name, module in adapter.modules.items():  # DoRA, biases, embedding and conv first: the root cause
+            check_slot_module(name, module, str(adapter.meta.get("source", "adapter")))
         if adapter.replacements:
             first = sorted(adapter.replacements)[0]
             raise UnsupportedError(

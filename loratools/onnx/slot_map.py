@@ -127,7 +127,6 @@ def slot_feeds(adapter: Adapter, model: str | Path, dtype: str | None = None) ->
     """
     import numpy as np
 
-    from .dropped import read_dropped, skip_reason
     from .slots import slot_tensors
     from .store import load_graph, model_path
 
@@ -139,10 +138,9 @@ def slot_feeds(adapter: Adapter, model: str | Path, dtype: str | None = None) ->
             f"{path}: the model has no LoRA inputs (pairs of inputs named <module>.lora_A... / <module>.lora_B...)",
             hint="export it with `loratools export-onnx MODEL --lora-slots ADAPTER -o OUT_DIR`",
         )
-    dropped = read_dropped(graph, path)
-    if dropped:  # modules whose weight our export left out of the graph have no slot and need none
-        keep = [n for n in adapter.modules if n in slots or skip_reason(n, dropped, ()) is None]
-        adapter = adapter.select(include="^(" + "|".join(re.escape(n) for n in keep) + ")$") if keep else adapter
+    skipped = dropped_modules(adapter, path, slots)
+    if skipped:  # modules whose weight our export left out of the graph have no slot and need none
+        adapter = adapter.select(exclude="^(" + "|".join(re.escape(n) for n in skipped) + ")$")
     mapping = map_modules(adapter, slots, str(path))
     graph_dtype = next(iter(slots.values())).dtype
     np_dtype = dtype or graph_dtype
@@ -174,3 +172,18 @@ def slot_feeds(adapter: Adapter, model: str | Path, dtype: str | None = None) ->
             feeds[slot.a_name] = np.zeros((slot.in_features, slot.rank), dtype=np_dtype)
             feeds[slot.b_name] = np.zeros((slot.rank, slot.out_features), dtype=np_dtype)
     return feeds
+
+
+def dropped_modules(adapter: Adapter, model: str | Path, slots: dict[str, SlotInput] | None = None) -> dict[str, str]:
+    """Modules without a slot whose weight ``model``'s export recorded as dropped: module -> why they need none."""
+    from .dropped import read_dropped, skip_reason
+    from .store import load_graph, model_path
+
+    path = model_path(model)
+    graph = load_graph(path)
+    dropped = read_dropped(graph, path)
+    if not dropped:
+        return {}
+    slots = graph_slots(graph) if slots is None else slots
+    found = {n: skip_reason(n, dropped, ()) for n in adapter.modules if n not in slots}
+    return {n: r for n, r in found.items() if r is not None}

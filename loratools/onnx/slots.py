@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ..errors import UnsupportedError, ValidationError, name_list
+from ..errors import UnsupportedError, ValidationError
 from .graph import GraphIndex
 
 if TYPE_CHECKING:
@@ -146,25 +146,3 @@ def slot_tensors(adapter: Adapter, dtype: str = "float32", label: str = "adapter
                     hint="write the adapter in fp32 (--dtype fp32)",
                 )
     return tensors
-
-
-def check_against_slots(adapter: Adapter, slots: dict[str, dict[str, object]], dtype: str, where: str) -> None:
-    """Names, sizes and dtype of ``adapter`` against a slot graph's LoRA inputs (a subset is fine)."""
-    outside = sorted(set(adapter.modules) - set(slots))
-    if outside:
-        raise ValidationError(
-            f"{where}: the slot graph has no LoRA slot for {len(outside)} module(s): " + name_list(outside, 3),
-            hint="export the graph with `--lora-slots` for an adapter that targets these modules",
-        )
-    for name, module in adapter.modules.items():
-        slot = slots[name]
-        if (slot["in"], slot["out"]) != (module.in_features, module.out_features):
-            raise ValidationError(
-                f"{where}: slot {name} is {slot['in']}->{slot['out']}, "
-                f"the adapter's module is {module.in_features}->{module.out_features}"
-            )
-        if slot["dtype"] != dtype:
-            raise ValidationError(
-                f"{where}: slot {name} takes {slot['dtype']}, the adapter would be written as {dtype}",
-                hint=f"pass --dtype {'fp16' if slot['dtype'] == 'float16' else 'fp32'}",
-            )

@@ -8,6 +8,7 @@ ONNX adapter format) pass through ``**format_options``, and options a format doe
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,8 @@ class ConvertResult:
     folded_alpha: list[str] = field(default_factory=list)
     #: the Ollama Modelfile written beside a GGUF adapter (``ollama=True``), else None
     modelfile: str | None = None
+    #: onnx-adapter: modules left out because the slot graph's export dropped their weight, and why
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +97,13 @@ def convert(
     require_unambiguous(source, trust_tensors=trust_tensors)
     if include or exclude:
         source = source.select(include, exclude)
+    skipped: dict[str, str] = {}
+    if fmt.name == "onnx-adapter" and format_options.get("model") is not None:
+        from ..onnx.slot_map import dropped_modules
+
+        skipped = dropped_modules(source, format_options["model"])  # no slot, and no effect on the outputs
+        if skipped:
+            source = source.select(exclude="^(" + "|".join(re.escape(n) for n in skipped) + ")$")
     options = dict(format_options)
     if kohya_prefix is not None:
         options["kohya_prefix"] = kohya_prefix
@@ -125,6 +135,7 @@ def convert(
         replacements=len(source.replacements),
         folded_alpha=folded,
         modelfile=modelfile,
+        skipped=skipped,
     )
 
 

@@ -95,6 +95,15 @@ def test_lora_slots_skip_the_dropped_module(dense, tmp_path):
     )
     manifest = json.loads((tmp_path / "s" / "loratools_onnx.json").read_text())
     assert "pooler.dense" not in manifest["slots"] and len(manifest["slots"]) == 6
+    out_file = tmp_path / "a.onnx_adapter"  # the adapter file for that graph leaves the pooler out too
+    code, out, err = run_cli(["convert", adapter, "--to", "onnx-adapter", "--for", tmp_path / "s", "-o", out_file])
+    assert code == 0, err
+    assert out.splitlines() == [
+        f"wrote {out_file} (onnx-adapter, 6 modules, from peft)",
+        "skipped pooler.dense: the export left pooler.dense.weight out of the graph, so it cannot change the outputs",
+    ]
+    feed = t.feed()
+    assert np.abs(run(tmp_path / "s", feed, out_file) - models.outputs(peft, feed).numpy()).max() <= 1e-4
 
 
 @pytest.mark.parametrize(

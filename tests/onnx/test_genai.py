@@ -106,8 +106,9 @@ def test_a_rank_above_the_graphs_is_refused_with_the_way_out(tmp_path):
 def test_validate_against_the_genai_model(tmp_path):
     from transformers import LlamaForCausalLM
 
-    code, out, err = run_cli(["validate", PATTERNS, "--target", "onnxruntime-genai", "--base", MODEL, "--json"])
+    code, out, err = run_cli(["validate", PATTERNS, "--target", "onnxruntime-genai", "--base", MODEL])
     assert code == 0, out + err
+    assert out.splitlines() == [f"{PATTERNS} (peft, 8 modules, against {MODEL}): OK, no problems found"]
     models.make_peft(LlamaForCausalLM.from_pretrained(str(BASE)), tmp_path / "k", kind="llama",
                      target_modules=["k_proj"])  # fmt: skip
     code, out, err = run_cli(["validate", tmp_path / "k", "--target", "onnxruntime-genai", "--base", MODEL])
