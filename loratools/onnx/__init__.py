@@ -4,7 +4,9 @@ Everything here needs the ``onnx`` extra (onnx, onnxruntime, onnxscript, transfo
 lazily. Modules: :mod:`.export` (transformers + torch.onnx), :mod:`.patch` (merge into an exported
 model), :mod:`.slots` (LoRA-input graphs for onnxruntime's multi-LoRA), :mod:`.runtime` (sessions,
 providers, verification, timing), :mod:`.bench` (the latency table), :mod:`.graph` / :mod:`.store`
-(weight lookup and external-data streaming).
+(weight lookup and external-data streaming), :mod:`.dropped` (the tensors an export left out, so modules on
+them may be skipped), :mod:`.slot_map` (an adapter fitted to any graph's LoRA inputs: ours, Olive's,
+onnxruntime-genai's), :mod:`.verify_merge` (merge-into-ONNX's options and --verify), :mod:`.tasks`.
 """
 
 from __future__ import annotations
