@@ -66,6 +66,9 @@ def save_adapter(
     fmt = get_format(format or adapter.format or "peft")
     check_output_layout(fmt.name, fmt.layout, path)
     _refuse_kohya_names(adapter, fmt.name)
+    from .alora import refuse_format
+
+    refuse_format(adapter, fmt.name)  # aLoRA: only formats that keep the invocation tokens
     check_tensors(adapter, f"the output {path}")
     parts = split_components(adapter) if fmt.name == "peft" else {}
     with atomic_output(path, overwrite=overwrite, inputs=inputs, directory=fmt.layout == "folder") as tmp:

@@ -10,6 +10,7 @@ from ..numeric_args import Range
 from ..onnx import MAX_OPSET, MIN_OPSET
 from .options import (
     Number,
+    allow_alora_option,
     json_option,
     output_option,
     overwrite_option,
@@ -41,6 +42,7 @@ from .output import get_output
 @click.option("--lora-slots", default=None, help="Add LoRA slot inputs for every module this adapter targets.")
 @overwrite_option
 @trust_tensors_option
+@allow_alora_option
 @json_option
 @click.pass_context
 def export_onnx(
@@ -57,6 +59,7 @@ def export_onnx(
     overwrite: bool,
     json_mode: bool,
     trust_tensors: bool,
+    allow_alora: bool,
 ) -> None:
     """Export MODEL (a Hugging Face folder) to OUTPUT/model.onnx with its weights in one
     model.onnx.data file, config and tokenizer files copied. Inputs input_ids, attention_mask (and
@@ -86,6 +89,7 @@ def export_onnx(
         verify=not no_verify,
         overwrite=overwrite,
         trust_tensors=trust_tensors,
+        allow_alora=allow_alora,
         lora_slots=lora_slots,
     )
     out.result(result.to_dict(), _human)

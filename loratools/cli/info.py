@@ -48,6 +48,8 @@ def _human(d: dict[str, Any]) -> None:
 
     scale = f"{d['scale']:.4g}" if d["scale"] is not None else "varies"
     flags = [f for f, on in (("rsLoRA", d["use_rslora"]), ("DoRA", d["use_dora"]), ("lora bias", d["lora_bias"])) if on]
+    if d.get("alora_invocation_tokens"):
+        flags.append(f"aLoRA (acts from invocation tokens {d['alora_invocation_tokens']} on)")
     params = _fmt_number(d["parameters"])
     if d.get("base_parameters"):
         params += f" ({100 * d['parameter_share']:.3g}% of the base's {_fmt_number(d['base_parameters'])})"

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from .options import (
+    allow_alora_option,
     device_option,
     dtype_option,
     filters,
@@ -31,6 +32,7 @@ from .output import get_output
 @click.option("--verify", "run_verify", is_flag=True, help="Verify the output before publishing it.")
 @overwrite_option
 @trust_tensors_option
+@allow_alora_option
 @click.option(
     "--skip-module",
     "skip_modules",
@@ -76,6 +78,7 @@ def merge(
     exclude: str | None,
     json_mode: bool,
     trust_tensors: bool,
+    allow_alora: bool,
     skip_modules: tuple[str, ...],
     requantize: bool,
     reference: str | None,
@@ -112,6 +115,7 @@ def merge(
         verify=run_verify,
         overwrite=overwrite,
         trust_tensors=trust_tensors,
+        allow_alora=allow_alora,
         skip_modules=list(skip_modules),
         include=include,
         exclude=exclude,

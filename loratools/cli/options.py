@@ -98,6 +98,13 @@ def parse_weights(weights: Sequence[float] | None, count: int) -> list[float]:
         raise click.BadParameter(str(exc), param_hint="--weights") from None
 
 
+allow_alora_option = click.option(
+    "--allow-alora",
+    is_flag=True,
+    help="Merge an activated LoRA (aLoRA) anyway: the result applies it to every token, not only from its "
+    "invocation tokens on.",
+)
+
 trust_tensors_option = click.option(
     "--trust-tensors",
     is_flag=True,

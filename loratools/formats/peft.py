@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, LoraModule
+from ..alora import check_tokens, invocation_tokens
 from ..errors import FormatError, ShapeError, UnsupportedError, ValidationError
 from ..publish import provenance_metadata, read_provenance
 from ..safetensors_file import load_file, save_file
@@ -293,6 +294,7 @@ class PeftFormat(AdapterFormat):
                 "metadata": metadata,
                 "provenance": read_provenance(metadata),
                 "declared_ranks": {m: _declared_rank(m, r_default, rank_pattern, path) for m in modules},
+                "alora_invocation_tokens": check_tokens(cfg.get("alora_invocation_tokens"), path / CONFIG),
                 "files": [str(path / CONFIG), str(weights_file)],
             },
         )
@@ -386,6 +388,7 @@ def config_for(adapter: Adapter) -> dict[str, Any]:
             "target_modules": targets,
             "modules_to_save": to_save or None,
             "use_rslora": use_rslora,
+            "alora_invocation_tokens": invocation_tokens(adapter),
             "use_dora": any(m.magnitude is not None for m in mods.values()),
             "lora_bias": any(m.bias is not None for m in mods.values()),
             "fan_in_fan_out": any(m.fan_in_fan_out for m in mods.values()),

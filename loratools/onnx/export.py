@@ -240,7 +240,7 @@ def _merged_source(model: Path, adapters: Sequence[Any], weights: Sequence[float
     """The streaming merge (loratools.ops.merge) into a temporary folder, in the export dtype."""
     from ..ops.merge import merge
 
-    merge(model, list(adapters), tmp / "merged", weights=list(weights), dtype=dtype)
+    merge(model, list(adapters), tmp / "merged", weights=list(weights), dtype=dtype, allow_alora=True)  # checked
     return tmp / "merged"
 
 
@@ -270,12 +270,14 @@ def export_onnx(
     overwrite: bool = False,
     lora_slots: str | Path | Adapter | None = None,
     trust_tensors: bool = False,
+    allow_alora: bool = False,
 ) -> ExportResult:
     """Export ``model`` (merged with ``adapters`` first, if any) to ``output/model.onnx`` + one data file.
 
     With ``lora_slots`` (an adapter), every module it targets gets LoRA slot inputs (see
     :mod:`loratools.onnx.slots`). Verification (on by default) compares onnxruntime with PyTorch on
     sample inputs and raises :class:`VerificationError` (nothing published) when they differ.
+    An activated LoRA (aLoRA) as an adapter or slot source is refused unless ``allow_alora``.
     """
     from ..adapter_io import load_adapter
     from ..ambiguity import require_unambiguous
@@ -305,6 +307,9 @@ def export_onnx(
     loaded_adapters = [a if not isinstance(a, str | Path) else load_adapter(a, base=root) for a in adapters]
     for a in [*loaded_adapters, *([slot_adapter] if slot_adapter is not None else [])]:
         require_unambiguous(a, trust_tensors=trust_tensors)
+    from ..alora import refuse_merge
+
+    refuse_merge([*loaded_adapters, *([slot_adapter] if slot_adapter is not None else [])], allow_alora)
     inputs = [root, *(Path(a) for a in adapters if isinstance(a, str | Path)), *(
         [Path(lora_slots)] if isinstance(lora_slots, str | Path) else [])]  # fmt: skip
     with atomic_output(output, overwrite=overwrite, inputs=inputs, expected_bytes=expected) as tmp:

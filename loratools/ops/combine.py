@@ -259,6 +259,9 @@ def combine(
     loaded = [load(a, base=reader, trust_tensors=trust_tensors) for a in adapters]
     ads = [ad for ad, _ in loaded]
     labels = [str(p or f"adapter #{i + 1}") for i, (_, p) in enumerate(loaded)]
+    from ..alora import refuse_mix
+
+    refuse_mix(ads, labels)  # aLoRA inputs act from their invocation tokens on: only alike ones combine
     if base is None:
         _require_one_base_model(ads, labels)
     use_rslora = any(m.use_rslora for m in ads[0].modules.values())

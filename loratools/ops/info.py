@@ -67,6 +67,8 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
     dtypes = sorted({_dtype(d) for d in adapter.dtypes()})
     cfg = adapter.meta.get("config") or {}
     metadata = {k: v for k, v in (adapter.meta.get("metadata") or {}).items() if k != "loratools"}
+    from ..alora import invocation_tokens
+
     return {
         "format": adapter.format,
         "base_model": adapter.base_model,
@@ -82,6 +84,7 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
         "kinds": sorted({m.kind for m in mods.values()}),
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}),
         "task_type": cfg.get("task_type"),
+        "alora_invocation_tokens": invocation_tokens(adapter),
         "parameters": adapter.parameters,
         "dtype": dtypes[0] if len(dtypes) == 1 else None,
         "dtypes": dtypes,

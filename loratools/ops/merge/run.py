@@ -85,6 +85,7 @@ def merge(
     requantize: bool = False,
     reference: str | Path | None = None,
     into: str = "base",
+    allow_alora: bool = False,
 ) -> MergeSummary:
     """Merge ``adapters`` into ``base`` and publish the result at ``output`` atomically.
 
@@ -97,6 +98,7 @@ def merge(
     ``requantize``, ``reference`` (its 16-bit base) and ``into`` are described in :mod:`.quantized`.
     An ONNX ``base`` goes to :func:`loratools.onnx.patch.merge_onnx` with every option (``skip_modules``
     is only for it); it refuses the options a graph has no use for.
+    An activated LoRA (aLoRA) is refused unless ``allow_alora``: merged, it acts on every token.
     """
     from ...ambiguity import require_unambiguous
     from ...checkpoint.reader import open_checkpoint
@@ -110,6 +112,9 @@ def merge(
 
     t0 = time.perf_counter()
     base_path = resolve_path(base, "base checkpoint")
+    from ...alora import refuse_merge
+
+    refuse_merge(adapters, allow_alora)
     if _is_onnx(base_path):
         from ...onnx.patch import merge_onnx
 
