@@ -60,16 +60,17 @@ def _updates(adapters: Sequence[Adapter], weights: Sequence[float], info: GgufBa
     return out
 
 
-def delta(name: str, pairs: list[Any]) -> torch.Tensor:
-    """Σ ΔW for GGUF tensor ``name`` in its PyTorch layout, fp32, scale already in lora_b."""
-    from ...formats.gguf_rewrites import delta_as_runtime
+def add_updates(w: torch.Tensor, name: str, pairs: list[Any]) -> torch.Tensor:
+    """``w += Σ ΔW`` in place (fp32, GGUF layout, scale already in lora_b), as the runtime applies each pair:
+    ``B·A``, and ``A·Bᵀ`` for token_embd (see :func:`loratools.formats.gguf_rewrites.delta_as_runtime`)."""
+    from ...formats.gguf_rewrites import TOKEN_EMBD
 
-    total = None
     for a, b in pairs:
-        d = delta_as_runtime(a, b, 0.0, name)
-        total = d if total is None else total + d
-    assert total is not None
-    return total
+        if name.endswith(TOKEN_EMBD):
+            w.addmm_(a.float(), b.float().T)
+        else:
+            w.addmm_(b.float(), a.float())
+    return w
 
 
 def _out_type(type_name: str) -> str:
@@ -88,16 +89,34 @@ def _encode(x: torch.Tensor, type_name: str) -> np.ndarray:
     return gguf.quants.quantize(arr, gguf.GGMLQuantizationType[type_name])
 
 
-def _merged(t: Any, pairs: list[Any]) -> tuple[np.ndarray, str]:
+def _read_private(t: Any, fd: int) -> np.ndarray:
+    """Tensor ``t``'s stored bytes read into a private buffer (not the reader's map, whose touched pages
+    would stay in the process and add up to the whole model)."""
+    import os
+
+    import numpy as np
+
+    raw = bytearray(t.n_bytes)
+    view, done = memoryview(raw), 0
+    while done < t.n_bytes:
+        n = os.preadv(fd, [view[done:]], t.data_offset + done)
+        if n <= 0:
+            raise OSError(f"short read of tensor {t.name}")
+        done += n
+    return np.frombuffer(raw, dtype=t.data.dtype).reshape(t.data.shape)
+
+
+def _merged(t: Any, pairs: list[Any], fd: int) -> tuple[np.ndarray, str]:
     """(encoded array, type name) of base tensor ``t`` plus its update."""
     import gguf
     import numpy as np
     import torch
 
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-    base = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(shape)
+    values = gguf.quants.dequantize(_read_private(t, fd), t.tensor_type)
+    w = torch.from_numpy(np.require(values, dtype=np.float32, requirements=["C", "W"])).reshape(shape)
     out_type = _out_type(t.tensor_type.name)
-    return _encode(base.float() + delta(t.name, pairs), out_type), out_type
+    return _encode(add_updates(w, t.name, pairs), out_type), out_type
 
 
 def _copy_metadata(reader: Any, writer: Any, record: dict[str, Any]) -> None:
@@ -181,10 +200,15 @@ def merge_gguf(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t, out_type in plan:
-            data = t.data if out_type is None else _merged(t, updates[t.name])[0]
-            writer.write_tensor_data(data)
-            written += int(data.nbytes)
+        with open(base_path, "rb") as src:
+            for t, out_type in plan:
+                if out_type is None:
+                    _copy_untouched(writer, t, src.fileno())
+                    written += int(t.n_bytes)
+                else:
+                    data = _merged(t, updates[t.name], src.fileno())[0]
+                    writer.write_tensor_data(data)
+                    written += int(data.nbytes)
         writer.close()
         if verify:
             verify_gguf_merge(base_path, Path(tmp), updates)
@@ -216,6 +240,44 @@ def _tensor_info(shape: tuple[int, ...], out_type: str) -> tuple[Any, Any, int, 
     return byte_shape, np.dtype(np.uint8), math.prod(byte_shape), qtype
 
 
+def _copy_untouched(writer: Any, t: Any, src: int) -> None:
+    """Tensor ``t``'s bytes copied file to file in the kernel (``os.sendfile``), with the writer's own
+    padding; ``GGUFWriter.write_tensor_data`` from the reader's map where that is not possible."""
+    import os
+
+    from gguf.gguf_writer import WriterState
+
+    fouts = getattr(writer, "fout", None)
+    if not hasattr(os, "sendfile") or not fouts or len(fouts) != 1 or next(iter(writer.tensors[0])) != t.name:
+        writer.write_tensor_data(t.data)
+        return
+    fout = fouts[0]
+    writer.tensors[0].pop(t.name)
+    writer.write_padding(fout, fout.tell())
+    fout.flush()
+    offset, left = t.data_offset, int(t.n_bytes)
+    while left:
+        n = os.sendfile(fout.fileno(), src, offset, left)
+        if n <= 0:
+            raise OSError(f"short copy of tensor {t.name}")
+        offset, left = offset + n, left - n
+    fout.seek(0, os.SEEK_END)
+    writer.write_padding(fout, int(t.n_bytes))
+    writer.state = WriterState.WEIGHTS
+
+
+def _same_bytes(a: int, off_a: int, b: int, off_b: int, n: int, chunk: int = 1 << 24) -> bool:
+    import os
+
+    done = 0
+    while done < n:
+        k = min(chunk, n - done)
+        if os.pread(a, k, off_a + done) != os.pread(b, k, off_b + done):
+            return False
+        done += k
+    return True
+
+
 def verify_gguf_merge(base: Path, merged: Path, updates: dict[str, list[Any]]) -> None:
     """Untouched tensors byte-identical, touched ones equal to base + ΔW as their type encodes it."""
     import numpy as np
@@ -225,11 +287,15 @@ def verify_gguf_merge(base: Path, merged: Path, updates: dict[str, list[Any]]) -
     before, after = open_gguf(base), open_gguf(merged)
     if [t.name for t in before.tensors] != [t.name for t in after.tensors]:
         raise VerificationError(f"{merged}: tensor names or order differ from the base {base}")
-    for old, new in zip(before.tensors, after.tensors, strict=True):
-        if old.name not in updates:
-            if old.tensor_type != new.tensor_type or not np.array_equal(old.data, new.data):
-                raise VerificationError(f"{merged}: untouched tensor {old.name} is not byte-identical to the base")
-            continue
-        want, _ = _merged(old, updates[old.name])
-        if not np.array_equal(np.asarray(new.data).reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8)):
-            raise VerificationError(f"{merged}: tensor {old.name} is not the base plus the adapters' ΔW")
+    with open(base, "rb") as fa, open(merged, "rb") as fb:
+        a, b = fa.fileno(), fb.fileno()
+        for old, new in zip(before.tensors, after.tensors, strict=True):
+            if old.name not in updates:
+                same = old.tensor_type == new.tensor_type and old.n_bytes == new.n_bytes
+                if not same or not _same_bytes(a, old.data_offset, b, new.data_offset, int(old.n_bytes)):
+                    raise VerificationError(f"{merged}: untouched tensor {old.name} is not byte-identical to the base")
+                continue
+            want, _ = _merged(old, updates[old.name], a)
+            have = _read_private(new, b)
+            if not np.array_equal(have.reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8)):
+                raise VerificationError(f"{merged}: tensor {old.name} is not the base plus the adapters' ΔW")
