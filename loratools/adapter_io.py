@@ -70,6 +70,11 @@ def save_adapter(
 
     refuse_format(adapter, fmt.name)  # aLoRA: only formats that keep the invocation tokens
     check_tensors(adapter, f"the output {path}")
+    if provenance is None:  # every output carries a record: --overwrite replaces only what is provably ours
+        from .publish import provenance as record
+
+        source = str(adapter.meta.get("source") or "<in memory>")
+        provenance = record("save_adapter", {"format": fmt.name}, {"adapter": {"source": source}})
     parts = split_components(adapter) if fmt.name == "peft" else {}
     with atomic_output(path, overwrite=overwrite, inputs=inputs, directory=fmt.layout == "folder") as tmp:
         if parts:
