@@ -23,6 +23,7 @@ def info(ctx: click.Context, adapter: str, base: str | None, json_mode: bool) ->
 
     ADAPTER is a PEFT folder (adapter_config.json + weights) or any other supported adapter file.
     With --base, module names are matched to the base checkpoint and the parameter share is shown.
+    A checkpoint written by `loratools merge` shows what was merged into it (its provenance record).
 
     \b
     Examples:
@@ -43,10 +44,16 @@ def _fmt_number(n: int) -> str:
 def _human(d: dict[str, Any]) -> None:
     from ..publish import format_bytes
 
+    if d.get("kind") == "merged checkpoint":
+        _human_merged(d)
+        return
+
     def same_or_list(one: Any, many: list[Any]) -> str:
         return str(one) if one is not None else ", ".join(str(x) for x in many) + " (varies)"
 
-    scale = f"{d['scale']:.4g}" if d["scale"] is not None else "varies"
+    scale = f"{d['scale']:.4g}" if d["scale"] is not None else ("varies" if d["alphas"] else "-")
+    names = {"loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "boft": "BOFT", "ia3": "(IA)³", "diag_oft": "diag-OFT"}
+    families = [names[f] for f in d.get("families", []) if f in names]
     flags = [f for f, on in (("rsLoRA", d["use_rslora"]), ("DoRA", d["use_dora"]), ("lora bias", d["lora_bias"])) if on]
     if d.get("alora_invocation_tokens"):
         flags.append(f"aLoRA (acts from invocation tokens {d['alora_invocation_tokens']} on)")
@@ -60,15 +67,19 @@ def _human(d: dict[str, Any]) -> None:
         ("modules", f"{d['num_modules']} ({', '.join(d['kinds']) or '-'})"),
         ("targets", ", ".join(d["target_modules"]) or "-"),
         ("rank", same_or_list(d["rank"], d["ranks"])),
-        ("alpha", same_or_list(d["alpha"], d["alphas"])),
+        ("alpha", same_or_list(d["alpha"], d["alphas"]) if d["alphas"] else "-"),
         ("scale", scale),
-        ("variants", ", ".join(flags) or "plain LoRA"),
+        ("variants", ", ".join(families + flags) or "plain LoRA"),
         ("parameters", params),
         ("dtype", d["dtype"] or ", ".join(d["dtypes"])),
         ("size on disk", format_bytes(d["size_on_disk"])),
     ]
-    if d["replacements"]:
-        rows.append(("full tensors", ", ".join(f"{r['name']} {r['shape']}" for r in d["replacements"])))
+    copies = set(d.get("saved_base_layers") or [])
+    trained = [r for r in d["replacements"] if r["name"] not in copies]
+    if trained:
+        rows.append(("full tensors", ", ".join(f"{r['name']} {r['shape']}" for r in trained)))
+    if copies:
+        rows.append(("base layers", ", ".join(sorted(copies)) + " (saved copies of the base, not trained)"))
     if d.get("unresolved"):
         missing = d["unresolved"]
         shown = ", ".join(missing[:3]) + (
@@ -94,3 +105,19 @@ def _human(d: dict[str, Any]) -> None:
             for m in d["modules"]
         ]
         click.echo(render_table(headers, table))
+
+
+def _human_merged(d: dict[str, Any]) -> None:
+    weights = d.get("weights") or [1.0] * len(d["adapters"])
+    rows = [
+        ("path", d["path"]),
+        ("kind", f"{d['kind']} ({d['tensors']} tensors)"),
+        ("base", d["base"] or "-"),
+    ]
+    for i, (adapter, w) in enumerate(zip(d["adapters"], weights, strict=False)):
+        rows.append(("merged" if i == 0 else "", f"{adapter} (weight {w:g})"))
+    p = d["provenance"]
+    rows.append(("made by", f"loratools {p.get('loratools_version', '?')} merge"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k.ljust(width)}  {v}")

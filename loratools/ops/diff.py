@@ -52,9 +52,12 @@ def config_differences(a: Adapter, b: Adapter) -> dict[str, dict[str, Any]]:
 _CONFIG_KEYS = ("task_type", "target_modules", "modules_to_save", "bias", "lora_bias", "layers_to_transform")
 
 
-def module_difference(name: str, ma: Any, mb: Any) -> dict[str, Any]:
-    """One row of the diff for a module both adapters have."""
+def module_difference(name: str, ma: Any, mb: Any, reader: Any = None) -> dict[str, Any]:
+    """One row of the diff for a module both adapters have (``reader``: the base, for W-dependent updates)."""
     from ..lowrank import difference_norm, module_inner, module_norm
+
+    if not (hasattr(ma, "down") and hasattr(mb, "down")) or ma.needs_base or mb.needs_base:
+        return _dense_difference(name, ma, mb, reader)
 
     row: dict[str, Any] = {"name": name, "rank_a": ma.rank, "rank_b": mb.rank}
     shape_a = (ma.out_features, ma.in_features)
@@ -77,6 +80,36 @@ def module_difference(name: str, ma: Any, mb: Any) -> dict[str, Any]:
     return row
 
 
+def _dense_difference(name: str, ma: Any, mb: Any, reader: Any) -> dict[str, Any]:
+    """The generic path (other families, DoRA): both exact ΔW as dense fp64 matrices."""
+    import torch
+
+    from ..errors import LoratoolsError
+    from ..families.dense import delta_matrix, needs_base
+
+    row: dict[str, Any] = {"name": name, "rank_a": ma.rank, "rank_b": mb.rank}
+    try:
+        w = None
+        if needs_base(ma) or needs_base(mb):
+            from ..checkpoint.keymap import KeyMatcher
+
+            key = KeyMatcher(reader.keys()).tensor_key(name) if reader is not None else None
+            w = reader.get(key) if key is not None else None
+        da, db = delta_matrix(ma, w, name), delta_matrix(mb, w, name)
+    except LoratoolsError as exc:
+        row.update(norm_a=None, norm_b=None, relative_difference=None, cosine=None, error=exc.message)
+        return row
+    if da.shape != db.shape:
+        row.update(norm_a=None, norm_b=None, relative_difference=None, cosine=None,
+                   error=f"shapes differ: {tuple(da.shape)} vs {tuple(db.shape)}")
+        return row
+    na, nb, dist = float(da.norm()), float(db.norm()), float((da - db).norm())
+    row.update(norm_a=na, norm_b=nb, relative_difference=dist / na if na > 0 else (0.0 if dist == 0 else None),
+               cosine=float((da * db).sum()) / (na * nb) if na > 0 and nb > 0 else None)
+    del torch
+    return row
+
+
 def diff(
     a: Adapter | str | Path,
     b: Adapter | str | Path,
@@ -84,6 +117,9 @@ def diff(
     base: str | Path | None = None,
 ) -> dict[str, Any]:
     """Compare adapters ``a`` and ``b`` (paths or Adapters); ``base`` resolves names across formats.
+
+    Adapters in two formats with no module name in common (PEFT vs kohya names) need ``base``: a
+    UsageError says so rather than an empty comparison.
 
     Returns ``{"modules": [...], "only_in_a": [...], "only_in_b": [...], "config": {...}}`` with the
     module rows sorted by relative difference, largest first (see docs/json.md).
@@ -93,12 +129,22 @@ def diff(
     reader = None
     if base is not None:
         from ..checkpoint.reader import open_checkpoint
+        from .info import require_model
 
+        require_model(base, f"loratools diff {a} {b}")
         reader = open_checkpoint(base)
     ad_a, _ = load(a, base=reader)
     ad_b, _ = load(b, base=reader)
     common = [n for n in ad_a.modules if n in ad_b.modules]
-    rows = [module_difference(n, ad_a.modules[n], ad_b.modules[n]) for n in common]
+    if not common and base is None and ad_a.format != ad_b.format and ad_a.modules and ad_b.modules:
+        from ..errors import UsageError
+
+        raise UsageError(
+            f"{a} ({ad_a.format}) and {b} ({ad_b.format}) share no module name: the two formats name "
+            "modules differently, so nothing can be compared without the model",
+            hint=f"pass the model they are for: loratools diff {a} {b} --base MODEL",
+        )
+    rows = [module_difference(n, ad_a.modules[n], ad_b.modules[n], reader) for n in common]
     rows.sort(key=lambda r: (r["relative_difference"] is None, -(r["relative_difference"] or 0.0), r["name"]))
     return {
         "modules": rows,

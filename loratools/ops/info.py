@@ -13,7 +13,10 @@ if TYPE_CHECKING:
 
 def module_record(name: str, m: LoraModule) -> dict[str, Any]:
     """One entry of ``modules``: name, kind, rank, alpha, scale and sizes in the base's terms."""
+    if not hasattr(m, "down"):
+        return _family_record(name, m)
     rec: dict[str, Any] = {
+        "family": "lora",
         "name": name,
         "kind": m.kind,
         "rank": m.rank,
@@ -33,6 +36,28 @@ def module_record(name: str, m: LoraModule) -> dict[str, Any]:
     rec["fan_in_fan_out"] = m.fan_in_fan_out
     rec["dtype"] = _dtype(m.down.dtype)
     return rec
+
+
+def _family_record(name: str, m: Any) -> dict[str, Any]:
+    """A LoHa/LoKr/OFT/BOFT/IA3 module: the LoRA fields that apply, and the family's own facts."""
+    tensors = m.tensors()
+    return {
+        "name": name,
+        "family": m.family,
+        "kind": m.kind,
+        "rank": m.rank,
+        "alpha": _num(m.alpha) if m.alpha is not None else None,
+        "scale": m.scale,
+        "in_features": m.in_features,
+        "out_features": m.out_features,
+        "dora": m.magnitude is not None,
+        "bias": False,
+        "fan_in_fan_out": bool(getattr(m, "fan_in_fan_out", False)),
+        "dtype": _dtype(next(iter(tensors.values())).dtype),
+        "needs_base": m.needs_base,
+        "exact_lora_rank": m.max_rank if m.is_low_rank else None,
+        "details": m.describe(),
+    }
 
 
 def _num(x: float) -> float | int:
@@ -60,10 +85,33 @@ def base_parameters(reader: CheckpointReader) -> int:
     return sum(math.prod(reader.info(k).shape) for k in reader.keys())
 
 
+def target_names(names: Any) -> list[str]:
+    """The distinct targets of ``names``: the last path component (two when it is an index, ``to_out.0``);
+    for kohya names (no dots) the part after the last block index (``attn1_to_q``), so an SDXL file's
+    hundreds of modules read as a dozen targets."""
+    import re
+
+    found = set()
+    for name in names:
+        if "." in name:
+            parts = name.split(".")
+            found.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
+        else:
+            found.add(re.split(r"_\d+_(?=[A-Za-z])", name)[-1])
+    return sorted(found)
+
+
 def summarize(adapter: Adapter) -> dict[str, Any]:
-    """The format-independent summary of an in-memory adapter (everything but disk and base facts)."""
+    """The format-independent summary of an in-memory adapter (everything but disk and base facts).
+
+    ``parameters`` counts what was trained: factors, magnitudes, biases and full replacements, but not
+    the base layers PEFT saves beside an adapted embedding or tied head (``saved_base_layers``).
+    """
+    from ..tied import base_layer_copies
+
     mods = adapter.modules
-    scales = {round(m.scale, 12) for m in mods.values()}
+    copies = base_layer_copies(adapter)
+    scales = {round(m.scale, 12) if m.scale is not None else None for m in mods.values()}
     dtypes = sorted({_dtype(d) for d in adapter.dtypes()})
     cfg = adapter.meta.get("config") or {}
     metadata = {k: v for k, v in (adapter.meta.get("metadata") or {}).items() if k != "loratools"}
@@ -79,13 +127,15 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
         "alphas": sorted(_num(a) for a in adapter.alphas()),
         "scale": next(iter(mods.values())).scale if len(scales) == 1 else None,
         "use_rslora": any(m.use_rslora for m in mods.values()),
+        "families": sorted(adapter.families()),
         "use_dora": any(m.magnitude is not None for m in mods.values()),
         "lora_bias": any(m.bias is not None for m in mods.values()),
         "kinds": sorted({m.kind for m in mods.values()}),
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}),
+        "target_modules": target_names(mods),
         "task_type": cfg.get("task_type"),
         "alora_invocation_tokens": invocation_tokens(adapter),
-        "parameters": adapter.parameters,
+        "parameters": adapter.parameters - sum(int(adapter.replacements[k].numel()) for k in copies),
+        "saved_base_layers": copies,
         "dtype": dtypes[0] if len(dtypes) == 1 else None,
         "dtypes": dtypes,
         "replacements": [
@@ -113,12 +163,22 @@ def info(adapter_path: str | Path, base: str | Path | None = None, *, format: st
     """
     from ..adapter_io import load_adapter
     from ..checkpoint.reader import open_checkpoint
+    from ..errors import FormatError
     from ..hub import resolve_path
+    from ..tied import tied_source
 
     local = resolve_path(adapter_path, "adapter")
+    if base is not None:
+        require_model(base, f"loratools info {adapter_path}")
     reader = open_checkpoint(base) if base is not None else None
     try:
-        adapter = load_adapter(local, format=format, base=reader)
+        try:
+            adapter = load_adapter(local, format=format, base=reader)
+        except FormatError:
+            merged = merged_checkpoint(local, adapter_path)
+            if merged is None:
+                raise
+            return merged
         data: dict[str, Any] = {"path": str(adapter_path)}
         data.update(summarize(adapter))
         data["size_on_disk"] = size_on_disk(adapter, local)
@@ -129,11 +189,64 @@ def info(adapter_path: str | Path, base: str | Path | None = None, *, format: st
             total = base_parameters(reader)
             data["base"] = str(base)
             data["base_parameters"] = total
-            data["parameter_share"] = adapter.parameters / total if total else None
-            data["unresolved"] = list(adapter.meta.get("unresolved") or [])
+            data["parameter_share"] = data["parameters"] / total if total else None
+            unresolved = adapter.meta.get("unresolved") or []
+            data["unresolved"] = [n for n in unresolved if tied_source(reader, n) is None]
         # the modules list reads best last
         data["modules"] = data.pop("modules")
         return data
     finally:
         if reader is not None:
             reader.close()
+
+
+def require_model(base: str | Path, usage: str) -> None:
+    """A UsageError when ``--base`` names an adapter rather than the model an adapter is for; ``usage``
+    is the command line the hint suggests (``loratools info ADAPTER``)."""
+    from ..errors import LoratoolsError, UsageError
+    from ..formats.registry import detect_format
+    from ..hub import resolve_path
+
+    local = Path(resolve_path(base, "base checkpoint"))
+    if local.is_dir() and ((local / "config.json").is_file() or (local / "model_index.json").is_file()):
+        return
+    try:
+        fmt = detect_format(local)
+    except LoratoolsError:
+        return
+    raise UsageError(
+        f"--base {base} is an adapter ({fmt.name}), not a base model",
+        hint=f"pass the model the adapter was trained on: {usage} --base MODEL",
+    )
+
+
+def merged_checkpoint(local: Path, shown: str | Path) -> dict[str, Any] | None:
+    """What ``info`` says of a checkpoint that ``loratools merge`` wrote: its provenance record (the base,
+    the adapters and their weights); None when ``local`` is no checkpoint or holds no merge record."""
+    from ..checkpoint.reader import open_checkpoint
+    from ..errors import LoratoolsError
+    from ..publish import read_provenance
+
+    try:
+        reader = open_checkpoint(local)
+    except LoratoolsError:
+        return None
+    try:
+        keys = reader.keys()
+        record = read_provenance(reader.metadata(reader.file_of(keys[0]))) if keys else None
+        if not record or record.get("operation") != "merge":
+            return None
+        inputs, params = record.get("inputs") or {}, record.get("parameters") or {}
+        adapters = [a.get("path") or a.get("repo_id") for a in inputs.get("adapters") or []]
+        base = inputs.get("base") or {}
+        return {
+            "path": str(shown),
+            "kind": "merged checkpoint",
+            "base": base.get("path") or base.get("repo_id"),
+            "adapters": adapters,
+            "weights": params.get("weights"),
+            "tensors": len(keys),
+            "provenance": record,
+        }
+    finally:
+        reader.close()

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ...errors import NumericError, ShapeError, UnsupportedError, UsageError, ValidationError
+from ...tied import EMBED_SUFFIXES, HEAD_NAMES
+from ...tied import is_head as _is_head
+from ...tied import tied_embedding_key as tied_keys
 from . import families as fam
 
 if TYPE_CHECKING:
@@ -21,9 +24,6 @@ if TYPE_CHECKING:
     from ...adapter import Adapter, LoraModule
     from ...checkpoint.reader import CheckpointReader
 
-#: last path component of output heads and suffixes of input embeddings (for tied weights)
-HEAD_NAMES = ("lm_head", "embed_out")
-EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
 
 
 @dataclass
@@ -87,14 +87,6 @@ def _check_finite(name: str, where: str, tensor: torch.Tensor) -> None:
             f"{where}: tensor {name} holds NaN or Inf values",
             hint="the adapter is damaged (a diverged training run?); nothing was written",
         )
-
-
-def tied_keys(reader: CheckpointReader) -> str | None:
-    """The input-embedding key of a model whose config ties word embeddings, else None."""
-    if not getattr(reader, "tie_word_embeddings", False):
-        return None
-    found = [k for k in reader.keys() if k.endswith(EMBED_SUFFIXES)]
-    return found[0] if len(found) == 1 else None
 
 
 def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[float]) -> MergePlan:
@@ -202,11 +194,6 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
             if j.source in keys and j.shape[:1] != tuple(reader.info(j.source).shape[:1]):
                 vocab_size = j.shape[0]
     return MergePlan(jobs, new_keys, untied, vocab_size, modules_merged)
-
-
-def _is_head(key: str) -> bool:
-    module, _, suffix = key.rpartition(".")
-    return suffix == "weight" and module.rsplit(".", 1)[-1] in HEAD_NAMES
 
 
 def _neighbour(key: str, reader: CheckpointReader) -> str:

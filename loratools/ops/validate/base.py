@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 def check_against_base(adapter: Adapter, reader: CheckpointReader, report: ValidationReport) -> None:
     """Every module resolves to a float base weight of the shape it expects; the base is not quantized."""
     from ...checkpoint.keymap import KeyMatcher, WeightTargets, same_matrix
+    from ...tied import tied_source
 
     quant = reader.quantization
     if quant:
@@ -30,6 +31,8 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
     for key, t in adapter.replacements.items():
         mod, _, suffix = key.rpartition(".")
         bkey = matcher.tensor_key(mod, suffix)
+        if bkey is None and suffix == "weight":
+            bkey = tied_source(reader, mod)  # a tied output head: the base stores it as the input embedding
         if bkey is None:
             report.add("error", mod, "unresolved", f"full tensor {key} has no counterpart in the base {reader.root}")
             continue
@@ -43,7 +46,11 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
                 f"full tensor {key} has shape {list(t.shape)}, the base's {bkey} has {list(bshape)} "
                 "(a resized vocabulary?)",
             )
-    unresolved = [n for n in adapter.modules if matcher.tensor_key(n) is None and target(n)[1] is None]
+    unresolved = [
+        n
+        for n in adapter.modules
+        if matcher.tensor_key(n) is None and target(n)[1] is None and tied_source(reader, n) is None
+    ]
     if len(unresolved) > 1 and len(unresolved) == len(adapter.modules):
         report.add(
             "error",
@@ -63,6 +70,8 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
         if bkey is None:
             fused, rows = target(name)
             bkey = fused if rows else None
+        if bkey is None:
+            bkey = tied_source(reader, name)
         if bkey is None:
             report.add(
                 "error",
