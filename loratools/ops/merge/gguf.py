@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import UsageError, VerificationError
-from .run import MergeSummary
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,14 +32,34 @@ _KEEP_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 
 
 @dataclass
-class GgufMergeSummary(MergeSummary):
-    """A GGUF merge: also which touched tensors changed type (K/I-quants written as F16)."""
+class GgufMergeSummary:
+    """What a GGUF merge wrote (the keys of :class:`~loratools.ops.merge.run.MergeSummary`), plus which
+    touched tensors changed type (K/I-quants written as F16)."""
 
+    output: Path
+    modules_merged: int
+    tensors_changed: int
+    tensors_written: int
+    bytes_written: int
+    seconds: float
+    files: list[str] = field(default_factory=list)
     retyped: list[str] = field(default_factory=list)
-    verified_gguf: bool | None = None
+    verified: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "verified": self.verified_gguf, "retyped": self.retyped}
+        return {
+            "output": str(self.output),
+            "modules_merged": self.modules_merged,
+            "tensors_changed": self.tensors_changed,
+            "tensors_written": self.tensors_written,
+            "bytes_written": self.bytes_written,
+            "seconds": round(self.seconds, 3),
+            "files": self.files,
+            "untied": [],
+            "verified": self.verified,
+            "left_out": [],
+            "retyped": self.retyped,
+        }
 
 
 def is_gguf_base(path: str | Path) -> bool:
@@ -221,7 +240,7 @@ def merge_gguf(
         seconds=time.perf_counter() - t0,
         files=[Path(output).name],
         retyped=retyped,
-        verified_gguf=True if verify else None,
+        verified=True if verify else None,
     )
 
 
