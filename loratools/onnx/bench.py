@@ -54,6 +54,10 @@ def bench(
         for v in values:
             check_number(name, v, POSITIVE_INT)
     check_number("--warmup", warmup, NON_NEGATIVE_INT)
+    if adapter is not None:  # a bad adapter fails here, not after the first export
+        from ..adapter_io import load_adapter
+
+        load_adapter(adapter, base=model)
     say = note or (lambda text: None)
     holder = None
     if work_dir is None:

@@ -29,12 +29,14 @@ def ort_module():  # noqa: ANN201 - returns the onnxruntime module
 
 
 #: onnxruntime's C++ prefix on exception text: ``/src/file.cc:93 ReturnType ns::Function(args) message``
+#: the status prefix of its Python exceptions: ``[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : ``
+_ORT_STATUS = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 _ORT_SOURCE = re.compile(r"^\S+\.(?:cc|cpp|h):\d+\s+(?:[^()]*\([^()]*\)\s*(?:const\s*)?)?")
 
 
 def ort_message(exc: BaseException) -> str:
     """onnxruntime's exception text as one line, without its C++ source path and function signature."""
-    text = " ".join(str(exc).split())
+    text = _ORT_STATUS.sub("", " ".join(str(exc).split()))
     return _ORT_SOURCE.sub("", text).strip() or exc.__class__.__name__
 
 
@@ -67,7 +69,14 @@ def session(
         options.intra_op_num_threads = threads
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(model_path(model)), sess_options=options, providers=providers_for(device))
+    path = model_path(model)
+    providers = providers_for(device)
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime's own exception types, with its C++ source path in the text
+        from ..errors import FormatError
+
+        raise FormatError(f"{path}: onnxruntime cannot load this model ({ort_message(exc)})", path=path) from None
 
 
 def input_names(sess: onnxruntime.InferenceSession, model_inputs_only: bool = True) -> list[str]:
@@ -140,6 +149,11 @@ def run_with_adapter(
     options = ort.RunOptions()
     if adapter_file is not None:
         lora = ort.LoraAdapter()
-        lora.Load(str(adapter_file))
+        try:
+            lora.Load(str(adapter_file))
+        except Exception as exc:  # onnxruntime's message carries its C++ source path
+            from ..errors import FormatError
+
+            raise FormatError(f"{adapter_file}: not a readable .onnx_adapter file ({ort_message(exc)})") from None
         options.add_active_adapter(lora)
     return sess.run(None, dict(feed), run_options=options)

@@ -81,6 +81,31 @@ def test_ort_message_strips_the_cpp_location():
     )
     assert ort_message(raw) == "The buffer does not appear to be a valid lora parameter format"
     assert ort_message(RuntimeError("plain words")) == "plain words"
+    status = RuntimeError(
+        "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from m.onnx failed:Protobuf parsing failed."
+    )
+    assert ort_message(status) == "Load model from m.onnx failed:Protobuf parsing failed."
+
+
+def test_a_model_onnxruntime_cannot_load_is_one_line(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.onnx").write_bytes(b"not a graph")
+    from loratools.errors import FormatError
+    from loratools.onnx.runtime import session
+
+    with pytest.raises(FormatError) as info:
+        session(tmp_path / "bad")
+    assert str(info.value) == (
+        f"{tmp_path / 'bad' / 'model.onnx'}: onnxruntime cannot load this model "
+        f"(Load model from {tmp_path / 'bad' / 'model.onnx'} failed:Protobuf parsing failed.)"
+    )
+
+
+def test_bench_checks_the_adapter_before_exporting(tmp_path):
+    code, out, err = run_cli(["bench", LLAMA, "--adapter", tmp_path / "missing", "--work-dir", tmp_path / "w"])
+    assert code == 2 and not out
+    assert err.splitlines() == [f"Error: {tmp_path / 'missing'}: no such adapter file or folder"]
+    assert not (tmp_path / "w" / "base").exists()  # nothing was exported first
 
 
 @pytest.mark.parametrize(
