@@ -100,10 +100,19 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     try:
         size = p.stat().st_size
         with open(p, "rb") as f:
-            head = f.read(8)
+            head = f.read(9)
             if len(head) < 8:
                 raise _bad(p, f"{size} bytes is too short for a header")
-            n = int.from_bytes(head, "little")
+            n = int.from_bytes(head[:8], "little")
+            if (n > MAX_HEADER_BYTES or n > size - 8) and head[8:9] != b"{":
+                # no JSON header where one must start: some other file under a .safetensors name
+                raise FormatError(
+                    f"{p}: not a safetensors file (it starts with {head[:8]!r}, not an 8-byte header length "
+                    "and a JSON header)",
+                    hint="check the path; a text file, HTML page or Git LFS pointer is not the weights",
+                    path=p,
+                )
+            f.seek(8)
             if n > MAX_HEADER_BYTES:
                 raise UnsafeInputError(
                     f"{p}: safetensors header claims {n} bytes (limit {MAX_HEADER_BYTES})",

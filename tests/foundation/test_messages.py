@@ -115,3 +115,34 @@ def test_targets_are_grouped() -> None:
     ]
     assert len(kohya) == 960
     assert target_names(kohya) == sorted(f"attn{a}_{t}" for a in (1, 2) for t in ("to_q", "to_k", "to_v", "to_out_0"))
+
+
+def test_a_text_file_named_safetensors_is_not_a_safetensors_file(tmp_path) -> None:
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}')
+    (folder / "adapter_model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
+    r = run("info", folder)
+    assert r.exit_code == 2
+    assert r.output == (
+        f"Error: {folder / 'adapter_model.safetensors'}: not a safetensors file (it starts with b'version ', not "
+        "an 8-byte header length and a JSON header)\n"
+        "Hint: check the path; a text file, HTML page or Git LFS pointer is not the weights\n"
+    )
+
+
+@pytest.mark.parametrize("command", ["resize", "merge"])
+def test_an_empty_output_path_is_a_usage_error(command: str) -> None:
+    args = ("resize", LORA, "--rank", 2) if command == "resize" else ("merge", base_dir("llama"), LORA)
+    r = CliRunner().invoke(cli, [str(a) for a in (*args, "-o", "")])
+    assert r.exit_code == 2
+    assert r.output.splitlines()[-1] == (
+        "Error: Invalid value for '-o' / '--output': an empty path; "
+        "give a file or folder name (for example -o out/NAME)"
+    )
+
+
+def test_resize_ratio_nan_is_refused_up_front(tmp_path) -> None:
+    r = CliRunner().invoke(cli, ["resize", str(LORA), "--ratio", "nan", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "Invalid value for '--ratio': must be a finite number" in r.output
+    assert "dropped" not in r.output and not (tmp_path / "x").exists()
