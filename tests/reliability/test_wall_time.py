@@ -41,6 +41,7 @@ _BOUNDS = [
     re.compile(r"timeout(?:_s)?\s*=\s*(\d+(?:\.\d+)?)"),  # subprocess / wait timeouts
     re.compile(r"(?:time|monotonic)\(\)\s*\+\s*(\d+(?:\.\d+)?)"),  # polling bounds
     re.compile(r"(?:time_limit|only_loratools_errors)\([^)]*?(\d+(?:\.\d+)?)\s*\)"),  # fuzz hang timers
+    re.compile(r"(?:seconds|_ms)\"\]\s*[<>](?!=)\s*\w+\[\"\w*(?:seconds|_ms)\"\]"),  # one timing must beat another
 ]
 
 
