@@ -117,3 +117,38 @@ def test_validate_against_the_genai_model(tmp_path):
         f"  error   onnxruntime-genai.lora_inputs: {MODEL / 'model.onnx'}: the slot graph has no LoRA slot for "
         "2 module(s): model.layers.0.self_attn.k_proj, model.layers.1.self_attn.k_proj"
     ) in out.splitlines()
+
+
+def _olive_dynamic(folder: Path) -> Path:
+    """The fixture as Olive's default ExtractAdapters writes it: one rank symbol ``lora_r``, zero-rank defaults."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    shutil.copytree(MODEL, folder)
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    for value in proto.graph.input:
+        if ".lora_" in value.name:
+            dims = value.type.tensor_type.shape.dim
+            dims[1 if ".lora_A." in value.name else 0].dim_param = "lora_r"
+    for tensor in proto.graph.initializer:
+        if ".lora_" in tensor.name:
+            shape = [0 if d == 8 else d for d in tensor.dims]
+            tensor.CopyFrom(numpy_helper.from_array(np.zeros(shape, dtype=np.float32), tensor.name))
+    onnx.save(proto, str(folder / "model.onnx"))
+    return folder
+
+
+def test_a_shared_rank_symbol_gets_the_adapters_largest_rank(genai_model, references, tmp_path):
+    import onnxruntime as ort
+
+    from loratools.adapter_io import load_adapter, save_adapter
+
+    folder = _olive_dynamic(tmp_path / "dynamic")
+    save_adapter(load_adapter(PATTERNS), tmp_path / "a.onnx_adapter", format="onnx-adapter", model=folder)
+    params = ort.AdapterFormat.read_adapter(str(tmp_path / "a.onnx_adapter")).get_parameters()
+    ranks = {p.numpy().shape[1] for n, p in params.items() if ".lora_A." in n}
+    assert ranks == {6}  # ranks 2, 4 and 6 all padded to the largest
+    _, tuned = references
+    assert np.abs(genai_logits(og.Model(str(folder)), tmp_path / "a.onnx_adapter") - tuned).max() <= 1e-4
