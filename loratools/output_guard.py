@@ -58,6 +58,18 @@ def location_problem(out: Path) -> str | None:
     return None
 
 
+#: the metadata key of the provenance record (publish.METADATA_KEY; publish imports this module)
+_RECORD_KEY = "loratools"
+
+
+def _record(text: object) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def _onnx_record(path: Path) -> dict[str, Any] | None:
     try:
         import onnx
@@ -65,20 +77,12 @@ def _onnx_record(path: Path) -> dict[str, Any] | None:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # no onnx installed, or not a model: no proof either way
         return None
-    for prop in proto.metadata_props:
-        if prop.key == "loratools":
-            try:
-                rec = json.loads(prop.value)
-            except ValueError:
-                return None
-            return rec if isinstance(rec, dict) else None
-    return None
+    return next((_record(p.value) for p in proto.metadata_props if p.key == _RECORD_KEY), None)
 
 
 def provenance_record(path: Path) -> dict[str, Any] | None:
     """The loratools provenance record a weight file carries, or None."""
     from .errors import LoratoolsError
-    from .publish import read_provenance
 
     if path.suffix == ".onnx":
         return _onnx_record(path)
@@ -87,7 +91,7 @@ def provenance_record(path: Path) -> dict[str, Any] | None:
     from .safetensors_file import read_header
 
     try:
-        return read_provenance(read_header(path)[1])
+        return _record((read_header(path)[1] or {}).get(_RECORD_KEY))
     except (LoratoolsError, OSError, ValueError):
         return None
 
