@@ -144,7 +144,7 @@ def _adapter(p: Path) -> Artifact:
     art.rows = [
         ("kind", f"LoRA adapter ({adapter.format})"),
         ("rank", ", ".join(str(r) for r in ranks) or "-"),
-        ("alpha", ", ".join(str(a) for a in alphas) or "-"),
+        ("alpha", ", ".join(_number(a) for a in alphas) or "-"),
         ("targets", _listing(s.get("target_modules") or [])),
         ("modules", str(s.get("num_modules"))),
         ("parameters", f"{s.get('parameters'):,}"),
@@ -155,6 +155,27 @@ def _adapter(p: Path) -> Artifact:
     if s.get("dtype"):
         art.rows.append(("dtype", str(s["dtype"])))
     return art
+
+
+def _number(x: float) -> str:
+    """A number for a card: 2.3333333333333335 reads 2.3333, 16.0 reads 16."""
+    return f"{round(float(x), 4):g}"
+
+
+def _shown(value: Any) -> str:
+    """A parameter for a card: JSON, floats rounded like :func:`_number` (the file's record stays exact)."""
+    if isinstance(value, float):
+        return _number(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _merged(record: dict[str, Any] | None) -> str:
+    """``a LoRA adapter`` or ``3 LoRA adapters``: what the provenance record says was merged."""
+    adapters = ((record or {}).get("inputs") or {}).get("adapters")
+    n = len(adapters) if isinstance(adapters, list) else 1
+    return "a LoRA adapter" if n <= 1 else f"{n} LoRA adapters"
 
 
 def _listing(items: list[str], limit: int = 12) -> str:
@@ -186,7 +207,7 @@ def _how_made(record: dict[str, Any] | None) -> list[str]:
     lines.append(f"`loratools {op}` (loratools {record.get('loratools_version', '?')}).")
     params = {k: v for k, v in (record.get("parameters") or {}).items() if v not in (None, [], {}, "")}
     if params:
-        lines += ["", "Parameters:", ""] + [f"- `{k}`: `{json.dumps(v)}`" for k, v in sorted(params.items())]
+        lines += ["", "Parameters:", ""] + [f"- `{k}`: `{_shown(v)}`" for k, v in sorted(params.items())]
     inputs = record.get("inputs") or {}
     if inputs:
         lines += ["", "Inputs:", ""]
@@ -215,7 +236,7 @@ def body(art: Artifact, repo_id: str, base_model: str | None) -> str:
     base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "its base model"
     what = {
         "adapter": f"A LoRA adapter for {base_link}",
-        "checkpoint": f"{base_link[0].upper() + base_link[1:]} with a LoRA adapter merged into its weights",
+        "checkpoint": f"{base_link[0].upper() + base_link[1:]} with {_merged(art.provenance)} merged into its weights",
         "pipeline": f"A diffusers pipeline built on {base_link}",
         "onnx": f"An ONNX export of {base_link}",
     }[art.kind]

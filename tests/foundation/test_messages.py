@@ -146,3 +146,14 @@ def test_resize_ratio_nan_is_refused_up_front(tmp_path) -> None:
     r = CliRunner().invoke(cli, ["resize", str(LORA), "--ratio", "nan", "-o", str(tmp_path / "x")])
     assert r.exit_code == 2 and "Invalid value for '--ratio': must be a finite number" in r.output
     assert "dropped" not in r.output and not (tmp_path / "x").exists()
+
+
+def test_cards_round_alpha_and_count_merged_adapters(tmp_path) -> None:
+    third = tmp_path / "third"
+    assert run("rescale", LORA, "--alpha", 7 / 3, "-o", third).exit_code == 0
+    r = run("push", third, "me/third", "--dry-run")
+    assert r.exit_code == 0 and "| alpha | 2.3333 |" in r.output and "2.3333333" not in r.output
+    merged = tmp_path / "merged"
+    assert run("merge", base_dir("llama"), LORA, adapter_dir("llama-rslora"), "-o", merged).exit_code == 0
+    r = run("push", merged, "me/merged", "--dry-run")
+    assert r.exit_code == 0 and "with 2 LoRA adapters merged into its weights" in r.output, r.output
