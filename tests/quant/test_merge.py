@@ -174,3 +174,41 @@ def test_refusals(tmp_path, gptq_base, bnb_bases, base16, adapter) -> None:  # n
     # GPTQ merges to 16-bit: deq(Wq) + ΔW
     summary = merge(gptq_base, [adapter], tmp_path / "g16")
     assert summary.quant.scheme == "gptq" and summary.modules_merged == 14
+
+
+def test_sharded_base_requantized_in_place(tmp_path, bnb_bases, adapter) -> None:  # noqa: ANN001
+    """A module's quantized parts may sit in any shard; the index lists them, the reader hides them."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from loratools.checkpoint.writer import SafetensorsWriter, TensorEntry, plan_shards, write_index
+    from loratools.safetensors_file import dtype_name
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shutil.copy(bnb_bases["nf4-dq"] / "config.json", sharded / "config.json")
+    tensors = load_file(str(bnb_bases["nf4-dq"] / "model.safetensors"))
+    # safetensors' own order (wider dtypes first, then by name), cut so a module's parts land in different shards
+    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    entries = [TensorEntry(k, dtype_name(tensors[k].dtype), tuple(tensors[k].shape)) for k in names]
+    plan = plan_shards(entries, 20_000)
+    for fname, group in plan.files.items():
+        with SafetensorsWriter(sharded / fname, group, {"format": "pt"}) as w:
+            for e in group:
+                w.write(e.name, tensors[e.name])
+    write_index(sharded / "model.safetensors.index.json", plan)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    with open_checkpoint(sharded) as r, open_checkpoint(bnb_bases["nf4-dq"]) as one:
+        assert sorted(r.keys()) == sorted(one.keys())
+        key = "model.layers.1.mlp.up_proj.weight"
+        assert torch.equal(r.get(key), one.get(key))
+    out = tmp_path / "req"
+    merge(sharded, [adapter], out, requantize=True)
+    got = json.loads((out / "model.safetensors.index.json").read_text())
+    assert got["weight_map"] == index["weight_map"]
+    with open_checkpoint(out) as r, open_checkpoint(sharded) as b:
+        assert r.quant is not None and sorted(r.keys()) == sorted(b.keys())
+        assert not torch.equal(r.get(key), b.get(key))  # merged
+        assert torch.equal(r.get("model.norm.weight"), b.get("model.norm.weight"))

@@ -49,7 +49,11 @@ def requantize(
         if state.nested:
             q, nabs, offset = bnb.quantize_nested(absmax, old["nested_quant_map"], state.nested_blocksize or 256)
             new.update(absmax=q, nested_absmax=nabs.to(old["nested_absmax"].dtype))
-            new["state"] = bnb.pack_state(state, offset)
+            packed_state = bnb.pack_state(state, offset)
+            short = old["state"].numel() - packed_state.numel()
+            if short > 0:  # JSON allows trailing spaces: keep the old length, so no later tensor moves
+                packed_state = torch.cat([packed_state, torch.full((short,), ord(" "), dtype=torch.uint8)])
+            new["state"] = packed_state
         else:
             new["absmax"] = absmax.to(old["absmax"].dtype)
         return new

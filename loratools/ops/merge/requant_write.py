@@ -116,6 +116,7 @@ def write_requantized(
                 for k in keys:
                     info = _raw(reader, k)
                     entries.append(spilled[k][1] if k in spilled else TensorEntry(k, info.dtype, tuple(info.shape)))
+                _check_alignment(f, entries)
                 dest = tmp if single else tmp / f.name
                 meta_f = {**reader.metadata(f), **meta}
                 meta_f.setdefault("format", "pt")
@@ -154,6 +155,24 @@ def check_reference(ref: CheckpointReader, key: str, reader: CheckpointReader) -
             f"--reference {ref.root}: {key} is {tuple(ref.info(key).shape)}, the quantized base's is {want}",
             hint="give the 16-bit base this checkpoint was quantized from",
         )
+
+
+def _check_alignment(f: Path, entries: list[Any]) -> None:
+    """Every tensor must start at a multiple of its element size (readers refuse it otherwise); a longer
+    4-bit state JSON before a wider tensor would break that."""
+    from ...errors import UnsupportedError
+    from ...safetensors_file import DTYPES
+
+    pos = 0
+    for e in entries:
+        size = DTYPES[e.dtype][1]
+        if pos % size:
+            raise UnsupportedError(
+                f"{f.name}: requantizing moves {e.name} off its {size}-byte alignment (a quant state grew and "
+                "this file stores wider tensors after it)",
+                hint="merge without --requantize (a 16-bit checkpoint)",
+            )
+        pos += e.nbytes
 
 
 def _raw(reader: CheckpointReader, key: str) -> Any:
