@@ -1,0 +1,93 @@
+"""The README's tour runs as written, prints what the README shows, and leaves `git status` clean.
+
+Every ``$ loratools ...`` line of the README writes under ``out/`` (ignored by .gitignore); the test
+runs them in order from the repository root (the ONNX ones excepted: exports take minutes and
+tests/onnx runs them) and compares each command's first output line with the README's, timings and
+sizes masked. Before and after, ``git status --porcelain`` must list the same paths.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+from foundation_support import ROOT
+
+from loratools.cli.main import cli
+
+README = ROOT / "README.md"
+#: numbers that change from run to run: durations, sizes, speed-ups
+_VOLATILE = re.compile(r"\d+(\.\d+)? (s|ms|KB|MB|B)\b|\d+(\.\d+)?x faster")
+SKIP = ("export-onnx", "bench", "onnx")
+
+
+def tour() -> list[tuple[list[str], list[str]]]:
+    """(argv after 'loratools', the README's output lines) for each ``$ loratools`` line in a code block."""
+    steps: list[tuple[list[str], list[str]]] = []
+    in_block = False
+    for line in README.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            in_block = not in_block
+            continue
+        if not in_block:
+            continue
+        if line.startswith("$ loratools "):
+            steps.append((shlex.split(line.removeprefix("$ loratools ")), []))
+        elif steps and not line.startswith("$ "):
+            steps[-1][1].append(line)
+    return steps
+
+
+def _outputs(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-o", "--output")]
+
+
+def test_every_readme_output_is_under_out() -> None:
+    text = README.read_text(encoding="utf-8")
+    commands = [shlex.split(c) for c in re.findall(r"loratools ([a-z-]+ [^\n`]*)", text)]
+    outputs = [o for argv in commands for o in _outputs(argv)]
+    assert len(outputs) >= 12
+    assert all(o.startswith("out/") for o in outputs), [o for o in outputs if not o.startswith("out/")]
+    assert "/out/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def _status() -> set[str]:
+    r = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        pytest.skip("not a git checkout")
+    return set(r.stdout.splitlines())
+
+
+def _mask(line: str) -> str:
+    return _VOLATILE.sub("#", line).rstrip()
+
+
+def test_the_tour_runs_as_written_and_leaves_the_tree_clean(monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    steps = [(argv, shown) for argv, shown in tour() if not any(w in " ".join(argv) for w in SKIP)]
+    assert len(steps) >= 12
+    for argv, _ in steps:
+        for out in _outputs(argv):
+            assert out.startswith("out/"), argv
+            stale = ROOT / "out" / out.split("/")[1]  # out/NAME, or the folder out/NAME/... (with a Modelfile)
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
+    before = _status()
+    for argv, shown in steps:
+        r = CliRunner().invoke(cli, argv)
+        expected_code = 1 if argv[0] == "verify" and "FAILED" in "\n".join(shown) else 0
+        if argv[0] == "validate" and "error(s)" in "\n".join(shown):
+            expected_code = 1
+        assert r.exit_code == expected_code, (argv, r.output)
+        if shown:
+            got = [_mask(x) for x in r.stdout.splitlines()]
+            assert _mask(shown[0]) in got, f"loratools {' '.join(argv)}: README shows {shown[0]!r}, got:\n{r.stdout}"
+    assert _status() == before
