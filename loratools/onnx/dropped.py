@@ -24,7 +24,8 @@ MANIFEST_KEY = "dropped"
 
 
 def dropped_tensors(model: onnx.ModelProto, keys: Iterable[str], aliases: dict[str, list[str]]) -> list[str]:
-    """Checkpoint tensors ``keys`` that the graph holds neither by name nor through a tied alias.
+    """Parameters ``keys`` (the exported model's, named as the graph names them) that the graph holds
+    neither by name nor through a tied alias.
 
     ``aliases`` maps a parameter to every name tied to it (embeddings shared with an LM head): a tied
     name the checkpoint stores twice is held by the graph when any name of its group is.

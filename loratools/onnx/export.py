@@ -322,7 +322,9 @@ def export_onnx(
         trace_to_onnx(loaded, raw, opset)
         proto = load_graph(raw)
         rename_initializers(proto, loaded.aliases, keys)
-        dropped = dropped_tensors(proto, keys, loaded.aliases)
+        # the model's own parameter names (what the graph's names come from), not the checkpoint's keys: a
+        # key the model renames on load must not look dropped
+        dropped = dropped_tensors(proto, [n for names in loaded.aliases.values() for n in names], loaded.aliases)
         record_dropped(proto, dropped)  # the proof merge-into-ONNX and --lora-slots skip modules by
         skipped = {}
         if slot_adapter is not None:
