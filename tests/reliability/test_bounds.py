@@ -12,7 +12,7 @@ import pytest
 import torch
 from reliability_support import BROKEN, LLAMA_BASE, LLAMA_LORA, PEFT_Q0, Q0, damaged_adapter
 
-import loratools.checkpoint.reader as reader_mod
+import loratools.json_file as json_file_mod
 import loratools.safetensors_file as st_mod
 from loratools.adapter_io import load_adapter
 from loratools.checkpoint.reader import open_checkpoint
@@ -97,7 +97,7 @@ def test_json_files_are_size_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     adapter, base = tmp_path / "adapter", tmp_path / "base"
     shutil.copytree(LLAMA_LORA, adapter)
     shutil.copytree(FIXTURES_SHARDED, base)
-    monkeypatch.setattr(reader_mod, "MAX_JSON_BYTES", 4096)
+    monkeypatch.setattr(json_file_mod, "MAX_JSON_BYTES", 4096)
     target = adapter / which if which == "adapter_config.json" else base / which
     target.write_text(target.read_text() + " " * 8192)
     with pytest.raises(UnsafeInputError, match=r"of \d+ bytes exceeds the 4096 byte limit") as exc:
@@ -107,7 +107,7 @@ def test_json_files_are_size_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_pipeline_index_is_size_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]}) + " " * 9000)
-    monkeypatch.setattr(reader_mod, "MAX_JSON_BYTES", 4096)
+    monkeypatch.setattr(json_file_mod, "MAX_JSON_BYTES", 4096)
     with pytest.raises(UnsafeInputError, match="model_index.json"):
         open_checkpoint(tmp_path)
 
