@@ -86,6 +86,10 @@ def _human(d: dict[str, Any]) -> None:
             f", ... ({len(missing)} of {d['num_modules']} modules)" if len(missing) > 3 else ""
         )
         rows.append(("not in base", shown))
+    if d.get("base_quantization"):
+        from .quant_render import describe_scheme
+
+        rows.append(("base quantized", describe_scheme(d["base_quantization"])))
     if d["provenance"]:
         p = d["provenance"]
         rows.append(("made by", f"loratools {p.get('loratools_version', '?')} {p.get('operation', '?')}"))

@@ -190,6 +190,8 @@ def info(adapter_path: str | Path, base: str | Path | None = None, *, format: st
             data["base"] = str(base)
             data["base_parameters"] = total
             data["parameter_share"] = data["parameters"] / total if total else None
+            if reader.quant is not None:  # scheme, bits, block sizes and the quantized tensors
+                data["base_quantization"] = reader.quant.summary()
             unresolved = adapter.meta.get("unresolved") or []
             data["unresolved"] = [n for n in unresolved if tied_source(reader, n) is None]
         # the modules list reads best last

@@ -58,3 +58,13 @@ def test_validate_quantized_base_with_reference(tmp_path, bnb_bases, base16) -> 
     assert code == 0 and "quantized base: bnb-8bit" in out
     code, out = _run("validate", tmp_path / "ad", "--reference", base16)
     assert code == 2 and "--reference needs --base" in out
+
+
+def test_info_shows_the_base_quantization() -> None:
+    code, out = _run("info", "fixtures/peft/llama-lora", "--base", "fixtures/bases/llama-bnb-nf4", "--json")
+    assert code == 0, out
+    q = json.loads(out)["base_quantization"]
+    assert q["scheme"] == "bnb-4bit" and q["bits"] == 4 and q["settings"]["blocksize"] == 64
+    assert "model.layers.0.self_attn.q_proj.weight" in q["quantized"] and "lm_head.weight" not in q["quantized"]
+    code, out = _run("info", "fixtures/peft/llama-lora", "--base", "fixtures/bases/llama-bnb-nf4")
+    assert "base quantized  bnb-4bit (nf4, blocksize 64, double quant)" in out
