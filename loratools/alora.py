@@ -87,7 +87,7 @@ def refuse_format(adapter: Adapter, target: str) -> None:
         raise UnsupportedError(
             f"the adapter is an activated LoRA (aLoRA, invocation tokens {tokens}); a {target} file cannot "
             "hold the invocation tokens, so it would act on every token",
-            hint=f"write it as {' or '.join(FORMATS)} (--to peft)",
+            hint="write it as PEFT or GGUF instead, e.g. loratools convert ADAPTER --to peft -o OUT",
         )
 
 

@@ -168,7 +168,8 @@ def extract(
                 continue
             old = fb.get(key)
             delta = new.to(torch.float32, copy=True)
-            delta.sub_(old)
+            for part, base_part in zip(delta.split(4096), old.split(4096), strict=True):
+                part.sub_(base_part)  # in row blocks: a mixed-dtype sub_ casts through a temporary
             norm = float(torch.linalg.vector_norm(delta))
             if not math.isfinite(norm):  # NaN/Inf somewhere (a full isfinite() would cost 3 copies of ΔW)
                 from ..finite import require_finite

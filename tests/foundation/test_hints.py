@@ -32,6 +32,7 @@ READERS = ("info", "validate", "diff", "spectrum", "merge", "verify", "convert",
 #: source file (relative to loratools/, a prefix) -> the commands whose run can print its hints
 REACHED_FROM: dict[str, tuple[str, ...]] = {
     "adapter_io.py": ("convert", "resize", "rescale", "combine"),
+    "alora.py": ("merge", "export-onnx", "convert", "resize", "rescale", "combine"),
     "adapter.py": READERS,
     "ambiguity.py": ("convert", "resize", "rescale", "combine", "merge", "export-onnx"),
     "checkpoint/quant/": ("merge",),
@@ -63,6 +64,7 @@ REACHED_FROM: dict[str, tuple[str, ...]] = {
 HINT_REACHED_FROM: dict[str, tuple[str, ...]] = {
     "choose a one-file format with --to": WRITERS,  # publish.check_output_layout: adapter outputs only
     "leave --opset out": ("export-onnx",),  # only a given --opset is out of range
+    "pass --allow-alora": ("merge", "export-onnx"),  # alora.refuse_merge: the merging commands only
 }
 #: options that hints name ahead of the commands that will take them (work in progress elsewhere):
 #: such a hint is an expected failure until the option exists, then a plain pass

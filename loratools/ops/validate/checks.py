@@ -157,7 +157,7 @@ def check_adapter(adapter: Adapter, report: ValidationReport) -> None:
                 "zero_delta",
                 f"module {name}: lora_B is all zeros, so the module changes nothing (an untrained adapter?)",
             )
-    from ...alora import MERGE_HINT, invocation_tokens
+    from ...alora import invocation_tokens
 
     if tokens := invocation_tokens(adapter):
         report.add(
@@ -166,7 +166,7 @@ def check_adapter(adapter: Adapter, report: ValidationReport) -> None:
             "alora",
             f"{report.path}: activated LoRA (aLoRA): it acts only from its invocation tokens {tokens} on; "
             "a runtime without aLoRA support, or a merge, applies it to every token",
-            hint=MERGE_HINT,
+            hint="merge refuses it; to merge anyway (every token): loratools merge BASE ADAPTER -o OUT --allow-alora",
         )
     cfg = adapter.meta.get("config")
     if adapter.format == "peft" and isinstance(cfg, dict):
