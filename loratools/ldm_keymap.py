@@ -18,7 +18,9 @@ is its downsampler, and ``output_blocks.(b·(L+1) + l)`` is ``up_blocks.b`` laye
 beside the last layer. OpenCLIP stores an attention's q, k and v projections stacked in one
 ``attn.in_proj_weight`` (3·d rows): they become the *fused parts* ``<attn>.in_proj.q`` / ``.k`` / ``.v``, each
 a third of that tensor's rows; ``c_fc`` / ``c_proj`` / ``ln_1`` / ``ln_2`` are ``fc1`` / ``fc2`` / ``layer_norm1`` /
-``layer_norm2``. Nothing here reads tensor data.
+``layer_norm2``. Nothing here reads tensor data, and nothing here imports loratools: it is a name table
+read by both the base's key matching (``checkpoint/keymap.py``) and kohya's name resolution
+(``formats/kohya.py``), and formats import no checkpoint code.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ class LdmLayout:
     local_names: dict[str, dict[str, str]] = field(default_factory=dict)
     #: fused part path (``...attn.in_proj.q``) -> where its rows are
     fused: dict[str, FusedPart] = field(default_factory=dict)
+    #: aliases without CLIP's ``text_model.`` level (transformers 5's names), beside the full ones
+    short_aliases: set[str] = field(default_factory=set)
 
     def component_names(self, component: str) -> dict[str, str]:
         """Every local module name of ``component`` (diffusers path without the component, original UNet
@@ -87,7 +91,7 @@ class LdmLayout:
         out = dict(self.local_names.get(component, {}))
         prefix = component + "."
         for alias, path in self.aliases.items():
-            if alias.startswith(prefix):
+            if alias.startswith(prefix) and alias not in self.short_aliases:
                 out[alias[len(prefix) :]] = path
         return out
 
@@ -197,4 +201,12 @@ def ldm_layout(keys: Iterable[str]) -> LdmLayout | None:
                     layout.fused[virtual] = FusedPart(k, index)
                     layer = f"text_model.encoder.layers.{m.group(2)}.self_attn.{part}_proj"
                     layout.aliases[f"{component}.{layer}"] = virtual
+    # transformers 5 saves CLIP without the ``text_model.`` level, so a diffusers LoRA may name it either way
+    for alias, path in list(layout.aliases.items()):
+        component, _, rest = alias.partition(".")
+        if rest.startswith("text_model."):
+            short = f"{component}.{rest[len('text_model.') :]}"
+            if short not in layout.aliases:
+                layout.aliases[short] = path
+                layout.short_aliases.add(short)
     return layout

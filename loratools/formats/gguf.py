@@ -93,17 +93,9 @@ class GgufFormat(AdapterFormat):
 
     @classmethod
     def sniff(cls, path: Path) -> bool:
-        """A GGUF file whose ``general.type`` is ``adapter`` (a GGUF model is a base, not an adapter)."""
-        import gguf
+        from .gguf_names import is_gguf_file
 
-        from .gguf_names import _scalar, is_gguf_file, open_gguf
-
-        if not is_gguf_file(path):
-            return False
-        try:
-            return _scalar(open_gguf(path), gguf.Keys.General.TYPE) == "adapter"
-        except FormatError:
-            return True  # a damaged GGUF file: read() names what is wrong with it
+        return is_gguf_file(path)
 
     @classmethod
     def write(

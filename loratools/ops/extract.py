@@ -287,7 +287,6 @@ def extract(
             to=to,
             overwrite=overwrite,
             kohya_prefix=kohya_prefix,
-            base=base,
         )
     return result
 

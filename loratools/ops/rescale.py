@@ -82,6 +82,5 @@ def rescale(
             to=to,
             overwrite=overwrite,
             kohya_prefix=kohya_prefix,
-            base=base,
         )
     return out

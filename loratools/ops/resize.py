@@ -163,6 +163,5 @@ def resize(
             to=to,
             overwrite=overwrite,
             kohya_prefix=kohya_prefix,
-            base=base,
         )
     return result

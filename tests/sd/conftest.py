@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "formats"))  # sd.py: a diffusers-format LoRA writer
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 import ldm_support  # noqa: E402
