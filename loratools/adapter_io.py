@@ -26,16 +26,23 @@ def load_adapter(
     """Read an adapter in any registered format into the canonical :class:`Adapter`.
 
     With ``base`` (a path or an open :class:`CheckpointReader`), module names are resolved against the
-    base's real tensor names (kohya names need this) and normalized to them.
+    base's real tensor names (kohya names need this) and normalized to them. A GGUF model as ``base``
+    serves GGUF adapters only (their names and Q/K rows need its architecture and head counts).
     """
     from .checkpoint.reader import CheckpointReader, open_checkpoint
 
     local = resolve_path(path, "adapter")
     fmt = get_format(format) if format else detect_format(local)
     reader = None
+    gguf_base = None
     if base is not None:
-        reader = base if isinstance(base, CheckpointReader) else open_checkpoint(base)
-    adapter = fmt.read(local, base=reader)
+        from .formats.gguf_names import is_gguf_file
+
+        if isinstance(base, str | Path) and is_gguf_file(base):
+            gguf_base = base  # a GGUF model names no Hugging Face tensors; a GGUF adapter reads its heads from it
+        else:
+            reader = base if isinstance(base, CheckpointReader) else open_checkpoint(base)
+    adapter = fmt.read(local, base=gguf_base if gguf_base is not None and fmt.name == "gguf" else reader)
     adapter.meta.setdefault("source", str(path))
     check_tensors(adapter, weights_label(adapter, local))
     if reader is not None:

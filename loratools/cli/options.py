@@ -132,5 +132,6 @@ resolve_base_option = click.option(
     "--base",
     type=str,
     default=None,
-    help="The model (or diffusers pipeline) the adapter is for: resolves kohya names when --to leaves kohya.",
+    help="The model the adapter is for (folder, diffusers pipeline or .gguf): resolves kohya names when --to "
+    "leaves kohya; a --to gguf file is written for it.",
 )

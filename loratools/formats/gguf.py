@@ -93,9 +93,17 @@ class GgufFormat(AdapterFormat):
 
     @classmethod
     def sniff(cls, path: Path) -> bool:
-        from .gguf_names import is_gguf_file
+        """A GGUF file whose ``general.type`` is ``adapter`` (a GGUF model is a base, not an adapter)."""
+        import gguf
 
-        return is_gguf_file(path)
+        from .gguf_names import _scalar, is_gguf_file, open_gguf
+
+        if not is_gguf_file(path):
+            return False
+        try:
+            return _scalar(open_gguf(path), gguf.Keys.General.TYPE) == "adapter"
+        except FormatError:
+            return True  # a damaged GGUF file: read() names what is wrong with it
 
     @classmethod
     def write(

@@ -107,6 +107,11 @@ def detect_format(path: str | Path) -> type[AdapterFormat]:
             path=p,
         )
     hint = "a PEFT adapter is a folder with adapter_config.json; a kohya file is one .safetensors"
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        hint = (
+            f"{p} is a GGUF model, not an adapter: pass it as --base, or merge into it "
+            "(loratools merge MODEL.gguf ADAPTER -o merged.gguf)"
+        )
     if p.is_dir() and ((p / "config.json").is_file() or (p / "model_index.json").is_file()):
         hint = (
             f"{p} looks like a base model, not an adapter: name the adapter here "

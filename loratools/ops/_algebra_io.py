@@ -26,6 +26,11 @@ def load(
     from ..ambiguity import require_unambiguous
     from ..hub import resolve_path
 
+    if isinstance(base, str | Path) and not isinstance(adapter, Adapter):
+        from ..formats.gguf_names import is_gguf_file
+
+        if is_gguf_file(base) and not is_gguf_file(adapter):
+            base = None  # a GGUF model names no Hugging Face modules: here it is only the target of a gguf write
     if isinstance(adapter, Adapter):
         loaded, path = adapter, None
     else:
@@ -82,6 +87,20 @@ def cli_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def gguf_base(base: Any) -> Any:
+    """What the gguf writer gets as its base: a Hugging Face folder opened (names, tensors to compare full
+    tensors with), a folder holding only config.json as its path, anything else as given."""
+    if isinstance(base, str | Path) and Path(base).is_dir():
+        from ..checkpoint.reader import open_checkpoint
+        from ..errors import LoratoolsError
+
+        try:
+            return open_checkpoint(base)
+        except LoratoolsError:
+            return base
+    return base
+
+
 def write(
     adapter: Adapter,
     output: str | Path,
@@ -92,10 +111,12 @@ def write(
     to: str | None = None,
     overwrite: bool = False,
     kohya_prefix: str | None = None,
+    base: Any = None,
 ) -> Path:
     """Save ``adapter`` atomically in ``to`` (default: its own format) with a provenance record.
 
-    ``kohya_prefix`` names modules that are under no pipeline component in a kohya output (``lora_te_``).
+    ``kohya_prefix`` names modules that are under no pipeline component in a kohya output (``lora_te_``);
+    ``base`` (a .gguf model file or a Hugging Face folder) is the model a gguf output is written for.
     """
     from ..adapter_io import save_adapter
     from ..formats.registry import get_format
@@ -103,6 +124,8 @@ def write(
 
     fmt = get_format(to or adapter.format or "peft")
     options = writer_options(fmt, {"kohya_prefix": kohya_prefix})
+    if fmt.name == "gguf":
+        options["base"] = gguf_base(base)
     if kohya_prefix is not None:
         parameters = {**parameters, "kohya_prefix": kohya_prefix}
     adapter = replace(adapter, meta=fresh_meta(adapter))

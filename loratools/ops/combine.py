@@ -254,8 +254,9 @@ def combine(
     reader = None
     if base is not None:
         from ..checkpoint.reader import open_checkpoint
+        from ..formats.gguf_names import is_gguf_file
 
-        reader = open_checkpoint(base)
+        reader = None if is_gguf_file(base) else open_checkpoint(base)  # a .gguf base is only a gguf target
     loaded = [load(a, base=reader, trust_tensors=trust_tensors) for a in adapters]
     ads = [ad for ad, _ in loaded]
     labels = [str(p or f"adapter #{i + 1}") for i, (_, p) in enumerate(loaded)]
@@ -307,5 +308,6 @@ def combine(
             to=to,
             overwrite=overwrite,
             kohya_prefix=kohya_prefix,
+            base=base,
         )
     return out

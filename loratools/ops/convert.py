@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
+from ._algebra_io import gguf_base as _gguf_base
 from ._algebra_io import writer_options
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
     from ..checkpoint.reader import CheckpointReader
-
 
 
 @dataclass
@@ -137,20 +137,6 @@ def convert(
         modelfile=modelfile,
         skipped=skipped,
     )
-
-
-def _gguf_base(base: Any) -> Any:
-    """What the gguf writer gets as its base: a Hugging Face folder opened (names, tensors to compare full
-    tensors with), a folder holding only config.json as its path, anything else as given."""
-    if isinstance(base, str | Path) and Path(base).is_dir():
-        from ..checkpoint.reader import open_checkpoint
-        from ..errors import LoratoolsError
-
-        try:
-            return open_checkpoint(base)
-        except LoratoolsError:
-            return base
-    return base
 
 
 def _write_modelfile(adapter: str | Path, base: Any, overwrite: bool) -> str:

@@ -287,6 +287,7 @@ def extract(
             to=to,
             overwrite=overwrite,
             kohya_prefix=kohya_prefix,
+            base=base,
         )
     return result
 

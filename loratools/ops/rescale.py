@@ -82,5 +82,6 @@ def rescale(
             to=to,
             overwrite=overwrite,
             kohya_prefix=kohya_prefix,
+            base=base,
         )
     return out

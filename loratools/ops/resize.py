@@ -163,5 +163,6 @@ def resize(
             to=to,
             overwrite=overwrite,
             kohya_prefix=kohya_prefix,
+            base=base,
         )
     return result

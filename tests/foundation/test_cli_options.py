@@ -155,3 +155,28 @@ def test_combine_refuses_adapters_for_different_bases(tmp_path) -> None:
         "pass it as --base MODEL\n"
     )
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("command", ["rescale", "resize", "extract"])
+def test_writing_verbs_write_gguf_for_the_base_they_are_given(tmp_path, command: str) -> None:
+    """--base names the GGUF model a --to gguf output is for (it was accepted and then not used)."""
+    import torch
+
+    from loratools import load_adapter
+
+    gguf_model = base_dir("llama").parent.parent / "gguf" / "llama-f32.gguf"
+    out = tmp_path / "a.gguf"
+    args = {
+        "rescale": ("rescale", LORA, "--scale", 0.5, "--base", gguf_model),
+        "resize": ("resize", LORA, "--rank", 4, "--base", gguf_model),  # rank 4 = full rank: ΔW kept
+        "extract": ("extract", base_dir("llama"), tmp_path / "merged", "--rank", 4),
+    }[command]
+    if command == "extract":
+        assert run("merge", base_dir("llama"), LORA, "-o", tmp_path / "merged").exit_code == 0
+    r = run(*args, "--to", "gguf", "-o", out)
+    assert r.exit_code == 0, r.output
+    back = load_adapter(out, base=gguf_model)
+    ref = load_adapter(LORA)
+    factor = 0.5 if command == "rescale" else 1.0
+    for name, m in ref.modules.items():
+        torch.testing.assert_close(back.modules[name].delta(), factor * m.delta(), rtol=1e-4, atol=1e-5)
