@@ -62,6 +62,16 @@ class FormatChoice(click.Choice):
     help="GGUF tensor type (gguf only; default: the adapter's float type).",
 )
 @click.option("--ollama", is_flag=True, help="Also write an Ollama Modelfile beside the GGUF adapter (gguf only).")
+@click.option(
+    "--as-lora",
+    is_flag=True,
+    help="Lower every module to plain LoRA (LoHa, LoKr, OFT, BOFT, IA3, DoRA, modules_to_save): exact by "
+    "default; OFT/BOFT/IA3/DoRA/modules_to_save need --base.",
+)
+@click.option("--rank", type=int, default=None, help="With --as-lora: keep at most this rank (optimal truncation).")
+@click.option(
+    "--fro", type=float, default=None, help="With --as-lora: keep the smallest rank retaining this fraction of ‖ΔW‖_F."
+)
 @output_option
 @overwrite_option
 @trust_tensors_option
@@ -79,6 +89,9 @@ def convert(
     model: str | None,
     outtype: str | None,
     ollama: bool,
+    as_lora: bool,
+    rank: int | None,
+    fro: float | None,
     output: str,
     overwrite: bool,
     json_mode: bool,
@@ -102,6 +115,8 @@ def convert(
       loratools convert llama-lora/ --to onnx-adapter --for genai-model/model.onnx -o a.onnx_adapter
       loratools convert llama-lora/ --to gguf --base model.gguf -o adapter.gguf --ollama
       loratools convert adapter.gguf --to peft -o llama-lora/
+      loratools convert lokr-adapter/ --to peft --as-lora -o lora/
+      loratools convert oft-adapter/ --to peft --as-lora --base model/ --rank 16 -o lora16/
     """
     from ..ops.convert import convert as run_convert
 
@@ -120,6 +135,9 @@ def convert(
         model=model,
         outtype=outtype,
         ollama=ollama,
+        as_lora=as_lora,
+        rank=rank,
+        fro=fro,
     )
     out.result(result.to_dict(), _human)
 
@@ -132,3 +150,13 @@ def _human(d: dict[str, Any]) -> None:
         click.echo(f"folded rsLoRA's √r into alpha for {len(d['folded_alpha'])} module(s)")
     for module, reason in (d.get("skipped") or {}).items():
         click.echo(f"skipped {module}: {reason}")
+    low = d.get("lowered")
+    if low:
+        from .output import render_table
+
+        rows = [(m["name"], m["family"], m["rank"], m["exact_rank"], f"{m['relative_error']:.3g}", m["source"])
+                for m in low["modules"]]
+        click.echo(render_table(["module", "from", "rank", "exact rank", "rel. error", "via"], rows))
+        click.echo(f"max relative error {low['max_relative_error']:.3g}")
+        for key in low["kept_replacements"]:
+            click.echo(f"kept {key} as a full tensor (pass --base to lower it)")

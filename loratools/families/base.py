@@ -31,6 +31,13 @@ class FamilyModule:
     #: the update is W-dependent: delta() needs the base weight
     multiplicative: ClassVar[bool] = False
 
+    # LoRA-only attributes, read by code that lists every module (info, validate): never set here
+    use_rslora = False
+    fan_in_fan_out = False
+    bias = None
+    alpha = None
+    magnitude = None
+
     def __post_init__(self) -> None:
         if getattr(self, "kind", "linear") not in LAYOUT_KINDS:
             raise ShapeError(f"{self.label}: unknown module kind {self.kind!r}; expected linear or conv")
@@ -61,6 +68,11 @@ class FamilyModule:
         return self.multiplicative or getattr(self, "magnitude", None) is not None
 
     @property
+    def scale(self) -> float | None:
+        """The multiplier of an additive family (alpha / r); None for multiplicative ones."""
+        return None
+
+    @property
     def is_low_rank(self) -> bool:
         """True when ΔW has an exact low-rank form without the base (LoHa, LoKr)."""
         return False
@@ -78,6 +90,20 @@ class FamilyModule:
     @property
     def parameters(self) -> int:
         return int(sum(t.numel() for t in self.tensors().values()))
+
+    def misfit(self, shape: tuple[int, ...]) -> str | None:
+        """Why a base weight of ``shape`` cannot take this update (None when it fits)."""
+        if not shape or len(shape) < 2:
+            return f"expects a weight matrix, the base tensor has shape {list(shape)}"
+        rows = shape[1] if self.transposed and len(shape) == 2 else shape[0]
+        cols = shape[0] if self.transposed and len(shape) == 2 else math.prod(shape[1:])
+        out, inn = self.out_features, self.in_features
+        if (out is not None and out != rows) or (inn is not None and inn != cols):
+            return f"expects a {out or '?'}x{inn or '?'} weight, the base tensor is {list(shape)}"
+        block = getattr(self, "block_size", None)
+        if block and cols % block:
+            return f"blocks of {block} do not tile the {cols} inputs of a base weight of shape {list(shape)}"
+        return None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The module's own tensors by role (for counting, dtype and finiteness checks)."""

@@ -69,6 +69,7 @@ def module_from_parts(path: Path, name: str, p: dict[str, torch.Tensor]) -> Fami
     """The family module of one LyCORIS entry (``p``: part -> tensor, ``alpha``/``dora_scale`` included)."""
     alpha = _alpha(path, name, p.get("alpha"))
     magnitude, axis = _dora(p.get("dora_scale"))
+    what = "LoHa" if "hada_w1_a" in p or "hada_w1_b" in p else ("LoKr" if any("lokr" in k for k in p) else "OFT")
     try:
         if "hada_w1_a" in p:
             tucker = "hada_t1" in p
@@ -116,7 +117,7 @@ def module_from_parts(path: Path, name: str, p: dict[str, torch.Tensor]) -> Fami
                 kind="conv" if rescale is not None and rescale.ndim > 2 else "linear",
             )
     except KeyError as exc:
-        raise FormatError(f"{path}: module {name} has no {exc.args[0]} tensor", path=path) from None
+        raise FormatError(f"{path}: LyCORIS {what} module {name} has no {exc.args[0]} tensor", path=path) from None
     except ShapeError as exc:
         raise ShapeError(f"{path}: module {name}: {exc.message}", path=path) from None
     raise FormatError(f"{path}: module {name}: {sorted(p)} is no LyCORIS algorithm loratools knows", path=path)
@@ -146,5 +147,6 @@ def family_parts(name: str, m: FamilyModule) -> dict[str, torch.Tensor]:
     raise UnsupportedError(
         f"module {name}: a kohya-style file cannot hold a PEFT {m.label} update "
         "(LyCORIS' OFT works on the output side, PEFT's on the input side)",
-        hint="keep it a PEFT folder (--to peft), or lower it with loratools convert --as-lora --base BASE",
+        hint="keep it a PEFT folder (--to peft), or lower it: loratools convert ADAPTER --to kohya --as-lora "
+        "--base BASE -o OUT",
     )

@@ -167,7 +167,8 @@ def family_of(modules: dict[str, Any]) -> str:
     if len(kinds) != 1 or next(iter(kinds)) not in PEFT_TYPE:
         raise UnsupportedError(
             f"a PEFT adapter holds one family; this one has {', '.join(sorted(kinds))}",
-            hint="write a kohya-style file (--to kohya), or lower everything to LoRA (loratools convert --as-lora)",
+            hint="write a kohya-style file (--to kohya), or lower all to LoRA: loratools convert ADAPTER --to peft "
+            "--as-lora -o OUT",
         )
     return PEFT_TYPE[next(iter(kinds))]
 
@@ -180,7 +181,8 @@ def family_tensors(adapter: Any) -> dict[str, torch.Tensor]:
             if part == "dora_scale":
                 raise UnsupportedError(
                     f"module {name}: PEFT {m.label} has no weight decomposition (LyCORIS dora_scale)",
-                    hint="keep it a kohya-style file, or lower it with loratools convert --as-lora --base BASE",
+                    hint="keep it a kohya-style file, or lower it: loratools convert ADAPTER --to peft --as-lora "
+                    "--base BASE -o OUT",
                 )
             out[f"{PREFIX}{name}.{part}"] = t.contiguous()
     for key, t in adapter.replacements.items():

@@ -36,6 +36,8 @@ class ConvertResult:
     modelfile: str | None = None
     #: onnx-adapter: modules left out because the slot graph's export dropped their weight, and why
     skipped: dict[str, str] = field(default_factory=dict)
+    #: ``as_lora``: what each module became (rank kept, exact rank, relative error; see ops/lower.py)
+    lowered: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +55,9 @@ def convert(
     overwrite: bool = False,
     ollama: bool = False,
     trust_tensors: bool = False,
+    as_lora: bool = False,
+    rank: int | None = None,
+    fro: float | None = None,
     **format_options: Any,
 ) -> ConvertResult:
     """Write ``adapter`` (a path or an :class:`Adapter`) to ``output`` in format ``to``, losslessly.
@@ -63,7 +68,10 @@ def convert(
     modules, e.g. one component of a pipeline LoRA for a single-model base. ``format_options`` go to the
     target format's writer (``dtype=``, ``model=`` for ``onnx-adapter``, ``outtype=`` for ``gguf``). For
     ``gguf``, ``base`` (a .gguf model file or a Hugging Face folder) is also the model the file is written
-    for, and ``ollama`` writes an Ollama ``Modelfile`` beside it. Raises :class:`UsageError` or
+    for, and ``ollama`` writes an Ollama ``Modelfile`` beside it. ``as_lora`` lowers every module (LoHa,
+    LoKr, OFT, BOFT, IA3, DoRA, modules_to_save) to plain LoRA, exactly unless ``rank``/``fro`` ask for an
+    optimal truncation (:func:`loratools.ops.lower.lower_to_lora`; W-dependent ones need ``base``).
+    Raises :class:`UsageError` or
     :class:`UnsupportedError` listing the modules the target cannot hold.
     """
     from ..adapter import Adapter
@@ -97,6 +105,16 @@ def convert(
     require_unambiguous(source, trust_tensors=trust_tensors)
     if include or exclude:
         source = source.select(include, exclude)
+    lowered = None
+    if (rank is not None or fro is not None) and not as_lora:
+        raise UsageError("--rank/--fro truncate while lowering to LoRA", hint="add --as-lora")
+    if as_lora:
+        from ..checkpoint.reader import CheckpointReader, open_checkpoint
+        from .lower import lower_to_lora
+
+        low_reader = base if isinstance(base, CheckpointReader) else (open_checkpoint(base) if base else None)
+        source, low = lower_to_lora(source, low_reader, rank=rank, fro=fro)
+        lowered = low.to_dict()
     skipped: dict[str, str] = {}
     if fmt.name == "onnx-adapter" and format_options.get("model") is not None:
         from ..onnx.slot_map import dropped_modules
@@ -111,7 +129,10 @@ def convert(
     if fmt.name == "gguf":
         options["base"] = _gguf_base(target_base)
 
-    nbytes = sum(m.parameters * m.down.element_size() for m in source.modules.values())
+    from ..adapter import module_tensors
+
+    nbytes = sum(m.parameters * next(iter(module_tensors(m).values())).element_size()
+                 for m in source.modules.values())
     nbytes += sum(t.numel() * t.element_size() for t in source.replacements.values())
     check_disk_space(output, nbytes)
     record = provenance(
@@ -120,6 +141,7 @@ def convert(
             "to": fmt.name,
             "base": str(target_base) if isinstance(target_base, str | Path) else None,
             "kohya_prefix": kohya_prefix,
+            **({"as_lora": True, "rank": rank, "fro": fro} if as_lora else {}),
             **{k: str(v) for k, v in format_options.items() if v is not None},
         },
         {"adapter": describe_input(adapter)} if inputs else {},
@@ -136,6 +158,7 @@ def convert(
         folded_alpha=folded,
         modelfile=modelfile,
         skipped=skipped,
+        lowered=lowered,
     )
 
 

@@ -18,6 +18,19 @@ FIXTURES = ROOT / "fixtures"
 FAMILIES = FIXTURES / "families"
 LLAMA = FIXTURES / "bases" / "llama"
 UNET = FAMILIES / "tiny-unet"
+__all__ = [
+    "FAMILIES",
+    "LLAMA",
+    "LYCORIS_FIXTURES",
+    "PEFT_FIXTURES",
+    "ROOT",
+    "UNET",
+    "llama",
+    "llama_state",
+    "lycoris_model",
+    "peft_merged",
+    "unet_input",
+]
 sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(FIXTURES))

@@ -98,7 +98,7 @@ def _main(capsys, *args: str) -> tuple[int, str]:
         ("missing", "no such adapter"),
         ("empty", "not a LoRA adapter in any known format"),
         ("badjson", "not valid JSON"),
-        ("ia3", "PEFT type IA3 is not LoRA"),
+        ("ia3", "PEFT type VERA is not one loratools reads"),
         ("noweights", "no adapter_model.safetensors"),
         ("text", "not a LoRA adapter"),
     ],
@@ -109,8 +109,8 @@ def test_user_errors_are_one_line(tmp_path, capsys, setup: str, expected: str) -
         p.mkdir()
     if setup == "badjson":
         (p / "adapter_config.json").write_text("{nope")
-    if setup == "ia3":
-        (p / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    if setup == "ia3":  # IA3 is read now (tests/families); VeRA is not
+        (p / "adapter_config.json").write_text('{"peft_type": "VERA"}')
     if setup == "noweights":
         (p / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
     if setup == "text":

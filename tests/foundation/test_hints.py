@@ -53,6 +53,7 @@ REACHED_FROM: dict[str, tuple[str, ...]] = {
     "ops/combine.py": ("combine",),
     "ops/convert.py": ("convert",),
     "ops/extract.py": ("extract",),
+    "ops/lower.py": ("convert",),
     "ops/merge/": ("merge",),
     "ops/rescale.py": ("rescale",),
     "ops/resize.py": ("resize",),

@@ -144,9 +144,9 @@ def test_unusable_inputs_are_reported(tmp_path) -> None:
     assert not r.usable and r.exit_code == 2 and codes(r) == ["unreadable"]
     ia3 = tmp_path / "ia3"
     ia3.mkdir()
-    (ia3 / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    (ia3 / "adapter_config.json").write_text('{"peft_type": "VERA"}')  # IA3 is read now; VeRA is not
     r = validate(ia3)
-    assert codes(r) == ["unsupported_type"] and "IA3" in r.findings[0].message and r.exit_code == 2
+    assert codes(r) == ["unsupported_type"] and "VERA" in r.findings[0].message and r.exit_code == 2
     r = validate(adapter_dir("llama-lora"), base=tmp_path / "nobase")
     assert codes(r) == ["base_unreadable"] and r.exit_code == 2
     trunc = broken(tmp_path)

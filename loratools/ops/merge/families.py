@@ -9,7 +9,6 @@ depend on the order). Non-feed-forward IA3 also scales the base bias, as PEFT's 
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 from ...errors import ShapeError, UnsupportedError
@@ -51,8 +50,8 @@ def check(j: TensorJob) -> None:
                 raise UnsupportedError(
                     f"module {c.module} is {what}; its update multiplies the weight, so weight {c.weight} "
                     "has no meaning",
-                    hint="merge it with weight 1 (--weights), or lower it to LoRA first: loratools convert "
-                    "ADAPTER --as-lora --base BASE",
+                    hint="merge it with weight 1, or lower it to LoRA first: loratools convert ADAPTER --to peft "
+                    "--as-lora --base BASE -o OUT",
                 )
             if len(j.deltas) > 1:
                 raise UnsupportedError(
@@ -60,15 +59,10 @@ def check(j: TensorJob) -> None:
                     "depend on their order",
                     hint="merge it alone first, then merge the others into its output",
                 )
-        shape = j.shape
-        rows = shape[1] if m.transposed and len(shape) == 2 else shape[0]
-        cols = shape[0] if m.transposed and len(shape) == 2 else math.prod(shape[1:])
-        want = (m.out_features, m.in_features)
-        if (want[0] is not None and want[0] != rows) or (want[1] is not None and want[1] != cols):
-            got = f"{want[0] or '?'}x{want[1] or '?'}"
+        problem = m.misfit(j.shape)
+        if problem is not None:
             raise ShapeError(
-                f"adapter module {c.module} ({m.label}) expects a {got} weight, the base tensor "
-                f"{j.source or j.key} is {shape}",
+                f"adapter module {c.module} ({m.label}) {problem} ({j.source or j.key})",
                 hint="the adapter was trained on a different model size or layout",
             )
     for c in j.biases:

@@ -95,6 +95,12 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
         have = replaced.get(bkey, tuple(bi.shape))
         if rows:
             have = (rows[1] - rows[0], *have[1:])
+        if not hasattr(m, "down"):  # another family: its own fit rule
+            problem = m.misfit(have)
+            if problem:
+                report.add("error", name, "shape_mismatch", f"module {name} ({m.label}) {problem} ({bkey})",
+                           hint="the adapter was trained on a different base model")
+            continue
         want = tuple(m.weight_shape)
         if have != want and (getattr(m, "transposed", False) or not same_matrix(want, have)):
             hint = None

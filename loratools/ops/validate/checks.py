@@ -131,6 +131,11 @@ def check_adapter(adapter: Adapter, report: ValidationReport) -> None:
     if not adapter.modules and not adapter.replacements:
         report.add("error", None, "empty", f"{report.path}: the adapter has no LoRA modules and no full tensors")
     for name, m in sorted(adapter.modules.items()):
+        if not hasattr(m, "down"):  # LoHa, LoKr, OFT, BOFT, IA3, diag-OFT
+            from .families import check_family_module
+
+            check_family_module(adapter, name, m, report)
+            continue
         for role, t in (("lora_A", m.down), ("lora_B", m.up), ("magnitude", m.magnitude), ("bias", m.bias)):
             if t is not None and not t.is_floating_point():
                 report.add(
@@ -223,10 +228,11 @@ def check_finite(adapter: Adapter, report: ValidationReport) -> None:
             for key, t in _file_tensors(f):
                 _report_nonfinite(t, key, f, _module_of(key, adapter, adapter.format), report)
         return
+    from ...adapter import module_tensors
+
     for name, m in adapter.modules.items():
-        for role, t in (("lora_A", m.down), ("lora_B", m.up), ("magnitude", m.magnitude), ("bias", m.bias)):
-            if t is not None:
-                _report_nonfinite(t, f"{name} ({role})", None, name, report)
+        for role, t in module_tensors(m).items():
+            _report_nonfinite(t, f"{name} ({role})", None, name, report)
     for key, t in adapter.replacements.items():
         _report_nonfinite(t, key, None, key.rpartition(".")[0], report)
 

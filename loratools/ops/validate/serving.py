@@ -51,19 +51,19 @@ def _modules_where(adapter: Adapter, pred: Callable[[Any], bool]) -> list[str]:
 
 
 def _scale_varies(adapter: Adapter) -> list[str]:
-    scales = Counter(round(m.scale, 12) for m in adapter.modules.values())
+    scales = Counter(round(m.scale, 12) for m in adapter.modules.values() if m.scale is not None)
     if len(scales) <= 1:
         return []
     common = scales.most_common(1)[0][0]
-    return [n for n, m in adapter.modules.items() if round(m.scale, 12) != common]
+    return [n for n, m in adapter.modules.items() if m.scale is not None and round(m.scale, 12) != common]
 
 
 def _alpha_varies(adapter: Adapter) -> list[str]:
-    alphas = Counter(float(m.alpha) for m in adapter.modules.values())
+    alphas = Counter(float(m.alpha) for m in adapter.modules.values() if m.alpha is not None)
     if len(alphas) <= 1:
         return []
     common = alphas.most_common(1)[0][0]
-    return [n for n, m in adapter.modules.items() if float(m.alpha) != common]
+    return [n for n, m in adapter.modules.items() if m.alpha is not None and float(m.alpha) != common]
 
 
 def _conditions(
@@ -79,6 +79,7 @@ def _conditions(
     return {
         "always": ["*"],
         "dora": _modules_where(adapter, lambda m: m.magnitude is not None),
+        "family": _modules_where(adapter, lambda m: m.family != "lora"),
         "bias": _modules_where(adapter, lambda m: m.bias is not None),
         "rslora": _modules_where(adapter, lambda m: m.use_rslora),
         "conv": _modules_where(adapter, lambda m: m.kind == "conv"),
@@ -111,10 +112,14 @@ def _gguf_conditions(adapter: Adapter, settings: dict[str, Any], base: Any) -> d
         **gguf_only,
         **planned,
         "not_gguf": [] if gguf_file else ["*"],
-        "alpha_not_integer": [] if gguf_file else _modules_where(adapter, lambda m: not float(m.alpha).is_integer()),
+        "alpha_not_integer": [] if gguf_file else _modules_where(adapter, _alpha_not_integer),
         "arch_not_imported": ["*"] if arch is not None and converts and arch not in converts else [],
         "arch_unknown": ["*"] if not gguf_file and arch is None and base is not None else [],
     }
+
+
+def _alpha_not_integer(m: Any) -> bool:
+    return m.alpha is not None and not float(m.alpha).is_integer()
 
 
 def _listing(names: list[str]) -> str:

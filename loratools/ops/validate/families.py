@@ -1,0 +1,76 @@
+"""``validate`` for the families beyond LoRA: dtypes, config against tensors, identity (no-op) updates."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ...adapter import Adapter
+    from ...families import FamilyModule
+    from .findings import ValidationReport
+
+
+def check_family_module(adapter: Adapter, name: str, m: FamilyModule, report: ValidationReport) -> None:
+    """One LoHa/LoKr/OFT/BOFT/IA3/diag-OFT module on its own."""
+    import torch
+
+    tensors = m.tensors()
+    for role, t in tensors.items():
+        if not t.is_floating_point():
+            dt = str(t.dtype).removeprefix("torch.")
+            report.add("error", name, "dtype", f"module {name}: {role} is {dt}; adapter tensors must be floating point")
+            return
+    if _identity(m, torch):
+        report.add(
+            "warning",
+            name,
+            "zero_delta",
+            f"module {name}: the {m.label} update is the identity, so the module changes nothing "
+            "(PEFT initializes this family to the identity: an untrained adapter?)",
+        )
+    cfg = adapter.meta.get("config")
+    if adapter.format == "peft" and isinstance(cfg, dict):
+        problem = _config_disagrees(name, m, cfg)
+        if problem:
+            report.add(
+                "error",
+                name,
+                "config_rank",
+                f"module {name}: {problem}",
+                hint="the config and the tensors disagree; re-save the adapter with PEFT",
+            )
+
+
+def _identity(m: Any, torch: Any) -> bool:
+    t = m.tensors()
+    if m.family == "loha":
+        return not (bool(t["hada_w1_a"].any()) and bool(t["hada_w2_b"].any()) and bool(t["hada_w2_a"].any()))
+    if m.family == "lokr":
+        return any(not bool(v.any()) for k, v in t.items() if k != "dora_scale")
+    if m.family in ("oft", "diag_oft"):
+        w = t.get("oft_R.weight", t.get("oft_blocks"))
+        skew = w if m.family == "oft" else w - w.transpose(1, 2)
+        return not bool(skew.any()) and (t.get("rescale") is None or bool((t["rescale"] == 1).all()))
+    if m.family == "boft":
+        r = t["boft_R"]
+        return not bool((r - r.transpose(-1, -2)).any()) and bool((t["boft_s"] == 1).all())
+    if m.family == "ia3":
+        return bool((t["ia3_l"] == 1).all())
+    return False
+
+
+def _config_disagrees(name: str, m: Any, cfg: dict[str, Any]) -> str | None:
+    from ...formats.peft_families import _pattern_value
+
+    if m.family == "loha":
+        declared = int(_pattern_value(cfg, "rank_pattern", name, cfg.get("r", 8)))
+        if declared != m.rank:
+            return f"adapter_config.json declares rank {declared} but hada_w1_b has {m.rank} rows"
+    if m.family == "oft":
+        size, r = int(cfg.get("oft_block_size") or 0), int(cfg.get("r") or 0)
+        if size and size != m.block_size:
+            b = m.block_size
+            return f"adapter_config.json declares oft_block_size {size} but the packed blocks are {b}x{b}"
+        if r and not m.block_share and r != m.n_blocks:
+            return f"adapter_config.json declares r={r} blocks but oft_R holds {m.n_blocks}"
+    return None
