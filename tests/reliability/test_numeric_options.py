@@ -142,3 +142,24 @@ def test_the_library_refuses_the_same_numbers(tmp_path: Path) -> None:
             call()
         assert name in str(exc.value), (name, str(exc.value))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_numeric_option_uses_the_one_check() -> None:
+    """A new int/float option that bypasses cli.options.Number would accept nan, inf or 0 again."""
+    import click
+
+    from loratools.cli.main import COMMANDS, cli
+    from loratools.cli.options import Number, WeightList
+
+    ctx = click.Context(cli)
+    plain = []
+    for name in COMMANDS:
+        command = cli.get_command(ctx, name)
+        for p in command.params:
+            if isinstance(p.type, (click.types.IntParamType, click.types.FloatParamType)) and not isinstance(
+                p.type, Number
+            ):
+                plain.append(f"{name} {p.opts[0]}")
+            if p.name == "weights":
+                assert isinstance(p.type, WeightList), f"{name} --weights"
+    assert plain == [], f"numeric options without cli.options.Number: {plain}"
