@@ -31,7 +31,8 @@ class ArchSpec:
     ``permute_qk``: Q/K rows are permuted per head (``LlamaModel.permute``, K with the KV head count).
     ``conv1d``: leaf names whose Hugging Face weight is stored (in, out) and transposed by the converter.
     ``hf_family``: the module paths the family's transformers classes use (picks the reverse name).
-    ``tied_default``: ``tie_word_embeddings`` when config.json does not say.
+    ``tied_default``: ``tie_word_embeddings`` when config.json does not say; ``output_dropped``: the
+    converter never writes ``lm_head`` (the runtime always reuses ``token_embd``).
     """
 
     gguf_arch: str
@@ -39,6 +40,7 @@ class ArchSpec:
     permute_qk: bool = False
     conv1d: frozenset[str] = frozenset()
     tied_default: bool = False
+    output_dropped: bool = False
 
 
 _LLAMA_FAMILY = r"^(model\.layers\.\d+\.(self_attn|mlp)\.\w+|model\.embed_tokens|model\.norm|lm_head)$"
@@ -48,6 +50,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "MistralForCausalLM": ArchSpec("llama", _LLAMA_FAMILY, permute_qk=True),
     "Qwen2ForCausalLM": ArchSpec("qwen2", _LLAMA_FAMILY),
     "Qwen3ForCausalLM": ArchSpec("qwen3", _LLAMA_FAMILY),
+    # GemmaModel / Gemma2Model.modify_tensors: no Q/K permutation, norms + 1, lm_head skipped
+    "GemmaForCausalLM": ArchSpec("gemma", _LLAMA_FAMILY, tied_default=True, output_dropped=True),
+    "Gemma2ForCausalLM": ArchSpec("gemma2", _LLAMA_FAMILY, tied_default=True, output_dropped=True),
     "GPT2LMHeadModel": ArchSpec(
         "gpt2",
         r"^(transformer\.h\.\d+\.(attn|mlp)\.\w+|transformer\.(wte|wpe|ln_f)|lm_head)$",
@@ -56,7 +61,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     ),
 }
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}  # fmt: skip
+                "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "gemma": "GemmaForCausalLM",
+                "gemma2": "Gemma2ForCausalLM"}  # fmt: skip
 #: GGUF architecture -> spec (Mistral converts as llama)
 BY_GGUF_ARCH: dict[str, ArchSpec] = {s.gguf_arch: s for s in reversed(list(ARCHITECTURES.values()))}
 
@@ -172,7 +178,7 @@ def _from_config(cfg: Any, where: str, hf: KeyResolver | None = None) -> GgufBas
         n_layer=_int(cfg, ("num_hidden_layers", "n_layer"), where),
         n_head=n_head,
         n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
-        tied=bool(cfg.get("tie_word_embeddings", spec.tied_default)),
+        tied=spec.output_dropped or bool(cfg.get("tie_word_embeddings", spec.tied_default)),
         hf=hf,
     )
 

@@ -58,20 +58,20 @@ def _module_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None
         return Problem(name, "bias", f"{name}: LoRA biases (lora_B.bias) have no place in a GGUF LoRA", MERGE_HINT)
     if m.kind == "conv":
         return Problem(name, "conv", f"{name}: conv LoRA modules have no place in a GGUF LoRA", MERGE_HINT)
-    if tensor is None:
-        return Problem(
-            name,
-            "unknown_module",
-            f"{name}: no {base.arch} GGUF tensor corresponds to this module",
-            "check --base is the model the adapter was trained on; --exclude the module to leave it out",
-        )
-    if tensor == "output.weight" and base.tied:
+    if base.tied and (tensor == "output.weight" or name.rsplit(".", 1)[-1] == "lm_head"):
         return Problem(
             name,
             "tied_output",
             f"{name}: the base ties lm_head to the token embeddings, so the GGUF model has no separate "
             "output tensor for this LoRA to attach to",
             f"--exclude '{name}$' to leave it out, or {MERGE_HINT}",
+        )
+    if tensor is None:
+        return Problem(
+            name,
+            "unknown_module",
+            f"{name}: no {base.arch} GGUF tensor corresponds to this module",
+            "check --base is the model the adapter was trained on; --exclude the module to leave it out",
         )
     if m.kind == "embedding" and tensor != TOKEN_EMBD:
         return Problem(name, "embedding", f"{name}: llama.cpp applies embedding LoRA to token_embd only", MERGE_HINT)
