@@ -11,11 +11,20 @@ single file in the original (LDM) layout also answers to its diffusers pipeline 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
-    from .reader import CheckpointReader
+
+
+class Named(Protocol):
+    """What key matching needs of a base: its tensor names and their infos (a ``CheckpointReader``; not
+    imported here, since the reader itself matches keys through this module)."""
+
+    def keys(self) -> list[str]: ...
+
+    def info(self, key: str) -> Any: ...  # has .shape
+
 
 #: path components that wrap a model without changing what a module is
 WRAPPERS = frozenset({"model", "base_model", "text_model", "bert", "roberta", "transformer", "language_model"})
@@ -70,7 +79,7 @@ class WeightTargets:
     """Module path -> ``(tensor key, rows)``: the tensor a module's update goes into, and for a fused part
     (``...attn.in_proj.q`` of an LDM file's OpenCLIP encoder) the ``(start, stop)`` of its rows, else None."""
 
-    def __init__(self, reader: CheckpointReader) -> None:
+    def __init__(self, reader: Named) -> None:
         from ..ldm_keymap import is_ldm, ldm_layout
 
         keys = reader.keys()
@@ -87,7 +96,7 @@ class WeightTargets:
         return part.key, (part.index * step, (part.index + 1) * step)
 
 
-def resolve_modules(names: list[str], reader: CheckpointReader) -> tuple[dict[str, str], list[str]]:
+def resolve_modules(names: list[str], reader: Named) -> tuple[dict[str, str], list[str]]:
     """Map module paths to the base's module paths; returns ``(mapping, unmatched)``."""
     matcher = KeyMatcher(reader.keys())
     mapping, unmatched = {}, []
@@ -100,7 +109,7 @@ def resolve_modules(names: list[str], reader: CheckpointReader) -> tuple[dict[st
     return mapping, unmatched
 
 
-def normalize_adapter(adapter: Adapter, reader: CheckpointReader) -> Adapter:
+def normalize_adapter(adapter: Adapter, reader: Named) -> Adapter:
     """A copy whose module and replacement keys use the base's own names (unmatched ones unchanged)."""
     matcher = KeyMatcher(reader.keys())
     modules = {}
