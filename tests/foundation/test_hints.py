@@ -50,9 +50,11 @@ REACHED_FROM: dict[str, tuple[str, ...]] = {
     "onnx/patch.py": ("merge",),
     "onnx/verify_merge.py": ("merge",),
     "onnx/slot_map.py": ("convert", "export-onnx"),
+    "cli/validate.py": ("validate",),
     "ops/combine.py": ("combine",),
     "ops/convert.py": ("convert",),
     "ops/extract.py": ("extract",),
+    "ops/info.py": ("info", "diff"),  # require_model: --base that names an adapter
     "ops/lower.py": ("convert",),
     "ops/merge/": ("merge",),
     "ops/rescale.py": ("rescale",),
