@@ -212,3 +212,12 @@ def test_sharded_base_requantized_in_place(tmp_path, bnb_bases, adapter) -> None
         assert r.quant is not None and sorted(r.keys()) == sorted(b.keys())
         assert not torch.equal(r.get(key), b.get(key))  # merged
         assert torch.equal(r.get("model.norm.weight"), b.get("model.norm.weight"))
+
+
+def test_fp8_merged_equals_transformers_dequantized_peft(tmp_path, fp8_base, adapter) -> None:  # noqa: ANN001
+    """transformers dequantizes the FP8 base on a CPU load; + the unmerged PeftModel == our fp32 merge."""
+    out = tmp_path / "m"
+    merge(fp8_base, [adapter], out, dtype="fp32")
+    ref = _logits(fp8_base, adapter)
+    assert (ref - _logits(fp8_base)).abs().max() > 100 * TOL
+    assert (_logits(out) - ref).abs().max() <= TOL
