@@ -36,6 +36,7 @@ TEXT_ENCODERS = {
     "cond_stage_model.model.": ("text_encoder", "open_clip"),
     "conditioner.embedders.0.transformer.": ("text_encoder", "clip"),
     "conditioner.embedders.1.model.": ("text_encoder_2", "open_clip"),
+    "conditioner.embedders.0.model.": ("text_encoder_2", "open_clip"),  # the SDXL refiner's only encoder
 }
 _TOP = {
     "time_embed.0": "time_embedding.linear_1",

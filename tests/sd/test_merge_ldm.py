@@ -183,3 +183,18 @@ def test_diffusers_lora_into_single_file(sd15: dict, tmp_path: Path) -> None:
         load_file(str(tmp_path / "merged.safetensors")), ldm_support.pipeline_ldm(tmp_path / "pipe"), base
     )
     assert changed == equal > 10
+
+
+def test_fp32_single_file(sdxl: dict, tmp_path: Path) -> None:
+    """An fp32 file takes the in-place fp32 path (fused rows included); --verify recomputes it another way."""
+    from safetensors.torch import save_file
+
+    base = tmp_path / "sdxl-fp32.safetensors"
+    save_file({k: v.float() for k, v in load_file(str(sdxl["ldm"])).items()}, str(base))
+    summary = merge(base, [sdxl["lora_path"]], tmp_path / "merged.safetensors", verify=True)
+    assert summary.verify is not None and summary.verify.verified
+    merged, before = load_file(str(tmp_path / "merged.safetensors")), load_file(str(base))
+    key = "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"
+    d = merged[key].shape[1]
+    assert torch.equal(merged[key][d : 2 * d], before[key][d : 2 * d])  # k of layer 1 has no LoRA: its rows untouched
+    assert float((merged[key][:d] - before[key][:d]).abs().max()) > 1e-2
