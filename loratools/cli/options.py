@@ -11,6 +11,8 @@ from ..errors import UsageError
 from ..numeric_args import POSITIVE_INT, WEIGHT, Range, check_weights
 
 json_option = click.option("--json", "json_mode", is_flag=True, help="Print one JSON object (see docs/json.md).")
+
+
 def _nonempty_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is not None and not value.strip():
         raise click.BadParameter("an empty path; give a file or folder name (for example -o out/NAME)")
