@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from .gguf_names import GgufBase
 
 MERGE_HINT = "merge the adapter into the base instead (loratools merge BASE ADAPTER -o merged)"
+LOWER_HINT = (
+    "lower it to plain LoRA against the Hugging Face base first (loratools convert ADAPTER --to gguf --as-lora "
+    "--base HF_FOLDER -o adapter.gguf), or merge it (loratools merge BASE ADAPTER -o merged)"
+)
 
 
 @dataclass
@@ -53,7 +57,7 @@ class GgufPlan:
 
 def _module_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None) -> Problem | None:
     if m.magnitude is not None:
-        return Problem(name, "dora", f"{name}: DoRA magnitude vectors have no place in a GGUF LoRA", MERGE_HINT)
+        return Problem(name, "dora", f"{name}: DoRA magnitude vectors have no place in a GGUF LoRA", LOWER_HINT)
     if m.bias is not None:
         return Problem(name, "bias", f"{name}: LoRA biases (lora_B.bias) have no place in a GGUF LoRA", MERGE_HINT)
     if m.kind == "conv":
@@ -119,7 +123,7 @@ def _replacement(key: str, t: torch.Tensor, base: GgufBase) -> tuple[bool, Probl
         why = "a GGUF LoRA holds lora_a/lora_b pairs only; full tensors (modules_to_save) cannot be carried"
     if same is None:
         why += "; not comparable with the base (pass the Hugging Face folder, or a GGUF base not K/I-quantized)"
-    return False, Problem(key, "full_tensor", f"{key}: {why}", MERGE_HINT)
+    return False, Problem(key, "full_tensor", f"{key}: {why}", LOWER_HINT)
 
 
 def _equals_base(key: str, t: torch.Tensor, base: GgufBase) -> bool | None:

@@ -57,3 +57,30 @@ def test_convert_refusal_is_one_line_with_the_way_out(work):
 def test_gguf_model_given_as_adapter_says_so():
     code, _, err = run_cli(["info", str(GGUF / "llama-f32.gguf")])
     assert code != 0 and "GGUF model" in err
+
+
+def test_dora_lowered_with_as_lora_lands_exactly(work):
+    """DoRA is refused as such; --as-lora --base (the HF folder) lowers it first, and the GGUF's runtime ΔW
+    then equals PEFT's own merge (merge_and_unload − base) after the converter's Q/K permutation."""
+    import gguf
+    from gguf_support import llama_permute, runtime_deltas
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = work / "cli" / "dora.gguf"
+    base = FIXTURES / "bases" / "llama"
+    code, _, err = run_cli(["convert", str(PEFT / "llama-dora"), "--to", "gguf", "--as-lora", "--base", str(base),
+                            "-o", str(out)])  # fmt: skip
+    assert code == 0, err
+    before = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), PEFT / "llama-dora")
+    after = merged.merge_and_unload().state_dict()
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    got = runtime_deltas(out)
+    for key, w in after.items():
+        d = (w - before[key]).double()
+        if float(d.abs().max()) == 0:
+            continue
+        d = llama_permute(d, 4, 4) if key.endswith("q_proj.weight") else d
+        name = tmap.get_name(key, try_suffixes=(".weight",))
+        assert float((got[name] - d).abs().max() / d.abs().max()) < 1e-5, name
