@@ -97,11 +97,9 @@ def test_expected_table_covers_the_corpus_and_the_generator_rebuilds_it(tmp_path
             assert committed[f"broken/{rel}"] == digest, rel
 
 
+#: a real process per exit code (each costs a Python + torch start; every entry x command runs in-process above)
 SMOKE = [
-    (["info", BROKEN / "st-header-too-large"], 2, "safetensors header claims"),
     (["merge", BROKEN / "base-pickle", LLAMA_LORA, "-o", "OUT"], 2, "the pickle calls"),
-    (["convert", BROKEN / "pickle-global", "--to", "kohya", "-o", "OUT"], 2, "the pickle calls"),
-    (["resize", BROKEN / "nan-factor", "--rank", "1", "-o", "OUT"], 2, "NaN/Inf values (first at index"),
     (["validate", BROKEN / "nan-factor"], 1, "NaN/Inf values"),
 ]
 
