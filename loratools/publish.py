@@ -177,7 +177,10 @@ def _signals_caught() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """A signal that arrives inside the block is raised when the block ends."""
+    """A signal that arrives inside the block is raised when the block ends (main thread: only it gets signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _state["deferring"] += 1
     try:
         yield
