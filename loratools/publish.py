@@ -47,8 +47,9 @@ def check_output_target(target: str | Path, inputs: Iterable[str | Path] = (), o
     for inp in inputs:
         src = Path(inp).resolve()
         if out == src or _inside(out, src) or _inside(src, out):
+            lost = f"; --overwrite would have removed {entries_summary(out)}" if overwrite and out.is_dir() else ""
             raise OutputExistsError(
-                f"{target}: the output would overwrite or sit inside the input {inp}",
+                f"{target}: the output would overwrite or sit inside the input {inp}{lost}",
                 hint="choose an output path outside every input",
                 path=target,
             )

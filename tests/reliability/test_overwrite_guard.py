@@ -66,6 +66,7 @@ def test_a_folder_holding_an_input_is_refused(tmp_path: Path) -> None:
     before = tree_digest(models)
     code, out, err = invoke("rescale", models / "lora", "--scale", "2", "-o", models, "--overwrite")
     assert_one_line_error(code, out, err, "the output would overwrite or sit inside the input")
+    assert "--overwrite would have removed 1 entry: lora/" in err
     assert tree_digest(models) == before
 
 
