@@ -85,6 +85,9 @@ class LdmLayout:
     fused: dict[str, FusedPart] = field(default_factory=dict)
     #: aliases without CLIP's ``text_model.`` level (transformers 5's names), beside the full ones
     short_aliases: set[str] = field(default_factory=set)
+    #: module path in this file -> the name the same module has in a diffusers pipeline saved by this
+    #: transformers (``CLIPTextModel`` without ``text_model.``, ``CLIPTextModelWithProjection`` with it)
+    pipeline_names: dict[str, str] = field(default_factory=dict)
 
     def component_names(self, component: str) -> dict[str, str]:
         """Every local module name of ``component`` (diffusers path without the component, original UNet
@@ -210,4 +213,9 @@ def ldm_layout(keys: Iterable[str]) -> LdmLayout | None:
             if short not in layout.aliases:
                 layout.aliases[short] = path
                 layout.short_aliases.add(short)
+    for alias, path in layout.aliases.items():
+        component = alias.partition(".")[0]
+        short = alias in layout.short_aliases
+        if short == (component == "text_encoder") or not alias.startswith("text_encoder"):
+            layout.pipeline_names.setdefault(path, alias)
     return layout

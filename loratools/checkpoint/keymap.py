@@ -59,8 +59,8 @@ class KeyMatcher:
 
     def module(self, name: str) -> str | None:
         """The base's own module path for an adapter module path (its weight key minus ``.weight``)."""
-        if self.ldm is not None and (name in self.ldm.fused or self.ldm.aliases.get(name) in self.ldm.fused):
-            return self.ldm.aliases.get(name, name)  # a third of a fused tensor: no weight key of its own
+        if self.ldm is not None and (name in self.ldm.aliases or name in self.ldm.fused):
+            return name  # a pipeline name the file answers to (WeightTargets finds its tensor and rows)
         key = self.tensor_key(name)
         return key[: -len(".weight")] if key else None
 
@@ -76,8 +76,9 @@ def same_matrix(want: tuple[int, ...], have: tuple[int, ...]) -> bool:
 
 
 class WeightTargets:
-    """Module path -> ``(tensor key, rows)``: the tensor a module's update goes into, and for a fused part
-    (``...attn.in_proj.q`` of an LDM file's OpenCLIP encoder) the ``(start, stop)`` of its rows, else None."""
+    """Module path -> ``(tensor key, rows)``: the tensor a module's update goes into (an LDM file's own for a
+    pipeline name), and for a fused part (q/k/v of an LDM file's OpenCLIP encoder, a third of its
+    ``attn.in_proj_weight``) the ``(start, stop)`` of its rows, else None."""
 
     def __init__(self, reader: Named) -> None:
         from ..ldm_keymap import is_ldm, ldm_layout
@@ -85,13 +86,16 @@ class WeightTargets:
         keys = reader.keys()
         self.reader = reader
         self.keys = set(keys)
-        self.fused = layout.fused if is_ldm(keys) and (layout := ldm_layout(keys)) is not None else {}
+        self.ldm = ldm_layout(keys) if is_ldm(keys) else None
 
     def __call__(self, module: str) -> tuple[str, tuple[int, int] | None]:
         key = f"{module}.weight"
-        part = self.fused.get(module) if key not in self.keys else None
-        if part is None:
+        if key in self.keys or self.ldm is None:
             return key, None
+        path = self.ldm.aliases.get(module, module)
+        part = self.ldm.fused.get(path)
+        if part is None:
+            return f"{path}.weight", None
         step = int(self.reader.info(part.key).shape[0]) // part.parts
         return part.key, (part.index * step, (part.index + 1) * step)
 

@@ -141,7 +141,9 @@ class _Resolver:
         if key not in self._indexes and self._ldm is not None:
             names = self._ldm.component_names(component)
             index = _name_index(list(names), component.startswith("text_"))
-            self._indexes[key] = {n: names[p] if p else None for n, p in index.items()}
+            # named as the pipeline names them, so convert writes pipeline adapters; merge finds the tensors
+            named = {p: self._ldm.pipeline_names.get(path, path) for p, path in names.items()}
+            self._indexes[key] = {n: named[p] if p else None for n, p in index.items()}
         return self._indexes.get(key, {})
 
     def _index(self, component: str | None) -> dict[str, str | None]:

@@ -162,7 +162,8 @@ def test_dora_into_fused_part_is_refused(sdxl: dict, tmp_path: Path) -> None:
     lora = {k: v for k, v in sdxl["lora"].items() if k.startswith(name)}
     lora[f"{name}.dora_scale"] = torch.rand(lora[f"{name}.lora_up.weight"].shape[0], 1).half() + 0.5
     save_file(lora, str(tmp_path / "dora.safetensors"))
-    with pytest.raises(UnsupportedError, match=r"resblocks\.0\.attn\.in_proj\.k is DoRA .* rows 32:64"):
+    fused = r"conditioner\.embedders\.1\.model\.transformer\.resblocks\.0\.attn\.in_proj_weight"
+    with pytest.raises(UnsupportedError, match=r"layers\.0\.self_attn\.k_proj is DoRA and only rows 32:64 of " + fused):
         merge(sdxl["ldm"], [tmp_path / "dora.safetensors"], tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
 
@@ -198,3 +199,21 @@ def test_fp32_single_file(sdxl: dict, tmp_path: Path) -> None:
     d = merged[key].shape[1]
     assert torch.equal(merged[key][d : 2 * d], before[key][d : 2 * d])  # k of layer 1 has no LoRA: its rows untouched
     assert float((merged[key][:d] - before[key][:d]).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("case", ["sd15", "sdxl"])
+def test_names_are_the_pipelines(case: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Against the single file, kohya names resolve to the names the pipeline folder gives them, so
+    convert --base FILE writes the same pipeline adapter as convert --base PIPELINE."""
+    from loratools import load_adapter
+    from loratools.ops.convert import convert
+
+    c = request.getfixturevalue(case)
+    by_file = load_adapter(c["lora_path"], base=c["ldm"])
+    by_pipeline = load_adapter(c["lora_path"], base=c["pipeline"])
+    assert sorted(by_file.modules) == sorted(by_pipeline.modules)
+    assert all(n.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for n in by_file.modules)
+    convert(c["lora_path"], "diffusers", tmp_path / "a", base=c["ldm"])
+    convert(c["lora_path"], "diffusers", tmp_path / "b", base=c["pipeline"])
+    a, b = (load_file(str(p / "pytorch_lora_weights.safetensors")) for p in (tmp_path / "a", tmp_path / "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

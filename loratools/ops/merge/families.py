@@ -9,7 +9,7 @@ depend on the order). Non-feed-forward IA3 also scales the base bias, as PEFT's 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ...errors import ShapeError, UnsupportedError
 from ...families import FamilyModule
@@ -17,8 +17,7 @@ from ...families import FamilyModule
 if TYPE_CHECKING:
     import torch
 
-#: a plan.Contribution / plan.TensorJob (not imported: plan imports this module)
-Contribution = TensorJob = Any
+    from .plan import Contribution, TensorJob
 
 
 def is_family(c: Contribution) -> bool:
