@@ -170,7 +170,7 @@ def require_lora(adapter: Adapter, command: str) -> None:
     for name, m in adapter.modules.items():
         if not isinstance(m, LoraModule):
             raise UnsupportedError(
-                f"{command}: module {name} is a {m.label} update; {command} handles plain LoRA only",
+                f"{command}: module {name} is {m.label}, not plain LoRA; {command} handles plain LoRA only",
                 hint="lower it first: loratools convert ADAPTER --to peft --as-lora -o OUT (add --base BASE for "
                 "OFT/BOFT/IA3)",
             )

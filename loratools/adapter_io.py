@@ -76,6 +76,9 @@ def save_adapter(
     from .alora import refuse_format
 
     refuse_format(adapter, fmt.name)  # aLoRA: only formats that keep the invocation tokens
+    from .tokens import refuse_write
+
+    refuse_write(adapter, fmt.name)  # trainable tokens: merged, not written (loratools/tokens.py)
     check_tensors(adapter, f"the output {path}")
     if provenance is None:  # every output carries a record: --overwrite replaces only what is provably ours
         from .publish import provenance as record

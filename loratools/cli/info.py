@@ -78,6 +78,9 @@ def _human(d: dict[str, Any]) -> None:
     trained = [r for r in d["replacements"] if r["name"] not in copies]
     if trained:
         rows.append(("full tensors", ", ".join(f"{r['name']} {r['shape']}" for r in trained)))
+    for name, indices in (d.get("trainable_tokens") or {}).items():
+        shown = ", ".join(map(str, indices[:8])) + (" ..." if len(indices) > 8 else "")
+        rows.append(("trained tokens", f"{name}: {len(indices)} rows ({shown})"))
     if copies:
         rows.append(("base layers", ", ".join(sorted(copies)) + " (saved copies of the base, not trained)"))
     if d.get("unresolved"):

@@ -21,6 +21,8 @@ from ..alora import check_tokens, invocation_tokens
 from ..errors import FormatError, ShapeError, UnsupportedError, ValidationError
 from ..publish import provenance_metadata, read_provenance
 from ..safetensors_file import load_file, save_file
+from ..tokens import SUFFIX as TOKENS_SUFFIX
+from ..tokens import token_rows
 from .peft_families import FAMILY_TYPES, has_family, read_adapter, write_adapter
 from .peft_pipeline import component_folders, read_pipeline
 from .registry import AdapterFormat, register_format
@@ -104,7 +106,6 @@ def _number(cfg: dict[str, Any], key: str, where: Path) -> float:
 
 #: config keys of PEFT LoRA features that change what the tensors mean; refused by name
 _UNSUPPORTED_FEATURES = {
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "target_parameters": "LoRA on raw parameters (target_parameters)",
     "layer_replication": "layer replication (layer_replication)",
 }
@@ -260,9 +261,12 @@ class PeftFormat(AdapterFormat):
 
         parts: dict[str, dict[str, torch.Tensor]] = {}
         replacements: dict[str, torch.Tensor] = {}
+        token_values: dict[str, torch.Tensor] = {}
         for key, tensor in tensors.items():
             mod, role = split_key(key)
-            if role is None:
+            if role is None and mod.endswith(TOKENS_SUFFIX):  # trainable tokens: new rows (loratools/tokens.py)
+                token_values[mod.removesuffix(TOKENS_SUFFIX)] = tensor
+            elif role is None:
                 replacements[mod] = tensor
             else:
                 parts.setdefault(mod, {})[role] = tensor
@@ -296,6 +300,11 @@ class PeftFormat(AdapterFormat):
                 "declared_ranks": {m: _declared_rank(m, r_default, rank_pattern, path) for m in modules},
                 "alora_invocation_tokens": check_tokens(cfg.get("alora_invocation_tokens"), path / CONFIG),
                 "files": [str(path / CONFIG), str(weights_file)],
+                **(
+                    {"trainable_tokens": token_rows(token_values, cfg.get("trainable_token_indices"), path / CONFIG)}
+                    if token_values
+                    else {}
+                ),
             },
         )
 

@@ -76,6 +76,9 @@ def _load(spec: str | Path | Adapter, trust_tensors: bool = False) -> tuple[Adap
     loaded, label = (spec, str(spec.meta.get("source", "<adapter>"))) if isinstance(spec, Adapter) else (
         load_adapter(spec), str(spec))  # fmt: skip
     require_unambiguous(loaded, trust_tensors=trust_tensors)
+    from ..adapter import require_lora
+
+    require_lora(loaded, "merge into ONNX")
     return loaded, label
 
 

@@ -259,6 +259,10 @@ def combine(
         reader = None if is_gguf_file(base) else open_checkpoint(base)  # a .gguf base is only a gguf target
     loaded = [load(a, base=reader, trust_tensors=trust_tensors) for a in adapters]
     ads = [ad for ad, _ in loaded]
+    from ..adapter import require_lora
+
+    for ad in ads:
+        require_lora(ad, "combine")
     labels = [str(p or f"adapter #{i + 1}") for i, (_, p) in enumerate(loaded)]
     from ..alora import refuse_mix
 

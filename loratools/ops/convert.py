@@ -106,6 +106,10 @@ def convert(
     if include or exclude:
         source = source.select(include, exclude)
     lowered = None
+    if not as_lora and fmt.name not in ("peft", "kohya"):
+        from ..adapter import require_lora
+
+        require_lora(source, f"--to {fmt.name}")
     if (rank is not None or fro is not None) and not as_lora:
         raise UsageError("--rank/--fro truncate while lowering to LoRA", hint="add --as-lora")
     if as_lora:

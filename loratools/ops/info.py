@@ -111,6 +111,7 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
 
     mods = adapter.modules
     copies = base_layer_copies(adapter)
+    tokens = adapter.meta.get("trainable_tokens") or {}  # PEFT trainable_token_indices (loratools/tokens.py)
     scales = {round(m.scale, 12) if m.scale is not None else None for m in mods.values()}
     dtypes = sorted({_dtype(d) for d in adapter.dtypes()})
     cfg = adapter.meta.get("config") or {}
@@ -134,7 +135,10 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
         "target_modules": target_names(mods),
         "task_type": cfg.get("task_type"),
         "alora_invocation_tokens": invocation_tokens(adapter),
-        "parameters": adapter.parameters - sum(int(adapter.replacements[k].numel()) for k in copies),
+        "parameters": adapter.parameters
+        - sum(int(adapter.replacements[k].numel()) for k in copies)
+        + sum(int(t["values"].numel()) for t in tokens.values()),
+        "trainable_tokens": {name: t["indices"] for name, t in sorted(tokens.items())},
         "saved_base_layers": copies,
         "dtype": dtypes[0] if len(dtypes) == 1 else None,
         "dtypes": dtypes,

@@ -202,3 +202,35 @@ def lower_to_lora(
     from ..adapter import Adapter
 
     return Adapter(modules=modules, replacements=replacements, meta=meta), report
+
+
+def lora_view(adapter: Adapter, command: str) -> Adapter:
+    """``adapter`` with its LoHa/LoKr modules in their exact low-rank form (scale folded, alpha = rank), for
+    the factor-space commands (resize, spectrum). Other families are refused in one line naming the module."""
+    from dataclasses import replace
+
+    from ..adapter import LoraModule
+    from ..errors import UnsupportedError
+
+    modules: dict[str, Any] = {}
+    for name, m in adapter.modules.items():
+        if isinstance(m, LoraModule):
+            modules[name] = m
+            continue
+        if not m.is_low_rank:
+            raise UnsupportedError(
+                f"{command}: module {name} ({m.label}) is not low-rank without its base",
+                hint="lower it first: loratools convert ADAPTER --to peft --as-lora --base BASE -o OUT",
+            )
+        up, down = m.lowrank(torch.float64)
+        dtype = next(iter(m.tensors().values())).dtype
+        shape = tuple(getattr(m, "weight_shape", None) or ())
+        conv = len(shape) == 4
+        modules[name] = LoraModule(
+            down=(down.reshape(down.shape[0], *shape[1:]) if conv else down).to(dtype),
+            up=(up.reshape(*up.shape, 1, 1) if conv else up).to(dtype),
+            alpha=float(up.shape[1]),
+            kind="conv" if conv else "linear",
+        )
+    meta = {k: v for k, v in adapter.meta.items() if k not in ("config", "family")}
+    return replace(adapter, modules=modules, meta=meta)

@@ -70,6 +70,9 @@ def rescale(
     check_optional("--scale", scale, SCALE)
     check_optional("--alpha", alpha, POSITIVE)
     ad, path = load(adapter, base=base, trust_tensors=trust_tensors)
+    from ..adapter import require_lora
+
+    require_lora(ad, "rescale")
     modules = {name: rescale_module(m, scale=scale, alpha=alpha) for name, m in ad.modules.items()}
     out = replace(ad, modules=modules, meta=dict(ad.meta))
     if output is not None:

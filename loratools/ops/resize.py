@@ -105,6 +105,9 @@ def resize(
     check_optional("--max-rank", max_rank, POSITIVE_INT)
     check_optional("--conv-rank", conv_rank, POSITIVE_INT)
     ad, path = load(adapter, base=base, trust_tensors=trust_tensors)
+    from .lower import lora_view
+
+    ad = lora_view(ad, "resize")  # LoHa/LoKr through their exact low-rank form; the output is plain LoRA
     if not ad.modules:
         raise UsageError(f"{path or 'adapter'}: has no LoRA modules to resize")
 

@@ -40,6 +40,9 @@ def spectrum(adapter: Adapter | str | Path, *, plot: str | Path | None = None, o
     from ._algebra_io import load
 
     ad, path = load(adapter)
+    from .lower import lora_view
+
+    ad = lora_view(ad, "spectrum")  # LoHa/LoKr: the spectrum of their exact low-rank form
     rows = [module_spectrum(n, m) for n, m in ad.modules.items()]
     summary: dict[str, Any] = {"modules": len(rows), "ranks": sorted(ad.ranks())}
     for level in ENERGY_LEVELS:

@@ -45,7 +45,8 @@ def test_writing_commands_refuse_then_trust(command: str, declared_8: Path, tmp_
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 2, res.output  # an unusable input
     first = res.output.splitlines()[0]
-    assert first.startswith(f"Error: {declared_8}: adapter_config.json declares rank 8 but the tensors have rank 4 in 8")
+    expected = f"Error: {declared_8}: adapter_config.json declares rank 8 but the tensors have rank 4 in 8"
+    assert first.startswith(expected)
     assert "the scale alpha/r is ambiguous" in first
     assert "--trust-tensors" in res.output
     assert not list(tmp_path.iterdir())  # nothing written

@@ -146,6 +146,8 @@ def load_lean(spec: str | Path, reader: CheckpointReader, store: FactorStore) ->
     adapter.meta.setdefault("source", str(spec))
     _check(adapter, weights_label(adapter, local), store)
     adapter.replacements = {k: store.read(t) for k, t in adapter.replacements.items()}
+    for rows in (adapter.meta.get("trainable_tokens") or {}).values():
+        rows["values"] = store.read(rows["values"])
     return normalize_adapter(adapter, reader)
 
 

@@ -9,7 +9,7 @@ depend on the order). Non-feed-forward IA3 also scales the base bias, as PEFT's 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...errors import ShapeError, UnsupportedError
 from ...families import FamilyModule
@@ -17,7 +17,8 @@ from ...families import FamilyModule
 if TYPE_CHECKING:
     import torch
 
-    from .plan import Contribution, TensorJob
+#: a plan.Contribution / plan.TensorJob (not imported: plan imports this module)
+Contribution = TensorJob = Any
 
 
 def is_family(c: Contribution) -> bool:

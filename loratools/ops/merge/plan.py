@@ -93,6 +93,9 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
     """Resolve, validate and plan a merge; raises before anything is written."""
     if len(weights) != len(adapters):
         raise UsageError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    from ...tokens import lower_tokens
+
+    adapters = [lower_tokens(a, reader) for a in adapters]  # PEFT trainable tokens: exact LoRA rows
     quant = reader.quantization
     if quant and reader.quant is None:  # a scheme checkpoint/quant cannot dequantize
         raise UnsupportedError(

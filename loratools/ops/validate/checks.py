@@ -113,7 +113,10 @@ def validate(
         if scan:
             from ..scan import scan_adapter, scan_findings
 
-            result = scan_adapter(adapter)
+            from dataclasses import replace as _replace
+
+            lora_only = {n: m for n, m in adapter.modules.items() if hasattr(m, "factors")}  # factor-space scan
+            result = scan_adapter(_replace(adapter, modules=lora_only))
             report.scan = result.to_dict()
             known = {(f.module, f.code) for f in report.findings}
             for module, code, message in scan_findings(result):
