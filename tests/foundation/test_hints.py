@@ -180,6 +180,14 @@ def test_bare_options_exist_on_every_command_that_prints_them(rel: str, line: in
         assert not missing, f"{rel}:{line}: `loratools {command}` has no {', '.join(missing)}, yet may print {hint!r}"
 
 
+def _number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
 def _runnable(rest: str, tmp_path: Path) -> list[str] | None:
     """The suggested arguments with placeholders filled, or None when one cannot be filled."""
     words = []
@@ -190,6 +198,8 @@ def _runnable(rest: str, tmp_path: Path) -> list[str] | None:
             word = FILL[word]
         elif word.isupper() or word in ("model.gguf", "REGEX", "FORMAT", "N", "R"):
             return None
+        elif ("/" in word or "." in word) and not word.startswith("-") and not _number(word):
+            return None  # a path we have no fixture for: never write into the working directory
         words.append(word)
     return words
 
