@@ -167,17 +167,21 @@ def extract(
             if not new.is_floating_point():
                 continue
             old = fb.get(key)
-            delta = new.to(torch.float32, copy=True)
-            for part, base_part in zip(delta.split(4096), old.split(4096), strict=True):
-                part.sub_(base_part)  # in row blocks: a mixed-dtype sub_ casts through a temporary
-            norm = float(torch.linalg.vector_norm(delta))
+            # ΔW in fp32 only where it is used (factors, LoRA bias); a tensor kept whole needs its norm only
+            delta = _difference(new, old) if module in lora_modules else None
+            norm = float(torch.linalg.vector_norm(delta)) if delta is not None else _norm(new, old)
             if not math.isfinite(norm):  # NaN/Inf somewhere (a full isfinite() would cost 3 copies of ΔW)
                 from ..finite import require_finite
 
                 require_finite(new, key, rt.file_of(key), hint="the fine-tuned checkpoint is damaged")
                 require_finite(old, key, rb.file_of(key), hint="the base checkpoint is damaged")
-                require_finite(delta, key, f"{tuned} minus {base}", hint="the difference overflows fp32")
-            unchanged = norm == 0 or norm <= min_delta * float(torch.linalg.vector_norm(old, dtype=torch.float32))
+                require_finite(
+                    delta if delta is not None else _difference(new, old),
+                    key,
+                    f"{tuned} minus {base}",
+                    hint="the difference overflows fp32",
+                )
+            unchanged = norm == 0 or norm <= min_delta * _norm(old)
             unchanged = unchanged or _only_cast(old, new)
             del old
             if unchanged:
@@ -290,6 +294,26 @@ def extract(
             base=base,
         )
     return result
+
+
+def _difference(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """new − old in fp32, subtracted in row blocks: a mixed-dtype ``sub_`` casts through a temporary (and
+    block views left alive in the caller would keep both tensors' memory)."""
+    import torch
+
+    delta = new.to(torch.float32, copy=True)
+    for part, base_part in zip(delta.split(4096), old.split(4096), strict=True):
+        part.sub_(base_part)
+    return delta
+
+
+def _norm(t: torch.Tensor, minus: torch.Tensor | None = None) -> float:
+    """‖t‖_F (or ‖t − minus‖_F) in fp32, in row blocks: no fp32 copy of a whole bf16 tensor."""
+    import torch
+
+    pairs = zip(t.split(4096), minus.split(4096), strict=True) if minus is not None else None
+    blocks = t.split(4096) if pairs is None else (a.float() - b.float() for a, b in pairs)
+    return sum(float(torch.linalg.vector_norm(b, dtype=torch.float32)) ** 2 for b in blocks) ** 0.5
 
 
 def _only_cast(old: torch.Tensor, new: torch.Tensor) -> bool:
