@@ -113,10 +113,8 @@ def validate(
         if scan:
             from ..scan import scan_adapter, scan_findings
 
-            from dataclasses import replace as _replace
-
             lora_only = {n: m for n, m in adapter.modules.items() if hasattr(m, "factors")}  # factor-space scan
-            result = scan_adapter(_replace(adapter, modules=lora_only))
+            result = scan_adapter(type(adapter)(lora_only, adapter.replacements, adapter.meta))
             report.scan = result.to_dict()
             known = {(f.module, f.code) for f in report.findings}
             for module, code, message in scan_findings(result):
