@@ -9,16 +9,13 @@ the reader then lists one logical ``<module>.weight`` per quantized module (comp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from .layout import SCHEMES, LogicalInfo, QuantizedCheckpoint, QuantTensor, scheme_of
 
-if TYPE_CHECKING:
-    from ..reader import CheckpointReader
 
-
-def attach(reader: CheckpointReader) -> QuantizedCheckpoint | None:
-    """The quantized modules of ``reader``; None for a float checkpoint, an unknown method, or no packed tensor."""
+def attach(reader: Any) -> QuantizedCheckpoint | None:
+    """The quantized modules of ``reader`` (a CheckpointReader; not imported: the reader imports us); None for a float checkpoint, an unknown method, or no packed tensor."""
     cfg = reader.config or {}
     qcfg = cfg.get("quantization_config")
     if not isinstance(qcfg, dict) or scheme_of(qcfg) is None:
