@@ -15,7 +15,8 @@ from .layout import SCHEMES, LogicalInfo, QuantizedCheckpoint, QuantTensor, sche
 
 
 def attach(reader: Any) -> QuantizedCheckpoint | None:
-    """The quantized modules of ``reader`` (a CheckpointReader; not imported: the reader imports us); None for a float checkpoint, an unknown method, or no packed tensor."""
+    """The quantized modules of ``reader`` (a CheckpointReader, not imported: the reader imports this
+    package); None for a float checkpoint, an unknown method, or no packed tensor."""
     cfg = reader.config or {}
     qcfg = cfg.get("quantization_config")
     if not isinstance(qcfg, dict) or scheme_of(qcfg) is None:
