@@ -82,12 +82,12 @@ def convert(
     fmt = get_format(to)
     if ollama and fmt.name != "gguf":
         raise UsageError("--ollama writes a Modelfile for a GGUF adapter", hint="use it with --to gguf")
-    target_base = base
+    target_base = base  # a GGUF model serves load_adapter (GGUF adapters) and the gguf writer only
     if isinstance(base, str | Path):
         from ..formats.gguf_names import is_gguf_file
 
         if is_gguf_file(base):
-            base = None  # a GGUF model names no Hugging Face modules; the gguf writer checks against it
+            base = None
     inputs: tuple[str | Path, ...] = ()
     if isinstance(adapter, Adapter):
         source = adapter
@@ -99,7 +99,7 @@ def convert(
             source = normalize_adapter(adapter, reader)
     else:
         inputs = (adapter,)
-        source = load_adapter(adapter, base=base)
+        source = load_adapter(adapter, base=target_base)
     from ..ambiguity import require_unambiguous
 
     require_unambiguous(source, trust_tensors=trust_tensors)

@@ -77,7 +77,8 @@ def validate(
             return report.unusable(exc, "base_unreadable")
     try:
         try:
-            adapter = fmt.read(local, base=reader)
+            # a GGUF model base serves GGUF adapters (their names and Q/K rows need its head counts)
+            adapter = fmt.read(local, base=reader if reader is not None or fmt.name != "gguf" else base)
         except UnsupportedError as exc:
             return report.unusable(exc, "unsupported_type")
         except ValidationError as exc:
