@@ -48,8 +48,8 @@ def _outputs(argv: list[str]) -> list[str]:
 
 def test_every_readme_output_is_under_out() -> None:
     text = README.read_text(encoding="utf-8")
-    commands = [shlex.split(c) for c in re.findall(r"loratools ([a-z-]+ [^\n`]*)", text)]
-    outputs = [o for argv in commands for o in _outputs(argv)]
+    setup = [shlex.split(c) for c in re.findall(r"&& loratools ([a-z-]+ [^\n`]*)", text)]
+    outputs = [o for argv in [*setup, *(argv for argv, _ in tour())] for o in _outputs(argv)]
     assert len(outputs) >= 12
     assert all(o.startswith("out/") for o in outputs), [o for o in outputs if not o.startswith("out/")]
     assert "/out/" in (ROOT / ".gitignore").read_text().splitlines()
@@ -91,3 +91,47 @@ def test_the_tour_runs_as_written_and_leaves_the_tree_clean(monkeypatch) -> None
             got = [_mask(x) for x in r.stdout.splitlines()]
             assert _mask(shown[0]) in got, f"loratools {' '.join(argv)}: README shows {shown[0]!r}, got:\n{r.stdout}"
     assert _status() == before
+
+
+def _doc_command_lines() -> list[tuple[str, str]]:
+    """(file, command line) for every ``loratools CMD ...`` line in a code block of README.md and docs/*.md."""
+    found = []
+    for path in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        in_block = False
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("```"):
+                in_block = not in_block
+                continue
+            text = line.strip().removeprefix("$ ")
+            if in_block and text.startswith("loratools "):
+                found.append((path.name, text.split("  #")[0].rstrip(" \\")))
+    return found
+
+
+def test_every_documented_command_line_names_real_options() -> None:
+    """Each command line in the docs' code blocks names a real command and only options it has."""
+    import click
+
+    from loratools.cli.main import COMMANDS
+
+    lines = _doc_command_lines()
+    assert len(lines) >= 30
+    ctx = click.Context(cli, info_name="loratools")
+    for where, text in lines:
+        words = shlex.split(text.replace("[", " ").replace("]", " ").replace("|", " "))[1:]
+        while words and words[0].startswith("-"):  # -q / --progress before the command
+            words = words[1:]
+        if not words or words[0] not in COMMANDS:
+            raise AssertionError(f"{where}: `{text}` names no loratools command")
+        command = cli.get_command(ctx, words[0])
+        have = {o for p in command.params for o in getattr(p, "opts", ())} | {"--help", "-h"}
+        used = {w.split("=")[0] for w in words[1:] if w.startswith("-") and not _is_number(w)}
+        assert used <= have, f"{where}: `loratools {words[0]}` has no {sorted(used - have)}: {text}"
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
