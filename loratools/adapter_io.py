@@ -73,6 +73,10 @@ def save_adapter(
     fmt = get_format(format or adapter.format or "peft")
     check_output_layout(fmt.name, fmt.layout, path)
     _refuse_kohya_names(adapter, fmt.name)
+    if fmt.name not in ("peft", "kohya"):  # the other formats hold plain LoRA pairs only
+        from .adapter import require_lora
+
+        require_lora(adapter, f"writing {fmt.name}")
     from .alora import refuse_format
 
     refuse_format(adapter, fmt.name)  # aLoRA: only formats that keep the invocation tokens

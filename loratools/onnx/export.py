@@ -303,6 +303,9 @@ def export_onnx(
     slot_adapter = None
     if lora_slots is not None:
         slot_adapter = lora_slots if not isinstance(lora_slots, str | Path) else load_adapter(lora_slots, base=root)
+        from ..adapter import require_lora
+
+        require_lora(slot_adapter, "export-onnx --lora-slots")  # LoRA inputs hold A and B only
         slot_tensors(slot_adapter, label=str(lora_slots))  # refuses DoRA, biases, embeddings, conv early
     loaded_adapters = [a if not isinstance(a, str | Path) else load_adapter(a, base=root) for a in adapters]
     for a in [*loaded_adapters, *([slot_adapter] if slot_adapter is not None else [])]:
