@@ -83,3 +83,13 @@ def test_lycoris_merge_equals_lycoris_forward(fname, tmp_path: Path):
     x = unet_input()
     with torch.no_grad():
         torch.testing.assert_close(model(x), lycoris_model(fname)(x), atol=1e-5, rtol=0)
+
+
+def test_verify_understands_families(tmp_path: Path):
+    from loratools.ops.verify import verify
+
+    merge(LLAMA, [FAMILIES / "peft-oft"], tmp_path / "m")
+    assert verify(tmp_path / "m", LLAMA, [FAMILIES / "peft-oft"]).verified
+    wrong = verify(tmp_path / "m", LLAMA, [FAMILIES / "peft-ia3"])
+    assert not wrong.verified
+    assert any("(IA)³-merged weight does not match" in f.detail for f in wrong.findings)
