@@ -59,3 +59,27 @@ def test_conv_families_merge_like_peft(name, tmp_path: Path):
         torch.testing.assert_close(ours, merged[mod + ".weight"], atol=1e-5, rtol=0)
         if name == "ia3" and not m.feedforward:
             torch.testing.assert_close(state[mod + ".bias"] * m.bias_factor(), merged[mod + ".bias"])
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"block_share": True, "oft_block_size": 4, "r": 0},
+        {"coft": True, "eps": 1e-2, "oft_block_size": 4, "r": 0},
+        {"use_cayley_neumann": True, "num_cayley_neumann_terms": 3, "oft_block_size": 2, "r": 0},
+    ],
+    ids=["block_share", "coft", "neumann3"],
+)
+def test_oft_variants_merge_like_peft(kw, tmp_path: Path):
+    from peft import OFTConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    base = _Convs().eval()
+    torch.manual_seed(2)
+    pm = get_peft_model(copy.deepcopy(base), OFTConfig(target_modules=["lin"], init_weights=False, **kw)).eval()
+    pm.save_pretrained(str(tmp_path / "a"))
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).merge_and_unload().state_dict()
+    m = load_adapter(tmp_path / "a").modules["lin"]
+    w = base.state_dict()["lin.weight"]
+    assert float((merged["lin.weight"] - w).abs().max()) > 1e-3
+    torch.testing.assert_close(m.merged(w), merged["lin.weight"], atol=1e-5, rtol=0)
