@@ -27,11 +27,36 @@ def attach(reader: Any) -> QuantizedCheckpoint | None:
         return reader._file(raw[key]).info(key)
 
     def raw_get(key: str):  # noqa: ANN202
-        return reader._file(raw[key]).get(key)
+        return _pread_tensor(reader._file(raw[key]), raw[key], key)
 
     found = QuantizedCheckpoint(qcfg, cfg, list(raw), raw_info, raw_get, str(reader.root))
     # a config that claims quantization over float weights: nothing to dequantize (merge refuses it)
     return found if found.tensors else None
+
+
+def _pread_tensor(f: Any, path: Any, key: str) -> Any:
+    """A stored tensor read with ``pread`` into a private buffer: no page-cache map pages in our RSS."""
+    import os
+
+    import torch
+
+    from ...safetensors_file import torch_dtype
+
+    info = f.info(key)
+    if not hasattr(info, "start") or info.nbytes == 0:
+        return f.get(key)
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    view, pos = memoryview(buf.numpy()), 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while pos < info.nbytes:
+            got = os.preadv(fd, [view[pos:]], info.start + pos)
+            if got <= 0:
+                raise OSError(f"{path}: unexpected end of file reading {key}")
+            pos += got
+    finally:
+        os.close(fd)
+    return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
 
 
 __all__ = ["SCHEMES", "LogicalInfo", "QuantTensor", "QuantizedCheckpoint", "attach", "scheme_of"]

@@ -170,7 +170,10 @@ def quantize_4bit(weight: torch.Tensor, quant_map: torch.Tensor, blocksize: int)
     absmax, scaled = _scaled_blocks(weight.reshape(-1).float(), blocksize)
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
-    q = order[torch.bucketize(scaled, bounds, out_int32=True).to(torch.int64)].to(torch.uint8)
+    q = torch.bucketize(scaled, bounds, out_int32=True)
+    if bool((order != torch.arange(order.numel())).any()):  # fp4's code is not sorted; nf4's is
+        q = order.to(torch.int32)[q]
+    q = q.to(torch.uint8)
     packed = ((q[::2] << 4) | q[1::2]).unsqueeze(1)
     return packed, absmax
 
