@@ -174,7 +174,10 @@ def info(adapter_path: str | Path, base: str | Path | None = None, *, format: st
     local = resolve_path(adapter_path, "adapter")
     if base is not None:
         require_model(base, f"loratools info {adapter_path}")
-    reader = open_checkpoint(base) if base is not None else None
+    from ..formats.gguf_names import is_gguf_file
+
+    gguf_base = base is not None and is_gguf_file(base)  # a llama.cpp model: its tensor table is the base
+    reader = open_checkpoint(base) if base is not None and not gguf_base else None
     try:
         try:
             adapter = load_adapter(local, format=format, base=reader)
@@ -198,6 +201,13 @@ def info(adapter_path: str | Path, base: str | Path | None = None, *, format: st
                 data["base_quantization"] = reader.quant.summary()
             unresolved = adapter.meta.get("unresolved") or []
             data["unresolved"] = [n for n in unresolved if tied_source(reader, n) is None]
+        if gguf_base:
+            from ..formats.gguf_names import load_base
+
+            total = sum(math.prod(shape) for shape, _ in (load_base(base).tensors or {}).values())
+            data["base"] = str(base)
+            data["base_parameters"] = total
+            data["parameter_share"] = data["parameters"] / total if total else None
         # the modules list reads best last
         data["modules"] = data.pop("modules")
         return data

@@ -84,3 +84,14 @@ def test_dora_lowered_with_as_lora_lands_exactly(work):
         d = llama_permute(d, 4, 4) if key.endswith("q_proj.weight") else d
         name = tmap.get_name(key, try_suffixes=(".weight",))
         assert float((got[name] - d).abs().max() / d.abs().max()) < 1e-5, name
+
+
+def test_info_with_a_gguf_base():
+    """info --base model.gguf counts the GGUF model's parameters (it said 'not a checkpoint')."""
+    code, stdout, err = run_cli(["info", str(PEFT / "llama-lora"), "--base", str(GGUF / "llama-q8_0.gguf"), "--json"])
+    assert code == 0, err
+    data = json.loads(stdout)
+    base = str(FIXTURES / "bases" / "llama")
+    hf = json.loads(run_cli(["info", str(PEFT / "llama-lora"), "--base", base, "--json"])[1])
+    assert data["base_parameters"] == hf["base_parameters"] == 21664
+    assert data["parameter_share"] == hf["parameter_share"]
