@@ -6,13 +6,16 @@ from typing import Any
 
 import click
 
+from ..numeric_args import FRACTION
 from .options import (
+    Number,
     base_option,
     dtype_option,
     filters,
     json_option,
     output_option,
     overwrite_option,
+    rank_option,
     trust_tensors_option,
 )
 from .output import get_output
@@ -68,9 +71,12 @@ class FormatChoice(click.Choice):
     help="Lower every module to plain LoRA (LoHa, LoKr, OFT, BOFT, IA3, DoRA, modules_to_save): exact by "
     "default; OFT/BOFT/IA3/DoRA/modules_to_save need --base.",
 )
-@click.option("--rank", type=int, default=None, help="With --as-lora: keep at most this rank (optimal truncation).")
+@rank_option("With --as-lora: keep at most this rank (optimal truncation).")
 @click.option(
-    "--fro", type=float, default=None, help="With --as-lora: keep the smallest rank retaining this fraction of ‖ΔW‖_F."
+    "--fro",
+    type=Number(FRACTION),
+    default=None,
+    help="With --as-lora: keep the smallest rank retaining this fraction of ‖ΔW‖_F.",
 )
 @output_option
 @overwrite_option
