@@ -13,7 +13,6 @@ real module paths when one is given; without a base, modules keep their kohya na
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from pathlib import Path
@@ -23,6 +22,7 @@ from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, UnsupportedError, UsageError, ValidationError, name_list
 from ..publish import METADATA_KEY, provenance_metadata, read_provenance
 from ..safetensors_file import load_file, read_header, save_file
+from .kohya_meta import content_digest, sd_scripts_hashes
 from .lycoris import PARTS as LYCORIS_PARTS
 from .lycoris import family_parts, module_from_parts
 from .registry import AdapterFormat, register_format
@@ -172,30 +172,6 @@ class _Resolver:
         return self._index(None).get(rest)
 
 
-def _content_digest(tensors: dict[str, torch.Tensor]) -> str:
-    import torch
-
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        t = tensors[k].contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def sd_scripts_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
-    """``(sshs_model_hash, sshs_legacy_hash)`` as sd-scripts precomputes them for the webui's additional-networks.
-
-    The file is serialized with only the ``ss_*`` metadata; the model hash is the sha256 of everything after
-    the header, the legacy hash the first 8 hex digits of the sha256 of 64 KiB at offset 1 MiB.
-    """
-    from safetensors.torch import save
-
-    data = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
-    header = int.from_bytes(data[:8], "little")
-    return hashlib.sha256(data[8 + header :]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
-
-
 @register_format
 class KohyaFormat(AdapterFormat):
     name = "kohya"
@@ -251,7 +227,7 @@ class KohyaFormat(AdapterFormat):
                 "metadata": metadata,
                 "provenance": read_provenance(metadata),
                 "kohya_names": names,
-                "kohya_digest": _content_digest(tensors),
+                "kohya_digest": content_digest(tensors),
                 "files": [str(path)],
             },
         )
@@ -269,7 +245,7 @@ class KohyaFormat(AdapterFormat):
         metadata = {k: v for k, v in (adapter.meta.get("metadata") or {}).items() if k != METADATA_KEY}
         if adapter.format != "kohya":
             metadata = {}
-        changed = adapter.meta.get("kohya_digest") != _content_digest(tensors)
+        changed = adapter.meta.get("kohya_digest") != content_digest(tensors)
         if changed:
             metadata.update(_network_metadata(adapter))
             from .kohya_meta import network_args  # conv_dim/conv_alpha follow the tensors too

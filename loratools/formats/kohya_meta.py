@@ -12,6 +12,7 @@ survives, with a new title and ``modelspec.merged_from`` naming the sources.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
+
     from ..adapter import Adapter
 
 #: keys that describe the base model or how to run the adapter on it, kept when every input agrees
@@ -110,3 +113,28 @@ def combined_metadata(sources: Sequence[dict[str, str]], labels: Sequence[str]) 
         out["modelspec.date"] = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
         out.setdefault("modelspec.sai_model_spec", "1.0.0")
     return out
+
+
+def content_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of names, dtypes, shapes and bytes: whether an edit changed the tensors."""
+    import torch
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def sd_scripts_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """``(sshs_model_hash, sshs_legacy_hash)`` as sd-scripts precomputes them for the webui's additional-networks.
+
+    The file is serialized with only the ``ss_*`` metadata; the model hash is the sha256 of everything after
+    the header, the legacy hash the first 8 hex digits of the sha256 of 64 KiB at offset 1 MiB.
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + header :]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -157,3 +158,28 @@ def _check(adapter: Adapter, where: str, store: FactorStore) -> None:
 
     check_tensors(adapter, where, read=store.read)
     release_memory()
+
+
+def load_for_merge(
+    reader: CheckpointReader,
+    adapters: Sequence[str | Path | Adapter],
+    store: FactorStore,
+    *,
+    include: str | None = None,
+    exclude: str | None = None,
+    trust_tensors: bool = False,
+) -> list[Adapter]:
+    """The adapters of one merge as every merge path reads them: lean (factors left in their files),
+    refused when their scale is ambiguous (unless ``trust_tensors``), then selected by
+    ``include``/``exclude``; a UsageError when nothing is left to merge."""
+    from ...ambiguity import require_unambiguous
+    from ...errors import UsageError
+
+    loaded = [a if not isinstance(a, str | Path) else load_lean(a, reader, store) for a in adapters]
+    for a in loaded:
+        require_unambiguous(a, trust_tensors=trust_tensors)
+    if include or exclude:
+        loaded = [a.select(include, exclude) for a in loaded]
+    if not any(a.modules or a.replacements for a in loaded):
+        raise UsageError("no adapter module is left to merge", hint="check --include / --exclude")
+    return loaded

@@ -70,16 +70,9 @@ def check_quant_options(
 
 def _load(reader, adapters, weights, include, exclude, factors, trust_tensors=False):  # noqa: ANN001, ANN202
     """Adapters read like ``merge`` reads them (factors left in their files), selected and weighted."""
-    from ...ambiguity import require_unambiguous
-    from .factors import load_lean
+    from .factors import load_for_merge
 
-    loaded = [a if not isinstance(a, str | Path) else load_lean(a, reader, factors) for a in adapters]
-    for a in loaded:
-        require_unambiguous(a, trust_tensors=trust_tensors)
-    if include or exclude:
-        loaded = [a.select(include, exclude) for a in loaded]
-    if not any(a.modules or a.replacements for a in loaded):
-        raise UsageError("no adapter module is left to merge", hint="check --include / --exclude")
+    loaded = load_for_merge(reader, adapters, factors, include=include, exclude=exclude, trust_tensors=trust_tensors)
     w = [1.0] * len(loaded) if weights is None else [float(x) for x in weights]
     return loaded, w
 

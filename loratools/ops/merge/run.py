@@ -100,20 +100,18 @@ def merge(
     is only for it); it refuses the options a graph has no use for.
     An activated LoRA (aLoRA) is refused unless ``allow_alora``: merged, it acts on every token.
     """
-    from ...ambiguity import require_unambiguous
+    from ...alora import refuse_merge
     from ...checkpoint.reader import open_checkpoint
     from ...checkpoint.writer import parse_size
     from ...hub import resolve_path
     from ...publish import atomic_output
-    from .factors import FactorStore, load_lean, release_memory
+    from .factors import FactorStore, load_for_merge, release_memory
     from .files import copy_other_files, other_files
     from .plan import build_plan
     from .write import torch_threads, write_unit
 
     t0 = time.perf_counter()
     base_path = resolve_path(base, "base checkpoint")
-    from ...alora import refuse_merge
-
     refuse_merge(adapters, allow_alora)
     if _is_onnx(base_path):
         from ...onnx.patch import merge_onnx
@@ -175,13 +173,9 @@ def merge(
     reader = open_checkpoint(base_path)
     factors = FactorStore()
     try:
-        loaded = [a if not isinstance(a, str | Path) else load_lean(a, reader, factors) for a in adapters]
-        for a in loaded:
-            require_unambiguous(a, trust_tensors=trust_tensors)
-        if include or exclude:
-            loaded = [a.select(include, exclude) for a in loaded]
-        if not any(a.modules or a.replacements for a in loaded):
-            raise UsageError("no adapter module is left to merge", hint="check --include / --exclude")
+        loaded = load_for_merge(
+            reader, adapters, factors, include=include, exclude=exclude, trust_tensors=trust_tensors
+        )
         plan = build_plan(reader, loaded, weights)
         if reader.kind == "file" and shard_bytes:
             raise UsageError("--max-shard-size needs a model folder base, not a single file")
