@@ -40,26 +40,14 @@ def base_findings(adapter: Adapter, target: str, base: str | Path | Any, where: 
     from ...errors import LoratoolsError
     from ...formats.gguf_names import load_base
     from ...formats.gguf_plan import plan
+    from .._algebra_io import gguf_base
     from .findings import Finding
 
     try:
-        info = load_base(opened_base(base))
+        info = load_base(gguf_base(base))
     except LoratoolsError as exc:
         return [Finding("error", None, f"{target}.base", f"{exc.message} {where}", hint=exc.hint)]
     return [
         Finding("error", p.module, f"{target}.{p.code}", f"{p.message} {where}", hint=p.hint)
         for p in plan(adapter, info).problems
     ]
-
-
-def opened_base(base: Any) -> Any:
-    """A Hugging Face folder opened (names and tensors to compare with), anything else as given."""
-    if isinstance(base, str | Path) and Path(base).is_dir():
-        from ...checkpoint.reader import open_checkpoint
-        from ...errors import LoratoolsError
-
-        try:
-            return open_checkpoint(base)
-        except LoratoolsError:
-            return base
-    return base
