@@ -5,6 +5,7 @@ base folder belongs to the output."""
 
 from __future__ import annotations
 
-from .run import MergeSummary, merge
+from .run import merge
+from .summary import MergeSummary
 
 __all__ = ["MergeSummary", "merge"]

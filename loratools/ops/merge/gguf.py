@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import UsageError, VerificationError
+from .summary import MergeSummary
 
 if TYPE_CHECKING:
     import numpy as np
@@ -29,37 +29,6 @@ if TYPE_CHECKING:
 
 #: tensor types the gguf package quantizes itself (others are written as F16 after merging)
 _KEEP_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-
-
-@dataclass
-class GgufMergeSummary:
-    """What a GGUF merge wrote (the keys of :class:`~loratools.ops.merge.run.MergeSummary`), plus which
-    touched tensors changed type (K/I-quants written as F16)."""
-
-    output: Path
-    modules_merged: int
-    tensors_changed: int
-    tensors_written: int
-    bytes_written: int
-    seconds: float
-    files: list[str] = field(default_factory=list)
-    retyped: list[str] = field(default_factory=list)
-    verified: bool | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "output": str(self.output),
-            "modules_merged": self.modules_merged,
-            "tensors_changed": self.tensors_changed,
-            "tensors_written": self.tensors_written,
-            "bytes_written": self.bytes_written,
-            "seconds": round(self.seconds, 3),
-            "files": self.files,
-            "untied": [],
-            "verified": self.verified,
-            "left_out": [],
-            "retyped": self.retyped,
-        }
 
 
 def is_gguf_base(path: str | Path) -> bool:
@@ -160,7 +129,7 @@ def merge_gguf(
     include: str | None = None,
     exclude: str | None = None,
     trust_tensors: bool = False,
-) -> GgufMergeSummary:
+) -> MergeSummary:
     """Merge ``adapters`` into the GGUF model ``base`` and write ``output`` (a .gguf file), atomically.
 
     Every adapter is checked in full against the base's tensor table first (names, shapes, what a GGUF
@@ -231,7 +200,7 @@ def merge_gguf(
         writer.close()
         if verify:
             verify_gguf_merge(base_path, Path(tmp), updates)
-    return GgufMergeSummary(
+    return MergeSummary(
         output=Path(output),
         modules_merged=sum(len(v) for v in updates.values()),
         tensors_changed=len(updates),

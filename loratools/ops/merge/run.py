@@ -12,54 +12,19 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import UsageError, VerificationError
 from ...numeric_args import check_weights
+from .summary import MergeSummary
 
 if TYPE_CHECKING:
     from ...adapter import Adapter
     from ...checkpoint.reader import CheckpointReader
-    from ..verify import VerifyReport
     from .layout import Unit
 
 DTYPE_NAMES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-
-
-@dataclass
-class MergeSummary:
-    """What a merge wrote."""
-
-    output: Path
-    modules_merged: int
-    tensors_changed: int
-    tensors_written: int
-    bytes_written: int
-    seconds: float
-    files: list[str] = field(default_factory=list)
-    untied: list[str] = field(default_factory=list)
-    verify: VerifyReport | None = None
-    #: weight files / exports of the base folder not copied: they hold the unmerged base
-    left_out: list[str] = field(default_factory=list)
-    #: a quantized base: its scheme and, with --requantize/--reference, per-module numbers (QuantReport)
-    quant: Any = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "output": str(self.output),
-            "modules_merged": self.modules_merged,
-            "tensors_changed": self.tensors_changed,
-            "tensors_written": self.tensors_written,
-            "bytes_written": self.bytes_written,
-            "seconds": round(self.seconds, 3),
-            "files": self.files,
-            "untied": self.untied,
-            "verified": None if self.verify is None else self.verify.verified,
-            "left_out": self.left_out,
-            **({"quantized_base": self.quant.to_dict()} if self.quant is not None else {}),
-        }
 
 
 def _is_onnx(path: Path) -> bool:
