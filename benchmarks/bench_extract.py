@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_merge import timed  # noqa: E402
 
 ROOT = Path("/tmp/loratools-bench")
 HIDDEN, INTER, HEADS, VOCAB = 2048, 5632, 16, 32000
@@ -103,17 +105,6 @@ def build_pair(layers: int) -> tuple[Path, Path]:
             wb.write(e.name, w)
             wt.write(e.name, _tuned(e.name, w, g).to(torch.bfloat16))
     return base, tuned
-
-
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of a whole process, from /usr/bin/time -v."""
-    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"{cmd} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", r.stderr)
-    h, m, s = (float(x) if x else 0.0 for x in wall.groups())
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
-    return h * 3600 + m * 60 + s, rss / 1024
 
 
 def main() -> None:

@@ -17,8 +17,6 @@ modules broke) and the two outputs are compared tensor by tensor in fp16 ulps.
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -76,14 +74,11 @@ def build(base: Path, lora: Path, rank: int = 32, alpha: float = 16.0) -> None:
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB) of a whole process, from /usr/bin/time -v."""
-    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"{cmd[:3]} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", r.stderr)
-    h, m, s = (float(x) if x else 0.0 for x in wall.groups())
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
-    return h * 3600 + m * 60 + s, rss / 1e6
+    """Wall seconds and peak RSS in GB of a whole process (bench_merge.timed gives MB)."""
+    from bench_merge import timed as timed_mb
+
+    seconds, mb = timed_mb(cmd)
+    return seconds, mb * 1024 / 1e6
 
 
 def compare(ours: Path, theirs: Path) -> str:
