@@ -24,42 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_merge import timed  # noqa: E402
-
-ROOT = Path("/tmp/loratools-bench")
-HIDDEN, INTER, HEADS, VOCAB = 2048, 5632, 16, 32000
-PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-
-
-def shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
-    out = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        out += [(f"{p}.self_attn.{n}.weight", (HIDDEN, HIDDEN)) for n in PROJ]
-        out += [
-            (f"{p}.mlp.gate_proj.weight", (INTER, HIDDEN)),
-            (f"{p}.mlp.up_proj.weight", (INTER, HIDDEN)),
-            (f"{p}.mlp.down_proj.weight", (HIDDEN, INTER)),
-            (f"{p}.input_layernorm.weight", (HIDDEN,)),
-            (f"{p}.post_attention_layernorm.weight", (HIDDEN,)),
-        ]
-    return out + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
-
-
-def config(layers: int) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTER,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": HEADS,
-        "num_hidden_layers": layers,
-        "vocab_size": VOCAB,
-        "tie_word_embeddings": False,
-        "dtype": "bfloat16",
-    }
+from bench_merge import ROOT, config, shapes, timed  # noqa: E402 - the merge benchmark's model
 
 
 def _tuned(name: str, w, g):  # noqa: ANN001, ANN202

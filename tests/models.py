@@ -135,3 +135,21 @@ def outputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Te
     with torch.no_grad():
         out = model(**inputs)
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+def run_cli(args: list) -> tuple[int, str, str]:
+    """``loratools ARGS`` (any path-like arguments) through the real entry point, error boundary
+    included: (exit code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from loratools.cli.main import main
+
+    runner = CliRunner()
+    with runner.isolation() as streams:
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = streams[0].getvalue().decode(), streams[1].getvalue().decode()
+    return code, out, err

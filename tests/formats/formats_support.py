@@ -15,6 +15,7 @@ ROOT = TESTS.parent
 FIXTURES = ROOT / "fixtures"
 sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(HERE))
+from models import run_cli  # noqa: E402, F401 - one CLI runner for every test folder
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -90,20 +91,3 @@ def component_weights(p) -> dict:
     out = {f"unet.{k}": v.detach().clone() for k, v in p.unet.state_dict().items()}
     out.update({f"text_encoder.{k}": v.detach().clone() for k, v in p.text_encoder.state_dict().items()})
     return out
-
-
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    """``loratools ARGS`` through the real entry point (error boundary included): (exit code, stdout, stderr)."""
-    from click.testing import CliRunner
-
-    from loratools.cli.main import main
-
-    runner = CliRunner()
-    with runner.isolation() as streams:
-        try:
-            main(args)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out, err = streams[0].getvalue().decode(), streams[1].getvalue().decode()
-    return code, out, err

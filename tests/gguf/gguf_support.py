@@ -16,6 +16,8 @@ ROOT = TESTS.parent
 FIXTURES = ROOT / "fixtures"
 GGUF = FIXTURES / "gguf"
 sys.path.insert(0, str(TESTS))
+from models import run_cli  # noqa: E402, F401 - one CLI runner for every test folder
+
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
@@ -62,20 +64,3 @@ def runtime_deltas(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("gguf")
-
-
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    """``loratools ARGS`` through the real entry point (error boundary included): (exit code, stdout, stderr)."""
-    from click.testing import CliRunner
-
-    from loratools.cli.main import main
-
-    runner = CliRunner()
-    with runner.isolation() as streams:
-        try:
-            main(args)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out, err = streams[0].getvalue().decode(), streams[1].getvalue().decode()
-    return code, out, err

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import models  # noqa: E402
+from models import run_cli  # noqa: E402, F401 - one CLI runner for every test folder
 
 KINDS = ("llama", "gpt2", "bert")
 
@@ -71,20 +72,3 @@ def run(model_dir, feed, adapter_file=None):
     names = {i.name for i in sess.get_inputs()}
     np_feed = {k: v.numpy() for k, v in feed.items() if k in names}
     return run_with_adapter(sess, np_feed, adapter_file)[0]
-
-
-def run_cli(args: list) -> tuple[int, str, str]:
-    """``loratools ARGS`` through the real entry point (error boundary included): (exit code, stdout, stderr)."""
-    from click.testing import CliRunner
-
-    from loratools.cli.main import main
-
-    runner = CliRunner()
-    with runner.isolation() as streams:
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out, err = streams[0].getvalue().decode(), streams[1].getvalue().decode()
-    return code, out, err
