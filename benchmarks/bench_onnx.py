@@ -69,7 +69,7 @@ def torch_ab(base: Path, adapter: Path, seq: int, rounds: int) -> dict:
     import torch
     from peft import PeftModel
 
-    from loratools.adapter_io import load_adapter
+    from loratools.formats.adapter_io import load_adapter
     from loratools.onnx.export import load_model, merge_in_memory
 
     merged = load_model(base).model

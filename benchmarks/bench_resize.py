@@ -1,6 +1,6 @@
 """Benchmark: resize N modules of D×D from rank R to r, ours vs materializing the dense ΔW.
 
-(ours) QR/Cholesky-QR of the factors + SVD of the R×R core (loratools.lowrank), new factors split √σ.
+(ours) QR/Cholesky-QR of the factors + SVD of the R×R core (loratools.model.lowrank), new factors split √σ.
 (a)    dense ΔW = s·B·A in fp32, then torch.linalg.svd(full_matrices=False) (what most tools do).
 (b)    dense ΔW, then torch.svd_lowrank(q=2r, niter=2) (kohya's resize above 2048 dimensions).
 
@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from loratools.adapter import LoraModule
-from loratools.lowrank import module_svd, truncate_module
+from loratools.model.adapter import LoraModule
+from loratools.model.lowrank import module_svd, truncate_module
 
 
 def make_modules(n: int, dim: int, rank: int, seed: int = 0) -> list[LoraModule]:

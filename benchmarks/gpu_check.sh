@@ -54,7 +54,7 @@ try:
     model = peft_model.unload()
     have_peft = True
 except ImportError:
-    from loratools.adapter import Adapter, LoraModule
+    from loratools.model.adapter import Adapter, LoraModule
     from loratools.io import save_adapter
 
     mods = {}
@@ -104,7 +104,7 @@ for device in ("cuda", "cpu"):
     t0 = time.perf_counter()
     merge(work / "base", [work / "adapter"], work / f"merged-{device}", device=device)
     report[f"merge_checkpoint_{device}_seconds"] = round(time.perf_counter() - t0, 3)
-from loratools.safetensors_file import load_file
+from loratools.files.safetensors_file import load_file
 
 x, _ = load_file(next((work / "merged-cuda").glob("*.safetensors")))
 y, _ = load_file(next((work / "merged-cpu").glob("*.safetensors")))

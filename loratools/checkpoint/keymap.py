@@ -5,7 +5,8 @@ a base checkpoint names tensors as its ``save_pretrained`` wrote them, which may
 prefixes (``bert.``, ``model.``, the Hub's ``text_model.``). Matching tries the exact ``<module>.weight``
 first, then compares names with wrapper components removed; a match must be unique. A Stable Diffusion
 single file in the original (LDM) layout also answers to its diffusers pipeline names
-(:mod:`loratools.ldm_keymap`), and some of its modules are a third of a fused tensor (:class:`WeightTargets`).
+(:mod:`loratools.checkpoint.ldm_keymap`), and some of its modules are a third of a fused tensor
+(:class:`WeightTargets`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from ..adapter import Adapter
+    from loratools.model.adapter import Adapter
 
 
 class Named(Protocol):
@@ -38,7 +39,7 @@ class KeyMatcher:
     """Finds the base tensor for module paths; build once per base."""
 
     def __init__(self, keys: list[str]) -> None:
-        from ..ldm_keymap import ldm_layout
+        from loratools.checkpoint.ldm_keymap import ldm_layout
 
         self.keys = set(keys)
         self._by_stripped: dict[str, list[str]] = {}
@@ -81,7 +82,7 @@ class WeightTargets:
     ``attn.in_proj_weight``) the ``(start, stop)`` of its rows, else None."""
 
     def __init__(self, reader: Named) -> None:
-        from ..ldm_keymap import is_ldm, ldm_layout
+        from loratools.checkpoint.ldm_keymap import is_ldm, ldm_layout
 
         keys = reader.keys()
         self.reader = reader

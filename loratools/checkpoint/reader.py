@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FormatError, InputNotFoundError, UnsafeInputError
-from ..json_file import read_json
-from ..pickle_file import load_pickle_weights
-from ..safetensors_file import DTYPES, SafetensorsFile, TensorInfo
+from loratools.errors import FormatError, InputNotFoundError, UnsafeInputError
+from loratools.files.json_file import read_json
+from loratools.files.pickle_file import load_pickle_weights
+from loratools.files.safetensors_file import DTYPES, SafetensorsFile, TensorInfo
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +42,7 @@ class _BinFile:
     """A ``.bin`` shard with the SafetensorsFile interface (loaded whole: pickles cannot be read lazily)."""
 
     def __init__(self, path: Path) -> None:
-        from ..safetensors_file import dtype_name
+        from loratools.files.safetensors_file import dtype_name
 
         self.path = path
         self._tensors = load_pickle_weights(path)
@@ -95,7 +95,7 @@ class CheckpointReader:
             raise FormatError(f"{cfg}: expected a JSON object", path=cfg)
         self.raw_weight_map = weight_map
         if self.config and isinstance(self.config.get("quantization_config"), dict):
-            from .quant import attach  # quantized modules read as one dequantized weight each
+            from loratools.checkpoint.quant import attach  # quantized modules read as one dequantized weight each
 
             self.quant = attach(self)
             if self.quant is not None:
@@ -118,7 +118,7 @@ class CheckpointReader:
         """The key of tensor ``suffix`` of ``module`` in this checkpoint (wrapper prefixes and other
         layouts resolved, see :class:`~loratools.checkpoint.keymap.KeyMatcher`), or None."""
         if getattr(self, "_matcher", None) is None:
-            from .keymap import KeyMatcher
+            from loratools.checkpoint.keymap import KeyMatcher
 
             self._matcher = KeyMatcher(self.keys())
         return self._matcher.tensor_key(module, suffix)
@@ -267,7 +267,7 @@ def _open_folder(root: Path) -> CheckpointReader:
 
 def open_checkpoint(path: str | Path) -> CheckpointReader:
     """Open a base checkpoint (folder, sharded folder, single .safetensors file or diffusers pipeline)."""
-    from ..hub import resolve_path
+    from loratools.publishing.hub import resolve_path
 
     p = resolve_path(path, "base checkpoint")
     if p.is_file():

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import FormatError, UsageError
-from ..safetensors_file import DTYPES
+from loratools.errors import FormatError, UsageError
+from loratools.files.safetensors_file import DTYPES
 
 if TYPE_CHECKING:
     import torch

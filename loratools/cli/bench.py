@@ -6,9 +6,9 @@ from typing import Any
 
 import click
 
-from ..numeric_args import NON_NEGATIVE_INT, POSITIVE_INT
-from .options import Number, device_option, json_option
-from .output import get_output, render_table
+from loratools.args.numeric_args import NON_NEGATIVE_INT, POSITIVE_INT
+from loratools.cli.options import Number, device_option, json_option
+from loratools.cli.output import get_output, render_table
 
 
 @click.command("bench")
@@ -48,7 +48,7 @@ def bench(
       loratools bench llama/ --adapter lora/
       loratools bench llama/ --adapter lora/ --batch 1 --batch 4 --seq 128 --json
     """
-    from ..onnx.bench import bench as run_bench
+    from loratools.onnx.bench import bench as run_bench
 
     out = get_output(ctx, json_mode)
     result = run_bench(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..numeric_args import FRACTION, NON_NEGATIVE_INT
-from .options import (
+from loratools.args.numeric_args import FRACTION, NON_NEGATIVE_INT
+from loratools.cli.options import (
     Number,
     base_option,
     json_option,
@@ -17,7 +17,7 @@ from .options import (
     trust_tensors_option,
     weights_option,
 )
-from .output import get_output
+from loratools.cli.output import get_output
 
 _METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")
 
@@ -65,7 +65,7 @@ def combine(
       loratools combine a/ b/ c/ --method svd --rank 16 -o merged16/
       loratools combine a/ b/ --method dare_ties --density 0.5 --seed 1 -o mixed/
     """
-    from ..ops.combine import combine as run
+    from loratools.ops.combine import combine as run
 
     out = get_output(ctx, json_mode)
     w = parse_weights(weights, len(adapters))

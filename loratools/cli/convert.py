@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from ..numeric_args import FRACTION
-from .options import (
+from loratools.args.numeric_args import FRACTION
+from loratools.cli.options import (
     Number,
     base_option,
     dtype_option,
@@ -18,7 +18,7 @@ from .options import (
     rank_option,
     trust_tensors_option,
 )
-from .output import get_output
+from loratools.cli.output import get_output
 
 
 class FormatChoice(click.Choice):
@@ -29,7 +29,7 @@ class FormatChoice(click.Choice):
 
     @property  # type: ignore[override]
     def choices(self) -> list[str]:  # noqa: D102
-        from ..formats.registry import list_formats
+        from loratools.formats.registry import list_formats
 
         return list_formats()
 
@@ -124,7 +124,7 @@ def convert(
       loratools convert lokr-adapter/ --to peft --as-lora -o lora/
       loratools convert oft-adapter/ --to peft --as-lora --base model/ --rank 16 -o lora16/
     """
-    from ..ops.convert import convert as run_convert
+    from loratools.ops.convert import convert as run_convert
 
     out = get_output(ctx, json_mode)
     result = run_convert(
@@ -158,7 +158,7 @@ def _human(d: dict[str, Any]) -> None:
         click.echo(f"skipped {module}: {reason}")
     low = d.get("lowered")
     if low:
-        from .output import render_table
+        from loratools.cli.output import render_table
 
         rows = [(m["name"], m["family"], m["rank"], m["exact_rank"], f"{m['relative_error']:.3g}", m["source"])
                 for m in low["modules"]]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .options import base_option, json_option
-from .output import get_output
+from loratools.cli.options import base_option, json_option
+from loratools.cli.output import get_output
 
 
 @click.command(short_help="Compare two adapters: ranks, norms, relative difference and cosine per module.")
@@ -25,7 +25,7 @@ def diff(ctx: click.Context, a: str, b: str, base: str | None, json_mode: bool) 
       loratools diff run1/ run2/
       loratools diff peft_adapter/ kohya.safetensors --base model/ --json
     """
-    from ..ops.diff import diff as run
+    from loratools.ops.diff import diff as run
 
     out = get_output(ctx, json_mode)
     data = run(a, b, base=base)

@@ -6,9 +6,8 @@ from typing import Any
 
 import click
 
-from ..numeric_args import Range
-from ..onnx import MAX_OPSET, MIN_OPSET
-from .options import (
+from loratools.args.numeric_args import Range
+from loratools.cli.options import (
     Number,
     allow_alora_option,
     json_option,
@@ -18,7 +17,8 @@ from .options import (
     trust_tensors_option,
     weights_option,
 )
-from .output import get_output
+from loratools.cli.output import get_output
+from loratools.onnx import MAX_OPSET, MIN_OPSET
 
 
 @click.command("export-onnx")
@@ -75,7 +75,7 @@ def export_onnx(
       loratools export-onnx llama/ --lora-slots lora-a/ -o slots-onnx/
       loratools export-onnx llama/ --device cuda --dtype fp16 -o llama-onnx-fp16/
     """
-    from ..onnx.export import export_onnx as run_export
+    from loratools.onnx.export import export_onnx as run_export
 
     out = get_output(ctx, json_mode)
     result = run_export(

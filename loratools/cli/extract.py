@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..numeric_args import FRACTION, NON_NEGATIVE, POSITIVE_INT
-from .options import (
+from loratools.args.numeric_args import FRACTION, NON_NEGATIVE, POSITIVE_INT
+from loratools.cli.options import (
     Number,
     dtype_option,
     filters,
@@ -15,7 +15,7 @@ from .options import (
     overwrite_option,
     rank_option,
 )
-from .output import get_output
+from loratools.cli.output import get_output
 
 
 @click.command(short_help="Extract a LoRA from a fine-tuned checkpoint minus its base.")
@@ -94,7 +94,7 @@ def extract(
       loratools extract base/ finetuned/ --fro 0.9 --max-rank 64 --include 'self_attn' -o lora/
       loratools extract base/ finetuned/ --rank 16 --save-module 'embed_tokens|lm_head' -o lora/
     """
-    from ..ops.extract import extract as run
+    from loratools.ops.extract import extract as run
 
     out = get_output(ctx, json_mode)
     with out.progress_callback(0, "extracting") as step:

@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from .options import base_option, json_option
-from .output import get_output, render_table
+from loratools.cli.options import base_option, json_option
+from loratools.cli.output import get_output, render_table
 
 #: metadata values longer than this are shortened in human output (kohya's ss_tag_frequency is huge)
 _MAX_VALUE = 80
@@ -31,7 +31,7 @@ def info(ctx: click.Context, adapter: str, base: str | None, json_mode: bool) ->
       loratools info fixtures/peft/llama-lora --base fixtures/bases/llama
       loratools info fixtures/peft/llama-lora --json | jq .modules[0]
     """
-    from ..ops.info import info as run_info
+    from loratools.ops.info import info as run_info
 
     out = get_output(ctx, json_mode)
     out.result(run_info(adapter, base=base), _human)
@@ -42,7 +42,7 @@ def _fmt_number(n: int) -> str:
 
 
 def _human(d: dict[str, Any]) -> None:
-    from ..publish import format_bytes
+    from loratools.publishing.publish import format_bytes
 
     if d.get("kind") == "merged checkpoint":
         _human_merged(d)
@@ -90,7 +90,7 @@ def _human(d: dict[str, Any]) -> None:
         )
         rows.append(("not in base", shown))
     if d.get("base_quantization"):
-        from .quant_render import describe_scheme
+        from loratools.cli.quant_render import describe_scheme
 
         rows.append(("base quantized", describe_scheme(d["base_quantization"])))
     if d["provenance"]:

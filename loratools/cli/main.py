@@ -11,8 +11,8 @@ import os
 
 import click
 
-from .. import __version__
-from .output import PROGRESS_ENV, PROGRESS_MODES
+from loratools import __version__
+from loratools.cli.output import PROGRESS_ENV, PROGRESS_MODES
 
 #: command name -> "module:attribute" (module relative to loratools.cli)
 COMMANDS: dict[str, str] = {
@@ -130,8 +130,8 @@ def _fail(message: str, hint: str | None, code: int) -> None:
 
 def _boundary(run):  # noqa: ANN001, ANN202
     """Run a command; turn errors into one line plus a hint (no traceback unless LORATOOLS_DEBUG=1)."""
-    from ..errors import LoratoolsError
-    from ..publish import Terminated
+    from loratools.errors import LoratoolsError
+    from loratools.publishing.publish import Terminated
 
     if os.environ.get("LORATOOLS_DEBUG") == "1":
         return run()

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .options import (
+from loratools.cli.options import (
     allow_alora_option,
     device_option,
     dtype_option,
@@ -18,7 +18,7 @@ from .options import (
     trust_tensors_option,
     weights_option,
 )
-from .output import get_output
+from loratools.cli.output import get_output
 
 
 @click.command("merge")
@@ -101,7 +101,7 @@ def merge(
       loratools merge model-bnb-4bit/ qlora/ -o merged/ --reference model-bf16/
       loratools merge model-bnb-4bit/ qlora/ -o merged-4bit/ --requantize
     """
-    from ..ops.merge import merge as run_merge
+    from loratools.ops.merge import merge as run_merge
 
     out = get_output(ctx, json_mode)
     summary = run_merge(
@@ -128,7 +128,7 @@ def merge(
 
 
 def _human(d: dict[str, Any]) -> None:
-    from ..publish import format_bytes
+    from loratools.publishing.publish import format_bytes
 
     extra = " (verified)" if d.get("verified") else ""
     untied = f", untied {', '.join(d['untied'])}" if d.get("untied") else ""
@@ -144,7 +144,7 @@ def _human(d: dict[str, Any]) -> None:
     for module, reason in (d.get("skipped") or {}).items():
         click.echo(f"skipped {module}: {reason}")
     if d.get("quantized_base"):
-        from .quant_render import render_quant_report
+        from loratools.cli.quant_render import render_quant_report
 
         render_quant_report(d["quantized_base"])
     retyped = d.get("retyped") or []

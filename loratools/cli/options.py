@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from ..errors import UsageError
-from ..numeric_args import POSITIVE_INT, WEIGHT, Range, check_weights
+from loratools.args.numeric_args import POSITIVE_INT, WEIGHT, Range, check_weights
+from loratools.errors import UsageError
 
 json_option = click.option("--json", "json_mode", is_flag=True, help="Print one JSON object (see docs/json.md).")
 

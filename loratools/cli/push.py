@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from .options import json_option
-from .output import get_output, render_table
+from loratools.cli.options import json_option
+from loratools.cli.output import get_output, render_table
 
 
 @click.command("push")
@@ -50,7 +50,7 @@ def push(
       loratools push adapter/ me/llama-lora --base-model meta-llama/Llama-3.2-1B
       loratools push merged/ me/llama-merged --private --create-pr -m "Merged rank-16 LoRA"
     """
-    from ..ops.push import push as run_push
+    from loratools.ops.push import push as run_push
 
     out = get_output(ctx, json_mode)
     result = run_push(
@@ -71,7 +71,7 @@ def push(
 
 
 def _human(d: dict[str, Any]) -> None:
-    from ..publish import format_bytes
+    from loratools.publishing.publish import format_bytes
 
     click.echo(render_table(["file", "size"], [(f["path"], format_bytes(f["size"])) for f in d["files"]]))
     if d["dry_run"]:

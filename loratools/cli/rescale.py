@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..numeric_args import POSITIVE, SCALE
-from .options import (
+from loratools.args.numeric_args import POSITIVE, SCALE
+from loratools.cli.options import (
     Number,
     json_option,
     kohya_prefix_option,
@@ -14,7 +14,7 @@ from .options import (
     resolve_base_option,
     trust_tensors_option,
 )
-from .output import get_output
+from loratools.cli.output import get_output
 
 
 @click.command(short_help="Multiply every delta by a factor, or set alpha keeping the delta.")
@@ -53,7 +53,7 @@ def rescale(
       loratools rescale adapter/ --alpha 16 -o normalized/ --json
       loratools rescale style.safetensors --scale 0.8 --to diffusers --base sdxl-pipeline/ -o style/
     """
-    from ..ops.rescale import rescale as run
+    from loratools.ops.rescale import rescale as run
 
     out = get_output(ctx, json_mode)
     ad = run(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..numeric_args import AT_LEAST_ONE, FRACTION, NON_NEGATIVE_INT, POSITIVE_INT
-from .options import (
+from loratools.args.numeric_args import AT_LEAST_ONE, FRACTION, NON_NEGATIVE_INT, POSITIVE_INT
+from loratools.cli.options import (
     Number,
     json_option,
     kohya_prefix_option,
@@ -15,7 +15,7 @@ from .options import (
     resolve_base_option,
     trust_tensors_option,
 )
-from .output import get_output
+from loratools.cli.output import get_output
 
 
 @click.command(short_help="Shrink ranks: best rank-R, Frobenius/ratio/cumulative rules or a parameter budget.")
@@ -78,7 +78,7 @@ def resize(
       loratools resize adapter/ --budget 2000000 -o small/ --json
       loratools resize llama-lora/ --rank 4 --to kohya --kohya-prefix lora_te_ -o small.safetensors
     """
-    from ..ops.resize import resize as run
+    from loratools.ops.resize import resize as run
 
     out = get_output(ctx, json_mode)
     result = run(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .options import json_option, overwrite_option
-from .output import get_output
+from loratools.cli.options import json_option, overwrite_option
+from loratools.cli.output import get_output
 
 
 @click.command(short_help="Singular values per module, effective rank, ranks for 90/95/99% energy.")
@@ -28,7 +28,7 @@ def spectrum(ctx: click.Context, adapter: str, plot: str | None, overwrite: bool
       loratools spectrum adapter/
       loratools spectrum adapter/ --plot energy.png --json
     """
-    from ..ops.spectrum import spectrum as run
+    from loratools.ops.spectrum import spectrum as run
 
     out = get_output(ctx, json_mode)
     data = run(adapter, plot=plot, overwrite=overwrite)

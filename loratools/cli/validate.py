@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .options import base_option, json_option
-from .output import get_output
+from loratools.cli.options import base_option, json_option
+from loratools.cli.output import get_output
 
 
 @click.command("validate")
@@ -52,8 +52,8 @@ def validate(
       loratools validate fixtures/peft/llama-lora --scan
       loratools validate qlora/ --base model-bnb-4bit/ --reference model-bf16/
     """
-    from ..errors import UsageError
-    from ..ops.validate import validate as run_validate
+    from loratools.errors import UsageError
+    from loratools.ops.validate import validate as run_validate
 
     if reference is not None and base is None:
         raise UsageError("--reference needs --base QUANT_BASE", hint="give the quantized base with --base")
@@ -81,7 +81,7 @@ def _human(d: dict) -> None:
         facts.append(f"against {d['base']}")
     where = f"{d['path']} ({', '.join(facts)})"
     if d.get("quantized_base"):
-        from .quant_render import render_quant_report
+        from loratools.cli.quant_render import render_quant_report
 
         render_quant_report(d["quantized_base"])
     if not findings:

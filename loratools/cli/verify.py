@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from .options import filters, json_option, parse_weights, weights_option
-from .output import get_output
+from loratools.cli.options import filters, json_option, parse_weights, weights_option
+from loratools.cli.output import get_output
 
 
 @click.command("verify")
@@ -40,7 +40,7 @@ def verify(
       loratools verify merged/ --base base/ --adapter a/ --adapter b/ --weights 1,0.5 --json
       loratools verify merged/ --base base/ --adapter adapter/ --include 'self_attn'
     """
-    from ..ops.verify import verify as run_verify
+    from loratools.ops.verify import verify as run_verify
 
     out = get_output(ctx, json_mode)
     report = run_verify(

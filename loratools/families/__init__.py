@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .base import FamilyModule
-from .boft import BOFTModule
-from .ia3 import IA3Module
-from .loha import LoHaModule
-from .lokr import LoKrModule
-from .oft import DiagOFTModule, OFTModule
+from loratools.families.base import FamilyModule
+from loratools.families.boft import BOFTModule
+from loratools.families.ia3 import IA3Module
+from loratools.families.loha import LoHaModule
+from loratools.families.lokr import LoKrModule
+from loratools.families.oft import DiagOFTModule, OFTModule
 
 #: families whose update is added (LoHa, LoKr): merge weights scale them linearly
 ADDITIVE = ("loha", "lokr")

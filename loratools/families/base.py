@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ShapeError, UsageError
+from loratools.errors import ShapeError, UsageError
 
 LAYOUT_KINDS = ("linear", "conv")
 

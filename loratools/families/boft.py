@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ShapeError
-from .base import FamilyModule
+from loratools.errors import ShapeError
+from loratools.families.base import FamilyModule
 
 
 def butterfly_perm(n: int, b: int, r: int, n_butterfly_factor: int) -> torch.Tensor:

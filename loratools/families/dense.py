@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
+from loratools.errors import UsageError
 
 
 def needs_base(m: Any) -> bool:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import FamilyModule
+from loratools.families.base import FamilyModule
 
 
 @dataclass(eq=False)

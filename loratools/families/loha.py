@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ShapeError
-from .base import FamilyModule, scale_of
+from loratools.errors import ShapeError
+from loratools.families.base import FamilyModule, scale_of
 
 
 def _half(

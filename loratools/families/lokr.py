@@ -15,8 +15,8 @@ from typing import Literal
 
 import torch
 
-from ..errors import ShapeError
-from .base import FamilyModule
+from loratools.errors import ShapeError
+from loratools.families.base import FamilyModule
 
 
 def _mat(full: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ShapeError
-from .base import FamilyModule
+from loratools.errors import ShapeError
+from loratools.families.base import FamilyModule
 
 
 def skew_from_packed(vec: torch.Tensor, block: int) -> torch.Tensor:

@@ -1,13 +1,17 @@
-"""Adapter file formats: each converts disk <-> :class:`~loratools.adapter.Adapter`, no math.
+"""Adapter file formats: each converts disk <-> :class:`~loratools.model.adapter.Adapter`, no math.
 
-A format is one module here with a class registered by :func:`register_format`; import it in
-``_BUILTIN`` so that detection sees it.
+A format is one module here (or a subpackage per ecosystem: ``peft/``, ``kohya/``, ``gguf/``) with a class
+registered by :func:`register_format`; name its module in ``_BUILTIN`` so that detection sees it.
+``adapter_io`` is the face of this layer: ``load_adapter`` / ``save_adapter``.
+
+May import: ``loratools.errors``, ``files``, ``model``, ``families``, ``args``, ``publishing``. Never
+``checkpoint`` (a base is seen only through the ``KeyResolver`` protocol), ``ops``, ``onnx`` or ``cli``.
 """
 
 from __future__ import annotations
 
-from .registry import AdapterFormat, detect_format, get_format, list_formats, register_format
+from loratools.formats.registry import AdapterFormat, detect_format, get_format, list_formats, register_format
 
-_BUILTIN = ("peft", "kohya", "diffusers", "onnx_adapter", "gguf")
+_BUILTIN = ("peft.format", "kohya.format", "diffusers", "onnx_adapter", "gguf.format")
 
 __all__ = ["AdapterFormat", "detect_format", "get_format", "list_formats", "register_format"]

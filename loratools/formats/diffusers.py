@@ -17,18 +17,18 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..adapter import Adapter, LoraModule
-from ..errors import FormatError, UnsupportedError, UsageError, ValidationError, name_list
-from ..publish import provenance_metadata, read_provenance
-from ..safetensors_file import load_file, read_header, save_file
-from .peft import ROLES as PEFT_ROLES
-from .peft import get_pattern_key
-from .registry import AdapterFormat, register_format
+from loratools.errors import FormatError, UnsupportedError, UsageError, ValidationError, name_list
+from loratools.files.safetensors_file import load_file, read_header, save_file
+from loratools.formats.peft.format import ROLES as PEFT_ROLES
+from loratools.formats.peft.format import get_pattern_key
+from loratools.formats.registry import AdapterFormat, register_format
+from loratools.model.adapter import Adapter, LoraModule
+from loratools.publishing.publish import provenance_metadata, read_provenance
 
 if TYPE_CHECKING:
     import torch
 
-    from .registry import KeyResolver
+    from loratools.formats.registry import KeyResolver
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 WEIGHTS_BIN = "pytorch_lora_weights.bin"
@@ -145,7 +145,7 @@ class DiffusersFormat(AdapterFormat):
         if weights is None:
             raise FormatError(f"{path}: no {WEIGHTS} in this folder", path=path)
         if weights.suffix == ".bin":
-            from ..pickle_file import load_pickle_weights
+            from loratools.files.pickle_file import load_pickle_weights
 
             tensors, metadata = load_pickle_weights(weights), {}
         else:

@@ -11,19 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..adapter import Adapter, LoraModule
-from ..errors import FormatError, UnsupportedError, UsageError, ValidationError
-from .registry import AdapterFormat, register_format
+from loratools.errors import FormatError, UnsupportedError, UsageError, ValidationError
+from loratools.formats.registry import AdapterFormat, register_format
+from loratools.model.adapter import Adapter, LoraModule
 
 if TYPE_CHECKING:
-    from .registry import KeyResolver
+    from loratools.formats.registry import KeyResolver
 
 SUFFIX = ".onnx_adapter"
 _NP_DTYPES = {"fp32": "float32", "fp16": "float16"}
 
 
 def _ort():  # noqa: ANN202
-    from ..onnx.runtime import ort_module
+    from loratools.onnx.runtime import ort_module
 
     return ort_module()
 
@@ -41,8 +41,8 @@ class OnnxAdapterFormat(AdapterFormat):
     def read(cls, path: Path, base: KeyResolver | None = None) -> Adapter:
         import torch
 
-        from ..onnx.runtime import ort_message
-        from ..onnx.slots import A_SUFFIX, B_SUFFIX
+        from loratools.onnx.runtime import ort_message
+        from loratools.onnx.slots import A_SUFFIX, B_SUFFIX
 
         try:
             params = _ort().AdapterFormat.read_adapter(str(path)).get_parameters()
@@ -91,8 +91,8 @@ class OnnxAdapterFormat(AdapterFormat):
         onnxruntime-genai builder) the tensors take the names, sizes, dtype and rank of the graph's inputs
         (:func:`loratools.onnx.slot_map.slot_feeds`); an adapter may cover a subset of them.
         """
-        from ..onnx.slot_map import slot_feeds
-        from ..onnx.slots import check_slot_module, slot_tensors
+        from loratools.onnx.slot_map import slot_feeds
+        from loratools.onnx.slots import check_slot_module, slot_tensors
 
         if dtype not in (None, "auto") and dtype not in _NP_DTYPES:
             raise UsageError(f"the onnx-adapter format stores fp32 or fp16, not {dtype}", hint="pass --dtype fp32|fp16")

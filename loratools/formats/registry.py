@@ -7,12 +7,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from ..errors import FormatError, InputNotFoundError, UsageError
+from loratools.errors import FormatError, InputNotFoundError, UsageError
 
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import Adapter
+    from loratools.model.adapter import Adapter
 
 
 class KeyResolver(Protocol):
@@ -66,7 +66,7 @@ def register_format(cls: type[AdapterFormat]) -> type[AdapterFormat]:
 
 
 def _load_builtins() -> None:
-    from . import _BUILTIN
+    from loratools.formats import _BUILTIN
 
     for name in _BUILTIN:
         try:
@@ -99,7 +99,7 @@ def detect_format(path: str | Path) -> type[AdapterFormat]:
         if fmt.sniff(p):
             return fmt
     if p.is_file() and p.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"):
-        from ..errors import UnsafeInputError
+        from loratools.errors import UnsafeInputError
 
         raise UnsafeInputError(
             f"{p}: a bare pickle file is not read as an adapter (unpickling can run code)",

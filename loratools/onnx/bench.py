@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
-from ..numeric_args import NON_NEGATIVE_INT, POSITIVE_INT, check_number
-from .runtime import run_with_adapter, session, timed
+from loratools.args.numeric_args import NON_NEGATIVE_INT, POSITIVE_INT, check_number
+from loratools.errors import UsageError
+from loratools.onnx.runtime import run_with_adapter, session, timed
 
 
 def _feed(names: list[str], batch: int, seq: int, vocab: int) -> dict[str, Any]:
@@ -55,7 +55,7 @@ def bench(
             check_number(name, v, POSITIVE_INT)
     check_number("--warmup", warmup, NON_NEGATIVE_INT)
     if adapter is not None:  # a bad adapter fails here, not after the first export
-        from ..adapter_io import load_adapter
+        from loratools.formats.adapter_io import load_adapter
 
         load_adapter(adapter, base=model)
     say = note or (lambda text: None)
@@ -74,8 +74,8 @@ def bench(
 
 
 def _bench(model, adapter, device, batches, seqs, warmup, repeats, work: Path, say) -> dict[str, Any]:  # noqa: ANN001
-    from .export import check_device, export_onnx
-    from .patch import merge_onnx
+    from loratools.onnx.export import check_device, export_onnx
+    from loratools.onnx.patch import merge_onnx
 
     check_device(device, verify=True)  # onnxruntime must run on it too
     dtype = "fp16" if device == "cuda" else "fp32"
@@ -93,7 +93,7 @@ def _bench(model, adapter, device, batches, seqs, warmup, repeats, work: Path, s
         result["merge_speedup"] = result["export_seconds"] / max(result["merge_onnx_seconds"], 1e-9)
         say("exporting the LoRA-slots graph ...")
         export_onnx(model, work / "slots", dtype=dtype, device=device, verify=False, overwrite=True, lora_slots=adapter)
-        from ..adapter_io import load_adapter, save_adapter
+        from loratools.formats.adapter_io import load_adapter, save_adapter
 
         slot_file = work / "adapter.onnx_adapter"
         save_adapter(
@@ -128,7 +128,7 @@ def _vocab(model: Path) -> int:
 def _torch_rows(model, adapter, device, dtype, batches, seqs, warmup, repeats, vocab, work, say) -> list[dict]:  # noqa: ANN001
     import torch
 
-    from .export import load_model, merge_in_memory
+    from loratools.onnx.export import load_model, merge_in_memory
 
     loaded = load_model(model, dtype, device)
     rows: list[dict[str, Any]] = []
@@ -150,7 +150,7 @@ def _torch_rows(model, adapter, device, dtype, batches, seqs, warmup, repeats, v
     if adapter is None:
         run_all("pytorch eager", loaded.model)
         return rows
-    from ..adapter_io import load_adapter
+    from loratools.formats.adapter_io import load_adapter
 
     adapter_obj = load_adapter(adapter, base=model)
     try:
@@ -173,7 +173,7 @@ def _torch_rows(model, adapter, device, dtype, batches, seqs, warmup, repeats, v
 
 def _peft_copy(adapter: str | Path, adapter_obj: Any, work: Path) -> Path:
     """The adapter as a PEFT folder PeftModel can load (the input itself when it is one)."""
-    from ..adapter_io import save_adapter
+    from loratools.formats.adapter_io import save_adapter
 
     p = Path(adapter)
     if p.is_dir() and (p / "adapter_config.json").is_file():

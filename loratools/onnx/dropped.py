@@ -30,7 +30,7 @@ def dropped_tensors(model: onnx.ModelProto, keys: Iterable[str], aliases: dict[s
     ``aliases`` maps a parameter to every name tied to it (embeddings shared with an LM head): a tied
     name the checkpoint stores twice is held by the graph when any name of its group is.
     """
-    from .graph import GraphIndex
+    from loratools.onnx.graph import GraphIndex
 
     held = set(GraphIndex(model).parameters)
     group = {name: names for names in aliases.values() for name in names}
@@ -68,7 +68,7 @@ def read_dropped(model: onnx.ModelProto, model_file: Path | None = None) -> set[
 
 def weight_of(module: str, tensors: Iterable[str]) -> str | None:
     """The tensor among ``tensors`` that holds ``module``'s weight (exact path or the base's prefix variants)."""
-    from ..checkpoint.keymap import KeyMatcher
+    from loratools.checkpoint.keymap import KeyMatcher
 
     return KeyMatcher(list(tensors)).tensor_key(module, "weight")
 

@@ -21,19 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FormatError, UnsupportedError, UsageError, VerificationError, require
-from ..numeric_args import Range, check_optional, check_weights
-from . import MAX_OPSET, MIN_OPSET
-from .dropped import dropped_tensors, record_dropped, skip_reason
-from .runtime import max_difference, sample_batches, session, tolerance
-from .store import MODEL_FILE, InitializerSource, load_graph, write_model
-from .tasks import task_of
-from .torch_merge import merge_in_memory
+from loratools.args.numeric_args import Range, check_optional, check_weights
+from loratools.errors import FormatError, UnsupportedError, UsageError, VerificationError, require
+from loratools.onnx import MAX_OPSET, MIN_OPSET
+from loratools.onnx.dropped import dropped_tensors, record_dropped, skip_reason
+from loratools.onnx.runtime import max_difference, sample_batches, session, tolerance
+from loratools.onnx.store import MODEL_FILE, InitializerSource, load_graph, write_model
+from loratools.onnx.tasks import task_of
+from loratools.onnx.torch_merge import merge_in_memory
 
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import Adapter
+    from loratools.model.adapter import Adapter
 
 MANIFEST = "loratools_onnx.json"
 #: the opsets --opset takes (loratools.onnx.MIN_OPSET..MAX_OPSET)
@@ -238,7 +238,7 @@ def verify_export(
 
 def _merged_source(model: Path, adapters: Sequence[Any], weights: Sequence[float], dtype: str, tmp: Path) -> Path:
     """The streaming merge (loratools.ops.merge) into a temporary folder, in the export dtype."""
-    from ..ops.merge import merge
+    from loratools.ops.merge import merge
 
     merge(model, list(adapters), tmp / "merged", weights=list(weights), dtype=dtype, allow_alora=True)  # checked
     return tmp / "merged"
@@ -279,11 +279,11 @@ def export_onnx(
     sample inputs and raises :class:`VerificationError` (nothing published) when they differ.
     An activated LoRA (aLoRA) as an adapter or slot source is refused unless ``allow_alora``.
     """
-    from ..adapter_io import load_adapter
-    from ..ambiguity import require_unambiguous
-    from ..hub import resolve_path
-    from ..publish import atomic_output, describe_input, provenance
-    from .slots import add_slots, slot_tensors
+    from loratools.formats.adapter_io import load_adapter
+    from loratools.model.ambiguity import require_unambiguous
+    from loratools.onnx.slots import add_slots, slot_tensors
+    from loratools.publishing.hub import resolve_path
+    from loratools.publishing.publish import atomic_output, describe_input, provenance
 
     start = time.perf_counter()
     check_optional("--opset", opset, OPSET)
@@ -292,7 +292,7 @@ def export_onnx(
     root = resolve_path(model, "base checkpoint")
     check_device(device, verify)
     weights = check_weights(weights, len(adapters))
-    from ..checkpoint.reader import open_checkpoint
+    from loratools.checkpoint.reader import open_checkpoint
 
     with open_checkpoint(root) as reader:
         keys = set(reader.keys())
@@ -303,14 +303,14 @@ def export_onnx(
     slot_adapter = None
     if lora_slots is not None:
         slot_adapter = lora_slots if not isinstance(lora_slots, str | Path) else load_adapter(lora_slots, base=root)
-        from ..adapter import require_lora
+        from loratools.model.adapter import require_lora
 
         require_lora(slot_adapter, "export-onnx --lora-slots")  # LoRA inputs hold A and B only
         slot_tensors(slot_adapter, label=str(lora_slots))  # refuses DoRA, biases, embeddings, conv early
     loaded_adapters = [a if not isinstance(a, str | Path) else load_adapter(a, base=root) for a in adapters]
     for a in [*loaded_adapters, *([slot_adapter] if slot_adapter is not None else [])]:
         require_unambiguous(a, trust_tensors=trust_tensors)
-    from ..alora import refuse_merge
+    from loratools.model.alora import refuse_merge
 
     refuse_merge([*loaded_adapters, *([slot_adapter] if slot_adapter is not None else [])], allow_alora)
     inputs = [root, *(Path(a) for a in adapters if isinstance(a, str | Path)), *(
@@ -381,8 +381,8 @@ def export_onnx(
 
 def check_device(device: str, verify: bool) -> None:
     """Fail before any work when ``device`` cannot be used (no CUDA in torch, or no CUDA provider to verify)."""
-    from ..devices import torch_device
-    from .runtime import providers_for
+    from loratools.args.devices import torch_device
+    from loratools.onnx.runtime import providers_for
 
     torch_device(device)  # the refusal merge gives too
     if verify:
@@ -390,6 +390,6 @@ def check_device(device: str, verify: bool) -> None:
 
 
 def _element_size(dtype: str) -> int:
-    from ..safetensors_file import DTYPES as ST
+    from loratools.files.safetensors_file import DTYPES as ST
 
     return ST.get(dtype, ("", 4))[1]

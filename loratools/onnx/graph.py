@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import UnsupportedError, ValidationError
+from loratools.errors import UnsupportedError, ValidationError
 
 if TYPE_CHECKING:
     import onnx

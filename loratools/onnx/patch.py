@@ -18,17 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UnsupportedError, UsageError, ValidationError
-from ..numeric_args import check_weights
-from .dropped import read_dropped
-from .graph import GraphIndex, WeightSite, check_shape
-from .store import InitializerSource, external_info, load_graph, model_path, tensor_nbytes, write_model
-from .verify_merge import refuse_checkpoint_options, verify_patched
+from loratools.args.numeric_args import check_weights
+from loratools.errors import UnsupportedError, UsageError, ValidationError
+from loratools.onnx.dropped import read_dropped
+from loratools.onnx.graph import GraphIndex, WeightSite, check_shape
+from loratools.onnx.store import InitializerSource, external_info, load_graph, model_path, tensor_nbytes, write_model
+from loratools.onnx.verify_merge import refuse_checkpoint_options, verify_patched
 
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import Adapter, LoraModule
+    from loratools.model.adapter import Adapter, LoraModule
 
 #: patched weights read and updated ahead of the writer
 AHEAD = 2
@@ -69,14 +69,14 @@ class OnnxMergeResult:
 
 
 def _load(spec: str | Path | Adapter, trust_tensors: bool = False) -> tuple[Adapter, str]:
-    from ..adapter import Adapter
-    from ..adapter_io import load_adapter
-    from ..ambiguity import require_unambiguous
+    from loratools.formats.adapter_io import load_adapter
+    from loratools.model.adapter import Adapter
+    from loratools.model.ambiguity import require_unambiguous
 
     loaded, label = (spec, str(spec.meta.get("source", "<adapter>"))) if isinstance(spec, Adapter) else (
         load_adapter(spec), str(spec))  # fmt: skip
     require_unambiguous(loaded, trust_tensors=trust_tensors)
-    from ..adapter import require_lora
+    from loratools.model.adapter import require_lora
 
     require_lora(loaded, "merge into ONNX")
     return loaded, label
@@ -95,9 +95,9 @@ def plan_sites(
     A module without a weight in the graph is left out (and added to ``skipped`` with the reason) when
     ``dropped`` (the export's record of tensors it left out) holds its weight or ``skip`` names it.
     """
-    from ..checkpoint.keymap import KeyMatcher
-    from ..errors import NumericError
-    from .dropped import skip_reason
+    from loratools.checkpoint.keymap import KeyMatcher
+    from loratools.errors import NumericError
+    from loratools.onnx.dropped import skip_reason
 
     matcher = KeyMatcher(index.matcher_keys())
     plan: dict[str, list[tuple[WeightSite, LoraModule, int]]] = {}
@@ -198,8 +198,8 @@ def merge_onnx(
     """
     import torch
 
-    from ..hub import resolve_path
-    from ..publish import atomic_output, describe_input, provenance
+    from loratools.publishing.hub import resolve_path
+    from loratools.publishing.publish import atomic_output, describe_input, provenance
 
     start = time.perf_counter()
     if not adapters:

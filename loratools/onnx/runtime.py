@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UnsupportedError, UsageError, require
+from loratools.errors import UnsupportedError, UsageError, require
 
 if TYPE_CHECKING:
     import numpy as np
@@ -60,7 +60,7 @@ def session(
     model: str | Path, device: str = "cpu", threads: int | None = None, optimize: bool = True
 ) -> onnxruntime.InferenceSession:
     """An InferenceSession for ``model`` (a folder with model.onnx, or the file) on ``device``."""
-    from .store import model_path
+    from loratools.onnx.store import model_path
 
     ort = ort_module()
     options = ort.SessionOptions()
@@ -74,7 +74,7 @@ def session(
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime's own exception types, with its C++ source path in the text
-        from ..errors import FormatError
+        from loratools.errors import FormatError
 
         raise FormatError(f"{path}: onnxruntime cannot load this model ({ort_message(exc)})", path=path) from None
 
@@ -152,7 +152,7 @@ def run_with_adapter(
         try:
             lora.Load(str(adapter_file))
         except Exception as exc:  # onnxruntime's message carries its C++ source path
-            from ..errors import FormatError
+            from loratools.errors import FormatError
 
             raise FormatError(f"{adapter_file}: not a readable .onnx_adapter file ({ort_message(exc)})") from None
         options.add_active_adapter(lora)

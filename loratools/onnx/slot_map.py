@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import UnsupportedError, ValidationError, name_list
+from loratools.errors import UnsupportedError, ValidationError, name_list
 
 if TYPE_CHECKING:
     import numpy as np
     import onnx
 
-    from ..adapter import Adapter
+    from loratools.model.adapter import Adapter
 
 _A, _B = ".lora_A", ".lora_B"
 
@@ -127,8 +127,8 @@ def slot_feeds(adapter: Adapter, model: str | Path, dtype: str | None = None) ->
     """
     import numpy as np
 
-    from .slots import slot_tensors
-    from .store import load_graph, model_path
+    from loratools.onnx.slots import slot_tensors
+    from loratools.onnx.store import load_graph, model_path
 
     path = model_path(model)
     graph = load_graph(path)
@@ -176,8 +176,8 @@ def slot_feeds(adapter: Adapter, model: str | Path, dtype: str | None = None) ->
 
 def dropped_modules(adapter: Adapter, model: str | Path, slots: dict[str, SlotInput] | None = None) -> dict[str, str]:
     """Modules without a slot whose weight ``model``'s export recorded as dropped: module -> why they need none."""
-    from .dropped import read_dropped, skip_reason
-    from .store import load_graph, model_path
+    from loratools.onnx.dropped import read_dropped, skip_reason
+    from loratools.onnx.store import load_graph, model_path
 
     path = model_path(model)
     graph = load_graph(path)

@@ -12,14 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ..errors import UnsupportedError, ValidationError
-from .graph import GraphIndex
+from loratools.errors import UnsupportedError, ValidationError
+from loratools.onnx.graph import GraphIndex
 
 if TYPE_CHECKING:
     import numpy as np
     import onnx
 
-    from ..adapter import Adapter
+    from loratools.model.adapter import Adapter
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
@@ -138,7 +138,7 @@ def slot_tensors(adapter: Adapter, dtype: str = "float32", label: str = "adapter
         tensors[b_name] = np.ascontiguousarray((up * module.scale).T.numpy().astype(dtype))
         for key in (a_name, b_name):
             if not np.isfinite(tensors[key]).all():
-                from ..errors import NumericError
+                from loratools.errors import NumericError
 
                 first = [int(i) for i in np.argwhere(~np.isfinite(tensors[key]))[0]]
                 raise NumericError(

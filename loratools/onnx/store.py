@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import FormatError, InputNotFoundError, UnsafeInputError, require
+from loratools.errors import FormatError, InputNotFoundError, UnsafeInputError, require
 
 if TYPE_CHECKING:
     import onnx

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import Adapter
+    from loratools.model.adapter import Adapter
 
 
 def merge_in_memory(model: torch.nn.Module, adapters: Sequence[Adapter], weights: Sequence[float]) -> list[str]:
@@ -18,8 +18,8 @@ def merge_in_memory(model: torch.nn.Module, adapters: Sequence[Adapter], weights
     """
     import torch
 
-    from ..checkpoint.keymap import KeyMatcher
-    from ..errors import UnsupportedError, ValidationError
+    from loratools.checkpoint.keymap import KeyMatcher
+    from loratools.errors import UnsupportedError, ValidationError
 
     names = dict(model.named_parameters())
     matcher = KeyMatcher(list(names))

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UsageError, VerificationError
+from loratools.errors import UsageError, VerificationError
 
 if TYPE_CHECKING:
-    from .store import InitializerSource
+    from loratools.onnx.store import InitializerSource
 
 
 def refuse_checkpoint_options(dtype: str | None, max_shard_size: str | int | None, device: str | None) -> None:
@@ -49,7 +49,7 @@ def verify_patched(
     """
     import torch
 
-    from .store import InitializerSource, load_graph
+    from loratools.onnx.store import InitializerSource, load_graph
 
     written_proto = load_graph(out_file)
     written = {t.name: t for t in written_proto.graph.initializer}
@@ -89,6 +89,6 @@ def verify_patched(
 
 def source_proto_initializers(source: InitializerSource) -> list[Any]:
     """The initializers of the source model (graph only, weights stay on disk)."""
-    from .store import load_graph
+    from loratools.onnx.store import load_graph
 
     return list(load_graph(source.model_file).graph.initializer)

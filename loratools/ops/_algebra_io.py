@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..adapter import Adapter
+    from loratools.model.adapter import Adapter
 
 #: bytes added to the tensor payload when estimating an output's size (config, header, metadata)
 _OVERHEAD = 1 << 20
@@ -19,15 +19,15 @@ def load(
     """An Adapter and its path (None when an Adapter object was passed).
 
     ``trust_tensors`` False (the writing verbs' default) refuses an adapter whose update is ambiguous
-    (see :mod:`loratools.ambiguity`); None (read-only verbs) does not check.
+    (see :mod:`loratools.model.ambiguity`); None (read-only verbs) does not check.
     """
-    from ..adapter import Adapter
-    from ..adapter_io import load_adapter
-    from ..ambiguity import require_unambiguous
-    from ..hub import resolve_path
+    from loratools.formats.adapter_io import load_adapter
+    from loratools.model.adapter import Adapter
+    from loratools.model.ambiguity import require_unambiguous
+    from loratools.publishing.hub import resolve_path
 
     if isinstance(base, str | Path) and not isinstance(adapter, Adapter):
-        from ..formats.gguf_names import is_gguf_file
+        from loratools.formats.gguf.names import is_gguf_file
 
         if is_gguf_file(base) and not is_gguf_file(adapter):
             base = None  # a GGUF model names no Hugging Face modules: here it is only the target of a gguf write
@@ -68,7 +68,7 @@ def writer_options(fmt: type, options: dict[str, Any]) -> dict[str, Any]:
     """
     import inspect
 
-    from ..errors import UsageError
+    from loratools.errors import UsageError
 
     accepted = set(inspect.signature(fmt.write).parameters) - {"cls", "adapter", "path", "options", "provenance"}
     given = {k: v for k, v in options.items() if v is not None}
@@ -91,8 +91,8 @@ def gguf_base(base: Any) -> Any:
     """What the gguf writer gets as its base: a Hugging Face folder opened (names, tensors to compare full
     tensors with), a folder holding only config.json as its path, anything else as given."""
     if isinstance(base, str | Path) and Path(base).is_dir():
-        from ..checkpoint.reader import open_checkpoint
-        from ..errors import LoratoolsError
+        from loratools.checkpoint.reader import open_checkpoint
+        from loratools.errors import LoratoolsError
 
         try:
             return open_checkpoint(base)
@@ -118,9 +118,9 @@ def write(
     ``kohya_prefix`` names modules that are under no pipeline component in a kohya output (``lora_te_``);
     ``base`` (a .gguf model file or a Hugging Face folder) is the model a gguf output is written for.
     """
-    from ..adapter_io import save_adapter
-    from ..formats.registry import get_format
-    from ..publish import check_disk_space, describe_input, provenance
+    from loratools.formats.adapter_io import save_adapter
+    from loratools.formats.registry import get_format
+    from loratools.publishing.publish import check_disk_space, describe_input, provenance
 
     fmt = get_format(to or adapter.format or "peft")
     options = writer_options(fmt, {"kohya_prefix": kohya_prefix})

@@ -23,13 +23,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ShapeError, UnsupportedError, UsageError
-from ..numeric_args import FRACTION, NON_NEGATIVE_INT, POSITIVE_INT, check_number, check_optional, check_weights
+from loratools.args.numeric_args import (
+    FRACTION,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    check_number,
+    check_optional,
+    check_weights,
+)
+from loratools.errors import ShapeError, UnsupportedError, UsageError
 
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import Adapter, LoraModule
+    from loratools.model.adapter import Adapter, LoraModule
 
 METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")
 
@@ -101,7 +108,7 @@ def combine_module(
     """The combined module (None when every weight is 0). ``entries`` are (weight, module) pairs."""
     import torch
 
-    from ..lowrank import alpha_for_scale, dense_svd, lowrank_svd, rebuild
+    from loratools.model.lowrank import alpha_for_scale, dense_svd, lowrank_svd, rebuild
 
     template = replace(entries[0][1], use_rslora=use_rslora)
     scaled = [(w * m.scale, m) for w, m in entries if w * m.scale != 0]
@@ -189,9 +196,9 @@ def _require_one_base_model(ads: list[Adapter], labels: list[str]) -> None:
 def _combined_meta(ads: list[Adapter], labels: list[str]) -> dict[str, Any]:
     """The combination's meta: a new artefact, so only what stays true of it. Plain entries (format, base
     model, …) are kept when every input agrees; file metadata is rebuilt by
-    :func:`~loratools.formats.kohya_meta.combined_metadata` (sources named, training facts dropped); a
+    :func:`~loratools.formats.kohya.meta.combined_metadata` (sources named, training facts dropped); a
     config keeps the entries all configs share; kohya names of every input are pooled."""
-    from ..formats.kohya_meta import combined_metadata
+    from loratools.formats.kohya.meta import combined_metadata
 
     rebuilt = ("metadata", "config", "kohya_names", "kohya_digest", "files", "declared_ranks", "provenance", "source")
     first = ads[0].meta
@@ -237,7 +244,7 @@ def combine(
     nor ``density`` (refused, not ignored); adapters recorded for different base models are refused
     unless ``base`` names the model they are all combined for.
     """
-    from ._algebra_io import load, write
+    from loratools.ops._algebra_io import load, write
 
     if method not in METHODS:
         raise UsageError(f"unknown combine method {method!r}; expected one of {', '.join(METHODS)}")
@@ -253,18 +260,18 @@ def combine(
         raise UsageError(f"method {method} needs --density (the fraction of entries kept, e.g. 0.5)")
     reader = None
     if base is not None:
-        from ..checkpoint.reader import open_checkpoint
-        from ..formats.gguf_names import is_gguf_file
+        from loratools.checkpoint.reader import open_checkpoint
+        from loratools.formats.gguf.names import is_gguf_file
 
         reader = None if is_gguf_file(base) else open_checkpoint(base)  # a .gguf base is only a gguf target
     loaded = [load(a, base=reader, trust_tensors=trust_tensors) for a in adapters]
     ads = [ad for ad, _ in loaded]
-    from ..adapter import require_lora
+    from loratools.model.adapter import require_lora
 
     for ad in ads:
         require_lora(ad, "combine")
     labels = [str(p or f"adapter #{i + 1}") for i, (_, p) in enumerate(loaded)]
-    from ..alora import refuse_mix
+    from loratools.model.alora import refuse_mix
 
     refuse_mix(ads, labels)  # aLoRA inputs act from their invocation tokens on: only alike ones combine
     if base is None:

@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UsageError
-from ._algebra_io import gguf_base as _gguf_base
-from ._algebra_io import writer_options
+from loratools.errors import UsageError
+from loratools.ops._algebra_io import gguf_base as _gguf_base
+from loratools.ops._algebra_io import writer_options
 
 if TYPE_CHECKING:
-    from ..adapter import Adapter
-    from ..checkpoint.reader import CheckpointReader
+    from loratools.checkpoint.reader import CheckpointReader
+    from loratools.model.adapter import Adapter
 
 
 @dataclass
@@ -74,17 +74,17 @@ def convert(
     Raises :class:`UsageError` or
     :class:`UnsupportedError` listing the modules the target cannot hold.
     """
-    from ..adapter import Adapter
-    from ..adapter_io import load_adapter, save_adapter
-    from ..formats.registry import get_format
-    from ..publish import check_disk_space, describe_input, provenance
+    from loratools.formats.adapter_io import load_adapter, save_adapter
+    from loratools.formats.registry import get_format
+    from loratools.model.adapter import Adapter
+    from loratools.publishing.publish import check_disk_space, describe_input, provenance
 
     fmt = get_format(to)
     if ollama and fmt.name != "gguf":
         raise UsageError("--ollama writes a Modelfile for a GGUF adapter", hint="use it with --to gguf")
     target_base = base  # a GGUF model serves load_adapter (GGUF adapters) and the gguf writer only
     if isinstance(base, str | Path):
-        from ..formats.gguf_names import is_gguf_file
+        from loratools.formats.gguf.names import is_gguf_file
 
         if is_gguf_file(base):
             base = None
@@ -92,36 +92,36 @@ def convert(
     if isinstance(adapter, Adapter):
         source = adapter
         if base is not None:
-            from ..checkpoint.keymap import normalize_adapter
-            from ..checkpoint.reader import CheckpointReader, open_checkpoint
+            from loratools.checkpoint.keymap import normalize_adapter
+            from loratools.checkpoint.reader import CheckpointReader, open_checkpoint
 
             reader = base if isinstance(base, CheckpointReader) else open_checkpoint(base)
             source = normalize_adapter(adapter, reader)
     else:
         inputs = (adapter,)
         source = load_adapter(adapter, base=target_base)
-    from ..ambiguity import require_unambiguous
+    from loratools.model.ambiguity import require_unambiguous
 
     require_unambiguous(source, trust_tensors=trust_tensors)
     if include or exclude:
         source = source.select(include, exclude)
     lowered = None
     if not as_lora and fmt.name not in ("peft", "kohya"):
-        from ..adapter import require_lora
+        from loratools.model.adapter import require_lora
 
         require_lora(source, f"--to {fmt.name}")
     if (rank is not None or fro is not None) and not as_lora:
         raise UsageError("--rank/--fro truncate while lowering to LoRA", hint="add --as-lora")
     if as_lora:
-        from ..checkpoint.reader import CheckpointReader, open_checkpoint
-        from .lower import lower_to_lora
+        from loratools.checkpoint.reader import CheckpointReader, open_checkpoint
+        from loratools.ops.lower import lower_to_lora
 
         low_reader = base if isinstance(base, CheckpointReader) else (open_checkpoint(base) if base else None)
         source, low = lower_to_lora(source, low_reader, rank=rank, fro=fro)
         lowered = low.to_dict()
     skipped: dict[str, str] = {}
     if fmt.name == "onnx-adapter" and format_options.get("model") is not None:
-        from ..onnx.slot_map import dropped_modules
+        from loratools.onnx.slot_map import dropped_modules
 
         skipped = dropped_modules(source, format_options["model"])  # no slot, and no effect on the outputs
         if skipped:
@@ -133,7 +133,7 @@ def convert(
     if fmt.name == "gguf":
         options["base"] = _gguf_base(target_base)
 
-    from ..adapter import module_tensors
+    from loratools.model.adapter import module_tensors
 
     nbytes = sum(m.parameters * next(iter(module_tensors(m).values())).element_size()
                  for m in source.modules.values())
@@ -173,7 +173,7 @@ def _write_modelfile(adapter: str | Path, base: Any, overwrite: bool) -> str:
     """
     import os
 
-    from ..publish import atomic_output
+    from loratools.publishing.publish import atomic_output
 
     path = Path(adapter).parent / "Modelfile"
     origin = os.path.relpath(Path(str(base)).resolve(), path.parent.resolve())

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..adapter import Adapter
+    from loratools.model.adapter import Adapter
 
 #: configuration facts compared between the two adapters
 _FACTS = ("format", "base_model", "ranks", "alphas", "use_rslora", "use_dora", "fan_in_fan_out", "dtypes")
@@ -54,7 +54,7 @@ _CONFIG_KEYS = ("task_type", "target_modules", "modules_to_save", "bias", "lora_
 
 def module_difference(name: str, ma: Any, mb: Any, reader: Any = None) -> dict[str, Any]:
     """One row of the diff for a module both adapters have (``reader``: the base, for W-dependent updates)."""
-    from ..lowrank import difference_norm, module_inner, module_norm
+    from loratools.model.lowrank import difference_norm, module_inner, module_norm
 
     if not (hasattr(ma, "down") and hasattr(mb, "down")) or ma.needs_base or mb.needs_base:
         return _dense_difference(name, ma, mb, reader)
@@ -84,14 +84,14 @@ def _dense_difference(name: str, ma: Any, mb: Any, reader: Any) -> dict[str, Any
     """The generic path (other families, DoRA): both exact ΔW as dense fp64 matrices."""
     import torch
 
-    from ..errors import LoratoolsError
-    from ..families.dense import delta_matrix, needs_base
+    from loratools.errors import LoratoolsError
+    from loratools.families.dense import delta_matrix, needs_base
 
     row: dict[str, Any] = {"name": name, "rank_a": ma.rank, "rank_b": mb.rank}
     try:
         w = None
         if needs_base(ma) or needs_base(mb):
-            from ..checkpoint.keymap import KeyMatcher
+            from loratools.checkpoint.keymap import KeyMatcher
 
             key = KeyMatcher(reader.keys()).tensor_key(name) if reader is not None else None
             w = reader.get(key) if key is not None else None
@@ -124,12 +124,12 @@ def diff(
     Returns ``{"modules": [...], "only_in_a": [...], "only_in_b": [...], "config": {...}}`` with the
     module rows sorted by relative difference, largest first (see docs/json.md).
     """
-    from ._algebra_io import load
+    from loratools.ops._algebra_io import load
 
     reader = None
     if base is not None:
-        from ..checkpoint.reader import open_checkpoint
-        from .info import require_model
+        from loratools.checkpoint.reader import open_checkpoint
+        from loratools.ops.info import require_model
 
         require_model(base, f"loratools diff {a} {b}")
         reader = open_checkpoint(base)
@@ -137,7 +137,7 @@ def diff(
     ad_b, _ = load(b, base=reader)
     common = [n for n in ad_a.modules if n in ad_b.modules]
     if not common and base is None and ad_a.format != ad_b.format and ad_a.modules and ad_b.modules:
-        from ..errors import UsageError
+        from loratools.errors import UsageError
 
         raise UsageError(
             f"{a} ({ad_a.format}) and {b} ({ad_b.format}) share no module name: the two formats name "

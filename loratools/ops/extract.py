@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UsageError
-from ..numeric_args import NON_NEGATIVE, POSITIVE_INT, check_number, check_optional
+from loratools.args.numeric_args import NON_NEGATIVE, POSITIVE_INT, check_number, check_optional
+from loratools.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import Adapter
+    from loratools.model.adapter import Adapter
 
 #: leaf module names that are embeddings (saved whole, never factored)
 _EMBEDDING = re.compile(r"(^|\.)(embed\w*|\w*_embeddings?|wte|wpe|shared|embeddings)$")
@@ -108,14 +108,14 @@ def extract(
     """
     import torch
 
-    from ..adapter import Adapter, LoraModule
-    from ..checkpoint.reader import open_checkpoint
-    from ..filters import module_filter
-    from ..hub import resolve_path
-    from ..lowrank import check_rule, dense_svd
-    from ._algebra_io import write
-    from .merge.factors import release_memory
-    from .merge.write import BaseBytes
+    from loratools.args.filters import module_filter
+    from loratools.checkpoint.reader import open_checkpoint
+    from loratools.model.adapter import Adapter, LoraModule
+    from loratools.model.lowrank import check_rule, dense_svd
+    from loratools.ops._algebra_io import write
+    from loratools.ops.merge.factors import release_memory
+    from loratools.ops.merge.write import BaseBytes
+    from loratools.publishing.hub import resolve_path
 
     if (rank is None) == (fro is None):
         raise UsageError(
@@ -171,7 +171,7 @@ def extract(
             delta = _difference(new, old) if module in lora_modules else None
             norm = float(torch.linalg.vector_norm(delta)) if delta is not None else _norm(new, old)
             if not math.isfinite(norm):  # NaN/Inf somewhere (a full isfinite() would cost 3 copies of ΔW)
-                from ..finite import require_finite
+                from loratools.model.finite import require_finite
 
                 require_finite(new, key, rt.file_of(key), hint="the fine-tuned checkpoint is damaged")
                 require_finite(old, key, rb.file_of(key), hint="the base checkpoint is damaged")

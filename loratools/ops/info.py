@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..adapter import Adapter, LoraModule
-    from ..checkpoint.reader import CheckpointReader
+    from loratools.checkpoint.reader import CheckpointReader
+    from loratools.model.adapter import Adapter, LoraModule
 
 
 def module_record(name: str, m: LoraModule) -> dict[str, Any]:
@@ -107,7 +107,7 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
     ``parameters`` counts what was trained: factors, magnitudes, biases and full replacements, but not
     the base layers PEFT saves beside an adapted embedding or tied head (``saved_base_layers``).
     """
-    from ..tied import base_layer_copies
+    from loratools.model.tied import base_layer_copies
 
     mods = adapter.modules
     copies = base_layer_copies(adapter)
@@ -116,7 +116,7 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
     dtypes = sorted({_dtype(d) for d in adapter.dtypes()})
     cfg = adapter.meta.get("config") or {}
     metadata = {k: v for k, v in (adapter.meta.get("metadata") or {}).items() if k != "loratools"}
-    from ..alora import invocation_tokens
+    from loratools.model.alora import invocation_tokens
 
     return {
         "format": adapter.format,
@@ -165,16 +165,16 @@ def info(adapter_path: str | Path, base: str | Path | None = None, *, format: st
         >>> d["rank"], d["alpha"], d["num_modules"]
         (4, 7, 8)
     """
-    from ..adapter_io import load_adapter
-    from ..checkpoint.reader import open_checkpoint
-    from ..errors import FormatError
-    from ..hub import resolve_path
-    from ..tied import tied_source
+    from loratools.checkpoint.reader import open_checkpoint
+    from loratools.errors import FormatError
+    from loratools.formats.adapter_io import load_adapter
+    from loratools.model.tied import tied_source
+    from loratools.publishing.hub import resolve_path
 
     local = resolve_path(adapter_path, "adapter")
     if base is not None:
         require_model(base, f"loratools info {adapter_path}")
-    from ..formats.gguf_names import is_gguf_file
+    from loratools.formats.gguf.names import is_gguf_file
 
     gguf_base = base is not None and is_gguf_file(base)  # a llama.cpp model: its tensor table is the base
     reader = open_checkpoint(base) if base is not None and not gguf_base else None
@@ -202,7 +202,7 @@ def info(adapter_path: str | Path, base: str | Path | None = None, *, format: st
             unresolved = adapter.meta.get("unresolved") or []
             data["unresolved"] = [n for n in unresolved if tied_source(reader, n) is None]
         if gguf_base:
-            from ..formats.gguf_names import load_base
+            from loratools.formats.gguf.names import load_base
 
             total = sum(math.prod(shape) for shape, _ in (load_base(base).tensors or {}).values())
             data["base"] = str(base)
@@ -219,9 +219,9 @@ def info(adapter_path: str | Path, base: str | Path | None = None, *, format: st
 def require_model(base: str | Path, usage: str) -> None:
     """A UsageError when ``--base`` names an adapter rather than the model an adapter is for; ``usage``
     is the command line the hint suggests (``loratools info ADAPTER``)."""
-    from ..errors import LoratoolsError, UsageError
-    from ..formats.registry import detect_format
-    from ..hub import resolve_path
+    from loratools.errors import LoratoolsError, UsageError
+    from loratools.formats.registry import detect_format
+    from loratools.publishing.hub import resolve_path
 
     local = Path(resolve_path(base, "base checkpoint"))
     if local.is_dir() and ((local / "config.json").is_file() or (local / "model_index.json").is_file()):
@@ -239,9 +239,9 @@ def require_model(base: str | Path, usage: str) -> None:
 def merged_checkpoint(local: Path, shown: str | Path) -> dict[str, Any] | None:
     """What ``info`` says of a checkpoint that ``loratools merge`` wrote: its provenance record (the base,
     the adapters and their weights); None when ``local`` is no checkpoint or holds no merge record."""
-    from ..checkpoint.reader import open_checkpoint
-    from ..errors import LoratoolsError
-    from ..publish import read_provenance
+    from loratools.checkpoint.reader import open_checkpoint
+    from loratools.errors import LoratoolsError
+    from loratools.publishing.publish import read_provenance
 
     try:
         reader = open_checkpoint(local)

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import UsageError
+from loratools.errors import UsageError
 
 if TYPE_CHECKING:
-    from ..adapter import Adapter, LoraModule
-    from ..checkpoint.reader import CheckpointReader
+    from loratools.checkpoint.reader import CheckpointReader
+    from loratools.model.adapter import Adapter, LoraModule
 
 #: singular values below this fraction of the largest are rounding noise of an exact factorization
 _NOISE = 1e-12
@@ -61,7 +61,7 @@ class LowerReport:
 
 def _keep(s: torch.Tensor, rank: int | None, fro: float | None) -> tuple[int, int]:
     """(rank kept, exact rank) for descending singular values ``s``."""
-    from ..lowrank import select_rank
+    from loratools.model.lowrank import select_rank
 
     exact = int((s > _NOISE * float(s[0])).sum()) if s.numel() and float(s[0]) > 0 else 0
     if rank is not None:
@@ -87,7 +87,7 @@ def _lora(
     dtype: torch.dtype,
 ) -> LoraModule:
     """A LoRA module (scale 1, alpha = k) holding U_k·Σ_k·V_kᵀ, √σ split between the factors."""
-    from ..adapter import LoraModule
+    from loratools.model.adapter import LoraModule
 
     root = torch.sqrt(s[:k])
     up, down = (u[:, :k] * root).to(dtype), (root[:, None] * vh[:k]).to(dtype)
@@ -116,9 +116,9 @@ def lower_to_lora(
     """``adapter`` as a plain LoRA adapter (see the module docstring) and what each module became."""
     from dataclasses import replace
 
-    from ..checkpoint.keymap import KeyMatcher
-    from ..families.dense import delta_matrix
-    from ..lowrank import lowrank_svd
+    from loratools.checkpoint.keymap import KeyMatcher
+    from loratools.families.dense import delta_matrix
+    from loratools.model.lowrank import lowrank_svd
 
     if rank is not None and rank < 1:
         raise UsageError(f"--rank must be at least 1, got {rank}")
@@ -199,7 +199,7 @@ def lower_to_lora(
         report.modules.append(LoweredModule(module, "modules_to_save", k, exact, _error(s, k), "dense"))
     meta = {k: v for k, v in adapter.meta.items() if k not in ("config", "family")}
     meta["config"] = None
-    from ..adapter import Adapter
+    from loratools.model.adapter import Adapter
 
     return Adapter(modules=modules, replacements=replacements, meta=meta), report
 
@@ -209,8 +209,8 @@ def lora_view(adapter: Adapter, command: str) -> Adapter:
     the factor-space commands (resize, spectrum). Other families are refused in one line naming the module."""
     from dataclasses import replace
 
-    from ..adapter import LoraModule
-    from ..errors import UnsupportedError
+    from loratools.errors import UnsupportedError
+    from loratools.model.adapter import LoraModule
 
     modules: dict[str, Any] = {}
     for name, m in adapter.modules.items():

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputNotFoundError, LoratoolsError, UsageError
+from loratools.errors import InputNotFoundError, LoratoolsError, UsageError
 
 
 @dataclass
@@ -93,8 +93,8 @@ def push(
         >>> push("adapter/", "me/my-lora", dry_run=True).files[0]["path"]
         'adapter_config.json'
     """
-    from ..card import build_card, is_untouched_template
-    from ..hub import HubRef, hub_error
+    from loratools.publishing.card import build_card, is_untouched_template
+    from loratools.publishing.hub import HubRef, hub_error
 
     local = Path(path)
     if not local.exists():

@@ -13,11 +13,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import UsageError
-from ..numeric_args import POSITIVE, SCALE, check_optional
+from loratools.args.numeric_args import POSITIVE, SCALE, check_optional
+from loratools.errors import UsageError
 
 if TYPE_CHECKING:
-    from ..adapter import Adapter, LoraModule
+    from loratools.model.adapter import Adapter, LoraModule
 
 
 def _times(t, factor: float):  # noqa: ANN001, ANN202
@@ -30,7 +30,7 @@ def _times(t, factor: float):  # noqa: ANN001, ANN202
 
 def rescale_module(module: LoraModule, *, scale: float | None = None, alpha: float | None = None) -> LoraModule:
     """One module rescaled (see the module docstring)."""
-    from ..adapter import scale_for
+    from loratools.model.adapter import scale_for
 
     if scale is not None:
         sign = -1.0 if scale < 0 else 1.0
@@ -61,7 +61,7 @@ def rescale(
     ``alpha`` must be positive. ``base`` resolves kohya names (to leave kohya with ``to``);
     ``kohya_prefix`` names modules for a kohya output (``lora_te_``).
     """
-    from ._algebra_io import load, write
+    from loratools.ops._algebra_io import load, write
 
     if (scale is None) == (alpha is None):
         raise UsageError("give exactly one of --scale and --alpha", hint="e.g. loratools rescale a/ --scale 0.5 -o b/")
@@ -70,7 +70,7 @@ def rescale(
     check_optional("--scale", scale, SCALE)
     check_optional("--alpha", alpha, POSITIVE)
     ad, path = load(adapter, base=base, trust_tensors=trust_tensors)
-    from ..adapter import require_lora
+    from loratools.model.adapter import require_lora
 
     require_lora(ad, "rescale")
     modules = {name: rescale_module(m, scale=scale, alpha=alpha) for name, m in ad.modules.items()}

@@ -1,6 +1,6 @@
 """``resize``: new per-module ranks by truncating the exact SVD of each ΔW, computed from the factors.
 
-Each module's ΔW = s·B·A is decomposed in factor space (:mod:`loratools.lowrank`), a rule picks the rank,
+Each module's ΔW = s·B·A is decomposed in factor space (:mod:`loratools.model.lowrank`), a rule picks the rank,
 and the kept σ are split as √σ between the new factors. The scale convention is kept: the new alpha is
 s·r' (or s·√r' for rsLoRA), so the effective multiplier of every module is unchanged and per-module
 ranks/alphas go to ``rank_pattern``/``alpha_pattern``. DoRA magnitudes and LoRA biases are carried
@@ -13,11 +13,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UsageError
-from ..numeric_args import NON_NEGATIVE_INT, POSITIVE_INT, check_number, check_optional
+from loratools.args.numeric_args import NON_NEGATIVE_INT, POSITIVE_INT, check_number, check_optional
+from loratools.errors import UsageError
 
 if TYPE_CHECKING:
-    from ..adapter import Adapter
+    from loratools.model.adapter import Adapter
 
 
 @dataclass
@@ -94,8 +94,15 @@ def resize(
     left with rank 0 are dropped and listed in the report. ``base`` resolves kohya names (to leave kohya
     with ``to``); ``kohya_prefix`` names modules for a kohya output (``lora_te_``).
     """
-    from ..lowrank import allocate_budget, check_rule, module_svd, retained_fro, select_rank, truncate_module
-    from ._algebra_io import load, write
+    from loratools.model.lowrank import (
+        allocate_budget,
+        check_rule,
+        module_svd,
+        retained_fro,
+        select_rank,
+        truncate_module,
+    )
+    from loratools.ops._algebra_io import load, write
 
     rule, value = _rule(rank, fro, ratio, cumulative, budget)
     if rule == "budget":
@@ -105,7 +112,7 @@ def resize(
     check_optional("--max-rank", max_rank, POSITIVE_INT)
     check_optional("--conv-rank", conv_rank, POSITIVE_INT)
     ad, path = load(adapter, base=base, trust_tensors=trust_tensors)
-    from .lower import lora_view
+    from loratools.ops.lower import lora_view
 
     ad = lora_view(ad, "resize")  # LoHa/LoKr through their exact low-rank form; the output is plain LoRA
     if not ad.modules:

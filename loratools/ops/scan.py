@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import Adapter, LoraModule
+    from loratools.model.adapter import Adapter, LoraModule
 
 #: robust z beyond which a module is flagged
 THRESHOLD = 6.0
@@ -249,9 +249,9 @@ def scan_adapter(adapter: Adapter | str | Path, *, threshold: float = THRESHOLD)
         >>> [m.module for m in report.flagged]
         []
     """
-    from ..adapter import Adapter
-    from ..adapter_io import load_adapter
-    from ..hub import resolve_path
+    from loratools.formats.adapter_io import load_adapter
+    from loratools.model.adapter import Adapter
+    from loratools.publishing.hub import resolve_path
 
     path = None
     if not isinstance(adapter, Adapter):

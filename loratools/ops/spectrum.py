@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..adapter import Adapter
+    from loratools.model.adapter import Adapter
 
 ENERGY_LEVELS = (0.9, 0.95, 0.99)
 
 
 def module_spectrum(name: str, module: Any) -> dict[str, Any]:
     """One module's row: rank, kind, σ, norm, effective rank, energy ranks."""
-    from ..lowrank import effective_rank, energy_rank, module_svd
+    from loratools.model.lowrank import effective_rank, energy_rank, module_svd
 
     s = module_svd(module).s
     return {
@@ -37,10 +37,10 @@ def spectrum(adapter: Adapter | str | Path, *, plot: str | Path | None = None, o
 
     Returns ``{"modules": [...], "summary": {...}}`` (see docs/json.md).
     """
-    from ._algebra_io import load
+    from loratools.ops._algebra_io import load
 
     ad, path = load(adapter)
-    from .lower import lora_view
+    from loratools.ops.lower import lora_view
 
     ad = lora_view(ad, "spectrum")  # LoHa/LoKr: the spectrum of their exact low-rank form
     rows = [module_spectrum(n, m) for n, m in ad.modules.items()]
@@ -57,8 +57,8 @@ def spectrum(adapter: Adapter | str | Path, *, plot: str | Path | None = None, o
 
 def plot_energy(rows: list[dict[str, Any]], target: str | Path, *, overwrite: bool = False, inputs=()) -> Path:  # noqa: ANN001
     """Retained energy (Σ_{i≤k}σ²/Σσ²) against rank k, one thin line per module, median in bold."""
-    from ..errors import require
-    from ..publish import atomic_output
+    from loratools.errors import require
+    from loratools.publishing.publish import atomic_output
 
     require("matplotlib", "plot")
     import matplotlib

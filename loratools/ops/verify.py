@@ -16,15 +16,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UsageError
-from ..numeric_args import check_weights
+from loratools.args.numeric_args import check_weights
+from loratools.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
 
-    from ..adapter import Adapter
-    from ..checkpoint.reader import CheckpointReader
-    from .merge.plan import MergePlan, TensorJob
+    from loratools.checkpoint.reader import CheckpointReader
+    from loratools.model.adapter import Adapter
+    from loratools.ops.merge.plan import MergePlan, TensorJob
 
 EPS = {"F32": 2.0**-23, "F16": 2.0**-10, "BF16": 2.0**-7, "F64": 2.0**-52}
 FAILURES = (
@@ -106,10 +106,10 @@ def verify(
     ``include``/``exclude`` (regexes over module names) pick the adapters' modules the way ``merge``
     took them, so a ``merge --include`` output verifies with the same ``--include``.
     """
-    from ..adapter_io import load_adapter
-    from ..checkpoint.reader import CheckpointReader, open_checkpoint
-    from .merge.plan import build_plan
-    from .merge.write import BaseBytes
+    from loratools.checkpoint.reader import CheckpointReader, open_checkpoint
+    from loratools.formats.adapter_io import load_adapter
+    from loratools.ops.merge.plan import build_plan
+    from loratools.ops.merge.write import BaseBytes
 
     weights = check_weights(weights, len(adapters))
     own = not isinstance(base, CheckpointReader)
@@ -137,7 +137,7 @@ def verify(
 
 
 def _check_all(report, plan: MergePlan, breader, mreader, bbytes, mbytes) -> None:  # noqa: ANN001
-    from .merge.plan import _is_head, tied_keys
+    from loratools.ops.merge.plan import _is_head, tied_keys
 
     m_emb = tied_keys(mreader)
     keys = list(dict.fromkeys([*breader.keys(), *plan.jobs]))
@@ -170,7 +170,7 @@ def _start(job: TensorJob | None, key: str, bbytes) -> torch.Tensor:  # noqa: AN
 def _check(key, job, actual, mdtype, plan, bbytes, m_emb) -> Finding:  # noqa: ANN001
     import torch
 
-    from .merge.plan import compute
+    from loratools.ops.merge.plan import compute
 
     start = _start(job, key, bbytes)
     mods = [c.module for c in job.deltas + job.biases] if job is not None else []
@@ -217,7 +217,7 @@ def _check(key, job, actual, mdtype, plan, bbytes, m_emb) -> Finding:  # noqa: A
 
 def _tied_partner(key, plan, actual, start, bbytes) -> str | None:  # noqa: ANN001
     """If ``key`` changed by exactly its tied partner's update, say so."""
-    from .merge.plan import _is_head, compute
+    from loratools.ops.merge.plan import _is_head, compute
 
     for other, j in plan.jobs.items():
         if other == key or not _is_head(other) or j.is_copy:

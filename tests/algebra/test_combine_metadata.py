@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from loratools import combine, load_adapter, rescale, resize
-from loratools.safetensors_file import read_header
+from loratools.files.safetensors_file import read_header
 
 LINEAR = "lora_unet_down_blocks_0_attentions_0_proj_in"
 CONV = "lora_unet_down_blocks_0_resnets_0_conv1"

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from loratools import extract, load_adapter
 from loratools.cli.main import cli
-from loratools.lowrank import select_rank
+from loratools.model.lowrank import select_rank
 
 CHANGED = ("q_proj", "v_proj", "down_proj")
 

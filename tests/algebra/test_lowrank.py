@@ -1,4 +1,4 @@
-"""loratools.lowrank against dense torch.linalg (fp64) as the oracle."""
+"""loratools.model.lowrank against dense torch.linalg (fp64) as the oracle."""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from loratools import load_adapter, resize
 from loratools.cli.main import cli
 from loratools.errors import UsageError
-from loratools.lowrank import select_rank
-from loratools.safetensors_file import read_header
+from loratools.files.safetensors_file import read_header
+from loratools.model.lowrank import select_rank
 
 
 def _check_eckart_young(src, out, k):

@@ -10,7 +10,7 @@ from formats_support import FIXTURES, component_weights, fused_weights, run_cli
 from safetensors.torch import load_file
 
 from loratools import convert
-from loratools.adapter_io import load_adapter
+from loratools.formats.adapter_io import load_adapter
 
 
 def _merged_copy(model: torch.nn.Module, adapter, prefix: str = "") -> torch.nn.Module:

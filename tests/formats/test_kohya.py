@@ -10,8 +10,8 @@ import torch
 from formats_support import component_weights, fused_weights
 from safetensors.torch import load_file, save_file
 
-from loratools.adapter_io import load_adapter, save_adapter
 from loratools.errors import UnsupportedError
+from loratools.formats.adapter_io import load_adapter, save_adapter
 
 
 def test_reader_deltas_match_diffusers_fuse(pipe, sd_dir, kohya_uniform):
@@ -97,7 +97,7 @@ def test_kohya_rewrite_keeps_metadata_and_recomputes_hashes(kohya_mixed, work):
     raw_in, raw_out = load_file(str(kohya_mixed)), load_file(str(same))
     assert raw_in.keys() == raw_out.keys()
     assert all(torch.equal(raw_in[k], raw_out[k]) for k in raw_in)
-    from loratools.safetensors_file import read_header
+    from loratools.files.safetensors_file import read_header
 
     _, meta = read_header(same)
     for k in ("ss_output_name", "modelspec.architecture", "modelspec.title", "ss_base_model_version"):

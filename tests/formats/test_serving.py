@@ -8,9 +8,9 @@ import pytest
 import torch
 from formats_support import FIXTURES, run_cli
 
-from loratools.adapter import Adapter, LoraModule
-from loratools.adapter_io import load_adapter
 from loratools.errors import UsageError
+from loratools.formats.adapter_io import load_adapter
+from loratools.model.adapter import Adapter, LoraModule
 from loratools.ops.validate.serving import serving_findings, serving_rules, serving_targets
 
 PEFT = FIXTURES / "peft"

@@ -11,7 +11,7 @@ import torch
 from foundation_support import adapter_dir, base_dir, load_peft
 
 from loratools import load_adapter, merge
-from loratools.safetensors_file import load_file
+from loratools.files.safetensors_file import load_file
 
 DORA = adapter_dir("llama-dora")
 

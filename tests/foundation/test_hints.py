@@ -31,17 +31,17 @@ WRITERS = ("convert", "resize", "rescale", "combine", "extract")
 READERS = ("info", "validate", "diff", "spectrum", "merge", "verify", "convert", "resize", "rescale", "combine")
 #: source file (relative to loratools/, a prefix) -> the commands whose run can print its hints
 REACHED_FROM: dict[str, tuple[str, ...]] = {
-    "adapter_io.py": ("convert", "resize", "rescale", "combine"),
-    "alora.py": ("merge", "export-onnx", "convert", "resize", "rescale", "combine"),
-    "adapter.py": READERS,
-    "ambiguity.py": ("convert", "resize", "rescale", "combine", "merge", "export-onnx"),
+    "formats/adapter_io.py": ("convert", "resize", "rescale", "combine"),
+    "model/alora.py": ("merge", "export-onnx", "convert", "resize", "rescale", "combine"),
+    "model/adapter.py": READERS,
+    "model/ambiguity.py": ("convert", "resize", "rescale", "combine", "merge", "export-onnx"),
     "checkpoint/quant/": ("merge",),
-    "devices.py": ("merge", "export-onnx", "bench"),
+    "args/devices.py": ("merge", "export-onnx", "bench"),
     "families/": ("convert",),
     "formats/diffusers.py": ("convert", "resize", "rescale", "combine"),
-    "formats/kohya.py": WRITERS,
+    "formats/kohya/format.py": WRITERS,
     "formats/gguf": ("info", "validate", "diff", "convert"),
-    "formats/lycoris.py": ("convert", "resize", "rescale", "combine"),
+    "formats/kohya/lycoris.py": ("convert", "resize", "rescale", "combine"),
     "formats/onnx_adapter.py": ("convert",),
     "formats/peft": ("convert", "resize", "rescale", "combine", "extract"),
     "formats/registry.py": READERS,
@@ -61,7 +61,7 @@ REACHED_FROM: dict[str, tuple[str, ...]] = {
     "ops/resize.py": ("resize",),
     "ops/validate/": ("validate",),
     "ops/verify.py": ("verify",),
-    "publish.py": WRITERS + ("merge", "export-onnx", "spectrum"),
+    "publishing/publish.py": WRITERS + ("merge", "export-onnx", "spectrum"),
 }
 #: hint text (a part of it) -> the commands that print it, where its file's entry is too wide
 HINT_REACHED_FROM: dict[str, tuple[str, ...]] = {

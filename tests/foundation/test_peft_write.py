@@ -11,8 +11,8 @@ import torch
 from foundation_support import ADAPTERS, adapter_dir, load_base, load_peft
 
 from loratools import load_adapter, save_adapter
-from loratools.publish import provenance, read_provenance
-from loratools.safetensors_file import read_header
+from loratools.files.safetensors_file import read_header
+from loratools.publishing.publish import provenance, read_provenance
 
 INPUTS = {"llama": models.sample_inputs(), "gpt2": models.sample_inputs(), "bert": models.sample_inputs()}
 
@@ -75,8 +75,8 @@ def test_save_refuses_existing_output(tmp_path) -> None:
 
 def test_output_path_must_fit_the_format_layout(tmp_path) -> None:
     """A one-file format given a folder path, or a folder format given a file name, is refused up front."""
-    from loratools.adapter_io import load_adapter, save_adapter
     from loratools.errors import UsageError
+    from loratools.formats.adapter_io import load_adapter, save_adapter
 
     adapter = load_adapter(Path(__file__).resolve().parents[2] / "fixtures" / "peft" / "llama-lora")
     with pytest.raises(UsageError, match="writes a folder"):

@@ -145,7 +145,7 @@ def test_what_gguf_cannot_hold_is_refused(case, code, work):
 
 
 def test_tied_output_and_unknown_arch_are_refused(work):
-    from loratools.adapter import Adapter, LoraModule
+    from loratools.model.adapter import Adapter, LoraModule
 
     g = torch.Generator().manual_seed(0)
     head = LoraModule(torch.randn(2, 32, generator=g), torch.randn(96, 2, generator=g), alpha=3)
@@ -159,7 +159,7 @@ def test_tied_output_and_unknown_arch_are_refused(work):
 
 def test_gguf_base_shape_rule(work):
     """Against a GGUF base every pair is checked with the loader's shape rule before writing."""
-    from loratools.adapter import Adapter, LoraModule
+    from loratools.model.adapter import Adapter, LoraModule
 
     g = torch.Generator().manual_seed(0)
     wrong = LoraModule(torch.randn(2, 32, generator=g), torch.randn(40, 2, generator=g), alpha=3)
@@ -170,7 +170,7 @@ def test_gguf_base_shape_rule(work):
 def test_plain_adapter_matches_llama_cpps_converter_after_its_scale_rule(work):
     """convert_lora_to_gguf.py writes lora_a = A, lora_b = P·B (Q/K rows permuted) and alpha = lora_alpha;
     ours folds alpha/r into lora_b and writes alpha 0: the same tensors up to that factor."""
-    from loratools.formats.gguf_names import load_base
+    from loratools.formats.gguf.names import load_base
 
     adapter = load_adapter(PEFT / "llama-lora", base=BASES / "llama")
     _, tensors = read_gguf(write(adapter, work, "plain", GGUF / "llama-f32.gguf"))
@@ -198,7 +198,7 @@ def test_alora_invocation_tokens_travel(work):
 def test_untied_output_lora_and_changed_norms(work):
     """lm_head -> output.weight (plain linear rule) on an untied base; a changed norm weight is refused
     because the loader skips *_norm.weight tensors in adapters."""
-    from loratools.adapter import Adapter, LoraModule
+    from loratools.model.adapter import Adapter, LoraModule
 
     g = torch.Generator().manual_seed(0)
     head = LoraModule(torch.randn(2, 32, generator=g), torch.randn(96, 2, generator=g), alpha=3)

@@ -52,7 +52,7 @@ def test_gemma2_runtime_delta_equals_peft(gemma, work):
 
 
 def test_gemma2_lm_head_is_tied(gemma, work):
-    from loratools.adapter import Adapter, LoraModule
+    from loratools.model.adapter import Adapter, LoraModule
 
     g = torch.Generator().manual_seed(0)
     head = LoraModule(torch.randn(2, 32, generator=g), torch.randn(96, 2, generator=g), alpha=3)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from gguf_support import FIXTURES, GGUF, llama_permute, run_cli
 
-from loratools.adapter import Adapter, LoraModule
 from loratools.errors import UnsupportedError
+from loratools.model.adapter import Adapter, LoraModule
 from loratools.ops.merge.gguf import merge_gguf
 
 PEFT = FIXTURES / "peft"

@@ -143,7 +143,7 @@ def test_cards_for_pipelines_and_onnx_exports(tmp_path) -> None:  # noqa: ANN001
     from safetensors.torch import save_file
 
     from loratools import push
-    from loratools.publish import provenance, provenance_metadata
+    from loratools.publishing.publish import provenance, provenance_metadata
 
     pipe = tmp_path / "pipe"
     (pipe / "unet").mkdir(parents=True)

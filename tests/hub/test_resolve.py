@@ -27,7 +27,7 @@ def test_info_on_hub_adapter_fetches_only_what_it_needs(hub, home, local) -> Non
 
 def test_base_from_hub_gets_one_weight_format(hub, home, local) -> None:  # noqa: ANN001
     from loratools.checkpoint.reader import open_checkpoint
-    from loratools.hub import hub_info_for
+    from loratools.publishing.hub import hub_info_for
 
     with pointed_at(hub, home):
         with open_checkpoint("hf://org/base") as reader, open_checkpoint(local["base"]) as ref:
@@ -46,9 +46,9 @@ def test_merge_from_hub_base_and_adapter_matches_peft(hub, home, local, models, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from loratools.files.safetensors_file import read_header
     from loratools.ops.merge import merge
-    from loratools.publish import read_provenance
-    from loratools.safetensors_file import read_header
+    from loratools.publishing.publish import read_provenance
 
     with pointed_at(hub, home):
         merge("hf://org/base", ["hf://org/adapter"], tmp_path / "merged")
@@ -114,7 +114,7 @@ def test_hub_errors_are_one_line(hub, tmp_path, spec, token, first_line) -> None
 def test_private_repo_with_token_from_env_or_login(hub, tmp_path) -> None:  # noqa: ANN001
     from fakehub import GOOD_TOKEN
 
-    from loratools.adapter_io import load_adapter
+    from loratools.formats.adapter_io import load_adapter
 
     with pointed_at(hub, tmp_path / "env-home"):  # HF_TOKEN
         assert load_adapter("hf://org/private").modules
@@ -126,8 +126,8 @@ def test_private_repo_with_token_from_env_or_login(hub, tmp_path) -> None:  # no
 
 
 def test_paths_revisions_and_datasets(hub, home) -> None:  # noqa: ANN001
-    from loratools.adapter_io import load_adapter
-    from loratools.hub import resolve_input
+    from loratools.formats.adapter_io import load_adapter
+    from loratools.publishing.hub import resolve_input
 
     repo = hub.repos[("model", "org/adapter")]
     sha = repo.branches["main"]
@@ -151,7 +151,7 @@ def test_paths_revisions_and_datasets(hub, home) -> None:  # noqa: ANN001
 
 
 def test_unsafe_names_in_a_listing_are_refused(hub, tmp_path) -> None:  # noqa: ANN001
-    from loratools.hub import resolve_input
+    from loratools.publishing.hub import resolve_input
 
     hub.add_repo("org/evil", {"adapter_config.json": b"{}", "../../escape.safetensors": b"x"})
     with pointed_at(hub, tmp_path / "home"), pytest.raises(UnsafeInputError, match="leave the download folder"):
@@ -159,7 +159,7 @@ def test_unsafe_names_in_a_listing_are_refused(hub, tmp_path) -> None:  # noqa: 
 
 
 def test_local_paths_never_touch_the_hub(hub, tmp_path, local) -> None:  # noqa: ANN001
-    from loratools.hub import resolve_input
+    from loratools.publishing.hub import resolve_input
 
     before = len(hub.log)
     with pointed_at(hub, tmp_path / "home"):
@@ -180,7 +180,7 @@ def test_unreachable_hub_is_one_line(tmp_path) -> None:  # noqa: ANN001
     with pointed_at(dead, tmp_path / "home"):
         code, out, err = run_cli(["info", "hf://org/adapter"])
     assert code == 2 and "the Hub cannot be reached (ConnectError" in err.splitlines()[0], err
-    from loratools.hub import resolve_input
+    from loratools.publishing.hub import resolve_input
 
     with pointed_at(dead, tmp_path / "home"):
         with pytest.raises(HubError, match="the Hub cannot be reached"):

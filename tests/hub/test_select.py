@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loratools.errors import InputNotFoundError, UnsafeInputError, UsageError
-from loratools.hub_select import check_names, select_files
+from loratools.publishing.hub_select import check_names, select_files
 
 SHARDED = [
     "config.json",

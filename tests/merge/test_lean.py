@@ -11,13 +11,13 @@ import torch
 from merge_support import make_case
 from safetensors.torch import save_file
 
-from loratools.adapter_io import load_adapter
 from loratools.checkpoint.reader import open_checkpoint
 from loratools.errors import NumericError
-from loratools.formats.peft import PeftFormat
+from loratools.files.safetensors_file import load_file
+from loratools.formats.adapter_io import load_adapter
+from loratools.formats.peft.format import PeftFormat
 from loratools.ops.merge import factors as merge_factors
 from loratools.ops.merge import merge
-from loratools.safetensors_file import load_file
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from merge_support import TOL, assert_parity, load_merged, logits, make_case, models, peft_merged_state, perturb
 
 from loratools import merge
-from loratools.safetensors_file import load_file
+from loratools.files.safetensors_file import load_file
 
 VARIANTS = {
     "linear": dict(kind="llama"),

@@ -13,8 +13,8 @@ import torch
 from merge_support import make_case
 
 from loratools import merge, verify
-from loratools.publish import read_provenance
-from loratools.safetensors_file import read_header
+from loratools.files.safetensors_file import read_header
+from loratools.publishing.publish import read_provenance
 
 
 def _cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

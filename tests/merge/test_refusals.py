@@ -12,7 +12,7 @@ from merge_support import make_case, perturb
 from safetensors.torch import save_file
 
 from loratools.cli.main import main
-from loratools.safetensors_file import load_file
+from loratools.files.safetensors_file import load_file
 
 
 @pytest.fixture(scope="module")

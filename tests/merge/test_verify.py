@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from loratools import merge, verify
 from loratools.cli.main import main
-from loratools.safetensors_file import load_file
+from loratools.files.safetensors_file import load_file
 
 Q = "model.layers.0.self_attn.q_proj"
 

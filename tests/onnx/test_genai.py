@@ -72,7 +72,7 @@ def test_adapter_fits_the_builder_graph_and_matches_peft(genai_model, references
 def test_names_and_padded_ranks_come_from_the_graph(tmp_path):
     import onnxruntime as ort
 
-    from loratools.adapter_io import load_adapter, save_adapter
+    from loratools.formats.adapter_io import load_adapter, save_adapter
 
     save_adapter(load_adapter(PATTERNS), tmp_path / "a.onnx_adapter", format="onnx-adapter", model=MODEL)
     params = ort.AdapterFormat.read_adapter(str(tmp_path / "a.onnx_adapter")).get_parameters()
@@ -143,7 +143,7 @@ def _olive_dynamic(folder: Path) -> Path:
 def test_a_shared_rank_symbol_gets_the_adapters_largest_rank(genai_model, references, tmp_path):
     import onnxruntime as ort
 
-    from loratools.adapter_io import load_adapter, save_adapter
+    from loratools.formats.adapter_io import load_adapter, save_adapter
 
     folder = _olive_dynamic(tmp_path / "dynamic")
     save_adapter(load_adapter(PATTERNS), tmp_path / "a.onnx_adapter", format="onnx-adapter", model=folder)

@@ -11,7 +11,7 @@ from onnx_support import run
 @pytest.fixture(scope="module")
 def slots(tiny, tmp_path_factory):
     """Llama exported with slots for adapter 1 (q, v, up, down) and both adapters as .onnx_adapter files."""
-    from loratools.adapter_io import load_adapter, save_adapter
+    from loratools.formats.adapter_io import load_adapter, save_adapter
 
     t = tiny("llama")
     folder = t.export("slots", lora_slots=t.adapter)  # verification with and without the adapter runs here
@@ -70,8 +70,8 @@ def test_second_adapter_other_rank_subset_same_session(slots):
 def test_onnx_adapter_round_trip_and_refusals(slots, tmp_path):
     import torch
 
-    from loratools.adapter_io import load_adapter, save_adapter
     from loratools.errors import UnsupportedError, ValidationError
+    from loratools.formats.adapter_io import load_adapter, save_adapter
 
     t, folder, files = slots
     back = load_adapter(files / "a1.onnx_adapter")
@@ -97,7 +97,7 @@ def test_onnx_adapter_round_trip_and_refusals(slots, tmp_path):
 
 def test_fp16_slots_export_adapter_file_and_merge(tiny, tmp_path):
     """fp16: the slot graph verifies with and without the adapter; merging into it matches the slot run."""
-    from loratools.adapter_io import load_adapter, save_adapter
+    from loratools.formats.adapter_io import load_adapter, save_adapter
     from loratools.onnx.patch import merge_onnx
 
     t = tiny("gpt2")

@@ -183,7 +183,7 @@ def test_sharded_base_requantized_in_place(tmp_path, bnb_bases, adapter) -> None
     from safetensors.torch import load_file
 
     from loratools.checkpoint.writer import SafetensorsWriter, TensorEntry, plan_shards, write_index
-    from loratools.safetensors_file import dtype_name
+    from loratools.files.safetensors_file import dtype_name
 
     sharded = tmp_path / "sharded"
     sharded.mkdir()

@@ -56,7 +56,7 @@ def damaged_adapter(dst: Path, edit: Callable[[dict[str, torch.Tensor]], None], 
 
     from safetensors.torch import save_file
 
-    from loratools.safetensors_file import load_file
+    from loratools.files.safetensors_file import load_file
 
     shutil.copytree(src, dst)
     tensors, meta = load_file(dst / "adapter_model.safetensors")

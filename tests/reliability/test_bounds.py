@@ -12,13 +12,13 @@ import pytest
 import torch
 from reliability_support import BROKEN, LLAMA_BASE, LLAMA_LORA, PEFT_Q0, Q0, damaged_adapter
 
-import loratools.json_file as json_file_mod
-import loratools.safetensors_file as st_mod
-from loratools.adapter_io import load_adapter
+import loratools.files.json_file as json_file_mod
+import loratools.files.safetensors_file as st_mod
 from loratools.checkpoint.reader import open_checkpoint
 from loratools.errors import FormatError, LoratoolsError, UnsafeInputError, ValidationError
+from loratools.files.safetensors_file import SafetensorsFile, read_header
+from loratools.formats.adapter_io import load_adapter
 from loratools.ops.validate import validate
-from loratools.safetensors_file import SafetensorsFile, read_header
 
 FIXTURES_SHARDED = LLAMA_BASE.parent / "llama-sharded"
 
@@ -160,8 +160,8 @@ def test_non_finite_config_numbers_are_refused(tmp_path: Path, field: str, value
     import re
     import shutil
 
-    from loratools.adapter_io import load_adapter
     from loratools.errors import FormatError
+    from loratools.formats.adapter_io import load_adapter
 
     src = Path(__file__).resolve().parents[2] / "fixtures" / "peft" / "llama-lora"
     dst = tmp_path / "adapter"

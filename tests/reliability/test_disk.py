@@ -37,7 +37,7 @@ def test_not_enough_space_is_refused_before_writing(
         asked.append(str(path))
         return Usage(real(path).total, real(path).total, 100)
 
-    monkeypatch.setattr("loratools.publish.shutil.disk_usage", tiny)
+    monkeypatch.setattr("loratools.publishing.publish.shutil.disk_usage", tiny)
     code, out, err = invoke(*WRITERS[command](tmp_path / "out"))
     assert_one_line_error(code, out, err, "but only 100 B is free on")
     assert asked, "the command never asked for free space"
@@ -48,7 +48,7 @@ def test_not_enough_space_is_refused_before_writing(
 def test_enough_space_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
     """The same commands run when the file system has room (the check is not just always failing)."""
     real = shutil.disk_usage
-    monkeypatch.setattr("loratools.publish.shutil.disk_usage", lambda p: Usage(real(p).total, 0, 10**12))
+    monkeypatch.setattr("loratools.publishing.publish.shutil.disk_usage", lambda p: Usage(real(p).total, 0, 10**12))
     code, out, err = invoke(*WRITERS[command](tmp_path / "out"))
     assert code == 0, err
     assert leftovers(tmp_path, "out") == ["out"]

@@ -29,9 +29,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from reliability_support import LLAMA_LORA, ROOT
 
-from loratools.adapter_io import load_adapter
 from loratools.checkpoint.reader import open_checkpoint
-from loratools.safetensors_file import SafetensorsFile, read_header
+from loratools.files.safetensors_file import SafetensorsFile, read_header
+from loratools.formats.adapter_io import load_adapter
 
 EXAMPLES = int(os.environ.get("LORATOOLS_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(
@@ -166,7 +166,7 @@ def test_fuzz_diffusers_format(data: bytes, folder: bool) -> None:
 @pytest.fixture(scope="module")
 def onnx_adapter_seed() -> bytes:
     pytest.importorskip("onnxruntime")
-    from loratools.adapter_io import save_adapter
+    from loratools.formats.adapter_io import save_adapter
 
     adapter = load_adapter(LLAMA_LORA)
     out = WORK / "seed.onnx_adapter"
@@ -219,9 +219,9 @@ import torch
 torch.set_num_threads(1)
 import fuzz_support as fs
 from hypothesis import given, settings, HealthCheck, strategies as st
-from loratools.adapter_io import load_adapter
+from loratools.formats.adapter_io import load_adapter
 from loratools.checkpoint.reader import open_checkpoint
-from loratools.safetensors_file import MAX_HEADER_BYTES
+from loratools.files.safetensors_file import MAX_HEADER_BYTES
 from pathlib import Path
 load_adapter(sys.argv[3])  # warm every lazy import before the limit
 vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024

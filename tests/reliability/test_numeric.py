@@ -18,7 +18,7 @@ from reliability_support import (
     tree_digest,
 )
 
-from loratools.safetensors_file import load_file
+from loratools.files.safetensors_file import load_file
 
 
 @pytest.fixture(scope="module")

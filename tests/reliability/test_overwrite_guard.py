@@ -128,7 +128,7 @@ def test_a_previous_output_is_replaced(tmp_path: Path, first: str) -> None:
 def test_copied_base_weights_are_accounted_for(tmp_path: Path) -> None:
     """Pipeline components no adapter touches are copied whole (no record in them): the base's digests
     in the provenance account for such files."""
-    from loratools.output_guard import previous_output_problem
+    from loratools.publishing.output_guard import previous_output_problem
 
     out = tmp_path / "merged"
     code, _, err = invoke("merge", LLAMA_BASE, LLAMA_LORA, "-o", out)

@@ -20,9 +20,9 @@ from reliability_support import (
     tree_digest,
 )
 
-from loratools.adapter_io import load_adapter
 from loratools.checkpoint.reader import open_checkpoint
 from loratools.errors import UnsafeInputError
+from loratools.formats.adapter_io import load_adapter
 
 PAYLOADS = {"os.system": FileCreatingPickle, "open": FileOpeningPickle}
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from reliability_support import FIXTURES, LLAMA_LORA, invoke
 
-from loratools.adapter import Adapter, LoraModule
-from loratools.adapter_io import save_adapter
+from loratools.formats.adapter_io import save_adapter
+from loratools.model.adapter import Adapter, LoraModule
 from loratools.ops.scan import module_figures, scan_adapter
 
 SHAPES = {

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from loratools import merge
-from loratools.ldm_keymap import ldm_layout
+from loratools.checkpoint.ldm_keymap import ldm_layout
 
 
 def _ordinal(t: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .layout import SCHEMES, LogicalInfo, QuantizedCheckpoint, QuantTensor, scheme_of
+from loratools.checkpoint.quant.layout import SCHEMES, LogicalInfo, QuantizedCheckpoint, QuantTensor, scheme_of
 
 
 def attach(reader: Any) -> QuantizedCheckpoint | None:
@@ -40,7 +40,7 @@ def _pread_tensor(f: Any, path: Any, key: str) -> Any:
 
     import torch
 
-    from ...safetensors_file import torch_dtype
+    from loratools.files.safetensors_file import torch_dtype
 
     info = f.info(key)
     if not hasattr(info, "start") or info.nbytes == 0:

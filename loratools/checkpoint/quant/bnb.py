@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ...errors import FormatError
+from loratools.errors import FormatError
 
 if TYPE_CHECKING:
     import torch

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...errors import FormatError
+from loratools.errors import FormatError
 
 if TYPE_CHECKING:
     import torch

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...errors import FormatError, UnsupportedError
+from loratools.errors import FormatError, UnsupportedError
 
 if TYPE_CHECKING:
     import torch

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ...errors import FormatError, UnsupportedError
-from ...safetensors_file import DTYPES
+from loratools.errors import FormatError, UnsupportedError
+from loratools.files.safetensors_file import DTYPES
 
 if TYPE_CHECKING:
     import torch
@@ -115,7 +115,7 @@ class QuantizedCheckpoint:
 
     # -- discovery per scheme ---------------------------------------------------------------------
     def _bnb4(self, keys: set[str]) -> None:
-        from .bnb import STATE_PREFIX, parse_state
+        from loratools.checkpoint.quant.bnb import STATE_PREFIX, parse_state
 
         for k in sorted(keys):
             base, sep, qt = k.partition("." + STATE_PREFIX)
@@ -217,7 +217,7 @@ class QuantizedCheckpoint:
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dequantized weight in the compute dtype (``dtype=torch.float32`` skips the final cast)."""
-        from ...safetensors_file import torch_dtype
+        from loratools.files.safetensors_file import torch_dtype
 
         t = self.tensors[key]
         out = torch_dtype(t.dtype) if dtype is None else dtype
@@ -252,7 +252,7 @@ class QuantizedCheckpoint:
 
 def dequantize(t: QuantTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype, where: str) -> torch.Tensor:
     """A module's weight from its raw parts, cast once to ``dtype``."""
-    from . import bnb, fp8, gptq
+    from loratools.checkpoint.quant import bnb, fp8, gptq
 
     if t.scheme == "bnb-4bit":
         state = bnb.parse_state(parts["state"], where)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...errors import UnsupportedError
+from loratools.errors import UnsupportedError
 
 if TYPE_CHECKING:
     import torch
 
-    from .layout import QuantTensor
+    from loratools.checkpoint.quant.layout import QuantTensor
 
 REQUANTIZABLE = ("bnb-4bit", "bnb-8bit", "fp8")
 
@@ -36,7 +36,7 @@ def requantize(
     """New raw parts (role -> tensor) for module ``t`` holding ``merged`` (fp32, the logical shape)."""
     import torch
 
-    from . import bnb, fp8
+    from loratools.checkpoint.quant import bnb, fp8
 
     refuse_unless_requantizable(t.scheme, where)
     if t.scheme == "bnb-4bit":

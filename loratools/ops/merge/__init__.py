@@ -5,7 +5,7 @@ base folder belongs to the output."""
 
 from __future__ import annotations
 
-from .run import merge
-from .summary import MergeSummary
+from loratools.ops.merge.run import merge
+from loratools.ops.merge.summary import MergeSummary
 
 __all__ = ["MergeSummary", "merge"]

@@ -1,6 +1,6 @@
 """Adapter factors for a merge, held as file handles and read one module at a time.
 
-``load_lean`` reads an adapter with :func:`~loratools.safetensors_file.lazy_tensors`: the format
+``load_lean`` reads an adapter with :func:`~loratools.files.safetensors_file.lazy_tensors`: the format
 reader builds its modules from data-less placeholders, each recorded with its file and byte range.
 Every placeholder is then read once, checked (float dtype, no NaN/Inf, exactly what ``load_adapter``
 checks) and dropped, so validation still covers the whole adapter before anything is written, while
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from ...adapter import Adapter, LoraModule
-    from ...checkpoint.reader import CheckpointReader
-    from ...safetensors_file import LazySources, TensorInfo
-    from .plan import TensorJob
+    from loratools.checkpoint.reader import CheckpointReader
+    from loratools.files.safetensors_file import LazySources, TensorInfo
+    from loratools.model.adapter import Adapter, LoraModule
+    from loratools.ops.merge.plan import TensorJob
 
 #: adapter tensors this small are loaded eagerly (scalars: alphas); larger float tensors stay in their file
 LAZY_MIN_BYTES = 4096
@@ -74,7 +74,7 @@ class FactorStore:
         """The data of placeholder ``t`` (a real tensor is returned as it is)."""
         import torch
 
-        from ...safetensors_file import torch_dtype
+        from loratools.files.safetensors_file import torch_dtype
 
         if not t.is_meta:
             return t
@@ -125,11 +125,11 @@ class FactorStore:
 
 def load_lean(spec: str | Path, reader: CheckpointReader, store: FactorStore) -> Adapter:
     """Like ``load_adapter(spec, base=reader)``, with module tensors left in the file (see the module docstring)."""
-    from ...adapter_io import load_adapter, weights_label
-    from ...checkpoint.keymap import normalize_adapter
-    from ...formats.registry import detect_format
-    from ...hub import resolve_path
-    from ...safetensors_file import lazy_tensors
+    from loratools.checkpoint.keymap import normalize_adapter
+    from loratools.files.safetensors_file import lazy_tensors
+    from loratools.formats.adapter_io import load_adapter, weights_label
+    from loratools.formats.registry import detect_format
+    from loratools.publishing.hub import resolve_path
 
     local = resolve_path(spec, "adapter")
     try:
@@ -137,7 +137,7 @@ def load_lean(spec: str | Path, reader: CheckpointReader, store: FactorStore) ->
             adapter = detect_format(local).read(local, base=reader)
     except Exception:  # a reader that needs the data (or a bad input): the eager path decides
         return load_adapter(spec, base=reader)
-    from ...adapter import module_tensors
+    from loratools.model.adapter import module_tensors
 
     pending = [t for m in adapter.modules.values() for t in module_tensors(m).values()]
     pending += list(adapter.replacements.values())
@@ -154,7 +154,7 @@ def load_lean(spec: str | Path, reader: CheckpointReader, store: FactorStore) ->
 
 def _check(adapter: Adapter, where: str, store: FactorStore) -> None:
     """``io.check_tensors``, one tensor in memory at a time: same order, same messages."""
-    from ...finite import check_tensors
+    from loratools.model.finite import check_tensors
 
     check_tensors(adapter, where, read=store.read)
     release_memory()
@@ -172,8 +172,8 @@ def load_for_merge(
     """The adapters of one merge as every merge path reads them: lean (factors left in their files),
     refused when their scale is ambiguous (unless ``trust_tensors``), then selected by
     ``include``/``exclude``; a UsageError when nothing is left to merge."""
-    from ...ambiguity import require_unambiguous
-    from ...errors import UsageError
+    from loratools.errors import UsageError
+    from loratools.model.ambiguity import require_unambiguous
 
     loaded = [a if not isinstance(a, str | Path) else load_lean(a, reader, store) for a in adapters]
     for a in loaded:

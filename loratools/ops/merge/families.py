@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ...errors import ShapeError, UnsupportedError
-from ...families import FamilyModule
+from loratools.errors import ShapeError, UnsupportedError
+from loratools.families import FamilyModule
 
 if TYPE_CHECKING:
     import torch

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .layout import Unit
+    from loratools.ops.merge.layout import Unit
 
 _SKIP_DIRS = {".git", ".cache", "__pycache__"}
 #: suffixes of files that hold model weights (or a whole exported model) in some framework
@@ -39,7 +39,7 @@ def other_files(base: Path, units: list[Unit]) -> tuple[list[tuple[str, Path]], 
     merge rewrote — they still hold the base's unmerged weights. Components of a pipeline that no
     adapter touches are copied whole (their weights are unchanged).
     """
-    from .layout import INDEX_NAMES
+    from loratools.ops.merge.layout import INDEX_NAMES
 
     consumed = {p.resolve() for u in units for p in u.consumed}
     rewritten_dirs = {(base / u.subdir).resolve() for u in units}
@@ -81,7 +81,7 @@ def copy_other_files(base: Path, tmp: Path, units: list[Unit], plan, out_dtype, 
 def patched_config(path: Path, plan, out_dtype, dequantized: bool = False) -> str:  # noqa: ANN001
     """config.json with tied embeddings untied, a resized vocabulary, the new dtype recorded and, for a
     dequantized base, ``quantization_config`` removed (loaders would expect packed weights)."""
-    from ...checkpoint.reader import read_json
+    from loratools.checkpoint.reader import read_json
 
     cfg = read_json(path, "config")
     if dequantized:

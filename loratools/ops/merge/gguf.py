@@ -17,29 +17,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...errors import UsageError, VerificationError
-from .summary import MergeSummary
+from loratools.errors import UsageError, VerificationError
+from loratools.ops.merge.summary import MergeSummary
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from ...adapter import Adapter
-    from ...formats.gguf_names import GgufBase
+    from loratools.formats.gguf.names import GgufBase
+    from loratools.model.adapter import Adapter
 
 #: tensor types the gguf package quantizes itself (others are written as F16 after merging)
 _KEEP_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 
 
 def is_gguf_base(path: str | Path) -> bool:
-    from ...formats.gguf_names import is_gguf_file
+    from loratools.formats.gguf.names import is_gguf_file
 
     return is_gguf_file(path)
 
 
 def _updates(adapters: Sequence[Adapter], weights: Sequence[float], info: GgufBase) -> dict[str, list[Any]]:
     """GGUF tensor name -> [(lora_a, lora_b·w), ...] for every adapter, each checked like a GGUF adapter."""
-    from ...formats.gguf import check_plan
+    from loratools.formats.gguf.format import check_plan
 
     out: dict[str, list[Any]] = {}
     for adapter, w in zip(adapters, weights, strict=True):
@@ -50,8 +50,8 @@ def _updates(adapters: Sequence[Adapter], weights: Sequence[float], info: GgufBa
 
 def add_updates(w: torch.Tensor, name: str, pairs: list[Any]) -> torch.Tensor:
     """``w += Σ ΔW`` in place (fp32, GGUF layout, scale already in lora_b), as the runtime applies each pair:
-    ``B·A``, and ``A·Bᵀ`` for token_embd (see :func:`loratools.formats.gguf_rewrites.delta_as_runtime`)."""
-    from ...formats.gguf_rewrites import TOKEN_EMBD
+    ``B·A``, and ``A·Bᵀ`` for token_embd (see :func:`loratools.formats.gguf.rewrites.delta_as_runtime`)."""
+    from loratools.formats.gguf.rewrites import TOKEN_EMBD
 
     for a, b in pairs:
         if name.endswith(TOKEN_EMBD):
@@ -135,14 +135,14 @@ def merge_gguf(
     Every adapter is checked in full against the base's tensor table first (names, shapes, what a GGUF
     LoRA can hold); nothing is written on a problem. ``verify`` re-reads the output before publishing:
     untouched tensors must be byte-identical and touched ones equal to the base plus ΔW as encoded.
-    ``trust_tensors`` accepts adapters whose config disagrees with their tensors (see ``loratools.ambiguity``).
+    ``trust_tensors`` accepts adapters whose config disagrees with their tensors (see ``loratools.model.ambiguity``).
     """
     import gguf
 
-    from ...adapter import Adapter
-    from ...adapter_io import load_adapter
-    from ...formats.gguf_names import load_base, open_gguf
-    from ...publish import atomic_output, describe_input, provenance
+    from loratools.formats.adapter_io import load_adapter
+    from loratools.formats.gguf.names import load_base, open_gguf
+    from loratools.model.adapter import Adapter
+    from loratools.publishing.publish import atomic_output, describe_input, provenance
 
     t0 = time.perf_counter()
     base_path = Path(base)
@@ -155,7 +155,7 @@ def merge_gguf(
     loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
     if include or exclude:
         loaded = [a.select(include, exclude) for a in loaded]
-    from ...ambiguity import require_unambiguous
+    from loratools.model.ambiguity import require_unambiguous
 
     for a in loaded:
         require_unambiguous(a, trust_tensors=trust_tensors)
@@ -270,7 +270,7 @@ def verify_gguf_merge(base: Path, merged: Path, updates: dict[str, list[Any]]) -
     """Untouched tensors byte-identical, touched ones equal to base + ΔW as their type encodes it."""
     import numpy as np
 
-    from ...formats.gguf_names import open_gguf
+    from loratools.formats.gguf.names import open_gguf
 
     before, after = open_gguf(base), open_gguf(merged)
     if [t.name for t in before.tensors] != [t.name for t in after.tensors]:

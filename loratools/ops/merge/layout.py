@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...checkpoint.reader import BIN_INDEX, SAFETENSORS_INDEX
-from ...checkpoint.writer import ShardPlan, TensorEntry, plan_shards
+from loratools.checkpoint.reader import BIN_INDEX, SAFETENSORS_INDEX
+from loratools.checkpoint.writer import ShardPlan, TensorEntry, plan_shards
 
 if TYPE_CHECKING:
-    from ...checkpoint.reader import CheckpointReader
-    from .plan import MergePlan, TensorJob
+    from loratools.checkpoint.reader import CheckpointReader
+    from loratools.ops.merge.plan import MergePlan, TensorJob
 
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 INDEX_NAMES = (SAFETENSORS_INDEX, BIN_INDEX, DIFFUSERS_INDEX, "diffusion_pytorch_model.bin.index.json")
@@ -89,7 +89,7 @@ def layout_unit(
     single_file: bool = False,
 ) -> Unit:
     """Plan the output files of one unit; ``prefix`` is the pipeline component's key prefix."""
-    from ...safetensors_file import FLOAT_DTYPES
+    from loratools.files.safetensors_file import FLOAT_DTYPES
 
     unit = Unit(subdir=subdir, consumed=set(reader.files))
     after: dict[str, list[str]] = {}

@@ -12,17 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ...errors import NumericError, ShapeError, UnsupportedError, UsageError, ValidationError
-from ...tied import EMBED_SUFFIXES, HEAD_NAMES
-from ...tied import is_head as _is_head
-from ...tied import tied_embedding_key as tied_keys
-from . import families as fam
+from loratools.errors import NumericError, ShapeError, UnsupportedError, UsageError, ValidationError
+from loratools.model.tied import EMBED_SUFFIXES, HEAD_NAMES
+from loratools.model.tied import is_head as _is_head
+from loratools.model.tied import tied_embedding_key as tied_keys
+from loratools.ops.merge import families as fam
 
 if TYPE_CHECKING:
     import torch
 
-    from ...adapter import Adapter, LoraModule
-    from ...checkpoint.reader import CheckpointReader
+    from loratools.checkpoint.reader import CheckpointReader
+    from loratools.model.adapter import Adapter, LoraModule
 
 
 
@@ -93,7 +93,7 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
     """Resolve, validate and plan a merge; raises before anything is written."""
     if len(weights) != len(adapters):
         raise UsageError(f"got {len(weights)} weights for {len(adapters)} adapters")
-    from ...tokens import lower_tokens
+    from loratools.model.tokens import lower_tokens
 
     adapters = [lower_tokens(a, reader) for a in adapters]  # PEFT trainable tokens: exact LoRA rows
     quant = reader.quantization
@@ -102,7 +102,7 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
             f"{reader.root}: the base is quantized ({quant}); merging into quantized weights loses the adapter",
             hint="dequantize the base to fp16/bf16 first, merge, then quantize the merged model",
         )
-    from ...checkpoint.keymap import WeightTargets
+    from loratools.checkpoint.keymap import WeightTargets
 
     keys = set(reader.keys())
     target = WeightTargets(reader)
@@ -152,7 +152,7 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
                     )
             j.replacement, replaced_by[key] = tensor, i
         for name, lora in adapter.modules.items():
-            from ...adapter import module_tensors
+            from loratools.model.adapter import module_tensors
 
             for t_name, t in module_tensors(lora).items():
                 _check_finite(f"{name}.{t_name}", where, t)
@@ -219,7 +219,7 @@ def _missing(where: str, module: str, reader: CheckpointReader) -> None:
 
 def _finish(j: TensorJob, reader: CheckpointReader, emb_key: str | None) -> None:
     """Fill in shape and dtype, check every contribution against them and apply the DoRA refusals."""
-    from ...safetensors_file import dtype_name
+    from loratools.files.safetensors_file import dtype_name
 
     if j.replacement is not None:
         shape = tuple(j.replacement.shape)
@@ -280,7 +280,7 @@ def _finish(j: TensorJob, reader: CheckpointReader, emb_key: str | None) -> None
 def _fits(c: Contribution, shape: tuple[int, ...]) -> bool:
     """The module's weight shape is the tensor's (its rows of it for a fused part), or the same matrix as a
     linear weight / 1×1 conv (:func:`~loratools.checkpoint.keymap.same_matrix`)."""
-    from ...checkpoint.keymap import same_matrix
+    from loratools.checkpoint.keymap import same_matrix
 
     if c.rows is not None:
         if c.lora.transposed or len(shape) != 2:

@@ -22,14 +22,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...errors import UnsupportedError, UsageError
+from loratools.errors import UnsupportedError, UsageError
 
 if TYPE_CHECKING:
     import torch
 
-    from ...checkpoint.reader import CheckpointReader
-    from .plan import MergePlan, TensorJob
-    from .quant_report import QuantReport
+    from loratools.checkpoint.reader import CheckpointReader
+    from loratools.ops.merge.plan import MergePlan, TensorJob
+    from loratools.ops.merge.quant_report import QuantReport
 
 INTO = ("base", "reference")
 
@@ -38,7 +38,7 @@ def check_quant_options(
     base: Path, requantize: bool, reference: Any, into: str, dtype: Any, max_shard_size: Any, verify: bool, device: Any
 ) -> str:
     """Refuse option combinations that do not fit a quantized merge; returns the base's scheme."""
-    from ...checkpoint.reader import open_checkpoint
+    from loratools.checkpoint.reader import open_checkpoint
 
     if into not in INTO:
         raise UsageError(f"--into {into!r} is not one of {', '.join(INTO)}")
@@ -55,7 +55,7 @@ def check_quant_options(
             )
         scheme = reader.quant.scheme
     if requantize:
-        from ...checkpoint.quant.requant import refuse_unless_requantizable
+        from loratools.checkpoint.quant.requant import refuse_unless_requantizable
 
         refuse_unless_requantizable(scheme, str(base))
         for flag, value in (("--dtype", dtype), ("--max-shard-size", max_shard_size)):
@@ -70,7 +70,7 @@ def check_quant_options(
 
 def _load(reader, adapters, weights, include, exclude, factors, trust_tensors=False):  # noqa: ANN001, ANN202
     """Adapters read like ``merge`` reads them (factors left in their files), selected and weighted."""
-    from .factors import load_for_merge
+    from loratools.ops.merge.factors import load_for_merge
 
     loaded = load_for_merge(reader, adapters, factors, include=include, exclude=exclude, trust_tensors=trust_tensors)
     w = [1.0] * len(loaded) if weights is None else [float(x) for x in weights]
@@ -83,7 +83,7 @@ def _delta(job: TensorJob, shape: tuple[int, ...]) -> torch.Tensor:
 
     import torch
 
-    from .plan import compute
+    from loratools.ops.merge.plan import compute
 
     plain = dataclasses.replace(job, biases=[], replacement=None, deltas=[c for c in job.deltas])
     return compute(plain, torch.zeros(shape, dtype=torch.float32))
@@ -102,11 +102,11 @@ def quant_report(
     """Per merged quantized module: ‖ΔW‖ and, with ``reference``, ‖W16 − deq(Wq)‖ / ‖ΔW‖."""
     import torch
 
-    from ...checkpoint.reader import open_checkpoint
-    from .factors import FactorStore
-    from .plan import build_plan
-    from .quant_report import ModuleRow, QuantReport, gap_ratio
-    from .requant_write import check_reference
+    from loratools.checkpoint.reader import open_checkpoint
+    from loratools.ops.merge.factors import FactorStore
+    from loratools.ops.merge.plan import build_plan
+    from loratools.ops.merge.quant_report import ModuleRow, QuantReport, gap_ratio
+    from loratools.ops.merge.requant_write import check_reference
 
     factors = FactorStore()
     with open_checkpoint(base) as reader, contextlib.ExitStack() as stack:
@@ -154,12 +154,12 @@ def merge_requantized(
 
     Returns the fields of a :class:`~loratools.ops.merge.run.MergeSummary` (``quant``: the report).
     """
-    from ...checkpoint.reader import open_checkpoint
-    from ...publish import atomic_output
-    from .factors import FactorStore
-    from .plan import build_plan
-    from .quant_report import QuantReport
-    from .requant_write import write_requantized
+    from loratools.checkpoint.reader import open_checkpoint
+    from loratools.ops.merge.factors import FactorStore
+    from loratools.ops.merge.plan import build_plan
+    from loratools.ops.merge.quant_report import QuantReport
+    from loratools.ops.merge.requant_write import write_requantized
+    from loratools.publishing.publish import atomic_output
 
     factors = FactorStore()
     with open_checkpoint(base_path) as reader, contextlib.ExitStack() as stack:
@@ -215,8 +215,8 @@ def _refuse_layout_changes(plan: MergePlan, reader: CheckpointReader) -> None:
 
 def _copy_others(base: Path, tmp: Path, reader: CheckpointReader, plan: MergePlan) -> int:
     """Tokenizer, config (quantization_config kept) and the rest, as the 16-bit merge copies them."""
-    from .files import copy_other_files
-    from .layout import Unit
+    from loratools.ops.merge.files import copy_other_files
+    from loratools.ops.merge.layout import Unit
 
     unit = Unit(subdir="", consumed=set(reader.files))
     if reader.index is not None:

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from ...checkpoint.reader import CheckpointReader
-    from .factors import FactorStore
-    from .plan import MergePlan
-    from .quant_report import QuantReport
+    from loratools.checkpoint.reader import CheckpointReader
+    from loratools.ops.merge.factors import FactorStore
+    from loratools.ops.merge.plan import MergePlan
+    from loratools.ops.merge.quant_report import QuantReport
 
 SPILL = ".loratools-requant-spill"
 
@@ -24,11 +24,11 @@ def _new_tensors(
     """Raw key -> new tensor for one touched job (a quantized module's parts, or one float tensor)."""
     import torch
 
-    from ...checkpoint.quant.layout import dequantize
-    from ...checkpoint.quant.requant import requantize
-    from ...safetensors_file import torch_dtype
-    from .plan import compute
-    from .quant_report import ModuleRow, gap_ratio, share_surviving
+    from loratools.checkpoint.quant.layout import dequantize
+    from loratools.checkpoint.quant.requant import requantize
+    from loratools.files.safetensors_file import torch_dtype
+    from loratools.ops.merge.plan import compute
+    from loratools.ops.merge.quant_report import ModuleRow, gap_ratio, share_surviving
 
     q = reader.quant
     if key not in q.tensors:  # a 16-bit tensor of the quantized base (lm_head, a bias): merged as usual
@@ -87,8 +87,8 @@ def write_requantized(
     """Write every base file again under ``tmp``; returns (bytes written, file names, tensors written)."""
     import contextlib
 
-    from ...checkpoint.writer import SafetensorsWriter, ShardPlan, TensorEntry, tensor_bytes, write_index
-    from ...safetensors_file import dtype_name
+    from loratools.checkpoint.writer import SafetensorsWriter, ShardPlan, TensorEntry, tensor_bytes, write_index
+    from loratools.files.safetensors_file import dtype_name
 
     spill_path = (tmp.parent if single else tmp) / (SPILL if not single else tmp.name + SPILL)
     spilled: dict[str, tuple[int, TensorEntry]] = {}
@@ -143,7 +143,7 @@ def write_requantized(
 
 def check_reference(ref: CheckpointReader, key: str, reader: CheckpointReader) -> None:
     """``ref`` is a 16-bit checkpoint with ``key`` in the quantized base's logical shape."""
-    from ...errors import ShapeError, UsageError, ValidationError
+    from loratools.errors import ShapeError, UsageError, ValidationError
 
     if ref.quant is not None:
         raise UsageError(f"--reference {ref.root} is quantized too; give the 16-bit base it was quantized from")
@@ -160,8 +160,8 @@ def check_reference(ref: CheckpointReader, key: str, reader: CheckpointReader) -
 def _check_alignment(f: Path, entries: list[Any]) -> None:
     """Every tensor must start at a multiple of its element size (readers refuse it otherwise); a longer
     4-bit state JSON before a wider tensor would break that."""
-    from ...errors import UnsupportedError
-    from ...safetensors_file import DTYPES
+    from loratools.errors import UnsupportedError
+    from loratools.files.safetensors_file import DTYPES
 
     pos = 0
     for e in entries:

@@ -15,14 +15,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...errors import UsageError, VerificationError
-from ...numeric_args import check_weights
-from .summary import MergeSummary
+from loratools.args.numeric_args import check_weights
+from loratools.errors import UsageError, VerificationError
+from loratools.ops.merge.summary import MergeSummary
 
 if TYPE_CHECKING:
-    from ...adapter import Adapter
-    from ...checkpoint.reader import CheckpointReader
-    from .layout import Unit
+    from loratools.checkpoint.reader import CheckpointReader
+    from loratools.model.adapter import Adapter
+    from loratools.ops.merge.layout import Unit
 
 DTYPE_NAMES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
@@ -65,21 +65,21 @@ def merge(
     is only for it); it refuses the options a graph has no use for.
     An activated LoRA (aLoRA) is refused unless ``allow_alora``: merged, it acts on every token.
     """
-    from ...alora import refuse_merge
-    from ...checkpoint.reader import open_checkpoint
-    from ...checkpoint.writer import parse_size
-    from ...hub import resolve_path
-    from ...publish import atomic_output
-    from .factors import FactorStore, load_for_merge, release_memory
-    from .files import copy_other_files, other_files
-    from .plan import build_plan
-    from .write import torch_threads, write_unit
+    from loratools.checkpoint.reader import open_checkpoint
+    from loratools.checkpoint.writer import parse_size
+    from loratools.model.alora import refuse_merge
+    from loratools.ops.merge.factors import FactorStore, load_for_merge, release_memory
+    from loratools.ops.merge.files import copy_other_files, other_files
+    from loratools.ops.merge.plan import build_plan
+    from loratools.ops.merge.write import torch_threads, write_unit
+    from loratools.publishing.hub import resolve_path
+    from loratools.publishing.publish import atomic_output
 
     t0 = time.perf_counter()
     base_path = resolve_path(base, "base checkpoint")
     refuse_merge(adapters, allow_alora)
     if _is_onnx(base_path):
-        from ...onnx.patch import merge_onnx
+        from loratools.onnx.patch import merge_onnx
 
         # a named .onnx file stays the user's choice (its folder may hold several graphs)
         return merge_onnx(
@@ -87,10 +87,10 @@ def merge(
             include=include, exclude=exclude, skip_modules=skip_modules, verify=verify, dtype=dtype,
             max_shard_size=max_shard_size, device=device,
         )  # fmt: skip
-    from .gguf import is_gguf_base
+    from loratools.ops.merge.gguf import is_gguf_base
 
     if is_gguf_base(base_path) and not skip_modules:
-        from .gguf import merge_gguf
+        from loratools.ops.merge.gguf import merge_gguf
 
         if dtype != "auto" or max_shard_size or device != "cpu" or requantize or reference or into != "base":
             raise UsageError(
@@ -110,7 +110,7 @@ def merge(
         raise UsageError("merge needs at least one adapter")
     quant_base = None  # with --reference/--into: the quantized base the report is about
     if requantize or reference is not None or into != "base":
-        from .quantized import check_quant_options, merge_requantized
+        from loratools.ops.merge.quantized import check_quant_options, merge_requantized
 
         check_quant_options(base_path, requantize, reference, into, dtype, max_shard_size, verify, device)
         if requantize:
@@ -164,7 +164,7 @@ def merge(
                 written += copy_other_files(base_path, tmp, units, plan, out_dtype, reader.quant is not None)
             report = None
             if verify:
-                from ..verify import verify as run_verify
+                from loratools.ops.verify import verify as run_verify
 
                 merged = tmp
                 if single:  # its temporary name does not end in .safetensors: verify it through a named link
@@ -205,18 +205,18 @@ def _quant_report(reader, quant_base, adapters, weights, reference, into, includ
     if quant_base is None:
         if reader.quant is None:
             return None
-        from .quant_report import QuantReport
+        from loratools.ops.merge.quant_report import QuantReport
 
         brief = {k: v for k, v in reader.quant.summary().items() if k != "quantized"}
         return QuantReport(reader.quant.scheme, "16-bit", "quantized", brief)
-    from .quantized import quant_report
+    from loratools.ops.merge.quantized import quant_report
 
     into_name = "reference" if into == "reference" else "quantized"
     return quant_report(quant_base, adapters, weights, reference, into_name, include, exclude, trust)
 
 
 def _device(device: str) -> Any:
-    from ...devices import torch_device  # one refusal, worded the same by every command
+    from loratools.args.devices import torch_device  # one refusal, worded the same by every command
 
     return torch_device(device)
 
@@ -225,8 +225,8 @@ def _describe_base(base: str | Path, reader: CheckpointReader) -> dict[str, Any]
     """The base's weight files by name, size and sha256 of their safetensors header (not all bytes: speed)."""
     import hashlib
 
-    from ...hub import hub_info_for
-    from ...publish import file_digest
+    from loratools.publishing.hub import hub_info_for
+    from loratools.publishing.publish import file_digest
 
     hub = hub_info_for(base)  # a Hub base: its repo id and commit identify it
     if hub:
@@ -246,7 +246,7 @@ def _describe_base(base: str | Path, reader: CheckpointReader) -> dict[str, Any]
 
 
 def _provenance(base, base_path, reader, adapters, weights, dtype, max_shard_size, include, exclude) -> dict[str, str]:  # noqa: ANN001
-    from ...publish import describe_input, provenance, provenance_metadata
+    from loratools.publishing.publish import describe_input, provenance, provenance_metadata
 
     described = [
         describe_input(a) if isinstance(a, str | Path) else {"source": str(a.meta.get("source"))} for a in adapters
@@ -266,7 +266,7 @@ def _provenance(base, base_path, reader, adapters, weights, dtype, max_shard_siz
 
 
 def _layout(reader, plan, out_dtype, shard_bytes, meta) -> list[Unit]:  # noqa: ANN001
-    from .layout import layout_unit
+    from loratools.ops.merge.layout import layout_unit
 
     if reader.kind != "pipeline":
         return [

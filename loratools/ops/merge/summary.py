@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..verify import VerifyReport
+    from loratools.ops.verify import VerifyReport
 
 
 @dataclass

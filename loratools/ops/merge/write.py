@@ -14,13 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...errors import NumericError
+from loratools.errors import NumericError
 
 if TYPE_CHECKING:
     import torch
 
-    from ...checkpoint.reader import CheckpointReader
-    from .layout import Source, Unit
+    from loratools.checkpoint.reader import CheckpointReader
+    from loratools.ops.merge.layout import Source, Unit
 
 #: test hook: seconds to sleep after each written weight file (lets a test kill a merge mid-way)
 PAUSE_ENV = "LORATOOLS_MERGE_TEST_PAUSE"
@@ -43,8 +43,8 @@ class BaseBytes:
     def get(self, key: str) -> torch.Tensor:
         import torch
 
-        from ...safetensors_file import torch_dtype
-        from .factors import pread_exact
+        from loratools.files.safetensors_file import torch_dtype
+        from loratools.ops.merge.factors import pread_exact
 
         info = self.reader.info(key)
         if not hasattr(info, "start"):
@@ -135,7 +135,7 @@ def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance, factor
     """Write ``unit`` under ``tmp``; ``factors`` (a FactorStore) reads each job's adapter factors just in time."""
     from functools import partial
 
-    from ...checkpoint.writer import SafetensorsWriter, write_index
+    from loratools.checkpoint.writer import SafetensorsWriter, write_index
 
     sub = reader.components[unit.subdir.split("/")[0]] if reader.kind == "pipeline" else reader
     prefix = f"{unit.subdir.split('/')[0]}." if reader.kind == "pipeline" else ""
@@ -196,7 +196,7 @@ def _cast_checked(name: str, t: torch.Tensor) -> torch.Tensor:
     import torch
 
     if t.dtype == torch.float16 and not bool(torch.isfinite(t.sum(dtype=torch.float32))):
-        from ...finite import first_nonfinite
+        from loratools.model.finite import first_nonfinite
 
         first = first_nonfinite(t)
         if first is not None:
@@ -208,8 +208,8 @@ def _cast_checked(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def _make(src: Source, dtype: str, base: BaseBytes, prefix: str, dev, factors) -> torch.Tensor:  # noqa: ANN001
-    from ...safetensors_file import torch_dtype
-    from .plan import BLOCK_ELEMENTS, apply_inplace, compute
+    from loratools.files.safetensors_file import torch_dtype
+    from loratools.ops.merge.plan import BLOCK_ELEMENTS, apply_inplace, compute
 
     target = torch_dtype(dtype)
     if src.job is None:  # a cast

@@ -4,7 +4,7 @@ as data in ``serving_rules.json``), ``findings`` (the report they share)."""
 
 from __future__ import annotations
 
-from .checks import validate
-from .findings import Finding, ValidationReport
+from loratools.ops.validate.checks import validate
+from loratools.ops.validate.findings import Finding, ValidationReport
 
 __all__ = ["Finding", "ValidationReport", "validate"]

@@ -6,15 +6,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ...adapter import Adapter
-    from ...checkpoint.reader import CheckpointReader
-    from .findings import ValidationReport
+    from loratools.checkpoint.reader import CheckpointReader
+    from loratools.model.adapter import Adapter
+    from loratools.ops.validate.findings import ValidationReport
 
 
 def check_against_base(adapter: Adapter, reader: CheckpointReader, report: ValidationReport) -> None:
     """Every module resolves to a float base weight of the shape it expects; the base is not quantized."""
-    from ...checkpoint.keymap import KeyMatcher, WeightTargets, same_matrix
-    from ...tied import tied_source
+    from loratools.checkpoint.keymap import KeyMatcher, WeightTargets, same_matrix
+    from loratools.model.tied import tied_source
 
     quant = reader.quantization
     if quant:

@@ -10,13 +10,13 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...errors import LoratoolsError, UnsupportedError, ValidationError
-from .findings import ValidationReport
+from loratools.errors import LoratoolsError, UnsupportedError, ValidationError
+from loratools.ops.validate.findings import ValidationReport
 
 if TYPE_CHECKING:
     import torch
 
-    from ...adapter import Adapter
+    from loratools.model.adapter import Adapter
 
 def validate(
     adapter_path: str | Path,
@@ -40,9 +40,9 @@ def validate(
         >>> report.ok, [f.code for f in report.findings]
         (True, [])
     """
-    from ...checkpoint.reader import open_checkpoint
-    from ...formats.registry import detect_format
-    from ...hub import resolve_path
+    from loratools.checkpoint.reader import open_checkpoint
+    from loratools.formats.registry import detect_format
+    from loratools.publishing.hub import resolve_path
 
     report = ValidationReport(path=str(adapter_path), base=str(base) if base is not None else None)
     try:
@@ -67,7 +67,7 @@ def validate(
                     _report_nonfinite(t, key, f, _module_of(key, None, fmt.name), report)
             return report
     reader = None
-    from ...formats.gguf_names import is_gguf_file
+    from loratools.formats.gguf.names import is_gguf_file
 
     onnx_base = base is not None and target == "onnxruntime-genai" and _is_onnx_model(base)
     if base is not None and not is_gguf_file(base) and not onnx_base:  # a GGUF model: a base for GGUF targets
@@ -90,21 +90,21 @@ def validate(
         check_adapter(adapter, report)
         check_finite(adapter, report)
         if reader is not None:
-            from .base import check_against_base
+            from loratools.ops.validate.base import check_against_base
 
             check_against_base(adapter, reader, report)
             if reader.quant is not None or reference is not None:
-                from .quantized import check_quantized_base
+                from loratools.ops.validate.quantized import check_quantized_base
 
                 check_quantized_base(adapter, reader, reference, report)
         if target is not None:
-            from .serving import serving_findings
+            from loratools.ops.validate.serving import serving_findings
 
             report.findings += serving_findings(
                 adapter, target, base_kind=reader.kind if reader else None, base=None if onnx_base else base
             )
         if onnx_base:  # the model's LoRA inputs: names, sizes, dtype and rank, as convert --for checks them
-            from ...onnx.slot_map import slot_feeds
+            from loratools.onnx.slot_map import slot_feeds
 
             report.findings = [f for f in report.findings if f.code != "onnxruntime-genai.targets_fixed"]  # checked
             try:
@@ -112,7 +112,7 @@ def validate(
             except LoratoolsError as exc:
                 report.add("error", None, "onnxruntime-genai.lora_inputs", exc.message, hint=exc.hint)
         if scan:
-            from ..scan import scan_adapter, scan_findings
+            from loratools.ops.scan import scan_adapter, scan_findings
 
             lora_only = {n: m for n, m in adapter.modules.items() if hasattr(m, "factors")}  # factor-space scan
             result = scan_adapter(type(adapter)(lora_only, adapter.replacements, adapter.meta))
@@ -134,7 +134,7 @@ def check_adapter(adapter: Adapter, report: ValidationReport) -> None:
         report.add("error", None, "empty", f"{report.path}: the adapter has no LoRA modules and no full tensors")
     for name, m in sorted(adapter.modules.items()):
         if not hasattr(m, "down"):  # LoHa, LoKr, OFT, BOFT, IA3, diag-OFT
-            from .families import check_family_module
+            from loratools.ops.validate.families import check_family_module
 
             check_family_module(adapter, name, m, report)
             continue
@@ -164,7 +164,7 @@ def check_adapter(adapter: Adapter, report: ValidationReport) -> None:
                 "zero_delta",
                 f"module {name}: lora_B is all zeros, so the module changes nothing (an untrained adapter?)",
             )
-    from ...alora import invocation_tokens
+    from loratools.model.alora import invocation_tokens
 
     if tokens := invocation_tokens(adapter):
         report.add(
@@ -181,7 +181,7 @@ def check_adapter(adapter: Adapter, report: ValidationReport) -> None:
 
 
 def _check_peft_config(adapter: Adapter, cfg: dict[str, Any], report: ValidationReport) -> None:
-    from ...ambiguity import TRUST_HINT, ambiguities
+    from loratools.model.ambiguity import TRUST_HINT, ambiguities
 
     for amb in ambiguities(adapter):
         report.add("error", amb.module, "config_rank", amb.message(), hint=TRUST_HINT)
@@ -230,7 +230,7 @@ def check_finite(adapter: Adapter, report: ValidationReport) -> None:
             for key, t in _file_tensors(f):
                 _report_nonfinite(t, key, f, _module_of(key, adapter, adapter.format), report)
         return
-    from ...adapter import module_tensors
+    from loratools.model.adapter import module_tensors
 
     for name, m in adapter.modules.items():
         for role, t in module_tensors(m).items():
@@ -241,7 +241,7 @@ def check_finite(adapter: Adapter, report: ValidationReport) -> None:
 
 def _file_tensors(path: Path):  # noqa: ANN202 - yields (name, tensor)
     if path.suffix == ".safetensors":
-        from ...safetensors_file import SafetensorsFile
+        from loratools.files.safetensors_file import SafetensorsFile
 
         f = SafetensorsFile(path)
         try:
@@ -251,7 +251,7 @@ def _file_tensors(path: Path):  # noqa: ANN202 - yields (name, tensor)
         finally:
             f.close()
     else:
-        from ...pickle_file import load_pickle_weights
+        from loratools.files.pickle_file import load_pickle_weights
 
         yield from load_pickle_weights(path).items()
 
@@ -264,7 +264,7 @@ def _weight_files(path: Path) -> list[Path]:
 
 def _module_of(key: str, adapter: Adapter | None, format: str | None) -> str | None:
     if format == "peft":
-        from ...formats.peft import split_key
+        from loratools.formats.peft.format import split_key
 
         return split_key(key)[0]
     names = adapter.modules if adapter is not None else []

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ...adapter import Adapter
-    from ...families import FamilyModule
-    from .findings import ValidationReport
+    from loratools.families import FamilyModule
+    from loratools.model.adapter import Adapter
+    from loratools.ops.validate.findings import ValidationReport
 
 
 def check_family_module(adapter: Adapter, name: str, m: FamilyModule, report: ValidationReport) -> None:
@@ -60,7 +60,7 @@ def _identity(m: Any, torch: Any) -> bool:
 
 
 def _config_disagrees(name: str, m: Any, cfg: dict[str, Any]) -> str | None:
-    from ...formats.peft_families import _pattern_value
+    from loratools.formats.peft.families import _pattern_value
 
     if m.family == "loha":
         declared = int(_pattern_value(cfg, "rank_pattern", name, cfg.get("r", 8)))

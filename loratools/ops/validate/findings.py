@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from ...errors import LoratoolsError
+from loratools.errors import LoratoolsError
 
 Severity = Literal["error", "warning"]
 

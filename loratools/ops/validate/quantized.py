@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...errors import LoratoolsError
+from loratools.errors import LoratoolsError
 
 if TYPE_CHECKING:
-    from ...adapter import Adapter
-    from ...checkpoint.reader import CheckpointReader
-    from .findings import ValidationReport
+    from loratools.checkpoint.reader import CheckpointReader
+    from loratools.model.adapter import Adapter
+    from loratools.ops.validate.findings import ValidationReport
 
 
 def check_quantized_base(
@@ -25,8 +25,8 @@ def check_quantized_base(
     """Fill ``report.quantized_base`` (and a warning when the 16-bit base is far from deq(Wq))."""
     import torch
 
-    from ...checkpoint.reader import open_checkpoint
-    from ..merge.quant_report import GAP_LARGE, ModuleRow, QuantReport, gap_ratio
+    from loratools.checkpoint.reader import open_checkpoint
+    from loratools.ops.merge.quant_report import GAP_LARGE, ModuleRow, QuantReport, gap_ratio
 
     if reader.quant is None:
         report.add(

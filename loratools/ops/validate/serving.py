@@ -1,6 +1,6 @@
 """Serving compatibility: what a runtime (vLLM, SGLang, llama.cpp, ONNX Runtime GenAI) would reject or ignore.
 
-The rules are data, in ``loratools/serving_rules.json``: each names a condition, a severity, a message and
+The rules are data, in ``serving_rules.json`` beside this module: each names a condition, a severity, a message and
 the runtime version and source it was read from. This module only evaluates the conditions below on an
 adapter; a runtime change is an edit of the JSON file.
 """
@@ -15,11 +15,11 @@ from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from ...errors import UsageError
+from loratools.errors import UsageError
 
 if TYPE_CHECKING:
-    from ...adapter import Adapter
-    from .findings import Finding
+    from loratools.model.adapter import Adapter
+    from loratools.ops.validate.findings import Finding
 
 _KOHYA_NAME = re.compile(r"^lora_[a-z0-9]+_[A-Za-z0-9_]+$")
 #: formats that only ever hold diffusion-pipeline adapters (kohya / LyCORIS files, diffusers LoRAs)
@@ -38,7 +38,7 @@ def is_pipeline_adapter(adapter: Adapter, base_kind: str | None = None) -> bool:
 @cache
 def serving_rules() -> dict[str, Any]:
     """The rule table, keyed by runtime name (``vllm``, ``sglang``, ``llama.cpp``, ``onnxruntime-genai``)."""
-    text = resources.files("loratools").joinpath("serving_rules.json").read_text(encoding="utf-8")
+    text = resources.files("loratools.ops.validate").joinpath("serving_rules.json").read_text(encoding="utf-8")
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
@@ -101,7 +101,7 @@ def _conditions(
 def _gguf_conditions(adapter: Adapter, settings: dict[str, Any], base: Any) -> dict[str, list[str]]:
     """Conditions of the GGUF runtimes: an adapter that is not a GGUF file yet; Ollama's own importer
     (architectures it converts, an integer lora_alpha)."""
-    from .gguf_serving import gguf_architecture
+    from loratools.ops.validate.gguf_serving import gguf_architecture
 
     gguf_file = adapter.format == "gguf"
     arch = None if gguf_file else gguf_architecture(adapter, base)
@@ -138,7 +138,7 @@ def serving_findings(
     validating against one. For the GGUF runtimes (rules with ``"gguf": true``) ``base`` (a .gguf model
     or a Hugging Face folder) also plans the GGUF file exactly as ``convert --to gguf`` writes it.
     """
-    from .findings import Finding
+    from loratools.ops.validate.findings import Finding
 
     table = serving_rules()
     if target not in table:
@@ -170,7 +170,7 @@ def serving_findings(
             )
         )
     if rules.get("gguf") and base is not None and not found["not_llm"]:
-        from .gguf_serving import base_findings
+        from loratools.ops.validate.gguf_serving import base_findings
 
         out += base_findings(adapter, target, base, where)
     return out

@@ -1,0 +1,3 @@
+"""GGUF adapters for llama.cpp / Ollama / LM Studio: the format (``format``), HF <-> GGUF tensor
+names per architecture (``names``), the tensor plan (``plan``) and converter row rewrites (``rewrites``).
+"""

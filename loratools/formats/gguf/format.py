@@ -1,0 +1,252 @@
+"""GGUF LoRA adapters for llama.cpp, Ollama and LM Studio (the ``gguf`` package writes and reads the file).
+
+Metadata the llama.cpp loader checks (``src/llama-adapter.cpp``, ``llama_adapter_lora_init_impl``):
+``general.type = adapter``, ``general.architecture`` equal to the base's, ``adapter.type = lora``, and
+``adapter.lora.alpha`` (f32). Tensors are ``<base GGUF name>.lora_a`` / ``.lora_b``. Each module's exact
+scale is folded into ``lora_b`` and alpha is written as 0, which the runtime reads as scale 1 (see
+:mod:`.gguf_plan`). The head counts and block count go into the file too (``<arch>.attention.head_count``,
+...), which the runtime ignores, so reading it back needs no ``--base``. aLoRA invocation tokens travel
+as ``adapter.alora.invocation_tokens`` (uint32 array).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loratools.errors import FormatError, UnsupportedError, UsageError, name_list
+from loratools.formats.registry import AdapterFormat, register_format
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from loratools.formats.gguf.names import GgufBase
+    from loratools.formats.registry import KeyResolver
+    from loratools.model.adapter import Adapter
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+_PROVENANCE_KEY = "loratools.provenance"
+_BASE_KEY = "loratools.base_model"
+
+
+def _default_outtype(adapter: Adapter) -> str:
+    import torch
+
+    dtypes = adapter.dtypes()
+    if dtypes == {torch.float16}:
+        return "f16"
+    if dtypes == {torch.bfloat16}:
+        return "bf16"
+    return "f32"
+
+
+def encode(t: torch.Tensor, outtype: str) -> tuple[np.ndarray, Any, str]:
+    """``(array, raw_dtype, type written)`` for ``GGUFWriter.add_tensor``; Q8_0 falls back to F16 like
+    llama.cpp's converter when a row is not a whole number of 32-value blocks."""
+    import gguf
+    import numpy as np
+
+    x = t.detach().float().cpu().numpy().astype(np.float32, copy=False)
+    if outtype == "f32":
+        return x, None, "F32"
+    if outtype == "f16":
+        return x.astype(np.float16), None, "F16"
+    qtype = gguf.GGMLQuantizationType.BF16 if outtype == "bf16" else gguf.GGMLQuantizationType.Q8_0
+    try:
+        return gguf.quants.quantize(x, qtype), qtype, qtype.name
+    except gguf.QuantError:
+        return x.astype(np.float16), None, "F16"
+
+
+def check_plan(adapter: Adapter, base: GgufBase) -> Any:
+    """The :class:`~.gguf_plan.GgufPlan` of ``adapter`` for ``base``; UnsupportedError on any problem."""
+    from loratools.formats.gguf.plan import plan
+
+    p = plan(adapter, base)
+    if p.problems:
+        first = p.problems[0]
+        more = f" (and {len(p.problems) - 1} more: {name_list([x.module or '' for x in p.problems[1:]], 3)})"
+        raise UnsupportedError(
+            f"{base.source}: {first.message}" + (more if len(p.problems) > 1 else ""),
+            hint=first.hint or f"run 'loratools validate ADAPTER --target llama.cpp --base {base.source}'",
+        )
+    if not p.pairs:
+        raise UsageError("the adapter has no modules to write as GGUF LoRA pairs")
+    return p
+
+
+def _base_of_file(d: dict[str, Any]) -> GgufBase:
+    from loratools.formats.gguf.names import GgufBase, spec_for_gguf_arch
+
+    spec = spec_for_gguf_arch(str(d["arch"]), "the adapter's GGUF metadata")
+    return GgufBase(
+        "the adapter's own GGUF metadata", spec, int(d["n_layer"]), int(d["n_head"]), int(d["n_head_kv"]), False
+    )
+
+
+@register_format
+class GgufFormat(AdapterFormat):
+    name = "gguf"
+    layout = "file"
+
+    @classmethod
+    def sniff(cls, path: Path) -> bool:
+        """A GGUF file whose ``general.type`` is ``adapter`` (a GGUF model is a base, not an adapter)."""
+        import gguf
+
+        from loratools.formats.gguf.names import _scalar, is_gguf_file, open_gguf
+
+        if not is_gguf_file(path):
+            return False
+        try:
+            return _scalar(open_gguf(path), gguf.Keys.General.TYPE) == "adapter"
+        except FormatError:
+            return True  # a damaged GGUF file: read() names what is wrong with it
+
+    @classmethod
+    def write(
+        cls,
+        adapter: Adapter,
+        path: Path,
+        provenance: dict[str, Any] | None = None,
+        *,
+        base: str | Path | GgufBase | KeyResolver | None = None,
+        outtype: str | None = None,
+    ) -> None:
+        import gguf
+
+        from loratools.formats.gguf.names import load_base
+
+        if base is None and adapter.meta.get("gguf_base"):
+            base = _base_of_file(adapter.meta["gguf_base"])  # read from a GGUF adapter: written for its base
+        if base is None:
+            raise UsageError(
+                "a GGUF adapter is written for one base model: pass --base (a .gguf model file or the "
+                "Hugging Face model folder)",
+                hint="loratools convert ADAPTER --to gguf --base model.gguf -o adapter.gguf",
+            )
+        outtype = outtype or _default_outtype(adapter)
+        if outtype not in OUTTYPES:
+            raise UsageError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+        info = load_base(base)
+        p = check_plan(adapter, info)
+        writer = gguf.GGUFWriter(path, info.arch)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
+        writer.add_block_count(info.n_layer)
+        writer.add_head_count(info.n_head)
+        writer.add_head_count_kv(info.n_head_kv)
+        tokens = ((adapter.meta.get("config") or {}).get("alora_invocation_tokens")) or adapter.meta.get(
+            "alora_invocation_tokens"
+        )
+        if tokens:
+            writer.add_key_value(
+                gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS,
+                [int(x) for x in tokens],
+                gguf.GGUFValueType.ARRAY,
+                sub_type=gguf.GGUFValueType.UINT32,
+            )
+        if adapter.base_model:
+            writer.add_string(_BASE_KEY, str(adapter.base_model))
+        if provenance:
+            writer.add_string(_PROVENANCE_KEY, json.dumps(provenance, sort_keys=True))
+        for pair in p.pairs:
+            for suffix, t in (("lora_a", pair.lora_a), ("lora_b", pair.lora_b)):
+                arr, raw, _ = encode(t, outtype)
+                writer.add_tensor(f"{pair.tensor}.{suffix}", arr, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    @classmethod
+    def read(cls, path: Path, base: KeyResolver | None = None) -> Adapter:
+        import gguf
+
+        from loratools.formats.gguf.names import (
+            GgufBase,
+            _scalar,
+            load_base,
+            open_gguf,
+            read_tensor,
+            spec_for_gguf_arch,
+        )
+        from loratools.formats.gguf.rewrites import TOKEN_EMBD, is_permuted, rows_from_gguf
+        from loratools.model.adapter import Adapter, LoraModule
+
+        reader = open_gguf(path)
+        kind = _scalar(reader, gguf.Keys.General.TYPE)
+        if kind != "adapter":
+            raise FormatError(
+                f"{path}: a GGUF model (general.type {kind!r}), not a GGUF adapter",
+                hint="a GGUF model is a base: pass it as --base, or merge into it with loratools merge",
+                path=path,
+            )
+        if _scalar(reader, gguf.Keys.Adapter.TYPE) != "lora":
+            raise UnsupportedError(f"{path}: adapter.type is not 'lora'", path=path)
+        arch = str(_scalar(reader, gguf.Keys.General.ARCHITECTURE))
+        spec = spec_for_gguf_arch(arch, path)
+        alpha = float(_scalar(reader, gguf.Keys.Adapter.LORA_ALPHA) or 0.0)
+        n_head, n_layer = _scalar(reader, f"{arch}.attention.head_count"), _scalar(reader, f"{arch}.block_count")
+        info: GgufBase | None = None
+        if base is not None:
+            info = load_base(base)
+        elif isinstance(n_head, int) and isinstance(n_layer, int):
+            n_kv = _scalar(reader, f"{arch}.attention.head_count_kv") or n_head
+            info = GgufBase(str(path), spec, n_layer, n_head, int(n_kv), tied=False)
+        pairs: dict[str, dict[str, str]] = {}
+        ignored: list[str] = []
+        for t in reader.tensors:
+            stem, _, suffix = t.name.rpartition(".")
+            if suffix in ("lora_a", "lora_b"):
+                pairs.setdefault(stem, {})[suffix] = t.name
+            elif t.name.endswith("_norm.weight"):
+                ignored.append(t.name)  # the runtime skips these (llama_adapter_lora_init_impl)
+            else:
+                raise FormatError(f"{path}: tensor {t.name} has an unexpected suffix (llama.cpp refuses it)", path=path)
+        modules: dict[str, LoraModule] = {}
+        for stem, p in sorted(pairs.items()):
+            if set(p) != {"lora_a", "lora_b"}:
+                raise FormatError(f"{path}: LoRA pair {stem} is missing one component", path=path)
+            if info is None:
+                raise UsageError(
+                    f"{path}: a GGUF adapter without head counts; its names and Q/K rows need the base",
+                    hint="pass --base (the .gguf model or Hugging Face folder it was made for)",
+                )
+            a, b = (read_tensor(path, p[s], reader) for s in ("lora_a", "lora_b"))
+            module = info.hf_module(stem)
+            if module is None:
+                raise UnsupportedError(f"{path}: no Hugging Face module corresponds to {stem} ({arch})", path=path)
+            emb = stem == TOKEN_EMBD
+            up = rows_from_gguf(info, stem, b) if is_permuted(info, stem) else b
+            rank = int(b.shape[1])
+            modules[module] = LoraModule(
+                down=a.T.contiguous() if emb else a,
+                up=up.contiguous(),
+                alpha=alpha if alpha else float(rank),
+                kind="embedding" if emb else "linear",
+                fan_in_fan_out=module.rsplit(".", 1)[-1] in spec.conv1d,
+            )
+        prov = _scalar(reader, _PROVENANCE_KEY)
+        tokens = reader.get_field(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS)
+        return Adapter(
+            modules=modules,
+            meta={
+                "format": "gguf",
+                "base_model": _scalar(reader, _BASE_KEY),
+                "gguf_arch": arch,
+                "gguf_alpha": alpha,
+                "gguf_base": (
+                    {"arch": arch, "n_layer": info.n_layer, "n_head": info.n_head, "n_head_kv": info.n_head_kv}
+                    if info is not None
+                    else None
+                ),
+                "ignored_tensors": ignored,
+                "alora_invocation_tokens": tokens.contents() if tokens is not None else None,
+                "provenance": json.loads(prov) if isinstance(prov, str) else None,
+                "files": [str(path)],
+            },
+        )

@@ -1,0 +1,302 @@
+"""What a GGUF adapter needs to know about its base: architecture, heads, tensor names and shapes.
+
+llama.cpp names a base tensor by its GGUF name (``blk.0.attn_q.weight``), which its HF converter
+(``convert_hf_to_gguf.py``) derives from the Hugging Face name through the ``gguf`` package's
+``get_tensor_name_map(arch, n_blocks)``. The same table maps adapter modules forward here and, with the
+architecture's own Hugging Face naming (``hf_family``), back. A base is a Hugging Face model folder
+(``config.json`` gives the architecture and the head counts; read offline) or a GGUF model file (its
+metadata gives them, and its tensor table lets every adapter tensor be checked before writing).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loratools.errors import FormatError, InputNotFoundError, UnsupportedError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from loratools.formats.registry import KeyResolver
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How llama.cpp's HF converter turns one model family into GGUF.
+
+    ``permute_qk``: Q/K rows are permuted per head (``LlamaModel.permute``, K with the KV head count).
+    ``conv1d``: leaf names whose Hugging Face weight is stored (in, out) and transposed by the converter.
+    ``hf_family``: the module paths the family's transformers classes use (picks the reverse name).
+    ``tied_default``: ``tie_word_embeddings`` when config.json does not say; ``output_dropped``: the
+    converter never writes ``lm_head`` (the runtime always reuses ``token_embd``).
+    """
+
+    gguf_arch: str
+    hf_family: str
+    permute_qk: bool = False
+    conv1d: frozenset[str] = frozenset()
+    tied_default: bool = False
+    output_dropped: bool = False
+
+
+_LLAMA_FAMILY = r"^(model\.layers\.\d+\.(self_attn|mlp)\.\w+|model\.embed_tokens|model\.norm|lm_head)$"
+#: Hugging Face ``architectures[0]`` -> spec; read from convert_hf_to_gguf.py's @ModelBase.register lines
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "LlamaForCausalLM": ArchSpec("llama", _LLAMA_FAMILY, permute_qk=True),
+    "MistralForCausalLM": ArchSpec("llama", _LLAMA_FAMILY, permute_qk=True),
+    "Qwen2ForCausalLM": ArchSpec("qwen2", _LLAMA_FAMILY),
+    "Qwen3ForCausalLM": ArchSpec("qwen3", _LLAMA_FAMILY),
+    # GemmaModel / Gemma2Model.modify_tensors: no Q/K permutation, norms + 1, lm_head skipped
+    "GemmaForCausalLM": ArchSpec("gemma", _LLAMA_FAMILY, tied_default=True, output_dropped=True),
+    "Gemma2ForCausalLM": ArchSpec("gemma2", _LLAMA_FAMILY, tied_default=True, output_dropped=True),
+    "GPT2LMHeadModel": ArchSpec(
+        "gpt2",
+        r"^(transformer\.h\.\d+\.(attn|mlp)\.\w+|transformer\.(wte|wpe|ln_f)|lm_head)$",
+        conv1d=frozenset({"c_attn", "c_proj", "c_fc"}),
+        tied_default=True,
+    ),
+}
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "gemma": "GemmaForCausalLM",
+                "gemma2": "Gemma2ForCausalLM"}  # fmt: skip
+#: GGUF architecture -> spec (Mistral converts as llama)
+BY_GGUF_ARCH: dict[str, ArchSpec] = {s.gguf_arch: s for s in reversed(list(ARCHITECTURES.values()))}
+
+
+def known() -> str:
+    return ", ".join(sorted(ARCHITECTURES))
+
+
+def spec_for_gguf_arch(arch: str, where: object) -> ArchSpec:
+    spec = BY_GGUF_ARCH.get(arch)
+    if spec is None:
+        raise UnsupportedError(
+            f"{where}: GGUF architecture {arch!r} is not one loratools maps yet (known: "
+            f"{', '.join(sorted(BY_GGUF_ARCH))})",
+            hint="open an issue with the model's config.json; other architectures need their converter rewrites",
+            path=where,
+        )
+    return spec
+
+
+@dataclass
+class GgufBase:
+    """A base model as the GGUF runtime sees it.
+
+    ``tensors`` (GGUF base only): GGUF name -> (shape in PyTorch order, GGML type name). ``hf``: the
+    Hugging Face checkpoint's names and tensors (a KeyResolver, when the caller opened one), for names and
+    for comparing saved full tensors with the base's.
+    """
+
+    source: str
+    spec: ArchSpec
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    tied: bool
+    tensors: dict[str, tuple[tuple[int, ...], str]] | None = None
+    gguf_path: Path | None = None
+    hf: KeyResolver | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def arch(self) -> str:
+        return self.spec.gguf_arch
+
+    def gguf_name(self, module: str) -> str | None:
+        """The GGUF weight name of a Hugging Face module path, or None when the table has none."""
+        found = _name_map(self.arch, self.n_layer).get_name(module)
+        return f"{found}.weight" if found else None
+
+    def hf_module(self, tensor: str) -> str | None:
+        """The Hugging Face module path of a GGUF weight name (the family's own naming; the HF base's if open)."""
+        cands = _reverse_map(self.arch, self.n_layer, self.spec.hf_family).get(tensor.removesuffix(".weight"), [])
+        if self.hf is not None:
+            keys = set(self.hf.keys())
+            on_base = [c for c in cands if f"{c}.weight" in keys]
+            cands = on_base or cands
+        return cands[0] if cands else None
+
+
+@cache
+def _arch_enum(arch: str) -> Any:
+    import gguf
+
+    return {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+
+
+@cache
+def _name_map(arch: str, n_layer: int) -> Any:
+    import gguf
+
+    return gguf.get_tensor_name_map(_arch_enum(arch), n_layer)
+
+
+@cache
+def _reverse_map(arch: str, n_layer: int, family: str) -> dict[str, list[str]]:
+    pattern = re.compile(family)
+    out: dict[str, list[str]] = {}
+    for hf_name, (_, gguf_name) in _name_map(arch, n_layer).mapping.items():
+        if pattern.match(hf_name):
+            out.setdefault(gguf_name, []).append(hf_name)
+    return out
+
+
+def _spec_from_config(cfg: dict[str, Any], where: object) -> ArchSpec:
+    archs = cfg.get("architectures") or []
+    name = archs[0] if archs else _MODEL_TYPES.get(str(cfg.get("model_type")))
+    spec = ARCHITECTURES.get(str(name)) or ARCHITECTURES.get(_MODEL_TYPES.get(str(cfg.get("model_type")), ""))
+    if spec is None:
+        raise UnsupportedError(
+            f"{where}: architecture {name or cfg.get('model_type')!r} has no GGUF adapter mapping in loratools "
+            f"(known: {known()})",
+            hint="merge the adapter and convert the merged model with llama.cpp's convert_hf_to_gguf.py",
+            path=where,
+        )
+    return spec
+
+
+def _int(cfg: dict[str, Any], keys: tuple[str, ...], where: object) -> int:
+    for k in keys:
+        if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool):
+            return int(cfg[k])
+    raise FormatError(f"{where}: config.json has no {keys[0]}", path=where)
+
+
+def _from_config(cfg: Any, where: str, hf: KeyResolver | None = None) -> GgufBase:
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{where}: expected a config.json object", path=where)
+    spec = _spec_from_config(cfg, where)
+    n_head = _int(cfg, ("num_attention_heads", "n_head"), where)
+    return GgufBase(
+        source=where.removesuffix("/config.json"),
+        spec=spec,
+        n_layer=_int(cfg, ("num_hidden_layers", "n_layer"), where),
+        n_head=n_head,
+        n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
+        tied=spec.output_dropped or bool(cfg.get("tie_word_embeddings", spec.tied_default)),
+        hf=hf,
+    )
+
+
+def _scalar(reader: Any, key: str) -> Any:
+    f = reader.get_field(key)
+    return None if f is None else f.contents()
+
+
+def _from_gguf(path: Path) -> GgufBase:
+    import gguf
+
+    reader = open_gguf(path)
+    if _scalar(reader, gguf.Keys.General.TYPE) == "adapter":
+        raise UsageError(
+            f"{path}: is a GGUF adapter, not a base model",
+            hint="--base takes the model the adapter is for (a .gguf model file or a Hugging Face folder)",
+        )
+    arch = str(_scalar(reader, gguf.Keys.General.ARCHITECTURE))
+    spec = spec_for_gguf_arch(arch, path)
+    n_head = _scalar(reader, f"{arch}.attention.head_count")
+    n_layer = _scalar(reader, f"{arch}.block_count")
+    if not isinstance(n_head, int) or not isinstance(n_layer, int):
+        raise FormatError(f"{path}: GGUF model without {arch}.attention.head_count / {arch}.block_count", path=path)
+    tensors = {t.name: (tuple(int(x) for x in reversed(t.shape.tolist())), t.tensor_type.name) for t in reader.tensors}
+    return GgufBase(
+        source=str(path),
+        spec=spec,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_head_kv=int(_scalar(reader, f"{arch}.attention.head_count_kv") or n_head),
+        tied="output.weight" not in tensors,
+        tensors=tensors,
+        gguf_path=path,
+    )
+
+
+def open_gguf(path: Path) -> Any:
+    """A ``gguf.GGUFReader`` over ``path`` (memory-mapped), with a FormatError naming the file on failure."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path, "r")
+    except (ValueError, OSError, IndexError, KeyError) as exc:
+        raise FormatError(f"{path}: not a readable GGUF file ({exc})", path=path) from None
+
+
+def read_tensor(path: Path, name: str, reader: Any = None) -> torch.Tensor:
+    """One tensor of a GGUF file as a torch tensor in PyTorch layout (F32/F16 as stored, others as fp32)."""
+    import gguf
+    import numpy as np
+    import torch
+
+    reader = reader or open_gguf(path)
+    t = next((x for x in reader.tensors if x.name == name), None)
+    if t is None:
+        raise FormatError(f"{path}: no tensor {name}", path=path)
+    if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        arr = np.array(t.data)
+    else:
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+    shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+    out = torch.from_numpy(np.ascontiguousarray(arr)).reshape(shape)
+    return out.to(torch.bfloat16) if t.tensor_type == gguf.GGMLQuantizationType.BF16 else out
+
+
+def equals_gguf_tensor(path: Path, name: str, value: torch.Tensor) -> bool | None:
+    """Whether ``value`` is what GGUF tensor ``name`` stores (encoded in its type by the gguf package and
+    compared byte for byte), or None when the package cannot encode that type (K- and I-quants)."""
+    import gguf
+    import numpy as np
+
+    t = next((x for x in open_gguf(path).tensors if x.name == name), None)
+    if t is None:
+        return None
+    x = value.detach().float().cpu().numpy().astype(np.float32)
+    if tuple(reversed(t.shape.tolist())) != x.shape:
+        return False
+    try:
+        if t.tensor_type == gguf.GGMLQuantizationType.F32:
+            enc = x
+        elif t.tensor_type == gguf.GGMLQuantizationType.F16:
+            enc = x.astype(np.float16)
+        else:
+            enc = gguf.quants.quantize(x, t.tensor_type)
+    except (NotImplementedError, gguf.QuantError):
+        return None
+    return bool(np.array_equal(np.asarray(t.data).reshape(-1).view(np.uint8), enc.reshape(-1).view(np.uint8)))
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
+def load_base(base: str | Path | GgufBase | KeyResolver) -> GgufBase:
+    """A :class:`GgufBase` from a GGUF model file, a Hugging Face folder (its config.json only) or an open
+    checkpoint (a KeyResolver: its config, names and tensors)."""
+    from loratools.files.json_file import read_json
+
+    if isinstance(base, GgufBase):
+        return base
+    if not isinstance(base, str | Path):
+        where = f"{getattr(base, 'root', 'the base')}/config.json"
+        if base.config is None:
+            raise UsageError(f"{where}: a GGUF adapter needs the base's config.json (pass its folder as --base)")
+        return _from_config(base.config, where, hf=base)
+    p = Path(base)
+    if not p.exists():
+        raise InputNotFoundError(f"{p}: no such base model file or folder", path=p)
+    if is_gguf_file(p):
+        return _from_gguf(p)
+    if p.is_dir() and (p / "config.json").is_file():
+        return _from_config(read_json(p / "config.json", "config"), str(p / "config.json"))
+    raise UsageError(
+        f"{p}: not a GGUF model file nor a Hugging Face model folder with config.json",
+        hint="pass --base model.gguf or --base the Hugging Face folder the adapter was trained on",
+    )

@@ -1,0 +1,168 @@
+"""Which GGUF tensor pairs an adapter becomes, and what a GGUF adapter cannot hold (refused, never dropped).
+
+Every module becomes ``<gguf name>.lora_a`` / ``.lora_b`` with its own PEFT scale folded into B, so the
+file's ``adapter.lora.alpha`` is 0 and the runtime's ``alpha ? alpha/rank : 1`` is exactly 1 for every
+tensor: rsLoRA, ``rank_pattern``/``alpha_pattern`` and kohya per-module alphas all survive. Full tensors
+are dropped only when they equal the base's (PEFT's saved embedding ``base_layer``); anything else a GGUF
+LoRA cannot carry is one :class:`Problem` with the way out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from loratools.formats.gguf.rewrites import TOKEN_EMBD, rows_to_gguf
+
+if TYPE_CHECKING:
+    import torch
+
+    from loratools.formats.gguf.names import GgufBase
+    from loratools.model.adapter import Adapter, LoraModule
+
+MERGE_HINT = "merge the adapter into the base instead (loratools merge BASE ADAPTER -o merged)"
+LOWER_HINT = (
+    "lower it to plain LoRA against the Hugging Face base first (loratools convert ADAPTER --to gguf --as-lora "
+    "--base HF_FOLDER -o adapter.gguf), or merge it (loratools merge BASE ADAPTER -o merged)"
+)
+
+
+@dataclass
+class Problem:
+    """One thing the GGUF adapter cannot hold: ``module`` (or tensor), a stable ``code``, message, hint."""
+
+    module: str | None
+    code: str
+    message: str
+    hint: str | None = None
+
+
+@dataclass
+class Pair:
+    """One GGUF LoRA pair: base tensor name, lora_a and lora_b (fp32, scale folded into lora_b)."""
+
+    tensor: str
+    module: str
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+
+
+@dataclass
+class GgufPlan:
+    pairs: list[Pair] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    #: full tensors dropped because they equal the base's (PEFT's saved embedding base_layer)
+    dropped: list[str] = field(default_factory=list)
+
+
+def _module_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None) -> Problem | None:
+    if m.magnitude is not None:
+        return Problem(name, "dora", f"{name}: DoRA magnitude vectors have no place in a GGUF LoRA", LOWER_HINT)
+    if m.bias is not None:
+        return Problem(name, "bias", f"{name}: LoRA biases (lora_B.bias) have no place in a GGUF LoRA", MERGE_HINT)
+    if m.kind == "conv":
+        return Problem(name, "conv", f"{name}: conv LoRA modules have no place in a GGUF LoRA", MERGE_HINT)
+    if base.tied and (tensor == "output.weight" or name.rsplit(".", 1)[-1] == "lm_head"):
+        return Problem(
+            name,
+            "tied_output",
+            f"{name}: the base ties lm_head to the token embeddings, so the GGUF model has no separate "
+            "output tensor for this LoRA to attach to",
+            f"--exclude '{name}$' to leave it out, or {MERGE_HINT}",
+        )
+    if tensor is None:
+        return Problem(
+            name,
+            "unknown_module",
+            f"{name}: no {base.arch} GGUF tensor corresponds to this module",
+            "check --base is the model the adapter was trained on; --exclude the module to leave it out",
+        )
+    if m.kind == "embedding" and tensor != TOKEN_EMBD:
+        return Problem(name, "embedding", f"{name}: llama.cpp applies embedding LoRA to token_embd only", MERGE_HINT)
+    if base.tensors is not None and tensor not in base.tensors:
+        return Problem(name, "missing_in_base", f"{name}: the GGUF base has no tensor {tensor}", None)
+    return None
+
+
+def _pair(name: str, m: LoraModule, base: GgufBase, tensor: str) -> Pair:
+    up, down = m.factors()
+    up = rows_to_gguf(base, tensor, up * m.scale)  # fp32 product, one cast when written
+    lora_a = down.T.contiguous() if m.kind == "embedding" else down
+    return Pair(tensor, name, lora_a.contiguous(), up.contiguous())
+
+
+def _shape_problem(pair: Pair, base: GgufBase) -> Problem | None:
+    """The loader's shape rule against the base tensor (ne[0] is the last PyTorch dimension)."""
+    if base.tensors is None:
+        return None
+    shape = base.tensors[pair.tensor][0]
+    a, b = tuple(pair.lora_a.shape), tuple(pair.lora_b.shape)
+    if pair.tensor == TOKEN_EMBD:
+        ok = len(shape) == 2 and shape == (a[0], b[0]) and a[1] == b[1]
+    else:
+        ok = len(shape) == 2 and shape == (b[0], a[1]) and a[0] == b[1]
+    if ok:
+        return None
+    return Problem(
+        pair.module,
+        "shape",
+        f"{pair.module}: lora_a {list(a)} / lora_b {list(b)} do not fit base tensor {pair.tensor} {list(shape)}",
+        "the GGUF base is not the model this adapter was trained on",
+    )
+
+
+def _replacement(key: str, t: torch.Tensor, base: GgufBase) -> tuple[bool, Problem | None]:
+    """(dropped, problem) for one full tensor: dropped when it equals the base's, refused otherwise."""
+    leaf = key.rsplit(".", 2)[-2] if key.count(".") else key
+    same = _equals_base(key, t, base)
+    if same:
+        return True, None
+    if "norm" in leaf or "ln_" in leaf:
+        why = "the llama.cpp loader skips norm tensors in adapters (llama_adapter_lora_init_impl): the change is lost"
+    else:
+        why = "a GGUF LoRA holds lora_a/lora_b pairs only; full tensors (modules_to_save) cannot be carried"
+    if same is None:
+        why += "; not comparable with the base (pass the Hugging Face folder, or a GGUF base not K/I-quantized)"
+    return False, Problem(key, "full_tensor", f"{key}: {why}", LOWER_HINT)
+
+
+def _equals_base(key: str, t: torch.Tensor, base: GgufBase) -> bool | None:
+    """Whether the HF tensor ``key`` equals the base's own (exactly, or as the GGUF type stores it); None
+    when the base cannot tell."""
+    import torch
+
+    if base.hf is not None:
+        mod, _, suffix = key.rpartition(".")
+        found = base.hf.tensor_key(mod, suffix)
+        if found is None:
+            return None
+        ref = base.hf.get(found)
+        return ref.shape == t.shape and torch.equal(t.to(ref.dtype), ref)
+    if base.gguf_path is not None:
+        from loratools.formats.gguf.names import equals_gguf_tensor
+
+        name = base.gguf_name(key.rpartition(".")[0])
+        return None if name is None else equals_gguf_tensor(base.gguf_path, name, t)
+    return None
+
+
+def plan(adapter: Adapter, base: GgufBase) -> GgufPlan:
+    """The GGUF pairs of ``adapter`` for ``base``, the full tensors dropped as equal, and every problem."""
+    out = GgufPlan()
+    for name, m in adapter.modules.items():
+        tensor = base.gguf_name(name)
+        problem = _module_problem(name, m, base, tensor)
+        if problem is None and tensor is not None:
+            pair = _pair(name, m, base, tensor)
+            problem = _shape_problem(pair, base)
+            if problem is None:
+                out.pairs.append(pair)
+        if problem is not None:
+            out.problems.append(problem)
+    for key, t in adapter.replacements.items():
+        dropped, problem = _replacement(key, t, base)
+        if dropped:
+            out.dropped.append(key)
+        if problem is not None:
+            out.problems.append(problem)
+    return out

@@ -1,0 +1,73 @@
+"""The ``adapter_config.json`` that makes PEFT rebuild exactly an adapter's modules, ranks and scales:
+the writing half of the PEFT format (targets as full module paths, rank/alpha patterns for what differs
+from the most common value, rank-0 modules left out)."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any
+
+from loratools.errors import UnsupportedError, ValidationError
+from loratools.model.adapter import Adapter, LoraModule
+from loratools.model.alora import invocation_tokens
+
+
+def live_modules(adapter: Adapter) -> dict[str, LoraModule]:
+    """The modules with rank > 0: a rank-0 module changes nothing and PEFT cannot build one."""
+    return {n: m for n, m in adapter.modules.items() if m.rank > 0}
+
+
+def config_for(adapter: Adapter) -> dict[str, Any]:
+    """An ``adapter_config.json`` that makes PEFT rebuild exactly these modules, ranks and scales."""
+    mods = live_modules(adapter)
+    if not mods and not adapter.replacements:
+        raise ValidationError("the adapter has no modules to write")
+    rslora = {m.use_rslora for m in mods.values()}
+    if len(rslora) > 1:
+        raise UnsupportedError(
+            "PEFT cannot hold rsLoRA and plain LoRA modules in one adapter",
+            hint="rescale (loratools rescale --alpha) to one convention first",
+        )
+    use_rslora = rslora.pop() if rslora else False
+    rank_counts = Counter(m.rank for m in mods.values())
+    alpha_counts = Counter(float(m.alpha) for m in mods.values())
+    r = rank_counts.most_common(1)[0][0] if mods else 8
+    alpha = alpha_counts.most_common(1)[0][0] if mods else 8.0
+    rank_pattern = {re.escape(n): m.rank for n, m in mods.items() if m.rank != r}
+    alpha_pattern = {re.escape(n): _num(m.alpha) for n, m in mods.items() if float(m.alpha) != alpha}
+    # full module paths: PEFT takes a list entry as the exact name (or a dotted suffix of one), so a
+    # leaf name would also wrap same-named modules the file holds no tensors for (BERT's three `dense`)
+    targets = sorted(mods)
+    to_save = sorted({k.rpartition(".")[0] for k in adapter.replacements if k.rpartition(".")[0] not in mods})
+    old = dict(adapter.meta.get("config") or {}) if adapter.format == "peft" else {}
+    cfg: dict[str, Any] = {**old}
+    cfg.update(
+        {
+            "peft_type": "LORA",
+            "base_model_name_or_path": adapter.base_model,
+            "r": r,
+            "lora_alpha": _num(alpha),
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "target_modules": targets,
+            "modules_to_save": to_save or None,
+            "use_rslora": use_rslora,
+            "alora_invocation_tokens": invocation_tokens(adapter),
+            "use_dora": any(m.magnitude is not None for m in mods.values()),
+            "lora_bias": any(m.bias is not None for m in mods.values()),
+            "fan_in_fan_out": any(m.fan_in_fan_out for m in mods.values()),
+            "bias": "none",
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "lora_dropout": old.get("lora_dropout", 0.0),
+            "task_type": old.get("task_type", adapter.meta.get("task_type")),
+        }
+    )
+    for stale in ("layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters"):
+        cfg.pop(stale, None)
+    return cfg
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)

@@ -1,0 +1,52 @@
+"""Tied embeddings and saved base layers: the one place that says which names are the same tensor.
+
+A model whose config ties word embeddings (Qwen2, small Llamas, GPT-2) stores only the input embedding;
+its output head (``lm_head.weight``) reads that tensor. An adapter that targets ``lm_head`` is still
+for this base: merge, validate and info all resolve the head to the embedding through these functions.
+PEFT also saves the base layer of an adapted embedding or tied head (``lm_head.base_layer.weight``): a
+copy of the base weight, not a trained tensor, so it is neither a counterpart the base must have nor a
+trainable parameter.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from loratools.model.adapter import Adapter
+
+#: last path component of output heads and suffixes of input embeddings (for tied weights)
+HEAD_NAMES = ("lm_head", "embed_out")
+EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
+
+
+def tied_embedding_key(reader: Any) -> str | None:
+    """The input-embedding key of a base whose config ties word embeddings, else None.
+
+    ``reader`` is a checkpoint reader (anything with ``keys()`` and ``tie_word_embeddings``).
+    """
+    if not getattr(reader, "tie_word_embeddings", False):
+        return None
+    found = [k for k in reader.keys() if k.endswith(EMBED_SUFFIXES)]
+    return found[0] if len(found) == 1 else None
+
+
+def is_head(key: str) -> bool:
+    """True for an output head's weight key (``lm_head.weight``, ``embed_out.weight``)."""
+    module, _, suffix = key.rpartition(".")
+    return suffix == "weight" and module.rsplit(".", 1)[-1] in HEAD_NAMES
+
+
+def tied_source(reader: Any, module: str) -> str | None:
+    """The base tensor an output head ``module`` reads when the base ties it to the input embedding
+    and stores no weight of its own; None otherwise."""
+    emb = tied_embedding_key(reader)
+    if emb is None or module.rsplit(".", 1)[-1] not in HEAD_NAMES or f"{module}.weight" in reader.keys():
+        return None
+    return emb
+
+
+def base_layer_copies(adapter: Adapter) -> list[str]:
+    """Full tensors that are saved base layers of LoRA modules (PEFT's ``….base_layer.weight``), not
+    trained replacements: the module is also a LoRA module of the adapter."""
+    return sorted(k for k in adapter.replacements if k.rpartition(".")[0] in adapter.modules)
