@@ -101,13 +101,11 @@ def merge(
       loratools merge model-bnb-4bit/ qlora/ -o merged/ --reference model-bf16/
       loratools merge model-bnb-4bit/ qlora/ -o merged-4bit/ --requantize
     """
+    from loratools.ops.merge import MergeOptions
     from loratools.ops.merge import merge as run_merge
 
     out = get_output(ctx, json_mode)
-    summary = run_merge(
-        base,
-        list(adapters),
-        output,
+    options = MergeOptions(
         weights=parse_weights(weights, len(adapters)),
         dtype=dtype,
         max_shard_size=max_shard_size,
@@ -124,6 +122,7 @@ def merge(
         into=into,
         progress=lambda total: out.progress_callback(total, "merging"),
     )
+    summary = run_merge(base, list(adapters), output, options)
     out.result(summary.to_dict() if hasattr(summary, "to_dict") else dict(summary), _human)
 
 

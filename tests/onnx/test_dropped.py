@@ -109,12 +109,9 @@ def test_lora_slots_skip_the_dropped_module(dense, tmp_path):
 @pytest.mark.parametrize(
     ("option", "message"),
     [
-        (["--dtype", "fp16"], "Error: --dtype fp16: merging into an ONNX model keeps every weight's stored dtype"),
-        (
-            ["--max-shard-size", "1GB"],
-            "Error: --max-shard-size: merging into an ONNX model writes one model.onnx.data file",
-        ),
-        (["--device", "cuda"], "Error: --device cuda: merging into an ONNX model computes on the CPU"),
+        (["--dtype", "fp16"], "Error: --dtype fp16: merging into an ONNX model does not take this option (it keeps"),
+        (["--max-shard-size", "1GB"], "Error: --max-shard-size 1GB: merging into an ONNX model does not take this"),
+        (["--device", "cuda"], "Error: --device cuda: merging into an ONNX model does not take this option"),
         (["--exclude", ".*"], "Error: no adapter module is left to merge"),
     ],
 )
@@ -122,7 +119,7 @@ def test_merge_into_onnx_refuses_what_it_cannot_honour(dense, tmp_path, option, 
     t, adapter, _ = dense
     code, out, err = run_cli(["merge", t.export("base"), adapter, "-o", tmp_path / "m", *option])
     assert code == 2 and not out
-    assert err.splitlines()[0] == message
+    assert err.splitlines()[0].startswith(message)  # one refusal built from what the target accepts
     assert not (tmp_path / "m").exists()
 
 
