@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from loratools.cli.options import base_option, json_option
+from loratools.cli.options import base_option, json_option, trust_tensors_option
 from loratools.cli.output import get_output
 
 
@@ -12,9 +12,10 @@ from loratools.cli.output import get_output
 @click.argument("a")
 @click.argument("b")
 @base_option
+@trust_tensors_option
 @json_option
 @click.pass_context
-def diff(ctx: click.Context, a: str, b: str, base: str | None, json_mode: bool) -> None:
+def diff(ctx: click.Context, a: str, b: str, base: str | None, trust_tensors: bool, json_mode: bool) -> None:
     """Compare adapters A and B: configuration differences, modules only in one, and per common module
     ‖ΔA‖, ‖ΔB‖, ‖ΔA−ΔB‖/‖ΔA‖ and cos(ΔA, ΔB), computed from r×r products of the factors.
 
@@ -28,7 +29,7 @@ def diff(ctx: click.Context, a: str, b: str, base: str | None, json_mode: bool) 
     from loratools.ops.diff import diff as run
 
     out = get_output(ctx, json_mode)
-    data = run(a, b, base=base)
+    data = run(a, b, base=base, trust_tensors=trust_tensors)
 
     def human(d: dict) -> None:
         for key, v in d["config"].items():

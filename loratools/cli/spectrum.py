@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from loratools.cli.options import json_option, overwrite_option
+from loratools.cli.options import json_option, overwrite_option, trust_tensors_option
 from loratools.cli.output import get_output
 
 
@@ -17,9 +17,12 @@ from loratools.cli.output import get_output
     help="Write retained-energy curves to this PNG (needs the 'plot' extra).",
 )
 @overwrite_option
+@trust_tensors_option
 @json_option
 @click.pass_context
-def spectrum(ctx: click.Context, adapter: str, plot: str | None, overwrite: bool, json_mode: bool) -> None:
+def spectrum(
+    ctx: click.Context, adapter: str, plot: str | None, overwrite: bool, trust_tensors: bool, json_mode: bool
+) -> None:
     """Show the spectrum of every module's ΔW (from the factors): sigma_max, effective rank and the
     smallest ranks keeping 90/95/99% of the energy, to choose a rank for resize.
 
@@ -31,7 +34,7 @@ def spectrum(ctx: click.Context, adapter: str, plot: str | None, overwrite: bool
     from loratools.ops.spectrum import spectrum as run
 
     out = get_output(ctx, json_mode)
-    data = run(adapter, plot=plot, overwrite=overwrite)
+    data = run(adapter, plot=plot, overwrite=overwrite, trust_tensors=trust_tensors)
 
     def human(d: dict) -> None:
         out.table(

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from loratools.cli.options import filters, json_option, parse_weights, weights_option
+from loratools.cli.options import filters, json_option, parse_weights, trust_tensors_option, weights_option
 from loratools.cli.output import get_output
 
 
@@ -16,6 +16,7 @@ from loratools.cli.output import get_output
 @click.option("--adapter", "adapters", multiple=True, required=True, help="An adapter (repeat for several, in order).")
 @weights_option()
 @filters
+@trust_tensors_option
 @json_option
 @click.pass_context
 def verify(
@@ -26,6 +27,7 @@ def verify(
     weights: tuple[float, ...] | None,
     include: str | None,
     exclude: str | None,
+    trust_tensors: bool,
     json_mode: bool,
 ) -> None:
     """Check that MERGED equals BASE plus the adapters, tensor by tensor, within the dtype's rounding.
@@ -44,7 +46,10 @@ def verify(
 
     out = get_output(ctx, json_mode)
     report = run_verify(
-        merged, base, list(adapters), weights=parse_weights(weights, len(adapters)), include=include, exclude=exclude
+        merged, base, list(adapters), weights=parse_weights(weights, len(adapters)),
+        include=include,
+        exclude=exclude,
+        trust_tensors=trust_tensors,
     )
     out.result(report.to_dict(), _human)
     if not report.verified:

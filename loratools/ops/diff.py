@@ -115,8 +115,12 @@ def diff(
     b: Adapter | str | Path,
     *,
     base: str | Path | None = None,
+    trust_tensors: bool = False,
 ) -> dict[str, Any]:
     """Compare adapters ``a`` and ``b`` (paths or Adapters); ``base`` resolves names across formats.
+
+    An adapter whose config rank disagrees with its tensors is refused unless ``trust_tensors`` (its
+    scale, and so every norm, is a guess: :mod:`loratools.model.ambiguity`).
 
     Adapters in two formats with no module name in common (PEFT vs kohya names) need ``base``: a
     UsageError says so rather than an empty comparison.
@@ -133,8 +137,8 @@ def diff(
 
         require_model(base, f"loratools diff {a} {b}")
         reader = open_checkpoint(base)
-    ad_a, _ = load(a, base=reader)
-    ad_b, _ = load(b, base=reader)
+    ad_a, _ = load(a, base=reader, trust_tensors=trust_tensors)
+    ad_b, _ = load(b, base=reader, trust_tensors=trust_tensors)
     common = [n for n in ad_a.modules if n in ad_b.modules]
     if not common and base is None and ad_a.format != ad_b.format and ad_a.modules and ad_b.modules:
         from loratools.errors import UsageError

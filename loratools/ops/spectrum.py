@@ -32,14 +32,22 @@ def module_spectrum(name: str, module: Any) -> dict[str, Any]:
     }
 
 
-def spectrum(adapter: Adapter | str | Path, *, plot: str | Path | None = None, overwrite: bool = False) -> dict:
+def spectrum(
+    adapter: Adapter | str | Path,
+    *,
+    plot: str | Path | None = None,
+    overwrite: bool = False,
+    trust_tensors: bool = False,
+) -> dict:
     """Singular values and rank summaries of every module of ``adapter``; a PNG at ``plot`` if given.
 
+    An adapter whose config rank disagrees with its tensors is refused unless ``trust_tensors`` (its
+    scale, and so every σ, is a guess: :mod:`loratools.model.ambiguity`).
     Returns ``{"modules": [...], "summary": {...}}`` (see docs/json.md).
     """
     from loratools.ops._algebra_io import load
 
-    ad, path = load(adapter)
+    ad, path = load(adapter, trust_tensors=trust_tensors)
     from loratools.ops.lower import lora_view
 
     ad = lora_view(ad, "spectrum")  # LoHa/LoKr: the spectrum of their exact low-rank form

@@ -100,14 +100,18 @@ def verify(
     *,
     include: str | None = None,
     exclude: str | None = None,
+    trust_tensors: bool = False,
 ) -> VerifyReport:
     """Check that ``merged`` equals ``base`` with ``adapters`` (scaled by ``weights``) merged in.
 
     ``include``/``exclude`` (regexes over module names) pick the adapters' modules the way ``merge``
-    took them, so a ``merge --include`` output verifies with the same ``--include``.
+    took them, so a ``merge --include`` output verifies with the same ``--include``. An adapter whose
+    config rank disagrees with its tensors is refused unless ``trust_tensors``, as ``merge`` refuses it:
+    what it should have changed is a guess (:mod:`loratools.model.ambiguity`).
     """
     from loratools.checkpoint.reader import CheckpointReader, open_checkpoint
     from loratools.formats.adapter_io import load_adapter
+    from loratools.model.ambiguity import require_unambiguous
     from loratools.ops.merge.plan import build_plan
     from loratools.ops.merge.write import BaseBytes
 
@@ -117,6 +121,8 @@ def verify(
     mreader = open_checkpoint(merged)
     try:
         loaded = [a if not isinstance(a, str | Path) else load_adapter(a, base=breader) for a in adapters]
+        for a in loaded:
+            require_unambiguous(a, trust_tensors=trust_tensors)
         if include or exclude:
             loaded = [a.select(include, exclude) for a in loaded]
             if not any(a.modules or a.replacements for a in loaded):
@@ -125,7 +131,8 @@ def verify(
         report = VerifyReport(merged=str(merged), base=str(breader.root), modules_checked=plan.modules_merged)
         bbytes, mbytes = BaseBytes(breader), BaseBytes(mreader)
         try:
-            _check_all(report, plan, breader, mreader, bbytes, mbytes)
+            labels = [_label(a, i) for i, a in enumerate(loaded)]
+            _check_all(report, plan, breader, mreader, bbytes, mbytes, labels if len(loaded) > 1 else None)
         finally:
             bbytes.close()
             mbytes.close()
@@ -136,7 +143,12 @@ def verify(
             breader.close()
 
 
-def _check_all(report, plan: MergePlan, breader, mreader, bbytes, mbytes) -> None:  # noqa: ANN001
+def _label(adapter: Adapter, index: int) -> str:
+    """'adapter 2 (b/)': how a finding names one of several adapters (1-based, in --adapter order)."""
+    return f"adapter {index + 1} ({adapter.meta.get('source') or 'in memory'})"
+
+
+def _check_all(report, plan: MergePlan, breader, mreader, bbytes, mbytes, labels=None) -> None:  # noqa: ANN001
     from loratools.ops.merge.plan import _is_head, tied_keys
 
     m_emb = tied_keys(mreader)
@@ -154,7 +166,7 @@ def _check_all(report, plan: MergePlan, breader, mreader, bbytes, mbytes) -> Non
         report.tensors_checked += 1
         job = plan.jobs.get(key)
         actual = mbytes.get(mkey)
-        report.findings.append(_check(key, job, actual, mreader.info(mkey).dtype, plan, bbytes, m_emb))
+        report.findings.append(_check(key, job, actual, mreader.info(mkey).dtype, plan, bbytes, m_emb, labels))
     for extra in sorted(mkeys - set(keys)):
         report.findings.append(Finding(extra, "unexpected", "the base and the adapters have no such tensor"))
 
@@ -167,7 +179,7 @@ def _start(job: TensorJob | None, key: str, bbytes) -> torch.Tensor:  # noqa: AN
     return bbytes.get(job.source if job is not None and job.source else key)
 
 
-def _check(key, job, actual, mdtype, plan, bbytes, m_emb) -> Finding:  # noqa: ANN001
+def _check(key, job, actual, mdtype, plan, bbytes, m_emb, labels=None) -> Finding:  # noqa: ANN001
     import torch
 
     from loratools.ops.merge.plan import compute
@@ -211,7 +223,7 @@ def _check(key, job, actual, mdtype, plan, bbytes, m_emb) -> Finding:  # noqa: A
                 max_tol,
             )
         return Finding(key, "ok", "", mods, max_err, max_tol)
-    status, detail, ratio = _diagnose(job, act_delta, exp_delta, tol)
+    status, detail, ratio = _diagnose(job, act_delta, exp_delta, tol, labels)
     return Finding(key, status, detail, mods, max_err, max_tol, ratio)
 
 
@@ -229,7 +241,7 @@ def _tied_partner(key, plan, actual, start, bbytes) -> str | None:  # noqa: ANN0
     return None
 
 
-def _diagnose(job, act: torch.Tensor, exp: torch.Tensor, tol: torch.Tensor) -> tuple[str, str, float | None]:  # noqa: ANN001
+def _diagnose(job, act: torch.Tensor, exp: torch.Tensor, tol: torch.Tensor, labels=None) -> tuple[str, str, float | None]:  # noqa: ANN001, E501
     import torch
 
     norm_exp = float(exp.norm())
@@ -259,12 +271,43 @@ def _diagnose(job, act: torch.Tensor, exp: torch.Tensor, tol: torch.Tensor) -> t
     res2 = float(m.norm() ** 2 - 2 * (coeffs * rhs).sum() + coeffs @ gram @ coeffs)
     rel = (max(res2, 0.0) ** 0.5) / max(float(m.norm()), 1e-30)
     if rel < 0.05:
+        if labels:  # several adapters: say which one is off, and by what
+            return _per_adapter(job, coeffs.tolist(), labels)
         return _by_ratio(coeffs.tolist(), 1.0, "component")
     if m.shape[0] == m.shape[1]:
         exp_m = first.from_weight_layout(exp)
         if float((m - exp_m.T).norm()) < 0.05 * max(norm_exp, 1e-30):
             return "transposed", "the update is stored transposed (rows and columns swapped)", None
     return "wrong_update", f"the update does not match the adapter (relative misfit {rel:.2f})", None
+
+
+def _per_adapter(job, coeffs: list[float], labels: list[str]) -> tuple[str, str, float | None]:  # noqa: ANN001
+    """The fitted rank-1 coefficients grouped by adapter: which adapter's update is off, and how.
+
+    A coefficient c means the stored update holds c times what the verified weight w asks for, i.e. the
+    adapter was merged with weight c·w: one adapter off gets that adapter's own status and ratio."""
+    groups: dict[int, list[float]] = {}
+    weights: dict[int, float] = {}
+    at = 0
+    for c in job.deltas:
+        groups.setdefault(c.adapter, []).extend(coeffs[at : at + c.lora.rank])
+        weights[c.adapter] = c.weight
+        at += c.lora.rank
+    off = []
+    for i, cs in groups.items():
+        status, detail, ratio = _by_ratio(cs, 1.0, "component")
+        if status == "wrong_update" and "direction and scale" in detail:
+            continue  # right coefficient, only rounding: not this adapter's fault alone
+        w = weights[i]
+        text = f"{labels[i]}: {detail}"
+        if ratio is not None:
+            text += f" (coefficient {ratio:.4g} where 1 was expected: merged with weight {ratio * w:.4g}, not {w:.4g}?)"
+        off.append((status, text, ratio))
+    if not off:
+        return _by_ratio(coeffs, 1.0, "component")
+    if len(off) == 1:
+        return off[0]
+    return "wrong_update", "; ".join(d for _, d, _ in off), None
 
 
 def _full_rows(c, rows: int) -> torch.Tensor:  # noqa: ANN001
