@@ -53,10 +53,10 @@ def _tokens_on_disk(path: Path) -> list[int] | None:
         cfg = read_json(folder / "adapter_config.json", "adapter_config.json")
         return check_tokens(cfg.get("alora_invocation_tokens") if isinstance(cfg, dict) else None, folder)
     if path.is_file() and path.suffix == ".gguf":
-        import gguf
+        from loratools.files.gguf_file import open_gguf_file
 
-        field = gguf.GGUFReader(path).get_field(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS)
-        return check_tokens([int(t) for t in field.contents()] if field is not None else None, path)
+        field = open_gguf_file(path).get_field("adapter.alora.invocation_tokens")  # the header only, bounded
+        return check_tokens(field.contents() if field is not None else None, path)
     return None
 
 

@@ -96,12 +96,12 @@ class GgufFormat(AdapterFormat):
         """A GGUF file whose ``general.type`` is ``adapter`` (a GGUF model is a base, not an adapter)."""
         import gguf
 
-        from loratools.formats.gguf.names import _scalar, is_gguf_file, open_gguf
+        from loratools.formats.gguf.names import is_gguf_file, open_gguf
 
         if not is_gguf_file(path):
             return False
         try:
-            return _scalar(open_gguf(path), gguf.Keys.General.TYPE) == "adapter"
+            return open_gguf(path).scalar(gguf.Keys.General.TYPE) == "adapter"
         except FormatError:
             return True  # a damaged GGUF file: read() names what is wrong with it
 
@@ -164,79 +164,65 @@ class GgufFormat(AdapterFormat):
 
     @classmethod
     def read(cls, path: Path, base: KeyResolver | None = None) -> Adapter:
+        """The adapter, after its header is checked in full (:mod:`.checks`) before any tensor is read."""
         import gguf
 
-        from loratools.formats.gguf.names import (
-            GgufBase,
-            _scalar,
-            load_base,
-            open_gguf,
-            read_tensor,
-            spec_for_gguf_arch,
-        )
-        from loratools.formats.gguf.rewrites import TOKEN_EMBD, is_permuted, rows_from_gguf
+        from loratools.formats.gguf.checks import block_count, check_pair, check_widths, head_counts, lora_pairs
+        from loratools.formats.gguf.names import GgufBase, load_base, open_gguf, spec_for_gguf_arch
+        from loratools.formats.gguf.rewrites import TOKEN_EMBD
         from loratools.model.adapter import Adapter, LoraModule
 
         reader = open_gguf(path)
-        kind = _scalar(reader, gguf.Keys.General.TYPE)
+        kind = reader.string(gguf.Keys.General.TYPE)
         if kind != "adapter":
             raise FormatError(
                 f"{path}: a GGUF model (general.type {kind!r}), not a GGUF adapter",
                 hint="a GGUF model is a base: pass it as --base, or merge into it with loratools merge",
                 path=path,
             )
-        if _scalar(reader, gguf.Keys.Adapter.TYPE) != "lora":
-            raise UnsupportedError(f"{path}: adapter.type is not 'lora'", path=path)
-        arch = str(_scalar(reader, gguf.Keys.General.ARCHITECTURE))
+        adapter_type = reader.string(gguf.Keys.Adapter.TYPE)
+        if adapter_type != "lora":
+            raise UnsupportedError(f"{path}: adapter.type is {adapter_type!r}, not 'lora'", path=path)
+        arch = reader.string(gguf.Keys.General.ARCHITECTURE)
+        if arch is None:
+            raise FormatError(f"{path}: GGUF adapter without general.architecture", path=path)
         spec = spec_for_gguf_arch(arch, path)
-        alpha = float(_scalar(reader, gguf.Keys.Adapter.LORA_ALPHA) or 0.0)
-        n_head, n_layer = _scalar(reader, f"{arch}.attention.head_count"), _scalar(reader, f"{arch}.block_count")
+        alpha = reader.number(gguf.Keys.Adapter.LORA_ALPHA) or 0.0
+        n_layer, heads = block_count(reader, arch, model=False), head_counts(reader, arch, model=False)
+        pairs, ignored = lora_pairs(reader)
+        ranks = {stem: check_pair(reader, stem, a, b, stem == TOKEN_EMBD) for stem, (a, b) in pairs.items()}
+        check_widths(reader, pairs, fused_qkv=bool(spec.conv1d))
         info: GgufBase | None = None
         if base is not None:
             info = load_base(base)
-        elif isinstance(n_head, int) and isinstance(n_layer, int):
-            n_kv = _scalar(reader, f"{arch}.attention.head_count_kv") or n_head
-            info = GgufBase(str(path), spec, n_layer, n_head, int(n_kv), tied=False)
-        pairs: dict[str, dict[str, str]] = {}
-        ignored: list[str] = []
-        for t in reader.tensors:
-            stem, _, suffix = t.name.rpartition(".")
-            if suffix in ("lora_a", "lora_b"):
-                pairs.setdefault(stem, {})[suffix] = t.name
-            elif t.name.endswith("_norm.weight"):
-                ignored.append(t.name)  # the runtime skips these (llama_adapter_lora_init_impl)
-            else:
-                raise FormatError(f"{path}: tensor {t.name} has an unexpected suffix (llama.cpp refuses it)", path=path)
+        elif heads is not None and n_layer is not None:
+            info = GgufBase(str(path), spec, n_layer, *heads, tied=False)
+        if pairs and info is None:
+            raise UsageError(
+                f"{path}: a GGUF adapter without {arch}.block_count / head counts; its names and Q/K rows need "
+                "the base",
+                hint="pass --base (the .gguf model or Hugging Face folder it was made for)",
+            )
         modules: dict[str, LoraModule] = {}
-        for stem, p in sorted(pairs.items()):
-            if set(p) != {"lora_a", "lora_b"}:
-                raise FormatError(f"{path}: LoRA pair {stem} is missing one component", path=path)
-            if info is None:
-                raise UsageError(
-                    f"{path}: a GGUF adapter without head counts; its names and Q/K rows need the base",
-                    hint="pass --base (the .gguf model or Hugging Face folder it was made for)",
-                )
-            a, b = (read_tensor(path, p[s], reader) for s in ("lora_a", "lora_b"))
+        for stem, (ta, tb) in sorted(pairs.items()):
+            assert info is not None
             module = info.hf_module(stem)
             if module is None:
                 raise UnsupportedError(f"{path}: no Hugging Face module corresponds to {stem} ({arch})", path=path)
+            a, up = _factors(path, reader, info, stem, ta, tb)
             emb = stem == TOKEN_EMBD
-            up = rows_from_gguf(info, stem, b) if is_permuted(info, stem) else b
-            rank = int(b.shape[1])
             modules[module] = LoraModule(
                 down=a.T.contiguous() if emb else a,
                 up=up.contiguous(),
-                alpha=alpha if alpha else float(rank),
+                alpha=alpha if alpha else float(ranks[stem]),
                 kind="embedding" if emb else "linear",
                 fan_in_fan_out=module.rsplit(".", 1)[-1] in spec.conv1d,
             )
-        prov = _scalar(reader, _PROVENANCE_KEY)
-        tokens = reader.get_field(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS)
         return Adapter(
             modules=modules,
             meta={
                 "format": "gguf",
-                "base_model": _scalar(reader, _BASE_KEY),
+                "base_model": reader.string(_BASE_KEY),
                 "gguf_arch": arch,
                 "gguf_alpha": alpha,
                 "gguf_base": (
@@ -245,8 +231,54 @@ class GgufFormat(AdapterFormat):
                     else None
                 ),
                 "ignored_tensors": ignored,
-                "alora_invocation_tokens": tokens.contents() if tokens is not None else None,
-                "provenance": json.loads(prov) if isinstance(prov, str) else None,
+                "alora_invocation_tokens": invocation_tokens(reader),
+                "provenance": _provenance(reader.string(_PROVENANCE_KEY)),
                 "files": [str(path)],
             },
         )
+
+
+def _factors(path: Path, reader: Any, info: GgufBase, stem: str, ta: Any, tb: Any) -> tuple[Any, Any]:
+    """(lora_a, lora_b with the converter's Q/K row permutation undone) as torch tensors."""
+    from loratools.errors import ShapeError
+    from loratools.formats.gguf.names import read_tensor
+    from loratools.formats.gguf.rewrites import is_permuted, rows_from_gguf
+
+    a, b = read_tensor(path, ta.name, reader), read_tensor(path, tb.name, reader)
+    try:
+        return a, (rows_from_gguf(info, stem, b) if is_permuted(info, stem) else b)
+    except ShapeError as exc:
+        raise FormatError(
+            f"{path}: tensor {tb.name}: {exc.message} (head counts of {info.source})", path=path
+        ) from None
+
+
+def invocation_tokens(reader: Any) -> list[int] | None:
+    """``adapter.alora.invocation_tokens``: an array of non-negative integers, or None when absent."""
+    import gguf
+
+    from loratools.files.gguf_file import INTEGER_TYPES
+
+    key = gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS
+    f = reader.get_field(key)
+    if f is None:
+        return None
+    if not f.is_array or f.types[1] not in INTEGER_TYPES:
+        raise FormatError(
+            f"{reader.path}: metadata {key} is stored as {reader.describe(key)}, expected an array of token ids",
+            path=reader.path,
+        )
+    tokens = f.contents()
+    if any(t < 0 for t in tokens):
+        raise FormatError(f"{reader.path}: metadata {key} holds a negative token id", path=reader.path)
+    return tokens
+
+
+def _provenance(text: str | None) -> Any:
+    """The loratools provenance record, None when absent or unreadable (it is informational only)."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None

@@ -183,33 +183,29 @@ def _from_config(cfg: Any, where: str, hf: KeyResolver | None = None) -> GgufBas
     )
 
 
-def _scalar(reader: Any, key: str) -> Any:
-    f = reader.get_field(key)
-    return None if f is None else f.contents()
-
-
 def _from_gguf(path: Path) -> GgufBase:
     import gguf
 
+    from loratools.formats.gguf.checks import block_count, check_model_heads, head_counts
+
     reader = open_gguf(path)
-    if _scalar(reader, gguf.Keys.General.TYPE) == "adapter":
+    if reader.string(gguf.Keys.General.TYPE) == "adapter":
         raise UsageError(
             f"{path}: is a GGUF adapter, not a base model",
             hint="--base takes the model the adapter is for (a .gguf model file or a Hugging Face folder)",
         )
-    arch = str(_scalar(reader, gguf.Keys.General.ARCHITECTURE))
+    arch = str(reader.string(gguf.Keys.General.ARCHITECTURE))
     spec = spec_for_gguf_arch(arch, path)
-    n_head = _scalar(reader, f"{arch}.attention.head_count")
-    n_layer = _scalar(reader, f"{arch}.block_count")
-    if not isinstance(n_head, int) or not isinstance(n_layer, int):
-        raise FormatError(f"{path}: GGUF model without {arch}.attention.head_count / {arch}.block_count", path=path)
-    tensors = {t.name: (tuple(int(x) for x in reversed(t.shape.tolist())), t.tensor_type.name) for t in reader.tensors}
+    n_layer = block_count(reader, arch, model=True)
+    n_head, n_head_kv = head_counts(reader, arch, model=True) or (0, 0)
+    check_model_heads(reader, arch, spec.permute_qk, n_head, n_head_kv)
+    tensors = {t.name: (t.shape, t.type_label) for t in reader.tensors}
     return GgufBase(
         source=str(path),
         spec=spec,
-        n_layer=n_layer,
+        n_layer=int(n_layer or 0),
         n_head=n_head,
-        n_head_kv=int(_scalar(reader, f"{arch}.attention.head_count_kv") or n_head),
+        n_head_kv=n_head_kv,
         tied="output.weight" not in tensors,
         tensors=tensors,
         gguf_path=path,
@@ -217,13 +213,11 @@ def _from_gguf(path: Path) -> GgufBase:
 
 
 def open_gguf(path: Path) -> Any:
-    """A ``gguf.GGUFReader`` over ``path`` (memory-mapped), with a FormatError naming the file on failure."""
-    import gguf
+    """The checked, lazy :class:`~loratools.files.gguf_file.GgufFile` of ``path`` (FormatError naming the
+    file and the field or tensor on any damage)."""
+    from loratools.files.gguf_file import open_gguf_file
 
-    try:
-        return gguf.GGUFReader(path, "r")
-    except (ValueError, OSError, IndexError, KeyError) as exc:
-        raise FormatError(f"{path}: not a readable GGUF file ({exc})", path=path) from None
+    return open_gguf_file(path)
 
 
 def read_tensor(path: Path, name: str, reader: Any = None) -> torch.Tensor:
@@ -233,15 +227,20 @@ def read_tensor(path: Path, name: str, reader: Any = None) -> torch.Tensor:
     import torch
 
     reader = reader or open_gguf(path)
-    t = next((x for x in reader.tensors if x.name == name), None)
+    t = reader.tensor(name)
     if t is None:
         raise FormatError(f"{path}: no tensor {name}", path=path)
     if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
         arr = np.array(t.data)
     else:
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
-    shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-    out = torch.from_numpy(np.ascontiguousarray(arr)).reshape(shape)
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise UnsupportedError(
+                f"{path}: tensor {name} is stored as {t.type_label}, which the gguf package cannot dequantize",
+                path=path,
+            ) from None
+    out = torch.from_numpy(np.ascontiguousarray(arr)).reshape(t.shape)
     return out.to(torch.bfloat16) if t.tensor_type == gguf.GGMLQuantizationType.BF16 else out
 
 
@@ -251,11 +250,11 @@ def equals_gguf_tensor(path: Path, name: str, value: torch.Tensor) -> bool | Non
     import gguf
     import numpy as np
 
-    t = next((x for x in open_gguf(path).tensors if x.name == name), None)
+    t = open_gguf(path).tensor(name)
     if t is None:
         return None
     x = value.detach().float().cpu().numpy().astype(np.float32)
-    if tuple(reversed(t.shape.tolist())) != x.shape:
+    if t.shape != x.shape:
         return False
     try:
         if t.tensor_type == gguf.GGMLQuantizationType.F32:
@@ -270,11 +269,9 @@ def equals_gguf_tensor(path: Path, name: str, value: torch.Tensor) -> bool | Non
 
 
 def is_gguf_file(path: str | Path) -> bool:
-    p = Path(path)
-    if not p.is_file():
-        return False
-    with open(p, "rb") as fh:
-        return fh.read(4) == b"GGUF"
+    from loratools.files.gguf_file import is_gguf_file as _is_gguf
+
+    return _is_gguf(path)
 
 
 def load_base(base: str | Path | GgufBase | KeyResolver) -> GgufBase:

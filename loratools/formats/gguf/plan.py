@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from loratools.errors import ShapeError
 from loratools.formats.gguf.rewrites import TOKEN_EMBD, rows_to_gguf
 
 if TYPE_CHECKING:
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from loratools.formats.gguf.names import GgufBase
     from loratools.model.adapter import Adapter, LoraModule
 
+_WRONG_BASE = "the GGUF base is not the model this adapter was trained on"
 MERGE_HINT = "merge the adapter into the base instead (loratools merge BASE ADAPTER -o merged)"
 LOWER_HINT = (
     "lower it to plain LoRA against the Hugging Face base first (loratools convert ADAPTER --to gguf --as-lora "
@@ -107,7 +109,7 @@ def _shape_problem(pair: Pair, base: GgufBase) -> Problem | None:
         pair.module,
         "shape",
         f"{pair.module}: lora_a {list(a)} / lora_b {list(b)} do not fit base tensor {pair.tensor} {list(shape)}",
-        "the GGUF base is not the model this adapter was trained on",
+        _WRONG_BASE,
     )
 
 
@@ -153,7 +155,11 @@ def plan(adapter: Adapter, base: GgufBase) -> GgufPlan:
         tensor = base.gguf_name(name)
         problem = _module_problem(name, m, base, tensor)
         if problem is None and tensor is not None:
-            pair = _pair(name, m, base, tensor)
+            try:
+                pair = _pair(name, m, base, tensor)
+            except ShapeError as exc:  # rows that do not split into the base's heads
+                out.problems.append(Problem(name, "shape", f"{name}: {exc.message} ({tensor})", _WRONG_BASE))
+                continue
             problem = _shape_problem(pair, base)
             if problem is None:
                 out.pairs.append(pair)

@@ -94,27 +94,59 @@ def _read_private(t: Any, fd: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=t.data.dtype).reshape(t.data.shape)
 
 
-def _merged(t: Any, pairs: list[Any], fd: int) -> tuple[np.ndarray, str]:
-    """(encoded array, type name) of base tensor ``t`` plus its update."""
+def _merged(t: Any, pairs: list[Any], fd: int, where: Path) -> tuple[np.ndarray, str]:
+    """(encoded array, type name) of base tensor ``t`` plus its update; a NumericError when the base tensor
+    or the sum holds NaN or Inf (the one check every dequantized tensor gets)."""
     import gguf
     import numpy as np
     import torch
 
-    shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-    values = gguf.quants.dequantize(_read_private(t, fd), t.tensor_type)
-    w = torch.from_numpy(np.require(values, dtype=np.float32, requirements=["C", "W"])).reshape(shape)
-    out_type = _out_type(t.tensor_type.name)
-    return _encode(add_updates(w, t.name, pairs), out_type), out_type
+    from loratools.errors import NumericError, UnsupportedError
+
+    try:
+        values = gguf.quants.dequantize(_read_private(t, fd), t.tensor_type)
+    except NotImplementedError:
+        raise UnsupportedError(
+            f"{where}: tensor {t.name} is stored as {t.type_label}, which the gguf package cannot dequantize",
+            path=where,
+        ) from None
+    w = torch.from_numpy(np.require(values, dtype=np.float32, requirements=["C", "W"])).reshape(t.shape)
+    if not bool(torch.isfinite(w).all()):
+        raise NumericError(
+            f"{where}: base tensor {t.name} holds NaN or Inf values",
+            path=where,
+            hint="the base file is damaged: convert or download it again",
+        )
+    add_updates(w, t.name, pairs)
+    if not bool(torch.isfinite(w).all()):
+        raise NumericError(
+            f"{where}: merging into {t.name} produced NaN or Inf values",
+            path=where,
+            hint="the base or the adapter holds extreme values",
+        )
+    out_type = _out_type(t.type_label)
+    return _encode(w, out_type), out_type
 
 
 def _copy_metadata(reader: Any, writer: Any, record: dict[str, Any]) -> None:
+    """Every key/value of the base but the architecture (the writer's own) and the header counts, strings
+    copied as their bytes."""
     import gguf
+
+    from loratools.errors import UnsupportedError
 
     for f in reader.fields.values():
         if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
             continue
-        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+        vtype = gguf.GGUFValueType(f.types[0])
+        sub = gguf.GGUFValueType(f.types[1]) if f.is_array else None
+        if f.is_array and (f.count == 0 or sub == gguf.GGUFValueType.ARRAY):
+            raise UnsupportedError(
+                f"{reader.path}: metadata {f.name} is an empty or nested array, which the gguf "
+                "package cannot write back",
+                path=reader.path,
+            )
+        writer.add_key_value(f.name, f.contents(raw=True), vtype, sub_type=sub)
     writer.add_string("loratools.provenance", json.dumps(record, sort_keys=True))
 
 
@@ -176,10 +208,9 @@ def merge_gguf(
         plan: list[tuple[Any, str | None]] = []
         for t in reader.tensors:
             if t.name in updates:
-                out_type = _out_type(t.tensor_type.name)
-                shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-                writer.add_tensor_info(t.name, *_tensor_info(shape, out_type))
-                if out_type != t.tensor_type.name:
+                out_type = _out_type(t.type_label)
+                writer.add_tensor_info(t.name, *_tensor_info(t.shape, out_type))
+                if out_type != t.type_label:
                     retyped.append(t.name)
                 plan.append((t, out_type))
             else:
@@ -194,7 +225,7 @@ def merge_gguf(
                     _copy_untouched(writer, t, src.fileno())
                     written += int(t.n_bytes)
                 else:
-                    data = _merged(t, updates[t.name], src.fileno())[0]
+                    data = _merged(t, updates[t.name], src.fileno(), base_path)[0]
                     writer.write_tensor_data(data)
                     written += int(data.nbytes)
         writer.close()
@@ -283,7 +314,7 @@ def verify_gguf_merge(base: Path, merged: Path, updates: dict[str, list[Any]]) -
                 if not same or not _same_bytes(a, old.data_offset, b, new.data_offset, int(old.n_bytes)):
                     raise VerificationError(f"{merged}: untouched tensor {old.name} is not byte-identical to the base")
                 continue
-            want, _ = _merged(old, updates[old.name], a)
+            want, _ = _merged(old, updates[old.name], a, base)
             have = _read_private(new, b)
             if not np.array_equal(have.reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8)):
                 raise VerificationError(f"{merged}: tensor {old.name} is not the base plus the adapters' ΔW")
