@@ -126,4 +126,6 @@ def normalize_adapter(adapter: Adapter, reader: Named) -> Adapter:
         replacements[matcher.tensor_key(mod, suffix) or key] = tensor
     meta = dict(adapter.meta)
     meta["unresolved"] = [n for n in adapter.modules if matcher.module(n) is None]
+    if getattr(reader, "kind", None) == "pipeline":  # names now carry the component: PEFT writes one folder each
+        meta["pipeline"] = True
     return replace(adapter, modules=modules, replacements=replacements, meta=meta)
