@@ -63,6 +63,14 @@ class DiskSpaceError(LoratoolsError, OSError):
     """Not enough free space for what a command is about to write."""
 
 
+class OutputWriteError(LoratoolsError, OSError):
+    """An output the file system will not take: a read-only file system, no write permission."""
+
+    def __init__(self, message: str, *, hint: str | None = None, path: object = None, code: int | None = None) -> None:
+        super().__init__(message, hint=hint, path=path)
+        self.errno = code
+
+
 class MissingExtraError(LoratoolsError, ImportError):
     """An optional dependency group is not installed."""
 

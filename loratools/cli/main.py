@@ -7,6 +7,7 @@ inside each command, so ``loratools --help`` stays fast.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 
 import click
@@ -41,7 +42,8 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context):  # noqa: ANN201
         """The error boundary: every command's errors pass through here (also under CliRunner)."""
-        return _boundary(lambda: super(LazyGroup, self).invoke(ctx))
+        args = [*getattr(ctx, "_protected_args", ()), *ctx.args]  # the command name and its arguments
+        return _boundary(lambda: super(LazyGroup, self).invoke(ctx), _JsonErrors(ctx, args))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         target = COMMANDS.get(name)
@@ -121,39 +123,94 @@ def cli(ctx: click.Context, quiet: bool, progress: str | None) -> None:
     ctx.obj = {"quiet": quiet, "progress": progress}
 
 
-def _fail(message: str, hint: str | None, code: int) -> None:
+class _JsonErrors:
+    """With ``--json`` anywhere in a command's arguments, an error is also one JSON object on stdout
+    (docs/json.md#errors) — unless the command printed its one object already (validate's report)."""
+
+    def __init__(self, ctx: click.Context, args: list[str]) -> None:
+        self.ctx = ctx
+        self.command = args[0] if args else None
+        words = args[: args.index("--")] if "--" in args else args
+        self.enabled = "--json" in words[1:]
+
+    def emit(self, kind: str, message: str, hint: str | None, code: int, path: object = None) -> None:
+        state = self.ctx.obj if isinstance(self.ctx.obj, dict) else {}
+        if not self.enabled or state.get("json_emitted"):
+            return
+        from loratools.cli.output import SCHEMA_VERSION
+
+        error = {"type": kind, "message": message, "hint": hint, "exit_code": code}
+        if path is not None:
+            error["path"] = str(path)
+        payload = {"schema_version": SCHEMA_VERSION, "command": self.command, "ok": False, "error": error}
+        click.echo(json.dumps(payload, indent=2))
+        state["json_emitted"] = True
+
+
+def _fail(message: str, hint: str | None, code: int, json_errors: _JsonErrors | None = None, **error) -> None:  # noqa: ANN003
+    if json_errors is not None:
+        json_errors.emit(error.get("kind") or "Error", message, hint, code, error.get("path"))
     click.echo(f"Error: {message}", err=True)
     if hint:
         click.echo(f"Hint: {hint}", err=True)
     raise click.exceptions.Exit(code)
 
 
-def _boundary(run):  # noqa: ANN001, ANN202
+def _os_error_line(exc: OSError) -> tuple[str, str | None]:
+    """An OS error not about an output (those are mapped where outputs are written): path first."""
+    import errno
+
+    what = exc.strerror or str(exc)
+    line = f"{exc.filename}: {what}" if exc.filename else f"{exc.__class__.__name__}: {exc}"
+    hint = None
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        hint = "free some space (the Hugging Face cache HF_HOME and the temporary folder TMPDIR count too)"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "check the path's permissions, or use a path you may read and write"
+    return line, hint
+
+
+def _boundary(run, json_errors: _JsonErrors | None = None):  # noqa: ANN001, ANN202
     """Run a command; turn errors into one line plus a hint (no traceback unless LORATOOLS_DEBUG=1)."""
     from loratools.errors import LoratoolsError
     from loratools.publishing.publish import Terminated
 
     if os.environ.get("LORATOOLS_DEBUG") == "1":
         return run()
+    j = json_errors
     try:
         return run()
-    except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+    except click.exceptions.Exit:
+        raise
+    except click.ClickException as exc:  # usage errors: click prints them (stderr) and exits 2
+        if j is not None:
+            kind = "UsageError" if isinstance(exc, click.UsageError) else exc.__class__.__name__
+            j.emit(kind, exc.format_message(), None, exc.exit_code)
+        raise
+    except click.exceptions.Abort:
+        if j is not None:
+            j.emit("Abort", "aborted", None, 1)
         raise
     except BrokenPipeError:  # stdout's reader left (`loratools info a/ | head`): click exits quietly
         raise
     except LoratoolsError as exc:
-        _fail(exc.message, exc.hint, exc.exit_code)
+        _fail(exc.message, exc.hint, exc.exit_code, j, kind=exc.__class__.__name__, path=exc.path)
     except KeyboardInterrupt:
-        _fail("interrupted; nothing was published", None, 130)
+        _fail("interrupted; nothing was published", None, 130, j, kind="KeyboardInterrupt")
     except Terminated as exc:  # SIGTERM/SIGHUP while writing: the temporary is gone already
-        _fail(exc.message, None, int(exc.code or 1))
-    except (OSError, MemoryError) as exc:
-        _fail(f"{exc.__class__.__name__}: {exc}", None, 2)
+        _fail(exc.message, None, int(exc.code or 1), j, kind="Terminated")
+    except OSError as exc:
+        line, hint = _os_error_line(exc)
+        _fail(line, hint, 2, j, kind=exc.__class__.__name__, path=exc.filename)
+    except MemoryError as exc:
+        _fail(f"MemoryError: {exc}", "the input needs more memory than this machine has", 2, j, kind="MemoryError")
     except Exception as exc:  # a bug: still one line, but say so
         _fail(
             f"internal error: {exc.__class__.__name__}: {exc}",
             "this is a loratools bug; rerun with LORATOOLS_DEBUG=1 and report the traceback",
             3,
+            j,
+            kind="InternalError",
         )
 
 

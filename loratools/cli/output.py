@@ -26,10 +26,13 @@ class Output:
     ``--json`` runs show no progress either way.
     """
 
-    def __init__(self, json_mode: bool = False, quiet: bool = False, progress: str = "auto") -> None:
+    def __init__(
+        self, json_mode: bool = False, quiet: bool = False, progress: str = "auto", state: dict | None = None
+    ) -> None:
         self.json_mode = json_mode
         self.quiet = quiet
         self.progress_mode = progress
+        self._state = state  # the run's settings: result() records that the one JSON object is out
 
     def _progress_style(self) -> str | None:
         """``bar``, ``plain`` or None (no progress at all)."""
@@ -44,6 +47,8 @@ class Output:
         if self.json_mode:
             payload = {"schema_version": SCHEMA_VERSION, **{k: v for k, v in data.items() if k != "schema_version"}}
             click.echo(json.dumps(payload, indent=2, default=_jsonable))
+            if self._state is not None:
+                self._state["json_emitted"] = True  # an error after this adds no second object
         elif not self.quiet and human is not None:
             human(data)
 
@@ -159,10 +164,13 @@ def _cell(value: Any) -> str:
 def get_output(ctx: click.Context, json_mode: bool = False) -> Output:
     """The command's Output: ``-q`` and ``--progress`` given before or after the command name, or
     ``LORATOOLS_PROGRESS`` in the environment."""
-    settings = ctx.find_root().obj or {}
+    root = ctx.find_root()
+    if root.obj is None:
+        root.obj = {}
+    settings = root.obj
     progress = settings.get("progress") or os.environ.get(PROGRESS_ENV, "auto").strip().lower() or "auto"
     if progress not in PROGRESS_MODES:
         raise click.BadParameter(
             f"{PROGRESS_ENV}={progress!r} is not one of {', '.join(PROGRESS_MODES)}", param_hint=PROGRESS_ENV
         )
-    return Output(json_mode=json_mode, quiet=bool(settings.get("quiet")), progress=progress)
+    return Output(json_mode=json_mode, quiet=bool(settings.get("quiet")), progress=progress, state=settings)

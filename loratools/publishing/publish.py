@@ -24,6 +24,7 @@ from typing import Any
 
 from loratools.errors import DiskSpaceError, OutputExistsError, UsageError
 from loratools.publishing.output_guard import entries_summary, location_problem, previous_output_problem
+from loratools.publishing.write_errors import check_writable, output_write_errors  # read-only, full disk
 
 SCHEMA_VERSION = 1
 METADATA_KEY = "loratools"
@@ -125,6 +126,7 @@ def check_disk_space(target: str | Path, nbytes: int, *, margin: float = 1.02) -
     parent = Path(target).absolute().parent
     while not parent.exists():
         parent = parent.parent
+    check_writable(target, parent)  # a read-only folder is not a lack of space
     free = shutil.disk_usage(parent).free
     need = int(nbytes * margin)
     if need > free:
@@ -207,13 +209,14 @@ def atomic_output(
     creates it). Stale temporaries of killed runs are removed first. On error nothing is published.
     """
     out = check_output_target(target, inputs, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in stale_temporaries(out):
-        _remove(stale)
-    if expected_bytes is not None:
-        check_disk_space(out, expected_bytes)
-    with _signals_caught():
-        yield from _publish(target, out, overwrite, directory)
+    with output_write_errors(target, out):  # a read-only or full file system: one line naming the output
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in stale_temporaries(out):
+            _remove(stale)
+        if expected_bytes is not None:
+            check_disk_space(out, expected_bytes)
+        with _signals_caught():
+            yield from _publish(target, out, overwrite, directory)
 
 
 def _publish(target: str | Path, out: Path, overwrite: bool, directory: bool) -> Iterator[Path]:
