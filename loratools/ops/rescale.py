@@ -3,8 +3,15 @@
 ``scale=S`` multiplies every ΔW by S exactly: alpha becomes |S|·alpha (the factors are untouched, so
 this is bit-exact in any dtype) and a negative S flips the sign of B (also exact). ``alpha=A`` sets
 every module's alpha to A and multiplies B (and the LoRA bias, which PEFT scales too) by s_old/s_new so
-ΔW is unchanged up to one rounding in the factors' dtype. DoRA magnitudes are kept: with ``scale`` the
-merged direction W+S·ΔW changes, as it would for any change of strength.
+ΔW is unchanged up to one rounding in the factors' dtype (DoRA magnitudes are kept: W+ΔW, and so the
+merged weight, is unchanged).
+
+``scale`` is a statement about the merged effect: W_S = W + S·(W′ − W). For DoRA (W′ = m·(W+ΔW)/‖W+ΔW‖
+per output row) and ``modules_to_save`` (W′ = the saved tensor) that is not a matter of ΔW, and in
+general no DoRA module has W + S·(W′ − W) as its merge (scaling a DoRA ΔW by 0.5 instead was measured
+37% off the halved effect on a user's adapter, 95–98% on fixtures/peft/llama-dora). Such modules need
+the base: with ``base`` they become exact plain LoRA of W′ − W (:func:`loratools.ops.lower.lower_to_lora`,
+full rank if needed), then scaled; without it they are refused with that way out.
 """
 
 from __future__ import annotations
@@ -73,8 +80,11 @@ def rescale(
     from loratools.model.adapter import require_lora
 
     require_lora(ad, "rescale")
+    lowered: list[str] = []
+    if scale is not None and scale != 1.0:
+        ad, lowered = _lower_base_dependent(ad, base, scale)
     modules = {name: rescale_module(m, scale=scale, alpha=alpha) for name, m in ad.modules.items()}
-    out = replace(ad, modules=modules, meta=dict(ad.meta))
+    out = replace(ad, modules=modules, meta={**ad.meta, "lowered": lowered})
     if output is not None:
         write(
             out,
@@ -88,3 +98,46 @@ def rescale(
             base=base,
         )
     return out
+
+
+def _lower_base_dependent(ad: Adapter, base: str | Path | None, scale: float) -> tuple[Adapter, list[str]]:
+    """``ad`` with its DoRA modules and full replacements as exact plain LoRA against ``base`` (so that
+    ``scale`` scales their merged effect), and their names; refused without a Hugging Face base."""
+    from loratools.errors import UnsupportedError, name_list
+
+    dora = [n for n, m in ad.modules.items() if m.magnitude is not None]
+    full = sorted(ad.replacements)
+    if not dora and not full:
+        return ad, []
+    what = f"DoRA module {dora[0]}" if dora else f"full tensor {full[0]} (modules_to_save)"
+    count = len(dora) + len(full)
+    more = f" (and {count - 1} more: {name_list((dora + full)[1:], 3)})" if count > 1 else ""
+    why = (
+        f"rescale --scale {scale:g}: {what}{more}: its merged weight is not W + ΔW (DoRA renormalizes W + ΔW "
+        "per row; a saved tensor replaces W), so scaling ΔW would not scale its effect, and no such module "
+        f"merges to W + {scale:g}·(W′ − W)"
+    )
+    way_out = (
+        "pass --base BASE (the Hugging Face model folder): these modules become exact plain LoRA of W′ − W, "
+        "then scaled; or lower them first: loratools convert ADAPTER --to peft --as-lora --base BASE -o low/"
+    )
+    from loratools.formats.gguf.names import is_gguf_file
+
+    if base is None or is_gguf_file(base):
+        raise UnsupportedError(why, hint=way_out)
+    from loratools.checkpoint.reader import open_checkpoint
+    from loratools.ops.lower import lower_to_lora
+
+    reader = open_checkpoint(base)
+    try:
+        low, report = lower_to_lora(ad, reader)
+    finally:
+        reader.close()
+    if report.kept_replacements:
+        raise UnsupportedError(
+            f"rescale --scale {scale:g}: full tensor {report.kept_replacements[0]} (modules_to_save) has no "
+            f"2-D counterpart of its shape in {base}, so it cannot become a LoRA whose effect scales",
+            hint="merge the adapter at full strength instead (loratools merge BASE ADAPTER -o merged)",
+        )
+    config = ad.meta.get("config")
+    return replace(low, meta={**low.meta, "config": config}), [*dora, *(k.rpartition(".")[0] for k in full)]

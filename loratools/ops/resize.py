@@ -160,7 +160,7 @@ def resize(
             hint="raise the budget or the rank",
         )
     result = ResizeResult(
-        adapter=replace(ad, modules=modules, meta=dict(ad.meta)), modules=report, rule=rule, value=value
+        adapter=replace(ad, modules=modules, meta=_result_meta(ad)), modules=report, rule=rule, value=value
     )
     if output is not None:
         params = {"rule": rule, "value": value, "max_rank": max_rank, "conv_rank": conv_rank}
@@ -176,3 +176,9 @@ def resize(
             base=base,
         )
     return result
+
+
+def _result_meta(ad: Adapter) -> dict:
+    """The input's meta without its config's declared ranks: they describe the input file, and the new
+    ranks would read as a config/tensor disagreement (loratools.model.ambiguity) to the next command."""
+    return {k: v for k, v in ad.meta.items() if k != "declared_ranks"}
