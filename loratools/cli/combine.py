@@ -7,6 +7,7 @@ import click
 from loratools.args.numeric_args import FRACTION, NON_NEGATIVE_INT
 from loratools.cli.options import (
     Number,
+    allow_other_base_option,
     base_option,
     json_option,
     kohya_prefix_option,
@@ -37,6 +38,7 @@ _METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")
 @output_option
 @overwrite_option
 @trust_tensors_option
+@allow_other_base_option
 @json_option
 @click.pass_context
 def combine(
@@ -52,6 +54,7 @@ def combine(
     output: str,
     overwrite: bool,
     trust_tensors: bool,
+    allow_other_base: bool,
     kohya_prefix: str | None,
     json_mode: bool,
 ) -> None:
@@ -82,6 +85,7 @@ def combine(
         overwrite=overwrite,
         trust_tensors=trust_tensors,
         kohya_prefix=kohya_prefix,
+        allow_other_base=allow_other_base,
     )
     data = {
         "output": output,

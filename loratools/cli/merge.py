@@ -8,6 +8,7 @@ import click
 
 from loratools.cli.options import (
     allow_alora_option,
+    allow_other_base_option,
     device_option,
     dtype_option,
     filters,
@@ -33,6 +34,7 @@ from loratools.cli.output import get_output
 @overwrite_option
 @trust_tensors_option
 @allow_alora_option
+@allow_other_base_option
 @click.option(
     "--skip-module",
     "skip_modules",
@@ -79,6 +81,7 @@ def merge(
     json_mode: bool,
     trust_tensors: bool,
     allow_alora: bool,
+    allow_other_base: bool,
     skip_modules: tuple[str, ...],
     requantize: bool,
     reference: str | None,
@@ -114,6 +117,7 @@ def merge(
         overwrite=overwrite,
         trust_tensors=trust_tensors,
         allow_alora=allow_alora,
+        allow_other_base=allow_other_base,
         skip_modules=list(skip_modules),
         include=include,
         exclude=exclude,

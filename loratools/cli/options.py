@@ -118,6 +118,13 @@ allow_alora_option = click.option(
     "invocation tokens on.",
 )
 
+allow_other_base_option = click.option(
+    "--allow-other-base",
+    is_flag=True,
+    help="Go on although an adapter says it was trained on another model than the base (model type, "
+    "architecture or sizes differ; see docs/merge.md#wrong-base).",
+)
+
 trust_tensors_option = click.option(
     "--trust-tensors",
     is_flag=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from loratools.cli.options import base_option, json_option
+from loratools.cli.options import allow_other_base_option, base_option, json_option
 from loratools.cli.output import get_output
 
 
@@ -25,6 +25,7 @@ from loratools.cli.output import get_output
     help="With a quantized --base: the 16-bit model it was quantized from; reports |W16 - deq(Wq)| / |dW| per "
     "module and which base to merge into (see docs/quantized.md).",
 )
+@allow_other_base_option
 @json_option
 @click.pass_context
 def validate(
@@ -34,6 +35,7 @@ def validate(
     target: str | None,
     scan: bool,
     reference: str | None,
+    allow_other_base: bool,
     json_mode: bool,
 ) -> None:
     """Check an adapter: A/B present and rank-consistent, config agrees with the tensors, float
@@ -58,7 +60,9 @@ def validate(
     if reference is not None and base is None:
         raise UsageError("--reference needs --base QUANT_BASE", hint="give the quantized base with --base")
     out = get_output(ctx, json_mode)
-    report = run_validate(adapter, base=base, target=target, scan=scan, reference=reference)
+    report = run_validate(
+        adapter, base=base, target=target, scan=scan, reference=reference, allow_other_base=allow_other_base
+    )
     data = report.to_dict()
     out.result(data, _human)
     if not report.usable and not json_mode:

@@ -181,18 +181,6 @@ def _refuse_unused(method: str, rank: int | None, density: float | None, needs_d
         )
 
 
-def _require_one_base_model(ads: list[Adapter], labels: list[str]) -> None:
-    """Adapters recorded for different base models (llama + gpt2) are not combined silently."""
-    recorded = {lab: ad.base_model for lab, ad in zip(labels, ads, strict=True) if ad.base_model}
-    if len(set(recorded.values())) > 1:
-        listed = "; ".join(f"{lab} is for {model}" for lab, model in recorded.items())
-        raise UsageError(
-            f"the adapters were trained on different base models: {listed}",
-            hint="combine adapters of one base model; if these are the same model under two names, "
-            "pass it as --base MODEL",
-        )
-
-
 def _combined_meta(ads: list[Adapter], labels: list[str]) -> dict[str, Any]:
     """The combination's meta: a new artefact, so only what stays true of it. Plain entries (format, base
     model, …) are kept when every input agrees; file metadata is rebuilt by
@@ -234,6 +222,7 @@ def combine(
     overwrite: bool = False,
     trust_tensors: bool = False,
     kohya_prefix: str | None = None,
+    allow_other_base: bool = False,
 ) -> Adapter:
     """Combine adapters (paths or Adapters) by ``method`` (see the module docstring); write if ``output``.
 
@@ -241,8 +230,9 @@ def combine(
     rank; ``density`` (ties, dare_*) is the fraction of entries kept; ``base`` resolves module names when
     the inputs are in different formats. The output is in the first input's format unless ``to``
     (``kohya_prefix`` names the modules of a kohya output). ``cat`` is exact and takes neither ``rank``
-    nor ``density`` (refused, not ignored); adapters recorded for different base models are refused
-    unless ``base`` names the model they are all combined for.
+    nor ``density`` (refused, not ignored). Adapters that say they were trained on different models are
+    refused, each checked against ``base`` when it is given, against each other otherwise (the rule of
+    :mod:`loratools.ops.base_match`), unless ``allow_other_base``.
     """
     from loratools.ops._algebra_io import load, write
 
@@ -274,8 +264,13 @@ def combine(
     from loratools.model.alora import refuse_mix
 
     refuse_mix(ads, labels)  # aLoRA inputs act from their invocation tokens on: only alike ones combine
-    if base is None:
-        _require_one_base_model(ads, labels)
+    if not allow_other_base:
+        from loratools.ops.base_match import require_base, require_same_base
+
+        if reader is not None:
+            require_base(ads, labels, reader, base)
+        elif base is None:
+            require_same_base(ads, labels)
     use_rslora = any(m.use_rslora for m in ads[0].modules.values())
 
     names: list[str] = []

@@ -150,9 +150,9 @@ def test_combine_refuses_adapters_for_different_bases(tmp_path) -> None:
     assert r.exit_code == 2
     assert r.output == (
         f"Error: the adapters were trained on different base models: {LORA} is for fixtures/bases/llama; "
-        f"{GPT2} is for fixtures/bases/gpt2\n"
-        "Hint: combine adapters of one base model; if these are the same model under two names, "
-        "pass it as --base MODEL\n"
+        f"{GPT2} is for fixtures/bases/gpt2 (model_type llama vs gpt2)\n"
+        "Hint: combine adapters of one base model; if both fit one model, pass --base MODEL "
+        "(each is checked against it) or --allow-other-base\n"
     )
     assert not (tmp_path / "c").exists()
 

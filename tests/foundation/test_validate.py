@@ -114,9 +114,10 @@ def test_wrong_shape_vs_base(tmp_path) -> None:
 
     models.save_base(models.build_model("llama", intermediate_size=40), tmp_path / "base40")
     r = validate(adapter_dir("llama-lora"), base=tmp_path / "base40")
-    assert set(codes(r)) == {"shape_mismatch"} and r.exit_code == 1
+    assert set(codes(r)) == {"shape_mismatch", "base_mismatch"} and r.exit_code == 1
+    assert r.findings[0].code == "base_mismatch" and r.findings[0].message.endswith("intermediate_size 48 vs 40")
     mlp = {f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in ("up_proj", "down_proj")}
-    assert {f.module for f in r.findings} == mlp
+    assert {f.module for f in r.findings[1:]} == mlp
     assert "[48, 32]" in r.findings[-1].message or "[32, 48]" in r.findings[-1].message
 
 

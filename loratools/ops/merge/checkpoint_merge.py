@@ -66,8 +66,9 @@ def merge_checkpoint(
     factors = FactorStore()
     try:
         loaded = load_for_merge(
-            reader, adapters, factors, include=include, exclude=exclude, trust_tensors=trust_tensors
-        )
+            reader, adapters, factors, include=include, exclude=exclude, trust_tensors=trust_tensors,
+            allow_other_base=o.allow_other_base,
+        )  # fmt: skip
         plan = build_plan(reader, loaded, weights)
         meta = _provenance(base, base_path, reader, adapters, weights, dtype, max_shard_size, include, exclude)
         units = _layout(reader, plan, out_dtype, shard_bytes, meta)

@@ -168,16 +168,23 @@ def load_for_merge(
     include: str | None = None,
     exclude: str | None = None,
     trust_tensors: bool = False,
+    allow_other_base: bool = False,
 ) -> list[Adapter]:
     """The adapters of one merge as every merge path reads them: lean (factors left in their files),
-    refused when their scale is ambiguous (unless ``trust_tensors``), then selected by
-    ``include``/``exclude``; a UsageError when nothing is left to merge."""
+    refused when their scale is ambiguous (unless ``trust_tensors``) or when they say they were trained
+    on another model than ``reader``'s (unless ``allow_other_base``; the rule of :mod:`loratools.ops.base_match`),
+    then selected by ``include``/``exclude``; a UsageError when nothing is left to merge."""
     from loratools.errors import UsageError
     from loratools.model.ambiguity import require_unambiguous
 
     loaded = [a if not isinstance(a, str | Path) else load_lean(a, reader, store) for a in adapters]
     for a in loaded:
         require_unambiguous(a, trust_tensors=trust_tensors)
+    if not allow_other_base:
+        from loratools.ops.base_match import require_base
+
+        labels = [str(a) if isinstance(a, str | Path) else str(a.meta.get("source") or "the adapter") for a in adapters]
+        require_base(loaded, labels, reader)
     if include or exclude:
         loaded = [a.select(include, exclude) for a in loaded]
     if not any(a.modules or a.replacements for a in loaded):

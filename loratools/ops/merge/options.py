@@ -26,6 +26,7 @@ class MergeOptions:
     config disagrees. ``skip_modules`` (ONNX bases) leaves out modules the graph does not hold.
     ``requantize``, ``reference`` and ``into`` are for quantized bases (:mod:`.quantized`).
     ``allow_alora`` merges an activated LoRA although merged it acts on every token.
+    ``allow_other_base`` merges an adapter that says it was trained on another model (:mod:`loratools.ops.base_match`).
     ``progress(total_bytes)`` may return a context manager yielding ``advance(n_bytes)``.
     """
 
@@ -43,6 +44,7 @@ class MergeOptions:
     reference: str | Path | None = None
     into: str = "base"
     allow_alora: bool = False
+    allow_other_base: bool = False
     progress: Progress | None = field(default=None, compare=False)
 
     @classmethod
@@ -73,7 +75,9 @@ class MergeOptions:
 
 
 #: options every base kind takes
-ALWAYS = frozenset({"weights", "overwrite", "include", "exclude", "trust_tensors", "allow_alora", "progress"})
+ALWAYS = frozenset(
+    {"weights", "overwrite", "include", "exclude", "trust_tensors", "allow_alora", "allow_other_base", "progress"}
+)
 
 #: option -> its command-line spelling
 FLAGS = {

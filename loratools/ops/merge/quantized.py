@@ -68,11 +68,14 @@ def check_quant_options(
     return scheme
 
 
-def _load(reader, adapters, weights, include, exclude, factors, trust_tensors=False):  # noqa: ANN001, ANN202
+def _load(reader, adapters, weights, include, exclude, factors, trust_tensors=False, other_base=False):  # noqa: ANN001, ANN202
     """Adapters read like ``merge`` reads them (factors left in their files), selected and weighted."""
     from loratools.ops.merge.factors import load_for_merge
 
-    loaded = load_for_merge(reader, adapters, factors, include=include, exclude=exclude, trust_tensors=trust_tensors)
+    loaded = load_for_merge(
+        reader, adapters, factors, include=include, exclude=exclude, trust_tensors=trust_tensors,
+        allow_other_base=other_base,
+    )  # fmt: skip
     w = [1.0] * len(loaded) if weights is None else [float(x) for x in weights]
     return loaded, w
 
@@ -111,7 +114,8 @@ def quant_report(
     factors = FactorStore()
     with open_checkpoint(base) as reader, contextlib.ExitStack() as stack:
         ref = stack.enter_context(open_checkpoint(reference)) if reference is not None else None
-        loaded, w = _load(reader, adapters, weights, include, exclude, factors, trust_tensors)
+        # the merge this report is about has checked the adapters' base already
+        loaded, w = _load(reader, adapters, weights, include, exclude, factors, trust_tensors, other_base=True)
         plan = build_plan(reader, loaded, w)
         report = QuantReport(reader.quant.scheme, "16-bit", merged_into, _brief(reader))
         try:
@@ -149,6 +153,7 @@ def merge_requantized(
     exclude: str | None = None,
     trust_tensors: bool = False,
     progress: Any = None,
+    allow_other_base: bool = False,
 ) -> dict[str, Any]:
     """deq(Wq) + ΔW quantized again with the base's own scheme; untouched tensors copied byte for byte.
 
@@ -165,7 +170,7 @@ def merge_requantized(
     with open_checkpoint(base_path) as reader, contextlib.ExitStack() as stack:
         ref = stack.enter_context(open_checkpoint(reference)) if reference is not None else None
         try:
-            loaded, w = _load(reader, adapters, weights, include, exclude, factors, trust_tensors)
+            loaded, w = _load(reader, adapters, weights, include, exclude, factors, trust_tensors, allow_other_base)
             plan = build_plan(reader, loaded, w)
             _refuse_layout_changes(plan, reader)
             meta = provenance(reader, w)

@@ -11,6 +11,25 @@ if TYPE_CHECKING:
     from loratools.ops.validate.findings import ValidationReport
 
 
+def check_claimed_base(
+    adapter: Adapter, reader: CheckpointReader, base: str | Path, report: ValidationReport, allow: bool
+) -> None:
+    """What the adapter says it was trained on against what the base is (:mod:`loratools.ops.base_match`)."""
+    from loratools.ops.base_match import OVERRIDE, base_facts, base_mismatch_error, claimed_base, mismatch
+
+    claim = claimed_base(adapter)
+    if claim is None:
+        return
+    facts = base_facts(reader, base)
+    differences = mismatch(claim, facts)
+    if differences:
+        err = base_mismatch_error(report.path, claim, facts, differences)
+        if allow:
+            report.add("warning", None, "base_mismatch", f"{err.message} (accepted: {OVERRIDE})")
+        else:
+            report.add("error", None, "base_mismatch", err.message, hint=err.hint)
+
+
 def check_against_base(adapter: Adapter, reader: CheckpointReader, report: ValidationReport) -> None:
     """Every module resolves to a float base weight of the shape it expects; the base is not quantized."""
     from loratools.checkpoint.keymap import KeyMatcher, WeightTargets, same_matrix

@@ -24,6 +24,7 @@ def validate(
     target: str | None = None,
     scan: bool = False,
     reference: str | Path | None = None,
+    allow_other_base: bool = False,
 ) -> ValidationReport:
     """Check the adapter at ``adapter_path`` (and, with ``base``, against a base checkpoint).
 
@@ -31,7 +32,9 @@ def validate(
     (a serving runtime) adds the findings of :func:`loratools.ops.serving.serving_findings`; ``scan``
     adds the anomaly scan of :func:`loratools.ops.scan.scan_adapter` (warnings, figures in ``report.scan``).
     A quantized ``base`` is described in ``report.quantized_base``; ``reference`` (its 16-bit original)
-    adds per-module ‖W16 − deq(Wq)‖ / ‖ΔW‖ (:mod:`loratools.ops.validate.quantized`).
+    adds per-module ‖W16 − deq(Wq)‖ / ‖ΔW‖ (:mod:`loratools.ops.validate.quantized`). An adapter that says
+    it was trained on another model than ``base`` is an error (``base_mismatch``; a warning with
+    ``allow_other_base``), by the rule merge and combine apply (:mod:`loratools.ops.base_match`).
 
     Example::
 
@@ -90,8 +93,9 @@ def validate(
         check_adapter(adapter, report)
         check_finite(adapter, report)
         if reader is not None:
-            from loratools.ops.validate.base import check_against_base
+            from loratools.ops.validate.base import check_against_base, check_claimed_base
 
+            check_claimed_base(adapter, reader, base, report, allow_other_base)
             check_against_base(adapter, reader, report)
             if reader.quant is not None or reference is not None:
                 from loratools.ops.validate.quantized import check_quantized_base

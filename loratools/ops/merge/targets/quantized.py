@@ -37,6 +37,7 @@ class RequantizeTarget(MergeTarget):
         done = merge_requantized(
             base_path, adapters, output, meta, reference=o.reference, weights=o.weights, overwrite=o.overwrite,
             include=o.include, exclude=o.exclude, trust_tensors=o.trust_tensors, progress=o.progress,
+            allow_other_base=o.allow_other_base,
         )  # fmt: skip
         return MergeSummary(output=Path(output), seconds=time.perf_counter() - t0, **done)
 
