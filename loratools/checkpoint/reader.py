@@ -151,11 +151,9 @@ class CheckpointReader:
 
     @property
     def tie_word_embeddings(self) -> bool:
-        cfg = self.config or {}
-        if "tie_word_embeddings" in cfg:
-            return bool(cfg["tie_word_embeddings"])
-        text = cfg.get("text_config") or {}
-        return isinstance(text, dict) and bool(text.get("tie_word_embeddings", False))
+        from loratools.model.tied import config_ties  # a missing key is the architecture's default
+
+        return config_ties(self.config)
 
     @property
     def quantization(self) -> str | None:

@@ -20,6 +20,31 @@ HEAD_NAMES = ("lm_head", "embed_out")
 EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
 
 
+#: model types whose config class ties word embeddings by default (transformers 5.25's config classes; a
+#: config.json may leave the key out when it equals that default, and then the loader ties them)
+TIED_BY_DEFAULT = frozenset({
+    "albert", "bart", "bert", "bert-generation", "blenderbot", "blenderbot-small", "bloom", "cohere", "cohere2",
+    "cohere2_moe", "deberta", "deberta-v2", "distilbert", "electra", "ernie", "ernie4_5", "ernie4_5_moe", "falcon",
+    "falcon_mamba", "gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text", "gemma4", "gemma4_text",
+    "gpt2", "gpt_bigcode", "led", "longt5", "m2m_100", "mamba", "marian", "mbart", "minicpm3", "mistral3",
+    "moonshine", "mt5", "nllb-moe", "opt", "pegasus", "pegasus_x", "roberta", "roberta-prelayernorm", "smollm3",
+    "starcoder2", "switch_transformers", "t5", "t5gemma", "umt5", "whisper", "xlm", "xlm-roberta",
+    "xlm-roberta-xl",
+})
+
+
+def config_ties(cfg: dict[str, Any] | None) -> bool:
+    """``tie_word_embeddings`` as transformers will read it from ``cfg`` (config.json): the key where it is
+    written (top level, else ``text_config``), else the architecture's class default — not False."""
+    cfg = cfg or {}
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    for c in (cfg, text):
+        if "tie_word_embeddings" in c:
+            return bool(c["tie_word_embeddings"])
+    model_type = cfg.get("model_type") or text.get("model_type")
+    return isinstance(model_type, str) and model_type in TIED_BY_DEFAULT
+
+
 def tied_embedding_key(reader: Any) -> str | None:
     """The input-embedding key of a base whose config ties word embeddings, else None.
 
