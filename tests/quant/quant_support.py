@@ -22,10 +22,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
+from bnb_oracle import use_reference_4bit  # noqa: E402
 
 MODEL_KW = {"hidden_size": 64, "intermediate_size": 96}
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = list(LINEAR)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bnb_reference_4bit() -> None:
+    """bitsandbytes' 4-bit CPU arithmetic through its pure-torch reference (bnb_oracle.py says why)."""
+    use_reference_4bit()
 
 
 @pytest.fixture(scope="session")

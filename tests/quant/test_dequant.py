@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bnb_oracle import NF4, nf4_reference
 from quant_support import LINEAR, gptq_reference, load_awq_packer
 
 from loratools.checkpoint.reader import open_checkpoint
@@ -11,6 +12,50 @@ from loratools.checkpoint.reader import open_checkpoint
 
 def _modules(reader):  # noqa: ANN001, ANN202
     return sorted(k for k in reader.quant.tensors)
+
+
+#: NF4's largest gap between neighbouring codes is 1 - 0.6962: rounding to the nearest code is off by at most half
+NF4_HALF_GAP = max(b - a for a, b in zip(NF4[:-1], NF4[1:], strict=True)) / 2
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (64, 96), (7, 13)])
+def test_bnb_4bit_oracle_round_trip_is_right(shape) -> None:  # noqa: ANN001
+    """The oracle itself: bitsandbytes' nf4 round trip equals NF4 by its definition, rows of 96 included.
+
+    bitsandbytes 0.49-0.50's own AVX-512 CPU kernel gets a 64x96 N(0,1) tensor back off by 1.7 (bnb_oracle.py);
+    if this fails, every bnb test in this folder compares against wrong numbers.
+    """
+    import bitsandbytes
+    import bitsandbytes.functional as F
+
+    assert torch.equal(F.get_4bit_type("nf4", device="cpu"), torch.tensor(NF4))
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    packed, state = F.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=False)
+    back = F.dequantize_4bit(packed, state)
+    reference = nf4_reference(packed, state.absmax, shape, 64)
+    err = (back - reference).abs().max().item()
+    assert torch.equal(back, reference), f"bitsandbytes {bitsandbytes.__version__} nf4 {shape}: off by {err:.3g}"
+    bound = NF4_HALF_GAP * state.absmax.repeat_interleave(64)[: x.numel()].reshape(shape) + 1e-6
+    assert ((back - x).abs() <= bound).all()  # the nearest code: each value within half a gap of its block's scale
+
+
+def test_bnb_linear4bit_forward_is_right() -> None:
+    """A Linear4bit of 96 in-features (not a multiple of the block) computes x @ deq(W)^T, one token and three.
+
+    bitsandbytes 0.50's AVX512-BF16 path raises here ("shape '[64, 1]' is invalid for input of size 96").
+    """
+    import bitsandbytes as bnb
+
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(1))
+    kw = dict(quant_type="nf4", compress_statistics=False)
+    layer = bnb.nn.Linear4bit(96, 64, bias=False, compute_dtype=torch.float32, **kw)
+    layer.weight = bnb.nn.Params4bit(w, requires_grad=False, **kw)
+    layer = layer.to("cpu").eval()  # eval: where bitsandbytes repacks the weight for its fused CPU kernel
+    weight = nf4_reference(layer.weight.data, layer.weight.quant_state.absmax, (64, 96), 64)
+    with torch.no_grad():
+        for tokens in (1, 3):
+            x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(tokens))
+            torch.testing.assert_close(layer(x), x @ weight.T, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["nf4-dq", "fp4", "int8"])
