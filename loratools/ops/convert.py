@@ -152,7 +152,7 @@ def convert(
     )
     save_adapter(source, output, format=fmt.name, overwrite=overwrite, inputs=inputs, provenance=record, **options)
     folded = [n for n, m in source.modules.items() if m.use_rslora] if fmt.name == "kohya" else []
-    modelfile = _write_modelfile(output, target_base, overwrite) if ollama else None
+    modelfile = _write_modelfile(output, target_base, overwrite, record) if ollama else None
     return ConvertResult(
         output=str(output),
         format=fmt.name,
@@ -166,19 +166,23 @@ def convert(
     )
 
 
-def _write_modelfile(adapter: str | Path, base: Any, overwrite: bool) -> str:
-    """An Ollama ``Modelfile`` beside ``adapter``: ``FROM`` the base, ``ADAPTER ./<adapter file>``.
+def _write_modelfile(adapter: str | Path, base: Any, overwrite: bool, record: dict[str, Any]) -> str:
+    """An Ollama ``Modelfile`` beside ``adapter``: ``FROM`` the base, ``ADAPTER ./<adapter file>``, and our
+    provenance record as a ``#`` comment (so --overwrite may replace it, and no Modelfile of the user's).
 
     Ollama resolves relative paths against the Modelfile's folder, so the base is written relative to it.
     """
+    import json
     import os
 
+    from loratools.publishing.output_guard import TEXT_RECORD_PREFIX
     from loratools.publishing.publish import atomic_output
 
     path = Path(adapter).parent / "Modelfile"
     origin = os.path.relpath(Path(str(base)).resolve(), path.parent.resolve())
     origin = origin if origin.startswith(".") else f"./{origin}"
-    text = f"FROM {origin}\nADAPTER ./{Path(adapter).name}\n"
+    mark = TEXT_RECORD_PREFIX + json.dumps(record, sort_keys=True, separators=(",", ":"))
+    text = f"FROM {origin}\nADAPTER ./{Path(adapter).name}\n{mark}\n"
     with atomic_output(path, overwrite=overwrite, directory=False) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
     return str(path)

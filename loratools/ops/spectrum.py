@@ -103,7 +103,14 @@ def plot_energy(rows: list[dict[str, Any]], target: str | Path, *, overwrite: bo
     ax.legend(loc="lower right")
     fig.tight_layout()
     path = Path(target)
+    import json
+
+    from loratools.publishing.publish import METADATA_KEY, describe_input, provenance
+
+    sources = {f"adapter{i}": describe_input(p) for i, p in enumerate(inputs)}
+    record = provenance("spectrum", {"plot": str(path)}, sources)
     with atomic_output(path, overwrite=overwrite, inputs=inputs, directory=False, expected_bytes=1 << 20) as tmp:
-        fig.savefig(tmp, format="png")
+        # the record in a tEXt chunk: --overwrite replaces only a plot that provably is ours
+        fig.savefig(tmp, format="png", metadata={METADATA_KEY: json.dumps(record, sort_keys=True)})
     plt.close(fig)
     return path

@@ -86,6 +86,8 @@ def provenance_record(path: Path) -> dict[str, Any] | None:
 
     if path.suffix == ".onnx":
         return _onnx_record(path)
+    if path.suffix == ".gguf":
+        return _gguf_record(path)
     if path.suffix != ".safetensors":
         return None
     from loratools.files.safetensors_file import read_header
@@ -164,3 +166,90 @@ def previous_output_problem(folder: str | Path) -> str | None:
         if p not in proven and not _is_listed(p, listed):
             return f"{p.relative_to(root)} has no loratools provenance"
     return None
+
+
+#: the GGUF metadata key of the record (adapters and merged GGUF models)
+GGUF_RECORD_KEY = "loratools.provenance"
+#: the line of a text output (an Ollama Modelfile) that carries the record: ``# loratools {json}``
+TEXT_RECORD_PREFIX = "# loratools "
+
+
+def _gguf_record(path: Path) -> dict[str, Any] | None:
+    from loratools.errors import LoratoolsError
+    from loratools.files.gguf_file import open_gguf_file
+
+    try:
+        return _record(open_gguf_file(path).scalar(GGUF_RECORD_KEY))
+    except (LoratoolsError, OSError, ValueError):
+        return None
+
+
+def png_record(path: Path) -> dict[str, Any] | None:
+    """The record in a PNG's ``loratools`` tEXt chunk (spectrum --plot writes one), or None."""
+    import struct
+    import zlib
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            for _ in range(64):  # the text chunks matplotlib writes come before the image data
+                head = f.read(8)
+                if len(head) < 8:
+                    return None
+                size, kind = struct.unpack(">I4s", head)
+                if kind in (b"IDAT", b"IEND") or size > 1 << 20:
+                    return None
+                body = f.read(size)
+                f.read(4)  # CRC
+                key, _, text = body.partition(b"\0")
+                if kind == b"tEXt" and key == _RECORD_KEY.encode():
+                    return _record(text.decode("latin-1"))
+                if kind == b"zTXt" and key == _RECORD_KEY.encode():
+                    return _record(zlib.decompress(text[1:]).decode("latin-1"))
+    except (OSError, struct.error, zlib.error):
+        return None
+    return None
+
+
+def _text_record(path: Path) -> dict[str, Any] | None:
+    try:
+        if path.stat().st_size > 1 << 20:
+            return None
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return next((_record(ln[len(TEXT_RECORD_PREFIX) :]) for ln in lines if ln.startswith(TEXT_RECORD_PREFIX)), None)
+
+
+def _is_slot_adapter(path: Path) -> bool:
+    """An onnxruntime adapter file holding LoRA slot tensors only (the format has no metadata to prove
+    who wrote it: what --overwrite may lose is at most another LoRA adapter of the same kind)."""
+    try:
+        import onnxruntime as ort
+
+        names = list(ort.AdapterFormat.read_adapter(str(path)).get_parameters())
+    except Exception:  # not installed, or not such a file: no proof
+        return False
+    return bool(names) and all(n.endswith((".lora_A.weight", ".lora_B.weight")) for n in names)
+
+
+def previous_file_problem(path: Path) -> str | None:
+    """None when the single file ``path`` is provably a loratools output; else why not.
+
+    Ours: a safetensors, GGUF or ONNX file whose metadata holds our provenance record, a PNG or text file
+    (Ollama Modelfile) carrying it, an ``.onnx_adapter`` of LoRA slot tensors only (that format has no
+    metadata). A transformers ``model.safetensors``, a LyCORIS file we did not write, ``notes.txt`` are not.
+    """
+    if not path.is_file():
+        return "it is not a regular file"
+    if path.suffix == ".onnx_adapter":
+        return None if _is_slot_adapter(path) else "it is not an onnxruntime LoRA adapter file"
+    if path.suffix in (".safetensors", ".gguf", ".onnx"):
+        kind = {".safetensors": "safetensors file", ".gguf": "GGUF file", ".onnx": "ONNX model"}[path.suffix]
+        return None if provenance_record(path) is not None else f"this {kind} has no loratools provenance"
+    if path.suffix == ".png":
+        return None if png_record(path) is not None else "this PNG has no loratools provenance"
+    if _text_record(path) is not None:
+        return None
+    return "it carries no loratools provenance record"

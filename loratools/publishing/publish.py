@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from loratools.errors import DiskSpaceError, OutputExistsError, UsageError
-from loratools.publishing.output_guard import entries_summary, location_problem, previous_output_problem
+from loratools.publishing.output_guard import (
+    entries_summary,
+    location_problem,
+    previous_file_problem,
+    previous_output_problem,
+)
 from loratools.publishing.write_errors import check_writable, output_write_errors  # read-only, full disk
 
 SCHEMA_VERSION = 1
@@ -63,8 +68,9 @@ def check_replaceable(target: str | Path, out: Path, overwrite: bool) -> None:
     """Refuse to replace the existing ``out`` (``target`` resolved) unless ``overwrite`` and it is ours.
 
     Never replaced: the working directory, the home folder and their ancestors; a folder is replaced
-    only when output_guard proves it one previous loratools output. A single file the user named with
-    --overwrite is replaced. The message says what would have been removed.
+    only when output_guard proves it one previous loratools output, and a single file only when it
+    carries our provenance record (output_guard.previous_file_problem). The message says what would
+    have been removed.
     """
     hint = "write to a new path (for example -o out/NAME), or delete the folder yourself if you mean it"
     where = location_problem(out)
@@ -83,6 +89,14 @@ def check_replaceable(target: str | Path, out: Path, overwrite: bool) -> None:
                 f"refusing to replace {target}: {target} is not a previous loratools output ({why}); "
                 f"--overwrite would have removed {entries_summary(out)}",
                 hint=hint,
+                path=target,
+            )
+    else:
+        why = previous_file_problem(out)
+        if why is not None:
+            raise OutputExistsError(
+                f"refusing to replace {target}: it is not a previous loratools output ({why})",
+                hint="write to a new path, or delete the file yourself if you mean it",
                 path=target,
             )
 
@@ -208,6 +222,11 @@ def atomic_output(
     ``directory`` says whether the output is a folder (created empty) or a single file (the caller
     creates it). Stale temporaries of killed runs are removed first. On error nothing is published.
     """
+    if directory and Path(target).suffix in _FILE_SUFFIXES:  # `merge FOLDER -o x.safetensors` made a folder
+        raise UsageError(
+            f"{target}: this output is a folder, but the name is that of a {Path(target).suffix} file",
+            hint="give a folder name (e.g. -o merged/); a single-file output comes from a single-file input",
+        )
     out = check_output_target(target, inputs, overwrite)
     with output_write_errors(target, out):  # a read-only or full file system: one line naming the output
         out.parent.mkdir(parents=True, exist_ok=True)
