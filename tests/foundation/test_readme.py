@@ -1,9 +1,11 @@
-"""The README's tour runs as written, prints what the README shows, and leaves `git status` clean.
+"""The README's set-up command and tour run as written, in that order, and print what the README shows.
 
-Every ``$ loratools ...`` line of the README writes under ``out/`` (ignored by .gitignore); the test
-runs them in order from the repository root (the ONNX ones excepted: exports take minutes and
-tests/onnx runs them) and compares each command's first output line with the README's, timings and
-sizes masked. Before and after, ``git status --porcelain`` must list the same paths.
+Every ``$ loratools ...`` line of the README writes under ``out/`` (ignored by .gitignore). The test runs
+the set-up's ``loratools`` command and then the tour's lines in order (the ONNX ones excepted: exports
+take minutes and tests/onnx runs them) in a temporary copy of the fixtures, so a user's own ``out/`` in
+the checkout is never read, written or removed, and compares each command's first output line with the
+README's, timings and sizes masked. Before and after, ``git status --porcelain`` and the checkout's
+``out/`` must be as they were.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 import shlex
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -46,9 +49,15 @@ def _outputs(argv: list[str]) -> list[str]:
     return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-o", "--output")]
 
 
-def test_every_readme_output_is_under_out() -> None:
+def setup_commands() -> list[list[str]]:
+    """argv after 'loratools' of each ``&& loratools ...`` in the README's set-up commands."""
     text = README.read_text(encoding="utf-8")
-    setup = [shlex.split(c) for c in re.findall(r"&& loratools ([a-z-]+ [^\n`]*)", text)]
+    return [shlex.split(c) for c in re.findall(r"&& loratools ([a-z-]+ [^\n`]*)", text)]
+
+
+def test_every_readme_output_is_under_out() -> None:
+    setup = setup_commands()
+    assert setup and setup[0][0] == "merge"
     outputs = [o for argv in [*setup, *(argv for argv, _ in tour())] for o in _outputs(argv)]
     assert len(outputs) >= 12
     assert all(o.startswith("out/") for o in outputs), [o for o in outputs if not o.startswith("out/")]
@@ -68,29 +77,37 @@ def _mask(line: str) -> str:
     return _VOLATILE.sub("#", line).rstrip()
 
 
-def test_the_tour_runs_as_written_and_leaves_the_tree_clean(monkeypatch) -> None:
-    monkeypatch.chdir(ROOT)
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` with its size and modification time (empty when there is no folder)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def _run(argv: list[str], shown: list[str]) -> None:
+    r = CliRunner().invoke(cli, argv)
+    expected_code = 1 if argv[0] == "verify" and "FAILED" in "\n".join(shown) else 0
+    if argv[0] == "validate" and "error(s)" in "\n".join(shown):
+        expected_code = 1
+    assert r.exit_code == expected_code, (argv, r.output)
+    if shown:
+        got = [_mask(x) for x in r.stdout.splitlines()]
+        assert _mask(shown[0]) in got, f"loratools {' '.join(argv)}: README shows {shown[0]!r}, got:\n{r.stdout}"
+
+
+def test_the_setup_then_the_tour_run_as_written_in_a_copy(tmp_path, monkeypatch) -> None:
+    """Set-up, then the tour, as a user runs them: each tour output is new or one the tour may overwrite."""
     steps = [(argv, shown) for argv, shown in tour() if not any(w in " ".join(argv) for w in SKIP)]
     assert len(steps) >= 12
-    for argv, _ in steps:
-        for out in _outputs(argv):
-            assert out.startswith("out/"), argv
-            stale = ROOT / "out" / out.split("/")[1]  # out/NAME, or the folder out/NAME/... (with a Modelfile)
-            if stale.is_dir():
-                shutil.rmtree(stale)
-            else:
-                stale.unlink(missing_ok=True)
-    before = _status()
+    work = tmp_path / "checkout"
+    shutil.copytree(ROOT / "fixtures", work / "fixtures")
+    monkeypatch.chdir(work)
+    before, out_before = _status(), _tree(ROOT / "out")
+    for argv in setup_commands():
+        _run(argv, [])
+    assert (work / "out" / "merged").is_dir()  # the set-up's output, which the tour's merge then writes again
     for argv, shown in steps:
-        r = CliRunner().invoke(cli, argv)
-        expected_code = 1 if argv[0] == "verify" and "FAILED" in "\n".join(shown) else 0
-        if argv[0] == "validate" and "error(s)" in "\n".join(shown):
-            expected_code = 1
-        assert r.exit_code == expected_code, (argv, r.output)
-        if shown:
-            got = [_mask(x) for x in r.stdout.splitlines()]
-            assert _mask(shown[0]) in got, f"loratools {' '.join(argv)}: README shows {shown[0]!r}, got:\n{r.stdout}"
+        _run(argv, shown)
     assert _status() == before
+    assert _tree(ROOT / "out") == out_before, "the tour touched the checkout's out/"
 
 
 def _doc_command_lines() -> list[tuple[str, str]]:
