@@ -25,7 +25,7 @@ def _run(case: HostileCase, command: str, tmp_path: Path) -> None:
     assert "Traceback" not in text and "internal error" not in text.lower(), text
     if command.startswith("validate") and case.validate_exit == 1:
         assert code == 1, text
-        line = next((ln for ln in stdout.splitlines() if "error" in ln), "")
+        line = next((ln for ln in stdout.splitlines() if ln.lstrip().startswith("error")), "")  # the finding
     else:
         assert code == 2, text
         errors = [ln for ln in stderr.splitlines() if ln.startswith("Error: ")]

@@ -29,7 +29,7 @@ def attach(reader: Any) -> QuantizedCheckpoint | None:
     def raw_get(key: str):  # noqa: ANN202
         return _pread_tensor(reader._file(raw[key]), raw[key], key)
 
-    found = QuantizedCheckpoint(qcfg, cfg, list(raw), raw_info, raw_get, str(reader.root))
+    found = QuantizedCheckpoint(qcfg, cfg, list(raw), raw_info, raw_get, str(reader.root), lambda k: str(raw[k]))
     # a config that claims quantization over float weights: nothing to dequantize (merge refuses it)
     return found if found.tensors else None
 

@@ -47,28 +47,58 @@ class State4bit:
         return self.nested_offset is not None
 
 
+#: a quant state's JSON is ~170 bytes; anything far larger is not one (and is not decoded)
+MAX_STATE_BYTES = 1 << 16
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
 def parse_state(data: torch.Tensor, where: str) -> State4bit:
-    """The ``quant_state.bitsandbytes__nf4|fp4`` tensor: UTF-8 JSON bytes (bitsandbytes' pack_dict_to_tensor)."""
+    """The ``quant_state.bitsandbytes__nf4|fp4`` tensor: UTF-8 JSON bytes (bitsandbytes' pack_dict_to_tensor).
+
+    Every field is checked (``where`` names the file and the state tensor): a damaged state is refused
+    here, before any of its numbers sizes or indexes anything.
+    """
+    import torch
+
+    if data.numel() * data.element_size() > MAX_STATE_BYTES:
+        raise FormatError(f"{where}: a {data.numel()}-byte quant state is not a bitsandbytes quant state")
     try:
-        doc = json.loads(bytes(data.reshape(-1).numpy()).decode("utf-8"))
-        shape = tuple(int(s) for s in doc["shape"])
-        state = State4bit(
-            quant_type=str(doc["quant_type"]),
-            blocksize=int(doc["blocksize"]),
-            dtype=str(doc["dtype"]),
-            shape=shape,
-            raw=doc,
-        )
-        if "nested_offset" in doc:
-            state.nested_blocksize = int(doc["nested_blocksize"])
-            state.nested_dtype = str(doc.get("nested_dtype", "float32"))
-            state.nested_offset = float(doc["nested_offset"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{where}: not a readable bitsandbytes quant state ({exc})") from None
-    if state.quant_type not in ("nf4", "fp4") or state.blocksize not in BLOCKSIZES_4BIT:
-        raise FormatError(f"{where}: unsupported bitsandbytes 4-bit state {state.quant_type}/{state.blocksize}")
-    if state.dtype not in ("float32", "float16", "bfloat16"):
-        raise FormatError(f"{where}: bitsandbytes 4-bit dtype {state.dtype!r} is not a float type")
+        doc = json.loads(bytes(data.reshape(-1).view(torch.uint8).numpy()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise FormatError(f"{where}: not a readable bitsandbytes quant state (JSON: {why})") from None
+    if not isinstance(doc, dict):
+        raise FormatError(f"{where}: not a readable bitsandbytes quant state (a JSON {type(doc).__name__})")
+
+    def field(name: str, ok: Any, want: str) -> Any:
+        value = doc.get(name)
+        if name not in doc or not ok(value):
+            what = "missing" if name not in doc else f"{json.dumps(value, allow_nan=True)[:60]}"
+            raise FormatError(f"{where}: quant state field {name} is {what}; bitsandbytes writes {want}")
+        return value
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    sizes = ", ".join(map(str, BLOCKSIZES_4BIT))
+    shape = field("shape", lambda v: isinstance(v, list) and 0 < len(v) <= 8 and all(is_int(s) and s > 0 for s in v),
+                  "the weight's shape (positive integers)")  # fmt: skip
+    state = State4bit(
+        quant_type=field("quant_type", lambda v: v in ("nf4", "fp4"), '"nf4" or "fp4"'),
+        blocksize=field("blocksize", lambda v: is_int(v) and v in BLOCKSIZES_4BIT, f"one of {sizes}"),
+        dtype=field("dtype", lambda v: v in _FLOAT_DTYPES, "float32, float16 or bfloat16"),
+        shape=tuple(shape),
+        raw=doc,
+    )
+    if "nested_offset" in doc:
+        finite = lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        state.nested_offset = float(field("nested_offset", finite, "a finite number"))
+        block = field("nested_blocksize", lambda v: is_int(v) and v in BLOCKSIZES_4BIT, f"one of {sizes}")
+        state.nested_blocksize = block
+        if "nested_dtype" in doc:
+            state.nested_dtype = field("nested_dtype", lambda v: v in _FLOAT_DTYPES, "float32")
+        else:
+            state.nested_dtype = "float32"
     return state
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from loratools.checkpoint.quant import checks
 from loratools.errors import FormatError, UnsupportedError
 from loratools.files.safetensors_file import DTYPES
 
@@ -94,6 +95,7 @@ class QuantizedCheckpoint:
         raw_info: Callable[[str], Any],
         raw_get: Callable[[str], torch.Tensor],
         where: str,
+        file_of: Callable[[str], str] | None = None,
     ) -> None:
         scheme = scheme_of(qcfg)
         if scheme is None:
@@ -106,6 +108,8 @@ class QuantizedCheckpoint:
         self.where = where
         self.raw_info = raw_info
         self.raw_get = raw_get
+        self.file_of = file_of or (lambda key: where)
+        self.config_at = f"{where}/config.json"
         self.compute_dtype = _dtype_name(config.get("dtype") or config.get("torch_dtype"), "BF16")
         self.tensors: dict[str, QuantTensor] = {}
         keys = set(raw_keys)
@@ -117,15 +121,24 @@ class QuantizedCheckpoint:
     def _bnb4(self, keys: set[str]) -> None:
         from loratools.checkpoint.quant.bnb import STATE_PREFIX, parse_state
 
+        storage = str(self.qcfg.get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch.")
+        storage = {"uint8": "U8", "int8": "I8", **_FLOAT_NAMES}.get(storage, storage)
         for k in sorted(keys):
             base, sep, qt = k.partition("." + STATE_PREFIX)
             if not sep or qt not in ("nf4", "fp4") or base not in keys:
                 continue
-            state = parse_state(self.raw_get(k), f"{self.where}: {k}")
+            state = parse_state(self.raw_get(k), self._at(k))
+            if state.quant_type != qt:
+                raise FormatError(f"{self._at(k)}: quant state field quant_type is {state.quant_type!r}, the tensor's "
+                                  f"name says {qt}", hint=checks.DAMAGED)  # fmt: skip
             parts = {"weight": base, "state": k}
             parts.update({p: f"{base}.{p}" for p in _BNB4_PARTS if f"{base}.{p}" in keys})
-            if "absmax" not in parts or "quant_map" not in parts or (state.nested and "nested_absmax" not in parts):
-                raise FormatError(f"{self.where}: {base} lacks part of its bitsandbytes quant state", path=None)
+            needed = ("absmax", "quant_map", *(("nested_absmax", "nested_quant_map") if state.nested else ()))
+            missing = [p for p in needed if p not in parts]
+            if missing:
+                raise FormatError(f"{self._at(base)} has no {base}.{missing[0]} (part of its bitsandbytes quant state)",
+                                  hint=checks.DAMAGED)  # fmt: skip
+            checks.check_bnb4(self._parts(parts), state, storage)
             settings = {"quant_type": state.quant_type, "blocksize": state.blocksize, "nested": state.nested}
             if state.nested:
                 settings["nested_blocksize"] = state.nested_blocksize
@@ -142,26 +155,24 @@ class QuantizedCheckpoint:
             parts = {"weight": wkey, "SCB": k}
             if f"{wkey}_format" in keys:
                 parts["format"] = f"{wkey}_format"
-            info = self.raw_info(wkey)
-            self.tensors[wkey] = QuantTensor(wkey, "bnb-8bit", parts, tuple(info.shape), self.compute_dtype)
+            shape = checks.check_bnb8(self._parts(parts))
+            self.tensors[wkey] = QuantTensor(wkey, "bnb-8bit", parts, shape, self.compute_dtype)
 
     def _fp8(self, keys: set[str]) -> None:
-        block = self.qcfg.get("weight_block_size")
-        block_t = (int(block[0]), int(block[1])) if isinstance(block, list | tuple) and len(block) == 2 else None
+        block_t = checks.block_size(self.qcfg, self.config_at)
         for k in sorted(keys):
             if not k.endswith(".weight") or self.raw_info(k).dtype not in ("F8_E4M3", "F8_E5M2"):
                 continue
             stem = k[: -len(".weight")]
             scale = next((s for s in (f"{k}_scale_inv", f"{k}_scale") if s in keys), None)
             if scale is None:
-                raise FormatError(f"{self.where}: FP8 weight {k} has no {k}_scale_inv or {k}_scale")
+                raise FormatError(f"{self._at(k)}: FP8 weight has no {k}_scale_inv or {k}_scale beside it")
             parts = {"weight": k, "scale": scale}
             for extra in ("input_scale", "activation_scale"):
                 if f"{stem}.{extra}" in keys:
                     parts[extra] = f"{stem}.{extra}"
-            per_tensor = self.raw_info(scale).numel == 1
             settings = {
-                "block": None if per_tensor else block_t,
+                "block": checks.check_fp8(self._parts(parts), block_t),
                 "scale_name": scale.rsplit(".", 1)[1],
                 "ue8m0": self.qcfg.get("scale_fmt") == "ue8m0",
                 "fp8_dtype": self.raw_info(k).dtype,
@@ -170,8 +181,9 @@ class QuantizedCheckpoint:
             self.tensors[k] = QuantTensor(k, "fp8", parts, tuple(info.shape), self.compute_dtype, settings)
 
     def _int_packed(self, keys: set[str], scheme: str) -> None:
-        bits = int(self.qcfg.get("bits", self.qcfg.get("w_bit", 4)))
-        group = int(self.qcfg.get("group_size", self.qcfg.get("q_group_size", 128)))
+        bits = checks.config_int(self.qcfg, ("bits", "w_bit"), 4, self.config_at)
+        group = checks.config_int(self.qcfg, ("group_size", "q_group_size"), 128, self.config_at)
+        checks.check_bits(bits, group, scheme, self.config_at)
         for k in sorted(keys):
             if not k.endswith(".qweight"):
                 continue
@@ -181,10 +193,10 @@ class QuantizedCheckpoint:
                 if f"{module}.{role}" in keys:
                     parts[role] = f"{module}.{role}"
             if "qzeros" not in parts or "scales" not in parts:
-                raise FormatError(f"{self.where}: {k} has no qzeros/scales beside it")
-            qinfo, sinfo = self.raw_info(k), self.raw_info(parts["scales"])
+                raise FormatError(f"{self._at(k)} has no qzeros/scales beside it", hint=checks.DAMAGED)
+            sinfo = self.raw_info(parts["scales"])
+            shape = checks.check_int_packed(self._parts(parts), scheme, bits, group)
             if scheme == "gptq":
-                shape = (qinfo.shape[1], qinfo.shape[0] * 32 // bits)
                 fmt = str(self.qcfg.get("checkpoint_format", "gptq")).lower()
                 settings = {
                     "bits": bits,
@@ -199,7 +211,6 @@ class QuantizedCheckpoint:
                         f"{self.where}: AWQ version {version!r} is not supported (GEMM is)",
                         hint="dequantize the base with autoawq and merge into the 16-bit copy",
                     )
-                shape = (qinfo.shape[1] * 32 // bits, qinfo.shape[0])
                 settings = {"bits": bits, "group_size": group}
             dtype = sinfo.dtype if sinfo.dtype in ("F16", "BF16", "F32") else "F16"
             self.tensors[f"{module}.weight"] = QuantTensor(f"{module}.weight", scheme, parts, shape, dtype, settings)
@@ -209,6 +220,13 @@ class QuantizedCheckpoint:
 
     def _awq(self, keys: set[str]) -> None:
         self._int_packed(keys, "awq")
+
+    def _at(self, raw_key: str) -> str:
+        """The file and raw tensor a message names."""
+        return f"{self.file_of(raw_key)}: {raw_key}"
+
+    def _parts(self, parts: dict[str, str]) -> checks.Parts:
+        return checks.Parts(parts, self.raw_info, self.file_of)
 
     # -- reading ---------------------------------------------------------------------------------
     def info(self, key: str) -> LogicalInfo:
@@ -221,7 +239,15 @@ class QuantizedCheckpoint:
 
         t = self.tensors[key]
         out = torch_dtype(t.dtype) if dtype is None else dtype
-        return dequantize(t, {role: self.raw_get(k) for role, k in t.parts.items()}, out, f"{self.where}: {key}")
+        return dequantize(t, self.read_parts(t), out, self.part_namer(t))
+
+    def read_parts(self, t: QuantTensor, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        """Module ``t``'s raw parts by role, as stored (``skip``: roles not read)."""
+        return {role: self.raw_get(k) for role, k in t.parts.items() if role not in skip}
+
+    def part_namer(self, t: QuantTensor) -> Callable[[str], str]:
+        """``role -> "file: tensor"`` for the messages about module ``t``."""
+        return lambda role: self._at(t.parts[role])
 
     def logical_weight_map(self, raw: dict[str, Any]) -> dict[str, Any]:
         """``raw`` (key -> file) with the companion tensors hidden and each logical weight in its place."""
@@ -250,12 +276,25 @@ class QuantizedCheckpoint:
         }
 
 
-def dequantize(t: QuantTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype, where: str) -> torch.Tensor:
-    """A module's weight from its raw parts, cast once to ``dtype``."""
+def dequantize(
+    t: QuantTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype, at: Callable[[str], str]
+) -> torch.Tensor:
+    """A module's weight from its raw parts, cast once to ``dtype``; ``at(role)`` names a part in messages.
+
+    Every path that dequantizes (16-bit merge, ``--requantize``, ``--reference``, validate) comes here:
+    the state's values are checked first and the result once (:mod:`.checks`), so no NaN gets out.
+    """
+    checks.check_values(t, parts, at)
+    w = _dequantize(t, parts, dtype, at)
+    return checks.check_dequantized(w, at("weight" if "weight" in t.parts else "qweight"))
+
+
+def _dequantize(t: QuantTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype, at: Callable[[str], str]):  # noqa: ANN202
     from loratools.checkpoint.quant import bnb, fp8, gptq
 
+    where = at("weight" if "weight" in t.parts else "qweight")
     if t.scheme == "bnb-4bit":
-        state = bnb.parse_state(parts["state"], where)
+        state = bnb.parse_state(parts["state"], at("state"))
         absmax = parts["absmax"]
         if state.nested:
             absmax = bnb.nested_absmax(state, absmax, parts["nested_absmax"], parts["nested_quant_map"])

@@ -211,9 +211,11 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _missing(where: str, module: str, reader: CheckpointReader) -> None:
+    from loratools.ops.base_match import missing_module_hint
+
     raise ValidationError(
         f"{where}: module {module} is not in the base {reader.root} (no tensor {module}.weight)",
-        hint="check that the adapter was trained on this base model, or skip the module with --exclude",
+        hint=missing_module_hint(module, reader),
     )
 
 

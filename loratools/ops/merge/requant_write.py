@@ -27,22 +27,21 @@ def _new_tensors(
     from loratools.checkpoint.quant.layout import dequantize
     from loratools.checkpoint.quant.requant import requantize
     from loratools.files.safetensors_file import torch_dtype
-    from loratools.ops.merge.plan import compute
     from loratools.ops.merge.quant_report import ModuleRow, gap_ratio, share_surviving
 
     q = reader.quant
     if key not in q.tensors:  # a 16-bit tensor of the quantized base (lm_head, a bias): merged as usual
         info = reader.info(key)
-        return {key: compute(job, reader.get(key)).to(torch_dtype(info.dtype))}
+        merged = _merged(job, reader.get(key), f"{reader.file_of(key)}: {key}", plain=False)
+        return {key: merged.to(torch_dtype(info.dtype))}
     t = q.tensors[key]
-    old = {role: q.raw_get(k) for role, k in t.parts.items()}
-    where = f"{reader.root}: {key}"
-    deq = dequantize(t, old, torch.float32, where)
-    merged = _plain_sum(job, deq)
-    if merged is None:
-        merged = compute(job, deq)
+    old = q.read_parts(t)
+    at = q.part_namer(t)
+    where = at("weight")
+    deq = dequantize(t, old, torch.float32, at)
+    merged = _merged(job, deq, where)
     new = requantize(t, merged, old, where)
-    back = dequantize(t, new, torch.float32, where)
+    back = dequantize(t, new, torch.float32, at)
     delta = merged.sub_(deq)  # ΔW as the merge applied it (merged is not needed any more)
     norm = float(torch.linalg.vector_norm(delta.to(torch.float64)))
     row = ModuleRow(key, t.scheme, norm, rho=share_surviving(back, deq, delta))
@@ -51,6 +50,27 @@ def _new_tensors(
         row.gap = gap_ratio(ref.get(key).float(), deq, norm)
     report.rows.append(row)
     return {t.parts[role]: tensor.contiguous() for role, tensor in new.items()}
+
+
+def _merged(job: Any, w: torch.Tensor, where: str, plain: bool = True) -> torch.Tensor:
+    """``w`` + the job's update in fp32, refused (naming ``where``: file and tensor) unless finite."""
+    import torch
+
+    from loratools.errors import NumericError
+    from loratools.model.finite import first_nonfinite
+    from loratools.ops.merge.plan import compute
+
+    try:
+        merged = _plain_sum(job, w) if plain else None
+        if merged is None:
+            merged = compute(job, w)
+    except NumericError as exc:
+        raise NumericError(f"{where}: {exc.message}", hint=exc.hint) from None
+    if not bool(torch.isfinite(merged.sum())) and first_nonfinite(merged) is not None:
+        raise NumericError(
+            f"{where}: merging into it produced NaN or Inf values", hint="the adapter holds extreme values"
+        )
+    return merged
 
 
 def _plain_sum(job: Any, deq: torch.Tensor) -> torch.Tensor | None:
@@ -87,6 +107,8 @@ def write_requantized(
     """Write every base file again under ``tmp``; returns (bytes written, file names, tensors written)."""
     import contextlib
 
+    import torch
+
     from loratools.checkpoint.writer import SafetensorsWriter, ShardPlan, TensorEntry, tensor_bytes, write_index
     from loratools.files.safetensors_file import dtype_name
 
@@ -97,6 +119,9 @@ def write_requantized(
     ctx = progress(total) if progress is not None else contextlib.nullcontext(lambda n: None)
     try:
         with ctx as advance, open(spill_path, "wb") as spill:
+            for key in sorted(reader.quant.tensors):  # copied as stored, but only if it dequantizes cleanly
+                if key not in plan.jobs or plan.jobs[key].is_copy:
+                    reader.quant.get(key, torch.float32)
             for key, job in sorted(plan.jobs.items()):
                 if job.is_copy:
                     continue

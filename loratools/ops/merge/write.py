@@ -165,8 +165,13 @@ def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance, factor
                 if src.kind == "copy":
                     run, run_src, run_end = [e.name], src, src.start + src.nbytes
                     continue
-                tensor = _make(src, e.dtype, base, prefix, dev, factors)
-                pipe.submit(partial(w.write, e.name, _cast_checked(e.name, tensor)))
+                try:
+                    tensor = _cast_checked(e.name, _make(src, e.dtype, base, prefix, dev, factors))
+                except NumericError as exc:  # the merge's NaN/overflow messages name the tensor: add the base
+                    if str(sub.root) in exc.message:
+                        raise
+                    raise NumericError(f"{sub.root}: {exc.message}", hint=exc.hint, path=sub.root) from None
+                pipe.submit(partial(w.write, e.name, tensor))
                 advance(e.nbytes)
             if run:
                 pipe.submit(partial(w.copy_run, run, run_src.path, run_src.start))

@@ -39,6 +39,7 @@ def check_quantized_base(
         )
         return
     report.findings = [f for f in report.findings if f.code != "base_quantized"]  # readable: no error
+    check_quant_states(reader, report)
     summary = reader.quant.summary()
     brief = {k: v for k, v in summary.items() if k != "quantized"}
     q = QuantReport(reader.quant.scheme, "none", "quantized", brief)
@@ -82,3 +83,17 @@ def check_quantized_base(
             f"the update (median; largest: {worst}): merging into it changes more than the adapter does",
             hint="merge into the quantized base: loratools merge QUANT_BASE ADAPTER -o OUT (deq(Wq) + dW, 16-bit)",
         )
+
+
+def check_quant_states(reader: CheckpointReader, report: ValidationReport) -> None:
+    """Every quantized module's state values, as a merge checks them before dequantizing: float parts finite,
+    scales within the weight dtype's range, GPTQ ``g_idx`` inside its groups. (Shapes and settings were
+    checked when the base was opened.) The packed weights themselves are not read: a merge checks those."""
+    from loratools.checkpoint.quant import checks
+
+    q = reader.quant
+    for key, t in sorted(q.tensors.items()):
+        try:
+            checks.check_values(t, q.read_parts(t, skip=("weight", "qweight", "qzeros")), q.part_namer(t))
+        except LoratoolsError as exc:
+            report.add("error", key.removesuffix(".weight"), "quant_state", exc.message, hint=exc.hint)
