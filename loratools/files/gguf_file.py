@@ -237,7 +237,7 @@ class GgufFile:
             raise FormatError(f"{self.path}: not a GGUF file (no GGUF magic)", path=self.path)
         version = self._unpack("I", 4, "version")
         if version not in VERSIONS:
-            if version & 0xFFFF == 0 and version >> 16 in VERSIONS:
+            if int.from_bytes(version.to_bytes(4, "little"), "big") in VERSIONS:
                 raise UnsupportedError(
                     f"{self.path}: a big-endian GGUF file; only little-endian ones are read", path=self.path
                 )

@@ -101,9 +101,11 @@ class GgufFormat(AdapterFormat):
         if not is_gguf_file(path):
             return False
         try:
-            return open_gguf(path).scalar(gguf.Keys.General.TYPE) == "adapter"
-        except FormatError:
-            return True  # a damaged GGUF file: read() names what is wrong with it
+            return open_gguf(path).string(gguf.Keys.General.TYPE) == "adapter"
+        except FormatError:  # a damaged GGUF file: an adapter's read() names what is wrong with it
+            with open(path, "rb") as fh:
+                head = fh.read(1 << 20)
+            return b"adapter.type" in head or b"\x07\x00\x00\x00\x00\x00\x00\x00adapter" in head
 
     @classmethod
     def write(
@@ -195,6 +197,7 @@ class GgufFormat(AdapterFormat):
         info: GgufBase | None = None
         if base is not None:
             info = load_base(base)
+            _same_base(path, arch, n_layer, heads, info)
         elif heads is not None and n_layer is not None:
             info = GgufBase(str(path), spec, n_layer, *heads, tied=False)
         if pairs and info is None:
@@ -249,8 +252,26 @@ def _factors(path: Path, reader: Any, info: GgufBase, stem: str, ta: Any, tb: An
         return a, (rows_from_gguf(info, stem, b) if is_permuted(info, stem) else b)
     except ShapeError as exc:
         raise FormatError(
-            f"{path}: tensor {tb.name}: {exc.message} (head counts of {info.source})", path=path
+            f"{path}: tensor {tb.name}: {exc.message} ({info.arch}.attention.head_count of {info.source})", path=path
         ) from None
+
+
+def _same_base(path: Path, arch: str, n_layer: int | None, heads: tuple[int, int] | None, info: GgufBase) -> None:
+    """The adapter's own architecture, block and head counts (where it says them) are the base's: the Q/K
+    rows and names are read with the base's, so another model's adapter would be read wrongly."""
+    from loratools.errors import ValidationError
+
+    own = {"general.architecture": arch, f"{arch}.block_count": n_layer}
+    if heads is not None:
+        own |= {f"{arch}.attention.head_count": heads[0], f"{arch}.attention.head_count_kv": heads[1]}
+    theirs = [info.arch, info.n_layer, info.n_head, info.n_head_kv]
+    for (key, mine), other in zip(own.items(), theirs, strict=False):
+        if mine is not None and mine != other:
+            raise ValidationError(
+                f"{path}: written for a base with {key} {mine}, but {info.source} has {other}",
+                hint="pass the base the adapter was converted for",
+                path=path,
+            )
 
 
 def invocation_tokens(reader: Any) -> list[int] | None:

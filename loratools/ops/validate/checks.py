@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from loratools.model.adapter import Adapter
 
+
 def validate(
     adapter_path: str | Path,
     base: str | Path | None = None,
@@ -72,6 +73,13 @@ def validate(
     reader = None
     from loratools.formats.gguf.names import is_gguf_file
 
+    if base is not None and is_gguf_file(base):  # a GGUF model's header is checked whatever the target
+        from loratools.formats.gguf.names import load_base
+
+        try:
+            load_base(base)
+        except LoratoolsError as exc:
+            return report.unusable(exc, "base_unreadable")
     onnx_base = base is not None and target == "onnxruntime-genai" and _is_onnx_model(base)
     if base is not None and not is_gguf_file(base) and not onnx_base:  # a GGUF model: a base for GGUF targets
         try:
