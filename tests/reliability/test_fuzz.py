@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,9 @@ FUZZ = settings(
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-WORK = Path(tempfile.mkdtemp(prefix="loratools-fuzz-"))
+#: this module's scratch folder, made and removed by the ``work`` fixture (never at import: collection alone, in
+#: every xdist worker, would leave one behind in the system temp directory)
+WORK = Path()
 PEFT_CONFIG = json.loads((LLAMA_LORA / "adapter_config.json").read_text())
 PEFT_CONFIG.update(r=2, lora_alpha=4, target_modules=["q_proj"])
 PEFT_ST = st_bytes(tensors(1, peft_names()), {"format": "pt"})
@@ -64,6 +67,15 @@ BASE_INDEX = {
         "lm_head.weight": "model-00002-of-00002.safetensors",
     },
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def work() -> Iterator[Path]:
+    global WORK
+    with tempfile.TemporaryDirectory(prefix="loratools-fuzz-") as folder:
+        WORK = Path(folder)
+        yield WORK
+    WORK = Path()
 
 
 def _fresh(name: str) -> Path:
@@ -270,3 +282,17 @@ def test_memory_stays_bounded_under_an_address_space_limit(tmp_path: Path) -> No
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "bounded" in r.stdout
+
+
+def test_fuzzing_leaves_nothing_in_the_temp_dir(tmp_path: Path) -> None:
+    """Collecting and running this module (two fuzzers, a few examples) leaves no loratools-* folder in TMPDIR."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp), "LORATOOLS_FUZZ_EXAMPLES": "3"}
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-k",
+         "pickle_bin_reader or kohya_format", "--basetemp", str(tmp_path / "base"), __file__],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not [p.name for p in temp.iterdir() if p.name.startswith("loratools")]
