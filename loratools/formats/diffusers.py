@@ -238,6 +238,12 @@ def diffusers_state(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str
     if orphans:
         raise UsageError(
             f"{len(orphans)} module(s) are not under a pipeline component ({', '.join(COMPONENTS)}): "
+    fifo = sorted(n for n, m in adapter.modules.items() if m.fan_in_fan_out)
+    if fifo:  # diffusers builds its LoraConfig with fan_in_fan_out False: the update would be transposed
+        raise UnsupportedError(
+            f"a diffusers LoRA cannot hold fan_in_fan_out (Conv1D layout) modules: {name_list(fifo, 5)}",
+            hint="write peft instead (--to peft)",
+        )
             + name_list(orphans, 5),
             hint="a diffusers LoRA adapts a pipeline; kohya names need --base PIPELINE to resolve them",
         )
@@ -250,7 +256,13 @@ def diffusers_state(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str
     for component, mods in sorted(by_component.items()):
         rslora = {m.use_rslora for m in mods.values()}
         if len(rslora) > 1:
-            raise UnsupportedError(f"{component}: rsLoRA and plain LoRA modules cannot share one LoraConfig")
+            raise UnsupportedError(
+                f"{component}: rsLoRA and plain LoRA modules cannot share one LoraConfig",
+                hint="bring them to one convention first (loratools rescale --alpha), or write peft (--to peft)",
+            )
+        from loratools.formats.peft.config import refuse_mixed_dora
+
+        refuse_mixed_dora(mods, f"the {component} LoraConfig of a diffusers LoRA")
         r = Counter(m.rank for m in mods.values()).most_common(1)[0][0]
         alpha = Counter(float(m.alpha) for m in mods.values()).most_common(1)[0][0]
         configs[component] = {

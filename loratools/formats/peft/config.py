@@ -30,6 +30,7 @@ def config_for(adapter: Adapter) -> dict[str, Any]:
             hint="rescale (loratools rescale --alpha) to one convention first",
         )
     use_rslora = rslora.pop() if rslora else False
+    refuse_mixed_dora(mods, "PEFT")
     rank_counts = Counter(m.rank for m in mods.values())
     alpha_counts = Counter(float(m.alpha) for m in mods.values())
     r = rank_counts.most_common(1)[0][0] if mods else 8
@@ -67,6 +68,20 @@ def config_for(adapter: Adapter) -> dict[str, Any]:
     for stale in ("layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters"):
         cfg.pop(stale, None)
     return cfg
+
+
+def refuse_mixed_dora(mods: dict[str, LoraModule], where: str) -> None:
+    """``use_dora`` is one flag per config: a DoRA module beside plain ones would make PEFT build DoRA for
+    all of them, and the plain ones would merge with a magnitude it initialises from ‖W‖ (not W + ΔW)."""
+    plain = sorted(n for n, m in mods.items() if m.magnitude is None)
+    dora = sorted(n for n, m in mods.items() if m.magnitude is not None)
+    if plain and dora:
+        raise UnsupportedError(
+            f"{where} holds one use_dora for all modules, but {dora[0]} is DoRA and {plain[0]} is not "
+            f"({len(dora)} DoRA, {len(plain)} plain): written as one adapter, the plain ones would become DoRA",
+            hint="lower the DoRA modules to plain LoRA first: loratools convert ADAPTER --to peft --as-lora --base "
+            "BASE -o OUT, or write them apart with --include / --exclude",
+        )
 
 
 def _num(x: float) -> float | int:
