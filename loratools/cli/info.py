@@ -64,10 +64,10 @@ def _human(d: dict[str, Any]) -> None:
         ("path", d["path"]),
         ("format", d["format"]),
         ("base model", d["base_model"] or "-"),
-        ("modules", f"{d['num_modules']} ({', '.join(d['kinds']) or '-'})"),
+        ("modules", f"{d['num_modules']} ({', '.join(d['kinds'] + (['?'] if _kind_unknown(d) else [])) or '-'})"),
         ("targets", ", ".join(d["target_modules"]) or "-"),
         ("rank", same_or_list(d["rank"], d["ranks"])),
-        ("alpha", same_or_list(d["alpha"], d["alphas"]) if d["alphas"] else "-"),
+        ("alpha", (same_or_list(d["alpha"], d["alphas"]) if d["alphas"] else "-") + _assumed(d)),
         ("scale", scale),
         ("variants", ", ".join(families + flags) or "plain LoRA"),
         ("parameters", params),
@@ -101,6 +101,7 @@ def _human(d: dict[str, Any]) -> None:
         if (k, v) == ("format", "pt"):  # safetensors' torch marker, not information
             continue
         rows.append((k, v if len(v) <= _MAX_VALUE else v[: _MAX_VALUE - 3] + "..."))
+    rows += [("note" if i == 0 else "", n) for i, n in enumerate(d.get("notes") or [])]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k.ljust(width)}  {v}")
@@ -108,10 +109,29 @@ def _human(d: dict[str, Any]) -> None:
         click.echo()
         headers = ["module", "kind", "rank", "alpha", "scale", "in", "out"]
         table = [
-            [m["name"], m["kind"], m["rank"], m["alpha"], m["scale"], m["in_features"], m["out_features"]]
+            [m["name"], _kind(m), m["rank"], m["alpha"], m["scale"], m["in_features"], m["out_features"]]
             for m in d["modules"]
         ]
         click.echo(render_table(headers, table))
+
+
+def _kind_unknown(d: dict[str, Any]) -> bool:
+    return any(m["kind"] is None for m in d["modules"])
+
+
+def _kind(m: dict[str, Any]) -> str:
+    """``conv 3x3`` for a conv (its ``in`` is in_channels·kh·kw), ``?`` where the file does not tell."""
+    if m["kind"] is None:
+        return "?"
+    if m["kind"] == "conv" and m.get("kernel_size"):
+        return "conv " + "x".join(map(str, m["kernel_size"]))
+    return m["kind"]
+
+
+def _assumed(d: dict[str, Any]) -> str:
+    """`` (assumed)`` when no module's alpha is stored in the file (a partial share is in the notes)."""
+    assumed = d.get("alpha_assumed") or []
+    return " (assumed: the file stores none)" if assumed and len(assumed) == d["num_modules"] else ""
 
 
 def _human_merged(d: dict[str, Any]) -> None:

@@ -245,7 +245,10 @@ def diffusers_state(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str
             hint="write peft instead (--to peft)",
         )
             + name_list(orphans, 5),
-            hint="a diffusers LoRA adapts a pipeline; kohya names need --base PIPELINE to resolve them",
+            hint="a diffusers LoRA adapts a pipeline; kohya names need --base PIPELINE to resolve them"
+            if adapter.format == "kohya"
+            else "a diffusers LoRA adapts a diffusers pipeline (its unet and text encoders), and these are another "
+            "model's modules: write --to peft (or --to gguf for llama.cpp)",
         )
     by_component: dict[str, dict[str, LoraModule]] = {}
     for name, m in adapter.modules.items():

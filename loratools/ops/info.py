@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+#: the component prefix of a kohya/LyCORIS module name (formats/kohya/format.py's names)
+_KOHYA_PREFIX = re.compile(r"^(lora_[a-z0-9]+_|lycoris_)")
 
 if TYPE_CHECKING:
     from loratools.checkpoint.reader import CheckpointReader
@@ -89,16 +93,44 @@ def target_names(names: Any) -> list[str]:
     """The distinct targets of ``names``: the last path component (two when it is an index, ``to_out.0``);
     for kohya names (no dots) the part after the last block index (``attn1_to_q``), so an SDXL file's
     hundreds of modules read as a dozen targets."""
-    import re
-
     found = set()
     for name in names:
         if "." in name:
             parts = name.split(".")
             found.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
-        else:
-            found.add(re.split(r"_\d+_(?=[A-Za-z])", name)[-1])
+        else:  # lora_unet_conv_in -> conv_in: the prefix names the component, not the target
+            found.add(re.split(r"_\d+_(?=[A-Za-z])", _KOHYA_PREFIX.sub("", name))[-1])
     return sorted(found)
+
+
+def _layout_unknown(adapter: Adapter, name: str, m: Any) -> bool:
+    """A LyCORIS LoHa/LoKr module whose file cannot say linear or conv: LyCORIS stores a conv's factors
+    flattened to (r, in·kh·kw), as a linear's (Tucker and full-w2 LoKr convs keep 4-D tensors). Text
+    encoders hold no convs."""
+    if adapter.format != "kohya" or getattr(m, "family", "lora") not in ("loha", "lokr") or m.kind != "linear":
+        return False
+    if m.family == "lokr" and (m.w2 is not None or m.t2 is not None):
+        return False  # a full lokr_w2 is 4-D for a conv, so a 2-D one is a linear
+    source = (adapter.meta.get("kohya_names") or {}).get(name, name)
+    return not source.startswith("lora_te")
+
+
+def _notes(adapter: Adapter, records: list[dict[str, Any]]) -> list[str]:
+    """What the numbers shown rest on that the file does not say."""
+    notes = []
+    scaled = {n for n, m in adapter.modules.items() if getattr(m, "family", "lora") in ("lora", "loha", "lokr")}
+    assumed = [n for n in adapter.meta.get("alpha_assumed") or [] if n in scaled]
+    if assumed:
+        total = len(adapter.modules)
+        share = f"{len(assumed)} of {total} modules store none" if len(assumed) < total else "no module stores an alpha"
+        notes.append(f"alpha assumed: {share}; {adapter.format} takes alpha = rank (scale 1), as shown")
+    if any(r["kind"] is None for r in records):
+        unknown = sum(1 for r in records if r["kind"] is None)
+        notes.append(
+            f"{unknown} LyCORIS module(s) store their factors flattened: linear or conv is not known without "
+            "--base (kind ?; a conv's in is in_channels·kh·kw)"
+        )
+    return notes
 
 
 def summarize(adapter: Adapter) -> dict[str, Any]:
@@ -118,6 +150,10 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
     metadata = {k: v for k, v in (adapter.meta.get("metadata") or {}).items() if k != "loratools"}
     from loratools.model.alora import invocation_tokens
 
+    records = [module_record(n, m) for n, m in sorted(mods.items())]
+    for r in records:
+        if _layout_unknown(adapter, r["name"], mods[r["name"]]):
+            r["kind"] = None
     return {
         "format": adapter.format,
         "base_model": adapter.base_model,
@@ -131,7 +167,7 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
         "families": sorted(adapter.families()),
         "use_dora": any(m.magnitude is not None for m in mods.values()),
         "lora_bias": any(m.bias is not None for m in mods.values()),
-        "kinds": sorted({m.kind for m in mods.values()}),
+        "kinds": sorted({r["kind"] for r in records if r["kind"] is not None}),
         "target_modules": target_names(mods),
         "task_type": cfg.get("task_type"),
         "alora_invocation_tokens": invocation_tokens(adapter),
@@ -148,7 +184,9 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
         ],
         "metadata": metadata,
         "provenance": adapter.meta.get("provenance"),
-        "modules": [module_record(n, m) for n, m in sorted(mods.items())],
+        "alpha_assumed": sorted(n for n in adapter.meta.get("alpha_assumed") or [] if n in mods),
+        "notes": _notes(adapter, records),
+        "modules": records,
     }
 
 
@@ -201,6 +239,7 @@ def info(adapter_path: str | Path, base: str | Path | None = None, *, format: st
                 data["base_quantization"] = reader.quant.summary()
             unresolved = adapter.meta.get("unresolved") or []
             data["unresolved"] = [n for n in unresolved if tied_source(reader, n) is None]
+            _kinds_from_base(data, reader)
         if gguf_base:
             from loratools.formats.gguf.names import load_base
 
@@ -214,6 +253,24 @@ def info(adapter_path: str | Path, base: str | Path | None = None, *, format: st
     finally:
         if reader is not None:
             reader.close()
+
+
+def _kinds_from_base(data: dict[str, Any], reader: CheckpointReader) -> None:
+    """A module's layer kind from its base weight: 4-D is a conv (a LyCORIS LoHa/LoKr file stores a conv's
+    factors flattened, so only the base tells), 2-D a linear; embeddings stay embeddings."""
+    from loratools.checkpoint.keymap import KeyMatcher
+
+    matcher = KeyMatcher(reader.keys())
+    for rec in data["modules"]:
+        key = matcher.tensor_key(rec["name"]) if rec["kind"] != "embedding" else None
+        shape = tuple(reader.info(key).shape) if key is not None else ()
+        if len(shape) == 4 and rec["kind"] != "conv":
+            rec["kind"], rec["in_channels"], rec["kernel_size"] = "conv", int(shape[1]), [int(k) for k in shape[2:]]
+        elif len(shape) == 2 and rec["kind"] is None:
+            rec["kind"] = "linear"
+    data["kinds"] = sorted({r["kind"] for r in data["modules"] if r["kind"] is not None})
+    if not any(r["kind"] is None for r in data["modules"]):
+        data["notes"] = [n for n in data["notes"] if "stored flattened" not in n and "factors flattened" not in n]
 
 
 def require_model(base: str | Path, usage: str) -> None:

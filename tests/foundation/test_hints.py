@@ -51,6 +51,7 @@ REACHED_FROM: dict[str, tuple[str, ...]] = {
     "onnx/verify_merge.py": ("merge",),
     "onnx/slot_map.py": ("convert", "export-onnx"),
     "cli/validate.py": ("validate",),
+    "ops/base_match/": ("merge", "validate", "combine"),
     "ops/combine.py": ("combine",),
     "ops/convert.py": ("convert",),
     "ops/extract.py": ("extract",),
@@ -68,6 +69,7 @@ HINT_REACHED_FROM: dict[str, tuple[str, ...]] = {
     "choose a one-file format with --to": WRITERS,  # publish.check_output_layout: adapter outputs only
     "leave --opset out": ("export-onnx",),  # only a given --opset is out of range
     "pass --allow-alora": ("merge", "export-onnx"),  # alora.refuse_merge: the merging commands only
+    "combine adapters of one base model": ("combine",),  # base_match.require_same_base
 }
 #: options that hints name ahead of the commands that will take them (work in progress elsewhere):
 #: such a hint is an expected failure until the option exists, then a plain pass

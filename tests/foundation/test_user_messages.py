@@ -111,3 +111,111 @@ def test_mapping_of_real_os_errors(tmp_path) -> None:
     assert mapped.message.startswith(f"{target}: cannot write the output: ")
     unrelated = OSError(errno.EACCES, "Permission denied", str(tmp_path / "some-input"))
     assert describe(unrelated, tmp_path / "out") is None  # an input's error stays about the input
+
+
+FAMILIES = ROOT / "fixtures" / "families"
+
+
+def test_info_lycoris_conv_kind_comes_from_the_base() -> None:
+    """lycoris-lora's own writer over a UNet whose proj_in/proj_out are convs: the file stores the conv LoHa
+    factors flattened, so only the base tells conv from linear; info must not claim `linear in 72`."""
+    from lycoris_family_models import tiny_unet
+    from models import run_cli
+    from torch import nn
+
+    from loratools.ops.info import info
+
+    path = FAMILIES / "lycoris-loha.safetensors"
+    alone = info(path)
+    assert {m["kind"] for m in alone["modules"]} == {None} and alone["kinds"] == []
+    assert any("linear or conv is not known without --base" in n for n in alone["notes"])
+    code, human, _ = run_cli(["info", path])
+    assert code == 0 and "modules            10 (?)" in human
+    assert "lycoris_down_blocks_0_proj_in   ?     2" in human and "lycoris_down_blocks_0_to_q      ?" in human
+
+    with_base = info(path, base=FAMILIES / "tiny-unet")
+    layers = dict(tiny_unet().named_modules())
+    for m in with_base["modules"]:
+        layer = layers[m["name"]]
+        if isinstance(layer, nn.Conv2d):
+            assert m["kind"] == "conv" and m["in_channels"] == layer.in_channels
+            assert m["kernel_size"] == list(layer.kernel_size)
+            assert m["in_features"] == layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+        else:
+            assert isinstance(layer, nn.Linear) and m["kind"] == "linear"
+    assert with_base["kinds"] == ["conv", "linear"] and with_base["notes"] == []
+    code, human, _ = run_cli(["info", path, "--base", FAMILIES / "tiny-unet"])
+    assert "down_blocks.0.proj_in   conv 3x3" in human and "down_blocks.0.proj_out  conv 1x1" in human
+
+    # every kind info does claim without a base is the layer's (Tucker convs and full lokr_w2 keep 4-D tensors)
+    by_kohya = {"lycoris_" + n.replace(".", "_"): layer for n, layer in layers.items()}
+    claimed = 0
+    for name in ("lycoris-loha-tucker", "lycoris-lokr", "lycoris-lokr-full", "lycoris-loha-dora"):
+        for m in info(FAMILIES / f"{name}.safetensors")["modules"]:
+            layer = by_kohya[m["name"]]
+            if m["kind"] is not None:
+                claimed += 1
+                assert m["kind"] == ("conv" if isinstance(layer, nn.Conv2d) else "linear"), (name, m["name"])
+    assert claimed >= 8
+
+
+def _kohya_file(path: Path, names: list[str], alpha: dict[str, float]) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for n in names:
+        tensors[f"{n}.lora_down.weight"] = torch.randn(4, 32, generator=g)
+        tensors[f"{n}.lora_up.weight"] = torch.randn(32, 4, generator=g)
+        if n in alpha:
+            tensors[f"{n}.alpha"] = torch.tensor(alpha[n])
+    save_file(tensors, str(path))
+    return path
+
+
+def test_info_targets_are_no_raw_kohya_names(tmp_path) -> None:
+    from loratools.ops.info import info
+
+    names = [
+        "lora_unet_conv_in",
+        "lora_unet_time_embedding_linear_1",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+        "lycoris_down_blocks_1_ff",
+    ]
+    d = info(_kohya_file(tmp_path / "sd.safetensors", names, {n: 2.0 for n in names}))
+    assert d["target_modules"] == ["attn1_to_q", "conv_in", "ff", "self_attn_q_proj", "time_embedding_linear_1"]
+    assert d["alpha_assumed"] == [] and d["notes"] == []
+
+
+def test_info_says_when_alpha_is_assumed(tmp_path) -> None:
+    """An alpha-less file reads as alpha = rank (kohya's and diffusers' rule): info says it assumed that."""
+    import torch
+    from models import run_cli
+    from safetensors.torch import save_file
+
+    from loratools.ops.info import info
+
+    g = torch.Generator().manual_seed(1)
+    mods = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "mid_block.attentions.0.proj_in"]
+    tensors = {}
+    for m in mods:
+        tensors[f"unet.{m}.lora_A.weight"] = torch.randn(4, 32, generator=g)
+        tensors[f"unet.{m}.lora_B.weight"] = torch.randn(32, 4, generator=g)
+    save_file(tensors, str(tmp_path / "diffusers.safetensors"))
+    d = info(tmp_path / "diffusers.safetensors")
+    assert d["format"] == "diffusers" and (d["alpha"], d["scale"]) == (4, 1.0)
+    assert d["alpha_assumed"] == sorted(f"unet.{m}" for m in mods)
+    assert d["notes"] == ["alpha assumed: no module stores an alpha; diffusers takes alpha = rank (scale 1), as shown"]
+    code, human, _ = run_cli(["info", tmp_path / "diffusers.safetensors"])
+    assert code == 0 and "alpha         4 (assumed: the file stores none)" in human
+    assert "note          alpha assumed" in human
+
+    tensors[f"unet.{mods[0]}.alpha"] = torch.tensor(2.0)  # one stored alpha: the other is still assumed
+    save_file(tensors, str(tmp_path / "one-alpha.safetensors"))
+    d = info(tmp_path / "one-alpha.safetensors")
+    assert d["alpha_assumed"] == [f"unet.{mods[1]}"] and "1 of 2 modules store none" in d["notes"][0]
+
+    kohya = _kohya_file(tmp_path / "k.safetensors", ["lora_unet_conv_in", "lora_unet_conv_out"], {})
+    assert info(kohya)["notes"][0].startswith("alpha assumed: no module stores an alpha; kohya takes")

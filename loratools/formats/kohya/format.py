@@ -204,9 +204,12 @@ class KohyaFormat(AdapterFormat):
         resolver = _Resolver(base) if base is not None else None
         modules: dict[str, LoraModule] = {}
         names: dict[str, str] = {}
+        assumed: list[str] = []  # modules without an .alpha: alpha = rank (info says so)
         for name, p in sorted(parts.items()):
+            key = (resolver.resolve(name) if resolver else None) or name
+            if "alpha" not in p:
+                assumed.append(key)
             if LYCORIS_PARTS.intersection(p):
-                key = (resolver.resolve(name) if resolver else None) or name
                 if key in modules:
                     raise ValidationError(f"{path}: {name} and {names[key]} both resolve to module {key}", path=path)
                 modules[key], names[key] = module_from_parts(path, name, p), name  # type: ignore[assignment]
@@ -215,7 +218,6 @@ class KohyaFormat(AdapterFormat):
                 missing = "lora_down.weight" if "down" not in p else "lora_up.weight"
                 raise ValidationError(f"{path}: module {name} has no {missing} tensor", path=path)
             mod = _module(path, name, p)
-            key = (resolver.resolve(name) if resolver else None) or name
             if key in modules:
                 raise ValidationError(f"{path}: {name} and {names[key]} both resolve to module {key}", path=path)
             modules[key], names[key] = mod, name
@@ -228,6 +230,7 @@ class KohyaFormat(AdapterFormat):
                 "provenance": read_provenance(metadata),
                 "kohya_names": names,
                 "kohya_digest": content_digest(tensors),
+                "alpha_assumed": assumed,
                 "files": [str(path)],
             },
         )

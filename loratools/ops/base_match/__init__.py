@@ -103,3 +103,26 @@ def require_same_base(adapters: Sequence[Adapter], labels: Sequence[str]) -> Non
                     hint=f"combine adapters of one base model; if both fit one model, pass --base MODEL "
                     f"(each is checked against it) or {OVERRIDE}",
                 )
+
+
+def missing_module_hint(
+    module: str,
+    reader: CheckpointReader,
+    otherwise: str = "check that the adapter was trained on this base model, or skip the module with --exclude",
+) -> str:
+    """The hint for an adapter module the base lacks: a diffusers LoRA (``unet.…``) given one component's
+    folder needs the pipeline folder above it; anything else ``otherwise``."""
+    from pathlib import Path
+
+    from loratools.formats.diffusers import COMPONENTS
+
+    component, dot, _ = module.partition(".")
+    root = Path(reader.root)
+    above = [p for p in (root, *root.parents)[:3] if (p / "model_index.json").is_file()]
+    if dot and component in COMPONENTS and reader.kind != "pipeline" and (reader.kind == "folder" or above):
+        where = f" ({above[0]})" if above else ""
+        return (
+            f"the adapter's modules are named by pipeline component ({component}.…): its base is the diffusers "
+            f"pipeline folder, the one with model_index.json{where}, not one component's folder"
+        )
+    return otherwise

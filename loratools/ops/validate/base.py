@@ -11,6 +11,9 @@ if TYPE_CHECKING:
     from loratools.ops.validate.findings import ValidationReport
 
 
+_WHICH_BASE = "is this the base model the adapter was trained on?"
+
+
 def check_claimed_base(
     adapter: Adapter, reader: CheckpointReader, base: str | Path, report: ValidationReport, allow: bool
 ) -> None:
@@ -34,6 +37,7 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
     """Every module resolves to a float base weight of the shape it expects; the base is not quantized."""
     from loratools.checkpoint.keymap import KeyMatcher, WeightTargets, same_matrix
     from loratools.model.tied import tied_source
+    from loratools.ops.base_match import missing_module_hint
 
     quant = reader.quantization
     if quant:
@@ -80,7 +84,7 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
             hint=(
                 f"{reader.root} is an adapter, not a base model; pass the model the adapter was trained on"
                 if Path(reader.root, "adapter_config.json").exists()
-                else "is this the base model the adapter was trained on?"
+                else missing_module_hint(sorted(unresolved)[0], reader, _WHICH_BASE)
             ),
         )
         return
@@ -97,7 +101,7 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
                 name,
                 "unresolved",
                 f"module {name}: no weight {name}.weight (or a prefixed variant) in the base {reader.root}",
-                hint="is this the base model the adapter was trained on?",
+                hint=missing_module_hint(name, reader, _WHICH_BASE),
             )
             continue
         bi = reader.info(bkey)
