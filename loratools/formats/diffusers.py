@@ -169,6 +169,7 @@ class DiffusersFormat(AdapterFormat):
                 )
             parts.setdefault(f"{split[0]}.{split[1]}", {})[split[2]] = t
         modules: dict[str, LoraModule] = {}
+        assumed: list[str] = []  # modules whose alpha the file does not store (info says so)
         for name, p in sorted(parts.items()):
             component, _, module = name.partition(".")
             emb = "down_emb" in p
@@ -179,6 +180,8 @@ class DiffusersFormat(AdapterFormat):
                 raise ValidationError(f"{weights}: module {name} lacks its {'down' if down is None else 'up'} factor")
             cfg = configs.get(component)
             alpha_t = p.get("alpha")
+            if alpha_t is None and cfg is None:  # diffusers' rule: alpha = rank
+                assumed.append(name)
             alpha = _alpha(
                 module, int(down.shape[0]), cfg, float(alpha_t.float().reshape(-1)[0]) if alpha_t is not None else None
             )
@@ -205,6 +208,7 @@ class DiffusersFormat(AdapterFormat):
                 "config": configs or None,
                 "provenance": read_provenance(metadata),
                 "files": [str(weights)],
+                "alpha_assumed": assumed,
             },
         )
 
@@ -234,16 +238,16 @@ def diffusers_state(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str
             hint="write peft instead (--to peft), or leave them out: "
             "loratools convert ADAPTER --to diffusers --exclude REGEX -o OUT",
         )
-    orphans = [n for n in adapter.modules if n.partition(".")[0] not in COMPONENTS or "." not in n]
-    if orphans:
-        raise UsageError(
-            f"{len(orphans)} module(s) are not under a pipeline component ({', '.join(COMPONENTS)}): "
     fifo = sorted(n for n, m in adapter.modules.items() if m.fan_in_fan_out)
     if fifo:  # diffusers builds its LoraConfig with fan_in_fan_out False: the update would be transposed
         raise UnsupportedError(
             f"a diffusers LoRA cannot hold fan_in_fan_out (Conv1D layout) modules: {name_list(fifo, 5)}",
             hint="write peft instead (--to peft)",
         )
+    orphans = [n for n in adapter.modules if n.partition(".")[0] not in COMPONENTS or "." not in n]
+    if orphans:
+        raise UsageError(
+            f"{len(orphans)} module(s) are not under a pipeline component ({', '.join(COMPONENTS)}): "
             + name_list(orphans, 5),
             hint="a diffusers LoRA adapts a pipeline; kohya names need --base PIPELINE to resolve them"
             if adapter.format == "kohya"
