@@ -219,3 +219,33 @@ def test_copies_of_the_recorded_base_merge(base: str, adapter: str, tmp_path) ->
     out = tmp_path / ("m.gguf" if base.endswith(".gguf") else "m")
     code, _, err = _run("merge", FIXTURES / base, FIXTURES / adapter, "-o", out)
     assert code == 0, err
+
+
+def test_a_diffusers_lora_given_one_component_folder_is_told_to_use_the_pipeline(tmp_path) -> None:  # noqa: ANN001
+    """A bare unet/ folder as the base of a diffusers LoRA (issue 19 section 4): the hint names the pipeline."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "formats"))
+    import sd
+
+    pipe = sd.build_pipeline()
+    pipeline = sd.save_pipeline(pipe, tmp_path / "pipe")
+    lora = sd.save_diffusers_lora(pipe, tmp_path / "lora")
+    code, _, err = _run("merge", pipeline / "unet", lora, "-o", tmp_path / "m")
+    assert code == 2 and f"is not in the base {pipeline / 'unet'}" in err
+    assert err.splitlines()[1] == (
+        "Hint: the adapter's modules are named by pipeline component (text_encoder.…): its base is the diffusers "
+        f"pipeline folder, the one with model_index.json ({pipeline}), not one component's folder"
+    )
+    code, out, _ = _run("validate", lora, "--base", pipeline / "unet")
+    assert code == 1 and f"model_index.json ({pipeline})" in out
+    assert _run("merge", pipeline, lora, "-o", tmp_path / "ok")[0] == 0
+
+
+def test_convert_to_diffusers_of_a_language_model_adapter_says_what_to_write(tmp_path) -> None:  # noqa: ANN001
+    code, _, err = _run("convert", FIXTURES / "peft" / "llama-lora", "--to", "diffusers", "-o", tmp_path / "d")
+    assert code == 2 and "kohya" not in err
+    assert err.splitlines()[1] == (
+        "Hint: a diffusers LoRA adapts a diffusers pipeline (its unet and text encoders), and these are another "
+        "model's modules: write --to peft (or --to gguf for llama.cpp)"
+    )
