@@ -116,16 +116,27 @@ def resolve_modules(names: list[str], reader: Named) -> tuple[dict[str, str], li
 
 def normalize_adapter(adapter: Adapter, reader: Named) -> Adapter:
     """A copy whose module and replacement keys use the base's own names (unmatched ones unchanged)."""
+    from loratools.checkpoint.expert_keymap import ExpertTargets
+
     matcher = KeyMatcher(reader.keys())
-    modules = {}
+    experts = ExpertTargets(reader, str(adapter.meta.get("source") or "adapter"))
+    modules, unresolved = {}, []
     for name, mod in adapter.modules.items():
-        modules[matcher.module(name) or name] = mod
+        if hasattr(mod, "num_experts"):  # an expert slice: stays keyed by its parameter (expert_keymap.py)
+            modules[name] = mod
+            if not experts.resolves(mod):
+                unresolved.append(name)
+            continue
+        found = matcher.module(name) or experts.plain(name)
+        modules[found or name] = mod
+        if found is None:
+            unresolved.append(name)
     replacements = {}
     for key, tensor in adapter.replacements.items():
         mod, _, suffix = key.rpartition(".")
         replacements[matcher.tensor_key(mod, suffix) or key] = tensor
     meta = dict(adapter.meta)
-    meta["unresolved"] = [n for n in adapter.modules if matcher.module(n) is None]
+    meta["unresolved"] = unresolved
     if getattr(reader, "kind", None) == "pipeline":  # names now carry the component: PEFT writes one folder each
         meta["pipeline"] = True
     return replace(adapter, modules=modules, replacements=replacements, meta=meta)

@@ -74,6 +74,7 @@ def _human(d: dict[str, Any]) -> None:
         ("dtype", d["dtype"] or ", ".join(d["dtypes"])),
         ("size on disk", format_bytes(d["size_on_disk"])),
     ]
+    rows += _expert_rows(d.get("experts") or [])
     copies = set(d.get("saved_base_layers") or [])
     trained = [r for r in d["replacements"] if r["name"] not in copies]
     if trained:
@@ -113,6 +114,20 @@ def _human(d: dict[str, Any]) -> None:
             for m in d["modules"]
         ]
         click.echo(render_table(headers, table))
+
+
+def _expert_rows(groups: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """One row per stacked expert parameter: its expert count, rank per expert and the experts touched."""
+    rows = []
+    for g in groups:
+        rank = g["rank"] if g["rank"] is not None else "/".join(map(str, g["ranks"]))
+        n, touched = g["num_experts"], g["touched"]
+        which = "all" if len(touched) == n else (", ".join(map(str, touched)) or "none")
+        layout = g["layout"] + ("" if g["layout_known"] else " (assumed; the base decides)")
+        rows.append(
+            ("experts" if not rows else "", f"{g['parameter']}: {n} experts, rank {rank} each, {layout}, touched: {which}")
+        )
+    return rows
 
 
 def _kind_unknown(d: dict[str, Any]) -> bool:

@@ -83,6 +83,9 @@ def save_adapter(
     from loratools.model.tokens import refuse_write
 
     refuse_write(adapter, fmt.name)  # trainable tokens: merged, not written (loratools/tokens.py)
+    from loratools.model.experts import refuse_write as refuse_experts
+
+    refuse_experts(adapter, fmt.name)  # expert slices of target_parameters LoRAs: merged, not written yet
     check_tensors(adapter, f"the output {path}")
     if provenance is None:  # every output carries a record: --overwrite replaces only what is provably ours
         from loratools.publishing.publish import provenance as record

@@ -39,6 +39,8 @@ def module_record(name: str, m: LoraModule) -> dict[str, Any]:
     rec["bias"] = m.bias is not None
     rec["fan_in_fan_out"] = m.fan_in_fan_out
     rec["dtype"] = _dtype(m.down.dtype)
+    if hasattr(m, "num_experts"):  # one expert's slice of a stacked expert parameter (model/experts.py)
+        rec.update(parameter=m.parameter, expert=m.expert, num_experts=m.num_experts)
     return rec
 
 
@@ -95,6 +97,7 @@ def target_names(names: Any) -> list[str]:
     hundreds of modules read as a dozen targets."""
     found = set()
     for name in names:
+        name = re.sub(r"\[\d+\]$", "", name)  # one expert of a stacked parameter: the parameter is the target
         if "." in name:
             parts = name.split(".")
             found.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
@@ -149,6 +152,7 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
     cfg = adapter.meta.get("config") or {}
     metadata = {k: v for k, v in (adapter.meta.get("metadata") or {}).items() if k != "loratools"}
     from loratools.model.alora import invocation_tokens
+    from loratools.model.experts import expert_summary
 
     records = [module_record(n, m) for n, m in sorted(mods.items())]
     for r in records:
@@ -184,6 +188,7 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
         ],
         "metadata": metadata,
         "provenance": adapter.meta.get("provenance"),
+        "experts": expert_summary(adapter),
         "alpha_assumed": sorted(n for n in adapter.meta.get("alpha_assumed") or [] if n in mods),
         "notes": _notes(adapter, records),
         "modules": records,

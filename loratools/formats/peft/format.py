@@ -106,7 +106,6 @@ def _number(cfg: dict[str, Any], key: str, where: Path) -> float:
 
 #: config keys of PEFT LoRA features that change what the tensors mean; refused by name
 _UNSUPPORTED_FEATURES = {
-    "target_parameters": "LoRA on raw parameters (target_parameters)",
     "layer_replication": "layer replication (layer_replication)",
 }
 #: model types whose projections are transformers' Conv1D (weight stored in x out)
@@ -258,6 +257,20 @@ class PeftFormat(AdapterFormat):
         rank_pattern = _pattern(cfg, "rank_pattern", path)
         alpha_pattern = _pattern(cfg, "alpha_pattern", path)
         rslora = bool(cfg.get("use_rslora", False))
+        experts: dict[str, LoraModule] = {}
+        if cfg.get("target_parameters"):  # ParamWrappers: expert slices of 3-D parameters (formats/peft/experts.py)
+            from loratools.formats.peft.experts import read_param_wrappers
+
+            def rank_of(p: str) -> int:
+                return _rank(p, r_default, rank_pattern, path)
+
+            def alpha_of(p: str) -> float:
+                key = get_pattern_key(list(alpha_pattern), p)
+                return _to_float(alpha_pattern[key], path) if key is not None else alpha_default
+
+            experts, tensors = read_param_wrappers(
+                cfg, tensors, path, weights_file, base, rank_of, alpha_of, rslora, split_key
+            )
 
         parts: dict[str, dict[str, torch.Tensor]] = {}
         replacements: dict[str, torch.Tensor] = {}
@@ -288,6 +301,7 @@ class PeftFormat(AdapterFormat):
                 bias=p.get("bias"),
             )
         _fan_in_fan_out(modules, bool(cfg.get("fan_in_fan_out", False)), base)
+        modules.update(experts)  # after: their ranks are r / rank_pattern by construction, their layout known
         return Adapter(
             modules=modules,
             replacements=replacements,
@@ -297,7 +311,9 @@ class PeftFormat(AdapterFormat):
                 "config": cfg,
                 "metadata": metadata,
                 "provenance": read_provenance(metadata),
-                "declared_ranks": {m: _declared_rank(m, r_default, rank_pattern, path) for m in modules},
+                "declared_ranks": {
+                    m: _declared_rank(m, r_default, rank_pattern, path) for m in modules if m not in experts
+                },
                 "alora_invocation_tokens": check_tokens(cfg.get("alora_invocation_tokens"), path / CONFIG),
                 "files": [str(path / CONFIG), str(weights_file)],
                 **(
@@ -337,6 +353,16 @@ class PeftFormat(AdapterFormat):
             metadata.update(provenance_metadata(provenance))
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / WEIGHTS), metadata=metadata)
         (path / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _rank(param: str, r: float, rp: dict[str, Any], where: Path) -> int:
+    """The rank r / rank_pattern give a wrapped parameter: it decides how lora_A's rows split into experts."""
+    key = get_pattern_key(list(rp), param)
+    value = _to_float(rp[key], where) if key is not None else r
+    if not value.is_integer() or value < 1:
+        field = f"rank_pattern[{key!r}]" if key is not None else "r"
+        raise FormatError(f"{where / CONFIG}: {field} must be a positive integer, got {value:g}", path=where)
+    return int(value)
 
 
 def _declared_rank(mod_name: str, r: float, rp: dict[str, Any], where: Path) -> int:

@@ -36,6 +36,8 @@ class Contribution:
     weight: float
     #: the rows of the tensor it updates when the module is one part of a fused tensor (OpenCLIP's in_proj)
     rows: tuple[int, int] | None = None
+    #: the expert it updates when the tensor is a stack of experts (E, d1, d2) (loratools/model/experts.py)
+    expert: int | None = None
 
     @property
     def coefficient(self) -> float:
@@ -96,6 +98,9 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
     from loratools.model.tokens import lower_tokens
 
     adapters = [lower_tokens(a, reader) for a in adapters]  # PEFT trainable tokens: exact LoRA rows
+    from loratools.checkpoint.expert_keymap import lower_experts
+
+    adapters = [lower_experts(a, reader) for a in adapters]  # expert slices: the base's per-expert or fused tensors
     quant = reader.quantization
     if quant and reader.quant is None:  # a scheme checkpoint/quant cannot dequantize
         raise UnsupportedError(
@@ -156,14 +161,15 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
 
             for t_name, t in module_tensors(lora).items():
                 _check_finite(f"{name}.{t_name}", where, t)
-            key, rows = target(name)
+            expert = getattr(lora, "expert", None) if getattr(lora, "parameter", None) in keys else None
+            key, rows = (lora.parameter, None) if expert is not None else target(name)
             if key not in keys and key not in jobs:
                 src = head_source(name)
                 if src is None:
                     _missing(where, name, reader)
                 job(key).source = src
                 new_keys[key] = src
-            c = Contribution(i, name, lora, w, rows)
+            c = Contribution(i, name, lora, w, rows, expert)
             job(key).deltas.append(c)
             modules_merged += 1
             if fam.is_family(c) and lora.bias_factor() is not None and f"{name}.bias" in keys:
@@ -247,7 +253,8 @@ def _finish(j: TensorJob, reader: CheckpointReader, emb_key: str | None) -> None
             raise ShapeError(
                 f"adapter module {c.module} (rank {c.lora.rank}) expects a weight of shape {want}, "
                 f"the base tensor {j.source or j.key} is {shape}"
-                + (f" (its rows {c.rows[0]}:{c.rows[1]} are this module)" if c.rows else ""),
+                + (f" (its rows {c.rows[0]}:{c.rows[1]} are this module)" if c.rows else "")
+                + (f" (its expert {c.expert} is this module)" if c.expert is not None else ""),
                 hint="the adapter was trained on a different model size or layout",
             )
         if c.lora.magnitude is not None:
@@ -284,6 +291,8 @@ def _fits(c: Contribution, shape: tuple[int, ...]) -> bool:
     linear weight / 1×1 conv (:func:`~loratools.checkpoint.keymap.same_matrix`)."""
     from loratools.checkpoint.keymap import same_matrix
 
+    if c.expert is not None:  # one expert of a stacked (E, d1, d2) tensor
+        return len(shape) == 3 and c.expert < shape[0] and tuple(c.lora.weight_shape) == shape[1:]
     if c.rows is not None:
         if c.lora.transposed or len(shape) != 2:
             return False
@@ -316,12 +325,14 @@ def apply_inplace(j: TensorJob, w: torch.Tensor, scratch: torch.Tensor | None = 
     """
     import torch
 
-    mat = w.view(w.shape[0], -1) if w.ndim > 1 else w.view(1, -1)
+    stacked = any(c.expert is not None for c in j.deltas)  # experts (E, d1, d2): rows of its (E·d1, d2) view
+    mat = w.view(-1, w.shape[-1]) if stacked else w.view(w.shape[0], -1) if w.ndim > 1 else w.view(1, -1)
     terms = []  # (left, right, coefficient, first row of the tensor it updates)
     for c in j.deltas:
         up, down = c.lora.factors(torch.float32)
         a, b = (down.T, up.T) if c.lora.transposed else (up, down)
-        terms.append((a, b, c.coefficient, c.rows[0] if c.rows else 0))
+        first = c.expert * w.shape[1] if c.expert is not None else 0
+        terms.append((a, b, c.coefficient, first + (c.rows[0] if c.rows else 0)))
     if j.biases:  # a bias vector: small, do it whole
         acc = w.to(torch.float32)
         for c in j.biases:
@@ -363,11 +374,12 @@ def compute(j: TensorJob, base: torch.Tensor | None, device: Any = None) -> torc
             continue
         up, down = c.lora.factors(torch.float32)
         up, down = up.to(w.device), down.to(w.device)
+        t = w[c.expert] if c.expert is not None else w  # one expert of a stacked tensor: a view into w
         if c.lora.transposed:
-            w.addmm_(down.T, up.T, alpha=c.coefficient)
+            t.addmm_(down.T, up.T, alpha=c.coefficient)
         else:
             r0 = c.rows[0] if c.rows else 0
-            w.view(w.shape[0], -1)[r0 : r0 + up.shape[0]].addmm_(up, down, alpha=c.coefficient)
+            t.view(t.shape[0], -1)[r0 : r0 + up.shape[0]].addmm_(up, down, alpha=c.coefficient)
     d = j.dora
     if d is not None:
         mat = d.lora.from_weight_layout(w)
