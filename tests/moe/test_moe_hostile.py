@@ -1,0 +1,182 @@
+"""Broken expert adapters, generated from a good PEFT ``target_parameters`` adapter at test time: every
+command refuses each one with exit 2 and one ``Error:`` line naming the file and the field, writes nothing,
+and shows no traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from moe_support import build_moe, moe_peft, run_cli
+
+from loratools.files.safetensors_file import load_file, save_file
+
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+A0 = "base_model.model.model.layers.0.mlp.experts.lora_A.weight"  # down_proj of layer 0 (outer wrapper)
+B0 = "base_model.model.model.layers.0.mlp.experts.lora_B.weight"
+ALL = ("info", "info-base", "merge")
+
+
+def _config(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def mutate(folder: Path) -> None:
+        cfg = json.loads((folder / CONFIG).read_text())
+        edit(cfg)
+        (folder / CONFIG).write_text(json.dumps(cfg))
+
+    return mutate
+
+
+def _tensors(edit: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
+    def mutate(folder: Path) -> None:
+        tensors, meta = load_file(folder / WEIGHTS)
+        tensors = {k: v.clone() for k, v in tensors.items()}
+        edit(tensors)
+        save_file(tensors, str(folder / WEIGHTS), metadata=meta)
+
+    return mutate
+
+
+def _set(key: str, index: tuple[int, int], value: float) -> Callable[[dict[str, torch.Tensor]], None]:
+    def edit(t: dict[str, torch.Tensor]) -> None:
+        t[key][index] = value
+
+    return edit
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    mutate: Callable[[Path], None]
+    expect: tuple[str, ...]  # substrings of the one Error: line (the file's path is checked always)
+    commands: tuple[str, ...] = ALL
+    file: str = WEIGHTS  # the file the line must name
+
+
+CASES = [
+    Case("rows-not-divisible", _config(lambda c: c.update(r=3)), ("not a multiple of the rank 3", A0)),
+    Case("r-not-integer", _config(lambda c: c.update(r=2.5)), ("r must be a positive integer",), file=CONFIG),
+    Case(
+        "wrong-expert-count",
+        _config(lambda c: c.update(r=1)),
+        ("8 experts x rank 1", "the base has 4 experts", "config.json num_"),
+        ("info-base", "merge"),
+    ),
+    Case(
+        "rank-pattern-contradicts",
+        _config(lambda c: c.update(rank_pattern={"layers.0.mlp.experts.down_proj": 4})),
+        ("rank_pattern", "layers.0.mlp.experts"),
+        ("info",),
+    ),
+    Case(
+        "rank-pattern-contradicts-base",
+        _config(lambda c: c.update(rank_pattern={"layers.0.mlp.experts.down_proj": 4})),
+        ("2 experts x rank 4", "the base has 4 experts", "rank_pattern"),
+        ("info-base", "merge"),
+    ),
+    Case("nan-in-B", _tensors(_set(B0, (3, 6), float("nan"))), ("NaN/Inf", B0, "expert 2 of")),
+    Case("inf-in-A", _tensors(_set(A0, (5, 0), float("inf"))), ("NaN/Inf", A0, "expert 2 of")),
+    Case(
+        "bare-target-name",
+        _config(lambda c: c.update(target_parameters=["gate_up_proj", "down_proj"])),
+        ("'gate_up_proj'", "no module"),
+        file=CONFIG,
+    ),
+    Case(
+        "target-not-listed",
+        _config(lambda c: c.update(target_parameters=["mlp.experts.down_proj"])),
+        ("2 nested LoRA wrapper", "down_proj"),
+        file=CONFIG,
+    ),
+    Case(
+        "target-parameters-not-a-list",
+        _config(lambda c: c.update(target_parameters="mlp.experts.gate_up_proj")),
+        ("target_parameters must be a list",),
+        file=CONFIG,
+    ),
+    Case(
+        "bias-on-wrapper",
+        _tensors(lambda t: t.update({B0.replace(".weight", ".bias"): torch.ones(32)})),
+        ("exactly lora_A and lora_B", "experts.down_proj"),
+    ),
+    Case(
+        "orphan-nested-wrapper",
+        _tensors(
+            lambda t: t.update(
+                {
+                    "base_model.model.model.layers.0.self_attn.q_proj.base_layer.lora_A.weight": torch.ones(2, 32),
+                    "base_model.model.model.layers.0.self_attn.q_proj.base_layer.lora_B.weight": torch.ones(32, 2),
+                }
+            )
+        ),
+        ("nested LoRA wrapper", "self_attn.q_proj"),
+    ),
+    Case(
+        "B-columns-not-A-rows",
+        _tensors(lambda t: t.update({B0: t[B0][:, :6].contiguous()})),
+        ("lora_A has rank 8 but lora_B has rank 6",),
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A Qwen3-MoE base (4 experts), a good expert adapter for it (r=2, both expert parameters), and an
+    8-expert base."""
+    root = tmp_path_factory.mktemp("moe-good")
+    model = build_moe("qwen3_moe")
+    model.save_pretrained(str(root / "base"))
+    moe_peft(model, root / "lora")
+    build_moe("qwen3_moe", num_experts=8).save_pretrained(str(root / "base8"))
+    return root / "base", root / "lora", root / "base8"
+
+
+def _argv(command: str, adapter: Path, base: Path, out: Path) -> list:
+    return {
+        "info": ["info", adapter],
+        "info-base": ["info", adapter, "--base", base],
+        "merge": ["merge", base, adapter, "-o", out],
+    }[command]
+
+
+def _refused(argv: list, out: Path, expect: tuple[str, ...], named: Path) -> None:
+    code, stdout, err = run_cli(argv)
+    assert code == 2, f"{argv[0]} exited {code}: {stdout}{err}"
+    lines = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "internal error" not in err.lower(), err
+    for s in (*expect, str(named)):
+        assert s in lines[0], f"{s!r} not in: {lines[0]}"
+    assert not out.exists(), "a refused command wrote its output"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_broken_expert_adapter_is_refused(case: Case, good: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, lora, _ = good
+    bad = tmp_path / "bad"
+    shutil.copytree(lora, bad)
+    case.mutate(bad)
+    for command in case.commands:
+        _refused(_argv(command, bad, base, tmp_path / "out"), tmp_path / "out", case.expect, bad / case.file)
+
+
+def test_wrong_base_expert_count_is_refused(good: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, lora, base8 = good
+    _refused(["merge", base8, lora, "-o", tmp_path / "out"], tmp_path / "out", ("4 experts", "8 experts"), lora)
+
+
+def test_dense_base_is_refused_naming_what_was_looked_for(good: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """A base without the expert tensors (here: gpt-oss-shaped tensors renamed away) names the keys it tried."""
+    _, lora, _ = good
+    base = tmp_path / "base"
+    shutil.copytree(good[0], base)
+    tensors, meta = load_file(base / "model.safetensors")
+    kept = {k: v for k, v in tensors.items() if "layers.1.mlp.experts" not in k}
+    save_file(kept, str(base / "model.safetensors"), metadata=meta)
+    out = tmp_path / "out"
+    expect = ("model.layers.1.mlp.experts", "no tensor in the base", "experts.0.down_proj.weight")
+    _refused(["merge", base, lora, "-o", out], out, expect, lora)
