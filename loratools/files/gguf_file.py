@@ -84,6 +84,16 @@ class GgufField:
             return self.file._value(self.types[0], self.offset, self.name, raw)[0]
         return self.file._array(self.offset, self.name, raw)[0]
 
+    def values(self) -> Any:
+        """An array of fixed-size values as a read-only numpy view of the file (no object per element);
+        ``contents()`` for any other field."""
+        fmt = VALUE_TYPES[self.types[1]][1] if self.is_array and len(self.types) == 2 else ""
+        if not fmt:
+            return self.contents(raw=True)
+        import numpy as np
+
+        return np.frombuffer(self.file._mmap(), dtype="<" + fmt, count=self.count, offset=self.offset + 12)
+
 
 @dataclass(frozen=True)
 class GgufTensor:

@@ -11,6 +11,7 @@ as llama.cpp's ``llama-export-lora`` does, and are counted in ``retyped``.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -146,8 +147,26 @@ def _copy_metadata(reader: Any, writer: Any, record: dict[str, Any]) -> None:
                 "package cannot write back",
                 path=reader.path,
             )
-        writer.add_key_value(f.name, f.contents(raw=True), vtype, sub_type=sub)
+        writer.add_key_value(f.name, f.values(), vtype, sub_type=sub)
     writer.add_string("loratools.provenance", json.dumps(record, sort_keys=True))
+
+
+@functools.cache
+def _writer_class() -> Any:
+    import gguf
+    import numpy as np
+
+    class Writer(gguf.GGUFWriter):
+        """``GGUFWriter`` that packs a numpy array of fixed-size values in one piece (its own ``_pack_val``
+        packs one element at a time: 7.6 s for a base's 4 MiB uint8 array)."""
+
+        def _pack_val(self, val: Any, vtype: Any, add_vtype: bool, sub_type: Any = None) -> bytes:
+            if vtype == gguf.GGUFValueType.ARRAY and isinstance(val, np.ndarray) and sub_type is not None:
+                head = self._pack("I", vtype) if add_vtype else b""
+                return head + self._pack("I", sub_type) + self._pack("Q", len(val)) + val.tobytes()
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    return Writer
 
 
 def merge_gguf(
@@ -169,7 +188,6 @@ def merge_gguf(
     untouched tensors must be byte-identical and touched ones equal to the base plus ΔW as encoded.
     ``trust_tensors`` accepts adapters whose config disagrees with their tensors (see ``loratools.model.ambiguity``).
     """
-    import gguf
 
     from loratools.formats.adapter_io import load_adapter
     from loratools.formats.gguf.names import load_base, open_gguf
@@ -202,7 +220,7 @@ def merge_gguf(
     retyped: list[str] = []
     written = 0
     with atomic_output(output, overwrite=overwrite, inputs=[base_path, *paths], directory=False) as tmp:
-        writer = gguf.GGUFWriter(tmp, info.arch)
+        writer = _writer_class()(tmp, info.arch)
         writer.data_alignment = reader.alignment
         _copy_metadata(reader, writer, record)
         plan: list[tuple[Any, str | None]] = []
