@@ -51,3 +51,50 @@ def base_findings(adapter: Adapter, target: str, base: str | Path | Any, where: 
         Finding("error", p.module, f"{target}.{p.code}", f"{p.message} {where}", hint=p.hint)
         for p in plan(adapter, info).problems
     ]
+
+
+def _family(cls: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]", "", re.sub(r"(For[A-Z]\w*|LMHeadModel)$", "", cls).lower())
+
+
+def unmapped_model(adapter: Adapter, base: Any = None) -> str | None:
+    """The model the adapter is for when loratools has no GGUF mapping for it (``Phi3ForCausalLM``), else None.
+
+    With a base, the base decides (``convert --to gguf --base`` refuses it the same way); without one, what
+    the adapter says it was trained on: PEFT's ``auto_mapping`` class, or the recorded base model's
+    config when that resolves locally or in the Hugging Face cache (ops/base_match)."""
+    from loratools.errors import LoratoolsError, UnsupportedError
+    from loratools.formats.gguf.names import ARCHITECTURES, load_base
+
+    if adapter.format == "gguf":
+        return None
+    if base is not None:
+        from loratools.ops._algebra_io import gguf_base
+
+        try:
+            load_base(gguf_base(base))
+        except UnsupportedError as exc:
+            return exc.message
+        except LoratoolsError:
+            return None
+        return None
+    cfg = adapter.meta.get("config") if isinstance(adapter.meta.get("config"), dict) else {}
+    mapping = cfg.get("auto_mapping") if isinstance(cfg.get("auto_mapping"), dict) else {}
+    cls = mapping.get("base_model_class")
+    if isinstance(cls, str) and cls in ARCHITECTURES:
+        return None
+    known = {_family(c) for c in ARCHITECTURES}
+    from loratools.ops.base_match.facts import claimed_base
+
+    try:
+        claim = claimed_base(adapter)
+    except LoratoolsError:
+        claim = None
+    said = set(claim.model_types | claim.families) if claim is not None else set()
+    if isinstance(cls, str) and cls.startswith(tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")):
+        said.add(_family(cls))
+    if not said or said & known:
+        return None
+    return cls if isinstance(cls, str) and cls else sorted(said)[0]

@@ -101,21 +101,28 @@ def _conditions(
 def _gguf_conditions(adapter: Adapter, settings: dict[str, Any], base: Any) -> dict[str, list[str]]:
     """Conditions of the GGUF runtimes: an adapter that is not a GGUF file yet; Ollama's own importer
     (architectures it converts, an integer lora_alpha)."""
-    from loratools.ops.validate.gguf_serving import gguf_architecture
+    from loratools.ops.validate.gguf_serving import gguf_architecture, unmapped_model
 
     gguf_file = adapter.format == "gguf"
     arch = None if gguf_file else gguf_architecture(adapter, base)
+    unmapped = unmapped_model(adapter, base) if arch is None else None  # convert --to gguf refuses it
     converts = set(settings.get("importer_architectures") or [])
     gguf_only = {"rslora": [], "alpha_varies": [], "scale_varies": []} if gguf_file else {}
     planned = {"modules_to_save": []} if base is not None else {}  # the plan against the base decides
     return {
         **gguf_only,
         **planned,
-        "not_gguf": [] if gguf_file else ["*"],
+        "not_gguf": [] if gguf_file or unmapped else ["*"],  # nothing to pre-build for an unmapped model
         "alpha_not_integer": [] if gguf_file else _modules_where(adapter, _alpha_not_integer),
-        "arch_not_imported": ["*"] if arch is not None and converts and arch not in converts else [],
-        "arch_unknown": ["*"] if not gguf_file and arch is None and base is not None else [],
+        "arch_not_imported": ["*"] if converts and ((arch is not None and arch not in converts) or unmapped) else [],
+        # with a base, the base's own finding says it (naming its config); without one, what the adapter says
+        "arch_unknown": ["*"] if unmapped and base is None else [],
+        "arch_unmapped": [unmapped] if unmapped else [],
     }
+
+
+#: the way out for a model loratools cannot write a GGUF adapter for (no hint may suggest convert --to gguf then)
+_UNMAPPED_HINT = "merge the adapter and convert the merged model with llama.cpp's convert_hf_to_gguf.py"
 
 
 def _alpha_not_integer(m: Any) -> bool:
@@ -154,7 +161,11 @@ def serving_findings(
             raise UsageError(f"serving rule {target}.{rule['id']} uses unknown condition {rule['when']!r}")
         if not hits or (found["not_llm"] and rule["when"] != "not_llm"):
             continue  # a diffusion LoRA gets the one finding that says so
-        message = rule["message"]
+        message, hint = rule["message"], rule.get("hint")
+        if found.get("arch_unmapped") and (hint is None or "--to gguf" in hint):
+            hint = _UNMAPPED_HINT  # the suggested convert would refuse this model
+        if rule["when"] == "arch_unknown":
+            message = f"{found['arch_unmapped'][0]}: {message}"
         if rule["when"] == "rank_above_max":
             ranks = sorted({adapter.modules[n].rank for n in hits})
             message = f"rank {ranks[-1]} > max_lora_rank {effective.get('max_lora_rank')}: {message}"
@@ -166,7 +177,7 @@ def serving_findings(
                 module=hits[0] if len(hits) == 1 and hits != ["*"] else None,
                 code=f"{target}.{rule['id']}",
                 message=f"{message} {where}",
-                hint=rule.get("hint"),
+                hint=hint,
             )
         )
     if rules.get("gguf") and base is not None and not found["not_llm"]:
