@@ -249,3 +249,27 @@ def test_convert_to_diffusers_of_a_language_model_adapter_says_what_to_write(tmp
         "Hint: a diffusers LoRA adapts a diffusers pipeline (its unet and text encoders), and these are another "
         "model's modules: write --to peft (or --to gguf for llama.cpp)"
     )
+
+
+@pytest.mark.parametrize(
+    "claim",
+    ["a\u0000b", "x" * 5000, "hf://org/none", "../../../../..", "llama/model.safetensors", 5, ["org/a"], {"a": 1}, ""],
+)
+def test_junk_claims_are_no_evidence(w, tmp_path, claim) -> None:  # noqa: ANN001
+    """A recorded base that is no usable name (a NUL, 5000 characters, a list, a file): no check, no crash."""
+    adapter = _claim(w["no_claim"], tmp_path / "a", claim)
+    code, _, err = _run("merge", w["llama"], adapter, "-o", tmp_path / "m")
+    assert (code, err) == (0, "")
+
+
+def test_junk_in_the_claimed_config_is_no_evidence(w, tmp_path) -> None:  # noqa: ANN001
+    folder = tmp_path / "odd-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(
+        {"model_type": 7, "architectures": "LlamaForCausalLM", "hidden_size": True, "text_config": [1],
+         "num_hidden_layers": -3, "intermediate_size": "48"}
+    ))  # fmt: skip
+    adapter = _claim(w["no_claim"], tmp_path / "a", str(folder))
+    assert _run("merge", w["llama"], adapter, "-o", tmp_path / "m")[0] == 0
+    (folder / "config.json").write_text("{not json")
+    assert _run("merge", w["llama"], adapter, "-o", tmp_path / "m2")[0] == 0

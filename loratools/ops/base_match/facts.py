@@ -116,7 +116,10 @@ def _add_config(facts: ModelFacts, cfg: Any, source: str | None) -> None:
 def _hub_id(text: str) -> str | None:
     from loratools.publishing.card import hub_model_id
 
-    return hub_model_id(text)
+    try:
+        return hub_model_id(text)
+    except (OSError, ValueError):  # it tries the text as a path: too long, a NUL byte
+        return None
 
 
 def _name_keys(text: str, roots: Sequence[Path]) -> set[str]:
@@ -152,7 +155,7 @@ def _local_candidates(text: str, roots: Sequence[Path]) -> list[Path]:
         try:
             if t.exists():
                 found.append(t)
-        except OSError:
+        except (OSError, ValueError):  # too long, a NUL byte: not a path here
             continue
     return found
 
@@ -210,7 +213,8 @@ def claimed_base(adapter: Adapter) -> ModelFacts | None:
     sd = _sd_family(metadata.get("modelspec.architecture")) or _sd_family(metadata.get("ss_base_model_version"))
     if name is None and cls is None and sd is None:
         return None
-    facts = ModelFacts(label=name or str(mapping.get("base_model_class") or sd))
+    label = name or str(mapping.get("base_model_class") or sd)
+    facts = ModelFacts(label=label if len(label) <= 200 else label[:200] + "…")
     if cls:
         facts.families.add(cls)
     facts.sd_family = sd
