@@ -180,6 +180,11 @@ class ExpertTargets:
         return out
 
 
+def where(adapter: Adapter) -> str:
+    """What messages call the adapter: where it was read from."""
+    return str(adapter.meta.get("source") or (adapter.meta.get("files") or ["adapter"])[0])
+
+
 def fused_key(tensor: str, expert: int) -> str:
     from loratools.model.experts import expert_key
 
@@ -193,7 +198,7 @@ def lower_experts(adapter: Adapter, reader: Any) -> Adapter:
 
     if not has_experts(adapter) and not any(d in k for _, d in DISK_CONTAINERS for k in reader.keys()):
         return adapter
-    targets = ExpertTargets(reader, str(adapter.meta.get("source") or "adapter"))
+    targets = ExpertTargets(reader, where(adapter))
     modules: dict[str, Any] = {}
     for name, m in adapter.modules.items():
         if isinstance(m, ExpertLoraModule):

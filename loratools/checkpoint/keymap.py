@@ -116,10 +116,10 @@ def resolve_modules(names: list[str], reader: Named) -> tuple[dict[str, str], li
 
 def normalize_adapter(adapter: Adapter, reader: Named) -> Adapter:
     """A copy whose module and replacement keys use the base's own names (unmatched ones unchanged)."""
-    from loratools.checkpoint.expert_keymap import ExpertTargets
+    from loratools.checkpoint.expert_keymap import ExpertTargets, where
 
     matcher = KeyMatcher(reader.keys())
-    experts = ExpertTargets(reader, str(adapter.meta.get("source") or "adapter"))
+    experts = ExpertTargets(reader, where(adapter))
     modules, unresolved = {}, []
     for name, mod in adapter.modules.items():
         if hasattr(mod, "num_experts"):  # an expert slice: stays keyed by its parameter (expert_keymap.py)

@@ -53,8 +53,14 @@ _BASE_LAYER = ".base_layer"
 
 
 def model_type(cfg: dict[str, Any], base: KeyResolver | None) -> str | None:
-    """The model type the adapter's experts module comes from: the base's config, else the adapter
-    config's ``auto_mapping`` (``transformers.models.<type>.modeling_<type>``); None when neither says."""
+    """The model type the adapter's experts module comes from: the adapter config's ``auto_mapping``
+    (``transformers.models.<type>.modeling_<type>``: the model it was trained on), else the base's config;
+    None when neither names a type loratools knows."""
+    auto = cfg.get("auto_mapping") or {}
+    lib = auto.get("parent_library") if isinstance(auto, dict) else None
+    m = re.fullmatch(r"transformers\.models\.(\w+)\.modeling_\w+", lib) if isinstance(lib, str) else None
+    if m and (m[1] in TRANSPOSED_MODEL_TYPES or m[1] in STRAIGHT_MODEL_TYPES):
+        return m[1]
     bcfg = (base.config or {}) if base is not None else {}
     for c in (bcfg, bcfg.get("text_config") or {}):
         mt = c.get("model_type") if isinstance(c, dict) else None
@@ -62,10 +68,7 @@ def model_type(cfg: dict[str, Any], base: KeyResolver | None) -> str | None:
             for name in (mt, mt.removesuffix("_text")):
                 if name in TRANSPOSED_MODEL_TYPES or name in STRAIGHT_MODEL_TYPES:
                     return name
-    auto = cfg.get("auto_mapping") or {}
-    lib = auto.get("parent_library") if isinstance(auto, dict) else None
-    m = re.fullmatch(r"transformers\.models\.(\w+)\.modeling_\w+", lib) if isinstance(lib, str) else None
-    return m[1] if m else None
+    return None
 
 
 def expert_count(base: KeyResolver | None) -> tuple[int, str] | None:

@@ -48,6 +48,14 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
             f"{reader.root}: the base is quantized ({quant}); loratools cannot merge into it",
             hint="validate and merge against the unquantized (fp32/fp16/bf16) base model",
         )
+    from loratools.checkpoint.expert_keymap import lower_experts
+    from loratools.errors import LoratoolsError
+
+    try:  # expert slices: the base's per-expert modules, or experts of its fused (E, d1, d2) tensors
+        adapter = lower_experts(adapter, reader)
+    except LoratoolsError as exc:
+        report.add("error", None, "expert_layout", exc.args[0] if exc.args else str(exc), hint=exc.hint)
+        return
     matcher = KeyMatcher(reader.keys())
     target = WeightTargets(reader)  # a module may be a part of a fused tensor (an LDM file's OpenCLIP in_proj)
     replaced = {}
@@ -69,10 +77,14 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
                 f"full tensor {key} has shape {list(t.shape)}, the base's {bkey} has {list(bshape)} "
                 "(a resized vocabulary?)",
             )
+    stacked = {n: m.parameter for n, m in adapter.modules.items() if hasattr(m, "num_experts")}  # (E, d1, d2)
     unresolved = [
         n
         for n in adapter.modules
-        if matcher.tensor_key(n) is None and target(n)[1] is None and tied_source(reader, n) is None
+        if n not in stacked
+        and matcher.tensor_key(n) is None
+        and target(n)[1] is None
+        and tied_source(reader, n) is None
     ]
     if len(unresolved) > 1 and len(unresolved) == len(adapter.modules):
         report.add(
@@ -89,7 +101,7 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
         )
         return
     for name, m in sorted(adapter.modules.items()):
-        bkey, rows = matcher.tensor_key(name), None
+        bkey, rows = stacked.get(name) or matcher.tensor_key(name), None
         if bkey is None:
             fused, rows = target(name)
             bkey = fused if rows else None
@@ -116,6 +128,8 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
             )
             continue
         have = replaced.get(bkey, tuple(bi.shape))
+        if name in stacked:  # one expert of the stack
+            have = have[1:]
         if rows:
             have = (rows[1] - rows[0], *have[1:])
         if not hasattr(m, "down"):  # another family: its own fit rule

@@ -199,7 +199,12 @@ def _check_peft_config(adapter: Adapter, cfg: dict[str, Any], report: Validation
         report.add("error", amb.module, "config_rank", amb.message(), hint=TRUST_HINT)
     targets = cfg.get("target_modules")
     if targets and targets != "all-linear" and not cfg.get("layers_to_transform"):
+        wrapped = [t.rpartition(".")[0] for t in cfg.get("target_parameters") or [] if isinstance(t, str)]
         for name in sorted(adapter.modules):
+            param = getattr(adapter.modules[name], "parameter", name)  # an expert slice: its parameter's module
+            host = param.rpartition(".")[0] if param != name else name
+            if any(host == w or host.endswith("." + w) for w in wrapped):
+                continue  # a target_parameters wrapper (formats/peft/experts.py), not a target_modules match
             if not _targeted(name, targets):
                 report.add(
                     "warning",
@@ -207,7 +212,7 @@ def _check_peft_config(adapter: Adapter, cfg: dict[str, Any], report: Validation
                     "not_targeted",
                     f"module {name} is not matched by target_modules {targets!r}; PEFT will ignore its tensors",
                 )
-    names = list(adapter.modules)
+    names = [getattr(m, "parameter", n) for n, m in adapter.modules.items()]  # expert slices: their parameter
     for key in ("rank_pattern", "alpha_pattern"):
         for pattern in cfg.get(key) or {}:
             if not any(re.match(rf"(.*\.)?({pattern})$", n) for n in names):
