@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from moe_support import build_moe, moe_peft, run_cli
+from moe_support import TOL, build_moe, load_model, logits, moe_peft, run_cli, sample_ids
 
 from loratools.files.safetensors_file import load_file, save_file
 
@@ -180,3 +180,27 @@ def test_dense_base_is_refused_naming_what_was_looked_for(good: tuple[Path, Path
     out = tmp_path / "out"
     expect = ("model.layers.1.mlp.experts", "no tensor in the base", "experts.0.down_proj.weight")
     _refused(["merge", base, lora, "-o", out], out, expect, lora)
+
+
+def test_unknown_model_type_with_square_experts_is_refused(tmp_path: Path) -> None:
+    """Neither the adapter (no auto_mapping) nor the base (an unknown model_type) says how a fused parameter
+    stores its experts: a non-square stack decides by its shape, a square one is refused, never guessed."""
+    model = build_moe("gpt_oss", intermediate_size=32)  # down_proj (E, 32, 32): square per expert
+    base = tmp_path / "base"
+    model.save_pretrained(str(base))
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "model_type": "my_moe"}))
+    for targets, ok in ((["mlp.experts.gate_up_proj"], True), (["mlp.experts.down_proj"], False)):
+        lora = tmp_path / f"lora-{ok}"
+        pm = moe_peft(model, lora, target_parameters=targets)
+        acfg = json.loads((lora / CONFIG).read_text())
+        (lora / CONFIG).write_text(json.dumps({**acfg, "auto_mapping": None}))
+        out = tmp_path / f"out-{ok}"
+        if ok:
+            code, _, err = run_cli(["merge", base, lora, "-o", out])
+            assert code == 0, err
+            (out / "config.json").write_text(json.dumps(cfg))  # back to gpt_oss, to load it in transformers
+            ids = sample_ids()
+            assert float((logits(load_model(out), ids) - logits(pm, ids)).abs().max()) <= TOL
+        else:
+            _refused(["merge", base, lora, "-o", out], out, ("square per expert", "(out, in) or (in, out)"), lora)
