@@ -222,6 +222,8 @@ class PeftFormat(AdapterFormat):
 
     @classmethod
     def sniff(cls, path: Path) -> bool:
+        if path.is_dir() and (path / "adapters.safetensors").is_file() and not any(path.glob("adapter_model.*")):
+            return False  # an mlx-lm adapter (formats/mlx.py): same config name, other tensors
         return (path.is_dir() and (path / CONFIG).is_file()) or _inside_folder(path) or bool(component_folders(path))
 
     @classmethod
@@ -316,6 +318,7 @@ class PeftFormat(AdapterFormat):
                 },
                 "alora_invocation_tokens": check_tokens(cfg.get("alora_invocation_tokens"), path / CONFIG),
                 "files": [str(path / CONFIG), str(weights_file)],
+                "config_modules": None if experts else sorted(modules),  # what target_modules selected
                 **(
                     {"trainable_tokens": token_rows(token_values, cfg.get("trainable_token_indices"), path / CONFIG)}
                     if token_values
