@@ -183,6 +183,8 @@ class GgufFormat(AdapterFormat):
                 path=path,
             )
         adapter_type = reader.string(gguf.Keys.Adapter.TYPE)
+        if adapter_type is None:
+            raise FormatError(f"{path}: GGUF adapter without adapter.type (llama.cpp needs 'lora')", path=path)
         if adapter_type != "lora":
             raise UnsupportedError(f"{path}: adapter.type is {adapter_type!r}, not 'lora'", path=path)
         arch = reader.string(gguf.Keys.General.ARCHITECTURE)

@@ -194,7 +194,9 @@ def _from_gguf(path: Path) -> GgufBase:
             f"{path}: is a GGUF adapter, not a base model",
             hint="--base takes the model the adapter is for (a .gguf model file or a Hugging Face folder)",
         )
-    arch = str(reader.string(gguf.Keys.General.ARCHITECTURE))
+    arch = reader.string(gguf.Keys.General.ARCHITECTURE)
+    if arch is None:
+        raise FormatError(f"{path}: GGUF model without general.architecture", path=path)
     spec = spec_for_gguf_arch(arch, path)
     n_layer = block_count(reader, arch, model=True)
     n_head, n_head_kv = head_counts(reader, arch, model=True) or (0, 0)
@@ -234,7 +236,8 @@ def read_tensor(path: Path, name: str, reader: Any = None) -> torch.Tensor:
         arr = np.array(t.data)
     else:
         try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf scales: check_tensors names them
+                arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise UnsupportedError(
                 f"{path}: tensor {name} is stored as {t.type_label}, which the gguf package cannot dequantize",

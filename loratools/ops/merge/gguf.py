@@ -105,7 +105,8 @@ def _merged(t: Any, pairs: list[Any], fd: int, where: Path) -> tuple[np.ndarray,
     from loratools.errors import NumericError, UnsupportedError
 
     try:
-        values = gguf.quants.dequantize(_read_private(t, fd), t.tensor_type)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf scales: refused below, by name
+            values = gguf.quants.dequantize(_read_private(t, fd), t.tensor_type)
     except NotImplementedError:
         raise UnsupportedError(
             f"{where}: tensor {t.name} is stored as {t.type_label}, which the gguf package cannot dequantize",
