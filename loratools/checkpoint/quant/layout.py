@@ -150,8 +150,11 @@ class QuantizedCheckpoint:
                 continue
             module = k[: -len(".SCB")]
             wkey = f"{module}.weight"
-            if wkey not in keys or self.raw_info(wkey).dtype != "I8":
+            if wkey not in keys:
                 continue
+            if self.raw_info(wkey).dtype != "I8":
+                raise FormatError(f"{self._at(wkey)} is stored as {self.raw_info(wkey).dtype}; beside its SCB an 8-bit "
+                                  "weight is I8", hint=checks.DAMAGED)  # fmt: skip
             parts = {"weight": wkey, "SCB": k}
             if f"{wkey}_format" in keys:
                 parts["format"] = f"{wkey}_format"
@@ -160,6 +163,11 @@ class QuantizedCheckpoint:
 
     def _fp8(self, keys: set[str]) -> None:
         block_t = checks.block_size(self.qcfg, self.config_at)
+        for k in sorted(keys):
+            w = k.removesuffix("_scale_inv")
+            if w != k and w in keys and self.raw_info(w).dtype not in ("F8_E4M3", "F8_E5M2"):
+                raise FormatError(f"{self._at(w)} is stored as {self.raw_info(w).dtype}; beside its {k} an FP8 weight "
+                                  "is F8_E4M3 or F8_E5M2", hint=checks.DAMAGED)  # fmt: skip
         for k in sorted(keys):
             if not k.endswith(".weight") or self.raw_info(k).dtype not in ("F8_E4M3", "F8_E5M2"):
                 continue
