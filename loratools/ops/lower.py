@@ -212,6 +212,8 @@ def lora_view(adapter: Adapter, command: str) -> Adapter:
     from loratools.errors import UnsupportedError
     from loratools.model.adapter import LoraModule
 
+    if all(isinstance(m, LoraModule) for m in adapter.modules.values()):
+        return adapter  # plain LoRA already: its config (task type, the user's target_modules) still holds
     modules: dict[str, Any] = {}
     for name, m in adapter.modules.items():
         if isinstance(m, LoraModule):

@@ -55,12 +55,18 @@ def test_reread_is_identical(tmp_path) -> None:
 
 
 def test_written_config_is_plain_peft(tmp_path) -> None:
-    save_adapter(load_adapter(adapter_dir("llama-patterns")), tmp_path / "p")
+    adapter = load_adapter(adapter_dir("llama-patterns"))
+    save_adapter(adapter, tmp_path / "p")
     cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 7
     assert cfg["init_lora_weights"] is True  # layers PEFT creates but the file lacks start as a zero delta
+    own = json.loads((adapter_dir("llama-patterns") / "adapter_config.json").read_text())["target_modules"]
+    assert cfg["target_modules"] == own  # the same modules: the user's own names are kept (issue 19.4)
+    save_adapter(adapter.select(exclude=r"\.0\.self_attn\.q_proj$"), tmp_path / "fewer")
+    cfg = json.loads((tmp_path / "fewer" / "adapter_config.json").read_text())
     leaves = ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")
-    assert cfg["target_modules"] == sorted(f"model.layers.{i}.{leaf}" for i in range(2) for leaf in leaves)
+    paths = sorted(f"model.layers.{i}.{leaf}" for i in range(2) for leaf in leaves)
+    assert cfg["target_modules"] == [p for p in paths if p != "model.layers.0.self_attn.q_proj"]  # exact paths
 
 
 def test_save_refuses_existing_output(tmp_path) -> None:

@@ -293,3 +293,48 @@ def test_validate_gguf_targets_unchanged_for_a_mapped_model() -> None:
         ["validate", adapter_dir("llama-lora"), "--target", "llama.cpp", "--base", base_dir("llama"), "--json"]
     )
     assert code == 0 and json.loads(out)["ok"]
+
+
+def _peft_wrapped(folder: Path, kind: str) -> set[str]:
+    """The modules PEFT itself wraps when it loads ``folder`` onto the fixture base (the oracle)."""
+    from foundation_support import load_base
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    model = PeftModel.from_pretrained(load_base(kind), str(folder))
+    return {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@pytest.mark.parametrize("fixture,kind", [("llama-lora", "llama"), ("bert-lora", "bert"), ("gpt2-lora", "gpt2")])
+def test_writers_keep_the_users_target_modules(tmp_path, fixture: str, kind: str) -> None:
+    """rescale (and resize, convert --to peft, combine of same-module adapters) keep the adapter's own
+    target_modules when the module set is unchanged, so diff shows no config change; PEFT wraps the same
+    modules. A changed set (convert --exclude) is written as exact module paths."""
+    import json
+
+    from models import run_cli
+
+    src = adapter_dir(fixture)
+    own = json.loads((src / "adapter_config.json").read_text())["target_modules"]
+    wrapped = _peft_wrapped(src, kind)
+    runs = {
+        "rescale": ["rescale", src, "--scale", "0.5"],
+        "resize": ["resize", src, "--rank", "2"],
+        "convert": ["convert", src, "--to", "peft"],
+        "combine": ["combine", src, src, "--weights", "0.5,0.25"],
+    }
+    for name, args in runs.items():
+        code, _, err = run_cli([*args, "-o", tmp_path / name, "-q"])
+        assert code == 0, (name, err)
+        assert json.loads((tmp_path / name / "adapter_config.json").read_text())["target_modules"] == own, name
+        assert _peft_wrapped(tmp_path / name, kind) == wrapped, name
+    code, out, _ = run_cli(["diff", src, tmp_path / "rescale", "--json"])
+    assert code == 0 and "target_modules" not in json.loads(out)["config"]
+    code, human, _ = run_cli(["diff", src, tmp_path / "rescale"])
+    assert "target_modules" not in human
+
+    first = sorted(wrapped)[0]
+    code, _, err = run_cli(["convert", src, "--to", "peft", "--exclude", f"^{first}$", "-o", tmp_path / "fewer", "-q"])
+    assert code == 0, err
+    written = json.loads((tmp_path / "fewer" / "adapter_config.json").read_text())["target_modules"]
+    assert written == sorted(wrapped - {first}) and _peft_wrapped(tmp_path / "fewer", kind) == wrapped - {first}

@@ -1,6 +1,6 @@
 """The ``adapter_config.json`` that makes PEFT rebuild exactly an adapter's modules, ranks and scales:
-the writing half of the PEFT format (targets as full module paths, rank/alpha patterns for what differs
-from the most common value, rank-0 modules left out)."""
+the writing half of the PEFT format (the adapter's own targets when its module set is unchanged, else full
+module paths; rank/alpha patterns for what differs from the most common value, rank-0 modules left out)."""
 
 from __future__ import annotations
 
@@ -37,11 +37,10 @@ def config_for(adapter: Adapter) -> dict[str, Any]:
     alpha = alpha_counts.most_common(1)[0][0] if mods else 8.0
     rank_pattern = {re.escape(n): m.rank for n, m in mods.items() if m.rank != r}
     alpha_pattern = {re.escape(n): _num(m.alpha) for n, m in mods.items() if float(m.alpha) != alpha}
-    # full module paths: PEFT takes a list entry as the exact name (or a dotted suffix of one), so a
-    # leaf name would also wrap same-named modules the file holds no tensors for (BERT's three `dense`)
-    targets = sorted(mods)
     to_save = sorted({k.rpartition(".")[0] for k in adapter.replacements if k.rpartition(".")[0] not in mods})
     old = dict(adapter.meta.get("config") or {}) if adapter.format == "peft" else {}
+    kept = kept_targets(adapter, mods)
+    targets = kept["target_modules"] if kept else sorted(mods)
     cfg: dict[str, Any] = {**old}
     cfg.update(
         {
@@ -67,7 +66,26 @@ def config_for(adapter: Adapter) -> dict[str, Any]:
     )
     for stale in ("layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters"):
         cfg.pop(stale, None)
+    cfg.update(kept or {})
     return cfg
+
+
+#: config fields that together say which modules PEFT wraps
+TARGET_FIELDS = ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules")
+
+
+def kept_targets(adapter: Adapter, mods: Any) -> dict[str, Any] | None:
+    """The adapter's own target fields (``target_modules: [q_proj, v_proj]``) when the modules written are
+    exactly those it was read with, else None: the writer then lists full module paths, because PEFT takes a
+    list entry as an exact name or dotted suffix, and a leaf name would also wrap same-named modules the file
+    holds no tensors for (BERT's three ``dense``). A user's short names survive rescale and resize."""
+    cfg = adapter.meta.get("config")
+    read_with = adapter.meta.get("config_modules")
+    if adapter.format != "peft" or not isinstance(cfg, dict) or not isinstance(read_with, list):
+        return None
+    if sorted(mods) != read_with or cfg.get("target_modules") in (None, [], ""):
+        return None
+    return {k: cfg[k] for k in TARGET_FIELDS if cfg.get(k) is not None}
 
 
 def refuse_mixed_dora(mods: dict[str, LoraModule], where: str) -> None:

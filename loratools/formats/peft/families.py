@@ -198,8 +198,10 @@ def family_config(adapter: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = (
         {k: v for k, v in old.items() if k not in _LORA_ONLY} if old.get("peft_type") == peft_type else {}
     )
-    # full module paths: a list entry is an exact name or dotted suffix, so a leaf name could wrap more
-    targets = sorted(mods)
+    from loratools.formats.peft.config import kept_targets
+
+    kept = kept_targets(adapter, mods)  # the user's short names when the module set is unchanged
+    targets = kept["target_modules"] if kept else sorted(mods)  # else full paths: a leaf name could wrap more
     to_save = sorted({k.rpartition(".")[0] for k in adapter.replacements if k.rpartition(".")[0] not in mods})
     cfg.update(
         {
@@ -286,6 +288,7 @@ def read_adapter(
             "metadata": metadata,
             "provenance": read_provenance(metadata),
             "files": [str(path / "adapter_config.json"), str(weights_file)],
+            "config_modules": sorted(modules),  # what target_modules selected (config.kept_targets)
         },
     )
 
