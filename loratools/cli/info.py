@@ -124,9 +124,8 @@ def _expert_rows(groups: list[dict[str, Any]]) -> list[tuple[str, str]]:
         n, touched = g["num_experts"], g["touched"]
         which = "all" if len(touched) == n else (", ".join(map(str, touched)) or "none")
         layout = g["layout"] + ("" if g["layout_known"] else " (assumed; the base decides)")
-        rows.append(
-            ("experts" if not rows else "", f"{g['parameter']}: {n} experts, rank {rank} each, {layout}, touched: {which}")
-        )
+        line = f"{g['parameter']}: {n} experts, rank {rank} each, {layout}, touched: {which}"
+        rows.append(("experts" if not rows else "", line))
     return rows
 
 
