@@ -168,12 +168,13 @@ def _builder(source: Callable[[], RawGguf], name: str, edit: Edit) -> Callable[[
 def adapter(
     name: str, edit: Edit, expect: list[str], commands: tuple[str, ...] | None = None, validate_exit: int = 2
 ) -> HostileCase:
-    cmds = {k: v for k, v in ADAPTER_COMMANDS.items() if commands is None or k in commands}
+    every = {**ADAPTER_COMMANDS, "merge-gguf": ["merge", GGUF_F32, "A", "-o", "O"]}  # the GGUF merge path too
+    cmds = {k: v for k, v in every.items() if commands is None or k in commands}
     return HostileCase(f"gguf-{name}", _builder(valid_adapter, "adapter.gguf", edit), expect, cmds, validate_exit)
 
 
 #: an adapter written for another base: what validate --base reports as a finding, merge refuses
-OTHER_BASE = {"commands": ("validate-base", "merge"), "validate_exit": 1}
+OTHER_BASE = {"commands": ("validate-base", "merge", "merge-gguf"), "validate_exit": 1}
 
 
 def base(
@@ -348,7 +349,7 @@ CASES: list[HostileCase] = [
         "factor-nan",  # validate reports it as a finding under the report line that names the file
         _first_value(f"{Q}.lora_b", struct.pack("<f", NAN)),
         ["q_proj.lora_B", "NaN"],
-        ("info", "convert", "merge"),
+        ("info", "convert", "merge", "merge-gguf"),
     ),
     # structure
     adapter("pair-missing-half", _drop_tensor(f"{Q}.lora_b"), [f"{Q}.lora_b"]),

@@ -203,7 +203,7 @@ def merge_gguf(
     if len(weights) != len(adapters):
         raise UsageError(f"{len(weights)} weights for {len(adapters)} adapters", hint="give one --weights per adapter")
     info = load_base(base_path)
-    loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
+    loaded = [a if isinstance(a, Adapter) else load_adapter(a, base=base_path) for a in adapters]  # GGUF: its heads
     if include or exclude:
         loaded = [a.select(include, exclude) for a in loaded]
     from loratools.model.ambiguity import require_unambiguous
