@@ -92,3 +92,12 @@ def test_info_shows_the_mlx_layout(llama, tmp_path) -> None:
     info = json.loads(out)
     assert info["format"] == "mlx" and len(info["modules"]) == 3, info
     assert {m["rank"] for m in info["modules"]} == {4}
+
+
+def test_validate_for_ollama_says_its_importer_loses_the_mlx_scale(peft_adapters, tmp_path) -> None:
+    folder, _ = peft_adapters["rslora"]
+    assert models.run_cli(["convert", folder, "--to", "mlx", "-o", tmp_path / "mlx"])[0] == 0
+    code, out, _ = models.run_cli(["validate", tmp_path / "mlx", "--target", "ollama"])
+    assert code == 1 and "ollama.mlx_scale" in out and "ignores mlx-lm's lora_parameters.scale" in out
+    code, out, _ = models.run_cli(["validate", folder, "--target", "ollama"])
+    assert "mlx_scale" not in out

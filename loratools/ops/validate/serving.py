@@ -118,6 +118,8 @@ def _gguf_conditions(adapter: Adapter, settings: dict[str, Any], base: Any) -> d
         # with a base, the base's own finding says it (naming its config); without one, what the adapter says
         "arch_unknown": ["*"] if unmapped and base is None else [],
         "arch_unmapped": [unmapped] if unmapped else [],
+        # mlx-lm writes a raw lora_parameters.scale, which Ollama's importer never reads (it takes an alpha)
+        "mlx_scale": ["*"] if adapter.format == "mlx" else [],
     }
 
 
