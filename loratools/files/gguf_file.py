@@ -92,7 +92,7 @@ class GgufField:
             return self.contents(raw=True)
         import numpy as np
 
-        return np.frombuffer(self.file._mmap(), dtype="<" + fmt, count=self.count, offset=self.offset + 12)
+        return np.frombuffer(self.file._mm, dtype="<" + fmt, count=self.count, offset=self.offset + 12)
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ class GgufTensor:
         ``GGUFReader`` shapes them: a read-only view of the file's memory map, read on access."""
         import numpy as np
 
-        mm = self.file._mmap()
+        mm = self.file._mm
         plain = _PLAIN.get(self.type_label)
         if plain is not None:
             arr = np.frombuffer(mm, dtype=plain, count=self.n_elements, offset=self.data_offset)
@@ -154,7 +154,7 @@ class GgufFile:
         if self.size < 24:
             self._fh.close()
             raise self._bad(f"{self.size} bytes is too short for a GGUF header")
-        self._mm: mmap.mmap | None = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
         self.fields: dict[str, GgufField] = {}
         self.tensors: list[GgufTensor] = []
         self.alignment = DEFAULT_ALIGNMENT
@@ -172,16 +172,12 @@ class GgufFile:
     def _unpack(self, fmt: str, off: int, what: str) -> Any:
         size = struct.calcsize("<" + fmt)
         self._need(off, size, what)
-        return struct.unpack_from("<" + fmt, self._mm, off)[0]  # type: ignore[arg-type]
-
-    def _mmap(self) -> mmap.mmap:
-        assert self._mm is not None
-        return self._mm
+        return struct.unpack_from("<" + fmt, self._mm, off)[0]
 
     def _string(self, off: int, what: str) -> tuple[bytes, int]:
         n = self._unpack("Q", off, what)
         self._need(off + 8, n, f"{what} (a string of {n} bytes)")
-        return bytes(self._mm[off + 8 : off + 8 + n]), off + 8 + n  # type: ignore[index]
+        return bytes(self._mm[off + 8 : off + 8 + n]), off + 8 + n
 
     def _text(self, raw: bytes, what: str) -> str:
         try:
@@ -215,7 +211,7 @@ class GgufFile:
                 return None, end
             import numpy as np
 
-            return np.frombuffer(self._mm, dtype="<" + fmt, count=count, offset=start).tolist(), end  # type: ignore[arg-type]
+            return np.frombuffer(self._mm, dtype="<" + fmt, count=count, offset=start).tolist(), end
         items: list[Any] | None = None if skip else []
         pos = start
         for _ in range(count):
@@ -223,7 +219,7 @@ class GgufFile:
                 n = self._unpack("Q", pos, f"metadata {key} (a string in the array)")
                 self._need(pos + 8, n, f"metadata {key} (a string of {n} bytes in the array)")
                 if items is not None:
-                    data = bytes(self._mm[pos + 8 : pos + 8 + n])  # type: ignore[index]
+                    data = bytes(self._mm[pos + 8 : pos + 8 + n])
                     items.append(data if raw else self._text(data, f"metadata {key}"))
                 pos += 8 + n
             else:
@@ -235,15 +231,15 @@ class GgufFile:
     def _array_types(self, off: int) -> tuple[int, ...]:
         codes = [ARRAY]
         while True:
-            code = struct.unpack_from("<I", self._mm, off)[0]  # type: ignore[arg-type]
+            code = struct.unpack_from("<I", self._mm, off)[0]
             codes.append(code)
-            if code != ARRAY or not struct.unpack_from("<Q", self._mm, off + 4)[0]:  # type: ignore[arg-type]
+            if code != ARRAY or not struct.unpack_from("<Q", self._mm, off + 4)[0]:
                 return tuple(codes)
             off += 12
 
     # -- the header ---------------------------------------------------------------------------------------
     def _parse(self) -> None:
-        if bytes(self._mm[:4]) != MAGIC:  # type: ignore[index]
+        if bytes(self._mm[:4]) != MAGIC:
             raise FormatError(f"{self.path}: not a GGUF file (no GGUF magic)", path=self.path)
         version = self._unpack("I", 4, "version")
         if version not in VERSIONS:
@@ -279,7 +275,7 @@ class GgufFile:
             raise self._bad(f"metadata {key} has unknown value type {code}")
         if code == ARRAY:
             _, end = self._array(off + 4, key, skip=True)
-            types, count = self._array_types(off + 4), struct.unpack_from("<Q", self._mm, off + 8)[0]  # type: ignore[arg-type]
+            types, count = self._array_types(off + 4), struct.unpack_from("<Q", self._mm, off + 8)[0]
         else:
             _, end = self._value(code, off + 4, key, raw=True)
             types, count = (code,), 1
@@ -293,9 +289,9 @@ class GgufFile:
         if not 1 <= n_dims <= MAX_DIMS:
             raise self._bad(f"tensor {name} has {n_dims} dimensions (GGUF allows 1 to {MAX_DIMS})")
         self._need(off + 4, 8 * n_dims + 12, f"tensor {name} (its info)")
-        dims = struct.unpack_from(f"<{n_dims}Q", self._mm, off + 4)  # type: ignore[arg-type]
+        dims = struct.unpack_from(f"<{n_dims}Q", self._mm, off + 4)
         off += 4 + 8 * n_dims
-        code, rel = struct.unpack_from("<IQ", self._mm, off)  # type: ignore[arg-type]
+        code, rel = struct.unpack_from("<IQ", self._mm, off)
         return (name, tuple(int(d) for d in dims), int(code), int(rel)), off + 12
 
     def _alignment(self) -> int:
