@@ -26,6 +26,7 @@ def _new_tensors(
 
     from loratools.checkpoint.quant.layout import dequantize
     from loratools.checkpoint.quant.requant import requantize
+    from loratools.errors import NumericError
     from loratools.files.safetensors_file import torch_dtype
     from loratools.ops.merge.quant_report import ModuleRow, gap_ratio, share_surviving
 
@@ -41,7 +42,14 @@ def _new_tensors(
     deq = dequantize(t, old, torch.float32, at)
     merged = _merged(job, deq, where)
     new = requantize(t, merged, old, where)
-    back = dequantize(t, new, torch.float32, at)
+    try:
+        back = dequantize(t, new, torch.float32, at)
+    except NumericError:  # the base was checked above: the merged values broke the new state
+        raise NumericError(
+            f"{where}: the merged weight (max |value| {float(merged.abs().max()):.3g}) overflows the "
+            f"{t.scheme} scales it is requantized with",
+            hint="lower the adapter's weight, or merge without --requantize (a 16-bit checkpoint)",
+        ) from None
     delta = merged.sub_(deq)  # ΔW as the merge applied it (merged is not needed any more)
     norm = float(torch.linalg.vector_norm(delta.to(torch.float64)))
     row = ModuleRow(key, t.scheme, norm, rho=share_surviving(back, deq, delta))

@@ -197,17 +197,23 @@ def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance, factor
 
 
 def _cast_checked(name: str, t: torch.Tensor) -> torch.Tensor:
-    """An fp16 output tensor must be finite: a cast to fp16 overflows above 65504 (one cheap fp32 sum)."""
+    """A merged output tensor must be finite (one cheap fp32 sum): a cast to fp16 overflows above 65504, and
+    the in-place update of bf16/fp32 blocks (near their range: a dequantized base) can overflow as well."""
     import torch
 
-    if t.dtype == torch.float16 and not bool(torch.isfinite(t.sum(dtype=torch.float32))):
+    if t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float32))):
         from loratools.model.finite import first_nonfinite
 
         first = first_nonfinite(t)
-        if first is not None:
+        if first is not None and t.dtype == torch.float16:
             raise NumericError(
                 f"tensor {name}: the merged values overflow fp16 (|value| > 65504, first at index {first})",
                 hint="merge with --dtype bf16 or fp32, or lower the adapter's weight; nothing was written",
+            )
+        if first is not None:
+            raise NumericError(
+                f"merging into {name} produced NaN or Inf values (first at index {first})",
+                hint="the base or the adapter holds extreme values; nothing was written",
             )
     return t
 
