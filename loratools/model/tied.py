@@ -45,6 +45,32 @@ def config_ties(cfg: dict[str, Any] | None) -> bool:
     return isinstance(model_type, str) and model_type in TIED_BY_DEFAULT
 
 
+#: model types that scale the decoder's output by d_model**-0.5 before a *tied* head and not before an untied
+#: one: transformers 4.57 tests ``config.tie_word_embeddings`` there (T5, UMT5, LongT5, Pop2Piano,
+#: SwitchTransformers, UDOP); 5.x forces T5/UMT5/LongT5/Pop2Piano configs to tie and tests
+#: ``config.scale_decoder_outputs`` instead, set from the ``tie_word_embeddings`` config.json gives unless the file
+#: says ``scale_decoder_outputs`` itself. (mT5 is left out: 5.x never rescales it, 4.57 does while tied.)
+SCALED_WHEN_TIED = frozenset({"t5", "umt5", "longt5", "pop2piano", "switch_transformers", "udop"})
+
+
+def untied_head_scale(cfg: dict[str, Any] | None) -> float:
+    """The factor an output head untied from the embedding must carry in its weight so that the merged model
+    computes what the tied one did: d_model**-0.5 for the :data:`SCALED_WHEN_TIED` models (untied, both
+    transformers majors drop that rescale of the decoder output; the merged config says so), else 1."""
+    cfg = cfg or {}
+    d_model, scaled = cfg.get("d_model"), cfg.get("scale_decoder_outputs") is not False
+    if cfg.get("model_type") not in SCALED_WHEN_TIED or not config_ties(cfg) or not scaled:
+        return 1.0
+    return float(d_model) ** -0.5 if isinstance(d_model, int) and d_model > 0 else 1.0
+
+
+def untie_config(cfg: dict[str, Any], head_scaled: bool) -> None:
+    """Mark ``cfg`` (one level of config.json) untied; a head that carries its rescale turns the model's off."""
+    cfg["tie_word_embeddings"] = False
+    if head_scaled:
+        cfg["scale_decoder_outputs"] = False  # read by transformers 5.x; 4.57 stops rescaling once untied
+
+
 def tied_embedding_key(reader: Any) -> str | None:
     """The input-embedding key of a base whose config ties word embeddings, else None.
 

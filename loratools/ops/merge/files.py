@@ -82,6 +82,7 @@ def patched_config(path: Path, plan, out_dtype, dequantized: bool = False) -> st
     """config.json with tied embeddings untied, a resized vocabulary, the new dtype recorded and, for a
     dequantized base, ``quantization_config`` removed (loaders would expect packed weights)."""
     from loratools.checkpoint.reader import read_json
+    from loratools.model.tied import untie_config
 
     cfg = read_json(path, "config")
     if dequantized:
@@ -89,7 +90,7 @@ def patched_config(path: Path, plan, out_dtype, dequantized: bool = False) -> st
     targets = [cfg] + [cfg[k] for k in ("text_config",) if isinstance(cfg.get(k), dict)]
     for c in targets:
         if plan.untied and c.get("tie_word_embeddings", c is cfg):
-            c["tie_word_embeddings"] = False
+            untie_config(c, any(j.scale != 1 for j in plan.jobs.values()))
         if plan.vocab_size and "vocab_size" in c:
             c["vocab_size"] = plan.vocab_size
         if out_dtype:

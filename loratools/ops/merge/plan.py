@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from loratools.errors import NumericError, ShapeError, UnsupportedError, UsageError, ValidationError
-from loratools.model.tied import EMBED_SUFFIXES, HEAD_NAMES
+from loratools.model.tied import EMBED_SUFFIXES, HEAD_NAMES, untied_head_scale
 from loratools.model.tied import is_head as _is_head
 from loratools.model.tied import tied_embedding_key as tied_keys
 from loratools.ops.merge import families as fam
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
     from loratools.checkpoint.reader import CheckpointReader
     from loratools.model.adapter import Adapter, LoraModule
-
 
 
 @dataclass
@@ -55,6 +54,8 @@ class TensorJob:
     biases: list[Contribution] = field(default_factory=list)
     shape: tuple[int, ...] = ()
     dtype: str = "F32"
+    #: a factor on the result: an untied T5 head carries the decoder rescale its tied model applied (model/tied.py)
+    scale: float = 1.0
 
     @property
     def dora(self) -> Contribution | None:
@@ -63,7 +64,7 @@ class TensorJob:
     @property
     def is_copy(self) -> bool:
         """A plain copy of a base tensor (possibly under another name: an untied head)."""
-        return self.replacement is None and not self.deltas and not self.biases
+        return self.replacement is None and not self.deltas and not self.biases and self.scale == 1
 
 
 @dataclass
@@ -192,7 +193,8 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
                 if head not in keys and head not in jobs:
                     job(head).source = emb_key
                     new_keys[head] = emb_key
-                job(head)
+                if job(head).source == emb_key or head not in keys:  # the head was the embedding itself
+                    job(head).scale = untied_head_scale(reader.config)
             job(emb_key)
             untied = sorted({emb_key, *(heads or ["lm_head.weight"])})
 
@@ -390,5 +392,7 @@ def compute(j: TensorJob, base: torch.Tensor | None, device: Any = None) -> torc
             fam.scale_bias(c, w)
             continue
         w.add_(c.lora.bias.to(w.device, torch.float32), alpha=c.coefficient)
+    if j.scale != 1:
+        w.mul_(j.scale)
     _check_sum(j, w)
     return w.cpu() if w.device.type != "cpu" else w

@@ -230,6 +230,7 @@ def _make(src: Source, dtype: str, base: BaseBytes, prefix: str, dev, factors) -
         return compute(job, None, dev).to(target)
     source = base.get(job.source[len(prefix) :])
     generic = any(not hasattr(c.lora, "factors") for c in (*job.deltas, *job.biases))  # other families
-    if dev is None and job.dora is None and not generic and source.dtype == target and source.is_floating_point():
+    inplace = dev is None and job.dora is None and not generic and job.scale == 1  # a scaled head: compute()
+    if inplace and source.dtype == target and source.is_floating_point():
         return apply_inplace(job, source, base.scratch(BLOCK_ELEMENTS + source[0].numel()))
     return compute(job, source, dev).to(target)
