@@ -101,8 +101,10 @@ class LdmLayout:
 
 
 def is_ldm(keys: Iterable[str]) -> bool:
-    """True for a single file with the original layout's UNet (``model.diffusion_model.*``)."""
-    return any(k.startswith(UNET) for k in keys)
+    """True for a single file with the original layout's UNet (``model.diffusion_model.*``; a ComfyUI Flux file
+    has that prefix too, over ``double_blocks.``/``single_blocks.``: not a UNet)."""
+    unet = [k for k in keys if k.startswith(UNET)]
+    return bool(unet) and not any(k.startswith((UNET + "double_blocks.", UNET + "single_blocks.")) for k in unet)
 
 
 def _layers_per_block(unet_paths: list[str]) -> int | None:

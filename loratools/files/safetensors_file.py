@@ -300,7 +300,13 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict
     """
     from safetensors.torch import save_file as _save_file
 
-    _save_file(tensors, str(path), metadata=metadata)
+    seen: set[tuple[int, int]] = set()  # tensors sharing memory (fused parts' one A) are written as copies
+    shared = {}
+    for k, t in tensors.items():
+        where = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (0, id(t))
+        shared[k] = t.clone() if where in seen else t
+        seen.add(where)
+    _save_file(shared, str(path), metadata=metadata)
     os.chmod(path, 0o666 & ~_umask())
 
 

@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 WEIGHTS = "pytorch_lora_weights.safetensors"
 WEIGHTS_BIN = "pytorch_lora_weights.bin"
 METADATA_KEY = "lora_adapter_metadata"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-_REFUSED_COMPONENTS = {"transformer": "Flux/SD3 transformer", "prior": "Würstchen prior", "text_encoder_3": "SD3 T5"}
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
+_REFUSED_COMPONENTS = {"prior": "Würstchen prior", "text_encoder_3": "SD3 T5"}
 #: PEFT's suffixes plus diffusers' older forms, longest first within each family
 _ROLES = (
     *PEFT_ROLES,
@@ -157,7 +157,7 @@ class DiffusersFormat(AdapterFormat):
             if component in _REFUSED_COMPONENTS:
                 raise UnsupportedError(
                     f"{weights}: {key!r} belongs to a {_REFUSED_COMPONENTS[component]} LoRA; loratools handles "
-                    "SD1/SD2/SDXL (unet, text_encoder, text_encoder_2) diffusers LoRAs only for now",
+                    "unet, text_encoder, text_encoder_2 and transformer diffusers LoRAs only for now",
                     path=weights,
                 )
             split = _split_key(key)
@@ -199,9 +199,19 @@ class DiffusersFormat(AdapterFormat):
                 )
             except ValidationError as exc:
                 raise type(exc)(f"{weights}: module {name}: {exc.message}", hint=exc.hint, path=weights) from None
+        from loratools.formats.dit.layouts import detect
+
+        found = detect(k for k in tensors if k.startswith("transformer."))  # the family, for info and --to kohya
+        if found is not None and found.family == "flux":  # named as the base names it (a BFL file: fused)
+            from loratools.formats.dit.flux_io import place
+
+            flux = {k[len("transformer.") :]: m for k, m in modules.items() if k.startswith("transformer.")}
+            modules = {k: m for k, m in modules.items() if not k.startswith("transformer.")}
+            modules.update(place(weights, found, None, flux, base))
         return Adapter(
             modules=modules,
             meta={
+                "dit": {"family": found.family, "layout": "diffusers"} if found is not None else None,
                 "format": "diffusers",
                 "base_model": next((c.get("base_model_name_or_path") for c in configs.values() if c), None),
                 "metadata": metadata,
@@ -227,10 +237,20 @@ def _num(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
 
 
+def _pattern(name: str, mods: dict[str, Any]) -> str:
+    """A rank/alpha pattern that PEFT's ``(.*\\.)?(p)$`` matches to ``name`` only: anchored with ``^`` when ``name``
+    ends another module's path (Flux's ``proj_out`` and ``single_transformer_blocks.0.proj_out``)."""
+    suffix = any(other != name and other.endswith("." + name) for other in mods)
+    return ("^" if suffix else "") + re.escape(name)
+
+
 def diffusers_state(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """The diffusers state dict and per-component LoraConfig fields that rebuild every module's scale."""
     from collections import Counter
 
+    from loratools.formats.dit.format import diffusers_named
+
+    adapter = diffusers_named(adapter)  # a Flux adapter named as an original-layout file names it: split
     if adapter.replacements:
         names = ", ".join(list(adapter.replacements)[:5])
         raise UnsupportedError(
@@ -275,8 +295,8 @@ def diffusers_state(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str
         configs[component] = {
             "r": r,
             "lora_alpha": _num(alpha),
-            "rank_pattern": {re.escape(n): m.rank for n, m in mods.items() if m.rank != r},
-            "alpha_pattern": {re.escape(n): _num(m.alpha) for n, m in mods.items() if float(m.alpha) != alpha},
+            "rank_pattern": {_pattern(n, mods): m.rank for n, m in mods.items() if m.rank != r},
+            "alpha_pattern": {_pattern(n, mods): _num(m.alpha) for n, m in mods.items() if float(m.alpha) != alpha},
             "target_modules": sorted(mods),
             "use_rslora": rslora.pop(),
             "use_dora": any(m.magnitude is not None for m in mods.values()),

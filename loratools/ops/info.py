@@ -190,6 +190,7 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
         "provenance": adapter.meta.get("provenance"),
         "experts": expert_summary(adapter),
         "alpha_assumed": sorted(n for n in adapter.meta.get("alpha_assumed") or [] if n in mods),
+        "dit": adapter.meta.get("dit"),
         "notes": _notes(adapter, records),
         "modules": records,
     }

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from loratools.errors import FormatError, UnsupportedError, UsageError, ValidationError, name_list
 from loratools.files.safetensors_file import load_file, read_header, save_file
+from loratools.formats.dit.layouts import original_layout
 from loratools.formats.kohya.lycoris import PARTS as LYCORIS_PARTS
-from loratools.formats.kohya.lycoris import family_parts, module_from_parts
+from loratools.formats.kohya.lycoris import family_parts, module_from_parts, read_alpha
 from loratools.formats.kohya.meta import content_digest, sd_scripts_hashes
 from loratools.formats.registry import AdapterFormat, register_format
 from loratools.model.adapter import Adapter, LoraModule
@@ -185,11 +186,17 @@ class KohyaFormat(AdapterFormat):
             tensors, _ = read_header(path)
         except FormatError:
             return False
-        return any(_NAME.match(k.partition(".")[0]) or k.startswith("diffusion_model.") for k in tensors)
+        names = any(_NAME.match(k.partition(".")[0]) or k.startswith("diffusion_model.") for k in tensors)
+        return names or original_layout(tensors) is not None  # BFL/XLabs files: read or refused by name
 
     @classmethod
     def read(cls, path: Path, base: KeyResolver | None = None) -> Adapter:
         tensors, metadata = load_file(path)
+        found = original_layout(tensors)  # a diffusion-transformer file (Flux, Wan ...): read or refused by family
+        if found is not None:
+            from loratools.formats.dit.format import read_dit
+
+            return read_dit(path, tensors, metadata, base, found)
         _refuse_layouts(path, list(tensors))
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
@@ -266,11 +273,8 @@ class KohyaFormat(AdapterFormat):
 def _module(path: Path, name: str, p: dict[str, torch.Tensor]) -> LoraModule:
     down, up = p["down"], p["up"]
     rank = int(down.shape[0])
-    alpha_t = p.get("alpha")
-    alpha = float(alpha_t.float().reshape(-1)[0]) if alpha_t is not None and alpha_t.numel() == 1 else None
-    if alpha_t is not None and alpha_t.numel() != 1:
-        raise FormatError(f"{path}: {name}.alpha has {alpha_t.numel()} values; expected a scalar", path=path)
-    if alpha is None or alpha == 0 or not math.isfinite(alpha):
+    alpha = read_alpha(path, name, p.get("alpha"))  # NaN/Inf/absurd refused: not taken for "no alpha"
+    if alpha is None or alpha == 0:
         alpha = float(rank)  # kohya's rule: no alpha means scale 1
     magnitude = p.get("dora_scale")
     if magnitude is not None:
@@ -349,6 +353,10 @@ def _alpha_tensor(alpha: float, like: torch.Tensor) -> torch.Tensor:
 
 def kohya_tensors(adapter: Adapter, kohya_prefix: str | None = None) -> dict[str, torch.Tensor]:
     """The kohya state dict for ``adapter``; refuses (listing modules) what kohya files cannot hold."""
+    from loratools.formats.dit.format import dit_tensors
+
+    if (dit := dit_tensors(adapter, "kohya")) is not None:  # Flux: lora_unet_ + the BFL names, projections fused
+        return dit
     bad = [f"{n} (embedding)" for n, m in adapter.modules.items() if m.kind == "embedding"]
     bad += [f"{n} (lora_B bias)" for n, m in adapter.modules.items() if getattr(m, "bias", None) is not None]
     bad += [f"{n} (fan_in_fan_out / Conv1D layout)" for n, m in adapter.modules.items() if _fifo(m)]

@@ -1,0 +1,278 @@
+"""Flux LoRA files in the original (BFL) naming: kohya/sd-scripts/musubi ``lora_unet_double_blocks_0_img_attn_qkv``,
+ComfyUI ``diffusion_model.double_blocks.0.img_attn.qkv`` and BFL's bare ``double_blocks.0.img_attn.qkv`` (parts
+``lora_down.weight``/``lora_A.weight``, ``lora_up.weight``/``lora_B.weight``, ``alpha``), read and written.
+
+Read, a module is named as the base names it: with no base, a diffusers pipeline or a bare transformer folder,
+the diffusers names (``transformer.transformer_blocks.0.attn.to_q``; fused modules split, :mod:`..flux`); with an
+original-layout single file, that file's own names (``model.diffusion_model.double_blocks.0.img_attn.qkv``;
+fused modules kept, diffusers-named parts fused). kohya's alpha rule holds per module: scale = alpha/rank, a
+missing or zero alpha means alpha = rank (sd-scripts ``networks/lora_flux.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loratools.errors import FormatError, ShapeError, UnsupportedError, ValidationError
+from loratools.formats.dit import flux
+from loratools.formats.dit.layouts import LABELS, DitLayout, describe
+from loratools.model.adapter import LoraModule
+from loratools.model.fused import fuse, split, swap_halves
+
+if TYPE_CHECKING:
+    import torch
+
+    from loratools.formats.registry import KeyResolver
+
+_PARTS = {
+    "lora_down.weight": "down", "lora_A.weight": "down", "lora_up.weight": "up", "lora_B.weight": "up",
+    "alpha": "alpha",
+}  # fmt: skip
+_COMFY = ("model.diffusion_model.", "diffusion_model.")
+#: kohya text-encoder prefixes of Flux files -> the Flux pipeline component (CLIP-L, T5-XXL)
+TEXT_PREFIX = {"lora_te1_": "text_encoder", "lora_te_": "text_encoder", "lora_te3_": "text_encoder_2"}
+_TEXT_BACK = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}
+_TE_ROOTS = ("encoder.", "embeddings.", "final_layer_norm")
+_BFL_PROBE = re.compile(r"^(.*?)(double_blocks\.\d+\.img_attn\.qkv|single_blocks\.\d+\.linear1)\.weight$")
+
+
+def _split_key(path: Path, key: str, layout: str) -> tuple[str, str, bool]:
+    """``(module, part, text_encoder)`` of one tensor name; FormatError naming it when it is none."""
+    name, part = None, None
+    for suffix, role in _PARTS.items():
+        if key.endswith("." + suffix):
+            name, part = key[: -len(suffix) - 1], role
+            break
+    if name is None or part is None:
+        what = key.rsplit(".", 2)[-2:] if "." in key else [key]
+        if any(w in ("dora_scale",) for w in what):
+            raise UnsupportedError(f"{path}: {key!r} is DoRA (dora_scale) on Flux, which loratools does not read yet",
+                                   path=path)  # fmt: skip
+        if any(w.startswith(("hada_", "lokr_", "oft_")) for w in what):
+            raise UnsupportedError(f"{path}: {key!r} is a LyCORIS LoHa/LoKr/OFT tensor on Flux, which loratools "
+                                   "does not read yet", path=path)  # fmt: skip
+        raise FormatError(
+            f"{path}: tensor {key!r} is not a Flux LoRA tensor (expected <module>.lora_down.weight / lora_A.weight, "
+            ".lora_up.weight / lora_B.weight or .alpha)",
+            path=path,
+        )
+    if layout == "kohya":
+        for prefix in TEXT_PREFIX:
+            if name.startswith(prefix):
+                return name, part, True
+        bfl = flux.bfl_path(name.removeprefix("lora_unet_")) if name.startswith("lora_unet_") else None
+    else:
+        bare = next((name[len(p) :] for p in _COMFY if name.startswith(p)), name)
+        bfl = bare if flux.to_diffusers(bare) is not None else None
+    if bfl is None:
+        raise FormatError(f"{path}: tensor {key!r} names no Flux module (double_blocks.N.img_attn.qkv, "
+                          "single_blocks.N.linear1, img_in ...)", path=path)  # fmt: skip
+    return bfl, part, False
+
+
+def _module(path: Path, name: str, p: dict[str, torch.Tensor]) -> LoraModule:
+    for role, label in (("down", "lora_down (A)"), ("up", "lora_up (B)")):
+        if role not in p:
+            raise ValidationError(f"{path}: Flux module {name} has no {label} tensor", path=path)
+        if p[role].ndim != 2:
+            raise ShapeError(f"{path}: {name} {label} is {tuple(p[role].shape)}; a Flux LoRA factor is 2-D",
+                             path=path)  # fmt: skip
+    alpha_t = p.get("alpha")
+    if alpha_t is not None and alpha_t.numel() != 1:
+        raise FormatError(f"{path}: {name}.alpha has {alpha_t.numel()} values; expected a scalar", path=path)
+    alpha = float(alpha_t.float().reshape(-1)[0]) if alpha_t is not None and not alpha_t.is_meta else None
+    if alpha is not None and not math.isfinite(alpha):
+        raise FormatError(f"{path}: {name}.alpha is {alpha}", hint="the file is damaged; re-export it", path=path)
+    rank = int(p["down"].shape[0])
+    try:
+        return LoraModule(down=p["down"], up=p["up"], alpha=float(rank) if not alpha else alpha)
+    except ValidationError as exc:
+        raise type(exc)(f"{path}: module {name}: {exc.message}", hint=exc.hint, path=path) from None
+
+
+def read_bfl_named(
+    path: Path, tensors: dict[str, torch.Tensor], found: DitLayout
+) -> tuple[dict[str, LoraModule], dict[str, LoraModule], list[str]]:
+    """``(Flux modules by BFL path, text-encoder modules by kohya name, modules without an alpha)``."""
+    parts: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        name, part, text = _split_key(path, key, found.layout)
+        slot = parts.setdefault((name, text), {})
+        if part in slot:
+            raise ValidationError(f"{path}: module {name} has two {part} tensors (one is {key!r})", path=path)
+        slot[part] = t
+    modules: dict[str, LoraModule] = {}
+    text: dict[str, LoraModule] = {}
+    assumed = []
+    for (name, is_text), p in sorted(parts.items()):
+        m = _module(path, name, p)
+        (text if is_text else modules)[name] = m
+        if "alpha" not in p:
+            assumed.append(name)
+        if not is_text:
+            _check_fused(path, name, m)
+    return modules, text, assumed
+
+
+def _check_fused(path: Path, name: str, m: LoraModule) -> None:
+    rows = flux.part_rows(name, m.out_features, m.in_features)
+    if rows is None or (name == flux.SWAPPED and m.out_features % 2):
+        want = "3·D+MLP rows for D inputs" if name.endswith("linear1") else "an even row count" \
+            if name == flux.SWAPPED else "a multiple of 3 rows"  # fmt: skip
+        raise ShapeError(f"{path}: {name} lora_up (B) has {m.out_features} rows for {m.in_features} inputs; "
+                         f"the fused Flux weight has {want}", path=path)  # fmt: skip
+
+
+def split_to_diffusers(path: Path, modules: dict[str, LoraModule]) -> dict[str, LoraModule]:
+    """BFL-named modules -> diffusers-named ones (fused modules split, ``norm_out`` halves swapped)."""
+    out: dict[str, LoraModule] = {}
+    for name, m in modules.items():
+        targets = flux.to_diffusers(name) or ()
+        if len(targets) == 1:
+            out[targets[0]] = swap_halves(m) if name == flux.SWAPPED else m
+            continue
+        rows = flux.part_rows(name, m.out_features, m.in_features) or []
+        for target, piece in zip(targets, split(m, rows, f"{path}: {name}"), strict=True):
+            if piece is not None:
+                out[target] = piece
+    return out
+
+
+def fuse_to_bfl(modules: dict[str, LoraModule], rows_of: Any = None) -> dict[str, LoraModule]:
+    """Diffusers-named Flux modules (no component prefix) -> BFL-named ones; ``rows_of(bfl) -> list`` gives a fused
+    tensor's part rows when a base knows them (else siblings and ``flux.MLP_RATIO`` do)."""
+    groups: dict[str, dict[int, LoraModule]] = {}
+    counts: dict[str, int] = {}
+    for name, m in modules.items():
+        target = flux.to_bfl(name)
+        if target is None:
+            raise UnsupportedError(f"module {name} is not a Flux transformer module; it has no original-layout name")
+        bfl, index, count = target
+        groups.setdefault(bfl, {})[index] = m
+        counts[bfl] = count
+    out: dict[str, LoraModule] = {}
+    for bfl, parts in groups.items():
+        if counts[bfl] == 1:
+            m = parts[0]
+            out[bfl] = swap_halves(m) if bfl == flux.SWAPPED else m
+            continue
+        width = next(iter(parts.values())).in_features
+        rows = rows_of(bfl) if rows_of else None
+        if rows is None:
+            known = {i: p.out_features for i, p in parts.items()}
+            rows = [known.get(i) or flux.missing_part_rows(bfl, i, width, known) for i in range(counts[bfl])]
+        out[bfl] = fuse([parts.get(i) for i in range(counts[bfl])], rows, f"module {bfl}")
+    return out
+
+
+# -- the base -------------------------------------------------------------------------------------------------
+def bfl_prefix(base: KeyResolver | None) -> str | None:
+    """The prefix of a Flux original-layout single file's names (``""``, ``model.diffusion_model.``), else None."""
+    if base is None or base.kind != "file":
+        return None
+    for k in base.keys():
+        m = _BFL_PROBE.match(k)
+        if m:
+            return m.group(1)
+    return None
+
+
+def base_family(base: KeyResolver) -> str:
+    """What the base is, for a refusal (``a Flux diffusers pipeline``, ``an SD/SDXL pipeline (unet)``)."""
+    from loratools.formats.dit.layouts import family_of
+
+    if base.kind == "pipeline":
+        comp = base.components.get("transformer")
+        cls = (comp.config or {}).get("_class_name") if comp is not None else None
+        if cls:
+            return f"a {cls} pipeline"
+        return f"a pipeline without a transformer (components {', '.join(sorted(base.components)) or 'none'})"
+    cls = (base.config or {}).get("_class_name") or (base.config or {}).get("model_type")
+    if cls:
+        return f"a {cls} model"
+    keys = base.keys()
+    if any(k.startswith("model.diffusion_model.input_blocks.") for k in keys):
+        return "a Stable Diffusion (UNet) single file"
+    for k in keys[:2000]:
+        f = family_of(k)
+        if f:
+            return f"a {LABELS[f]} checkpoint"
+    return "a checkpoint of another architecture"
+
+
+def place(
+    path: Path, found: DitLayout, bfl: dict[str, LoraModule] | None, diffusers: dict[str, LoraModule] | None,
+    base: KeyResolver | None,
+) -> dict[str, LoraModule]:  # fmt: skip
+    """Flux modules named as ``base`` names them (see the module docstring); refuses a base they cannot bind to."""
+    if base is None:
+        named = diffusers if diffusers is not None else split_to_diffusers(path, bfl or {})
+        return {f"transformer.{k}": m for k, m in named.items()}
+    prefix = bfl_prefix(base)
+    if prefix is not None:
+        if bfl is None:
+            shapes = base
+
+            def rows_of(name: str) -> list[int] | None:
+                key = f"{prefix}{name}.weight"
+                if key not in shapes.keys():
+                    return None
+                out, inp = (int(s) for s in shapes.info(key).shape[:2])
+                return flux.part_rows(name, out, inp)
+
+            bfl = fuse_to_bfl(diffusers or {}, rows_of)
+        return {prefix + k: m for k, m in bfl.items()}
+    named = diffusers if diffusers is not None else split_to_diffusers(path, bfl or {})
+    if base.kind == "pipeline":
+        if "transformer" not in base.components:
+            _refuse_base(path, found, base)
+        return {f"transformer.{k}": m for k, m in named.items()}
+    if not any(base.tensor_key(f"transformer.{k}") for k in list(named)[:50]):
+        _refuse_base(path, found, base)
+    return {f"transformer.{k}": m for k, m in named.items()}
+
+
+def _refuse_base(path: Path, found: DitLayout, base: KeyResolver) -> None:
+    raise ValidationError(
+        f"{path}: this is {describe(found)}, and none of its modules is in the base {getattr(base, 'root', '')} "
+        f"({base_family(base)})",
+        hint="merge it into a Flux diffusers pipeline folder, its transformer/ folder or an original-layout Flux "
+        "single file",
+        path=path,
+    )
+
+
+def text_names(text: dict[str, LoraModule], base: KeyResolver | None) -> dict[str, LoraModule]:
+    """Text-encoder modules (kohya names) resolved against a pipeline's text encoders; kept as they are else."""
+    if base is None or base.kind != "pipeline":
+        return dict(text)
+    out = {}
+    for name, m in text.items():
+        prefix = next(p for p in TEXT_PREFIX if name.startswith(p))
+        component = TEXT_PREFIX[prefix]
+        reader = base.components.get(component)
+        index: dict[str, str] = {}
+        for k in reader.keys() if reader is not None else []:
+            if k.endswith(".weight"):
+                mod = k[: -len(".weight")]
+                index.setdefault(mod.replace(".", "_"), mod)
+                index.setdefault(("text_model." + mod).replace(".", "_"), mod)
+        found = index.get(name[len(prefix) :])
+        out[f"{component}.{found}" if found else name] = m
+    return out
+
+
+def kohya_text_name(name: str) -> str | None:
+    """The kohya name of a Flux pipeline's text-encoder module (``text_encoder.encoder.layers.0...``), else None."""
+    component, _, rest = name.partition(".")
+    if component not in _TEXT_BACK:
+        return None
+    if component == "text_encoder" and rest.startswith(_TE_ROOTS):
+        rest = "text_model." + rest
+    return _TEXT_BACK[component] + rest.replace(".", "_")
+
+
+__all__ = ["base_family", "bfl_prefix", "fuse_to_bfl", "place", "read_bfl_named", "split_to_diffusers"]

@@ -1,0 +1,199 @@
+"""The original-layout Flux files as adapters: read (kohya/musubi, ComfyUI, BFL; ``KohyaFormat`` hands them here),
+written as kohya (``lora_unet_…``) or ComfyUI (``diffusion_model.…``; the ``comfyui`` format registered here).
+
+ComfyUI files are written with ``lora_down.weight`` / ``lora_up.weight`` / ``alpha`` beside ``diffusion_model.``
+names: ComfyUI's ``comfy/lora.py`` reads them, and so does diffusers (its Flux loader turns ``diffusion_model.``
+into ``lora_unet_`` and takes the kohya path).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loratools.errors import UnsupportedError, name_list
+from loratools.formats.dit import flux
+from loratools.formats.dit.flux_io import (
+    fuse_to_bfl,
+    kohya_text_name,
+    place,
+    read_bfl_named,
+    text_names,
+)
+from loratools.formats.dit.layouts import DitLayout, detect, refuse_unhandled
+from loratools.formats.registry import AdapterFormat, register_format
+from loratools.model.adapter import Adapter, LoraModule
+
+if TYPE_CHECKING:
+    import torch
+
+    from loratools.formats.registry import KeyResolver
+
+_COMFY = ("model.diffusion_model.", "diffusion_model.")
+
+
+def read_dit(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], base: KeyResolver | None,
+    found: DitLayout,
+) -> Adapter:  # fmt: skip
+    """A Flux file in the kohya, ComfyUI or BFL layout as an :class:`Adapter` (others refused by name)."""
+    from loratools.publishing.publish import read_provenance
+
+    refuse_unhandled(path, found)
+    bfl, text, assumed = read_bfl_named(path, tensors, found)
+    modules = place(path, found, bfl, None, base)
+    modules.update(text_names(text, base))
+    return Adapter(
+        modules=modules,
+        meta={
+            "format": "kohya" if found.layout == "kohya" else "comfyui",
+            "dit": {"family": found.family, "layout": found.layout},
+            "base_model": metadata.get("ss_sd_model_name") or metadata.get("modelspec.architecture"),
+            "metadata": metadata,
+            "provenance": read_provenance(metadata),
+            "alpha_assumed": assumed,
+            "files": [str(path)],
+        },
+    )
+
+
+def dit_family(adapter: Adapter) -> str | None:
+    """The diffusion-transformer family of an adapter (recorded by its reader, else told by its module names)."""
+    recorded = (adapter.meta.get("dit") or {}).get("family")
+    if recorded:
+        return str(recorded)
+    names = [n for n in adapter.modules if not n.startswith(("text_encoder", "lora_te"))]
+    found = detect(f"{n}.lora_A.weight" for n in names) if names else None
+    return found.family if found is not None else None
+
+
+def _bfl_named(adapter: Adapter) -> tuple[dict[str, LoraModule], dict[str, LoraModule]]:
+    """``(transformer modules by BFL path, text-encoder modules by kohya name)``; refuses what Flux files cannot
+    hold."""
+    diffusers: dict[str, LoraModule] = {}
+    bfl: dict[str, LoraModule] = {}
+    text: dict[str, LoraModule] = {}
+    bad: list[str] = []
+    for name, m in adapter.modules.items():
+        if not isinstance(m, LoraModule) or m.kind != "linear" or m.magnitude is not None or m.bias is not None:
+            dora = getattr(m, "magnitude", None) is not None
+            bad.append(f"{name} ({'DoRA' if dora else getattr(m, 'label', m.kind)})")
+            continue
+        kohya = name if name.startswith(("lora_te1_", "lora_te3_", "lora_te_")) else kohya_text_name(name)
+        if kohya is not None:
+            text[kohya] = m
+            continue
+        rest = name.removeprefix("transformer.")
+        bare = next((name[len(p) :] for p in _COMFY if name.startswith(p)), name)
+        if flux.to_bfl(rest) is not None:
+            diffusers[rest] = m
+        elif flux.to_diffusers(bare) is not None:
+            bfl[bare] = m
+        else:
+            bad.append(f"{name} (not a Flux module)")
+    if bad or adapter.replacements:
+        bad += [f"{k} (full replacement)" for k in adapter.replacements]
+        raise UnsupportedError(
+            f"an original-layout Flux LoRA cannot hold {len(bad)} part(s) of this adapter: " + name_list(bad, 5),
+            hint="write --to diffusers, or leave them out with --exclude REGEX",
+        )
+    fused = fuse_to_bfl(diffusers)
+    clash = sorted(set(fused) & set(bfl))
+    if clash:
+        raise UnsupportedError(f"module {clash[0]} is given twice (as itself and as its diffusers parts)")
+    return {**bfl, **fused}, text
+
+
+def dit_tensors(adapter: Adapter, layout: str) -> dict[str, torch.Tensor] | None:
+    """The state dict of a Flux adapter in ``layout`` (``kohya`` | ``comfyui``), or None for an adapter that is not
+    a diffusion-transformer one; other families are refused by name."""
+    import torch
+
+    from loratools.formats.dit.layouts import LABELS
+
+    family = dit_family(adapter)
+    if family is None:
+        return None
+    if family != "flux":
+        raise UnsupportedError(
+            f"this is a {LABELS.get(family, family)} LoRA; loratools writes the kohya and ComfyUI layouts of Flux "
+            "only for now",
+            hint="write --to diffusers (or --to peft)",
+        )
+    modules, text = _bfl_named(adapter)
+    if text and layout != "kohya":
+        raise UnsupportedError(
+            f"a ComfyUI Flux file written here holds the transformer only; {len(text)} text-encoder module(s) "
+            "would be lost",
+            hint="write --to kohya, or --exclude '^text_encoder'",
+        )
+    out: dict[str, torch.Tensor] = {}
+    names = {f"lora_unet_{k.replace('.', '_')}" if layout == "kohya" else f"diffusion_model.{k}": m
+             for k, m in modules.items()}  # fmt: skip
+    names.update(text)
+    for k, m in sorted(names.items()):
+        alpha = float(m.alpha) * (m.rank**0.5 if m.use_rslora else 1.0)  # kohya has no rsLoRA: fold √r into alpha
+        out[f"{k}.lora_down.weight"] = m.down.contiguous()
+        out[f"{k}.lora_up.weight"] = m.up.contiguous()
+        exact = torch.tensor(alpha, dtype=torch.float32)
+        out[f"{k}.alpha"] = exact if float(exact) == alpha else torch.tensor(alpha, dtype=torch.float64)
+    return out
+
+
+def diffusers_named(adapter: Adapter) -> Adapter:
+    """A Flux adapter whose modules carry original-layout names (read against a BFL single file) with diffusers'
+    ``transformer.`` names instead (fused modules split); any other adapter as it is."""
+    from dataclasses import replace
+
+    from loratools.formats.dit.flux_io import split_to_diffusers
+
+    bfl = {}
+    for name in adapter.modules:
+        bare = next((name[len(p) :] for p in _COMFY if name.startswith(p)), name)
+        diffusers = flux.to_bfl(name.removeprefix("transformer.")) is not None
+        if flux.to_diffusers(bare) is not None and not diffusers:
+            bfl[name] = bare
+    if not bfl:
+        return adapter
+    split = split_to_diffusers(Path(str(adapter.meta.get("source") or "adapter")),
+                               {bare: adapter.modules[n] for n, bare in bfl.items()})  # fmt: skip
+    modules = {k: m for k, m in adapter.modules.items() if k not in bfl}
+    modules.update({f"transformer.{k}": m for k, m in split.items()})
+    return replace(adapter, modules=modules, meta=dict(adapter.meta))
+
+
+@register_format
+class ComfyUIFormat(AdapterFormat):
+    """ComfyUI/BFL-layout diffusion-transformer LoRAs (read through ``kohya``'s sniffing; written here)."""
+
+    name = "comfyui"
+    layout = "file"
+
+    @classmethod
+    def sniff(cls, path: Path) -> bool:
+        return False  # KohyaFormat sniffs diffusion_model.* files and hands them to read_dit
+
+    @classmethod
+    def read(cls, path: Path, base: KeyResolver | None = None) -> Adapter:
+        from loratools.formats.kohya.format import KohyaFormat
+
+        return KohyaFormat.read(path, base=base)
+
+    @classmethod
+    def write(cls, adapter: Adapter, path: Path, provenance: dict[str, Any] | None = None, **options: Any) -> None:
+        from loratools.files.safetensors_file import save_file
+        from loratools.publishing.publish import provenance_metadata
+
+        tensors = dit_tensors(adapter, "comfyui")
+        if tensors is None:
+            raise UnsupportedError(
+                "the comfyui format writes diffusion-transformer (Flux) LoRAs; this adapter is not one",
+                hint="write --to kohya for an SD1/SD2/SDXL LoRA",
+            )
+        metadata = {"format": "pt"}
+        if provenance:
+            metadata.update(provenance_metadata(provenance))
+        save_file(tensors, str(path), metadata=metadata)
+
+
+__all__ = ["ComfyUIFormat", "diffusers_named", "dit_family", "dit_tensors", "read_dit"]

@@ -1,0 +1,158 @@
+"""Which diffusion-transformer family and which trainer's layout a LoRA file is, from its tensor names alone.
+
+Layouts (how a file names modules): ``kohya`` (sd-scripts, musubi-tuner: ``lora_unet_<path with _>``),
+``comfyui`` (``diffusion_model.<path>``), ``bfl`` (BFL's own files: bare ``double_blocks.…``), ``diffusers``
+(PEFT keys under ``transformer.``), ``xlabs`` (``…processor.qkv_lora1``) and ``bfl-control`` (BFL's
+Canny/Depth LoRAs, which also replace norm scales and widen ``img_in``). Families are told by the module names
+their architectures use (the original names for kohya/ComfyUI files, diffusers' for ``transformer.`` keys); see
+the converters in diffusers' ``loaders/lora_conversion_utils.py`` for each family's names.
+
+:func:`refuse_unhandled` gives the one line for what is recognized but not read yet.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from loratools.errors import UnsupportedError
+
+#: family -> how messages name it
+LABELS = {
+    "flux": "Flux",
+    "hunyuan_video": "HunyuanVideo",
+    "sd3": "SD3",
+    "wan": "Wan",
+    "qwen_image": "Qwen-Image",
+    "lumina2": "Lumina2/Z-Image",
+    "hidream": "HiDream",
+    "chroma": "Chroma",
+    "ltx_cogvideo": "LTX-Video/CogVideoX",
+}
+#: the families loratools reads in each layout (the others are refused by name)
+HANDLED = {"flux"}
+#: (family, pattern on the module name with ``.`` and ``_`` both written ``[._]``), first match wins; the
+#: HunyuanVideo and Chroma markers come before Flux, whose double/single blocks they share
+_FAMILY_MARKS: tuple[tuple[str, str], ...] = (
+    ("hunyuan_video", r"^(double_blocks[._]\d+[._](img|txt)_(mlp[._]fc[12]|mod[._]linear)|single_blocks[._]\d+[._]"
+     r"modulation[._]linear|txt_in[._]individual_token_refiner|context_embedder[._]token_refiner)"),
+    ("chroma", r"^distilled_guidance_layer"),
+    ("flux", r"^(double_blocks[._]\d+[._](img|txt)_(attn|mlp|mod)|single_blocks[._]\d+[._](linear[12]|modulation)"
+     r"|single_transformer_blocks[._]\d+[._]|final_layer[._](linear|adaLN)|(img|txt|time|vector|guidance)_in([._]|$)"
+     r"|x_embedder$)"),
+    ("sd3", r"^joint_blocks[._]"),
+    ("hidream", r"^(double_stream_blocks|single_stream_blocks)[._]"),
+    ("qwen_image", r"^transformer_blocks[._]\d+[._](img_mlp|txt_mlp|img_mod|txt_mod)"),
+    ("wan", r"^blocks[._]\d+[._](self_attn|cross_attn|ffn)"),
+    ("lumina2", r"^layers[._]\d+[._](attention|feed_forward|adaLN_modulation)"),
+    ("ltx_cogvideo", r"^transformer_blocks[._]\d+[._]attn[12][._]"),
+    ("sd3", r"^(pos_embed[._]proj|transformer_blocks[._]\d+[._]attn2[._])"),
+)
+#: layout prefixes stripped before the family patterns (which match the module path from its root)
+_PREFIXES = ("lora_unet_", "lora_transformer_", "model.diffusion_model.", "diffusion_model.", "transformer.")
+_COMPILED = tuple((f, re.compile(p)) for f, p in _FAMILY_MARKS)
+
+
+@dataclass(frozen=True)
+class DitLayout:
+    family: str  # a key of LABELS
+    layout: str  # kohya | comfyui | bfl | diffusers | xlabs | bfl-control
+    example: str  # one tensor name that told it
+
+    @property
+    def label(self) -> str:
+        return LABELS.get(self.family, self.family)
+
+
+def _layout_of(key: str) -> str | None:
+    if key.startswith(("double_blocks.", "single_blocks.")) and re.search(r"\.processor\.\w+_lora\d*\.", key):
+        return "xlabs"
+    if key.startswith(("lora_unet_", "lora_transformer_")):
+        return "kohya"
+    if key.startswith(("diffusion_model.", "model.diffusion_model.")):
+        return "comfyui"
+    if key.startswith("transformer."):
+        return "diffusers"
+    if key.startswith(("double_blocks.", "single_blocks.", "final_layer.", "img_in.", "txt_in.")):
+        return "bfl"
+    return None
+
+
+def family_of(name: str) -> str | None:
+    """The family module name ``name`` belongs to (a layout prefix stripped), or None when no family marks it."""
+    name = next((name[len(p) :] for p in _PREFIXES if name.startswith(p)), name)
+    for family, pattern in _COMPILED:
+        if pattern.search(name):
+            return family
+    return None
+
+
+def detect(keys: Iterable[str]) -> DitLayout | None:
+    """The family and layout of a LoRA file's tensor names, or None when it is no diffusion-transformer file
+    (an SD1/SD2/SDXL kohya file, a PEFT file of a language model)."""
+    keys = list(keys)
+    layout = example = None
+    for k in keys:
+        found = _layout_of(k)
+        if found is not None:
+            layout, example = found, k
+            if found in ("xlabs",):
+                break
+    if layout is None or example is None:
+        return None
+    if layout == "bfl" and any(k.endswith("query_norm.scale") for k in keys):
+        layout = "bfl-control"
+    families: dict[str, str] = {}
+    for k in keys:
+        f = family_of(k.rsplit(".lora", 1)[0])
+        if f is not None:
+            families.setdefault(f, k)
+    if not families:
+        if layout in ("xlabs",):
+            return DitLayout("flux", layout, example)
+        return None
+    # the HunyuanVideo/Chroma markers decide over Flux's shared block names
+    for f in ("hunyuan_video", "chroma", "flux"):
+        if f in families:
+            return DitLayout(f, layout, families[f])
+    family, key = next(iter(families.items()))
+    return DitLayout(family, layout, key)
+
+
+def original_layout(keys: Iterable[str]) -> DitLayout | None:
+    """:func:`detect` for a file in any layout but diffusers' (those are ``formats/diffusers.py``'s)."""
+    found = detect(keys)
+    return found if found is not None and found.layout != "diffusers" else None
+
+
+_LAYOUT_WORDS = {
+    "kohya": "kohya/musubi-tuner layout",
+    "comfyui": "ComfyUI layout",
+    "bfl": "BFL layout",
+    "diffusers": "diffusers layout",
+    "xlabs": "XLabs layout",
+    "bfl-control": "BFL control-LoRA layout (it also replaces norm scales and widens img_in)",
+}
+
+
+def describe(found: DitLayout) -> str:
+    """``a Flux LoRA in the kohya/musubi-tuner layout``."""
+    article = "an" if found.family in ("sd3", "ltx_cogvideo") else "a"
+    return f"{article} {found.label} LoRA in the {_LAYOUT_WORDS.get(found.layout, found.layout)}"
+
+
+def refuse_unhandled(path: object, found: DitLayout) -> None:
+    """One clear line for a family or layout recognized but not read yet."""
+    if found.family in HANDLED and found.layout in ("kohya", "comfyui", "bfl", "diffusers"):
+        return
+    raise UnsupportedError(
+        f"{path}: {found.example!r}: this is {describe(found)}, which loratools does not read yet "
+        "(diffusion transformers: Flux in the kohya, ComfyUI, BFL and diffusers layouts)",
+        hint="a diffusers-layout file (transformer.<module>.lora_A.weight) of any family merges into its diffusers "
+        "pipeline; for this layout use the trainer's own tools for now",
+        path=path,
+    )
+
+
+__all__ = ["HANDLED", "LABELS", "DitLayout", "describe", "detect", "family_of", "original_layout", "refuse_unhandled"]
