@@ -41,6 +41,26 @@ class FamilyModule:
     def __post_init__(self) -> None:
         if getattr(self, "kind", "linear") not in LAYOUT_KINDS:
             raise ShapeError(f"{self.label}: unknown module kind {self.kind!r}; expected linear or conv")
+        for role, t in self.tensors().items():
+            if t.numel() == 0:
+                raise ShapeError(f"{role} has shape {list(t.shape)}: it is empty (rank 0?)")
+
+    def check_magnitude(self) -> None:
+        """A LyCORIS ``dora_scale`` is (out, 1, …) or (1, in, …) with one entry per output row / input channel."""
+        m = getattr(self, "magnitude", None)
+        if m is None:
+            return
+        out, inn = self.shape2d or (None, None)
+        shape = list(m.shape)
+        axis = getattr(self, "magnitude_axis", "out")
+        rest = shape[2:] if axis == "in" else shape[1:]
+        if len(shape) < 2 or any(d != 1 for d in rest) or (axis == "in" and shape[0] != 1):
+            raise ShapeError(f"dora_scale has shape {shape}; expected ({out}, 1, ...) or (1, in channels, ...)")
+        if axis == "out" and out is not None and shape[0] != out:
+            raise ShapeError(f"dora_scale has {shape[0]} rows but the update has {out} outputs")
+        n_in = shape[1] if axis == "in" else 0
+        if axis == "in" and inn is not None and (inn % n_in or (len(shape) == 2 and n_in != inn)):
+            raise ShapeError(f"dora_scale has {n_in} input channels but the update has {inn} inputs")
 
     # -- shape ---------------------------------------------------------------------------------
     @property
@@ -205,6 +225,14 @@ def _weight_decompose(merged: torch.Tensor, magnitude: torch.Tensor, axis: str) 
     grouped = merged.reshape(merged.shape[0], n_in, -1)
     norm = grouped.norm(dim=(0, 2), keepdim=True) + eps
     return (grouped * (magnitude.reshape(1, n_in, 1) / norm)).reshape(merged.shape)
+
+
+def require_ndim(t: torch.Tensor, role: str, ndims: tuple[int, ...] | int) -> None:
+    """ShapeError naming ``role`` unless ``t`` has one of ``ndims`` dimensions (an int: at least that many)."""
+    ok = t.ndim >= ndims if isinstance(ndims, int) else t.ndim in ndims
+    if not ok:
+        want = f"at least {ndims}" if isinstance(ndims, int) else " or ".join(str(n) for n in ndims)
+        raise ShapeError(f"{role} has shape {list(t.shape)}; expected {want} dimensions")
 
 
 def scale_of(alpha: float | None, rank: int) -> float:

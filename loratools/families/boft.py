@@ -55,6 +55,15 @@ class BOFTModule(FamilyModule):
         super().__post_init__()
         if self.R.ndim != 4 or self.R.shape[2] != self.R.shape[3]:
             raise ShapeError(f"BOFT: boft_R must be (factors, blocks, b, b), got {tuple(self.R.shape)}")
+        m, n, b, _ = (int(d) for d in self.R.shape)
+        # PEFT's update_layer: factor i permutes n / 2^i blocks of b / 2, so 2^(m-1) divides n and b is even
+        if m > 1 and (m - 1 > n.bit_length() or n % (2 ** (m - 1)) or b % 2):
+            raise ShapeError(
+                f"boft_R has shape {list(self.R.shape)}: {m} butterfly factors do not fit {n} blocks of {b} "
+                f"(PEFT needs 2^(factors-1) to divide the block count and an even block size)"
+            )
+        if self.s.ndim != 2 or self.s.shape[1] != 1:
+            raise ShapeError(f"boft_s has shape {list(self.s.shape)}; expected (out, 1)")
 
     @property
     def rank(self) -> int:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loratools.errors import ShapeError
 from loratools.families.base import FamilyModule
 
 
@@ -25,6 +26,16 @@ class IA3Module(FamilyModule):
     family = "ia3"
     label = "(IA)³"
     multiplicative = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        v = self.vector
+        conv = self.kind == "conv"  # PEFT: Linear (1, in) or (out, 1); conv (1, in or out, 1, 1)
+        side = 1 if self.feedforward or conv else 0
+        if v.ndim < 2 or any(d != 1 for i, d in enumerate(v.shape) if i != side):
+            want = f"(1, {'in' if self.feedforward else 'out'}, 1, 1)" if conv else (
+                "(1, in)" if self.feedforward else "(out, 1)")
+            raise ShapeError(f"ia3_l has shape {list(v.shape)}; expected {want}")
 
     @property
     def rank(self) -> int:

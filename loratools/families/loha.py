@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from loratools.errors import ShapeError
-from loratools.families.base import FamilyModule, scale_of
+from loratools.families.base import FamilyModule, require_ndim, scale_of
 
 
 def _half(
@@ -52,6 +52,17 @@ class LoHaModule(FamilyModule):
         super().__post_init__()
         if (self.t1 is None) != (self.t2 is None):
             raise ShapeError("LoHa: hada_t1 and hada_t2 come together")
+        for role in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):  # (out|r, r|in·k·k); Tucker: (r, out|in)
+            require_ndim(self.tensors()[role], role, (2,))
+        for i, (a, b, t) in enumerate(((self.w1a, self.w1b, self.t1), (self.w2a, self.w2b, self.t2)), 1):
+            if t is None:
+                continue
+            require_ndim(t, f"hada_t{i}", 3)
+            if (t.shape[0], t.shape[1]) != (a.shape[0], b.shape[0]):
+                raise ShapeError(
+                    f"LoHa: hada_t{i} {list(t.shape)} does not fit hada_w{i}_a {list(a.shape)} and "
+                    f"hada_w{i}_b {list(b.shape)} (Tucker: core (r, r, k, k), factors (r, out) and (r, in))"
+                )
         u1, v1 = _half(self.w1a, self.w1b, self.t1, torch.float32) if self.t1 is None else (None, None)
         if u1 is not None and (u1.shape[1] != v1.shape[0] or self.w2a.shape[-1] != self.w2b.shape[0]):
             raise ShapeError(
@@ -63,6 +74,7 @@ class LoHaModule(FamilyModule):
         s1, s2 = self._half_shape(1), self._half_shape(2)
         if s1 != s2:
             raise ShapeError(f"LoHa: the two Hadamard halves are {s1} and {s2}; they must match")
+        self.check_magnitude()
 
     def _half_shape(self, i: int) -> tuple[int, int]:
         a, b, t = (self.w1a, self.w1b, self.t1) if i == 1 else (self.w2a, self.w2b, self.t2)

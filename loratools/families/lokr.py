@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 
 from loratools.errors import ShapeError
-from loratools.families.base import FamilyModule
+from loratools.families.base import FamilyModule, require_ndim
 
 
 def _mat(full: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -54,6 +54,21 @@ class LoKrModule(FamilyModule):
             raise ShapeError("LoKr: needs lokr_w1 or both lokr_w1_a and lokr_w1_b")
         if self.w2 is None and (self.w2a is None or self.w2b is None):
             raise ShapeError("LoKr: needs lokr_w2 or both lokr_w2_a and lokr_w2_b")
+        # W1 is a matrix (or two); W2 a matrix, a conv kernel (b, d, kh, kw), or factors of one / a Tucker core
+        for role, t, ndims in (
+            ("lokr_w1", self.w1, (2,)),
+            ("lokr_w1_a", self.w1a, (2,)),
+            ("lokr_w1_b", self.w1b, (2,)),
+            ("lokr_w2", self.w2, (2, 3, 4, 5)),
+            ("lokr_w2_a", self.w2a, (2,)),
+            ("lokr_w2_b", self.w2b, (2,) if self.t2 is not None else (2, 3, 4, 5)),
+            ("lokr_t2", self.t2, (3, 4, 5)),
+        ):
+            if t is not None:
+                require_ndim(t, role, ndims)
+        if self.t2 is not None and (self.w2a is None or self.w2b is None or self.t2.shape[:2] != (
+            self.w2a.shape[0], self.w2b.shape[0])):
+            raise ShapeError("LoKr: lokr_t2 (r, r, k, k) needs lokr_w2_a (r, b) and lokr_w2_b (r, d) of the same r")
         for a, b, what in ((self.w1a, self.w1b, "w1"), (self.w2a, self.w2b, "w2")):
             if a is not None and b is not None and self.t2 is None and a.shape[1] != b.shape[0]:
                 raise ShapeError(
@@ -67,6 +82,7 @@ class LoKrModule(FamilyModule):
                 a, c = self._w1_shape
                 b, d = self._w2_shape_outer
                 self.weight_shape = (a * b, c * d, *w2.shape[2:])
+        self.check_magnitude()
 
     @property
     def factored_rank(self) -> int | None:

@@ -16,12 +16,16 @@ W' ← ``rescale`` ⊙ W' per output row when present.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from loratools.errors import ShapeError
 from loratools.families.base import FamilyModule
+
+#: PEFT's default is 5; each term is one more b×b product per block, and the series has converged long before
+MAX_NEUMANN_TERMS = 100
 
 
 def skew_from_packed(vec: torch.Tensor, block: int) -> torch.Tensor:
@@ -80,6 +84,9 @@ class OFTModule(FamilyModule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        terms = self.num_cayley_neumann_terms
+        if self.use_cayley_neumann and not 0 <= terms <= MAX_NEUMANN_TERMS:
+            raise ShapeError(f"num_cayley_neumann_terms is {terms}; expected 0 to {MAX_NEUMANN_TERMS}")
         if self.weight.ndim != 2:
             raise ShapeError(f"OFT: oft_R.weight must be 2-D, got {tuple(self.weight.shape)}")
         self.block_size = block_size_for(int(self.weight.shape[1]))
@@ -152,6 +159,14 @@ class DiagOFTModule(FamilyModule):
         super().__post_init__()
         if self.blocks.ndim != 3 or self.blocks.shape[1] != self.blocks.shape[2]:
             raise ShapeError(f"diag-OFT: oft_blocks must be (n, b, b), got {tuple(self.blocks.shape)}")
+        r = self.rescale
+        if r is not None and (r.ndim < 2 or r.shape[0] != self.out_features or r[0].numel() != 1):
+            raise ShapeError(
+                f"rescale has shape {list(r.shape)}; expected ({self.out_features}, 1, ...): one factor per output "
+                f"row of the {self.out_features} the oft_blocks cover"
+            )
+        if not math.isfinite(self.constraint_alpha):
+            raise ShapeError(f"the constraint alpha is {self.constraint_alpha}; it must be a finite number")
 
     @property
     def rank(self) -> int:

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loratools.errors import FormatError, ShapeError, UnsupportedError
+from loratools.errors import FormatError, NumericError, ShapeError, UnsupportedError
 from loratools.families import DiagOFTModule, FamilyModule, LoHaModule, LoKrModule
 
 if TYPE_CHECKING:
@@ -49,13 +49,24 @@ PARTS = frozenset(
 )
 
 
-def _alpha(path: Path, name: str, t: torch.Tensor | None) -> float | None:
+#: the largest |alpha| a file may hold: alpha / r beyond a million has no use and overflows fp16 on the way
+MAX_ALPHA = 1e6
+
+
+def read_alpha(path: Path, name: str, t: torch.Tensor | None) -> float | None:
+    """The ``<name>.alpha`` scalar (None when absent); NumericError for NaN/Inf or beyond ±MAX_ALPHA."""
     if t is None:
         return None
     if t.numel() != 1:
         raise FormatError(f"{path}: {name}.alpha has {t.numel()} values; expected a scalar", path=path)
-    value = float(t.float().reshape(-1)[0])
-    return value if math.isfinite(value) else None
+    value = float(t.double().reshape(-1)[0])
+    if not math.isfinite(value) or abs(value) > MAX_ALPHA:
+        raise NumericError(
+            f"{path}: tensor {name}.alpha is {value:g}; an alpha must be a finite number within ±{MAX_ALPHA:g}",
+            hint="the file is damaged or was written by a broken tool; re-export it from its training tool",
+            path=path,
+        )
+    return value
 
 
 def _dora(m: torch.Tensor | None) -> tuple[torch.Tensor | None, str]:
@@ -67,7 +78,7 @@ def _dora(m: torch.Tensor | None) -> tuple[torch.Tensor | None, str]:
 
 def module_from_parts(path: Path, name: str, p: dict[str, torch.Tensor]) -> FamilyModule:
     """The family module of one LyCORIS entry (``p``: part -> tensor, ``alpha``/``dora_scale`` included)."""
-    alpha = _alpha(path, name, p.get("alpha"))
+    alpha = read_alpha(path, name, p.get("alpha"))
     magnitude, axis = _dora(p.get("dora_scale"))
     what = "LoHa" if "hada_w1_a" in p or "hada_w1_b" in p else ("LoKr" if any("lokr" in k for k in p) else "OFT")
     try:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from loratools.errors import FormatError, ShapeError, UnsupportedError
 from loratools.families import BOFTModule, FamilyModule, IA3Module, LoHaModule, LoKrModule, OFTModule
+from loratools.formats.peft.config_checks import boft_problem, oft_block_problem
 
 if TYPE_CHECKING:
     import torch
@@ -140,7 +141,7 @@ def _module(peft_type: str, cfg: dict[str, Any], mod: str, p: dict[str, torch.Te
     if peft_type == "OFT":
         w = p["oft_R.weight"]
         share = bool(cfg.get("block_share", False))
-        return OFTModule(
+        oft = OFTModule(
             weight=w,
             n_blocks=None if share else int(w.shape[0]),
             block_share=share,
@@ -150,8 +151,16 @@ def _module(peft_type: str, cfg: dict[str, Any], mod: str, p: dict[str, torch.Te
             eps=float(cfg.get("eps", 6e-5)),
             fan_in_fan_out=fifo,
         )
+        problem = None if share else oft_block_problem(cfg, int(w.shape[0]), oft.block_size)
+        if problem:  # PEFT would build other blocks than the file holds (with block_share the base decides)
+            raise ShapeError(problem)
+        return oft
     if peft_type == "BOFT":
-        return BOFTModule(R=p["boft_R"], s=p["boft_s"], fan_in_fan_out=fifo)
+        boft = BOFTModule(R=p["boft_R"], s=p["boft_s"], fan_in_fan_out=fifo)
+        problem = boft_problem(cfg, int(boft.R.shape[1]), int(boft.R.shape[2]))
+        if problem:
+            raise ShapeError(problem)
+        return boft
     v = p["ia3_l"]
     if v.ndim == 2:
         ff = v.shape[0] == 1 and (v.shape[1] != 1 or _targets_match(cfg.get("feedforward_modules"), mod))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from loratools.errors import FormatError, ShapeError, UnsupportedError, ValidationError
 from loratools.files.safetensors_file import load_file, save_file
 from loratools.formats.peft.config import config_for, live_modules
+from loratools.formats.peft.config_checks import check_config
 from loratools.formats.peft.families import FAMILY_TYPES, has_family, read_adapter, write_adapter
 from loratools.formats.peft.pipeline import component_folders, read_pipeline
 from loratools.formats.registry import AdapterFormat, register_format
@@ -77,6 +78,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     for key, what in _UNSUPPORTED_FEATURES.items():
         if cfg.get(key):
             raise UnsupportedError(f"{cfg_path}: uses {what}, which loratools does not support", path=cfg_path)
+    check_config(cfg, peft_type, cfg_path)  # field types and ranges (target_modules, OFT/BOFT values)
     return cfg
 
 
@@ -169,9 +171,11 @@ def check_structure(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str | None
         if len(a) > 2 and any(s != 1 for s in b[2:]):
             add(mod, "bad_shape", f"module {mod}: conv {b_name} must be 1x1, got {list(b)}", bk)
         for role, what in (("magnitude", "lora_magnitude_vector"), ("bias", "lora_B.bias")):
-            if role in p and math.prod(p[role][1]) != b[0]:
+            # PEFT: (out,) for Linear/Embedding DoRA and a bias; a conv magnitude keeps the kernel's 1s (1, out, 1, 1)
+            if role in p and (math.prod(p[role][1]) != b[0] or (len(p[role][1]) != 1 and (len(a) == 2 or sum(
+                    d != 1 for d in p[role][1]) > 1))):
                 k, s = p[role]
-                add(mod, f"{role}_shape", f"module {mod}: {what} has shape {list(s)}, expected {b[0]} entries", k)
+                add(mod, f"{role}_shape", f"module {mod}: {what} has shape {list(s)}, expected ({b[0]},)", k)
     return problems
 
 

@@ -66,11 +66,8 @@ def _config_disagrees(name: str, m: Any, cfg: dict[str, Any]) -> str | None:
         declared = int(_pattern_value(cfg, "rank_pattern", name, cfg.get("r", 8)))
         if declared != m.rank:
             return f"adapter_config.json declares rank {declared} but hada_w1_b has {m.rank} rows"
-    if m.family == "oft":
-        size, r = int(cfg.get("oft_block_size") or 0), int(cfg.get("r") or 0)
-        if size and size != m.block_size:
-            b = m.block_size
-            return f"adapter_config.json declares oft_block_size {size} but the packed blocks are {b}x{b}"
-        if r and not m.block_share and r != m.n_blocks:
-            return f"adapter_config.json declares r={r} blocks but oft_R holds {m.n_blocks}"
+    if m.family == "oft" and not m.block_share:  # PEFT's own rule, sizes that do not divide adjusted as it does
+        from loratools.formats.peft.config_checks import oft_block_problem
+
+        return oft_block_problem(cfg, int(m.n_blocks), m.block_size)
     return None
