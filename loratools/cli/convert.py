@@ -55,8 +55,8 @@ class FormatChoice(click.Choice):
     "model",
     default=None,
     metavar="MODEL.onnx",
-    help="onnx-adapter only: the ONNX model (slot graph, onnxruntime-genai builder model) whose LoRA inputs "
-    "name, size and rank the tensors.",
+    help="onnx-adapter only, and required there: the ONNX model (slot graph, onnxruntime-genai builder model) "
+    "whose LoRA inputs name, size and rank the tensors.",
 )
 @click.option(
     "--outtype",

@@ -66,7 +66,7 @@ def convert(
     modules that are not under a pipeline component when writing kohya (``lora_te_`` for a bare text
     encoder, say). ``include``/``exclude`` (regexes over module names, applied after resolution) pick
     modules, e.g. one component of a pipeline LoRA for a single-model base. ``format_options`` go to the
-    target format's writer (``dtype=``, ``model=`` for ``onnx-adapter``, ``outtype=`` for ``gguf``). For
+    target format's writer (``dtype=``, ``model=`` for ``onnx-adapter`` (required), ``outtype=`` for ``gguf``). For
     ``gguf``, ``base`` (a .gguf model file or a Hugging Face folder) is also the model the file is written
     for, and ``ollama`` writes an Ollama ``Modelfile`` beside it. ``as_lora`` lowers every module (LoHa,
     LoKr, OFT, BOFT, IA3, DoRA, modules_to_save) to plain LoRA, exactly unless ``rank``/``fro`` ask for an
@@ -80,6 +80,13 @@ def convert(
     from loratools.publishing.publish import check_disk_space, describe_input, provenance
 
     fmt = get_format(to)
+    if fmt.name == "onnx-adapter" and format_options.get("model") is None:
+        raise UsageError(  # without the graph, modules its export left out (BERT's pooler) fail at run time
+            "an .onnx_adapter file feeds the LoRA inputs of one ONNX graph: name it with --for MODEL (the model "
+            "exported with --lora-slots, or an onnxruntime-genai model), so the tensors match its inputs and "
+            "modules the export left out are left out too",
+            hint="loratools convert ADAPTER --to onnx-adapter --for MODEL -o OUT",
+        )
     if ollama and fmt.name != "gguf":
         raise UsageError("--ollama writes a Modelfile for a GGUF adapter", hint="use it with --to gguf")
     target_base = base  # a GGUF model serves load_adapter (GGUF adapters) and the gguf writer only

@@ -338,3 +338,41 @@ def test_writers_keep_the_users_target_modules(tmp_path, fixture: str, kind: str
     assert code == 0, err
     written = json.loads((tmp_path / "fewer" / "adapter_config.json").read_text())["target_modules"]
     assert written == sorted(wrapped - {first}) and _peft_wrapped(tmp_path / "fewer", kind) == wrapped - {first}
+
+
+def test_onnx_adapter_is_written_for_the_graph_it_names(tmp_path) -> None:
+    """A PEFT adapter on every BERT `dense` adapts the pooler too, which an export for last_hidden_state
+    leaves out. convert --to onnx-adapter needs --for: the file then leaves the pooler out (with a note)
+    and runs in onnxruntime with the slot graph, giving PEFT's outputs; the tensors of every module (what
+    convert wrote without --for) make onnxruntime fail with 'Invalid input name'."""
+    pytest.importorskip("onnxruntime")
+    import models
+    import numpy as np
+    import torch
+
+    from loratools.formats.adapter_io import load_adapter, save_adapter
+    from loratools.onnx.runtime import run_with_adapter, session
+
+    model = models.build_model("bert", seed=0)
+    base = models.save_base(model, tmp_path / "bert")
+    peft = models.make_peft(model, tmp_path / "dense", kind="bert", target_modules=["dense"], seed=3)
+    code, _, err = models.run_cli(["export-onnx", base, "--lora-slots", tmp_path / "dense", "-o", tmp_path / "slots"])
+    assert code == 0, err
+    target = tmp_path / "a.onnx_adapter"
+    code, out, err = models.run_cli(["convert", tmp_path / "dense", "--to", "onnx-adapter", "-o", target])
+    assert code == 2 and out == "" and not target.exists()
+    assert err.splitlines()[0].startswith("Error: an .onnx_adapter file feeds the LoRA inputs of one ONNX graph")
+    args = ["convert", tmp_path / "dense", "--to", "onnx-adapter", "--for", tmp_path / "slots", "-o", target]
+    code, out, err = models.run_cli(args)
+    assert code == 0 and "skipped pooler.dense" in out, err
+
+    sess = session(tmp_path / "slots" / "model.onnx")
+    inputs = models.sample_inputs()
+    inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+    feed = {i.name: inputs[i.name].numpy() for i in sess.get_inputs() if i.name in inputs}
+    got = run_with_adapter(sess, feed, target)[0]
+    assert np.abs(got - models.outputs(peft, inputs).numpy()).max() <= 1e-4  # PEFT is the oracle
+    every = tmp_path / "every.onnx_adapter"  # what the old convert wrote: a tensor for the pooler too
+    save_adapter(load_adapter(tmp_path / "dense"), every, format="onnx-adapter")
+    with pytest.raises(Exception, match="Invalid input name"):
+        run_with_adapter(sess, feed, every)
