@@ -267,8 +267,9 @@ def family_config(adapter: Any) -> dict[str, Any]:
         if len(sizes) > 1 or len(factors) > 1:
             raise UnsupportedError("PEFT's BOFT config holds one block size and butterfly factor for all modules")
         cfg.update({"boft_block_size": sizes.pop(), "boft_block_num": 0, "boft_n_butterfly_factor": factors.pop()})
-    else:
-        cfg["feedforward_modules"] = sorted(n for n, m in mods.items() if m.feedforward)
+    else:  # with the user's target_modules kept, their feedforward_modules (a subset of them, PEFT checks)
+        own = old.get("feedforward_modules") if kept else None
+        cfg["feedforward_modules"] = own if own is not None else sorted(n for n, m in mods.items() if m.feedforward)
     if peft_type in ("OFT", "BOFT", "IA3"):
         cfg["fan_in_fan_out"] = any(m.fan_in_fan_out for m in mods.values())
     return cfg
