@@ -98,8 +98,14 @@ def read_bfl_named(
 ) -> tuple[dict[str, LoraModule], dict[str, LoraModule], list[str]]:
     """``(Flux modules by BFL path, text-encoder modules by kohya name, modules without an alpha)``."""
     parts: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}
+    from loratools.model.finite import require_finite
+
     for key, t in tensors.items():
         name, part, text = _split_key(path, key, found.layout)
+        if not t.is_floating_point():  # checked here, under the file's own names, before any split renames them
+            raise FormatError(f"{path}: tensor {key} is {t.dtype}; LoRA tensors must be floating point", path=path)
+        if not t.is_meta:
+            require_finite(t, key, path)
         slot = parts.setdefault((name, text), {})
         if part in slot:
             raise ValidationError(f"{path}: module {name} has two {part} tensors (one is {key!r})", path=path)
