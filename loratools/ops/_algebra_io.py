@@ -123,6 +123,14 @@ def write(
     from loratools.publishing.publish import check_disk_space, describe_input, provenance
 
     fmt = get_format(to or adapter.format or "peft")
+    if fmt.name == "onnx-adapter":  # written for one graph's LoRA inputs, which only convert is told (--for)
+        from loratools.errors import UsageError
+
+        raise UsageError(
+            f"{operation} cannot write an .onnx_adapter file: it is made for one ONNX graph, named with "
+            "convert --for",
+            hint="write peft here, then: loratools convert OUT --to onnx-adapter --for MODEL -o OUT",
+        )
     options = writer_options(fmt, {"kohya_prefix": kohya_prefix})
     if fmt.name == "gguf":
         options["base"] = gguf_base(base)

@@ -376,3 +376,18 @@ def test_onnx_adapter_is_written_for_the_graph_it_names(tmp_path) -> None:
     save_adapter(load_adapter(tmp_path / "dense"), every, format="onnx-adapter")
     with pytest.raises(Exception, match="Invalid input name"):
         run_with_adapter(sess, feed, every)
+
+
+@pytest.mark.parametrize("command", ["rescale", "resize", "combine"])
+def test_other_writers_refuse_an_onnx_adapter_without_its_graph(tmp_path, command: str) -> None:
+    from models import run_cli
+
+    lora = adapter_dir("llama-lora")
+    args = {"rescale": [lora, "--scale", "2"], "resize": [lora, "--rank", "2"], "combine": [lora, lora]}[command]
+    out = tmp_path / "a.onnx_adapter"
+    code, stdout, err = run_cli([command, *args, "--to", "onnx-adapter", "-o", out])
+    assert code == 2 and stdout == "" and not out.exists()
+    assert err.splitlines() == [
+        f"Error: {command} cannot write an .onnx_adapter file: it is made for one ONNX graph, named with convert --for",
+        "Hint: write peft here, then: loratools convert OUT --to onnx-adapter --for MODEL -o OUT",
+    ]
