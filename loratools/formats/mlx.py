@@ -260,7 +260,7 @@ def _writable(adapter: Adapter) -> dict[str, LoraModule]:
         if why:
             raise UnsupportedError(
                 f"{source}: module {name} is {why}",
-                hint="merge the adapter instead (loratools merge), or --exclude that module",
+                hint="merge the adapter instead: loratools merge BASE ADAPTER -o OUT",
             )
         if m.rank > 0:
             out[name] = m

@@ -32,6 +32,7 @@ READERS = ("info", "validate", "diff", "spectrum", "merge", "verify", "convert",
 #: source file (relative to loratools/, a prefix) -> the commands whose run can print its hints
 REACHED_FROM: dict[str, tuple[str, ...]] = {
     "formats/adapter_io.py": ("convert", "resize", "rescale", "combine"),
+    "formats/mlx.py": WRITERS,
     "model/alora.py": ("merge", "export-onnx", "convert", "resize", "rescale", "combine"),
     "model/adapter.py": READERS,
     "model/ambiguity.py": ("convert", "resize", "rescale", "combine", "merge", "export-onnx"),
