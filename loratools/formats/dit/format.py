@@ -175,9 +175,16 @@ class ComfyUIFormat(AdapterFormat):
 
     @classmethod
     def read(cls, path: Path, base: KeyResolver | None = None) -> Adapter:
-        from loratools.formats.kohya.format import KohyaFormat
+        from loratools.errors import FormatError
+        from loratools.files.safetensors_file import load_file
+        from loratools.formats.dit.layouts import original_layout
 
-        return KohyaFormat.read(path, base=base)
+        tensors, metadata = load_file(path)
+        found = original_layout(tensors)
+        if found is None:
+            raise FormatError(f"{path}: no diffusion-transformer LoRA tensors (diffusion_model.double_blocks.…)",
+                              path=path)  # fmt: skip
+        return read_dit(path, tensors, metadata, base, found)
 
     @classmethod
     def write(cls, adapter: Adapter, path: Path, provenance: dict[str, Any] | None = None, **options: Any) -> None:
