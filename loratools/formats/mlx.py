@@ -234,13 +234,13 @@ def _writable(adapter: Adapter) -> dict[str, LoraModule]:
         first = trained[0]
         raise UnsupportedError(
             f"{source}: {first} is a full tensor (modules_to_save); an mlx-lm adapter holds LoRA factors only",
-            hint="merge the adapter (loratools merge), or lower it first: loratools convert ADAPTER --as-lora "
-            "--base BASE",
+            hint="merge the adapter (loratools merge), or lower it first: loratools convert ADAPTER --to mlx --as-lora "
+            "--base BASE -o OUT",
         )
     if adapter.meta.get("trainable_tokens"):
         raise UnsupportedError(
             f"{source}: trainable tokens cannot be held by an mlx-lm adapter",
-            hint="lower them to LoRA first: loratools convert ADAPTER --as-lora --base BASE",
+            hint="lower them to LoRA first: loratools convert ADAPTER --to mlx --as-lora --base BASE -o OUT",
         )
     out: dict[str, LoraModule] = {}
     for name, m in adapter.modules.items():
@@ -270,6 +270,6 @@ def _writable(adapter: Adapter) -> dict[str, LoraModule]:
     if len(dora) > 1:
         raise UnsupportedError(
             f"{source}: DoRA and plain LoRA modules mixed; an mlx-lm adapter is one fine_tune_type",
-            hint="lower the DoRA modules first: loratools convert ADAPTER --as-lora --base BASE",
+            hint="lower the DoRA modules first: loratools convert ADAPTER --to mlx --as-lora --base BASE -o OUT",
         )
     return out
