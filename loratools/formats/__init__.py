@@ -12,6 +12,15 @@ from __future__ import annotations
 
 from loratools.formats.registry import AdapterFormat, detect_format, get_format, list_formats, register_format
 
-_BUILTIN = ("mlx", "peft.format", "kohya.format", "diffusers", "onnx_adapter", "gguf.format", "dit.format")
+_BUILTIN = (
+    "mlx",
+    "vllm_moe",  # before peft: a PEFT folder whose safetensors record says it holds per-expert modules
+    "peft.format",
+    "kohya.format",
+    "diffusers",
+    "onnx_adapter",
+    "gguf.format",
+    "dit.format",
+)
 
 __all__ = ["AdapterFormat", "detect_format", "get_format", "list_formats", "register_format"]

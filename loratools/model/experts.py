@@ -111,14 +111,21 @@ def expert_summary(adapter: Adapter) -> list[dict[str, Any]]:
     return records
 
 
+#: the formats whose writers pack expert slices (PEFT target_parameters; the per-expert serving layout)
+EXPERT_WRITERS = ("peft", "vllm-moe")
+
+
 def refuse_write(adapter: Adapter, fmt: str) -> None:
-    """UnsupportedError (one line naming a slice) when ``adapter`` holds expert slices: no writer packs them
-    back yet, and writing them as ordinary modules would name modules no model has."""
+    """UnsupportedError (one line naming a slice) when ``adapter`` holds expert slices and ``fmt`` has no place
+    for them: writing them as ordinary modules would name modules no model has."""
+    if fmt in EXPERT_WRITERS:
+        return
     for name, m in adapter.modules.items():
         if isinstance(m, ExpertLoraModule):
             raise UnsupportedError(
                 f"writing {fmt}: module {name} is one expert's slice of a LoRA on the expert parameter "
-                f"{m.parameter}; loratools does not write expert LoRA adapters yet",
-                hint="merge it into the base instead (loratools merge BASE ADAPTER -o OUT); convert "
-                "--exclude '\\]$' leaves the expert slices out",
+                f"{m.parameter}; {fmt} has no place for expert LoRA",
+                hint="write --to peft (PEFT target_parameters) or --to vllm-moe (per-expert modules), or merge "
+                "it into the base (loratools merge BASE ADAPTER -o OUT); --exclude '\\]$' leaves the expert "
+                "slices out",
             )

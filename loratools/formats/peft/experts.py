@@ -82,6 +82,34 @@ def expert_count(base: KeyResolver | None) -> tuple[int, str] | None:
     return None
 
 
+#: adapter_config.json key naming how lora_B packs the experts, for files no PEFT version wrote
+PACKING_KEY = "expert_lora_b_layout"
+
+
+def b_packing(cfg: dict[str, Any], where: Path, ours: bool) -> str | None:
+    """``interleaved`` (PEFT's order) or ``blocked``: the config's own word, else interleaved when PEFT or
+    loratools wrote the file; None when nothing says (a refusal, once a rank above 1 makes the orders differ)."""
+    said = cfg.get(PACKING_KEY)
+    if said is not None:
+        if said not in ("interleaved", "blocked"):
+            raise FormatError(
+                f"{where}: {PACKING_KEY} must be 'interleaved' or 'blocked', got {said!r}", path=where
+            )
+        return str(said)
+    return "interleaved" if ours or isinstance(cfg.get("peft_version"), str) else None
+
+
+def expert_meta(modules: dict[str, Any]) -> dict[str, Any]:
+    """What the writer needs to put the wrappers back: the 2-D wrapped modules and every wrapped parameter."""
+    from loratools.model.experts import is_expert
+
+    if not modules:
+        return {}
+    routers = sorted(n for n, m in modules.items() if not is_expert(m))
+    params = {m.parameter for m in modules.values() if is_expert(m)} | {f"{n}.weight" for n in routers}
+    return {"param_modules": routers, "config_parameters": sorted(params)}
+
+
 def _targets(cfg: dict[str, Any], where: Path) -> list[tuple[str, str]]:
     """``target_parameters`` as ``(module suffix, parameter name)`` pairs, checked."""
     raw = cfg.get("target_parameters")
@@ -153,6 +181,7 @@ def read_param_wrappers(
     alpha_of: Any,
     rslora: bool,
     split_key: Any,
+    ours: bool = False,
 ) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor]]:
     """The modules of every ParamWrapper in ``tensors`` and the tensors left for the ordinary reader.
 
@@ -181,6 +210,7 @@ def read_param_wrappers(
         levels.setdefault(host, {}).setdefault(depth, {})[role] = (key, t)
     model = model_type(cfg, base)
     counted = expert_count(base)
+    packing = b_packing(cfg, cfg_file, ours)
     modules: dict[str, LoraModule] = {}
     for host, by_depth in sorted(levels.items()):
         params = list(dict.fromkeys(p for m, p in targets if host == m or host.endswith("." + m)))
@@ -193,7 +223,9 @@ def read_param_wrappers(
         order = _order(params, host, len(by_depth), cfg_file)
         experts = set()
         for depth, param in enumerate(order):
-            made = _wrapper(host, param, by_depth[depth], weights_file, (rank_of, alpha_of, rslora), model, counted)
+            made = _wrapper(
+                host, param, by_depth[depth], weights_file, (rank_of, alpha_of, rslora), model, counted, packing
+            )
             experts |= {m.num_experts for m in made.values() if hasattr(m, "num_experts")}
             modules.update(made)
         if len(experts) > 1:
@@ -213,6 +245,7 @@ def _wrapper(
     scaling: tuple[Any, Any, bool],
     model: str | None,
     counted: tuple[int, str] | None,
+    packing: str | None = "interleaved",
 ) -> dict[str, LoraModule]:
     """The module(s) of one wrapper: the E expert slices of a 3-D parameter, or one LoRA for a 2-D weight."""
     from loratools.model.adapter import LoraModule
@@ -258,14 +291,23 @@ def _wrapper(
             "experts; loratools reads a wrapped 'weight' as one 2-D matrix only",
             path=where,
         )
+    if packing is None and r > 1:
+        raise UnsupportedError(
+            f"{where.parent / CONFIG}: {b_key} packs {n} experts x rank {r} in its columns, and nothing says in "
+            "which order: PEFT's ParamWrapper interleaves them (expert e in columns k*E+e), other exporters "
+            "write them blocked (expert e in columns e*r..e*r+r-1); the file names no peft_version",
+            hint='add "expert_lora_b_layout": "interleaved" (what PEFT writes) or "blocked" to adapter_config.json',
+            path=where.parent / CONFIG,
+        )
+    blocked = packing == "blocked"
     _check_finite(a, a_key, where, lambda i: f"expert {i[0] // r} of {path}")
-    _check_finite(b, b_key, where, lambda i: f"expert {i[1] % n} of {path}")
+    _check_finite(b, b_key, where, lambda i: f"expert {i[1] // r if blocked else i[1] % n} of {path}")
     known = model in TRANSPOSED_MODEL_TYPES or model in STRAIGHT_MODEL_TYPES
     out: dict[str, LoraModule] = {}
     for e in range(n):
         out[expert_key(path, e)] = ExpertLoraModule(
             down=a[e * r : (e + 1) * r],
-            up=b[:, e::n],
+            up=b[:, e * r : (e + 1) * r] if blocked else b[:, e::n],
             alpha=alpha,
             use_rslora=rslora,
             fan_in_fan_out=model in TRANSPOSED_MODEL_TYPES,

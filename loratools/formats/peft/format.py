@@ -19,11 +19,13 @@ from loratools.errors import FormatError, ShapeError, UnsupportedError, Validati
 from loratools.files.safetensors_file import load_file, save_file
 from loratools.formats.peft.config import config_for, live_modules
 from loratools.formats.peft.config_checks import check_config
+from loratools.formats.peft.experts import expert_meta
 from loratools.formats.peft.families import FAMILY_TYPES, has_family, read_adapter, write_adapter
 from loratools.formats.peft.pipeline import component_folders, read_pipeline
 from loratools.formats.registry import AdapterFormat, register_format
 from loratools.model.adapter import Adapter, LoraModule
 from loratools.model.alora import check_tokens
+from loratools.model.experts import has_experts
 from loratools.model.tokens import SUFFIX as TOKENS_SUFFIX
 from loratools.model.tokens import token_rows
 from loratools.publishing.publish import provenance_metadata, read_provenance
@@ -275,7 +277,8 @@ class PeftFormat(AdapterFormat):
                 return _to_float(alpha_pattern[key], path) if key is not None else alpha_default
 
             experts, tensors = read_param_wrappers(
-                cfg, tensors, path, weights_file, base, rank_of, alpha_of, rslora, split_key
+                cfg, tensors, path, weights_file, base, rank_of, alpha_of, rslora, split_key,
+                ours=read_provenance(metadata) is not None,
             )
 
         parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -323,6 +326,7 @@ class PeftFormat(AdapterFormat):
                 "alora_invocation_tokens": check_tokens(cfg.get("alora_invocation_tokens"), path / CONFIG),
                 "files": [str(path / CONFIG), str(weights_file)],
                 "config_modules": None if experts else sorted(modules),  # what target_modules selected
+                **expert_meta(experts),  # the parameter wrappers, for the writer (formats/peft/expert_write.py)
                 **(
                     {"trainable_tokens": token_rows(token_values, cfg.get("trainable_token_indices"), path / CONFIG)}
                     if token_values
@@ -335,6 +339,10 @@ class PeftFormat(AdapterFormat):
     def write(cls, adapter: Adapter, path: Path, provenance: dict[str, Any] | None = None, **options: Any) -> None:
         if has_family(adapter):
             return write_adapter(adapter, path, provenance)
+        if has_experts(adapter) or adapter.meta.get("param_modules"):  # target_parameters wrappers
+            from loratools.formats.peft.expert_write import write_with_experts
+
+            return write_with_experts(adapter, path, provenance, cls.write)
         path.mkdir(parents=True, exist_ok=True)
         cfg = config_for(adapter)
         tensors: dict[str, torch.Tensor] = {}
