@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from loratools.errors import FormatError, UnsupportedError, UsageError, ValidationError, name_list
 from loratools.files.safetensors_file import load_file, read_header, save_file
+from loratools.formats.peft.config import module_pattern
 from loratools.formats.peft.format import ROLES as PEFT_ROLES
 from loratools.formats.peft.format import get_pattern_key
 from loratools.formats.registry import AdapterFormat, register_format
@@ -237,13 +238,6 @@ def _num(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _pattern(name: str, mods: dict[str, Any]) -> str:
-    """A rank/alpha pattern that PEFT's ``(.*\\.)?(p)$`` matches to ``name`` only: anchored with ``^`` when ``name``
-    ends another module's path (Flux's ``proj_out`` and ``single_transformer_blocks.0.proj_out``)."""
-    suffix = any(other != name and other.endswith("." + name) for other in mods)
-    return ("^" if suffix else "") + re.escape(name)
-
-
 def diffusers_state(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """The diffusers state dict and per-component LoraConfig fields that rebuild every module's scale."""
     from collections import Counter
@@ -295,8 +289,10 @@ def diffusers_state(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str
         configs[component] = {
             "r": r,
             "lora_alpha": _num(alpha),
-            "rank_pattern": {_pattern(n, mods): m.rank for n, m in mods.items() if m.rank != r},
-            "alpha_pattern": {_pattern(n, mods): _num(m.alpha) for n, m in mods.items() if float(m.alpha) != alpha},
+            "rank_pattern": {module_pattern(n, mods): m.rank for n, m in mods.items() if m.rank != r},
+            "alpha_pattern": {
+                module_pattern(n, mods): _num(m.alpha) for n, m in mods.items() if float(m.alpha) != alpha
+            },
             "target_modules": sorted(mods),
             "use_rslora": rslora.pop(),
             "use_dora": any(m.magnitude is not None for m in mods.values()),

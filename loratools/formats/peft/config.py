@@ -35,8 +35,8 @@ def config_for(adapter: Adapter) -> dict[str, Any]:
     alpha_counts = Counter(float(m.alpha) for m in mods.values())
     r = rank_counts.most_common(1)[0][0] if mods else 8
     alpha = alpha_counts.most_common(1)[0][0] if mods else 8.0
-    rank_pattern = {re.escape(n): m.rank for n, m in mods.items() if m.rank != r}
-    alpha_pattern = {re.escape(n): _num(m.alpha) for n, m in mods.items() if float(m.alpha) != alpha}
+    rank_pattern = {module_pattern(n, mods): m.rank for n, m in mods.items() if m.rank != r}
+    alpha_pattern = {module_pattern(n, mods): _num(m.alpha) for n, m in mods.items() if float(m.alpha) != alpha}
     to_save = sorted({k.rpartition(".")[0] for k in adapter.replacements if k.rpartition(".")[0] not in mods})
     old = dict(adapter.meta.get("config") or {}) if adapter.format == "peft" else {}
     kept = kept_targets(adapter, mods)
@@ -72,6 +72,14 @@ def config_for(adapter: Adapter) -> dict[str, Any]:
 
 #: config fields that together say which modules PEFT wraps
 TARGET_FIELDS = ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules")
+
+
+def module_pattern(name: str, mods: Any) -> str:
+    """A rank/alpha pattern that PEFT's ``(.*\\.)?(p)$`` matches to ``name`` only: anchored with ``^`` when ``name``
+    ends another module's path (Flux's ``proj_out`` and ``single_transformer_blocks.0.proj_out``), where the bare
+    name would give the other module this one's rank or alpha."""
+    suffix = any(other != name and other.endswith("." + name) for other in mods)
+    return ("^" if suffix else "") + re.escape(name)
 
 
 def kept_targets(adapter: Adapter, mods: Any) -> dict[str, Any] | None:
