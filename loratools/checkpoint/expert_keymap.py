@@ -195,10 +195,14 @@ def lower_experts(adapter: Adapter, reader: Any) -> Adapter:
     """``adapter`` with every expert slice in the base's on-disk terms (see the module docstring); an
     adapter without expert slices comes back as it is."""
     from loratools.model.experts import ExpertLoraModule, has_experts
+    from loratools.model.per_expert import PER_EXPERT
 
-    if not has_experts(adapter) and not any(d in k for _, d in DISK_CONTAINERS for k in reader.keys()):
+    per_expert = [n for n in adapter.modules if PER_EXPERT.match(n)]
+    renamed = any(d in k for _, d in DISK_CONTAINERS for k in reader.keys())
+    if not per_expert and not has_experts(adapter) and not renamed:
         return adapter
     targets = ExpertTargets(reader, where(adapter))
+    adapter = _fuse_for_fused_base(adapter, per_expert, targets)
     modules: dict[str, Any] = {}
     for name, m in adapter.modules.items():
         if isinstance(m, ExpertLoraModule):
@@ -206,3 +210,27 @@ def lower_experts(adapter: Adapter, reader: Any) -> Adapter:
         else:
             modules[targets.plain(name) or name] = m
     return replace(adapter, modules=modules, meta=dict(adapter.meta))
+
+
+def _fuse_for_fused_base(adapter: Adapter, per_expert: list[str], targets: ExpertTargets) -> Adapter:
+    """Per-expert modules (``experts.{e}.gate_proj`` ...) a base holds fused (``experts.gate_up_proj``, 3-D) as
+    expert slices of the fused tensor (gate and up stacked, exact: model/per_expert.py); the rest as they are."""
+    from loratools.model.per_expert import PER_EXPERT, fuse_experts
+
+    missing = set()
+    for name in per_expert:
+        if targets.tensor_key(name) is None and targets.plain(name) is None:
+            m = PER_EXPERT.match(name)
+            gated = m is not None and m["part"] in ("gate_proj", "up_proj", "w1", "w3")
+            fused = "gate_up_proj" if gated else "down_proj"
+            if m is not None and targets.tensor_key(f"{m['pre']}.mlp.experts", fused) is not None:
+                missing.add(name)
+    if not missing:
+        return adapter
+
+    def count(parameter: str) -> int:
+        container, _, leaf = parameter.rpartition(".")
+        key = targets.tensor_key(container, leaf)
+        return int(targets.reader.info(key).shape[0]) if key is not None else 0
+
+    return fuse_experts(adapter, count, missing)
