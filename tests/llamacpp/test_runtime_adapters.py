@@ -20,7 +20,7 @@ from hf_to_gguf import convert
 from llamacpp_support import TOL, hf_logits, max_diff, run_cli, run_logits
 from tiny_models import build
 
-ARCHS = ["llama", "llama-tied", "qwen2", "qwen3", "gemma2"]
+ARCHS = ["llama", "llama-tied", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
 _TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 _LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -129,9 +129,12 @@ _WIDTHS = {
 _KIND = re.compile(r"^(?:blk\.\d+\.)?(\w+)\.weight$")
 
 
-def check_widths(f: GgufFile, pairs: dict[str, tuple[GgufTensor, GgufTensor]], fused_qkv: bool) -> None:
+def check_widths(
+    f: GgufFile, pairs: dict[str, tuple[GgufTensor, GgufTensor]], fused_qkv: bool, fused_up: bool = False
+) -> None:
     """Factors of tensors that read the same activations have the same input width (and so on): a factor
-    with the wrong in-features is refused without the base. ``pairs``: stem -> (lora_a, lora_b)."""
+    with the wrong in-features is refused without the base. ``pairs``: stem -> (lora_a, lora_b);
+    ``fused_up``: ``ffn_up`` holds gate and up stacked (Phi-3), so its output is twice ``ffn_down``'s input."""
     seen: dict[str, tuple[int, str]] = {}
     for stem, (a, b) in sorted(pairs.items()):
         m = _KIND.match(stem)
@@ -141,6 +144,8 @@ def check_widths(f: GgufFile, pairs: dict[str, tuple[GgufTensor, GgufTensor]], f
         sym_in, sym_out = _WIDTHS[kind]
         if fused_qkv and kind == "attn_output":
             sym_in = "embd"  # GPT-2: c_proj reads the embedding width
+        if fused_up and kind == "ffn_up":
+            sym_out = "ff2"
         if kind == "token_embd":
             widths = ((sym_in, a.shape[0], a.name), (sym_out, b.shape[0], b.name))
         else:

@@ -195,7 +195,7 @@ class GgufFormat(AdapterFormat):
         n_layer, heads = block_count(reader, arch, model=False), head_counts(reader, arch, model=False)
         pairs, ignored = lora_pairs(reader)
         ranks = {stem: check_pair(reader, stem, a, b, stem == TOKEN_EMBD) for stem, (a, b) in pairs.items()}
-        check_widths(reader, pairs, fused_qkv=bool(spec.conv1d))
+        check_widths(reader, pairs, fused_qkv=bool(spec.conv1d), fused_up=spec.fused_gate_up)
         info: GgufBase | None = None
         if base is not None:
             info = load_base(base)

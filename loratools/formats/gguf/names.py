@@ -32,7 +32,8 @@ class ArchSpec:
     ``conv1d``: leaf names whose Hugging Face weight is stored (in, out) and transposed by the converter.
     ``hf_family``: the module paths the family's transformers classes use (picks the reverse name).
     ``tied_default``: ``tie_word_embeddings`` when config.json does not say; ``output_dropped``: the
-    converter never writes ``lm_head`` (the runtime always reuses ``token_embd``).
+    converter never writes ``lm_head`` (the runtime always reuses ``token_embd``); ``fused_gate_up``:
+    ``ffn_up`` holds the gate and up projections stacked by rows (HF ``gate_up_proj``, gate first).
     """
 
     gguf_arch: str
@@ -41,6 +42,7 @@ class ArchSpec:
     conv1d: frozenset[str] = frozenset()
     tied_default: bool = False
     output_dropped: bool = False
+    fused_gate_up: bool = False
 
 
 _LLAMA_FAMILY = r"^(model\.layers\.\d+\.(self_attn|mlp)\.\w+|model\.embed_tokens|model\.norm|lm_head)$"
@@ -53,6 +55,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # GemmaModel / Gemma2Model.modify_tensors: no Q/K permutation, norms + 1, lm_head skipped
     "GemmaForCausalLM": ArchSpec("gemma", _LLAMA_FAMILY, tied_default=True, output_dropped=True),
     "Gemma2ForCausalLM": ArchSpec("gemma2", _LLAMA_FAMILY, tied_default=True, output_dropped=True),
+    # Gemma3Model: norms + 1 only; lm_head written when the checkpoint has one (the runtime's output is optional)
+    "Gemma3ForCausalLM": ArchSpec("gemma3", _LLAMA_FAMILY, tied_default=True),
+    # Phi3MiniModel: names only; qkv_proj -> attn_qkv and gate_up_proj -> ffn_up stay fused
+    "Phi3ForCausalLM": ArchSpec("phi3", _LLAMA_FAMILY, fused_gate_up=True),
     "GPT2LMHeadModel": ArchSpec(
         "gpt2",
         r"^(transformer\.h\.\d+\.(attn|mlp)\.\w+|transformer\.(wte|wpe|ln_f)|lm_head)$",
@@ -62,7 +68,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "gemma": "GemmaForCausalLM",
-                "gemma2": "Gemma2ForCausalLM"}  # fmt: skip
+                "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                "phi3": "Phi3ForCausalLM"}  # fmt: skip
 #: GGUF architecture -> spec (Mistral converts as llama)
 BY_GGUF_ARCH: dict[str, ArchSpec] = {s.gguf_arch: s for s in reversed(list(ARCHITECTURES.values()))}
 
