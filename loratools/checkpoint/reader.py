@@ -94,7 +94,7 @@ class CheckpointReader:
         if self.config is not None and not isinstance(self.config, dict):
             raise FormatError(f"{cfg}: expected a JSON object", path=cfg)
         self.raw_weight_map = weight_map
-        if self.config and isinstance(self.config.get("quantization_config"), dict):
+        if self.config and any(isinstance(self.config.get(k), dict) for k in ("quantization_config", "quantization")):
             from loratools.checkpoint.quant import attach  # quantized modules read as one dequantized weight each
 
             self.quant = attach(self)

@@ -19,7 +19,9 @@ def attach(reader: Any) -> QuantizedCheckpoint | None:
     package); None for a float checkpoint, an unknown method, or no packed tensor."""
     cfg = reader.config or {}
     qcfg = cfg.get("quantization_config")
-    if not isinstance(qcfg, dict) or scheme_of(qcfg) is None:
+    if not isinstance(qcfg, dict) and isinstance(cfg.get("quantization"), dict):  # MLX: only "quantization"
+        qcfg = cfg["quantization"]
+    if not isinstance(qcfg, dict) or scheme_of(qcfg, cfg) is None:
         return None
     raw = dict(reader.weight_map)
 

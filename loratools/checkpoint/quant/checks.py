@@ -201,7 +201,13 @@ def _check_range(t: Any, parts: dict[str, torch.Tensor], at: Callable[[str], str
     def top(role: str) -> float:
         return float(parts[role].float().abs().max()) if parts[role].numel() else 0.0
 
-    if t.scheme == "bnb-4bit":
+    from loratools.checkpoint.quant.scheme import by_name
+
+    plugin = by_name(t.scheme)
+    if plugin is not None:
+        role, scale, code = plugin.value_range(t, parts, at)
+        dtype = torch_dtype(t.dtype)
+    elif t.scheme == "bnb-4bit":
         role, dtype, scale, code = "absmax", torch_dtype(t.dtype), 0.0, top("quant_map")
         if "nested_absmax" in parts and "state" in parts:
             from loratools.checkpoint.quant.bnb import parse_state

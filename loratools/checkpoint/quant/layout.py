@@ -58,13 +58,19 @@ class QuantTensor:
     dtype: str
     settings: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def main_role(self) -> str:
+        """The role of the packed weight (the part a message about the whole module names)."""
+        return next((r for r in ("weight", "qweight", "blocks", "packed") if r in self.parts), next(iter(self.parts)))
+
 
 def _dtype_name(value: object, default: str = "BF16") -> str:
     return _FLOAT_NAMES.get(str(value).removeprefix("torch."), default)
 
 
-def scheme_of(qcfg: dict[str, Any]) -> str | None:
-    """``bnb-4bit``/``bnb-8bit``/``fp8``/``gptq``/``awq`` from a ``quantization_config``, or None."""
+def scheme_of(qcfg: dict[str, Any], config: dict[str, Any] | None = None) -> str | None:
+    """``bnb-4bit``/``bnb-8bit``/``fp8``/``gptq``/``awq`` (or a scheme module's name, see :mod:`.scheme`)
+    from a ``quantization_config`` (and the rest of config.json), or None."""
     method = str(qcfg.get("quant_method", "")).lower()
     if method == "bitsandbytes" or "load_in_4bit" in qcfg or "load_in_8bit" in qcfg:
         if qcfg.get("load_in_4bit") or qcfg.get("_load_in_4bit"):
@@ -78,7 +84,9 @@ def scheme_of(qcfg: dict[str, Any]) -> str | None:
         return "gptq"
     if method == "awq":
         return "awq"
-    return None
+    from loratools.checkpoint.quant.scheme import detect
+
+    return detect(qcfg, config or {})
 
 
 class QuantizedCheckpoint:
@@ -97,11 +105,12 @@ class QuantizedCheckpoint:
         where: str,
         file_of: Callable[[str], str] | None = None,
     ) -> None:
-        scheme = scheme_of(qcfg)
+        scheme = scheme_of(qcfg, config)
         if scheme is None:
             raise UnsupportedError(
                 f"{where}: quantization_config method {qcfg.get('quant_method')!r} is not one loratools reads",
-                hint="supported: bitsandbytes 4/8-bit, fp8, gptq, awq; dequantize other bases with their own library",
+                hint="supported: bitsandbytes 4/8-bit, fp8, gptq, awq, mxfp4, compressed-tensors int/nvfp4, MLX "
+                "affine; dequantize other bases with their own library",
             )
         self.scheme = scheme
         self.qcfg = qcfg
@@ -114,7 +123,12 @@ class QuantizedCheckpoint:
         self.tensors: dict[str, QuantTensor] = {}
         keys = set(raw_keys)
         find = {"bnb-4bit": self._bnb4, "bnb-8bit": self._bnb8, "fp8": self._fp8, "gptq": self._gptq, "awq": self._awq}
-        find[scheme](keys)
+        if scheme in find:
+            find[scheme](keys)
+        else:
+            from loratools.checkpoint.quant.scheme import by_name
+
+            by_name(scheme).discover(self, keys)  # type: ignore[union-attr]
         self.hidden = {p for t in self.tensors.values() for p in t.parts.values()} - set(self.tensors)
 
     # -- discovery per scheme ---------------------------------------------------------------------
@@ -259,7 +273,7 @@ class QuantizedCheckpoint:
 
     def logical_weight_map(self, raw: dict[str, Any]) -> dict[str, Any]:
         """``raw`` (key -> file) with the companion tensors hidden and each logical weight in its place."""
-        placed = {t.parts.get("qweight", t.key): t.key for t in self.tensors.values()}
+        placed = {t.parts[t.main_role]: t.key for t in self.tensors.values()}
         out: dict[str, Any] = {}
         for k, f in raw.items():
             if k in placed:
@@ -272,7 +286,11 @@ class QuantizedCheckpoint:
         """Scheme, bits, block sizes and the quantized tensors (for info/validate)."""
         names = sorted(self.tensors)
         first = self.tensors[names[0]]
-        bits = {"bnb-4bit": 4, "bnb-8bit": 8, "fp8": 8}.get(self.scheme, first.settings.get("bits"))
+        from loratools.checkpoint.quant.scheme import by_name
+
+        plugin = by_name(self.scheme)
+        bits = plugin.bits(first) if plugin else {"bnb-4bit": 4, "bnb-8bit": 8, "fp8": 8}.get(self.scheme)
+        bits = first.settings.get("bits") if bits is None else bits
         settings = {k: v for k, v in first.settings.items() if k not in ("scale_name",)}
         return {
             "scheme": self.scheme,
@@ -294,12 +312,17 @@ def dequantize(
     """
     checks.check_values(t, parts, at)
     w = _dequantize(t, parts, dtype, at)
-    return checks.check_dequantized(w, at("weight" if "weight" in t.parts else "qweight"))
+    return checks.check_dequantized(w, at(t.main_role))
 
 
 def _dequantize(t: QuantTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype, at: Callable[[str], str]):  # noqa: ANN202
     from loratools.checkpoint.quant import bnb, fp8, gptq
+    from loratools.checkpoint.quant.scheme import by_name
 
+    plugin = by_name(t.scheme)
+    if plugin is not None:
+        w = plugin.dequantize(t, parts, dtype, at)
+        return w if w.dtype == dtype else w.to(dtype)
     where = at("weight" if "weight" in t.parts else "qweight")
     if t.scheme == "bnb-4bit":
         state = bnb.parse_state(parts["state"], at("state"))

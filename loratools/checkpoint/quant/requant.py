@@ -21,7 +21,10 @@ REQUANTIZABLE = ("bnb-4bit", "bnb-8bit", "fp8")
 
 
 def refuse_unless_requantizable(scheme: str, where: str) -> None:
-    if scheme in REQUANTIZABLE:
+    from loratools.checkpoint.quant.scheme import by_name
+
+    plugin = by_name(scheme)
+    if scheme in REQUANTIZABLE or (plugin is not None and scheme in plugin.requantizable):
         return
     raise UnsupportedError(
         f"{where}: --requantize cannot write {scheme} weights: {scheme.upper()} quantization needs calibration "
@@ -37,8 +40,12 @@ def requantize(
     import torch
 
     from loratools.checkpoint.quant import bnb, fp8
+    from loratools.checkpoint.quant.scheme import by_name
 
     refuse_unless_requantizable(t.scheme, where)
+    plugin = by_name(t.scheme)
+    if plugin is not None:
+        return plugin.requantize(t, merged, old, where)
     if t.scheme == "bnb-4bit":
         state = bnb.parse_state(old["state"], where)
         packed, absmax = bnb.quantize_4bit(merged, old["quant_map"], state.blocksize)

@@ -1,0 +1,164 @@
+"""MXFP4 (OCP microscaling): E2M1 codes with one E8M0 scale per 32 values, as gpt-oss stores its experts.
+
+On disk (``quantization_config.quant_method: mxfp4``): ``<param>_blocks`` uint8 (E, rows, in/32, 16), two
+E2M1 codes per byte, the even element in the low nibble; ``<param>_scales`` uint8 (E, rows, in/32), a
+biased power-of-two exponent (value 2^(s − 127)). The logical tensor ``<param>`` is what transformers'
+``convert_moe_packed_tensors`` makes of them: ``lut[code] · 2^(s − 127)``, reshaped to (E, rows, in) and
+transposed to (E, in, rows) — gpt-oss' own (experts, in, out) layout. Everything else (attention, router,
+embeddings, biases) is stored in 16-bit and passes through.
+
+Dequantization is the same arithmetic as transformers' (the code's value in fp32, ``ldexp`` by the scale,
+one cast): bit-equal to it. ``--requantize`` rounds the merged weight back with power-of-two scales rounded
+*up* from max|block| / 6 (so no code clips) and round-to-nearest-even codes, the rule of triton_kernels'
+``downcast_to_mxfp`` (``DequantScaleRoundingMode.ROUND_UP``), which transformers' MXFP4 quantizer calls.
+That quantizer needs a GPU: this requantization is built from its source, untested against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from loratools.checkpoint.quant import checks
+from loratools.checkpoint.quant.scheme import QuantScheme
+from loratools.errors import FormatError
+
+if TYPE_CHECKING:
+    import torch
+
+    from loratools.checkpoint.quant.layout import QuantizedCheckpoint, QuantTensor
+
+#: the 16 E2M1 values, code order (transformers' FP4_VALUES, the OCP table)
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+BLOCK = 32
+#: between two neighbouring magnitudes; a value exactly on boundary i goes to the even code (i or i+1)
+_BOUNDARIES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+def unpack_codes(blocks: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., n) -> codes (..., 2n): the low nibble first."""
+    import torch
+
+    b = blocks.to(torch.uint8)
+    return torch.stack((b & 0x0F, b >> 4), dim=-1).flatten(-2)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """codes (..., 2n) -> uint8 (..., n), the even element in the low nibble."""
+    import torch
+
+    c = codes.to(torch.uint8)
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).to(torch.uint8)
+
+
+def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest-even E2M1 codes of fp32 ``x`` (magnitudes above 6 clip to 6; the sign kept)."""
+    import torch
+
+    a = x.abs()
+    code = torch.zeros(x.shape, dtype=torch.int32)
+    for i, b in enumerate(_BOUNDARIES):
+        code += (a > b).to(torch.int32)
+        if i % 2:  # a tie between codes i and i+1 goes up to the even one
+            code += (a == b).to(torch.int32)
+    return code | (torch.signbit(x).to(torch.int32) << 3)
+
+
+def dequantize_blocks(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(E, rows, G, 16) codes and (E, rows, G) exponents -> (E, G·32, rows) in ``dtype``, as transformers
+    computes it (``lut`` value in fp32 times 2^(s − 127), rounded once)."""
+    import torch
+
+    lut = torch.tensor(E2M1, dtype=torch.float32)
+    values = lut[unpack_codes(blocks).to(torch.int64)]  # (E, rows, G, 32)
+    exp = scales.to(torch.int32).sub(127).unsqueeze(-1)
+    w = torch.ldexp(values, exp).to(dtype)
+    e, rows, g, _ = blocks.shape
+    return w.reshape(e, rows, g * BLOCK).transpose(1, 2).contiguous()
+
+
+def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, in, rows) fp32 -> (blocks uint8 (E, rows, in/32, 16), scales uint8 (E, rows, in/32))."""
+    import torch
+
+    e, n_in, rows = w.shape
+    x = w.to(torch.float32).transpose(1, 2).reshape(e, rows, n_in // BLOCK, BLOCK)
+    amax = x.abs().amax(-1)
+    # the dequant scale max|block| / 6 rounded up to a power of two (its fp32 exponent field, rounded up)
+    bits = (amax / 6.0).view(torch.int32)
+    up = ((bits + 0x007FFFFF) & 0x7F800000).view(torch.float32)
+    biased = (up.view(torch.int32) >> 23).clamp(0, 254)  # E8M0: 255 is NaN
+    scale = torch.ldexp(torch.ones_like(amax), biased - 127)
+    codes = e2m1_codes(x / scale.unsqueeze(-1))
+    return pack_codes(codes), biased.to(torch.uint8)
+
+
+class Mxfp4(QuantScheme):
+    names = ("mxfp4",)
+    requantizable = ("mxfp4",)
+
+    def detect(self, qcfg: dict[str, Any], config: dict[str, Any]) -> str | None:
+        return "mxfp4" if str(qcfg.get("quant_method", "")).lower() == "mxfp4" else None
+
+    def discover(self, cp: QuantizedCheckpoint, keys: set[str]) -> None:
+        from loratools.checkpoint.quant.layout import QuantTensor
+
+        for k in sorted(keys):
+            if not k.endswith("_blocks"):
+                continue
+            stem = k.removesuffix("_blocks")
+            if f"{stem}_scales" not in keys:
+                raise FormatError(f"{cp._at(k)}: MXFP4 blocks without {stem}_scales beside them", hint=checks.DAMAGED)
+            parts = {"weight": k, "scales": f"{stem}_scales"}
+            p = cp._parts(parts)
+            p.want("weight", ("U8",))
+            b = p.info("weight")
+            if len(b.shape) != 4 or b.shape[-1] != BLOCK // 2:
+                p.refuse("weight", f"has shape {list(b.shape)}; MXFP4 expert blocks are (experts, rows, in/32, 16)")
+            p.want("scales", ("U8",), shape=tuple(b.shape[:-1]))
+            e, rows, g, _ = b.shape
+            cp.tensors[stem] = QuantTensor(stem, "mxfp4", parts, (e, g * BLOCK, rows), cp.compute_dtype, {"bits": 4})
+
+    def dequantize(
+        self, t: QuantTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype, at: Callable[[str], str]
+    ) -> torch.Tensor:
+        import torch
+
+        # transformers rounds once into the parameter's dtype: fp32 callers get that rounding too
+        out = dtype if dtype != torch.float32 else _dtype(t)
+        return dequantize_blocks(parts["weight"], parts["scales"], out).to(dtype)
+
+    def value_range(
+        self, t: QuantTensor, parts: dict[str, torch.Tensor], at: Callable[[str], str]
+    ) -> tuple[str, float, float]:
+        s = parts["scales"]
+        top = int(s.max()) if s.numel() else 0
+        if top == 255:  # E8M0's NaN
+            raise _nan_scale(t, s, at("scales"))
+        return "scales", 2.0 ** (top - 127), 6.0
+
+    def requantize(
+        self, t: QuantTensor, merged: torch.Tensor, old: dict[str, torch.Tensor], where: str
+    ) -> dict[str, torch.Tensor]:
+        blocks, scales = quantize_blocks(merged)
+        return {**old, "weight": blocks.reshape(old["weight"].shape), "scales": scales.reshape(old["scales"].shape)}
+
+
+def _dtype(t: QuantTensor) -> torch.dtype:
+    from loratools.files.safetensors_file import torch_dtype
+
+    return torch_dtype(t.dtype)
+
+
+def _nan_scale(t: QuantTensor, s: torch.Tensor, where: str) -> Exception:
+    from loratools.errors import NumericError
+
+    first = [int(i) for i in (s == 255).nonzero()[0].tolist()]
+    return NumericError(
+        f"{where} holds the E8M0 NaN scale 255 (first at index {first}); dequantizing {t.key} would "
+        "write NaN",
+        hint="the quantized checkpoint is damaged; nothing was written",
+    )
+
+
+SCHEME = Mxfp4()
