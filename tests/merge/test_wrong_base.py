@@ -273,3 +273,14 @@ def test_junk_in_the_claimed_config_is_no_evidence(w, tmp_path) -> None:  # noqa
     assert _run("merge", w["llama"], adapter, "-o", tmp_path / "m")[0] == 0
     (folder / "config.json").write_text("{not json")
     assert _run("merge", w["llama"], adapter, "-o", tmp_path / "m2")[0] == 0
+
+
+def test_a_gpt2_adapter_on_another_model_is_not_told_to_use_a_pipeline_folder(tmp_path: Path) -> None:
+    """GPT-2's own modules start with ``transformer.`` — a diffusers component name — but a transformers model
+    folder is no pipeline component: the hint is the ordinary one."""
+    root = Path(__file__).resolve().parents[2] / "fixtures"
+    code, _, err = models.run_cli(
+        ["merge", root / "bases" / "llama", root / "peft" / "gpt2-lora", "-o", tmp_path / "m", "--allow-other-base"]
+    )
+    assert code == 2 and "transformer.h." in err, err
+    assert "pipeline" not in err, err

@@ -119,7 +119,10 @@ def missing_module_hint(
     component, dot, _ = module.partition(".")
     root = Path(reader.root)
     above = [p for p in (root, *root.parents)[:3] if (p / "model_index.json").is_file()]
-    if dot and component in COMPONENTS and reader.kind != "pipeline" and (reader.kind == "folder" or above):
+    # a diffusers component folder (its config says _diffusers_version), not a transformers model such as GPT-2,
+    # whose own modules start with transformer.
+    component_folder = reader.kind == "folder" and "_diffusers_version" in (reader.config or {})
+    if dot and component in COMPONENTS and reader.kind != "pipeline" and (component_folder or above):
         where = f" ({above[0]})" if above else ""
         return (
             f"the adapter's modules are named by pipeline component ({component}.…): its base is the diffusers "
