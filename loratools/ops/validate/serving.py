@@ -66,6 +66,17 @@ def _alpha_varies(adapter: Adapter) -> list[str]:
     return [n for n, m in adapter.modules.items() if m.alpha is not None and float(m.alpha) != common]
 
 
+def _leaf(name: str) -> str:
+    """A module's last name; an expert slice's (``…experts.down_proj[3]``) without its expert index."""
+    return name.rsplit(".", 1)[-1].split("[", 1)[0]
+
+
+def expert_conditions(adapter: Adapter) -> dict[str, list[str]]:
+    from loratools.ops.validate.expert_serving import expert_conditions as conditions
+
+    return conditions(adapter)
+
+
 def _conditions(
     adapter: Adapter, rules: dict[str, Any], settings: dict[str, Any], base_kind: str | None = None, base: Any = None
 ) -> dict[str, list[str]]:
@@ -90,11 +101,12 @@ def _conditions(
         "alpha_varies": _alpha_varies(adapter),
         "not_llm": sorted(adapter.modules) if is_pipeline_adapter(adapter, base_kind) else [],
         "unknown_target": (
-            [n for n in adapter.modules if n.rsplit(".", 1)[-1] not in targets and not _KOHYA_NAME.match(n)]
+            [n for n in adapter.modules if _leaf(n) not in targets and not _KOHYA_NAME.match(n)]
             if targets
             else []
         ),
         **(_gguf_conditions(adapter, settings, base) if rules.get("gguf") else {}),
+        **expert_conditions(adapter),  # expert LoRA (expert_serving.py)
     }
 
 
