@@ -155,8 +155,7 @@ def _nan_scale(t: QuantTensor, s: torch.Tensor, where: str) -> Exception:
 
     first = [int(i) for i in (s == 255).nonzero()[0].tolist()]
     return NumericError(
-        f"{where} holds the E8M0 NaN scale 255 (first at index {first}); dequantizing {t.key} would "
-        "write NaN",
+        f"{where} holds the E8M0 NaN scale 255 (first at index {first}); dequantizing {t.key} would write NaN",
         hint="the quantized checkpoint is damaged; nothing was written",
     )
 
