@@ -60,11 +60,12 @@ def encode(t: torch.Tensor, outtype: str) -> tuple[np.ndarray, Any, str]:
         return x.astype(np.float16), None, "F16"
 
 
-def check_plan(adapter: Adapter, base: GgufBase) -> Any:
-    """The :class:`~.gguf_plan.GgufPlan` of ``adapter`` for ``base``; UnsupportedError on any problem."""
+def check_plan(adapter: Adapter, base: GgufBase, merge: bool = False) -> Any:
+    """The :class:`~.gguf_plan.GgufPlan` of ``adapter`` for ``base`` (``merge``: to be merged into it);
+    UnsupportedError on any problem."""
     from loratools.formats.gguf.plan import plan
 
-    p = plan(adapter, base)
+    p = plan(adapter, base, merge=merge)
     if p.problems:
         first = p.problems[0]
         more = f" (and {len(p.problems) - 1} more: {name_list([x.module or '' for x in p.problems[1:]], 3)})"

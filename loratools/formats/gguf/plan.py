@@ -27,6 +27,8 @@ LOWER_HINT = (
     "lower it to plain LoRA against the Hugging Face base first (loratools convert ADAPTER --to gguf --as-lora "
     "--base HF_FOLDER -o adapter.gguf), or merge it (loratools merge BASE ADAPTER -o merged)"
 )
+#: the tensor a tied base's merge adds, holding the original token_embd (plus any lm_head update)
+OUTPUT = "output.weight"
 
 
 @dataclass
@@ -57,21 +59,48 @@ class GgufPlan:
     dropped: list[str] = field(default_factory=list)
 
 
-def _module_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None) -> Problem | None:
+def _tied_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None, merge: bool) -> Problem | None:
+    """An lm_head or embedding LoRA on a base whose output reuses ``token_embd`` (tied).
+
+    The runtime finds a LoRA by tensor name, so a ``token_embd`` pair is also applied to the output matmul,
+    where an embedding's ``lora_a`` (n_vocab, r) does not fit (llama.cpp aborts:
+    ``GGML_ASSERT(ggml_can_mul_mat(a, b))``), and an lm_head pair has no tensor. A merge unties instead
+    (``output.weight`` = the original ``token_embd``) where the architecture's loader takes an
+    ``output.weight``; Gemma and Gemma 2 always reuse ``token_embd``, so nothing can carry one side alone.
+    """
+    head = tensor == OUTPUT or name.rsplit(".", 1)[-1] == "lm_head"
+    if not base.tied or not (head or (m.kind == "embedding" and tensor == TOKEN_EMBD)):
+        return None
+    if merge and not base.spec.output_dropped:
+        return None
+    exclude = f"--exclude '{name}$' to leave it out"
+    if base.spec.output_dropped:
+        hint = (
+            f"llama.cpp's {base.arch} always uses token_embd as its output too, so no {base.arch} GGUF can hold a "
+            f"change to one side only: {exclude}, or serve the merged Hugging Face model"
+        )
+    else:
+        hint = (
+            f"merge it into the GGUF base (loratools merge BASE.gguf ADAPTER -o merged.gguf), which unties: "
+            f"output.weight keeps the original embeddings; or {exclude}"
+        )
+    if head:
+        why = "so the GGUF model has no separate output tensor for this LoRA to attach to"
+        return Problem(name, "tied_output", f"{name}: the base ties lm_head to the token embeddings, {why}", hint)
+    why = "llama.cpp would apply its token_embd LoRA to the output matmul too (and aborts there)"
+    return Problem(name, "tied_embedding", f"{name}: the base ties lm_head to the token embeddings: {why}", hint)
+
+
+def _module_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None, merge: bool) -> Problem | None:
     if m.magnitude is not None:
         return Problem(name, "dora", f"{name}: DoRA magnitude vectors have no place in a GGUF LoRA", LOWER_HINT)
     if m.bias is not None:
         return Problem(name, "bias", f"{name}: LoRA biases (lora_B.bias) have no place in a GGUF LoRA", MERGE_HINT)
     if m.kind == "conv":
         return Problem(name, "conv", f"{name}: conv LoRA modules have no place in a GGUF LoRA", MERGE_HINT)
-    if base.tied and (tensor == "output.weight" or name.rsplit(".", 1)[-1] == "lm_head"):
-        return Problem(
-            name,
-            "tied_output",
-            f"{name}: the base ties lm_head to the token embeddings, so the GGUF model has no separate "
-            "output tensor for this LoRA to attach to",
-            f"--exclude '{name}$' to leave it out, or {MERGE_HINT}",
-        )
+    tied = _tied_problem(name, m, base, tensor, merge)
+    if tied is not None:
+        return tied
     if tensor is None:
         return Problem(
             name,
@@ -81,7 +110,7 @@ def _module_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None
         )
     if m.kind == "embedding" and tensor != TOKEN_EMBD:
         return Problem(name, "embedding", f"{name}: llama.cpp applies embedding LoRA to token_embd only", MERGE_HINT)
-    if base.tensors is not None and tensor not in base.tensors:
+    if base.tensors is not None and tensor not in base.tensors and not (merge and base.tied and tensor == OUTPUT):
         return Problem(name, "missing_in_base", f"{name}: the GGUF base has no tensor {tensor}", None)
     return None
 
@@ -97,7 +126,7 @@ def _shape_problem(pair: Pair, base: GgufBase) -> Problem | None:
     """The loader's shape rule against the base tensor (ne[0] is the last PyTorch dimension)."""
     if base.tensors is None:
         return None
-    shape = base.tensors[pair.tensor][0]
+    shape = base.tensors[TOKEN_EMBD if pair.tensor not in base.tensors else pair.tensor][0]  # untied output
     a, b = tuple(pair.lora_a.shape), tuple(pair.lora_b.shape)
     if pair.tensor == TOKEN_EMBD:
         ok = len(shape) == 2 and shape == (a[0], b[0]) and a[1] == b[1]
@@ -144,16 +173,21 @@ def _equals_base(key: str, t: torch.Tensor, base: GgufBase) -> bool | None:
         from loratools.formats.gguf.names import equals_gguf_tensor
 
         name = base.gguf_name(key.rpartition(".")[0])
+        if base.tied and name == OUTPUT:
+            name = TOKEN_EMBD  # PEFT's saved lm_head of a tied base is the embedding matrix
         return None if name is None else equals_gguf_tensor(base.gguf_path, name, t)
     return None
 
 
-def plan(adapter: Adapter, base: GgufBase) -> GgufPlan:
-    """The GGUF pairs of ``adapter`` for ``base``, the full tensors dropped as equal, and every problem."""
+def plan(adapter: Adapter, base: GgufBase, merge: bool = False) -> GgufPlan:
+    """The GGUF pairs of ``adapter`` for ``base``, the full tensors dropped as equal, and every problem.
+
+    ``merge``: the pairs are merged into a GGUF base rather than written as an adapter, so a tied base's
+    lm_head and embedding LoRAs are taken (the merge unties; see :func:`_tied_problem`)."""
     out = GgufPlan()
     for name, m in adapter.modules.items():
         tensor = base.gguf_name(name)
-        problem = _module_problem(name, m, base, tensor)
+        problem = _module_problem(name, m, base, tensor, merge)
         if problem is None and tensor is not None:
             try:
                 pair = _pair(name, m, base, tensor)

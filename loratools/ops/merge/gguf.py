@@ -44,7 +44,7 @@ def _updates(adapters: Sequence[Adapter], weights: Sequence[float], info: GgufBa
 
     out: dict[str, list[Any]] = {}
     for adapter, w in zip(adapters, weights, strict=True):
-        for pair in check_plan(adapter, info).pairs:
+        for pair in check_plan(adapter, info, merge=True).pairs:
             out.setdefault(pair.tensor, []).append((pair.lora_a, pair.lora_b * float(w)))
     return out
 
@@ -95,9 +95,10 @@ def _read_private(t: Any, fd: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=t.data.dtype).reshape(t.data.shape)
 
 
-def _merged(t: Any, pairs: list[Any], fd: int, where: Path) -> tuple[np.ndarray, str]:
-    """(encoded array, type name) of base tensor ``t`` plus its update; a NumericError when the base tensor
-    or the sum holds NaN or Inf (the one check every dequantized tensor gets)."""
+def _merged(t: Any, pairs: list[Any], fd: int, where: Path, name: str | None = None) -> tuple[np.ndarray, str]:
+    """(encoded array, type name) of base tensor ``t`` plus the update of tensor ``name`` (default: ``t``'s;
+    a tied base's output.weight is made from token_embd); a NumericError when the base tensor or the sum
+    holds NaN or Inf (the one check every dequantized tensor gets)."""
     import gguf
     import numpy as np
     import torch
@@ -119,7 +120,7 @@ def _merged(t: Any, pairs: list[Any], fd: int, where: Path) -> tuple[np.ndarray,
             path=where,
             hint="the base file is damaged: convert or download it again",
         )
-    add_updates(w, t.name, pairs)
+    add_updates(w, name or t.name, pairs)
     if not bool(torch.isfinite(w).all()):
         raise NumericError(
             f"{where}: merging into {t.name} produced NaN or Inf values",
@@ -220,36 +221,37 @@ def merge_gguf(
     )
     retyped: list[str] = []
     written = 0
+    layout = output_layout(reader, updates, info)
     with atomic_output(output, overwrite=overwrite, inputs=[base_path, *paths], directory=False) as tmp:
         writer = _writer_class()(tmp, info.arch)
         writer.data_alignment = reader.alignment
         _copy_metadata(reader, writer, record)
-        plan: list[tuple[Any, str | None]] = []
-        for t in reader.tensors:
-            if t.name in updates:
+        plan: list[tuple[str, Any, str | None]] = []
+        for name, t in layout:
+            if name in updates:
                 out_type = _out_type(t.type_label)
-                writer.add_tensor_info(t.name, *_tensor_info(t.shape, out_type))
+                writer.add_tensor_info(name, *_tensor_info(t.shape, out_type))
                 if out_type != t.type_label:
-                    retyped.append(t.name)
-                plan.append((t, out_type))
+                    retyped.append(name)
+                plan.append((name, t, out_type))
             else:
-                writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-                plan.append((t, None))
+                writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+                plan.append((name, t, None))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         with open(base_path, "rb") as src:
-            for t, out_type in plan:
+            for name, t, out_type in plan:
                 if out_type is None:
-                    _copy_untouched(writer, t, src.fileno())
+                    _copy_untouched(writer, t, src.fileno(), name)
                     written += int(t.n_bytes)
                 else:
-                    data = _merged(t, updates[t.name], src.fileno(), base_path)[0]
+                    data = _merged(t, updates[name], src.fileno(), base_path, name)[0]
                     writer.write_tensor_data(data)
                     written += int(data.nbytes)
         writer.close()
         if verify:
-            verify_gguf_merge(base_path, Path(tmp), updates)
+            verify_gguf_merge(base_path, Path(tmp), updates, info)
     return MergeSummary(
         output=Path(output),
         modules_merged=sum(len(v) for v in updates.values()),
@@ -259,8 +261,25 @@ def merge_gguf(
         seconds=time.perf_counter() - t0,
         files=[Path(output).name],
         retyped=retyped,
+        untied=["output.weight", "token_embd.weight"] if len(layout) > len(reader.tensors) else [],
         verified=True if verify else None,
     )
+
+
+def output_layout(reader: Any, updates: dict[str, list[Any]], info: GgufBase) -> list[tuple[str, Any]]:
+    """(name written, base tensor read) in the output's order: the base's own, and for a tied base whose
+    lm_head or token_embd an adapter changes, ``output.weight`` made from the original ``token_embd``
+    right after it (the runtime reuses token_embd only when there is no output.weight)."""
+    from loratools.formats.gguf.plan import OUTPUT
+    from loratools.formats.gguf.rewrites import TOKEN_EMBD
+
+    out = []
+    untie = info.tied and (OUTPUT in updates or TOKEN_EMBD in updates)
+    for t in reader.tensors:
+        out.append((t.name, t))
+        if untie and t.name == TOKEN_EMBD:
+            out.append((OUTPUT, t))
+    return out
 
 
 def _tensor_info(shape: tuple[int, ...], out_type: str) -> tuple[Any, Any, int, Any]:
@@ -278,19 +297,19 @@ def _tensor_info(shape: tuple[int, ...], out_type: str) -> tuple[Any, Any, int, 
     return byte_shape, np.dtype(np.uint8), math.prod(byte_shape), qtype
 
 
-def _copy_untouched(writer: Any, t: Any, src: int) -> None:
-    """Tensor ``t``'s bytes copied file to file in the kernel (``os.sendfile``), with the writer's own
-    padding; ``GGUFWriter.write_tensor_data`` from the reader's map where that is not possible."""
+def _copy_untouched(writer: Any, t: Any, src: int, name: str) -> None:
+    """Tensor ``t``'s bytes copied file to file in the kernel (``os.sendfile``) as tensor ``name``, with the
+    writer's own padding; ``GGUFWriter.write_tensor_data`` from the reader's map where that is not possible."""
     import os
 
     from gguf.gguf_writer import WriterState
 
     fouts = getattr(writer, "fout", None)
-    if not hasattr(os, "sendfile") or not fouts or len(fouts) != 1 or next(iter(writer.tensors[0])) != t.name:
+    if not hasattr(os, "sendfile") or not fouts or len(fouts) != 1 or next(iter(writer.tensors[0])) != name:
         writer.write_tensor_data(t.data)
         return
     fout = fouts[0]
-    writer.tensors[0].pop(t.name)
+    writer.tensors[0].pop(name)
     writer.write_padding(fout, fout.tell())
     fout.flush()
     offset, left = t.data_offset, int(t.n_bytes)
@@ -316,24 +335,26 @@ def _same_bytes(a: int, off_a: int, b: int, off_b: int, n: int, chunk: int = 1 <
     return True
 
 
-def verify_gguf_merge(base: Path, merged: Path, updates: dict[str, list[Any]]) -> None:
-    """Untouched tensors byte-identical, touched ones equal to base + ΔW as their type encodes it."""
+def verify_gguf_merge(base: Path, merged: Path, updates: dict[str, list[Any]], info: GgufBase) -> None:
+    """Untouched tensors byte-identical, touched ones equal to base + ΔW as their type encodes it (an
+    untied output.weight: the base's token_embd + its own ΔW)."""
     import numpy as np
 
     from loratools.formats.gguf.names import open_gguf
 
     before, after = open_gguf(base), open_gguf(merged)
-    if [t.name for t in before.tensors] != [t.name for t in after.tensors]:
+    layout = output_layout(before, updates, info)
+    if [name for name, _ in layout] != [t.name for t in after.tensors]:
         raise VerificationError(f"{merged}: tensor names or order differ from the base {base}")
     with open(base, "rb") as fa, open(merged, "rb") as fb:
         a, b = fa.fileno(), fb.fileno()
-        for old, new in zip(before.tensors, after.tensors, strict=True):
-            if old.name not in updates:
+        for (name, old), new in zip(layout, after.tensors, strict=True):
+            if name not in updates:
                 same = old.tensor_type == new.tensor_type and old.n_bytes == new.n_bytes
                 if not same or not _same_bytes(a, old.data_offset, b, new.data_offset, int(old.n_bytes)):
-                    raise VerificationError(f"{merged}: untouched tensor {old.name} is not byte-identical to the base")
+                    raise VerificationError(f"{merged}: untouched tensor {name} is not byte-identical to the base")
                 continue
-            want, _ = _merged(old, updates[old.name], a, base)
+            want, _ = _merged(old, updates[name], a, base, name)
             have = _read_private(new, b)
             if not np.array_equal(have.reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8)):
-                raise VerificationError(f"{merged}: tensor {old.name} is not the base plus the adapters' ΔW")
+                raise VerificationError(f"{merged}: tensor {name} is not the base plus the adapters' ΔW")
