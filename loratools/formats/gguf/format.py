@@ -60,6 +60,18 @@ def encode(t: torch.Tensor, outtype: str) -> tuple[np.ndarray, Any, str]:
         return x.astype(np.float16), None, "F16"
 
 
+def _exact_type(t: torch.Tensor, outtype: str) -> str:
+    """``outtype`` when it holds ``t`` exactly, else f32: a 16-bit adapter's B with its scale folded in
+    (rsLoRA, patterns) is rounded once more in 16 bits (1e-3 off in llama.cpp's logits, measured), so
+    without --outtype it is written F32; A, and B whose scale is a power of two, stay 16-bit."""
+    import torch
+
+    dtype = {"f16": torch.float16, "bf16": torch.bfloat16}.get(outtype)
+    if dtype is None or torch.equal(t.to(dtype).float(), t.float()):
+        return outtype
+    return "f32"
+
+
 def check_plan(adapter: Adapter, base: GgufBase, merge: bool = False) -> Any:
     """The :class:`~.gguf_plan.GgufPlan` of ``adapter`` for ``base`` (``merge``: to be merged into it);
     UnsupportedError on any problem."""
@@ -130,7 +142,7 @@ class GgufFormat(AdapterFormat):
                 "Hugging Face model folder)",
                 hint="loratools convert ADAPTER --to gguf --base model.gguf -o adapter.gguf",
             )
-        outtype = outtype or _default_outtype(adapter)
+        chosen, outtype = outtype, outtype or _default_outtype(adapter)
         if outtype not in OUTTYPES:
             raise UsageError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
         info = load_base(base)
@@ -158,7 +170,7 @@ class GgufFormat(AdapterFormat):
             writer.add_string(_PROVENANCE_KEY, json.dumps(provenance, sort_keys=True))
         for pair in p.pairs:
             for suffix, t in (("lora_a", pair.lora_a), ("lora_b", pair.lora_b)):
-                arr, raw, _ = encode(t, outtype)
+                arr, raw, _ = encode(t, outtype if chosen or suffix == "lora_a" else _exact_type(t, outtype))
                 writer.add_tensor(f"{pair.tensor}.{suffix}", arr, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
