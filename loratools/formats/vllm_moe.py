@@ -69,11 +69,25 @@ class VllmMoeFormat(AdapterFormat):
         from loratools.formats.peft.format import PeftFormat
         from loratools.model.per_expert import fuse_experts
 
+        from loratools.errors import LoratoolsError
+
         rec = _record(path) or {}
         adapter = PeftFormat.read(path, base)
-        count = rec.get("num_experts")
-        counts = count if isinstance(count, dict) else {}
-        fused = fuse_experts(adapter, (lambda p: int(counts[p])) if counts else None)
+        counts = rec.get("num_experts") or {}
+        weights = path / WEIGHTS
+        if not isinstance(counts, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in counts.values()
+        ):
+            raise FormatError(
+                f"{weights}: metadata {RECORD} num_experts must map parameters to positive expert counts, got "
+                f"{str(counts)[:80]}",
+                hint="the file was edited or damaged; write it again with loratools convert --to vllm-moe",
+                path=weights,
+            )
+        try:
+            fused = fuse_experts(adapter, (lambda p: counts.get(p) or 0) if counts else None)
+        except LoratoolsError as exc:
+            raise type(exc)(f"{weights}: {exc.message}", hint=exc.hint, path=weights) from None
         routers = rec.get("param_modules")
         fused.meta.update(
             format="vllm-moe",

@@ -104,7 +104,7 @@ def fuse_experts(adapter: Adapter, num_experts: Any = None, names: set[str] | No
     for (parameter, fused, e), parts in sorted(groups.items()):
         n = num_experts(parameter) if num_experts is not None else counts[parameter]
         if e >= n:
-            raise ShapeError(f"per-expert module of expert {e} under {parameter}, but the base holds {n} experts")
+            raise ShapeError(f"a per-expert module of expert {e} under {parameter}, which holds {n} experts")
         modules[f"{parameter}[{e}]"] = _fused_slice(parameter, e, n, parts, 2 if fused == "gate_up_proj" else 1)
     out = replace(adapter, modules=modules, meta=dict(adapter.meta))
     for name in list(out.modules):

@@ -295,7 +295,8 @@ def _wrapper(
         raise UnsupportedError(
             f"{where.parent / CONFIG}: {b_key} packs {n} experts x rank {r} in its columns, and nothing says in "
             "which order: PEFT's ParamWrapper interleaves them (expert e in columns k*E+e), other exporters "
-            "write them blocked (expert e in columns e*r..e*r+r-1); the file names no peft_version",
+            "write them blocked (expert e in columns e*r..e*r+r-1); the file names no peft_version and no "
+            f"{PACKING_KEY}",
             hint='add "expert_lora_b_layout": "interleaved" (what PEFT writes) or "blocked" to adapter_config.json',
             path=where.parent / CONFIG,
         )

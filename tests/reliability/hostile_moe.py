@@ -1,0 +1,165 @@
+"""Hostile expert adapters (formats/peft/experts.py, expert_write.py, vllm_moe.py): a good PEFT
+``target_parameters`` adapter for a tiny Qwen3-MoE (4 experts, r=2, both expert parameters) built by PEFT itself
+in the case's folder, or its per-expert ``vllm-moe`` form written by loratools, then one field or tensor broken.
+Every case is refused when read, so the Llama base of the shared commands does not matter. The cases that need
+the MoE base itself (a wrong expert count, rank_pattern against the base's count) stay in tests/moe."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from hostile import ADAPTER_COMMANDS, HostileCase
+
+from loratools.files.safetensors_file import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "moe"))
+
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+A0 = "base_model.model.model.layers.0.mlp.experts.lora_A.weight"  # down_proj of layer 0 (the outer wrapper)
+B0 = "base_model.model.model.layers.0.mlp.experts.lora_B.weight"
+GATE0 = "base_model.model.model.layers.0.mlp.experts.3.gate_proj.lora_A.weight"
+
+
+def _seed(folder: Path, served: bool = False) -> Path:
+    import warnings
+
+    from moe_support import build_moe, moe_peft
+
+    out = folder / "moe-lora"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        moe_peft(build_moe("qwen3_moe"), out)
+    if served:
+        from loratools import load_adapter, save_adapter
+
+        save_adapter(load_adapter(out), folder / "moe-served", format="vllm-moe")
+        return folder / "moe-served"
+    return out
+
+
+def _config(edit: Callable[[dict[str, Any]], None], served: bool = False) -> Callable[[Path], Path]:
+    def build(folder: Path) -> Path:
+        out = _seed(folder, served)
+        cfg = json.loads((out / CONFIG).read_text())
+        edit(cfg)
+        (out / CONFIG).write_text(json.dumps(cfg))
+        return out
+
+    return build
+
+
+def _tensors(edit: Callable[[dict[str, torch.Tensor], dict[str, str]], None], served: bool = False) -> Callable:
+    def build(folder: Path) -> Path:
+        out = _seed(folder, served)
+        tensors, meta = load_file(out / WEIGHTS)
+        tensors = {k: v.clone() for k, v in tensors.items()}
+        edit(tensors, meta)
+        save_file(tensors, str(out / WEIGHTS), metadata=meta)
+        return out
+
+    return build
+
+
+def _set(key: str, index: tuple[int, int], value: float) -> Callable:
+    def edit(t: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        t[key][index] = value
+
+    return edit
+
+
+def _record(edit: Callable[[dict[str, Any]], Any]) -> Callable:
+    def change(t: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        rec = json.loads(meta["loratools.experts"])
+        edit(rec)
+        meta["loratools.experts"] = json.dumps(rec)
+
+    return change
+
+
+def _case(name: str, build: Callable[[Path], Path], expect: tuple[str, ...], validate_exit: int = 2) -> HostileCase:
+    """validate_exit 1: validate reports the problem as one finding (an 'invalid' or structural line)"""
+    return HostileCase(f"moe-{name}", build, expect, validate_exit=validate_exit)
+
+
+def _drop_version(c: dict[str, Any]) -> None:
+    c.pop("peft_version", None)
+
+
+CASES = [
+    _case("rows-not-divisible", _config(lambda c: c.update(r=3)), ("not a multiple of the rank 3", A0), 1),
+    _case("r-not-integer", _config(lambda c: c.update(r=2.5)), ("r must be a positive integer", CONFIG)),
+    _case(
+        "rank-pattern-contradicts",
+        _config(lambda c: c.update(rank_pattern={"layers.0.mlp.experts.down_proj": 4})),
+        ("rank_pattern", "layers.0.mlp.experts"),
+        1,
+    ),
+    _case("nan-in-B", _tensors(_set(B0, (3, 6), float("nan"))), ("NaN/Inf", B0, "expert 2 of"), 1),
+    _case("inf-in-A", _tensors(_set(A0, (5, 0), float("inf"))), ("NaN/Inf", A0, "expert 2 of"), 1),
+    _case(
+        "bare-target-name",
+        _config(lambda c: c.update(target_parameters=["gate_up_proj", "down_proj"])),
+        ("'gate_up_proj'", "no module", CONFIG),
+    ),
+    _case(
+        "target-not-listed",
+        _config(lambda c: c.update(target_parameters=["mlp.experts.down_proj"])),
+        ("2 nested LoRA wrapper", "down_proj", CONFIG),
+    ),
+    _case(
+        "target-parameters-not-a-list",
+        _config(lambda c: c.update(target_parameters="mlp.experts.gate_up_proj")),
+        ("target_parameters must be a list", CONFIG),
+    ),
+    _case(
+        "bias-on-wrapper",
+        _tensors(lambda t, m: t.update({B0.replace(".weight", ".bias"): torch.ones(32)})),
+        ("exactly lora_A and lora_B", "experts.down_proj"),
+    ),
+    _case(
+        "orphan-nested-wrapper",
+        _tensors(
+            lambda t, m: t.update(
+                {
+                    "base_model.model.model.layers.0.self_attn.q_proj.base_layer.lora_A.weight": torch.ones(2, 32),
+                    "base_model.model.model.layers.0.self_attn.q_proj.base_layer.lora_B.weight": torch.ones(32, 2),
+                }
+            )
+        ),
+        ("nested LoRA wrapper", "self_attn.q_proj"),
+    ),
+    HostileCase(  # validate's structural finding names the module, its header line the folder
+        "moe-B-columns-not-A-rows",
+        _tensors(lambda t, m: t.update({B0: t[B0][:, :6].contiguous()})),
+        ("lora_A has rank 8 but lora_B has rank 6",),
+        commands={k: v for k, v in ADAPTER_COMMANDS.items() if not k.startswith("validate")},
+    ),
+    # what the writers' readers add: the B packing nobody declared, a bad declaration, the vllm-moe record
+    _case("packing-undeclared", _config(_drop_version), ("expert_lora_b_layout", "blocked", CONFIG)),
+    _case(
+        "packing-bad-value",
+        _config(lambda c: (_drop_version(c), c.update(expert_lora_b_layout="diagonal"))),
+        ("expert_lora_b_layout must be", "'diagonal'", CONFIG),
+    ),
+    _case(
+        "served-count-not-int",
+        _tensors(_record(lambda r: r["num_experts"].update({"model.layers.0.mlp.experts.down_proj": "4"})), True),
+        ("loratools.experts", "num_experts", WEIGHTS),
+    ),
+    _case(
+        "served-count-too-small",
+        _tensors(_record(lambda r: r["num_experts"].update({"model.layers.0.mlp.experts.gate_up_proj": 2})), True),
+        ("expert 2", "model.layers.0.mlp.experts.gate_up_proj", "holds 2 experts", WEIGHTS),
+        1,
+    ),
+    _case(
+        "served-gate-width",
+        _tensors(lambda t, m: t.update({GATE0: t[GATE0][:, :16].contiguous()}), True),
+        ("expert 3", "disagree", WEIGHTS),
+    ),
+]
