@@ -114,6 +114,7 @@ class QuantizedCheckpoint:
             )
         self.scheme = scheme
         self.qcfg = qcfg
+        self.config_full = config
         self.where = where
         self.raw_info = raw_info
         self.raw_get = raw_get

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from loratools.checkpoint.quant.layout import QuantizedCheckpoint, QuantTensor
 
 #: the scheme modules under ``loratools.checkpoint.quant`` (each defines ``SCHEME``), tried in this order
-MODULES = ("mxfp4", "compressed")
+MODULES = ("mxfp4", "compressed", "mlx")
 
 
 class QuantScheme:

@@ -87,6 +87,8 @@ def patched_config(path: Path, plan, out_dtype, dequantized: bool = False) -> st
     cfg = read_json(path, "config")
     if dequantized:
         cfg.pop("quantization_config", None)
+        if isinstance(cfg.get("quantization"), dict):  # MLX names it "quantization" too (mlx-lm writes both)
+            cfg.pop("quantization")
     targets = [cfg] + [cfg[k] for k in ("text_config",) if isinstance(cfg.get(k), dict)]
     for c in targets:
         if plan.untied and c.get("tie_word_embeddings", c is cfg):
