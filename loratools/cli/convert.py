@@ -40,8 +40,25 @@ class FormatChoice(click.Choice):
 
 @click.command("convert")
 @click.argument("adapter", type=str)
-@click.option("--to", "to", required=True, type=FormatChoice(), help="Target format (any registered format).")
+@click.option(
+    "--to", "to", default=None, type=FormatChoice(),
+    help="Target format (any registered format); with --for-base/--remap-prefix alone, the adapter's own.",
+)  # fmt: skip
 @base_option
+@click.option(
+    "--for-base",
+    default=None,
+    metavar="MODEL",
+    help="Rewrite module path prefixes so every module binds to MODEL's module tree, the names PEFT and "
+    "vLLM load adapters by (a text-only adapter for a vision-language wrapper, or back).",
+)
+@click.option(
+    "--remap-prefix",
+    multiple=True,
+    metavar="OLD=NEW",
+    help="Rename module paths starting with OLD (repeatable; the longest OLD wins), e.g. "
+    "model.=model.language_model.",
+)
 @click.option(
     "--kohya-prefix",
     default=None,
@@ -86,8 +103,10 @@ class FormatChoice(click.Choice):
 def convert(
     ctx: click.Context,
     adapter: str,
-    to: str,
+    to: str | None,
     base: str | None,
+    for_base: str | None,
+    remap_prefix: tuple[str, ...],
     kohya_prefix: str | None,
     include: str | None,
     exclude: str | None,
@@ -109,7 +128,8 @@ def convert(
     one .safetensors file. Leaving kohya needs --base to resolve its underscore names; an adapter that
     is not for a diffusers pipeline needs --kohya-prefix to become a kohya file. A GGUF adapter (for
     llama.cpp, Ollama, LM Studio) is written for one base: --base names the .gguf model or its Hugging
-    Face folder; every module's exact scale is kept.
+    Face folder; every module's exact scale is kept. --for-base MODEL rewrites module path prefixes
+    so the adapter binds to MODEL where PEFT and vLLM look (validate --base says when it does not).
 
     \b
     Examples:
@@ -121,6 +141,8 @@ def convert(
       loratools convert llama-lora/ --to onnx-adapter --for genai-model/model.onnx -o a.onnx_adapter
       loratools convert llama-lora/ --to gguf --base model.gguf -o adapter.gguf --ollama
       loratools convert adapter.gguf --to peft -o llama-lora/
+      loratools convert text-lora/ --for-base qwen2.5-vl/ -o vl-lora/
+      loratools convert vl-lora/ --remap-prefix model.language_model.=model. -o text-lora/
       loratools convert lokr-adapter/ --to peft --as-lora -o lora/
       loratools convert oft-adapter/ --to peft --as-lora --base model/ --rank 16 -o lora16/
     """
@@ -144,6 +166,8 @@ def convert(
         as_lora=as_lora,
         rank=rank,
         fro=fro,
+        for_base=for_base,
+        remap_prefix=remap_prefix,
     )
     out.result(result.to_dict(), _human)
 
@@ -152,6 +176,11 @@ def _human(d: dict[str, Any]) -> None:
     click.echo(f"wrote {d['output']} ({d['format']}, {d['modules']} modules, from {d['source_format']})")
     if d.get("modelfile"):
         click.echo(f"wrote {d['modelfile']} (ollama create NAME -f {d['modelfile']})")
+    rb = d.get("rebound")
+    if rb and rb.get("rewrites"):
+        click.echo(f"rewrote {rb['renamed']} module path(s): {', '.join(rb['rewrites'])}")
+    if rb and rb.get("tree_source"):
+        click.echo(f"{rb['bound']} of {rb['modules']} modules bind to the {rb['tree_source']}")
     if d["folded_alpha"]:
         click.echo(f"folded rsLoRA's √r into alpha for {len(d['folded_alpha'])} module(s)")
     for module, reason in (d.get("skipped") or {}).items():

@@ -38,6 +38,8 @@ class ConvertResult:
     skipped: dict[str, str] = field(default_factory=dict)
     #: ``as_lora``: what each module became (rank kept, exact rank, relative error; see ops/lower.py)
     lowered: dict[str, Any] | None = None
+    #: ``for_base``/``remap_prefix``: the prefix rewrites applied and how many modules now bind (ops/bind.py)
+    rebound: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,7 +47,7 @@ class ConvertResult:
 
 def convert(
     adapter: str | Path | Adapter,
-    to: str,
+    to: str | None,
     output: str | Path,
     *,
     base: str | Path | CheckpointReader | None = None,
@@ -58,6 +60,8 @@ def convert(
     as_lora: bool = False,
     rank: int | None = None,
     fro: float | None = None,
+    for_base: str | Path | CheckpointReader | None = None,
+    remap_prefix: tuple[str, ...] | list[str] = (),
     **format_options: Any,
 ) -> ConvertResult:
     """Write ``adapter`` (a path or an :class:`Adapter`) to ``output`` in format ``to``, losslessly.
@@ -71,6 +75,10 @@ def convert(
     for, and ``ollama`` writes an Ollama ``Modelfile`` beside it. ``as_lora`` lowers every module (LoHa,
     LoKr, OFT, BOFT, IA3, DoRA, modules_to_save) to plain LoRA, exactly unless ``rank``/``fro`` ask for an
     optimal truncation (:func:`loratools.ops.lower.lower_to_lora`; W-dependent ones need ``base``).
+    ``remap_prefix`` (``OLD=NEW`` rules) and ``for_base`` (the model it must bind to: the prefix rewrites that
+    make every module path bind to its module tree, as PEFT and vLLM look them up, a vision-language
+    wrapper's ``model.language_model.…`` say) rename modules; ``to`` None keeps the adapter's own format
+    (:func:`loratools.ops.bind.bind_to`).
     Raises :class:`UsageError` or
     :class:`UnsupportedError` listing the modules the target cannot hold.
     """
@@ -79,6 +87,10 @@ def convert(
     from loratools.model.adapter import Adapter
     from loratools.publishing.publish import check_disk_space, describe_input, provenance
 
+    if to is None:
+        if for_base is None and not remap_prefix:
+            raise UsageError("convert needs --to FORMAT", hint="loratools convert ADAPTER --to peft -o OUT")
+        to = _own_format(adapter)
     fmt = get_format(to)
     if fmt.name == "onnx-adapter" and format_options.get("model") is None:
         raise UsageError(  # without the graph, modules its export left out (BERT's pooler) fail at run time
@@ -112,6 +124,11 @@ def convert(
     require_unambiguous(source, trust_tensors=trust_tensors)
     if include or exclude:
         source = source.select(include, exclude)
+    rebound = None
+    if for_base is not None or remap_prefix:
+        from loratools.ops.bind import bind_to
+
+        source, rebound = bind_to(source, for_base, tuple(remap_prefix))
     lowered = None
     if not as_lora and fmt.name not in ("peft", "kohya"):
         from loratools.model.adapter import require_lora
@@ -153,6 +170,7 @@ def convert(
             "base": str(target_base) if isinstance(target_base, str | Path) else None,
             "kohya_prefix": kohya_prefix,
             **({"as_lora": True, "rank": rank, "fro": fro} if as_lora else {}),
+            **({"for_base": str(for_base), "remap_prefix": list(remap_prefix)} if rebound is not None else {}),
             **{k: str(v) for k, v in format_options.items() if v is not None},
         },
         {"adapter": describe_input(adapter)} if inputs else {},
@@ -170,7 +188,20 @@ def convert(
         modelfile=modelfile,
         skipped=skipped,
         lowered=lowered,
+        rebound=rebound,
     )
+
+
+def _own_format(adapter: Any) -> str:
+    """The format an adapter is in (a rename keeps it)."""
+    from loratools.model.adapter import Adapter
+
+    if isinstance(adapter, Adapter):
+        return adapter.format or "peft"
+    from loratools.formats.registry import detect_format
+    from loratools.publishing.hub import resolve_path
+
+    return detect_format(resolve_path(adapter, "adapter")).name
 
 
 def _write_modelfile(adapter: str | Path, base: Any, overwrite: bool, record: dict[str, Any]) -> str:

@@ -53,6 +53,7 @@ REACHED_FROM: dict[str, tuple[str, ...]] = {
     "onnx/slot_map.py": ("convert", "export-onnx"),
     "cli/validate.py": ("validate",),
     "ops/base_match/": ("merge", "validate", "combine"),
+    "ops/bind.py": ("convert",),
     "ops/combine.py": ("combine",),
     "ops/convert.py": ("convert",),
     "ops/extract.py": ("extract",),

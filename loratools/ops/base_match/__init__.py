@@ -109,9 +109,11 @@ def missing_module_hint(
     module: str,
     reader: CheckpointReader,
     otherwise: str = "check that the adapter was trained on this base model, or skip the module with --exclude",
+    shape: tuple[int, ...] | None = None,
 ) -> str:
     """The hint for an adapter module the base lacks: a diffusers LoRA (``unet.…``) given one component's
-    folder needs the pipeline folder above it; anything else ``otherwise``."""
+    folder needs the pipeline folder above it; a prefix rewrite that gives it a weight (of ``shape``, when
+    known) says so; anything else ``otherwise``."""
     from pathlib import Path
 
     from loratools.formats.diffusers import COMPONENTS
@@ -127,5 +129,13 @@ def missing_module_hint(
         return (
             f"the adapter's modules are named by pipeline component ({component}.…): its base is the diffusers "
             f"pipeline folder, the one with model_index.json{where}, not one component's folder"
+        )
+    from loratools.ops.bind import disk_fix
+
+    fix = disk_fix(module, reader, shape)
+    if fix is not None:  # a prefix the adapter's trainer added or dropped (llm., a VLM wrapper's language_model.)
+        return (
+            f"the base names it {fix[1]}: rewrite the prefix ({fix[0]}): loratools convert ADAPTER --for-base "
+            f"{root} -o FIXED (or --remap-prefix {fix[0].old}={fix[0].new})"
         )
     return otherwise

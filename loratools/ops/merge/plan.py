@@ -167,7 +167,7 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
             if key not in keys and key not in jobs:
                 src = head_source(name)
                 if src is None:
-                    _missing(where, name, reader)
+                    _missing(where, name, reader, getattr(lora, "weight_shape", None))
                 job(key).source = src
                 new_keys[key] = src
             c = Contribution(i, name, lora, w, rows, expert)
@@ -218,12 +218,12 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(torch.equal(a.float(), b.float()))
 
 
-def _missing(where: str, module: str, reader: CheckpointReader) -> None:
+def _missing(where: str, module: str, reader: CheckpointReader, shape: tuple[int, ...] | None = None) -> None:
     from loratools.ops.base_match import missing_module_hint
 
     raise ValidationError(
         f"{where}: module {module} is not in the base {reader.root} (no tensor {module}.weight)",
-        hint=missing_module_hint(module, reader),
+        hint=missing_module_hint(module, reader, shape=shape),
     )
 
 

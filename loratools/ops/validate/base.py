@@ -56,6 +56,9 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
     except LoratoolsError as exc:
         report.add("error", None, "expert_layout", exc.args[0] if exc.args else str(exc), hint=exc.hint)
         return
+    from loratools.ops.validate.binding import check_binding
+
+    check_binding(adapter, reader, report)  # the names PEFT and servers bind to (a VLM wrapper's module tree)
     matcher = KeyMatcher(reader.keys())
     target = WeightTargets(reader)  # a module may be a part of a fused tensor (an LDM file's OpenCLIP in_proj)
     replaced = {}
@@ -113,7 +116,7 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
                 name,
                 "unresolved",
                 f"module {name}: no weight {name}.weight (or a prefixed variant) in the base {reader.root}",
-                hint=missing_module_hint(name, reader, _WHICH_BASE),
+                hint=missing_module_hint(name, reader, _WHICH_BASE, getattr(m, "weight_shape", None)),
             )
             continue
         bi = reader.info(bkey)

@@ -42,6 +42,8 @@ class ValidationReport:
     scan: dict[str, Any] | None = None
     #: a quantized --base: scheme, settings, quantized tensors and (with --reference) per-module gaps
     quantized_base: dict[str, Any] | None = None
+    #: with --base: how the modules bind (module tree vs loratools' merge, prefix rewrites; ops/bind.py)
+    binding: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -82,4 +84,5 @@ class ValidationReport:
             "findings": [f.to_dict() for f in self.findings],
             **scan,
             **({"quantized_base": self.quantized_base} if self.quantized_base is not None else {}),
+            **({"binding": self.binding} if self.binding is not None else {}),
         }
