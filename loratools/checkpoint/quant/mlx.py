@@ -106,8 +106,10 @@ class MlxAffine(QuantScheme):
         if first is not None:
             from loratools.errors import NumericError
 
-            raise NumericError(f"{at('biases')} holds NaN/Inf (first at index {first}); dequantizing {t.key} "
-                               "would write it", hint="the quantized checkpoint is damaged; nothing was written")  # fmt: skip
+            raise NumericError(
+                f"{at('biases')} holds NaN/Inf (first at index {first}); dequantizing {t.key} would write it",
+                hint="the quantized checkpoint is damaged; nothing was written",
+            )
         top_b = float(b.float().abs().max()) if b.numel() else 0.0
         top_s = float(parts["scales"].float().abs().max()) if parts["scales"].numel() else 0.0
         return "scales", top_s * (2 ** t.settings["bits"] - 1) + top_b, 1.0
