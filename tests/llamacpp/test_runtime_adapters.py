@@ -97,3 +97,36 @@ def test_merged_in_runtime(case, source):
     _cli("merge", case.gguf, adapter, "-o", out, "--overwrite")
     diff = max_diff(run_logits(out).ok(), case.want)
     assert diff < case.tol, f"{case.arch}: merged {diff} off PEFT (base noise {case.noise}, effect {case.effect})"
+
+
+def _headless(src: Path, dst: Path) -> Path:
+    """``src`` rewritten the way llama.cpp's convert_lora_to_gguf.py writes an adapter: architecture, type
+    and alpha only (no block or head counts), the same tensors."""
+    import gguf
+
+    r = gguf.GGUFReader(src)
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(dst, arch)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(r.fields[gguf.Keys.Adapter.LORA_ALPHA].contents()))
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_shape=tuple(reversed(t.shape.tolist())), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert not any(k.startswith(f"{arch}.") for k in gguf.GGUFReader(dst).fields)
+    return dst
+
+
+def test_headless_gguf_adapter_merges_with_the_bases_heads(case):
+    """Issue 22 §1.4: a GGUF adapter without head counts (llama.cpp's own converter writes none) merges into
+    a GGUF base with the base's (Llama's Q/K rows are un-permuted with them), and runs as it is."""
+    ours = case.gguf.parent / "for-headless.gguf"
+    _cli("convert", case.adapter, "--to", "gguf", "--base", case.gguf, "-o", ours, "--overwrite")
+    headless = _headless(ours, case.gguf.parent / "headless.gguf")
+    out = case.gguf.parent / "merged-headless.gguf"
+    _cli("merge", case.gguf, headless, "-o", out, "--overwrite", "--verify")
+    assert max_diff(run_logits(out).ok(), case.want) < case.tol
+    assert max_diff(run_logits(case.gguf, headless).ok(), case.want) < case.tol

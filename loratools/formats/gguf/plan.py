@@ -27,6 +27,13 @@ LOWER_HINT = (
     "lower it to plain LoRA against the Hugging Face base first (loratools convert ADAPTER --to gguf --as-lora "
     "--base HF_FOLDER -o adapter.gguf), or merge it (loratools merge BASE ADAPTER -o merged)"
 )
+#: the ways out of a merge into a GGUF base (never the merge just run)
+HF_MERGE_HINT = "merge into the Hugging Face base instead (loratools merge HF_FOLDER ADAPTER -o merged/)"
+MERGE_LOWER_HINT = (
+    "write the GGUF adapter against the Hugging Face folder first (loratools convert ADAPTER --to gguf --as-lora "
+    "--base HF_FOLDER -o adapter.gguf lowers it to plain LoRA and drops a saved copy equal to the base) and merge "
+    f"that; or {HF_MERGE_HINT}"
+)
 #: the tensor a tied base's merge adds, holding the original token_embd (plus any lm_head update)
 OUTPUT = "output.weight"
 
@@ -142,8 +149,9 @@ def _shape_problem(pair: Pair, base: GgufBase) -> Problem | None:
     )
 
 
-def _replacement(key: str, t: torch.Tensor, base: GgufBase) -> tuple[bool, Problem | None]:
-    """(dropped, problem) for one full tensor: dropped when it equals the base's, refused otherwise."""
+def _replacement(key: str, t: torch.Tensor, base: GgufBase, merge: bool) -> tuple[bool, Problem | None]:
+    """(dropped, problem) for one full tensor: dropped when it equals the base's, refused otherwise (a
+    merge's hint does not suggest the merge just run)."""
     leaf = key.rsplit(".", 2)[-2] if key.count(".") else key
     same = _equals_base(key, t, base)
     if same:
@@ -154,7 +162,7 @@ def _replacement(key: str, t: torch.Tensor, base: GgufBase) -> tuple[bool, Probl
         why = "a GGUF LoRA holds lora_a/lora_b pairs only; full tensors (modules_to_save) cannot be carried"
     if same is None:
         why += "; not comparable with the base (pass the Hugging Face folder, or a GGUF base not K/I-quantized)"
-    return False, Problem(key, "full_tensor", f"{key}: {why}", LOWER_HINT)
+    return False, Problem(key, "full_tensor", f"{key}: {why}", MERGE_LOWER_HINT if merge else LOWER_HINT)
 
 
 def _equals_base(key: str, t: torch.Tensor, base: GgufBase) -> bool | None:
@@ -198,9 +206,11 @@ def plan(adapter: Adapter, base: GgufBase, merge: bool = False) -> GgufPlan:
             if problem is None:
                 out.pairs.append(pair)
         if problem is not None:
+            if merge and problem.hint in (MERGE_HINT, LOWER_HINT):
+                problem.hint = HF_MERGE_HINT if problem.hint == MERGE_HINT else MERGE_LOWER_HINT
             out.problems.append(problem)
     for key, t in adapter.replacements.items():
-        dropped, problem = _replacement(key, t, base)
+        dropped, problem = _replacement(key, t, base, merge)
         if dropped:
             out.dropped.append(key)
         if problem is not None:
