@@ -66,10 +66,9 @@ class VllmMoeFormat(AdapterFormat):
 
     @classmethod
     def read(cls, path: Path, base: KeyResolver | None = None) -> Adapter:
+        from loratools.errors import LoratoolsError
         from loratools.formats.peft.format import PeftFormat
         from loratools.model.per_expert import fuse_experts
-
-        from loratools.errors import LoratoolsError
 
         rec = _record(path) or {}
         adapter = PeftFormat.read(path, base)
