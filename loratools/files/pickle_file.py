@@ -35,6 +35,7 @@ def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
             hint=hint,
             path=path,
         )
+    _check_members(path, hint)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -44,6 +45,46 @@ def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise FormatError(f"{path}: expected a dict of tensors", path=path)
     return obj
+
+
+#: the pickle of a state dict is ~150 bytes a tensor: 16 MiB is ~100k tensors; unpickling costs ~20x its size
+MAX_PICKLE_BYTES = 16 * 1024 * 1024
+
+
+def _check_members(path: Path, hint: str) -> None:
+    """Bound the archive by its members' sizes before anything is inflated or unpickled: torch.save stores every
+    member uncompressed and inside the file, with one ``data.pkl`` of modest size."""
+    import zipfile
+
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError, EOFError) as exc:
+        raise FormatError(f"{path}: not a readable torch.save archive ({exc})", path=path) from None
+    for m in members:
+        if m.filename.endswith("data.pkl") and m.file_size > MAX_PICKLE_BYTES:
+            raise UnsafeInputError(
+                f"{path}: refused to load: member {m.filename} unpacks to {m.file_size} bytes "
+                f"(limit {MAX_PICKLE_BYTES} for a state dict's pickle)",
+                hint=hint,
+                path=path,
+            )
+        if m.compress_type != zipfile.ZIP_STORED and m.file_size > MAX_PICKLE_BYTES:
+            raise UnsafeInputError(
+                f"{path}: refused to load: member {m.filename} is compressed and unpacks to {m.file_size} bytes "
+                "(torch.save stores members uncompressed)",
+                hint=hint,
+                path=path,
+            )
+        if m.compress_type == zipfile.ZIP_STORED and m.file_size != m.compress_size or (
+            m.header_offset + m.compress_size > size
+        ):
+            raise FormatError(
+                f"{path}: not a readable torch.save archive (member {m.filename} claims {m.file_size} bytes "
+                f"beyond the file's {size})",
+                path=path,
+            )
 
 
 def _pickle_reason(exc: BaseException) -> str:

@@ -13,6 +13,7 @@ import json
 import math
 import mmap
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,7 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
         raise InputNotFoundError(f"{p}: no such file", path=p) from None
     except IsADirectoryError:
         raise FormatError(f"{p}: is a folder, expected a .safetensors file", path=p) from None
+    _check_entry_count(p, raw, size - 8 - n)
     try:
         header = json.loads(raw.decode("utf-8"))
     except RecursionError:
@@ -149,6 +151,33 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
         if s2 < e1:
             raise _bad(p, f"tensors {a!r} and {b!r} overlap")
     return tensors, dict(metadata)
+
+
+#: tensors one file may list: ~100k for a LoRA on every expert of a DeepSeek-V3; parsing costs ~1 KB each
+MAX_TENSORS = 300_000
+#: empty tensors (no data bytes) one file may list: they are the only entries the data size does not bound
+MAX_EMPTY_TENSORS = 4096
+_EMPTY_SPAN = re.compile(rb'"data_offsets"\s*:\s*\[\s*(\d+)\s*,\s*\1\s*\]')
+
+
+def _check_entry_count(p: Path, raw: bytes, data_len: int) -> None:
+    """Refuse, before parsing, a header listing more tensors than the file can hold (each non-empty tensor
+    needs a data byte; empty ones are capped): parsing a million entries costs a gigabyte and half a minute."""
+    entries = raw.count(b'"data_offsets"')
+    if entries <= MAX_EMPTY_TENSORS:  # cheap to parse: each entry's own checks name what is wrong
+        return
+    empty = len(_EMPTY_SPAN.findall(raw))
+    if entries > MAX_TENSORS or empty > MAX_EMPTY_TENSORS or entries - empty > data_len:
+        why = (
+            f"{empty} of them empty (limit {MAX_EMPTY_TENSORS})"
+            if empty > MAX_EMPTY_TENSORS
+            else (f"limit {MAX_TENSORS}" if entries > MAX_TENSORS else f"but only {data_len} data bytes")
+        )
+        raise UnsafeInputError(
+            f"{p}: safetensors header lists {entries} tensors ({why})",
+            hint="the file is damaged or hostile; do not use it",
+            path=p,
+        )
 
 
 def _check_entry(p: Path, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:

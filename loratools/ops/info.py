@@ -211,8 +211,8 @@ def info(adapter_path: str | Path, base: str | Path | None = None, *, format: st
     """
     from loratools.checkpoint.reader import open_checkpoint
     from loratools.errors import FormatError
-    from loratools.formats.adapter_io import load_adapter
     from loratools.model.tied import tied_source
+    from loratools.ops.validate.streamed import load_streamed
     from loratools.publishing.hub import resolve_path
 
     local = resolve_path(adapter_path, "adapter")
@@ -224,7 +224,7 @@ def info(adapter_path: str | Path, base: str | Path | None = None, *, format: st
     reader = open_checkpoint(base) if base is not None and not gguf_base else None
     try:
         try:
-            adapter = load_adapter(local, format=format, base=reader)
+            adapter = load_streamed(local, format=format, base=reader)  # huge tensors: header facts only
         except FormatError:
             merged = merged_checkpoint(local, adapter_path)
             if merged is None:

@@ -23,6 +23,8 @@ MODULE_LISTS = ("target_modules", "feedforward_modules", "modules_to_save", "exc
 INTEGERS: dict[str, dict[str, tuple[int, int]]] = {
     "OFT": {"r": (0, 2**31), "oft_block_size": (0, 2**31), "num_cayley_neumann_terms": (0, MAX_NEUMANN_TERMS)},
     "BOFT": {"boft_block_size": (0, 2**31), "boft_block_num": (0, 2**31), "boft_n_butterfly_factor": (1, 64)},
+    "LOHA": {"r": (1, 2**31)},
+    "LOKR": {"r": (1, 2**31)},
 }
 
 
@@ -53,10 +55,17 @@ def check_config(cfg: dict[str, Any], peft_type: str, cfg_path: Path) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise _bad(cfg_path, key, value, f"an integer from {low} to {high}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, dict) or not all(_finite(v) for v in value.values())):
+            raise _bad(cfg_path, key, value, "an object of regex -> finite number")
+    if peft_type in ("LOHA", "LOKR"):
+        alpha = cfg.get("alpha")
+        if alpha is not None and not _finite(alpha):
+            raise _bad(cfg_path, "alpha", alpha, "a finite number")
     if peft_type == "OFT":
         eps = cfg.get("eps")
-        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps)
-                                or eps < 0):
+        if eps is not None and (not _finite(eps) or eps < 0):
             raise _bad(cfg_path, "eps", eps, "a finite number >= 0")
         r, size = int(cfg.get("r") or 0), int(cfg.get("oft_block_size") or 0)
         if (r == 0) == (size == 0):
@@ -65,6 +74,10 @@ def check_config(cfg: dict[str, Any], peft_type: str, cfg_path: Path) -> None:
         size, num = int(cfg.get("boft_block_size") or 0), int(cfg.get("boft_block_num") or 0)
         if (size == 0) == (num == 0):
             raise _bad(cfg_path, "boft_block_size and boft_block_num", [size, num], "exactly one of them non-zero")
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 def _adjust(in_features: int, value: int) -> int:

@@ -89,7 +89,11 @@ def validate(
     try:
         try:
             # a GGUF model base serves GGUF adapters (their names and Q/K rows need its head counts)
-            adapter = fmt.read(local, base=reader if reader is not None or fmt.name != "gguf" else base)
+            from loratools.ops.validate.streamed import read_streamed
+
+            # huge tensors stay in the file (checked in chunks below); --scan needs every value
+            read_base = reader if reader is not None or fmt.name != "gguf" else base
+            adapter = fmt.read(local, base=read_base) if scan else read_streamed(fmt, local, read_base)
         except UnsupportedError as exc:
             return report.unusable(exc, "unsupported_type")
         except ValidationError as exc:
@@ -142,6 +146,8 @@ def validate(
 # -- the adapter on its own ----------------------------------------------------------------------
 def check_adapter(adapter: Adapter, report: ValidationReport) -> None:
     """Dtypes, config agreement (ranks, targets, patterns, modules_to_save), empty and no-op modules."""
+    from loratools.ops.validate.streamed import all_zero
+
     if not adapter.modules and not adapter.replacements:
         report.add("error", None, "empty", f"{report.path}: the adapter has no LoRA modules and no full tensors")
     for name, m in sorted(adapter.modules.items()):
@@ -169,7 +175,7 @@ def check_adapter(adapter: Adapter, report: ValidationReport) -> None:
             )
         if m.alpha == 0:
             report.add("warning", name, "zero_scale", f"module {name}: alpha is 0, so the module changes nothing")
-        elif m.up.is_floating_point() and not bool(m.up.any()):
+        elif m.up.is_floating_point() and all_zero(m.up, adapter):
             report.add(
                 "warning",
                 name,
@@ -259,12 +265,15 @@ def check_finite(adapter: Adapter, report: ValidationReport) -> None:
 def _file_tensors(path: Path):  # noqa: ANN202 - yields (name, tensor)
     if path.suffix == ".safetensors":
         from loratools.files.safetensors_file import SafetensorsFile
+        from loratools.files.tensor_scan import scan_tensor
+        from loratools.ops.validate.streamed import LAZY_MIN_BYTES
 
         f = SafetensorsFile(path)
         try:
             for key in f.keys():
-                if f.info(key).is_float:
-                    yield key, f.get(key)
+                info = f.info(key)
+                if info.is_float:  # a huge tensor is scanned in chunks, not loaded
+                    yield key, (scan_tensor(path, info) if info.nbytes >= LAZY_MIN_BYTES else f.get(key))
         finally:
             f.close()
     else:
@@ -294,20 +303,27 @@ def _report_nonfinite(
 ) -> None:
     import torch
 
-    if not t.is_floating_point() or t.numel() == 0:
-        return
-    x = t if t.element_size() > 1 else t.float()  # isfinite has no fp8 kernels
-    bad = ~torch.isfinite(x)
-    if not bool(bad.any()):
-        return
-    first = [int(i) for i in bad.nonzero()[0].tolist()]
-    value = float(x[tuple(first)])
+    from loratools.files.tensor_scan import TensorScan
+
+    if isinstance(t, TensorScan):  # a huge tensor, scanned in chunks
+        if t.first_nonfinite is None:
+            return
+        count, value, first = t.nonfinite, t.value, t.index()
+    else:
+        if not t.is_floating_point() or t.numel() == 0:
+            return
+        x = t if t.element_size() > 1 else t.float()  # isfinite has no fp8 kernels
+        bad = ~torch.isfinite(x)
+        if not bool(bad.any()):
+            return
+        first = [int(i) for i in bad.nonzero()[0].tolist()]
+        count, value = int(bad.sum()), float(x[tuple(first)])
     where = f"{file}: " if file is not None else ""
     report.add(
         "error",
         module,
         "nonfinite",
-        f"{where}tensor {tensor} has {int(bad.sum())} NaN/Inf values (first at index {first}: {value})",
+        f"{where}tensor {tensor} has {count} NaN/Inf values (first at index {first}: {value})",
         hint="the training run diverged or the file is damaged; use an earlier checkpoint",
         file=str(file) if file is not None else None,
         tensor=tensor,
