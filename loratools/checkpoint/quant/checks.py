@@ -117,7 +117,11 @@ def check_fp8(p: Parts, block: tuple[int, int] | None) -> tuple[int, int] | None
     p.want("scale", FLOATS)
     if math.prod(s.shape) == 1:
         return None
-    if len(w.shape) != 2 or len(s.shape) != 2:
+    if len(w.shape) == len(s.shape) == 3:  # fused experts (E, out, in): one 2-D grid per expert
+        if s.shape[0] != w.shape[0]:
+            p.refuse("scale", f"has {s.shape[0]} expert grids for a weight of {w.shape[0]} experts")
+        w, s = _Shape(tuple(w.shape[1:])), _Shape(tuple(s.shape[1:]))
+    elif len(w.shape) != 2 or len(s.shape) != 2:
         p.refuse("scale", f"has shape {list(s.shape)} for a weight of shape {list(w.shape)}; block scales "
                  "are a 2-D grid over a 2-D weight")  # fmt: skip
     if block is None:  # no weight_block_size: the tile follows from the grid (exact division only)
@@ -128,6 +132,11 @@ def check_fp8(p: Parts, block: tuple[int, int] | None) -> tuple[int, int] | None
     if tuple(s.shape) != want:
         p.refuse("scale", f"grid is {list(s.shape)}; weight {list(w.shape)} in {list(block)} tiles needs {list(want)}")
     return block
+
+
+class _Shape:
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
 
 
 def check_int_packed(p: Parts, scheme: str, bits: int, group: int) -> tuple[int, int]:

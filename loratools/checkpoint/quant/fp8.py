@@ -40,6 +40,8 @@ def dequantize(
     s = scale.to(torch.float32)
     if s.numel() == 1:
         return (w * s.reshape(())).to(dtype)
+    if w.ndim == 3 and s.ndim == 3 and w.shape[0] == s.shape[0]:  # fused experts: one grid per expert
+        return torch.stack([dequantize(w[e], s[e], block, dtype, where) for e in range(w.shape[0])])
     if w.ndim != 2 or s.ndim != 2:
         raise FormatError(f"{where}: FP8 weight {tuple(w.shape)} with scales {tuple(s.shape)} is not a 2-D tile grid")
     if block is None:  # derive the tile from the grid (exact division only)
@@ -60,6 +62,9 @@ def quantize(
     import torch
 
     w = weight.to(torch.float32)
+    if w.ndim == 3 and block is not None:  # fused experts: one grid per expert
+        pairs = [quantize(w[e], block, scale_dtype, ue8m0) for e in range(w.shape[0])]
+        return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
     if block is None:
         max_abs = w.abs().amax()
         scales = torch.where(max_abs > 0, FP8_MAX / torch.where(max_abs > 0, max_abs, 1.0), 1.0)

@@ -184,7 +184,8 @@ class QuantizedCheckpoint:
                 raise FormatError(f"{self._at(w)} is stored as {self.raw_info(w).dtype}; beside its {k} an FP8 weight "
                                   "is F8_E4M3 or F8_E5M2", hint=checks.DAMAGED)  # fmt: skip
         for k in sorted(keys):
-            if not k.endswith(".weight") or self.raw_info(k).dtype not in ("F8_E4M3", "F8_E5M2"):
+            fused = not k.endswith(".weight") and f"{k}_scale_inv" in keys  # 3-D experts: gate_up_proj_scale_inv
+            if not (k.endswith(".weight") or fused) or self.raw_info(k).dtype not in ("F8_E4M3", "F8_E5M2"):
                 continue
             stem = k[: -len(".weight")]
             scale = next((s for s in (f"{k}_scale_inv", f"{k}_scale") if s in keys), None)
