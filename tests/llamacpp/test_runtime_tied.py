@@ -40,6 +40,9 @@ def test_runtime_aborts_on_token_embd_lora_of_tied_base(tied, tmp_path):
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
+    w.add_block_count(2)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
     rng = np.random.default_rng(0)
     w.add_tensor("token_embd.weight.lora_a", rng.standard_normal((VOCAB, 4)).astype(np.float32))
     w.add_tensor("token_embd.weight.lora_b", rng.standard_normal((64, 4)).astype(np.float32))
@@ -50,6 +53,13 @@ def test_runtime_aborts_on_token_embd_lora_of_tied_base(tied, tmp_path):
     r = run_logits(base, path)
     assert r.logits is None and r.returncode != 0
     assert "ggml_can_mul_mat" in r.stderr, r.stderr[-1000:]
+    # validate on the GGUF adapter alone: Gemma 2 always ties (error); elsewhere only the base can tell
+    code, out, _ = run_cli(["validate", path, "--target", "llama.cpp", "--json"])
+    found = {f["code"]: f["severity"] for f in json.loads(out)["findings"]}
+    assert found.get("llama.cpp.tied_embedding") == ("error" if arch == "gemma2" else "warning"), out
+    assert code == (1 if arch == "gemma2" else 0)
+    code, out, _ = run_cli(["validate", path, "--target", "llama.cpp", "--base", base, "--json"])
+    assert code == 1 and "llama.cpp.tied_embedding" in out
 
 
 @pytest.mark.parametrize("against", ["hf", "gguf"])

@@ -66,7 +66,7 @@ class GgufPlan:
     dropped: list[str] = field(default_factory=list)
 
 
-def _tied_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None, merge: bool) -> Problem | None:
+def tied_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None, merge: bool) -> Problem | None:
     """An lm_head or embedding LoRA on a base whose output reuses ``token_embd`` (tied).
 
     The runtime finds a LoRA by tensor name, so a ``token_embd`` pair is also applied to the output matmul,
@@ -105,7 +105,7 @@ def _module_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None
         return Problem(name, "bias", f"{name}: LoRA biases (lora_B.bias) have no place in a GGUF LoRA", MERGE_HINT)
     if m.kind == "conv":
         return Problem(name, "conv", f"{name}: conv LoRA modules have no place in a GGUF LoRA", MERGE_HINT)
-    tied = _tied_problem(name, m, base, tensor, merge)
+    tied = tied_problem(name, m, base, tensor, merge)
     if tied is not None:
         return tied
     if tensor is None:
@@ -191,7 +191,7 @@ def plan(adapter: Adapter, base: GgufBase, merge: bool = False) -> GgufPlan:
     """The GGUF pairs of ``adapter`` for ``base``, the full tensors dropped as equal, and every problem.
 
     ``merge``: the pairs are merged into a GGUF base rather than written as an adapter, so a tied base's
-    lm_head and embedding LoRAs are taken (the merge unties; see :func:`_tied_problem`)."""
+    lm_head and embedding LoRAs are taken (the merge unties; see :func:`tied_problem`)."""
     out = GgufPlan()
     for name, m in adapter.modules.items():
         tensor = base.gguf_name(name)

@@ -98,3 +98,35 @@ def unmapped_model(adapter: Adapter, base: Any = None) -> str | None:
     if not said or said & known:
         return None
     return cls if isinstance(cls, str) and cls else sorted(said)[0]
+
+
+def tied_findings(adapter: Adapter, target: str, where: str) -> list[Finding]:
+    """Without a base: an embedding LoRA for llama.cpp, whose runtime also applies a ``token_embd`` LoRA to a
+    tied output and aborts. Gemma and Gemma 2 always tie (an error, :func:`~loratools.formats.gguf.plan.
+    tied_problem`'s); for other architectures a warning that only the base can tell."""
+    from loratools.formats.gguf.names import BY_GGUF_ARCH, GgufBase
+    from loratools.formats.gguf.plan import tied_problem
+    from loratools.formats.gguf.rewrites import TOKEN_EMBD
+    from loratools.ops.validate.findings import Finding
+
+    spec = BY_GGUF_ARCH.get(str(gguf_architecture(adapter)))
+    out = []
+    for name, m in adapter.modules.items():
+        if m.kind != "embedding" or spec is None:
+            continue
+        if spec.output_dropped:
+            p = tied_problem(name, m, GgufBase(where, spec, 0, 0, 0, tied=True), TOKEN_EMBD, merge=False)
+            if p is not None:
+                out.append(Finding("error", name, f"{target}.{p.code}", f"{p.message} {where}", hint=p.hint))
+            continue
+        out.append(
+            Finding(
+                "warning",
+                name,
+                f"{target}.tied_embedding",
+                f"{name}: an embedding LoRA aborts llama.cpp when the base ties lm_head to the token embeddings "
+                f"{where}",
+                hint="pass --base (the .gguf model or Hugging Face folder) to check; on a tied base, merge instead",
+            )
+        )
+    return out

@@ -198,4 +198,8 @@ def serving_findings(
         from loratools.ops.validate.gguf_serving import base_findings
 
         out += base_findings(adapter, target, base, where)
+    elif rules.get("gguf") and not found["not_llm"]:
+        from loratools.ops.validate.gguf_serving import tied_findings
+
+        out += tied_findings(adapter, target, where)
     return out
