@@ -222,28 +222,29 @@ def test_info_says_when_alpha_is_assumed(tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def phi3(tmp_path_factory) -> dict[str, Path]:
-    """A tiny Phi-3 (fused qkv_proj / gate_up_proj) and two PEFT adapters of it, written by PEFT: one as PEFT
-    writes it (auto_mapping: Phi3ForCausalLM), one on the saved folder loaded back with auto_mapping null, as
+def olmo(tmp_path_factory) -> dict[str, Path]:
+    """A tiny OLMo (an architecture loratools has no GGUF mapping for; Phi-3 has one since issue 22) and two
+    PEFT adapters of it, written by PEFT: one as PEFT
+    writes it (auto_mapping: OlmoForCausalLM), one on the saved folder loaded back with auto_mapping null, as
     many published configs have it (then only base_model_name_or_path, the folder, says what the base is)."""
     import json
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Phi3Config, Phi3ForCausalLM
+    from transformers import OlmoConfig, OlmoForCausalLM
 
-    root = tmp_path_factory.mktemp("phi3")
+    root = tmp_path_factory.mktemp("olmo")
     torch.manual_seed(0)
-    cfg = Phi3Config(
+    cfg = OlmoConfig(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=96, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1,
         tie_word_embeddings=False,
     )  # fmt: skip
-    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    Phi3ForCausalLM(cfg).eval().save_pretrained(root / "base")
+    targets = ["q_proj", "o_proj", "up_proj", "down_proj"]
+    OlmoForCausalLM(cfg).eval().save_pretrained(root / "base")
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
-    get_peft_model(Phi3ForCausalLM(cfg).eval(), lora).save_pretrained(root / "by-class")
-    loaded = Phi3ForCausalLM.from_pretrained(root / "base").eval()
+    get_peft_model(OlmoForCausalLM(cfg).eval(), lora).save_pretrained(root / "by-class")
+    loaded = OlmoForCausalLM.from_pretrained(root / "base").eval()
     get_peft_model(loaded, lora).save_pretrained(root / "by-path")
     config = json.loads((root / "by-path" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(root / "base")
@@ -253,29 +254,29 @@ def phi3(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("target", ["llama.cpp", "ollama"])
-def test_validate_gguf_targets_refuse_what_convert_refuses(phi3, target: str) -> None:
-    """validate --target llama.cpp/ollama on a Phi-3 adapter says what convert --to gguf then says: no GGUF
+def test_validate_gguf_targets_refuse_what_convert_refuses(olmo, target: str) -> None:
+    """validate --target llama.cpp/ollama on an OLMo adapter says what convert --to gguf then says: no GGUF
     mapping. Once (not once per rule), and no hint suggests the convert command that fails."""
     import json
 
     from models import run_cli
 
-    out = phi3["root"] / "a.gguf"
-    code, _, err = run_cli(["convert", phi3["by-class"], "--to", "gguf", "--base", phi3["base"], "-o", out])
-    assert code == 2 and "'Phi3ForCausalLM' has no GGUF adapter mapping" in err  # the refusal validate must foresee
+    out = olmo["root"] / "a.gguf"
+    code, _, err = run_cli(["convert", olmo["by-class"], "--to", "gguf", "--base", olmo["base"], "-o", out])
+    assert code == 2 and "'OlmoForCausalLM' has no GGUF adapter mapping" in err  # the refusal validate must foresee
     for adapter in ("by-class", "by-path"):
-        for base in ([], ["--base", phi3["base"]]):
-            code, out, err = run_cli(["validate", phi3[adapter], "--target", target, *base, "--json"])
+        for base in ([], ["--base", olmo["base"]]):
+            code, out, err = run_cli(["validate", olmo[adapter], "--target", target, *base, "--json"])
             report = json.loads(out)
             assert code == 1 and not report["ok"], (adapter, base, out)
             errors = [f for f in report["findings"] if f["severity"] == "error"]
-            arch = [f for f in errors if "Phi3" in f["message"] or "phi3" in f["message"]]
+            arch = [f for f in errors if "Olmo" in f["message"] or "olmo" in f["message"]]
             assert len(arch) == 1, (adapter, base, errors)  # one finding for the one problem
             assert all("--to gguf" not in (f["hint"] or "") for f in report["findings"]), report["findings"]
             if target == "ollama":  # Ollama's own importer takes llama and gemma2 only
                 assert any(f["code"] == "ollama.importer_arch" for f in errors)
                 assert not any(f["code"] == "ollama.prebuilt" for f in report["findings"])
-            code, human, _ = run_cli(["validate", phi3[adapter], "--target", target, *base])
+            code, human, _ = run_cli(["validate", olmo[adapter], "--target", target, *base])
             assert human.count("has no GGUF adapter mapping") == 1 and "--to gguf" not in human
 
 
