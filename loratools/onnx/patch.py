@@ -181,6 +181,7 @@ def merge_onnx(
     exclude: str | None = None,
     skip_modules: Sequence[str] = (),
     verify: bool = False,
+    allow_other_base: bool = False,
     dtype: str | None = "auto",
     max_shard_size: str | int | None = None,
     device: str = "cpu",
@@ -191,7 +192,9 @@ def merge_onnx(
     (config, tokenizer). The result equals exporting the merged checkpoint, without a PyTorch export.
     ``include``/``exclude`` pick modules by regex. ``skip_modules`` names modules to leave out although
     the graph does not record dropping their weight (a foreign export); modules whose weight our export
-    recorded as dropped are left out anyway. ``verify`` reads every patched weight back from the
+    recorded as dropped are left out anyway. An adapter that says it was trained on another model than the
+    one the export's ``config.json`` describes is refused unless ``allow_other_base`` (the rule of
+    :mod:`loratools.ops.base_match`). ``verify`` reads every patched weight back from the
     output and checks it against base + update before publishing. ``dtype`` (only ``auto``: weights
     keep their stored dtype), ``max_shard_size`` (one data file is written) and ``device`` (the update
     is computed on the CPU) are refused when set otherwise, not ignored.
@@ -211,6 +214,11 @@ def merge_onnx(
     proto = load_graph(model_file)
     index = GraphIndex(proto)
     loaded = [_load(a, trust_tensors) for a in adapters]
+    if not allow_other_base:
+        from loratools.ops.base_match import require_base
+        from loratools.ops.base_match.facts import FolderBase
+
+        require_base([a for a, _ in loaded], [lab for _, lab in loaded], FolderBase(model_file.parent), onnx_dir)
     unknown = sorted(set(skip_modules) - {m for a, _ in loaded for m in a.modules})
     if unknown:
         raise UsageError(f"--skip-module {unknown[0]}: no adapter has a module of that name")

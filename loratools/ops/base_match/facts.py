@@ -255,6 +255,18 @@ def base_facts(reader: CheckpointReader, spec: str | Path | None = None, *, _dep
     return facts
 
 
+class FolderBase:
+    """A base known by its folder alone (an ONNX export: ``model.onnx`` beside the ``config.json`` the
+    export copied): what :func:`base_facts` reads of it."""
+
+    kind = "folder"
+    files: list[Path] = []
+
+    def __init__(self, folder: Path) -> None:
+        self.root = folder
+        self.config, _ = _folder_config(folder)
+
+
 def _ldm_family(reader: CheckpointReader) -> str | None:
     """A single-file Stable Diffusion checkpoint's family from its key layout."""
     try:

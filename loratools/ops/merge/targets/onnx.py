@@ -25,5 +25,5 @@ class OnnxTarget(MergeTarget):
         return merge_onnx(
             base_path, list(adapters), output, weights=options.weights, overwrite=options.overwrite,
             trust_tensors=options.trust_tensors, include=options.include, exclude=options.exclude,
-            skip_modules=options.skip_modules, verify=options.verify,
+            skip_modules=options.skip_modules, verify=options.verify, allow_other_base=options.allow_other_base,
         )  # fmt: skip
