@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 
 import hostile_quant  # noqa: E402
+import hostile_quant_schemes  # noqa: E402
 from reliability_support import LLAMA_LORA, invoke  # noqa: E402
 
 SEEDS = range(int(os.environ.get("LORATOOLS_FUZZ_EXAMPLES", "80")))
@@ -53,11 +54,12 @@ def _assert_finite_output(out: Path) -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_fuzzed_quant_state(seed: int, tmp_path: Path) -> None:
-    source, base = hostile_quant.fuzz_base(seed, tmp_path)
+@pytest.mark.parametrize("generator", [hostile_quant, hostile_quant_schemes], ids=["bnb-fp8-gptq-awq", "ct-mlx-mxfp4"])
+def test_fuzzed_quant_state(seed: int, generator, tmp_path: Path) -> None:  # noqa: ANN001
+    source, base = generator.fuzz_base(seed, tmp_path)
     _run("info", LLAMA_LORA, "--base", base)
     _run("validate", LLAMA_LORA, "--base", base)
-    for extra in ([], ["--requantize"]) if source in hostile_quant.REQUANTIZABLE else ([],):
+    for extra in ([], ["--requantize"]) if source in generator.REQUANTIZABLE else ([],):
         out = tmp_path / f"out{len(extra)}"
         code, text = _run("merge", base, LLAMA_LORA, "-o", out, *extra)
         if code == 0:
@@ -67,10 +69,11 @@ def test_fuzzed_quant_state(seed: int, tmp_path: Path) -> None:
             assert not any(p.name.startswith(f".{out.name}.") for p in tmp_path.iterdir()), text
 
 
-def test_fuzzer_breaks_most_bases(tmp_path: Path) -> None:
+@pytest.mark.parametrize("generator", [hostile_quant, hostile_quant_schemes], ids=["bnb-fp8-gptq-awq", "ct-mlx-mxfp4"])
+def test_fuzzer_breaks_most_bases(tmp_path: Path, generator) -> None:  # noqa: ANN001
     """The fuzzer is not a no-op: most of its bases are refused by the 16-bit merge."""
     refused = 0
     for seed in range(12):
-        _, base = hostile_quant.fuzz_base(seed, tmp_path)
+        _, base = generator.fuzz_base(seed, tmp_path)
         refused += invoke("merge", base, LLAMA_LORA, "-o", tmp_path / f"o{seed}")[0] != 0
     assert refused >= 6, refused

@@ -18,7 +18,10 @@ from pathlib import Path
 from reliability_support import FIXTURES, LLAMA_BASE, LLAMA_LORA
 
 #: the generator modules, one per reader area
-AREAS = ("hostile_gguf", "hostile_quant", "hostile_families", "hostile_files", "hostile_mlx", "hostile_moe")
+AREAS = (
+    "hostile_gguf", "hostile_quant", "hostile_quant_schemes", "hostile_families", "hostile_files", "hostile_mlx",
+    "hostile_moe",
+)  # fmt: skip
 
 #: argv templates: A = the hostile adapter, B = the hostile base, O = the output path
 ADAPTER_COMMANDS = {

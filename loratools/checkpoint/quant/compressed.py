@@ -86,8 +86,11 @@ class CompressedTensors(QuantScheme):
     def detect(self, qcfg: dict[str, Any], config: dict[str, Any]) -> str | None:
         if str(qcfg.get("quant_method", "")).lower() != "compressed-tensors":
             return None
-        fmts = {str(g.get("format") or qcfg.get("format")) for g in (qcfg.get("config_groups") or {}).values()
-                if isinstance(g, dict)} or {str(qcfg.get("format"))}  # fmt: skip
+        groups = qcfg.get("config_groups")
+        if not isinstance(groups, dict) or not groups:
+            return "ct-int"  # opening it refuses config_groups with a message naming the field
+        fmts = {str(g.get("format") or qcfg.get("format")) for g in groups.values() if isinstance(g, dict)}
+        fmts = fmts or {str(qcfg.get("format"))}
         known = {FORMATS.get(f) for f in fmts} - {None}
         if len(known) == 1 and len(fmts) == 1:
             return known.pop()
