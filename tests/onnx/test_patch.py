@@ -75,8 +75,10 @@ def test_unresolvable_weights_and_existing_output(tiny, tmp_path):
     from loratools.onnx.patch import merge_onnx
 
     llama, gpt2 = tiny("llama"), tiny("gpt2")
-    with pytest.raises(ValidationError, match="no weight for .*q_proj"):
+    with pytest.raises(ValidationError, match="trained on LlamaForCausalLM, not on the base"):  # the wrong-base rule
         merge_onnx(gpt2.export("base"), [llama.adapter], tmp_path / "bad")
+    with pytest.raises(ValidationError, match="no weight for .*q_proj"):
+        merge_onnx(gpt2.export("base"), [llama.adapter], tmp_path / "bad", allow_other_base=True)
     assert not (tmp_path / "bad").exists()
     (tmp_path / "exists").mkdir()
     with pytest.raises(OutputExistsError):
