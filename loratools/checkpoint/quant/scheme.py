@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from loratools.checkpoint.quant.layout import QuantizedCheckpoint, QuantTensor
+# the layout's QuantizedCheckpoint / QuantTensor, not imported: the layout imports this module
+QuantizedCheckpoint = QuantTensor = Any
 
 #: the scheme modules under ``loratools.checkpoint.quant`` (each defines ``SCHEME``), tried in this order
 MODULES = ("mxfp4", "compressed", "mlx")
