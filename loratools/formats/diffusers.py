@@ -200,10 +200,10 @@ class DiffusersFormat(AdapterFormat):
                 )
             except ValidationError as exc:
                 raise type(exc)(f"{weights}: module {name}: {exc.message}", hint=exc.hint, path=weights) from None
-        from loratools.formats.dit.layouts import detect
+        from loratools.formats.dit.layouts import HANDLED, detect
 
         found = detect(k for k in tensors if k.startswith("transformer."))  # the family, for info and --to kohya
-        if found is not None and found.family == "flux":  # named as the base names it (a BFL file: fused)
+        if found is not None and found.family in HANDLED:  # named as the base names it (a BFL/Wan-AI file: renamed)
             from loratools.formats.dit.flux_io import place
 
             flux = {k[len("transformer.") :]: m for k, m in modules.items() if k.startswith("transformer.")}

@@ -58,9 +58,11 @@ BROKEN: list[tuple[str, Callable[[Tensors], Tensors], tuple[str, ...]]] = [
 
 #: layouts recognized but not read yet: (name, tensors, words of the one line)
 UNHANDLED: list[tuple[str, Tensors, tuple[str, ...]]] = [
-    ("wan-musubi", {"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.ones(2, 4)}, ("a Wan LoRA", "kohya")),
-    ("qwen-comfy", {"diffusion_model.transformer_blocks.0.img_mlp.net.0.proj.lora_A.weight": torch.ones(2, 4)},
-     ("a Qwen-Image LoRA", "ComfyUI")),
+    ("wan-vace", {"diffusion_model.vace_blocks.0.self_attn.q.lora_down.weight": torch.ones(2, 4)},
+     ("vace_blocks", "no module loratools knows")),
+    ("flux-bare-diffusers", {"transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(2, 4),
+                             "single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(2, 4)},
+     ("a Flux LoRA", "bare")),
     ("sd3-kohya", {"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.ones(2, 4)}, ("an SD3 LoRA",)),
     ("hunyuan", {"lora_unet_double_blocks_0_img_mlp_fc1.lora_down.weight": torch.ones(2, 4)}, ("HunyuanVideo",)),
     ("xlabs", {"double_blocks.0.processor.qkv_lora1.down.weight": torch.ones(2, 4)}, ("XLabs layout",)),

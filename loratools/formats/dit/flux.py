@@ -132,4 +132,11 @@ def missing_part_rows(path: str, index: int, in_features: int, known: dict[int, 
     return next(iter(known.values()))
 
 
+# the interface every family's table gives (formats/dit/tables.py)
+from_kohya = bfl_path
+to_original = to_bfl
+#: a tensor every BFL-layout single file holds (group 1: its prefix, "" or ``model.diffusion_model.``)
+PROBE = re.compile(r"^(.*?)(double_blocks\.\d+\.img_attn\.qkv|single_blocks\.\d+\.linear1)\.weight$")
+EXAMPLES = "double_blocks.N.img_attn.qkv, single_blocks.N.linear1, img_in ..."
+
 __all__ = ["DOUBLE", "FAMILY", "SINGLE", "SWAPPED", "TOP", "bfl_path", "part_rows", "to_bfl", "to_diffusers"]

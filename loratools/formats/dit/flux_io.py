@@ -1,24 +1,25 @@
-"""Flux LoRA files in the original (BFL) naming: kohya/sd-scripts/musubi ``lora_unet_double_blocks_0_img_attn_qkv``,
-ComfyUI ``diffusion_model.double_blocks.0.img_attn.qkv`` and BFL's bare ``double_blocks.0.img_attn.qkv`` (parts
+"""Diffusion-transformer LoRA files in a family's original naming (Flux, Wan, Qwen-Image; each family's names are
+its table, :mod:`.tables`): kohya/sd-scripts/musubi ``lora_unet_double_blocks_0_img_attn_qkv``, ComfyUI
+``diffusion_model.blocks.0.self_attn.q`` and the bare original names (BFL, DiffSynth-Studio) (parts
 ``lora_down.weight``/``lora_A.weight``, ``lora_up.weight``/``lora_B.weight``, ``alpha``), read and written.
 
 Read, a module is named as the base names it: with no base, a diffusers pipeline or a bare transformer folder,
 the diffusers names (``transformer.transformer_blocks.0.attn.to_q``; fused modules split, :mod:`..flux`); with an
 original-layout single file, that file's own names (``model.diffusion_model.double_blocks.0.img_attn.qkv``;
 fused modules kept, diffusers-named parts fused). kohya's alpha rule holds per module: scale = alpha/rank, a
-missing or zero alpha means alpha = rank (sd-scripts ``networks/lora_flux.py``).
+missing or zero alpha means alpha = rank (sd-scripts ``networks/lora_flux.py``, musubi-tuner ``networks/lora.py``).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratools.errors import FormatError, ShapeError, UnsupportedError, ValidationError
 from loratools.formats.dit import flux
 from loratools.formats.dit.layouts import LABELS, DitLayout, describe
+from loratools.formats.dit.tables import table_for
 from loratools.model.adapter import LoraModule
 from loratools.model.fused import fuse, split, swap_halves
 
@@ -29,18 +30,18 @@ if TYPE_CHECKING:
 
 _PARTS = {
     "lora_down.weight": "down", "lora_A.weight": "down", "lora_up.weight": "up", "lora_B.weight": "up",
-    "alpha": "alpha",
+    "lora_A.default.weight": "down", "lora_B.default.weight": "up", "alpha": "alpha",
 }  # fmt: skip
 _COMFY = ("model.diffusion_model.", "diffusion_model.")
 #: kohya text-encoder prefixes of Flux files -> the Flux pipeline component (CLIP-L, T5-XXL)
 TEXT_PREFIX = {"lora_te1_": "text_encoder", "lora_te_": "text_encoder", "lora_te3_": "text_encoder_2"}
 _TEXT_BACK = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}
 _TE_ROOTS = ("encoder.", "embeddings.", "final_layer_norm")
-_BFL_PROBE = re.compile(r"^(.*?)(double_blocks\.\d+\.img_attn\.qkv|single_blocks\.\d+\.linear1)\.weight$")
 
 
-def _split_key(path: Path, key: str, layout: str) -> tuple[str, str, bool]:
+def _split_key(path: Path, key: str, found: DitLayout) -> tuple[str, str, bool]:
     """``(module, part, text_encoder)`` of one tensor name; FormatError naming it when it is none."""
+    table, label = table_for(found.family), found.label
     name, part = None, None
     for suffix, role in _PARTS.items():
         if key.endswith("." + suffix):
@@ -49,36 +50,38 @@ def _split_key(path: Path, key: str, layout: str) -> tuple[str, str, bool]:
     if name is None or part is None:
         what = key.rsplit(".", 2)[-2:] if "." in key else [key]
         if any(w in ("dora_scale",) for w in what):
-            raise UnsupportedError(f"{path}: {key!r} is DoRA (dora_scale) on Flux, which loratools does not read yet",
-                                   path=path)  # fmt: skip
+            raise UnsupportedError(f"{path}: {key!r} is DoRA (dora_scale) on {label}, which loratools does not read "
+                                   "yet", path=path)  # fmt: skip
         if any(w.startswith(("hada_", "lokr_", "oft_")) for w in what):
-            raise UnsupportedError(f"{path}: {key!r} is a LyCORIS LoHa/LoKr/OFT tensor on Flux, which loratools "
+            raise UnsupportedError(f"{path}: {key!r} is a LyCORIS LoHa/LoKr/OFT tensor on {label}, which loratools "
                                    "does not read yet", path=path)  # fmt: skip
+        if what[-1] in ("diff", "diff_b"):
+            raise UnsupportedError(f"{path}: {key!r} is a full-weight difference (.diff/.diff_b, as lightx2v's "
+                                   "distilled LoRAs carry), which loratools does not read yet", path=path)  # fmt: skip
         raise FormatError(
-            f"{path}: tensor {key!r} is not a Flux LoRA tensor (expected <module>.lora_down.weight / lora_A.weight, "
-            ".lora_up.weight / lora_B.weight or .alpha)",
+            f"{path}: tensor {key!r} is not a {label} LoRA tensor (expected <module>.lora_down.weight / "
+            "lora_A.weight, .lora_up.weight / lora_B.weight or .alpha)",
             path=path,
         )
-    if layout == "kohya":
+    if found.layout == "kohya":
         for prefix in TEXT_PREFIX:
             if name.startswith(prefix):
                 return name, part, True
-        bfl = flux.bfl_path(name.removeprefix("lora_unet_")) if name.startswith("lora_unet_") else None
+        bfl = table.from_kohya(name.removeprefix("lora_unet_")) if name.startswith("lora_unet_") else None
     else:
         bare = next((name[len(p) :] for p in _COMFY if name.startswith(p)), name)
-        bfl = bare if flux.to_diffusers(bare) is not None else None
+        bfl = bare if table.to_diffusers(bare) is not None else None
     if bfl is None:
-        raise FormatError(f"{path}: tensor {key!r} names no Flux module (double_blocks.N.img_attn.qkv, "
-                          "single_blocks.N.linear1, img_in ...)", path=path)  # fmt: skip
+        raise FormatError(f"{path}: tensor {key!r} names no {label} module ({table.EXAMPLES})", path=path)
     return bfl, part, False
 
 
-def _module(path: Path, name: str, p: dict[str, torch.Tensor]) -> LoraModule:
+def _module(path: Path, name: str, p: dict[str, torch.Tensor], family: str = "Flux") -> LoraModule:
     for role, label in (("down", "lora_down (A)"), ("up", "lora_up (B)")):
         if role not in p:
-            raise ValidationError(f"{path}: Flux module {name} has no {label} tensor", path=path)
+            raise ValidationError(f"{path}: {family} module {name} has no {label} tensor", path=path)
         if p[role].ndim != 2:
-            raise ShapeError(f"{path}: {name} {label} is {tuple(p[role].shape)}; a Flux LoRA factor is 2-D",
+            raise ShapeError(f"{path}: {name} {label} is {tuple(p[role].shape)}; a {family} LoRA factor is 2-D",
                              path=path)  # fmt: skip
     alpha_t = p.get("alpha")
     if alpha_t is not None and alpha_t.numel() != 1:
@@ -96,12 +99,12 @@ def _module(path: Path, name: str, p: dict[str, torch.Tensor]) -> LoraModule:
 def read_bfl_named(
     path: Path, tensors: dict[str, torch.Tensor], found: DitLayout
 ) -> tuple[dict[str, LoraModule], dict[str, LoraModule], list[str]]:
-    """``(Flux modules by BFL path, text-encoder modules by kohya name, modules without an alpha)``."""
+    """``(transformer modules by original path, text-encoder modules by kohya name, modules without an alpha)``."""
     parts: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}
     from loratools.model.finite import require_finite
 
     for key, t in tensors.items():
-        name, part, text = _split_key(path, key, found.layout)
+        name, part, text = _split_key(path, key, found)
         if not t.is_floating_point():  # checked here, under the file's own names, before any split renames them
             raise FormatError(f"{path}: tensor {key} is {t.dtype}; LoRA tensors must be floating point", path=path)
         if not t.is_meta:
@@ -114,48 +117,50 @@ def read_bfl_named(
     text: dict[str, LoraModule] = {}
     assumed = []
     for (name, is_text), p in sorted(parts.items()):
-        m = _module(path, name, p)
+        m = _module(path, name, p, found.label)
         (text if is_text else modules)[name] = m
         if "alpha" not in p:
             assumed.append(name)
         if not is_text:
-            _check_fused(path, name, m)
+            _check_fused(path, name, m, table_for(found.family))
     return modules, text, assumed
 
 
-def _check_fused(path: Path, name: str, m: LoraModule) -> None:
-    rows = flux.part_rows(name, m.out_features, m.in_features)
-    if rows is None or (name == flux.SWAPPED and m.out_features % 2):
+def _check_fused(path: Path, name: str, m: LoraModule, table: Any) -> None:
+    rows = table.part_rows(name, m.out_features, m.in_features)
+    if rows is None or (name == table.SWAPPED and m.out_features % 2):
         want = "3·D+MLP rows for D inputs" if name.endswith("linear1") else "an even row count" \
-            if name == flux.SWAPPED else "a multiple of 3 rows"  # fmt: skip
+            if name == table.SWAPPED else "a multiple of 3 rows"  # fmt: skip
         raise ShapeError(f"{path}: {name} lora_up (B) has {m.out_features} rows for {m.in_features} inputs; "
                          f"the fused Flux weight has {want}", path=path)  # fmt: skip
 
 
-def split_to_diffusers(path: Path, modules: dict[str, LoraModule]) -> dict[str, LoraModule]:
-    """BFL-named modules -> diffusers-named ones (fused modules split, ``norm_out`` halves swapped)."""
+def split_to_diffusers(path: Path, modules: dict[str, LoraModule], table: Any = flux) -> dict[str, LoraModule]:
+    """Original-named modules -> diffusers-named ones (Flux: fused modules split, ``norm_out`` halves swapped)."""
     out: dict[str, LoraModule] = {}
     for name, m in modules.items():
-        targets = flux.to_diffusers(name) or ()
+        targets = table.to_diffusers(name) or ()
         if len(targets) == 1:
-            out[targets[0]] = swap_halves(m) if name == flux.SWAPPED else m
+            out[targets[0]] = swap_halves(m) if name == table.SWAPPED else m
             continue
-        rows = flux.part_rows(name, m.out_features, m.in_features) or []
+        rows = table.part_rows(name, m.out_features, m.in_features) or []
         for target, piece in zip(targets, split(m, rows, f"{path}: {name}"), strict=True):
             if piece is not None:
                 out[target] = piece
     return out
 
 
-def fuse_to_bfl(modules: dict[str, LoraModule], rows_of: Any = None) -> dict[str, LoraModule]:
-    """Diffusers-named Flux modules (no component prefix) -> BFL-named ones; ``rows_of(bfl) -> list`` gives a fused
+def fuse_to_bfl(modules: dict[str, LoraModule], rows_of: Any = None, table: Any = flux) -> dict[str, LoraModule]:
+    """Diffusers-named modules (no component prefix) -> original-named ones; ``rows_of(bfl) -> list`` gives a fused
     tensor's part rows when a base knows them (else siblings and ``flux.MLP_RATIO`` do)."""
     groups: dict[str, dict[int, LoraModule]] = {}
     counts: dict[str, int] = {}
+    label = LABELS.get(table.FAMILY, table.FAMILY)
     for name, m in modules.items():
-        target = flux.to_bfl(name)
+        target = table.to_original(name)
         if target is None:
-            raise UnsupportedError(f"module {name} is not a Flux transformer module; it has no original-layout name")
+            raise UnsupportedError(f"module {name} is not a {label} transformer module; it has no original-layout "
+                                   "name")  # fmt: skip
         bfl, index, count = target
         groups.setdefault(bfl, {})[index] = m
         counts[bfl] = count
@@ -163,24 +168,25 @@ def fuse_to_bfl(modules: dict[str, LoraModule], rows_of: Any = None) -> dict[str
     for bfl, parts in groups.items():
         if counts[bfl] == 1:
             m = parts[0]
-            out[bfl] = swap_halves(m) if bfl == flux.SWAPPED else m
+            out[bfl] = swap_halves(m) if bfl == table.SWAPPED else m
             continue
         width = next(iter(parts.values())).in_features
         rows = rows_of(bfl) if rows_of else None
         if rows is None:
             known = {i: p.out_features for i, p in parts.items()}
-            rows = [known.get(i) or flux.missing_part_rows(bfl, i, width, known) for i in range(counts[bfl])]
+            rows = [known.get(i) or table.missing_part_rows(bfl, i, width, known) for i in range(counts[bfl])]
         out[bfl] = fuse([parts.get(i) for i in range(counts[bfl])], rows, f"module {bfl}")
     return out
 
 
 # -- the base -------------------------------------------------------------------------------------------------
-def bfl_prefix(base: KeyResolver | None) -> str | None:
-    """The prefix of a Flux original-layout single file's names (``""``, ``model.diffusion_model.``), else None."""
+def bfl_prefix(base: KeyResolver | None, table: Any = flux) -> str | None:
+    """The prefix of an original-layout single file's names (``""``, ``model.diffusion_model.``), else None."""
     if base is None or base.kind != "file":
         return None
+    probe = table.PROBE
     for k in base.keys():
-        m = _BFL_PROBE.match(k)
+        m = probe.match(k)
         if m:
             return m.group(1)
     return None
@@ -213,11 +219,12 @@ def place(
     path: Path, found: DitLayout, bfl: dict[str, LoraModule] | None, diffusers: dict[str, LoraModule] | None,
     base: KeyResolver | None,
 ) -> dict[str, LoraModule]:  # fmt: skip
-    """Flux modules named as ``base`` names them (see the module docstring); refuses a base they cannot bind to."""
+    """Modules named as ``base`` names them (see the module docstring); refuses a base they cannot bind to."""
+    table = table_for(found.family)
     if base is None:
-        named = diffusers if diffusers is not None else split_to_diffusers(path, bfl or {})
+        named = diffusers if diffusers is not None else split_to_diffusers(path, bfl or {}, table)
         return {f"transformer.{k}": m for k, m in named.items()}
-    prefix = bfl_prefix(base)
+    prefix = bfl_prefix(base, table)
     if prefix is not None:
         if bfl is None:
             shapes = base
@@ -227,26 +234,28 @@ def place(
                 if key not in shapes.keys():
                     return None
                 out, inp = (int(s) for s in shapes.info(key).shape[:2])
-                return flux.part_rows(name, out, inp)
+                return table.part_rows(name, out, inp)
 
-            bfl = fuse_to_bfl(diffusers or {}, rows_of)
+            bfl = fuse_to_bfl(diffusers or {}, rows_of, table)
         return {prefix + k: m for k, m in bfl.items()}
-    named = diffusers if diffusers is not None else split_to_diffusers(path, bfl or {})
-    if base.kind == "pipeline":
-        if "transformer" not in base.components:
-            _refuse_base(path, found, base)
-        return {f"transformer.{k}": m for k, m in named.items()}
-    if not any(base.tensor_key(f"transformer.{k}") for k in list(named)[:50]):
+    named = diffusers if diffusers is not None else split_to_diffusers(path, bfl or {}, table)
+    if base.kind == "pipeline" and "transformer" not in base.components:
         _refuse_base(path, found, base)
+    # kohya/musubi names resolve against the transformer (a pipeline's transformer/ component), never a unet; a
+    # transformer of another family shares a few names (proj_out): most of the modules must bind
+    sample = list(named)[:50]
+    hits = sum(1 for k in sample if base.tensor_key(f"transformer.{k}"))
+    if hits * 2 < len(sample):
+        _refuse_base(path, found, base, hits, len(sample))
     return {f"transformer.{k}": m for k, m in named.items()}
 
 
-def _refuse_base(path: Path, found: DitLayout, base: KeyResolver) -> None:
+def _refuse_base(path: Path, found: DitLayout, base: KeyResolver, hits: int = 0, tried: int = 0) -> None:
+    some = f"only {hits} of {tried} of its modules are" if hits else "none of its modules is"
     raise ValidationError(
-        f"{path}: this is {describe(found)}, and none of its modules is in the base {getattr(base, 'root', '')} "
-        f"({base_family(base)})",
-        hint="merge it into a Flux diffusers pipeline folder, its transformer/ folder or an original-layout Flux "
-        "single file",
+        f"{path}: this is {describe(found)}, and {some} in the base {getattr(base, 'root', '')} ({base_family(base)})",
+        hint=f"merge it into a {found.label} diffusers pipeline folder, its transformer/ folder or an original-layout "
+        f"{found.label} single file",
         path=path,
     )
 

@@ -1,5 +1,6 @@
-"""The original-layout Flux files as adapters: read (kohya/musubi, ComfyUI, BFL; ``KohyaFormat`` hands them here),
-written as kohya (``lora_unet_…``) or ComfyUI (``diffusion_model.…``; the ``comfyui`` format registered here).
+"""The original-layout diffusion-transformer files (Flux, Wan, Qwen-Image) as adapters: read (kohya/musubi, ComfyUI,
+BFL/DiffSynth bare names; ``KohyaFormat`` hands them here), written as kohya (``lora_unet_…``) or ComfyUI
+(``diffusion_model.…``; the ``comfyui`` format registered here).
 
 ComfyUI files are written with ``lora_down.weight`` / ``lora_up.weight`` / ``alpha`` beside ``diffusion_model.``
 names: ComfyUI's ``comfy/lora.py`` reads them, and so does diffusers (its Flux loader turns ``diffusion_model.``
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratools.errors import UnsupportedError, name_list
-from loratools.formats.dit import flux
 from loratools.formats.dit.flux_io import (
     fuse_to_bfl,
     kohya_text_name,
@@ -20,7 +20,8 @@ from loratools.formats.dit.flux_io import (
     read_bfl_named,
     text_names,
 )
-from loratools.formats.dit.layouts import DitLayout, detect, refuse_unhandled
+from loratools.formats.dit.layouts import HANDLED, LABELS, DitLayout, detect, refuse_unhandled
+from loratools.formats.dit.tables import table_for
 from loratools.formats.registry import AdapterFormat, register_format
 from loratools.model.adapter import Adapter, LoraModule
 
@@ -36,7 +37,8 @@ def read_dit(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], base: KeyResolver | None,
     found: DitLayout,
 ) -> Adapter:  # fmt: skip
-    """A Flux file in the kohya, ComfyUI or BFL layout as an :class:`Adapter` (others refused by name)."""
+    """A Flux, Wan or Qwen-Image file in the kohya, ComfyUI or bare layout as an :class:`Adapter` (others refused
+    by name)."""
     from loratools.publishing.publish import read_provenance
 
     refuse_unhandled(path, found)
@@ -67,9 +69,23 @@ def dit_family(adapter: Adapter) -> str | None:
     return found.family if found is not None else None
 
 
-def _bfl_named(adapter: Adapter) -> tuple[dict[str, LoraModule], dict[str, LoraModule]]:
-    """``(transformer modules by BFL path, text-encoder modules by kohya name)``; refuses what Flux files cannot
-    hold."""
+def _original(name: str, table: Any) -> tuple[str | None, str | None]:
+    """``(diffusers path, original path)`` of an adapter's module name, one of them None: ``transformer.`` + a
+    diffusers path, an original path (bare or ``diffusion_model.``), or a bare diffusers path; both None when it
+    is no module of the family."""
+    rest = name.removeprefix("transformer.")
+    bare = next((name[len(p) :] for p in _COMFY if name.startswith(p)), name)
+    if name.startswith("transformer.") and table.to_original(rest) is not None:
+        return rest, None
+    if table.to_diffusers(bare) is not None:
+        return None, bare
+    return (name, None) if table.to_original(name) is not None else (None, None)
+
+
+def _bfl_named(adapter: Adapter, family: str) -> tuple[dict[str, LoraModule], dict[str, LoraModule]]:
+    """``(transformer modules by original path, text-encoder modules by kohya name)``; refuses what the family's
+    original-layout files cannot hold."""
+    table, label = table_for(family), LABELS.get(family, family)
     diffusers: dict[str, LoraModule] = {}
     bfl: dict[str, LoraModule] = {}
     text: dict[str, LoraModule] = {}
@@ -83,21 +99,20 @@ def _bfl_named(adapter: Adapter) -> tuple[dict[str, LoraModule], dict[str, LoraM
         if kohya is not None:
             text[kohya] = m
             continue
-        rest = name.removeprefix("transformer.")
-        bare = next((name[len(p) :] for p in _COMFY if name.startswith(p)), name)
-        if flux.to_bfl(rest) is not None:
-            diffusers[rest] = m
-        elif flux.to_diffusers(bare) is not None:
-            bfl[bare] = m
+        as_diffusers, as_original = _original(name, table)
+        if as_diffusers is not None:
+            diffusers[as_diffusers] = m
+        elif as_original is not None:
+            bfl[as_original] = m
         else:
-            bad.append(f"{name} (not a Flux module)")
+            bad.append(f"{name} (not a {label} module)")
     if bad or adapter.replacements:
         bad += [f"{k} (full replacement)" for k in adapter.replacements]
         raise UnsupportedError(
-            f"an original-layout Flux LoRA cannot hold {len(bad)} part(s) of this adapter: " + name_list(bad, 5),
+            f"an original-layout {label} LoRA cannot hold {len(bad)} part(s) of this adapter: " + name_list(bad, 5),
             hint="write --to diffusers, or leave them out with --exclude REGEX",
         )
-    fused = fuse_to_bfl(diffusers)
+    fused = fuse_to_bfl(diffusers, None, table)
     clash = sorted(set(fused) & set(bfl))
     if clash:
         raise UnsupportedError(f"module {clash[0]} is given twice (as itself and as its diffusers parts)")
@@ -105,25 +120,24 @@ def _bfl_named(adapter: Adapter) -> tuple[dict[str, LoraModule], dict[str, LoraM
 
 
 def dit_tensors(adapter: Adapter, layout: str) -> dict[str, torch.Tensor] | None:
-    """The state dict of a Flux adapter in ``layout`` (``kohya`` | ``comfyui``), or None for an adapter that is not
-    a diffusion-transformer one; other families are refused by name."""
+    """The state dict of a Flux/Wan/Qwen-Image adapter in ``layout`` (``kohya`` | ``comfyui``), or None for an
+    adapter that is not a diffusion-transformer one; other families are refused by name."""
     import torch
-
-    from loratools.formats.dit.layouts import LABELS
 
     family = dit_family(adapter)
     if family is None:
         return None
-    if family != "flux":
+    label = LABELS.get(family, family)
+    if family not in HANDLED:
         raise UnsupportedError(
-            f"this is a {LABELS.get(family, family)} LoRA; loratools writes the kohya and ComfyUI layouts of Flux "
+            f"this is a {label} LoRA; loratools writes the kohya and ComfyUI layouts of Flux, Wan and Qwen-Image "
             "only for now",
             hint="write --to diffusers (or --to peft)",
         )
-    modules, text = _bfl_named(adapter)
+    modules, text = _bfl_named(adapter, family)
     if text and layout != "kohya":
         raise UnsupportedError(
-            f"a ComfyUI Flux file written here holds the transformer only; {len(text)} text-encoder module(s) "
+            f"a ComfyUI {label} file written here holds the transformer only; {len(text)} text-encoder module(s) "
             "would be lost",
             hint="write --to kohya, or --exclude '^text_encoder'",
         )
@@ -141,22 +155,26 @@ def dit_tensors(adapter: Adapter, layout: str) -> dict[str, torch.Tensor] | None
 
 
 def diffusers_named(adapter: Adapter) -> Adapter:
-    """A Flux adapter whose modules carry original-layout names (read against a BFL single file) with diffusers'
-    ``transformer.`` names instead (fused modules split); any other adapter as it is."""
+    """A diffusion-transformer adapter whose modules carry original-layout names (read against an original-layout
+    single file) with diffusers' ``transformer.`` names instead (fused modules split); any other adapter as it is."""
     from dataclasses import replace
 
     from loratools.formats.dit.flux_io import split_to_diffusers
 
+    family = (adapter.meta.get("dit") or {}).get("family") or dit_family(adapter)
+    if family not in HANDLED:
+        return adapter
+    table = table_for(family)
     bfl = {}
     for name in adapter.modules:
-        bare = next((name[len(p) :] for p in _COMFY if name.startswith(p)), name)
-        diffusers = flux.to_bfl(name.removeprefix("transformer.")) is not None
-        if flux.to_diffusers(bare) is not None and not diffusers:
-            bfl[name] = bare
+        if not name.startswith("transformer."):
+            as_original = _original(name, table)[1]
+            if as_original is not None:
+                bfl[name] = as_original
     if not bfl:
         return adapter
     split = split_to_diffusers(Path(str(adapter.meta.get("source") or "adapter")),
-                               {bare: adapter.modules[n] for n, bare in bfl.items()})  # fmt: skip
+                               {bare: adapter.modules[n] for n, bare in bfl.items()}, table)  # fmt: skip
     modules = {k: m for k, m in adapter.modules.items() if k not in bfl}
     modules.update({f"transformer.{k}": m for k, m in split.items()})
     return replace(adapter, modules=modules, meta=dict(adapter.meta))
@@ -194,7 +212,8 @@ class ComfyUIFormat(AdapterFormat):
         tensors = dit_tensors(adapter, "comfyui")
         if tensors is None:
             raise UnsupportedError(
-                "the comfyui format writes diffusion-transformer (Flux) LoRAs; this adapter is not one",
+                "the comfyui format writes diffusion-transformer (Flux, Wan, Qwen-Image) LoRAs; this adapter is not "
+                "one",
                 hint="write --to kohya for an SD1/SD2/SDXL LoRA",
             )
         metadata = {"format": "pt"}

@@ -1,7 +1,9 @@
 """Which diffusion-transformer family and which trainer's layout a LoRA file is, from its tensor names alone.
 
 Layouts (how a file names modules): ``kohya`` (sd-scripts, musubi-tuner: ``lora_unet_<path with _>``),
-``comfyui`` (``diffusion_model.<path>``), ``bfl`` (BFL's own files: bare ``double_blocks.…``), ``diffusers``
+``comfyui`` (``diffusion_model.<path>``: ComfyUI, ai-toolkit's Qwen-Image files, musubi's ``convert_lora.py``
+output), ``bfl`` (BFL's own files: bare ``double_blocks.…``), ``original`` (the bare original path of another
+family: DiffSynth-Studio's Wan and Qwen-Image files), ``diffusers``
 (PEFT keys under ``transformer.``), ``xlabs`` (``…processor.qkv_lora1``) and ``bfl-control`` (BFL's
 Canny/Depth LoRAs, which also replace norm scales and widen ``img_in``). Families are told by the module names
 their architectures use (the original names for kohya/ComfyUI files, diffusers' for ``transformer.`` keys); see
@@ -31,7 +33,7 @@ LABELS = {
     "ltx_cogvideo": "LTX-Video/CogVideoX",
 }
 #: the families loratools reads in each layout (the others are refused by name)
-HANDLED = {"flux"}
+HANDLED = {"flux", "wan", "qwen_image"}
 #: (family, pattern on the module name with ``.`` and ``_`` both written ``[._]``), first match wins; the
 #: HunyuanVideo and Chroma markers come before Flux, whose double/single blocks they share
 _FAMILY_MARKS: tuple[tuple[str, str], ...] = (
@@ -44,7 +46,7 @@ _FAMILY_MARKS: tuple[tuple[str, str], ...] = (
     ("sd3", r"^joint_blocks[._]"),
     ("hidream", r"^(double_stream_blocks|single_stream_blocks)[._]"),
     ("qwen_image", r"^transformer_blocks[._]\d+[._](img_mlp|txt_mlp|img_mod|txt_mod)"),
-    ("wan", r"^blocks[._]\d+[._](self_attn|cross_attn|ffn)"),
+    ("wan", r"^(blocks[._]\d+[._](self_attn|cross_attn|ffn|attn[12][._](to_|add_[kv]_proj))|condition_embedder[._])"),
     ("lumina2", r"^layers[._]\d+[._](attention|feed_forward|adaLN_modulation)"),
     ("ltx_cogvideo", r"^transformer_blocks[._]\d+[._]attn[12][._]"),
     ("sd3", r"^(pos_embed[._]proj|transformer_blocks[._]\d+[._]attn2[._])"),
@@ -52,6 +54,10 @@ _FAMILY_MARKS: tuple[tuple[str, str], ...] = (
 #: layout prefixes stripped before the family patterns (which match the module path from its root)
 _PREFIXES = ("lora_unet_", "lora_transformer_", "model.diffusion_model.", "diffusion_model.", "transformer.")
 _COMPILED = tuple((f, re.compile(p)) for f, p in _FAMILY_MARKS)
+#: a Qwen-Image file that trains attention only: its block names are Flux's diffusers ones, so this tells it only
+#: in the kohya/ComfyUI/bare layouts (Flux writes double_blocks there) and without Flux's single blocks
+_QWEN_ATTN = re.compile(r"^transformer_blocks[._]\d+[._]attn[._](to_|add_)")
+_QWEN_PREFIXES = ("lora_unet_", "model.diffusion_model.", "diffusion_model.")
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,8 @@ def _layout_of(key: str) -> str | None:
         return "diffusers"
     if key.startswith(("double_blocks.", "single_blocks.", "final_layer.", "img_in.", "txt_in.")):
         return "bfl"
+    if key.startswith(("blocks.", "transformer_blocks.")):
+        return "original"
     return None
 
 
@@ -104,20 +112,23 @@ def detect(keys: Iterable[str]) -> DitLayout | None:
     if layout == "bfl" and any(k.endswith("query_norm.scale") for k in keys):
         layout = "bfl-control"
     families: dict[str, str] = {}
+    qwen_attn = layout in ("kohya", "comfyui", "original") and not any("single_transformer_blocks" in k for k in keys)
     for k in keys:
         f = family_of(k.rsplit(".lora", 1)[0])
+        bare = next((k[len(p) :] for p in _QWEN_PREFIXES if k.startswith(p)), k)
+        if f is None and qwen_attn and _QWEN_ATTN.search(bare):
+            f = "qwen_image"
         if f is not None:
             families.setdefault(f, k)
     if not families:
-        if layout in ("xlabs",):
-            return DitLayout("flux", layout, example)
-        return None
-    # the HunyuanVideo/Chroma markers decide over Flux's shared block names
-    for f in ("hunyuan_video", "chroma", "flux"):
-        if f in families:
-            return DitLayout(f, layout, families[f])
-    family, key = next(iter(families.items()))
-    return DitLayout(family, layout, key)
+        return DitLayout("flux", layout, example) if layout in ("xlabs",) else None
+    # the HunyuanVideo/Chroma markers decide over Flux's shared block names, Qwen-Image's and Wan's over the
+    # top-level names Flux shares with them (img_in, txt_in)
+    family = next((f for f in ("hunyuan_video", "chroma", "qwen_image", "wan", "flux") if f in families), None)
+    family = family or next(iter(families))
+    if layout == "bfl" and family not in ("flux", "chroma", "hunyuan_video"):
+        layout = "original"  # bare names of another family that starts with img_in/txt_in too (Qwen-Image)
+    return DitLayout(family, layout, families[family])
 
 
 def original_layout(keys: Iterable[str]) -> DitLayout | None:
@@ -130,6 +141,7 @@ _LAYOUT_WORDS = {
     "kohya": "kohya/musubi-tuner layout",
     "comfyui": "ComfyUI layout",
     "bfl": "BFL layout",
+    "original": "bare-name layout (no prefix, as DiffSynth-Studio writes)",
     "diffusers": "diffusers layout",
     "xlabs": "XLabs layout",
     "bfl-control": "BFL control-LoRA layout (it also replaces norm scales and widens img_in)",
@@ -144,11 +156,13 @@ def describe(found: DitLayout) -> str:
 
 def refuse_unhandled(path: object, found: DitLayout) -> None:
     """One clear line for a family or layout recognized but not read yet."""
-    if found.family in HANDLED and found.layout in ("kohya", "comfyui", "bfl", "diffusers"):
+    read = ("kohya", "comfyui", "diffusers", "bfl" if found.family == "flux" else "original")
+    if found.family in HANDLED and found.layout in read:
         return
     raise UnsupportedError(
         f"{path}: {found.example!r}: this is {describe(found)}, which loratools does not read yet "
-        "(diffusion transformers: Flux in the kohya, ComfyUI, BFL and diffusers layouts)",
+        "(diffusion transformers: Flux, Wan and Qwen-Image in the kohya, ComfyUI and diffusers layouts, and in their "
+        "original bare names)",
         hint="a diffusers-layout file (transformer.<module>.lora_A.weight) of any family merges into its diffusers "
         "pipeline; for this layout use the trainer's own tools for now",
         path=path,

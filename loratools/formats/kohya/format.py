@@ -76,7 +76,8 @@ def _refuse_layouts(path: Path, keys: list[str]) -> None:
     for k in keys:
         if k.startswith(_FLUX_SD3):
             raise UnsupportedError(
-                f"{path}: {k!r} is a Flux/SD3 LoRA layout; loratools handles SD1/SD2/SDXL kohya files only for now",
+                f"{path}: {k!r} is a diffusion-transformer (Flux/SD3/...) LoRA layout with no module loratools knows; "
+                "it reads SD1/SD2/SDXL kohya files and Flux, Wan and Qwen-Image transformer LoRAs",
                 path=path,
             )
     for k in keys:

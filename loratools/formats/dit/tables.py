@@ -1,0 +1,24 @@
+"""One name table per diffusion-transformer family, behind one interface, for the readers and writers in this package.
+
+A table answers, for its family: the original-layout path of a kohya name without its ``lora_unet_`` prefix
+(``from_kohya``), the diffusers path(s) of an original path (``to_diffusers``: several for a fused projection),
+the original path of a diffusers one with its part index and count (``to_original``), the row counts of a fused
+weight's parts (``part_rows``), the one module whose row halves are swapped (``SWAPPED``) and the tensor whose
+name tells an original-layout single file and its prefix (``PROBE``). Flux's table is :mod:`.flux` itself;
+families whose original layout renames modules one to one (Wan, Qwen-Image) are a :class:`RenamedTable`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loratools.formats.dit import flux, qwen_image, wan
+from loratools.formats.dit.renamed import RenamedTable
+
+
+def table_for(family: str) -> Any:
+    """The name table of ``family`` (a key of ``layouts.LABELS`` in ``layouts.HANDLED``)."""
+    return {"flux": flux, "wan": wan.TABLE, "qwen_image": qwen_image.TABLE}[family]
+
+
+__all__ = ["RenamedTable", "table_for"]
