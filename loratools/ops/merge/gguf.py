@@ -2,7 +2,8 @@
 
 The output keeps the base's metadata and tokenizer (every key/value copied, as the ``gguf`` package's
 ``gguf_new_metadata.py`` copies them) and its tensor order. Tensors no adapter touches are copied byte
-for byte. A touched tensor is dequantized with the ``gguf`` package, updated in fp32 with
+for byte, in the kernel. A touched tensor is decoded (:mod:`loratools.ops.merge.gguf_tensors`: bytes
+identical to the ``gguf`` package's, two buffers reused from tensor to tensor), updated in fp32 with
 Σ wᵢ·ΔWᵢ in the GGUF layout (the same pairs a GGUF adapter holds: each module's exact scale, the
 converter's Q/K row permutation, token_embd's rule), and written back in its own type when the package
 can write it (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0); K- and I-quant tensors are written as F16,
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
     from loratools.formats.gguf.names import GgufBase
     from loratools.model.adapter import Adapter
+    from loratools.ops.merge.gguf_tensors import Scratch
 
 #: tensor types the gguf package quantizes itself (others are written as F16 after merging)
 _KEEP_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
@@ -66,69 +68,38 @@ def _out_type(type_name: str) -> str:
     return type_name if type_name in _KEEP_TYPES else "F16"
 
 
-def _encode(x: torch.Tensor, type_name: str) -> np.ndarray:
-    import gguf
-    import numpy as np
-
-    arr = x.float().numpy().astype(np.float32, copy=False)
-    if type_name == "F32":
-        return arr
-    if type_name == "F16":
-        return arr.astype(np.float16)
-    return gguf.quants.quantize(arr, gguf.GGMLQuantizationType[type_name])
-
-
-def _read_private(t: Any, fd: int) -> np.ndarray:
-    """Tensor ``t``'s stored bytes read into a private buffer (not the reader's map, whose touched pages
-    would stay in the process and add up to the whole model)."""
-    import os
-
-    import numpy as np
-
-    raw = bytearray(t.n_bytes)
-    view, done = memoryview(raw), 0
-    while done < t.n_bytes:
-        n = os.preadv(fd, [view[done:]], t.data_offset + done)
-        if n <= 0:
-            raise OSError(f"short read of tensor {t.name}")
-        done += n
-    return np.frombuffer(raw, dtype=t.data.dtype).reshape(t.data.shape)
-
-
-def _merged(t: Any, pairs: list[Any], fd: int, where: Path, name: str | None = None) -> tuple[np.ndarray, str]:
+def _merged(
+    t: Any, pairs: list[Any], fd: int, where: Path, name: str | None = None, scratch: Scratch | None = None
+) -> tuple[np.ndarray, str]:
     """(encoded array, type name) of base tensor ``t`` plus the update of tensor ``name`` (default: ``t``'s;
     a tied base's output.weight is made from token_embd); a NumericError when the base tensor or the sum
     holds NaN or Inf (the one check every dequantized tensor gets)."""
-    import gguf
-    import numpy as np
-    import torch
-
     from loratools.errors import NumericError, UnsupportedError
+    from loratools.ops.merge.gguf_tensors import Scratch, all_finite, decode, encode, read_stored
 
+    scratch = scratch or Scratch()
     try:
-        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf scales: refused below, by name
-            values = gguf.quants.dequantize(_read_private(t, fd), t.tensor_type)
+        w = decode(read_stored(t, fd, scratch), t, scratch)
     except NotImplementedError:
         raise UnsupportedError(
             f"{where}: tensor {t.name} is stored as {t.type_label}, which the gguf package cannot dequantize",
             path=where,
         ) from None
-    w = torch.from_numpy(np.require(values, dtype=np.float32, requirements=["C", "W"])).reshape(t.shape)
-    if not bool(torch.isfinite(w).all()):
-        raise NumericError(
-            f"{where}: base tensor {t.name} holds NaN or Inf values",
-            path=where,
-            hint="the base file is damaged: convert or download it again",
-        )
     add_updates(w, name or t.name, pairs)
-    if not bool(torch.isfinite(w).all()):
+    if not all_finite(w):  # NaN/Inf in the base propagates to the sum: only then look at the base alone
+        if not all_finite(decode(read_stored(t, fd, scratch), t, scratch)):
+            raise NumericError(
+                f"{where}: base tensor {t.name} holds NaN or Inf values",
+                path=where,
+                hint="the base file is damaged: convert or download it again",
+            )
         raise NumericError(
             f"{where}: merging into {t.name} produced NaN or Inf values",
             path=where,
             hint="the base or the adapter holds extreme values",
         )
     out_type = _out_type(t.type_label)
-    return _encode(w, out_type), out_type
+    return encode(w, out_type, scratch), out_type
 
 
 def _copy_metadata(reader: Any, writer: Any, record: dict[str, Any]) -> None:
@@ -220,7 +191,6 @@ def merge_gguf(
         {"base": describe_input(base_path), **{f"adapter{i}": describe_input(p) for i, p in enumerate(paths)}},
     )
     retyped: list[str] = []
-    written = 0
     layout = output_layout(reader, updates, info)
     with atomic_output(output, overwrite=overwrite, inputs=[base_path, *paths], directory=False) as tmp:
         writer = _writer_class()(tmp, info.arch)
@@ -239,16 +209,8 @@ def merge_gguf(
                 plan.append((name, t, None))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        with open(base_path, "rb") as src:
-            for name, t, out_type in plan:
-                if out_type is None:
-                    _copy_untouched(writer, t, src.fileno(), name)
-                    written += int(t.n_bytes)
-                else:
-                    data = _merged(t, updates[name], src.fileno(), base_path, name)[0]
-                    writer.write_tensor_data(data)
-                    written += int(data.nbytes)
+        writer.write_ti_data_to_file()  # header written and flushed: the data section is ours
+        written = _write_tensors(plan, updates, base_path, writer.fout[0].fileno(), reader.alignment)
         writer.close()
         if verify:
             verify_gguf_merge(base_path, Path(tmp), updates, info)
@@ -264,6 +226,27 @@ def merge_gguf(
         untied=["output.weight", "token_embd.weight"] if len(layout) > len(reader.tensors) else [],
         verified=True if verify else None,
     )
+
+
+def _write_tensors(
+    plan: list[tuple[str, Any, str | None]], updates: dict[str, list[Any]], base: Path, fd: int, alignment: int
+) -> int:
+    """The data section at ``fd``: untouched tensors file to file in the kernel, touched ones merged and
+    written from the scratch buffer they were encoded into (freed on return, before a --verify). Bytes
+    of tensor data written."""
+    from loratools.ops.merge.gguf_tensors import DataSection, Scratch
+
+    data, scratch, written = DataSection(fd, alignment), Scratch(), 0
+    with open(base, "rb") as src:
+        for name, t, out_type in plan:
+            if out_type is None:
+                data.copy(src.fileno(), t.data_offset, int(t.n_bytes))
+                written += int(t.n_bytes)
+            else:
+                encoded = _merged(t, updates[name], src.fileno(), base, name, scratch)[0]
+                data.write(encoded)
+                written += int(encoded.nbytes)
+    return written
 
 
 def output_layout(reader: Any, updates: dict[str, list[Any]], info: GgufBase) -> list[tuple[str, Any]]:
@@ -297,64 +280,26 @@ def _tensor_info(shape: tuple[int, ...], out_type: str) -> tuple[Any, Any, int, 
     return byte_shape, np.dtype(np.uint8), math.prod(byte_shape), qtype
 
 
-def _copy_untouched(writer: Any, t: Any, src: int, name: str) -> None:
-    """Tensor ``t``'s bytes copied file to file in the kernel (``os.sendfile``) as tensor ``name``, with the
-    writer's own padding; ``GGUFWriter.write_tensor_data`` from the reader's map where that is not possible."""
-    import os
-
-    from gguf.gguf_writer import WriterState
-
-    fouts = getattr(writer, "fout", None)
-    if not hasattr(os, "sendfile") or not fouts or len(fouts) != 1 or next(iter(writer.tensors[0])) != name:
-        writer.write_tensor_data(t.data)
-        return
-    fout = fouts[0]
-    writer.tensors[0].pop(name)
-    writer.write_padding(fout, fout.tell())
-    fout.flush()
-    offset, left = t.data_offset, int(t.n_bytes)
-    while left:
-        n = os.sendfile(fout.fileno(), src, offset, left)
-        if n <= 0:
-            raise OSError(f"short copy of tensor {t.name}")
-        offset, left = offset + n, left - n
-    fout.seek(0, os.SEEK_END)
-    writer.write_padding(fout, int(t.n_bytes))
-    writer.state = WriterState.WEIGHTS
-
-
-def _same_bytes(a: int, off_a: int, b: int, off_b: int, n: int, chunk: int = 1 << 24) -> bool:
-    import os
-
-    done = 0
-    while done < n:
-        k = min(chunk, n - done)
-        if os.pread(a, k, off_a + done) != os.pread(b, k, off_b + done):
-            return False
-        done += k
-    return True
-
-
 def verify_gguf_merge(base: Path, merged: Path, updates: dict[str, list[Any]], info: GgufBase) -> None:
     """Untouched tensors byte-identical, touched ones equal to base + ΔW as their type encodes it (an
     untied output.weight: the base's token_embd + its own ΔW)."""
-    import numpy as np
-
     from loratools.formats.gguf.names import open_gguf
+    from loratools.ops.merge.gguf_tensors import Scratch, same_bytes
 
     before, after = open_gguf(base), open_gguf(merged)
     layout = output_layout(before, updates, info)
     if [name for name, _ in layout] != [t.name for t in after.tensors]:
         raise VerificationError(f"{merged}: tensor names or order differ from the base {base}")
+    scratch = Scratch()
     with open(base, "rb") as fa, open(merged, "rb") as fb:
         a, b = fa.fileno(), fb.fileno()
         for (name, old), new in zip(layout, after.tensors, strict=True):
             if name not in updates:
                 same = old.tensor_type == new.tensor_type and old.n_bytes == new.n_bytes
-                if not same or not _same_bytes(a, old.data_offset, b, new.data_offset, int(old.n_bytes)):
+                if not same or not same_bytes(b, new.data_offset, (a, old.data_offset, int(old.n_bytes))):
                     raise VerificationError(f"{merged}: untouched tensor {name} is not byte-identical to the base")
                 continue
-            want, _ = _merged(old, updates[name], a, base, name)
-            have = _read_private(new, b)
-            if not np.array_equal(have.reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8)):
+            want, out_type = _merged(old, updates[name], a, base, name, scratch)
+            same = new.type_label == out_type and new.n_bytes == want.nbytes
+            if not same or not same_bytes(b, new.data_offset, want):  # read back in chunks
                 raise VerificationError(f"{merged}: tensor {name} is not the base plus the adapters' ΔW")
