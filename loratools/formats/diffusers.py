@@ -39,6 +39,8 @@ _REFUSED_COMPONENTS = {"prior": "Würstchen prior", "text_encoder_3": "SD3 T5"}
 #: PEFT's suffixes plus diffusers' older forms, longest first within each family
 _ROLES = (
     *PEFT_ROLES,
+    (".lora_A.default.weight", "down"),  # PEFT's adapter name left in (musubi-tuner's convert_lora.py can write it)
+    (".lora_B.default.weight", "up"),
     (".lora_linear_layer.down.weight", "down"),
     (".lora_linear_layer.up.weight", "up"),
     (".lora.down.weight", "down"),

@@ -249,3 +249,38 @@ def test_info_names_family_and_layout(family, tmp_path):
     r = CliRunner().invoke(cli, ["info", str(path), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["dit"] == {"family": F.name, "layout": "kohya"}
+
+
+@pytest.mark.parametrize(("name", "prefix", "adapter"), [
+    ("wan", "diffusion_model.", ""), ("qwen_image", "diffusion_model.", ""), ("qwen_image", "", ".default"),
+    ("qwen_image", "transformer.", ".default"),
+])  # fmt: skip
+def test_musubi_convert_lora_output_is_read(models, pipelines, tmp_path, name, prefix, adapter):
+    """musubi-tuner's ``convert_lora.py --target other``: alpha folded into both factors (√(alpha/rank) each) and
+    dropped, keys ``<--diffusers_prefix>.<module>.lora_A<.--diffusers_adapter_name>.weight``. It merges to what the
+    kohya file it came from merges to, and as diffusers merges it — except ``transformer.`` + ``.default``, which
+    diffusers 0.42.1 prefixes a second time (``transformer.transformer.img_in``) and then cannot load."""
+    F, model = FAMILIES[name], models[name]
+    kohya = _lora(F, model, "kohya", "all", blocks_only=name == "wan")
+    by_kohya = {"lora_unet_" + n.replace(".", "_"): n for n in (F.original(m) for m in F.linears(model))}
+    converted = {}
+    for key, t in kohya.items():
+        stem, _, part = key.partition(".")
+        if part == "alpha":
+            continue
+        rank = kohya[f"{stem}.lora_down.weight"].shape[0]
+        scale = (kohya[f"{stem}.alpha"] / rank).sqrt()
+        role = "lora_A" if part == "lora_down.weight" else "lora_B"
+        converted[f"{prefix}{by_kohya[stem]}.{role}{adapter}.weight"] = t * scale
+    path = tmp_path / "other.safetensors"
+    save_file(converted, str(path))
+    merge(pipelines[name], [path], tmp_path / "out")
+    ours = _weights(tmp_path / "out")
+    S.close(ours, F.trainer_merge(model, kohya))
+    if prefix == "transformer.":
+        from peft.utils.error import NoMatchingPeftModuleError
+
+        with pytest.raises(NoMatchingPeftModuleError):
+            F.diffusers_fused(copy.deepcopy(model), path)
+        return
+    S.close(ours, S.fused(F.diffusers_fused(copy.deepcopy(model), path)))
