@@ -128,8 +128,8 @@ class ExpertTargets:
                 raise UnsupportedError(
                     f"{self.where}: {m.parameter} is square per expert ({list(have)}) and the adapter does not say "
                     "whether its model stores experts (out, in) or (in, out)",
-                    hint="merge into a base whose config.json names its model_type (loratools knows the "
-                    "transformers MoE layouts), or add the base model's auto_mapping to adapter_config.json",
+                    hint="merge into a base whose config.json names its model_type (the transformers MoE "
+                    "layouts are known), or add the base model's auto_mapping to adapter_config.json",
                 )
             fifo = have == flipped
         if have != (flipped if fifo else straight):
@@ -191,9 +191,10 @@ def fused_key(tensor: str, expert: int) -> str:
     return expert_key(tensor, expert)
 
 
-def lower_experts(adapter: Adapter, reader: Any) -> Adapter:
+def lower_experts(adapter: Adapter, reader: Any, read: Any = None) -> Adapter:
     """``adapter`` with every expert slice in the base's on-disk terms (see the module docstring); an
-    adapter without expert slices comes back as it is."""
+    adapter without expert slices comes back as it is. ``read(t)`` gives the data of a tensor left in its file
+    (a merge's lean load): per-expert modules fused into slices of a fused base are read first."""
     from loratools.model.experts import ExpertLoraModule, has_experts
     from loratools.model.per_expert import PER_EXPERT
 
@@ -202,7 +203,7 @@ def lower_experts(adapter: Adapter, reader: Any) -> Adapter:
     if not per_expert and not has_experts(adapter) and not renamed:
         return adapter
     targets = ExpertTargets(reader, where(adapter))
-    adapter = _fuse_for_fused_base(adapter, per_expert, targets)
+    adapter = _fuse_for_fused_base(adapter, per_expert, targets, read)
     modules: dict[str, Any] = {}
     for name, m in adapter.modules.items():
         if isinstance(m, ExpertLoraModule):
@@ -212,7 +213,7 @@ def lower_experts(adapter: Adapter, reader: Any) -> Adapter:
     return replace(adapter, modules=modules, meta=dict(adapter.meta))
 
 
-def _fuse_for_fused_base(adapter: Adapter, per_expert: list[str], targets: ExpertTargets) -> Adapter:
+def _fuse_for_fused_base(adapter: Adapter, per_expert: list[str], targets: ExpertTargets, read: Any) -> Adapter:
     """Per-expert modules (``experts.{e}.gate_proj`` ...) a base holds fused (``experts.gate_up_proj``, 3-D) as
     expert slices of the fused tensor (gate and up stacked, exact: model/per_expert.py); the rest as they are."""
     from loratools.model.per_expert import PER_EXPERT, fuse_experts
@@ -227,6 +228,12 @@ def _fuse_for_fused_base(adapter: Adapter, per_expert: list[str], targets: Exper
                 missing.add(name)
     if not missing:
         return adapter
+    if read is not None:  # fusing compares and stacks the factors: they need their data
+        modules = dict(adapter.modules)
+        for name in missing:
+            m = modules[name]
+            modules[name] = replace(m, down=read(m.down), up=read(m.up))
+        adapter = replace(adapter, modules=modules)
 
     def count(parameter: str) -> int:
         container, _, leaf = parameter.rpartition(".")

@@ -80,7 +80,7 @@ class VllmMoeFormat(AdapterFormat):
             raise FormatError(
                 f"{weights}: metadata {RECORD} num_experts must map parameters to positive expert counts, got "
                 f"{str(counts)[:80]}",
-                hint="the file was edited or damaged; write it again with loratools convert --to vllm-moe",
+                hint="the file was edited or damaged; write it again (loratools convert ADAPTER --to vllm-moe -o OUT)",
                 path=weights,
             )
         try:
@@ -113,7 +113,7 @@ class VllmMoeFormat(AdapterFormat):
             raise UnsupportedError(
                 f"writing vllm-moe: the adapter's model ({mt}) is one vLLM holds with 3-D experts "
                 "(is_3d_moe_weight): it loads PEFT's target_parameters file, not per-expert modules",
-                hint="write --to peft instead",
+                hint="write PEFT instead: loratools convert ADAPTER --to peft -o OUT",
             )
         groups = expert_groups(adapter)
         scheme = scheme_for(mt)

@@ -125,7 +125,7 @@ def refuse_write(adapter: Adapter, fmt: str) -> None:
             raise UnsupportedError(
                 f"writing {fmt}: module {name} is one expert's slice of a LoRA on the expert parameter "
                 f"{m.parameter}; {fmt} has no place for expert LoRA",
-                hint="write --to peft (PEFT target_parameters) or --to vllm-moe (per-expert modules), or merge "
-                "it into the base (loratools merge BASE ADAPTER -o OUT); --exclude '\\]$' leaves the expert "
-                "slices out",
+                hint="write PEFT target_parameters (loratools convert ADAPTER --to peft -o OUT) or per-expert modules "
+                "(loratools convert ADAPTER --to vllm-moe -o OUT), or merge it into the base (loratools merge BASE "
+                "ADAPTER -o OUT); loratools convert ADAPTER --exclude '\\]$' -o OUT leaves the expert slices out",
             )

@@ -56,13 +56,14 @@ def split_experts(adapter: Adapter, scheme: str) -> Adapter:
             raise UnsupportedError(
                 f"expert parameter {m.parameter} has no per-expert form loratools knows (gate_up_proj, down_proj "
                 "under mlp.experts)",
-                hint="write --to peft (PEFT target_parameters) instead",
+                hint="write PEFT target_parameters instead: loratools convert ADAPTER --to peft -o OUT",
             )
         if m.fan_in_fan_out:
             raise UnsupportedError(
                 f"expert parameter {m.parameter} stores experts (in, out) (gpt-oss): its gate and up columns "
                 "interleave and it has no per-expert modules",
-                hint="write --to peft: vLLM loads PEFT's target_parameters layout for such models",
+                hint="write PEFT (loratools convert ADAPTER --to peft -o OUT): vLLM loads its target_parameters layout "
+                "for such models",
             )
         disk = container[: -len(".mlp.experts")] + f".{box}.experts.{m.expert}"
         names = parts[leaf]

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
-_HINT = "dequantize it with mlx-lm (mlx_lm.convert --dequantize) and merge into the 16-bit copy"
+_HINT = "dequantize it with mlx-lm's convert (its dequantize option) and merge into the 16-bit copy"
 
 
 def _settings(q: Any, where: str, name: str) -> dict[str, Any]:

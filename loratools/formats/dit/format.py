@@ -110,7 +110,8 @@ def _bfl_named(adapter: Adapter, family: str) -> tuple[dict[str, LoraModule], di
         bad += [f"{k} (full replacement)" for k in adapter.replacements]
         raise UnsupportedError(
             f"an original-layout {label} LoRA cannot hold {len(bad)} part(s) of this adapter: " + name_list(bad, 5),
-            hint="write --to diffusers, or leave them out with --exclude REGEX",
+            hint="write it as diffusers (loratools convert ADAPTER --to diffusers -o OUT), or leave those parts out "
+            "(loratools convert ADAPTER --to comfyui --exclude REGEX -o OUT)",
         )
     fused = fuse_to_bfl(diffusers, None, table)
     clash = sorted(set(fused) & set(bfl))
@@ -132,14 +133,15 @@ def dit_tensors(adapter: Adapter, layout: str) -> dict[str, torch.Tensor] | None
         raise UnsupportedError(
             f"this is a {label} LoRA; loratools writes the kohya and ComfyUI layouts of Flux, Wan and Qwen-Image "
             "only for now",
-            hint="write --to diffusers (or --to peft)",
+            hint="write it as diffusers or PEFT: loratools convert ADAPTER --to diffusers -o OUT",
         )
     modules, text = _bfl_named(adapter, family)
     if text and layout != "kohya":
         raise UnsupportedError(
             f"a ComfyUI {label} file written here holds the transformer only; {len(text)} text-encoder module(s) "
             "would be lost",
-            hint="write --to kohya, or --exclude '^text_encoder'",
+            hint="write it as kohya (loratools convert ADAPTER --to kohya -o OUT), or leave the text encoder out "
+            "(loratools convert ADAPTER --to comfyui --exclude '^text_encoder' -o OUT)",
         )
     out: dict[str, torch.Tensor] = {}
     names = {f"lora_unet_{k.replace('.', '_')}" if layout == "kohya" else f"diffusion_model.{k}": m
@@ -214,7 +216,7 @@ class ComfyUIFormat(AdapterFormat):
             raise UnsupportedError(
                 "the comfyui format writes diffusion-transformer (Flux, Wan, Qwen-Image) LoRAs; this adapter is not "
                 "one",
-                hint="write --to kohya for an SD1/SD2/SDXL LoRA",
+                hint="an SD1/SD2/SDXL LoRA is written as kohya: loratools convert ADAPTER --to kohya -o OUT",
             )
         metadata = {"format": "pt"}
         if provenance:

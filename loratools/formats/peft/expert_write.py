@@ -72,7 +72,8 @@ def _nesting(host: str, params: list[str]) -> dict[str, int]:
             f"writing PEFT: module {host} would hold {len(params)} nested LoRA wrappers ({', '.join(params)}); "
             f"their order follows the order the model registers them, which loratools does not know for "
             f"{', '.join(unknown)}",
-            hint="write the parameters apart (--include / --exclude) or merge the adapter instead",
+            hint="write the parameters apart (loratools convert ADAPTER --to peft --include REGEX -o OUT) or merge the "
+            "adapter instead",
         )
     registered = sorted(params, key=REGISTRATION_ORDER.index)  # registered first = innermost
     return {p: len(params) - 1 - i for i, p in enumerate(registered)}
