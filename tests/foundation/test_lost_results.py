@@ -22,6 +22,7 @@ from models import run_cli
 PEFT = FIXTURES / "peft"
 LLAMA = FIXTURES / "bases" / "llama"
 LORA = PEFT / "llama-lora"
+SLOTS = FIXTURES / "genai" / "llama-lora-slots"  # convert --to onnx-adapter needs the graph it feeds
 
 
 def _digest(path: Path) -> str:
@@ -33,7 +34,7 @@ def _writers(out: Path) -> dict[str, list]:
     return {
         "gguf": ["convert", LORA, "--to", "gguf", "--base", LLAMA, "-o", out],
         "kohya": ["convert", LORA, "--to", "kohya", "--kohya-prefix", "lora_te_", "-o", out],
-        "onnx-adapter": ["convert", LORA, "--to", "onnx-adapter", "-o", out],
+        "onnx-adapter": ["convert", LORA, "--to", "onnx-adapter", "--for", SLOTS, "-o", out],
         "plot": ["spectrum", LORA, "--plot", out],
     }
 
