@@ -172,7 +172,8 @@ class SafetensorsWriter:
     """Writes one safetensors file: the header at open, then tensors in plan order.
 
     ``write(name, tensor)`` encodes a tensor; ``copy(name, src_path, start)`` copies the same number of
-    bytes from a source file. ``close()`` checks that every planned tensor was written.
+    bytes from a source file; ``write_part`` writes consecutive pieces of one tensor.
+    ``close()`` checks that every planned tensor was written.
     """
 
     def __init__(self, path: str | Path, entries: list[TensorEntry], metadata: dict[str, str] | None = None) -> None:
@@ -181,6 +182,7 @@ class SafetensorsWriter:
         self._next = 0
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._sources: dict[Path, int] = {}
+        self._part: list | None = None  # [entry, bytes written] of a tensor written in pieces
         self.bytes_written = 0
         self._put(header_bytes(self.entries, metadata))
 
@@ -192,6 +194,8 @@ class SafetensorsWriter:
             self.bytes_written += n
 
     def _expect(self, name: str) -> TensorEntry:
+        if self._part is not None:
+            raise FormatError(f"{self.path.name}: tensor {self._part[0].name!r} is unfinished, got {name!r}")
         if self._next >= len(self.entries) or self.entries[self._next].name != name:
             want = self.entries[self._next].name if self._next < len(self.entries) else "nothing"
             raise FormatError(f"{self.path.name}: wrote {name!r} out of order (expected {want})")
@@ -205,6 +209,25 @@ class SafetensorsWriter:
         if tuple(tensor.shape) != e.shape or data.nbytes != e.nbytes:
             raise FormatError(f"{self.path.name}: tensor {name!r} is {tuple(tensor.shape)}, the plan says {e.shape}")
         self._put(data)
+
+    def write_part(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next piece of tensor ``name`` (consecutive pieces in C order make the whole tensor: a
+        stack of experts written a run of experts at a time); the tensor is done when its bytes are."""
+        data = tensor_bytes(tensor)
+        self._piece(name, data.nbytes)
+        self._put(data)
+
+    def _piece(self, name: str, nbytes: int) -> None:
+        if self._part is None or self._part[0].name != name:
+            if self._part is not None:
+                raise FormatError(f"{self.path.name}: tensor {self._part[0].name!r} is unfinished, got {name!r}")
+            self._part = [self._expect(name), 0]
+        entry, done = self._part
+        if done + nbytes > entry.nbytes:
+            raise FormatError(f"{self.path.name}: pieces of {name!r} exceed its {entry.nbytes} planned bytes")
+        self._part[1] = done + nbytes
+        if done + nbytes == entry.nbytes:
+            self._part = None
 
     def copy(self, name: str, src: str | Path, start: int, count: int | None = None) -> None:
         """Write the next tensor (or run of tensors: ``count`` bytes) straight from ``src`` at ``start``."""
@@ -226,8 +249,9 @@ class SafetensorsWriter:
 
     def close(self) -> None:
         self.abort()
-        if self._next != len(self.entries):
-            raise FormatError(f"{self.path.name}: {len(self.entries) - self._next} planned tensors were not written")
+        if self._next != len(self.entries) or self._part is not None:
+            missing = len(self.entries) - self._next + (self._part is not None)
+            raise FormatError(f"{self.path.name}: {missing} planned tensors were not written")
 
     def __enter__(self) -> SafetensorsWriter:
         return self

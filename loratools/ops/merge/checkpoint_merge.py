@@ -69,7 +69,7 @@ def merge_checkpoint(
             reader, adapters, factors, include=include, exclude=exclude, trust_tensors=trust_tensors,
             allow_other_base=o.allow_other_base,
         )  # fmt: skip
-        plan = build_plan(reader, loaded, weights)
+        plan = build_plan(reader, loaded, weights, read=factors.read)
         meta = _provenance(base, base_path, reader, adapters, weights, dtype, max_shard_size, include, exclude)
         units = _layout(reader, plan, out_dtype, shard_bytes, meta)
         release_memory()

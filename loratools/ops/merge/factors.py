@@ -7,6 +7,11 @@ checks) and dropped, so validation still covers the whole adapter before anythin
 the merge's adapter memory stays at one tensor. ``FactorStore.resolve`` reads a job's factors back
 just before its base tensor is updated. Readers that compute on their tensors (or formats that are
 not safetensors) fall back to ``load_adapter``'s eager load: same result, the adapter held whole.
+
+A reader may hand out *views* of a placeholder: PEFT ``target_parameters`` expert slices are rows of one
+``lora_A`` ``(E·r, in)`` and strided columns of one ``lora_B`` ``(out, E·r)``. A view is read as its root
+tensor (once per job, or from a small cache while checking) seen through the view's own shape, strides and
+offset, so an expert adapter stays in its file too: a job holds one module's factors, not the adapter.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from loratools.errors import NumericError
 
 if TYPE_CHECKING:
     import torch
@@ -52,9 +59,14 @@ def release_memory() -> None:
 class FactorStore:
     """Placeholders of lean-loaded adapters -> their bytes in the adapter files, read on demand."""
 
+    #: roots kept between reads outside a job (checking an expert adapter reads each slice of one A and one B)
+    CACHED_ROOTS = 2
+
     def __init__(self) -> None:
         self._sources: list[LazySources] = []
         self._fds: dict[Path, int] = {}
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(root) -> (root, its data)
+        self._cache_size = self.CACHED_ROOTS
 
     @property
     def lazy(self) -> bool:
@@ -64,30 +76,50 @@ class FactorStore:
         self._sources.append(sources)
 
     def source(self, t: torch.Tensor) -> tuple[Path, TensorInfo] | None:
-        for s in self._sources:
-            found = s.source(t)
-            if found is not None:
-                return found
+        found = self._root(t)
+        return None if found is None else found[1:]
+
+    def _root(self, t: torch.Tensor) -> tuple[torch.Tensor, Path, TensorInfo] | None:
+        """``(placeholder, file, header entry)`` of a placeholder or of a view of one, else None."""
+        base = t._base if t._base is not None and t._base.dtype == t.dtype else None
+        for root in (t, base) if base is not None else (t,):
+            for s in self._sources:
+                found = s.source(root)
+                if found is not None:
+                    return (root, *found)
         return None
 
     def read(self, t: torch.Tensor) -> torch.Tensor:
-        """The data of placeholder ``t`` (a real tensor is returned as it is)."""
+        """The data of placeholder ``t`` or of a view of one (a real tensor is returned as it is)."""
+        if not t.is_meta:
+            return t
+        found = self._root(t)
+        if found is None:
+            raise RuntimeError("an adapter tensor without data and without a recorded source (a loratools bug)")
+        root, path, info = found
+        cached = self._cache.pop(id(root), None)
+        data = cached[1] if cached is not None and cached[0] is root else self._pread(path, info)
+        if self._cache_size:
+            self._cache[id(root)] = (root, data)  # most recent last
+            while len(self._cache) > self._cache_size:
+                self._cache.pop(next(iter(self._cache)))
+        return data if root is t else data.as_strided(t.shape, t.stride(), t.storage_offset())
+
+    def _pread(self, path: Path, info: TensorInfo) -> torch.Tensor:
         import torch
 
         from loratools.files.safetensors_file import torch_dtype
 
-        if not t.is_meta:
-            return t
-        found = self.source(t)
-        if found is None:
-            raise RuntimeError("an adapter tensor without data and without a recorded source (a loratools bug)")
-        path, info = found
         fd = self._fds.get(path)
         if fd is None:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         pread_exact(fd, buf, info.start, path, info.name)
         return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+    def forget(self) -> None:
+        """Drop the cached roots (after a check pass; each job reads its own)."""
+        self._cache.clear()
 
     def real(self, lora: LoraModule) -> LoraModule:
         """``lora`` with its factors, magnitude and bias read from disk."""
@@ -111,13 +143,20 @@ class FactorStore:
                 cache[id(c.lora)] = self.real(c.lora)
             return dataclasses.replace(c, lora=cache[id(c.lora)])
 
-        return dataclasses.replace(job, deltas=[fix(c) for c in job.deltas], biases=[fix(c) for c in job.biases])
+        self._cache.clear()
+        self._cache_size = 1 << 30  # every root this job's slices view is read once, then shared by the slices
+        try:
+            return dataclasses.replace(job, deltas=[fix(c) for c in job.deltas], biases=[fix(c) for c in job.biases])
+        finally:
+            self._cache.clear()
+            self._cache_size = self.CACHED_ROOTS
 
     def materialized(self, adapter: Adapter) -> Adapter:
         """``adapter`` with every module read whole (for ``--verify``, which needs them all)."""
         return dataclasses.replace(adapter, modules={k: self.real(m) for k, m in adapter.modules.items()})
 
     def close(self) -> None:
+        self._cache.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -141,11 +180,20 @@ def load_lean(spec: str | Path, reader: CheckpointReader, store: FactorStore) ->
 
     pending = [t for m in adapter.modules.values() for t in module_tensors(m).values()]
     pending += list(adapter.replacements.values())
-    if any(t.is_meta and sources.source(t) is None for t in pending):
+    probe = FactorStore()
+    probe.add(sources)
+    if any(t.is_meta and probe.source(t) is None for t in pending):
         return load_adapter(spec, base=reader)
     store.add(sources)
     adapter.meta.setdefault("source", str(spec))
-    _check(adapter, weights_label(adapter, local), store)
+    try:
+        _check(adapter, weights_label(adapter, local), store)
+    except NumericError:
+        from loratools.model.experts import has_experts
+
+        if has_experts(adapter):  # the expert reader's own message names the expert: let the eager read say it
+            load_adapter(spec, base=reader)
+        raise
     adapter.replacements = {k: store.read(t) for k, t in adapter.replacements.items()}
     for rows in (adapter.meta.get("trainable_tokens") or {}).values():
         rows["values"] = store.read(rows["values"])
@@ -156,7 +204,10 @@ def _check(adapter: Adapter, where: str, store: FactorStore) -> None:
     """``io.check_tensors``, one tensor in memory at a time: same order, same messages."""
     from loratools.model.finite import check_tensors
 
-    check_tensors(adapter, where, read=store.read)
+    try:
+        check_tensors(adapter, where, read=store.read)
+    finally:
+        store.forget()
     release_memory()
 
 

@@ -3,20 +3,21 @@
 ``build_plan`` resolves every adapter module and replacement to a base tensor (tied output heads
 included), checks shapes, finite values and the refusals (DoRA with a weight other than 1 or sharing
 its module, two adapters replacing one tensor, quantized bases), and returns one :class:`TensorJob`
-per output tensor that differs from a plain copy. ``compute`` applies a job in fp32:
-W' = R or W, + Σ w_i·scale_i·B_i·A_i (in factor space, ``addmm_``), DoRA rescaling, bias updates.
+per output tensor that differs from a plain copy. ``compute`` / ``apply_inplace`` (ops/merge/apply.py,
+re-exported here) apply a job in fp32: W' = R or W, + Σ w_i·scale_i·B_i·A_i (in factor space), DoRA, biases.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from loratools.errors import NumericError, ShapeError, UnsupportedError, UsageError, ValidationError
 from loratools.model.tied import EMBED_SUFFIXES, HEAD_NAMES, untied_head_scale
 from loratools.model.tied import is_head as _is_head
 from loratools.model.tied import tied_embedding_key as tied_keys
 from loratools.ops.merge import families as fam
+from loratools.ops.merge.apply import BLOCK_ELEMENTS, apply_inplace, compute  # re-exported: the arithmetic
 
 if TYPE_CHECKING:
     import torch
@@ -92,8 +93,9 @@ def _check_finite(name: str, where: str, tensor: torch.Tensor) -> None:
         )
 
 
-def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[float]) -> MergePlan:
-    """Resolve, validate and plan a merge; raises before anything is written."""
+def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[float], read=None) -> MergePlan:  # noqa: ANN001
+    """Resolve, validate and plan a merge; raises before anything is written. ``read``: a FactorStore's
+    reader of factors left in their files (what fusing per-expert modules for a fused base needs)."""
     if len(weights) != len(adapters):
         raise UsageError(f"got {len(weights)} weights for {len(adapters)} adapters")
     from loratools.model.tokens import lower_tokens
@@ -101,7 +103,7 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
     adapters = [lower_tokens(a, reader) for a in adapters]  # PEFT trainable tokens: exact LoRA rows
     from loratools.checkpoint.expert_keymap import lower_experts
 
-    adapters = [lower_experts(a, reader) for a in adapters]  # expert slices: the base's per-expert or fused tensors
+    adapters = [lower_experts(a, reader, read) for a in adapters]  # expert slices: the base's per-expert/fused tensors
     quant = reader.quantization
     if quant and reader.quant is None:  # a scheme checkpoint/quant cannot dequantize
         raise UnsupportedError(
@@ -303,96 +305,4 @@ def _fits(c: Contribution, shape: tuple[int, ...]) -> bool:
     return want == shape or (not c.lora.transposed and same_matrix(want, shape))
 
 
-def _check_sum(j: TensorJob, w: torch.Tensor) -> None:
-    """NaN/Inf check in one cheap pass: a sum of finite values is finite unless it overflows (then look closer)."""
-    import torch
-
-    total = w.sum(dtype=torch.float32) if w.dtype != torch.float64 else w.sum()
-    if not bool(torch.isfinite(total)) and not bool(torch.isfinite(w).all()):
-        raise NumericError(
-            f"merging into {j.key} produced NaN or Inf values", hint="the base or the adapter holds extreme values"
-        )
-
-
-#: elements per block of the in-place update (fits in L2 with its fp32 copy)
-BLOCK_ELEMENTS = 1 << 18
-
-
-def apply_inplace(j: TensorJob, w: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain LoRA/bias updates applied to ``w`` in place, in fp32, rounded once into ``w``'s dtype.
-
-    A half-precision weight is processed in blocks of rows: each block is widened to fp32, gets
-    Σ coef·B[rows]·A straight from the factors (``addmm_``, no dense ΔW), and is rounded back, while
-    it is still in cache. fp32 weights are updated directly.
-    """
-    import torch
-
-    stacked = any(c.expert is not None for c in j.deltas)  # experts (E, d1, d2): rows of its (E·d1, d2) view
-    mat = w.view(-1, w.shape[-1]) if stacked else w.view(w.shape[0], -1) if w.ndim > 1 else w.view(1, -1)
-    terms = []  # (left, right, coefficient, first row of the tensor it updates)
-    for c in j.deltas:
-        up, down = c.lora.factors(torch.float32)
-        a, b = (down.T, up.T) if c.lora.transposed else (up, down)
-        first = c.expert * w.shape[1] if c.expert is not None else 0
-        terms.append((a, b, c.coefficient, first + (c.rows[0] if c.rows else 0)))
-    if j.biases:  # a bias vector: small, do it whole
-        acc = w.to(torch.float32)
-        for c in j.biases:
-            acc.add_(c.lora.bias.to(torch.float32), alpha=c.coefficient)
-        w.copy_(acc)
-    elif w.dtype == torch.float32:
-        for a, b, coef, r0 in terms:
-            mat[r0 : r0 + a.shape[0]].addmm_(a, b, alpha=coef)
-    else:
-        rows = max(1, BLOCK_ELEMENTS // max(1, mat.shape[1]))
-        buf = torch.empty((rows, mat.shape[1]), dtype=torch.float32) if scratch is None else scratch
-        buf = buf.view(-1)[: rows * mat.shape[1]].view(rows, mat.shape[1])
-        for r in range(0, mat.shape[0], rows):
-            blk = mat[r : r + rows]
-            acc = buf[: blk.shape[0]]
-            acc.copy_(blk)
-            for a, b, coef, r0 in terms:
-                lo, hi = max(r, r0), min(r + blk.shape[0], r0 + a.shape[0])
-                if lo < hi:
-                    acc[lo - r : hi - r].addmm_(a[lo - r0 : hi - r0], b, alpha=coef)
-            blk.copy_(acc)
-    if w.dtype == torch.float16:  # the one dtype a sane update can overflow
-        _check_sum(j, w)
-    return w
-
-
-def compute(j: TensorJob, base: torch.Tensor | None, device: Any = None) -> torch.Tensor:
-    """The merged tensor in fp32 (on CPU). ``base`` is the source tensor (None when replaced)."""
-    import torch
-
-    if j.replacement is not None:
-        w = j.replacement.to(device=device or "cpu", dtype=torch.float32, copy=True)
-    else:
-        assert base is not None
-        w = base.to(device=device or "cpu", dtype=torch.float32, copy=base.dtype == torch.float32)
-    for c in j.deltas:
-        if fam.is_family(c):  # LoHa, LoKr, OFT, BOFT, IA3: their own maths (ops/merge/families.py)
-            w = fam.apply(c, w)
-            continue
-        up, down = c.lora.factors(torch.float32)
-        up, down = up.to(w.device), down.to(w.device)
-        t = w[c.expert] if c.expert is not None else w  # one expert of a stacked tensor: a view into w
-        if c.lora.transposed:
-            t.addmm_(down.T, up.T, alpha=c.coefficient)
-        else:
-            r0 = c.rows[0] if c.rows else 0
-            t.view(t.shape[0], -1)[r0 : r0 + up.shape[0]].addmm_(up, down, alpha=c.coefficient)
-    d = j.dora
-    if d is not None:
-        mat = d.lora.from_weight_layout(w)
-        norm = torch.linalg.vector_norm(mat, dim=1)
-        mat.mul_((d.lora.magnitude.to(w.device, torch.float32).reshape(-1) / norm).unsqueeze(1))
-    for c in j.biases:
-        if fam.is_family(c):
-            fam.scale_bias(c, w)
-            continue
-        w.add_(c.lora.bias.to(w.device, torch.float32), alpha=c.coefficient)
-    if j.scale != 1:
-        w.mul_(j.scale)
-    _check_sum(j, w)
-    return w.cpu() if w.device.type != "cpu" else w
+__all__ = ["BLOCK_ELEMENTS", "Contribution", "MergePlan", "TensorJob", "apply_inplace", "build_plan", "compute"]

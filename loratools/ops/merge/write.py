@@ -41,27 +41,37 @@ class BaseBytes:
         self._scratch: torch.Tensor | None = None
 
     def get(self, key: str) -> torch.Tensor:
+        info = self.reader.info(key)
+        if not hasattr(info, "start"):
+            return self.reader.get(key)
+        return self.get_rows(key, 0, info.shape[0] if info.shape else 1)
+
+    def get_rows(self, key: str, first: int, count: int) -> torch.Tensor:
+        """Rows ``first … first+count-1`` of the outer dimension of base tensor ``key`` (one contiguous byte
+        range of its file; a 0-d tensor is one row), read like :meth:`get`."""
         import torch
 
         from loratools.files.safetensors_file import torch_dtype
         from loratools.ops.merge.factors import pread_exact
 
         info = self.reader.info(key)
-        if not hasattr(info, "start"):
-            return self.reader.get(key)
+        shape = tuple(info.shape)
+        row = info.nbytes // shape[0] if shape and shape[0] else info.nbytes
+        nbytes = row * count if shape else info.nbytes
         path = self.reader.file_of(key)
         fd = self.fds.get(path)
         if fd is None:
             fd = self.fds[path] = os.open(path, os.O_RDONLY)
         if self._ring:
             i = self._turn = (self._turn + 1) % len(self._ring)
-            if self._ring[i] is None or self._ring[i].numel() < info.nbytes:
-                self._ring[i] = torch.empty(info.nbytes, dtype=torch.uint8)
-            buf = self._ring[i][: info.nbytes]
+            if self._ring[i] is None or self._ring[i].numel() < nbytes:
+                self._ring[i] = None  # freed before the larger one is allocated
+                self._ring[i] = torch.empty(nbytes, dtype=torch.uint8)
+            buf = self._ring[i][:nbytes]
         else:
-            buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        pread_exact(fd, buf, info.start, path, key)
-        return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        pread_exact(fd, buf, info.start + row * first, path, key)
+        return buf.view(torch_dtype(info.dtype)).reshape((count, *shape[1:]) if shape else shape)
 
     def scratch(self, numel: int) -> torch.Tensor:
         """A recycled fp32 work buffer of ``numel`` elements."""
@@ -136,6 +146,7 @@ def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance, factor
     from functools import partial
 
     from loratools.checkpoint.writer import SafetensorsWriter, write_index
+    from loratools.ops.merge.stacked import pieces
 
     sub = reader.components[unit.subdir.split("/")[0]] if reader.kind == "pipeline" else reader
     prefix = f"{unit.subdir.split('/')[0]}." if reader.kind == "pipeline" else ""
@@ -166,13 +177,18 @@ def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance, factor
                     run, run_src, run_end = [e.name], src, src.start + src.nbytes
                     continue
                 try:
-                    tensor = _cast_checked(e.name, _make(src, e.dtype, base, prefix, dev, factors))
+                    parts = pieces(src, e.dtype, base, prefix, dev, factors)  # a stack of experts, run by run
+                    if parts is None:
+                        tensor = _cast_checked(e.name, _make(src, e.dtype, base, prefix, dev, factors))
+                        pipe.submit(partial(w.write, e.name, tensor))
+                        advance(e.nbytes)
+                    for row, piece in parts or ():
+                        pipe.submit(partial(w.write_part, e.name, _cast_checked(e.name, piece, row)))
+                        advance(piece.numel() * piece.element_size())
                 except NumericError as exc:  # the merge's NaN/overflow messages name the tensor: add the base
                     if str(sub.root) in exc.message:
                         raise
                     raise NumericError(f"{sub.root}: {exc.message}", hint=exc.hint, path=sub.root) from None
-                pipe.submit(partial(w.write, e.name, tensor))
-                advance(e.nbytes)
             if run:
                 pipe.submit(partial(w.copy_run, run, run_src.path, run_src.start))
                 advance(run_end - run_src.start)
@@ -196,15 +212,18 @@ def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance, factor
     return written
 
 
-def _cast_checked(name: str, t: torch.Tensor) -> torch.Tensor:
+def _cast_checked(name: str, t: torch.Tensor, first_row: int = 0) -> torch.Tensor:
     """A merged output tensor must be finite (one cheap fp32 sum): a cast to fp16 overflows above 65504, and
-    the in-place update of bf16/fp32 blocks (near their range: a dequantized base) can overflow as well."""
+    the in-place update of bf16/fp32 blocks (near their range: a dequantized base) can overflow as well.
+    ``first_row``: where ``t`` starts in the outer dimension of the tensor it is a piece of (for the index)."""
     import torch
 
     if t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float32))):
         from loratools.model.finite import first_nonfinite
 
         first = first_nonfinite(t)
+        if first:
+            first[0] += first_row
         if first is not None and t.dtype == torch.float16:
             raise NumericError(
                 f"tensor {name}: the merged values overflow fp16 (|value| > 65504, first at index {first})",

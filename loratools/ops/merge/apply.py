@@ -1,0 +1,123 @@
+"""The arithmetic of one merge job (a :class:`~loratools.ops.merge.plan.TensorJob`), in fp32.
+
+``compute`` returns the merged tensor: W' = R or W, + Σ w_i·scale_i·B_i·A_i (in factor space, ``addmm_``),
+DoRA rescaling, bias updates, a head's scale. ``apply_inplace`` does the plain LoRA/bias case in place on the
+base tensor's own buffer, in row blocks that stay in cache. Both take a stack of experts ``(E, d1, d2)`` whole
+or a run of its experts (:mod:`loratools.ops.merge.stacked` hands them one expert at a time).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from loratools.errors import NumericError
+from loratools.ops.merge import families as fam
+
+if TYPE_CHECKING:
+    import torch
+
+#: a plan.TensorJob (not imported: plan imports this module)
+TensorJob = Any
+
+
+def _check_sum(j: TensorJob, w: torch.Tensor) -> None:
+    """NaN/Inf check in one cheap pass: a sum of finite values is finite unless it overflows (then look closer)."""
+    import torch
+
+    total = w.sum(dtype=torch.float32) if w.dtype != torch.float64 else w.sum()
+    if not bool(torch.isfinite(total)) and not bool(torch.isfinite(w).all()):
+        raise NumericError(
+            f"merging into {j.key} produced NaN or Inf values", hint="the base or the adapter holds extreme values"
+        )
+
+
+#: elements per block of the in-place update (fits in L2 with its fp32 copy)
+BLOCK_ELEMENTS = 1 << 18
+
+
+def apply_inplace(
+    j: TensorJob, w: torch.Tensor, scratch: torch.Tensor | None = None, first_row: int = 0
+) -> torch.Tensor:
+    """Plain LoRA/bias updates applied to ``w`` in place, in fp32, rounded once into ``w``'s dtype.
+
+    A half-precision weight is processed in blocks of rows: each block is widened to fp32, gets
+    Σ coef·B[rows]·A straight from the factors (``addmm_``, no dense ΔW), and is rounded back, while
+    it is still in cache. fp32 weights are updated directly.
+
+    ``first_row``: the row of the whole tensor's (E·d1, d2) view that ``w``'s first row is, when ``w`` is a run
+    of experts of a larger stack: the blocks keep the whole tensor's boundaries, so every ``addmm_`` is the
+    call the whole-tensor update makes and the result is bit-identical.
+    """
+    import torch
+
+    stacked = any(c.expert is not None for c in j.deltas)  # experts (E, d1, d2): rows of its (E·d1, d2) view
+    mat = w.view(-1, w.shape[-1]) if stacked else w.view(w.shape[0], -1) if w.ndim > 1 else w.view(1, -1)
+    terms = []  # (left, right, coefficient, first row of the tensor it updates)
+    for c in j.deltas:
+        up, down = c.lora.factors(torch.float32)
+        a, b = (down.T, up.T) if c.lora.transposed else (up, down)
+        first = c.expert * w.shape[1] if c.expert is not None else 0
+        terms.append((a, b, c.coefficient, first + (c.rows[0] if c.rows else 0)))
+    if j.biases:  # a bias vector: small, do it whole
+        acc = w.to(torch.float32)
+        for c in j.biases:
+            acc.add_(c.lora.bias.to(torch.float32), alpha=c.coefficient)
+        w.copy_(acc)
+    elif w.dtype == torch.float32:
+        for a, b, coef, r0 in terms:
+            mat[r0 : r0 + a.shape[0]].addmm_(a, b, alpha=coef)
+    else:
+        rows = max(1, BLOCK_ELEMENTS // max(1, mat.shape[1]))
+        buf = torch.empty((rows, mat.shape[1]), dtype=torch.float32) if scratch is None else scratch
+        buf = buf.view(-1)[: rows * mat.shape[1]].view(rows, mat.shape[1])
+        r = 0
+        while r < mat.shape[0]:
+            blk = mat[r : r + rows - (first_row + r) % rows]
+            acc = buf[: blk.shape[0]]
+            acc.copy_(blk)
+            for a, b, coef, r0 in terms:
+                lo, hi = max(r, r0), min(r + blk.shape[0], r0 + a.shape[0])
+                if lo < hi:
+                    acc[lo - r : hi - r].addmm_(a[lo - r0 : hi - r0], b, alpha=coef)
+            blk.copy_(acc)
+            r += blk.shape[0]
+    if w.dtype == torch.float16:  # the one dtype a sane update can overflow
+        _check_sum(j, w)
+    return w
+
+
+def compute(j: TensorJob, base: torch.Tensor | None, device: Any = None) -> torch.Tensor:
+    """The merged tensor in fp32 (on CPU). ``base`` is the source tensor (None when replaced)."""
+    import torch
+
+    if j.replacement is not None:
+        w = j.replacement.to(device=device or "cpu", dtype=torch.float32, copy=True)
+    else:
+        assert base is not None
+        w = base.to(device=device or "cpu", dtype=torch.float32, copy=base.dtype == torch.float32)
+    for c in j.deltas:
+        if fam.is_family(c):  # LoHa, LoKr, OFT, BOFT, IA3: their own maths (ops/merge/families.py)
+            w = fam.apply(c, w)
+            continue
+        up, down = c.lora.factors(torch.float32)
+        up, down = up.to(w.device), down.to(w.device)
+        t = w[c.expert] if c.expert is not None else w  # one expert of a stacked tensor: a view into w
+        if c.lora.transposed:
+            t.addmm_(down.T, up.T, alpha=c.coefficient)
+        else:
+            r0 = c.rows[0] if c.rows else 0
+            t.view(t.shape[0], -1)[r0 : r0 + up.shape[0]].addmm_(up, down, alpha=c.coefficient)
+    d = j.dora
+    if d is not None:
+        mat = d.lora.from_weight_layout(w)
+        norm = torch.linalg.vector_norm(mat, dim=1)
+        mat.mul_((d.lora.magnitude.to(w.device, torch.float32).reshape(-1) / norm).unsqueeze(1))
+    for c in j.biases:
+        if fam.is_family(c):
+            fam.scale_bias(c, w)
+            continue
+        w.add_(c.lora.bias.to(w.device, torch.float32), alpha=c.coefficient)
+    if j.scale != 1:
+        w.mul_(j.scale)
+    _check_sum(j, w)
+    return w.cpu() if w.device.type != "cpu" else w

@@ -1,0 +1,88 @@
+"""A stacked expert tensor ``(E, d1, d2)`` merged a run of experts at a time: memory O(one expert slice).
+
+A fused expert tensor (gpt-oss ``gate_up_proj``, transformers-5 fused experts) can be larger than everything
+else a merge holds together. A slice of a tensor's outer dimension is one contiguous byte range of its
+safetensors file, so the tensor is read a run of experts at a time (``pread`` into the recycled buffers of
+:class:`~loratools.ops.merge.write.BaseBytes`), each run gets only its own experts' contributions, and goes to
+the writer as the next piece of the output tensor (``SafetensorsWriter.write_part``). A run is one expert, or as
+many as fit in :data:`RUN_BYTES` when experts are small.
+
+The bytes equal those of the whole-tensor merge: ``apply_inplace`` keeps the whole tensor's row blocks
+(``first_row``), so every ``addmm_`` is the call it makes on the whole tensor, and ``compute`` updates one
+expert at a time anyway. A cast of a large untouched tensor (``--dtype``) is streamed by rows the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from loratools.ops.merge.layout import Source
+
+#: a write.BaseBytes (not imported: write imports this module)
+BaseBytes = Any
+
+#: bytes of base tensor (or of its output, if larger) read per run; a larger expert is one run on its own
+RUN_BYTES = 16 << 20
+
+
+def _stacked(job: Any) -> bool:
+    """Plain LoRA updates of experts only: what a run of experts can take without the rest of the tensor."""
+    return (
+        job.replacement is None
+        and not job.biases
+        and bool(job.deltas)
+        and all(c.expert is not None and hasattr(c.lora, "factors") for c in job.deltas)
+        and job.dora is None
+        and job.scale == 1
+    )
+
+
+def pieces(src: Source, dtype: str, base: BaseBytes, prefix: str, dev: Any, factors: Any) -> Iterator | None:
+    """``(first row, tensor)`` pieces that make output tensor ``src`` in order, or None when it is made whole
+    (not a stack of experts with plain updates, not a cast, or not a byte range of a safetensors file)."""
+    import math
+
+    from loratools.files.safetensors_file import DTYPES
+
+    key = (src.key if src.job is None else src.job.source or "")[len(prefix) :]
+    if src.job is None and not key:
+        return None
+    if src.job is not None and (src.job.source is None or not _stacked(src.job)):
+        return None
+    info = base.reader.info(key)
+    shape = tuple(info.shape)
+    if not hasattr(info, "start") or len(shape) < (1 if src.job is None else 3) or not shape[0]:
+        return None
+    row = max(info.nbytes, math.prod(shape) * DTYPES[dtype][1]) // shape[0]  # bytes per row, read or written
+    if src.job is None and row * shape[0] <= RUN_BYTES:  # a small cast: whole, as before
+        return None
+    return _runs(src, key, shape, max(1, RUN_BYTES // max(1, row)), dtype, base, dev, factors)
+
+
+def _runs(src, key, shape, per, dtype, base, dev, factors) -> Iterator[tuple[int, torch.Tensor]]:  # noqa: ANN001
+    from loratools.files.safetensors_file import torch_dtype
+    from loratools.ops.merge.apply import BLOCK_ELEMENTS, apply_inplace, compute
+
+    target = torch_dtype(dtype)
+    job = None if src.job is None else factors.resolve(src.job) if factors is not None else src.job
+    d1 = shape[1] if len(shape) > 1 else 1
+    for e0 in range(0, shape[0], per):
+        count = min(per, shape[0] - e0)
+        run = base.get_rows(key, e0, count)
+        if job is None:  # a cast
+            yield e0, run.to(target)
+            continue
+        sub = replace(
+            job,
+            deltas=[replace(c, expert=c.expert - e0) for c in job.deltas if e0 <= c.expert < e0 + count],
+            shape=(count, *shape[1:]),
+        )
+        if dev is None and run.dtype == target and run.is_floating_point():
+            yield e0, apply_inplace(sub, run, base.scratch(BLOCK_ELEMENTS + shape[-1]), first_row=e0 * d1)
+        else:
+            yield e0, compute(sub, run, dev).to(target)
