@@ -19,9 +19,15 @@ def check_binding(adapter: Adapter, reader: CheckpointReader, report: Validation
     """An error when modules do not bind in the base's module tree and either a prefix rewrite makes them
     bind or loratools' merge would find them anyway (what binds differs by consumer); a warning for
     modules the adapter's own target_modules would also wrap there (a vision tower's ``q_proj``)."""
+    from loratools.checkpoint.ldm_keymap import is_ldm
     from loratools.ops.bind import bind_report, fix_hint
+    from loratools.ops.validate.serving import is_pipeline_adapter
 
-    if getattr(reader, "kind", None) == "pipeline" or not adapter.modules:
+    # a diffusion LoRA (kohya, diffusers, LyCORIS, ComfyUI) or an SD single file binds by the merge's own name
+    # tables, not by a transformers module tree that PEFT or a server would build
+    if is_pipeline_adapter(adapter, getattr(reader, "kind", None)) or not adapter.modules:
+        return
+    if getattr(reader, "kind", None) == "file" and is_ldm(reader.keys()):
         return
     try:
         bind = bind_report(adapter, reader)

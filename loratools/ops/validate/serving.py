@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 _KOHYA_NAME = re.compile(r"^lora_[a-z0-9]+_[A-Za-z0-9_]+$")
 #: formats that only ever hold diffusion-pipeline adapters (kohya / LyCORIS files, diffusers LoRAs)
-_PIPELINE_FORMATS = ("kohya", "diffusers", "lycoris")
+_PIPELINE_FORMATS = ("kohya", "diffusers", "lycoris", "comfyui")
 
 
 def is_pipeline_adapter(adapter: Adapter, base_kind: str | None = None) -> bool:
