@@ -76,6 +76,15 @@ def _load_builtins() -> None:
                 raise
 
 
+def _in_priority() -> list[type[AdapterFormat]]:
+    """Formats in ``_BUILTIN``'s order (a more specific layout before the one it looks like: an mlx-lm or
+    vllm-moe folder before PEFT), whatever order their modules happened to be imported in; others after."""
+    from loratools.formats import _BUILTIN
+
+    rank = {f"{__package__}.{name}": i for i, name in enumerate(_BUILTIN)}
+    return sorted(_REGISTRY.values(), key=lambda fmt: rank.get(fmt.__module__, len(rank)))
+
+
 def list_formats() -> list[str]:
     _load_builtins()
     return sorted(_REGISTRY)
@@ -95,7 +104,7 @@ def detect_format(path: str | Path) -> type[AdapterFormat]:
     p = Path(path)
     if not p.exists():
         raise InputNotFoundError(f"{p}: no such file or folder", path=p)
-    for fmt in _REGISTRY.values():
+    for fmt in _in_priority():
         if fmt.sniff(p):
             return fmt
     if p.is_file() and p.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"):

@@ -35,9 +35,6 @@ LYCORIS_COMMANDS = {
 PEFT_BASE_ONLY = {"validate-base": ADAPTER_COMMANDS["validate-base"], "merge": ADAPTER_COMMANDS["merge"]}
 LYCORIS_BASE_ONLY = {"validate-base": LYCORIS_COMMANDS["validate-base"], "merge": LYCORIS_COMMANDS["merge"]}
 
-# NAMED_BY_MODULE: cases whose one line names the module but not the adapter file. A problem only the base shows
-# is found by merge's planner and validate --base's findings (both name the module and the base tensor), and
-# validate lists a PEFT folder's structural problems (the DoRA magnitudes) as findings under a header naming it.
 Edit = Callable[[dict[str, torch.Tensor]], None]
 
 
@@ -122,7 +119,7 @@ def _cases() -> list[HostileCase]:
                 expect,
                 dict(commands or LYCORIS_COMMANDS),
                 validate_exit,
-                name_in_error=commands is None,  # see NAMED_BY_MODULE
+                name_in_error=True,
             )
         )
 
@@ -136,7 +133,7 @@ def _cases() -> list[HostileCase]:
                 expect,
                 dict(commands or ADAPTER_COMMANDS),
                 validate_exit,
-                name_in_error=commands is None and not name.startswith("dora-magnitude"),  # see NAMED_BY_MODULE
+                name_in_error=True,
             )
         )
 

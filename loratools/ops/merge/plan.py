@@ -77,6 +77,16 @@ class MergePlan:
     modules_merged: int
 
 
+def _located(
+    exc: ShapeError | UnsupportedError, j: TensorJob, adapters: list[Adapter], reader: CheckpointReader
+) -> Exception:
+    """``exc`` prefixed with the adapter(s) changing ``j`` and suffixed with the base file holding it."""
+    sources = sorted({_where(adapters[c.adapter]) for c in [*j.deltas, *j.biases]}) or ["the adapter"]
+    base = reader.weight_map.get(j.source) if j.source else None
+    message = f"{', '.join(sources)}: {exc.message}" + (f" in the base {base}" if base is not None else "")
+    return type(exc)(message, hint=exc.hint, path=exc.path)
+
+
 def _where(adapter: Adapter) -> str:
     return str(adapter.meta.get("source") or "adapter")
 
@@ -202,7 +212,10 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
 
     vocab_size = None
     for j in jobs.values():
-        _finish(j, reader, emb_key)
+        try:
+            _finish(j, reader, emb_key)
+        except (ShapeError, UnsupportedError) as exc:  # name the adapter file(s) and the base file, not just the module
+            raise _located(exc, j, adapters, reader) from None
         if j.key == (emb_key or "") or j.key.endswith(EMBED_SUFFIXES):
             if j.source in keys and j.shape[:1] != tuple(reader.info(j.source).shape[:1]):
                 vocab_size = j.shape[0]
