@@ -130,3 +130,23 @@ def test_old_module_paths_still_import_the_moved_modules() -> None:
             moved = importlib.import_module(old)
         assert moved is importlib.import_module(new), old
         assert moved.__spec__.name == new
+
+
+def test_every_path_the_python_api_doc_names_resolves() -> None:
+    """Each ``loratools.x.y`` in docs/python-api.md is a module or a module's attribute (issue 18: the public
+    paths keep working after the move)."""
+    import importlib
+    import re
+
+    doc = (PKG.parent / "docs" / "python-api.md").read_text(encoding="utf-8")
+    paths = sorted(set(re.findall(r"loratools(?:\.[a-z_]+)+", doc)))
+    assert paths
+    for path in paths:
+        module, attr = path, None
+        while True:
+            try:
+                found = importlib.import_module(module)
+                break
+            except ModuleNotFoundError:
+                module, _, attr = module.rpartition(".")
+        assert attr is None or hasattr(found, attr), path
