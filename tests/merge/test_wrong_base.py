@@ -284,3 +284,10 @@ def test_a_gpt2_adapter_on_another_model_is_not_told_to_use_a_pipeline_folder(tm
     )
     assert code == 2 and "transformer.h." in err, err
     assert "pipeline" not in err, err
+
+
+def test_validate_refuses_allow_other_base_without_a_base() -> None:
+    """An option is never ignored: --allow-other-base has nothing to allow without --base."""
+    root = Path(__file__).resolve().parents[2] / "fixtures"
+    code, out, err = models.run_cli(["validate", root / "peft" / "llama-lora", "--allow-other-base"])
+    assert code == 2 and "needs --base BASE" in err, out + err

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loratools.errors import LoratoolsError, UnsupportedError, ValidationError
+from loratools.errors import LoratoolsError, UnsupportedError, UsageError, ValidationError
 from loratools.ops.validate.findings import ValidationReport
 
 if TYPE_CHECKING:
@@ -48,6 +48,11 @@ def validate(
     from loratools.formats.registry import detect_format
     from loratools.publishing.hub import resolve_path
 
+    if allow_other_base and base is None:  # an option is never ignored
+        raise UsageError(
+            "--allow-other-base says the adapter may be used on another base than it names; it needs --base BASE",
+            hint="pass the base with --base BASE, or leave --allow-other-base out",
+        )
     report = ValidationReport(path=str(adapter_path), base=str(base) if base is not None else None)
     try:
         local = resolve_path(adapter_path, "adapter")
