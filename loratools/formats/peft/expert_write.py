@@ -136,7 +136,8 @@ def expert_config(plain_cfg: dict[str, Any] | None, fields: dict[str, Any], adap
     if plain_cfg is None:
         r = Counter(ranks.values()).most_common(1)[0][0]
         alpha = Counter(alphas.values()).most_common(1)[0][0]
-        old = dict(adapter.meta.get("config") or {}) if adapter.format == "peft" else {}
+        # vllm-moe folders carry the PEFT config they were converted from (auto_mapping: the model type)
+        old = dict(adapter.meta.get("config") or {}) if adapter.format in ("peft", "vllm-moe") else {}
         plain_cfg = {
             **{k: v for k, v in old.items() if k not in ("layers_to_transform", "layers_pattern", "exclude_modules")},
             "peft_type": "LORA",
