@@ -21,12 +21,17 @@ def attach(reader: Any) -> QuantizedCheckpoint | None:
     qcfg = cfg.get("quantization_config")
     if not isinstance(qcfg, dict) and isinstance(cfg.get("quantization"), dict):  # MLX: only "quantization"
         qcfg = cfg["quantization"]
-    if not isinstance(qcfg, dict) or scheme_of(qcfg, cfg) is None:
-        return None
     raw = dict(reader.weight_map)
 
     def raw_info(key: str):  # noqa: ANN202
         return reader._file(raw[key]).info(key)
+
+    if reader.config is None:  # no config.json: the tensor names may say it (ComfyUI's scaled_fp8 marker)
+        from loratools.checkpoint.quant.scheme import implied_config
+
+        qcfg = implied_config(set(raw), raw_info)
+    if not isinstance(qcfg, dict) or scheme_of(qcfg, cfg) is None:
+        return None
 
     def raw_get(key: str):  # noqa: ANN202
         return _pread_tensor(reader._file(raw[key]), raw[key], key)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 QuantizedCheckpoint = QuantTensor = Any
 
 #: the scheme modules under ``loratools.checkpoint.quant`` (each defines ``SCHEME``), tried in this order
-MODULES = ("mxfp4", "compressed", "mlx")
+MODULES = ("mxfp4", "compressed", "mlx", "comfy_fp8")
 
 
 class QuantScheme:
@@ -32,6 +32,11 @@ class QuantScheme:
 
     names: tuple[str, ...] = ()
     requantizable: tuple[str, ...] = ()
+
+    def implied_config(self, keys: set[str], info: Callable[[str], Any]) -> dict[str, Any] | None:
+        """The ``quantization_config`` a checkpoint without config.json implies by its tensor names
+        (``info(key)``: a tensor's header), or None (the default: the scheme needs a config)."""
+        return None
 
     def detect(self, qcfg: dict[str, Any], config: dict[str, Any]) -> str | None:
         """The scheme name of a checkpoint with this ``quantization_config`` (and config.json), or None."""
@@ -71,6 +76,15 @@ def by_name(scheme: str) -> QuantScheme | None:
     return next((s for s in registered() if scheme in s.names), None)
 
 
+def implied_config(keys: set[str], info: Callable[[str], Any]) -> dict[str, Any] | None:
+    """The first registered scheme's config implied by the tensor names of a checkpoint without config.json."""
+    for s in registered():
+        qcfg = s.implied_config(keys, info)
+        if qcfg is not None:
+            return qcfg
+    return None
+
+
 def detect(qcfg: dict[str, Any], config: dict[str, Any]) -> str | None:
     for s in registered():
         name = s.detect(qcfg, config)
@@ -79,4 +93,4 @@ def detect(qcfg: dict[str, Any], config: dict[str, Any]) -> str | None:
     return None
 
 
-__all__ = ["MODULES", "QuantScheme", "by_name", "detect", "registered"]
+__all__ = ["MODULES", "QuantScheme", "by_name", "detect", "implied_config", "registered"]
