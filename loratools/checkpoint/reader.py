@@ -94,7 +94,9 @@ class CheckpointReader:
         if self.config is not None and not isinstance(self.config, dict):
             raise FormatError(f"{cfg}: expected a JSON object", path=cfg)
         self.raw_weight_map = weight_map
-        configured = self.config and any(isinstance(self.config.get(k), dict) for k in ("quantization_config", "quantization"))
+        configured = self.config and any(
+            isinstance(self.config.get(k), dict) for k in ("quantization_config", "quantization")
+        )
         # no config.json: a ComfyUI fp8-scaled file says it by its tensor names (the scaled_fp8 marker)
         if configured or self.config is None and any(k.endswith(("scaled_fp8", ".scale_weight")) for k in weight_map):
             from loratools.checkpoint.quant import attach  # quantized modules read as one dequantized weight each
