@@ -33,7 +33,9 @@ class ArchSpec:
     ``hf_family``: the module paths the family's transformers classes use (picks the reverse name).
     ``tied_default``: ``tie_word_embeddings`` when config.json does not say; ``output_dropped``: the
     converter never writes ``lm_head`` (the runtime always reuses ``token_embd``); ``fused_gate_up``:
-    ``ffn_up`` holds the gate and up projections stacked by rows (HF ``gate_up_proj``, gate first).
+    ``ffn_up`` holds the gate and up projections stacked by rows (HF ``gate_up_proj``, gate first);
+    ``fused_qkv``: ``attn_qkv`` holds Q, K and V stacked by rows (HF ``qkv_proj``). Adapters trained on the
+    other layout are fused or split to fit (:mod:`.fused_tensors`).
     """
 
     gguf_arch: str
@@ -43,6 +45,7 @@ class ArchSpec:
     tied_default: bool = False
     output_dropped: bool = False
     fused_gate_up: bool = False
+    fused_qkv: bool = False
 
 
 _LLAMA_FAMILY = r"^(model\.layers\.\d+\.(self_attn|mlp)\.\w+|model\.embed_tokens|model\.norm|lm_head)$"
@@ -58,7 +61,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # Gemma3Model: norms + 1 only; lm_head written when the checkpoint has one (the runtime's output is optional)
     "Gemma3ForCausalLM": ArchSpec("gemma3", _LLAMA_FAMILY, tied_default=True),
     # Phi3MiniModel: names only; qkv_proj -> attn_qkv and gate_up_proj -> ffn_up stay fused
-    "Phi3ForCausalLM": ArchSpec("phi3", _LLAMA_FAMILY, fused_gate_up=True),
+    "Phi3ForCausalLM": ArchSpec("phi3", _LLAMA_FAMILY, fused_gate_up=True, fused_qkv=True),
     "GPT2LMHeadModel": ArchSpec(
         "gpt2",
         r"^(transformer\.h\.\d+\.(attn|mlp)\.\w+|transformer\.(wte|wpe|ln_f)|lm_head)$",

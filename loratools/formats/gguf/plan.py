@@ -192,8 +192,26 @@ def plan(adapter: Adapter, base: GgufBase, merge: bool = False) -> GgufPlan:
 
     ``merge``: the pairs are merged into a GGUF base rather than written as an adapter, so a tied base's
     lm_head and embedding LoRAs are taken (the merge unties; see :func:`tied_problem`)."""
+    from loratools.formats.gguf.fused_tensors import regroup
+
     out = GgufPlan()
+    regrouped = regroup(adapter.modules, base)
+    out.problems += [Problem(name, "shape", message, _WRONG_BASE) for name, message in regrouped.problems]
+    for r in regrouped.rewritten:
+        try:
+            pair = Pair(r.tensor, r.module, r.down.contiguous(), rows_to_gguf(base, r.tensor, r.up).contiguous())
+        except ShapeError as exc:
+            out.problems.append(Problem(r.module, "shape", f"{r.module}: {exc.message} ({r.tensor})", _WRONG_BASE))
+            continue
+        if base.tensors is not None and r.tensor not in base.tensors:
+            out.problems.append(Problem(r.module, "missing_in_base", f"{r.module}: the GGUF base has no {r.tensor}"))
+        elif (problem := _shape_problem(pair, base)) is not None:
+            out.problems.append(problem)
+        else:
+            out.pairs.append(pair)
     for name, m in adapter.modules.items():
+        if name in regrouped.consumed:
+            continue
         tensor = base.gguf_name(name)
         problem = _module_problem(name, m, base, tensor, merge)
         if problem is None and tensor is not None:
@@ -215,4 +233,25 @@ def plan(adapter: Adapter, base: GgufBase, merge: bool = False) -> GgufPlan:
             out.dropped.append(key)
         if problem is not None:
             out.problems.append(problem)
+    out.pairs = _one_pair_per_tensor(out.pairs)
+    return out
+
+
+def _one_pair_per_tensor(pairs: list[Pair]) -> list[Pair]:
+    """Pairs on one tensor (a fused projection's parts beside a LoRA on the fused module) as one pair whose
+    ΔW is their sum, exactly: A's stacked, B's side by side (token_embd's lora_a is Aᵀ: side by side too)."""
+    import torch
+
+    by_tensor: dict[str, list[Pair]] = {}
+    for p in pairs:
+        by_tensor.setdefault(p.tensor, []).append(p)
+    out = []
+    for tensor, group in by_tensor.items():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        a_dim = 1 if tensor == TOKEN_EMBD else 0
+        lora_a = torch.cat([p.lora_a for p in group], dim=a_dim)
+        lora_b = torch.cat([p.lora_b for p in group], dim=1)
+        out.append(Pair(tensor, " + ".join(p.module for p in group), lora_a, lora_b))
     return out
