@@ -1,0 +1,41 @@
+"""The wrong-base rule on a GGUF base (issue 19 item 2.3): an adapter whose recorded base states other layer or head
+counts than the GGUF header is refused, --allow-other-base merges it; the architecture name is not compared
+(llama.cpp writes a Mistral as llama)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from gguf_support import run_cli
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+GGUF = FIXTURES / "gguf" / "llama-q8_0.gguf"
+
+
+def _claiming(tmp_path: Path, **config: object) -> Path:
+    other = tmp_path / "other-base"
+    other.mkdir()
+    cfg = json.loads((FIXTURES / "bases" / "llama" / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, **config}))
+    adapter = Path(shutil.copytree(FIXTURES / "peft" / "llama-lora", tmp_path / "lora"))
+    acfg = json.loads((adapter / "adapter_config.json").read_text())
+    acfg["base_model_name_or_path"] = str(other)
+    (adapter / "adapter_config.json").write_text(json.dumps(acfg))
+    return adapter
+
+
+def test_a_gguf_base_with_other_layer_counts_is_refused_and_the_override_merges(tmp_path: Path) -> None:
+    adapter = _claiming(tmp_path, num_hidden_layers=5)
+    code, _, err = run_cli(["merge", GGUF, adapter, "-o", tmp_path / "m.gguf"])
+    assert code == 2 and "num_hidden_layers 5 vs 2" in err and "--allow-other-base" in err, err
+    assert not (tmp_path / "m.gguf").exists()
+    code, _, err = run_cli(["merge", GGUF, adapter, "-o", tmp_path / "m.gguf", "--allow-other-base"])
+    assert code == 0, err
+
+
+def test_an_architecture_name_alone_is_no_evidence(tmp_path: Path) -> None:
+    adapter = _claiming(tmp_path, model_type="mistral", architectures=["MistralForCausalLM"])
+    code, _, err = run_cli(["merge", GGUF, adapter, "-o", tmp_path / "m.gguf"])
+    assert code == 0, err
