@@ -147,6 +147,7 @@ def regroup(modules: dict[str, object], base: GgufBase) -> Regrouped:
         except ShapeError as exc:
             names = sorted(found.values())
             out.problems.append((names[0], f"{', '.join(names)}: {exc.message}"))
+            out.consumed.update(names)  # refused here, not written to a tensor of the other layout
     return out
 
 

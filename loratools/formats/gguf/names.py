@@ -125,6 +125,10 @@ class GgufBase:
     def hf_module(self, tensor: str) -> str | None:
         """The Hugging Face module path of a GGUF weight name (the family's own naming; the HF base's if open)."""
         cands = _reverse_map(self.arch, self.n_layer, self.spec.hf_family).get(tensor.removesuffix(".weight"), [])
+        fused = {"qkv_proj"} if self.spec.fused_qkv else set()
+        fused |= {"gate_up_proj"} if self.spec.fused_gate_up else set()
+        if fused:  # Phi-3's attn_qkv / ffn_up are its fused qkv_proj / gate_up_proj, not another family's names
+            cands = sorted(cands, key=lambda c: c.rsplit(".", 1)[-1] not in fused)
         if self.hf is not None:
             keys = set(self.hf.keys())
             on_base = [c for c in cands if f"{c}.weight" in keys]
