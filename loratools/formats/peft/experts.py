@@ -52,6 +52,19 @@ EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 _BASE_LAYER = ".base_layer"
 
 
+def rank_problem(mod: str, a_name: str, a: tuple[int, ...], b_name: str, b: tuple[int, ...]) -> tuple[str, str]:
+    """``(code, message)`` for a PEFT module whose lora_A rows and lora_B columns disagree. A 3-D pair
+    ``(E, r, in)`` / ``(E, out, r)`` is an expert LoRA stacked the way SGLang and vLLM hold it in memory (and
+    some exporters save it under ``experts.<module>``): which axis is the expert is a guess, so it is named."""
+    if len(a) == 3 and len(b) == 3 and a[0] == b[0] and a[1] == b[2] and a[0] != b[1]:
+        return "stacked_experts", (
+            f"module {mod}: {a_name} {list(a)} and {b_name} {list(b)} are a stacked expert LoRA "
+            "((E, r, in) / (E, out, r), the layout SGLang and vLLM hold in memory), which loratools does not read; "
+            "it reads PEFT target_parameters ((E·r, in) / (out, r·E)) and per-expert modules (experts.{e}.gate_proj …)"
+        )
+    return "rank_mismatch", f"module {mod}: {a_name} has rank {a[0]} but {b_name} has rank {b[1]}"
+
+
 def model_type(cfg: dict[str, Any], base: KeyResolver | None) -> str | None:
     """The model type the adapter's experts module comes from: the adapter config's ``auto_mapping``
     (``transformers.models.<type>.modeling_<type>``: the model it was trained on), else the base's config;

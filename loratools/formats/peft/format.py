@@ -19,7 +19,7 @@ from loratools.errors import FormatError, ShapeError, UnsupportedError, Validati
 from loratools.files.safetensors_file import load_file, save_file
 from loratools.formats.peft.config import config_for, live_modules
 from loratools.formats.peft.config_checks import check_config
-from loratools.formats.peft.experts import expert_meta
+from loratools.formats.peft.experts import expert_meta, rank_problem
 from loratools.formats.peft.families import FAMILY_TYPES, has_family, read_adapter, write_adapter
 from loratools.formats.peft.pipeline import component_folders, read_pipeline
 from loratools.formats.registry import AdapterFormat, register_format
@@ -168,7 +168,7 @@ def check_structure(shapes: dict[str, tuple[int, ...]]) -> list[tuple[str | None
             add(mod, "bad_shape", f"module {mod}: {a_name} {list(a)} and {b_name} {list(b)} must be at least 2-D", ak)
             continue
         if a[0] != b[1]:
-            add(mod, "rank_mismatch", f"module {mod}: {a_name} has rank {a[0]} but {b_name} has rank {b[1]}", bk)
+            add(mod, *rank_problem(mod, a_name, a, b_name, b), bk)
             continue
         if len(a) > 2 and any(s != 1 for s in b[2:]):
             add(mod, "bad_shape", f"module {mod}: conv {b_name} must be 1x1, got {list(b)}", bk)
