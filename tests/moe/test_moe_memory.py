@@ -106,7 +106,9 @@ def test_fused_expert_merge_memory_does_not_grow_with_the_expert_count(dtype: st
     peak8 = _merge_peak_mib(tmp_path, 8, dtype)
     peak32 = _merge_peak_mib(tmp_path, 32, dtype)
     grown = (32 - 8) * 2 * INTER * HIDDEN * (2 if dtype == "auto" else 4) / 2**20  # gate_up_proj's growth, MiB
-    assert peak32 - peak8 < grown / 4, (
+    # whole-tensor merging grew by more than the tensor (126 -> 466 MiB for fp32); streaming stays flat, though a
+    # loaded machine was seen adding some tens of MiB of pages it had not yet released: half the growth is the bar
+    assert peak32 - peak8 < grown / 2, (
         f"the merge's own peak RSS grew from {peak8:.0f} MiB (8 experts) to {peak32:.0f} MiB (32 experts); "
         f"the fused gate_up_proj grew by {grown:.0f} MiB"
     )
