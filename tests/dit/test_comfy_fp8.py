@@ -10,6 +10,8 @@ no adapter touches copied byte for byte."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from comfy_fp8_support import dequantize, quantize, scaled_file
@@ -136,3 +138,13 @@ def test_float32_marker_and_e5m2(model, tmp_path):
 
     with pytest.raises(UnsupportedError, match="float8_e5m2"):
         merge(tmp_path / "e5.safetensors", [path], tmp_path / "q.safetensors", requantize=True)
+
+
+def test_info_takes_an_original_layout_single_file_as_the_base() -> None:
+    """A BFL single file (original names, no LoRA tensor) is a base for --base, not 'an adapter (kohya)'."""
+    from models import run_cli
+
+    flux = Path(__file__).resolve().parents[2] / "fixtures" / "dit" / "flux"
+    code, out, err = run_cli(["info", flux / "kohya-lora.safetensors", "--base", flux / "flux1-tiny.safetensors"])
+    assert code == 0, err
+    assert "of the base's" in out

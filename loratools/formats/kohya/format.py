@@ -188,7 +188,12 @@ class KohyaFormat(AdapterFormat):
         except FormatError:
             return False
         names = any(_NAME.match(k.partition(".")[0]) or k.startswith("diffusion_model.") for k in tensors)
-        return names or original_layout(tensors) is not None  # BFL/XLabs files: read or refused by name
+        if names:
+            return True
+        # BFL/XLabs LoRA files (read or refused by name) — not a base model in the same names, which holds no
+        # LoRA tensor (info/merge --base flux1-dev.safetensors)
+        lora = any("lora" in k.lower() or k.endswith((".alpha", ".dora_scale")) for k in tensors)
+        return lora and original_layout(tensors) is not None
 
     @classmethod
     def read(cls, path: Path, base: KeyResolver | None = None) -> Adapter:
