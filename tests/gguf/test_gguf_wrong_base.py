@@ -39,3 +39,13 @@ def test_an_architecture_name_alone_is_no_evidence(tmp_path: Path) -> None:
     adapter = _claiming(tmp_path, model_type="mistral", architectures=["MistralForCausalLM"])
     code, _, err = run_cli(["merge", GGUF, adapter, "-o", tmp_path / "m.gguf"])
     assert code == 0, err
+
+
+def test_an_expert_lora_into_a_gguf_base_says_what_is_missing(tmp_path: Path) -> None:
+    """llama.cpp has no runtime expert LoRA and loratools does not yet write into ffn_*_exps: one line saying so
+    (it said 'no llama GGUF tensor corresponds' with a --base hint)."""
+    moe = FIXTURES / "moe" / "qwen3-moe-lora"
+    code, _, err = run_cli(["merge", FIXTURES / "gguf" / "llama-f32.gguf", moe, "-o", tmp_path / "m.gguf",
+                            "--allow-other-base"])  # fmt: skip
+    assert code == 2 and "an expert LoRA; llama.cpp has no runtime expert LoRA" in err, err
+    assert "convert_hf_to_gguf.py" in err and not (tmp_path / "m.gguf").exists()

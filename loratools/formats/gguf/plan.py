@@ -9,6 +9,7 @@ LoRA cannot carry is one :class:`Problem` with the way out.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -98,6 +99,10 @@ def tied_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None, m
     return Problem(name, "tied_embedding", f"{name}: the base ties lm_head to the token embeddings: {why}", hint)
 
 
+#: a per-expert module path (Mixtral's experts.3.w1, Qwen3-MoE's experts.3.gate_proj)
+_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
 def _module_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None, merge: bool) -> Problem | None:
     if m.magnitude is not None:
         return Problem(name, "dora", f"{name}: DoRA magnitude vectors have no place in a GGUF LoRA", LOWER_HINT)
@@ -108,6 +113,15 @@ def _module_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None
     tied = tied_problem(name, m, base, tensor, merge)
     if tied is not None:
         return tied
+    if tensor is None and (hasattr(m, "num_experts") or _EXPERT.search(name)):
+        return Problem(
+            name,
+            "expert",
+            f"{name}: an expert LoRA; llama.cpp has no runtime expert LoRA, and merging into a GGUF's stacked "
+            "expert tensors (ffn_*_exps) is not built yet",
+            "merge into the safetensors checkpoint (loratools merge BASE ADAPTER -o OUT), then convert the merged "
+            "model with llama.cpp's convert_hf_to_gguf.py",
+        )
     if tensor is None:
         return Problem(
             name,
