@@ -150,3 +150,10 @@ def test_every_path_the_python_api_doc_names_resolves() -> None:
             except ModuleNotFoundError:
                 module, _, attr = module.rpartition(".")
         assert attr is None or hasattr(found, attr), path
+
+
+def test_no_module_is_over_400_lines() -> None:
+    """The house rule (issue 18): a module that grows past 400 lines is split by what its parts do."""
+    long = sorted(f"{p.relative_to(PKG.parent)}: {n}" for p in PKG.rglob("*.py")
+                  if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400)  # fmt: skip
+    assert long == []

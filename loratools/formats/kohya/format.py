@@ -187,11 +187,8 @@ class KohyaFormat(AdapterFormat):
             tensors, _ = read_header(path)
         except FormatError:
             return False
-        names = any(_NAME.match(k.partition(".")[0]) or k.startswith("diffusion_model.") for k in tensors)
-        if names:
-            return True
-        # BFL/XLabs LoRA files (read or refused by name) — not a base model in the same names, which holds no
-        # LoRA tensor (info/merge --base flux1-dev.safetensors)
+        if any(_NAME.match(k.partition(".")[0]) or k.startswith("diffusion_model.") for k in tensors):
+            return True  # else a BFL/XLabs LoRA (read or refused by name), not a base in those names (no LoRA tensor)
         lora = any("lora" in k.lower() or k.endswith((".alpha", ".dora_scale")) for k in tensors)
         return lora and original_layout(tensors) is not None
 
