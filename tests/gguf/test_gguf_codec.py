@@ -13,7 +13,7 @@ import torch
 from gguf_support import GGUF
 
 from loratools.files.gguf_file import GgufFile
-from loratools.ops.merge.gguf_tensors import Scratch, all_finite, decode, encode
+from loratools.ops.merge.gguf_tensors import NotFinite, Scratch, all_finite, decode, encode
 
 Q8 = gguf.GGMLQuantizationType.Q8_0
 
@@ -58,13 +58,28 @@ def _q8_cases() -> np.ndarray:
     return np.concatenate([*blocks, ties, below_half, zeros, tiny, signed_zero]).astype(np.float32)
 
 
-def test_q8_0_encodes_like_the_package():
+@pytest.mark.parametrize("threads", [1, 2])  # the chunk size follows torch's thread count
+def test_q8_0_encodes_like_the_package(threads):
     x = _q8_cases()
     rng = np.random.default_rng(1)
     x = x[rng.permutation(len(x))]  # overflowing scales mixed into chunks of ordinary blocks
     with np.errstate(over="ignore", invalid="ignore"):  # the package's 1/d overflows on the tiny blocks
         want = gguf.quants.quantize(x, Q8).reshape(-1)
-    assert np.array_equal(_encoded(x, "Q8_0"), want)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert np.array_equal(_encoded(x, "Q8_0"), want)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_encode_refuses_nan_and_inf(kind, bad):
+    x = torch.zeros(4096)
+    x[3001] = bad
+    with pytest.raises(NotFinite):
+        encode(x, kind, Scratch())
 
 
 def _tensor(kind: str, shape: tuple[int, ...]) -> SimpleNamespace:
