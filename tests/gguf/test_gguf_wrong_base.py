@@ -49,3 +49,21 @@ def test_an_expert_lora_into_a_gguf_base_says_what_is_missing(tmp_path: Path) ->
                             "--allow-other-base"])  # fmt: skip
     assert code == 2 and "an expert LoRA; llama.cpp has no runtime expert LoRA" in err, err
     assert "convert_hf_to_gguf.py" in err and not (tmp_path / "m.gguf").exists()
+
+
+def test_a_merge_beyond_the_f16_range_is_refused_not_written_as_inf(tmp_path: Path) -> None:
+    """A merged value finite in fp32 but beyond ±65504 became Inf in an F16 GGUF, silently (the safetensors merge
+    refuses it): now one line naming the tensor, nothing written."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base = FIXTURES / "gguf" / "llama-q8_0.gguf"  # down_proj (32x48, rows not a multiple of 32) is stored F16
+    lora = Path(shutil.copytree(FIXTURES / "peft" / "llama-lora", tmp_path / "lora"))
+    tensors = load_file(lora / "adapter_model.safetensors")
+    key = next(k for k in tensors if "down_proj.lora_B" in k)
+    tensors[key] = tensors[key] * 1e6  # ΔW around 1e5: fp32-finite, beyond F16
+    save_file(tensors, lora / "adapter_model.safetensors")
+    assert torch.isfinite(tensors[key]).all()
+    code, _, err = run_cli(["merge", base, lora, "-o", tmp_path / "m.gguf"])
+    assert code == 2 and "beyond its F16 range" in err and "ffn_down" in err, err
+    assert not (tmp_path / "m.gguf").exists()

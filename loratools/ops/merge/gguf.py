@@ -97,7 +97,7 @@ def _merged(
                 hint="the base file is damaged: convert or download it again",
             ) from None
         raise NumericError(
-            f"{where}: merging into {t.name} produced NaN or Inf values",
+            f"{where}: merging into {t.name} produced NaN or Inf values (or values beyond its {out_type} range)",
             path=where,
             hint="the base or the adapter holds extreme values",
         ) from None

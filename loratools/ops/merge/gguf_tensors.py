@@ -158,6 +158,8 @@ def encode(w: torch.Tensor, type_name: str, scratch: Scratch) -> np.ndarray:
             if not all_finite(block):
                 raise NotFinite
             out[s : s + _BLOCK_VALUES].copy_(block)
+            if not all_finite(out[s : s + _BLOCK_VALUES]):  # finite in fp32, beyond F16's ±65504: refused too
+                raise NotFinite
         return out.view(torch.uint8).numpy()
     if type_name == "Q8_0":
         out = scratch.stored(encoded_size(n, "Q8_0"))
