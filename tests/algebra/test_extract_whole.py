@@ -66,14 +66,15 @@ def test_save_modules_keeps_named_modules_whole(llama, dense_head, work) -> None
     assert reasons["model.layers.0.self_attn.q_proj"] == "--save-module"
 
 
-def test_a_head_with_a_low_rank_change_stays_lora(llama, work) -> None:
+def test_a_head_with_a_low_rank_change_stays_lora(llama, dense_head, work) -> None:
     tuned = _tuned(llama, "rank1")
     models.save_base(llama, work / "wh_base1")
     models.save_base(tuned, work / "wh_rank1")
     res = extract(work / "wh_base1", work / "wh_rank1", rank=2)
     assert "lm_head" in res.adapter.modules and "lm_head.weight" not in res.adapter.replacements
     # and a head error bound of 1 never saves a head whole, whatever the error
-    dense = extract(work / "wh_base", work / "wh_dense", rank=2, head_error=1.0)
+    base_dir, tuned_dir, _ = dense_head  # the fixture's files (this test ran first on a worker and found none)
+    dense = extract(base_dir, tuned_dir, rank=2, head_error=1.0)
     assert "lm_head" in dense.adapter.modules
 
 
