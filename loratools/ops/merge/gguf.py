@@ -143,6 +143,29 @@ def _writer_class() -> Any:
     return Writer
 
 
+def _require_base(info: Any, adapters: Sequence[Adapter], labels: Sequence[str | None]) -> None:
+    """The wrong-base rule (:mod:`loratools.ops.base_match`) against what a GGUF header states: its layer and
+    head counts. Not its architecture name: llama.cpp writes a Mistral as ``llama``, so a name differing is no
+    evidence."""
+    from loratools.ops.base_match import ModelFacts, base_mismatch_error, claimed_base, mismatch
+
+    facts = ModelFacts(
+        label=info.source,
+        sizes={"num_hidden_layers": info.n_layer, "num_attention_heads": info.n_head,
+               "num_key_value_heads": info.n_head_kv},
+    )  # fmt: skip
+    for adapter, label in zip(adapters, labels, strict=True):
+        claim = claimed_base(adapter)
+        if claim is None:
+            continue
+        claim.model_types.clear()  # compared by sizes only (see above)
+        claim.families.clear()
+        differences = mismatch(claim, facts)
+        if differences:
+            label = label or str(adapter.meta.get("source") or "the adapter")
+            raise base_mismatch_error(label, claim, facts, differences)
+
+
 def merge_gguf(
     base: str | Path,
     adapters: Sequence[str | Path | Adapter],
@@ -154,13 +177,15 @@ def merge_gguf(
     include: str | None = None,
     exclude: str | None = None,
     trust_tensors: bool = False,
+    allow_other_base: bool = False,
 ) -> MergeSummary:
     """Merge ``adapters`` into the GGUF model ``base`` and write ``output`` (a .gguf file), atomically.
 
     Every adapter is checked in full against the base's tensor table first (names, shapes, what a GGUF
     LoRA can hold); nothing is written on a problem. ``verify`` re-reads the output before publishing:
     untouched tensors must be byte-identical and touched ones equal to the base plus ΔW as encoded.
-    ``trust_tensors`` accepts adapters whose config disagrees with their tensors (see ``loratools.model.ambiguity``).
+    ``trust_tensors`` accepts adapters whose config disagrees with their tensors (see ``loratools.model.ambiguity``);
+    ``allow_other_base`` one that says it was trained on another model (:func:`_require_base`).
     """
 
     from loratools.formats.adapter_io import load_adapter
@@ -177,6 +202,8 @@ def merge_gguf(
         raise UsageError(f"{len(weights)} weights for {len(adapters)} adapters", hint="give one --weights per adapter")
     info = load_base(base_path)
     loaded = [a if isinstance(a, Adapter) else load_adapter(a, base=base_path) for a in adapters]  # GGUF: its heads
+    if not allow_other_base:
+        _require_base(info, loaded, [str(a) if not isinstance(a, Adapter) else None for a in adapters])
     if include or exclude:
         loaded = [a.select(include, exclude) for a in loaded]
     from loratools.model.ambiguity import require_unambiguous
