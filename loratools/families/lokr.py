@@ -11,7 +11,7 @@ lycoris/modules/lokr.py ``__init__`` and ``make_module_from_state_dict``). σ(kr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -47,6 +47,14 @@ class LoKrModule(FamilyModule):
 
     family = "lokr"
     label = "LoKr"
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, torch.Tensor], **fields: Any) -> LoKrModule:
+        """A module from its file tensors by their common names (``lokr_w1``, ``lokr_w1_a`` ... ``lokr_t2``), as
+        PEFT and LyCORIS both store them."""
+        names = ("w1", "w1a", "w1b", "w2", "w2a", "w2b", "t2")
+        keys = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+        return cls(**{n: parts.get(k) for n, k in zip(names, keys, strict=True)}, **fields)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -98,15 +98,9 @@ def module_from_parts(path: Path, name: str, p: dict[str, torch.Tensor]) -> Fami
             )
         if "lokr_w1" in p or "lokr_w1_a" in p:
             conv = any(t.ndim > 2 for k, t in p.items() if k.startswith("lokr_"))
-            return LoKrModule(
+            return LoKrModule.from_parts(
+                p,
                 alpha=alpha,
-                w1=p.get("lokr_w1"),
-                w1a=p.get("lokr_w1_a"),
-                w1b=p.get("lokr_w1_b"),
-                w2=p.get("lokr_w2"),
-                w2a=p.get("lokr_w2_a"),
-                w2b=p.get("lokr_w2_b"),
-                t2=p.get("lokr_t2"),
                 rule="lycoris",
                 kind="conv" if conv else "linear",
                 magnitude=magnitude,

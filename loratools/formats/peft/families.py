@@ -125,16 +125,10 @@ def _module(peft_type: str, cfg: dict[str, Any], mod: str, p: dict[str, torch.Te
         alpha = _pattern_value(cfg, "alpha_pattern", mod, cfg.get("alpha", 8))
         r = int(_pattern_value(cfg, "rank_pattern", mod, cfg.get("r", 8)))
         conv = "lokr_t2" in p or any(t.ndim > 2 for t in p.values())
-        return LoKrModule(
+        return LoKrModule.from_parts(
+            p,
             alpha=alpha,
             r=r,
-            w1=p.get("lokr_w1"),
-            w1a=p.get("lokr_w1_a"),
-            w1b=p.get("lokr_w1_b"),
-            w2=p.get("lokr_w2"),
-            w2a=p.get("lokr_w2_a"),
-            w2b=p.get("lokr_w2_b"),
-            t2=p.get("lokr_t2"),
             rule="peft",
             kind="conv" if conv else "linear",
         )
