@@ -228,8 +228,6 @@ class PeftFormat(AdapterFormat):
 
     @classmethod
     def sniff(cls, path: Path) -> bool:
-        if path.is_dir() and (path / "adapters.safetensors").is_file() and not any(path.glob("adapter_model.*")):
-            return False  # an mlx-lm adapter (formats/mlx.py): same config name, other tensors
         return (path.is_dir() and (path / CONFIG).is_file()) or _inside_folder(path) or bool(component_folders(path))
 
     @classmethod
