@@ -98,6 +98,19 @@ def get_format(name: str) -> type[AdapterFormat]:
         raise UsageError(f"unknown adapter format {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
 
 
+def _raise_if_broken(p: Path) -> None:
+    """A damaged safetensors file (truncated, a bad header) is that, not "not a LoRA adapter": the sniffers read
+    headers leniently and pass over a file they cannot parse, so its own reader's one line is raised here."""
+    if p.is_dir():
+        candidates = [f for f in (p / "adapter_model.safetensors", p / "adapters.safetensors") if f.is_file()]
+    else:
+        candidates = [p] if p.suffix.lower() == ".safetensors" else []
+    from loratools.files.safetensors_file import read_header
+
+    for f in candidates:
+        read_header(f)  # raises FormatError naming the file and the field when the file is damaged
+
+
 def detect_format(path: str | Path) -> type[AdapterFormat]:
     """The format of an adapter at ``path``; FormatError listing what was tried when none fits."""
     _load_builtins()
@@ -115,6 +128,7 @@ def detect_format(path: str | Path) -> type[AdapterFormat]:
             hint="convert it to .safetensors; a PEFT adapter_model.bin is read (weights only) inside its folder",
             path=p,
         )
+    _raise_if_broken(p)
     hint = "a PEFT adapter is a folder with adapter_config.json; a kohya file is one .safetensors"
     if p.is_file() and p.suffix.lower() == ".gguf":
         hint = (
