@@ -142,8 +142,9 @@ class GgufTensor:
 class GgufFile:
     """A GGUF file whose header has been read and checked (see the module docstring)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, max_dims: int = MAX_DIMS) -> None:
         self.path = Path(path)
+        self.max_dims = max_dims  # ComfyUI-GGUF's diffusion files hold 5-D conv weights (fix_5d_tensors.py)
         try:
             self._fh = open(self.path, "rb")  # noqa: SIM115 - held for the memory map's lifetime
         except FileNotFoundError:
@@ -286,8 +287,8 @@ class GgufFile:
         raw, off = self._string(off, "a tensor name")
         name = self._text(raw, f"tensor name at offset {off - len(raw) - 8}")
         n_dims = self._unpack("I", off, f"tensor {name} (dimension count)")
-        if not 1 <= n_dims <= MAX_DIMS:
-            raise self._bad(f"tensor {name} has {n_dims} dimensions (GGUF allows 1 to {MAX_DIMS})")
+        if not 1 <= n_dims <= self.max_dims:
+            raise self._bad(f"tensor {name} has {n_dims} dimensions (GGUF allows 1 to {self.max_dims})")
         self._need(off + 4, 8 * n_dims + 12, f"tensor {name} (its info)")
         dims = struct.unpack_from(f"<{n_dims}Q", self._mm, off + 4)
         off += 4 + 8 * n_dims
@@ -384,8 +385,8 @@ class GgufFile:
         return f"{type_name(f.types[0])} ({shown})"
 
 
-def open_gguf_file(path: str | Path) -> GgufFile:
-    return GgufFile(path)
+def open_gguf_file(path: str | Path, max_dims: int = MAX_DIMS) -> GgufFile:
+    return GgufFile(path, max_dims)
 
 
 def is_gguf_file(path: str | Path) -> bool:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 #: module:class, asked in this order (the specific kinds before the plain folder, which takes anything left)
 ORDER = (
     "onnx:OnnxTarget",
+    "gguf_diffusion:GgufDiffusionTarget",
     "gguf:GgufTarget",
     "quantized:RequantizeTarget",
     "quantized:QuantizedTarget",

@@ -1,0 +1,201 @@
+"""DiT LoRAs merged into GGUF diffusion checkpoints as ComfyUI-GGUF writes them (issue 21 item 3, last part).
+
+Bases: tiny random-weight diffusers Flux and Wan transformers in their original names, written by gguf_dit_support
+following ComfyUI-GGUF's ``tools/convert.py`` + patched llama-quantize rules (mixed Q8_0 / Q4_K / F16 / BF16 / F32,
+a 5-D F32 Wan patch embedding, a reshaped tensor with ``comfy.gguf.orig_shape``). LoRAs: kohya/musubi files with an
+alpha per module (some none). Oracles: the merged file read back as ComfyUI-GGUF's loader reads it (gguf.GGUFReader,
+orig_shape, the package's dequantization) equals dequant(base) + ΔW (ΔW by the trainers' rule in fp64) within the
+type's own rounding — Q8_0 within its block step, a Q4_K tensor (written as F16) within F16's half ulp — after a
+parity check that ΔW is far beyond those bounds; a base holding only F16/BF16/F32 gives exactly the bytes of the
+safetensors single-file merge of the same tensors; untouched tensors and the metadata are copied byte for byte.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from dit_support import BFL_MODULES, kohya_flux, to_bfl
+from gguf_dit_support import comfy_state, dense_deltas, flux_model, raw_bytes, wan_model, write_comfy_gguf
+from safetensors.torch import load_file, save_file
+from wan_qwen_support import WAN
+
+from loratools import merge
+from loratools.ops.merge.gguf_dit_base import peek_architecture
+
+Q4K = "double_blocks.0.img_mlp.2"
+BF16_TOP = ("txt_in.", "guidance_in.")  # unquantized by the patch: kept BF16 as convert.py writes a BF16 source
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return flux_model()
+
+
+def _flux_state(model) -> dict[str, torch.Tensor]:
+    """The original-layout state: the blocks and two top-level layers BF16 (convert.py writes BF16 then), the rest
+    fp32 (F16, or F32 when 1-D or small)."""
+    state = to_bfl(model.state_dict())
+    bf16 = ("double_blocks", "single_blocks", *BF16_TOP)
+    return {k: v.bfloat16() if k.startswith(bf16) else v for k, v in state.items()}
+
+
+def _flux_files(model, tmp_path: Path, target: str | None = "Q8_0", **kw) -> tuple[Path, Path, dict, dict]:
+    base = tmp_path / f"flux-{target or 'F16'}.gguf"
+    types = write_comfy_gguf(_flux_state(model), base, "flux", target, **kw)
+    lora = kohya_flux(model)
+    path = tmp_path / "lora.safetensors"
+    save_file(lora, str(path))
+    return base, path, lora, types
+
+
+def _flux_deltas(lora: dict) -> dict[str, torch.Tensor]:
+    return dense_deltas(lora, {"lora_unet_" + m.replace(".", "_"): f"{m}.weight" for m in BFL_MODULES})
+
+
+def _q8_0_steps(target: torch.Tensor) -> torch.Tensor:
+    """Per value, the Q8_0 step of its block (max|x|/127 over 32 values) in the requantized tensor."""
+    blocks = target.reshape(-1, 32).abs().amax(dim=1, keepdim=True) / 127
+    return blocks.expand(-1, 32).reshape(target.shape)
+
+
+def _check_merged(base: Path, out: Path, deltas: dict, types: dict) -> dict[str, float]:
+    """Every touched tensor within its type's rounding of dequant(base) + ΔW, every other one byte-identical;
+    returns the worst error relative to its bound per type."""
+    before, _, _ = comfy_state(base)
+    after, out_types, arch = comfy_state(out)
+    assert arch == peek_architecture(base)
+    assert list(after) == list(before)
+    raw_a, raw_b = raw_bytes(base), raw_bytes(out)
+    worst: dict[str, float] = {}
+    for name in before:
+        if name not in deltas:
+            assert out_types[name] == types[name] and raw_b[name] == raw_a[name], name
+            continue
+        target = before[name].double() + deltas[name].reshape(before[name].shape)
+        err = (after[name].double() - target).abs()
+        kind = types[name]
+        if kind == "Q8_0":
+            bound = 0.57 * _q8_0_steps(target.float()).double() + 1e-7  # half a step + the F16 scale's rounding
+        elif kind in ("F16", "Q4_K"):
+            bound = target.abs() * 2.0**-11 + 2.0**-25  # F16's half ulp (Q4_K is written as F16)
+        elif kind == "BF16":
+            bound = target.abs() * 2.0**-8 + 2.0**-130
+        else:
+            bound = target.abs() * 2.0**-23 + 1e-6
+        assert bool((err <= bound).all()), (name, kind, float(err.max()))
+        assert float(deltas[name].abs().max()) > 20 * float(bound.max()), name  # parity: ΔW is far beyond the bound
+        assert out_types[name] == ("F16" if kind == "Q4_K" else kind), name
+        worst[kind] = max(worst.get(kind, 0.0), float((err / bound).max()))
+    return worst
+
+
+def test_flux_q8_0_mixed_types_through_the_cli(flux, tmp_path):
+    from click.testing import CliRunner
+
+    from loratools.cli.main import cli
+
+    base, lora_path, lora, types = _flux_files(flux, tmp_path, k_quant=(Q4K,))
+    assert {"Q8_0", "Q4_K", "F16", "BF16", "F32"} <= set(types.values())
+    out = tmp_path / "out.gguf"
+    r = CliRunner().invoke(cli, ["merge", str(base), str(lora_path), "-o", str(out), "--verify", "--json"])
+    assert r.exit_code == 0, r.output
+    assert '"retyped"' in r.stdout and f"{Q4K}.weight" in r.stdout
+    deltas = _flux_deltas(lora)
+    touched_types = {types[k] for k in deltas}
+    assert {"Q8_0", "Q4_K", "F16", "BF16", "F32"} <= touched_types
+    worst = _check_merged(base, out, deltas, types)
+    assert worst["Q8_0"] <= 1 and worst["F16"] <= 1
+    # the metadata is the base's (file type, quantization version) plus the provenance record
+    a, b = gguf.GGUFReader(base), gguf.GGUFReader(out)
+    assert set(b.fields) - set(a.fields) == {"loratools.provenance"}
+    for key in ("general.file_type", "general.quantization_version"):
+        assert a.fields[key].parts[-1].tolist() == b.fields[key].parts[-1].tolist()
+
+
+def test_plain_float_base_equals_the_safetensors_merge_byte_for_byte(flux, tmp_path):
+    """No quantization: F16, BF16 and F32 tensors; the same tensors as a BFL safetensors single file merged by the
+    safetensors path give exactly the GGUF merge's bytes."""
+    base, lora_path, _, types = _flux_files(flux, tmp_path, target=None)
+    assert set(types.values()) == {"F16", "BF16", "F32"}
+    state, _, _ = comfy_state(base)
+    dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+    single = tmp_path / "flux.safetensors"
+    save_file({k: v.to(dtypes[types[k]]).contiguous() for k, v in state.items()}, str(single))
+    merge(base, [lora_path], tmp_path / "out.gguf")
+    merge(single, [lora_path], tmp_path / "out.safetensors")
+    ours, theirs = raw_bytes(tmp_path / "out.gguf"), load_file(str(tmp_path / "out.safetensors"))
+    changed = 0
+    for k, t in theirs.items():
+        want = t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.float32 else t.numpy().tobytes()
+        assert ours[k] == want, k
+        changed += ours[k] != raw_bytes(base)[k]
+    assert changed == len(BFL_MODULES)
+
+
+def test_reshaped_tensor_keeps_its_orig_shape(flux, tmp_path):
+    """convert.py's shape_fix: a tensor stored as (n/256, 256) with comfy.gguf.orig_shape; ΔW lands in the logical
+    shape and the file keeps the stored shape and the metadata."""
+    name = "double_blocks.0.img_mlp.0.weight"  # (256, 64) logical
+    base, lora_path, lora, types = _flux_files(flux, tmp_path, reshape=(name,))
+    out = tmp_path / "out.gguf"
+    merge(base, [lora_path], out)
+    _check_merged(base, out, _flux_deltas(lora), types)
+    stored = {t.name: tuple(t.shape) for t in gguf.GGUFReader(out).tensors}
+    assert stored[name] == (256, 64)  # GGUF order (ne0 first): the (64, 256) storage
+    assert tuple(comfy_state(out)[0][name].shape) == (256, 64)
+
+
+def test_wan_gguf_with_a_5d_patch_embedding(tmp_path):
+    model = wan_model()
+    state = WAN.to_original(model.state_dict())
+    assert state["patch_embedding.weight"].ndim == 5
+    base = tmp_path / "wan-Q8_0.gguf"
+    types = write_comfy_gguf(state, base, "wan", "Q8_0")
+    assert types["patch_embedding.weight"] == "F32" and "Q8_0" in types.values()
+    assert [t.shape.tolist() for t in gguf.GGUFReader(base).tensors if t.name == "patch_embedding.weight"] == [
+        [2, 2, 1, 4, 64]
+    ]
+    lora = WAN.lora(model, "kohya")
+    path = tmp_path / "musubi.safetensors"
+    save_file(lora, str(path))
+    out = tmp_path / "out.gguf"
+    summary = merge(base, [path], out, verify=True)
+    names = {s.rsplit(".", 2)[0] for s in lora if s.endswith("lora_down.weight")}
+    by_kohya = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): k for k in state if k.endswith(".weight")}
+    deltas = dense_deltas(lora, {n: by_kohya[n] for n in names})
+    assert summary.tensors_changed == len(deltas) and summary.retyped == []
+    worst = _check_merged(base, out, deltas, types)
+    assert "Q8_0" in worst
+
+
+def test_refusals_name_the_base(flux, tmp_path):
+    from click.testing import CliRunner
+
+    from loratools.cli.main import cli
+
+    base, lora_path, _, _ = _flux_files(flux, tmp_path)
+    out = tmp_path / "out.gguf"
+    r = CliRunner().invoke(cli, ["merge", str(base), str(lora_path), "-o", str(out), "--dtype", "bf16"])
+    assert r.exit_code == 2 and "a GGUF diffusion model does not take" in r.output
+    wan = WAN.lora(wan_model(), "kohya")
+    save_file(wan, str(tmp_path / "wan.safetensors"))
+    r = CliRunner().invoke(cli, ["merge", str(base), str(tmp_path / "wan.safetensors"), "-o", str(out)])
+    assert r.exit_code == 2 and "Traceback" not in r.output and str(base) in r.output, r.output
+    assert not out.exists()
+
+
+def test_lora_for_an_llm_gguf_is_not_taken_here(tmp_path):
+    """An LLM GGUF base still goes to the llama.cpp target (architecture not a diffusion one)."""
+    from loratools.ops.merge.gguf_dit_base import is_diffusion_gguf
+
+    w = gguf.GGUFWriter(tmp_path / "llm.gguf", "llama")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert peek_architecture(tmp_path / "llm.gguf") == "llama" and not is_diffusion_gguf(tmp_path / "llm.gguf")
