@@ -147,7 +147,13 @@ def merged_bytes(
             f"{reader.root}: tensor {t.name} is stored as {stored_type}, which the gguf package cannot dequantize",
             path=reader.root,
         ) from None
-    except (NotFinite, NumericError):
+    except (NotFinite, NumericError):  # NaN/Inf in the base propagates to the sum: only now look at the base alone
+        if not all_finite(decode(read_stored(t, fd, scratch), t, scratch)):
+            raise NumericError(
+                f"{reader.root}: base tensor {t.name} ({stored_type}) holds NaN or Inf values",
+                hint="the base file is damaged: convert or download it again",
+                path=reader.root,
+            ) from None
         raise NumericError(
             f"{reader.root}: merging into {t.name} produced NaN or Inf values (or values beyond its {target} range)",
             hint="the base or the adapter holds extreme values (check the base with `loratools info`); "
