@@ -199,3 +199,18 @@ def test_lora_for_an_llm_gguf_is_not_taken_here(tmp_path):
     w.write_tensors_to_file()
     w.close()
     assert peek_architecture(tmp_path / "llm.gguf") == "llama" and not is_diffusion_gguf(tmp_path / "llm.gguf")
+
+
+def test_architecture_found_when_it_is_not_the_first_key(tmp_path):
+    from loratools.ops.merge.gguf_dit_base import is_diffusion_gguf
+
+    w = gguf.GGUFWriter(tmp_path / "late.gguf", "flux")
+    w.add_uint32("general.quantization_version", 2)
+    kv = w.kv_data[0]
+    kv["general.architecture"] = kv.pop("general.architecture")  # now the last key/value
+    w.add_tensor("img_in.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert peek_architecture(tmp_path / "late.gguf") is None and is_diffusion_gguf(tmp_path / "late.gguf")

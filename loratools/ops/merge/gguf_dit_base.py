@@ -68,9 +68,24 @@ def peek_architecture(path: str | Path) -> str | None:
 
 
 def is_diffusion_gguf(path: str | Path) -> bool:
-    """A GGUF file whose architecture is one of ComfyUI-GGUF's image models."""
+    """A GGUF file whose architecture is one of ComfyUI-GGUF's image models (a header that cannot be read is left
+    to the llama.cpp target, whose reader names the damage)."""
+    from loratools.errors import LoratoolsError
+    from loratools.files.gguf_file import MAGIC, open_gguf_file
+
     p = Path(path)
-    return p.is_file() and peek_architecture(p) in DIFFUSION_ARCHS
+    if not p.is_file():
+        return False
+    arch = peek_architecture(p)
+    if arch is None:  # not the first key/value (another writer): the whole header, bounded
+        with open(p, "rb") as fh:
+            if fh.read(4) != MAGIC:
+                return False
+        try:
+            arch = open_gguf_file(p, MAX_DIMS).string("general.architecture")
+        except LoratoolsError:
+            return False
+    return arch in DIFFUSION_ARCHS
 
 
 @dataclass(frozen=True)
