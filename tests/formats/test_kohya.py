@@ -139,7 +139,6 @@ def test_dora_scale_reads_as_magnitude(work):
     [
         ("lora_unet_down_blocks_0_x.lora_mid.weight", "LoCon \\(Tucker\\)"),
         ("lora_unet_down_blocks_0_x.w_norm", "norm"),
-        ("lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight", "an SD3 LoRA in the kohya"),
         ("lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight", "Flux/SD3"),
     ],
 )

@@ -36,6 +36,13 @@ _COMFY = ("model.diffusion_model.", "diffusion_model.")
 #: kohya text-encoder prefixes of Flux files -> the Flux pipeline component (CLIP-L, T5-XXL)
 TEXT_PREFIX = {"lora_te1_": "text_encoder", "lora_te_": "text_encoder", "lora_te3_": "text_encoder_2"}
 _TEXT_BACK = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}
+#: the same for the families whose text encoders differ (SD3, sd-scripts ``lora_sd3.py``: CLIP-L, CLIP-G, T5-XXL)
+_FAMILY_TEXT = {"sd3": {"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"}}
+
+
+def text_prefix(family: str) -> dict[str, str]:
+    """kohya text-encoder prefix -> pipeline component for ``family``."""
+    return _FAMILY_TEXT.get(family, TEXT_PREFIX)
 _TE_ROOTS = ("encoder.", "embeddings.", "final_layer_norm")
 
 
@@ -64,7 +71,7 @@ def _split_key(path: Path, key: str, found: DitLayout) -> tuple[str, str, bool]:
             path=path,
         )
     if found.layout == "kohya":
-        for prefix in TEXT_PREFIX:
+        for prefix in text_prefix(found.family):
             if name.startswith(prefix):
                 return name, part, True
         bfl = table.from_kohya(name.removeprefix("lora_unet_")) if name.startswith("lora_unet_") else None
@@ -128,11 +135,19 @@ def read_bfl_named(
 
 def _check_fused(path: Path, name: str, m: LoraModule, table: Any) -> None:
     rows = table.part_rows(name, m.out_features, m.in_features)
-    if rows is None or (name == table.SWAPPED and m.out_features % 2):
+    if rows is None or (swapped(table, name, m) and m.out_features % 2):
         want = "3·D+MLP rows for D inputs" if name.endswith("linear1") else "an even row count" \
-            if name == table.SWAPPED else "a multiple of 3 rows"  # fmt: skip
+            if swapped(table, name, m) else "a multiple of 3 rows"  # fmt: skip
+        label = LABELS.get(table.FAMILY, table.FAMILY)
         raise ShapeError(f"{path}: {name} lora_up (B) has {m.out_features} rows for {m.in_features} inputs; "
-                         f"the fused Flux weight has {want}", path=path)  # fmt: skip
+                         f"the fused {label} weight has {want}", path=path)  # fmt: skip
+
+
+def swapped(table: Any, name: str, m: LoraModule) -> bool:
+    """Whether original module ``name`` holds its two row halves in the other order than its diffusers twin (a
+    table's ``swapped`` rule where it has one, SD3's depends on the shape; else its one ``SWAPPED`` module)."""
+    rule = getattr(table, "swapped", None)
+    return bool(rule(name, m.out_features, m.in_features)) if rule is not None else name == table.SWAPPED
 
 
 def split_to_diffusers(path: Path, modules: dict[str, LoraModule], table: Any = flux) -> dict[str, LoraModule]:
@@ -141,7 +156,7 @@ def split_to_diffusers(path: Path, modules: dict[str, LoraModule], table: Any = 
     for name, m in modules.items():
         targets = table.to_diffusers(name) or ()
         if len(targets) == 1:
-            out[targets[0]] = swap_halves(m) if name == table.SWAPPED else m
+            out[targets[0]] = swap_halves(m) if swapped(table, name, m) else m
             continue
         rows = table.part_rows(name, m.out_features, m.in_features) or []
         for target, piece in zip(targets, split(m, rows, f"{path}: {name}"), strict=True):
@@ -168,7 +183,7 @@ def fuse_to_bfl(modules: dict[str, LoraModule], rows_of: Any = None, table: Any 
     for bfl, parts in groups.items():
         if counts[bfl] == 1:
             m = parts[0]
-            out[bfl] = swap_halves(m) if bfl == table.SWAPPED else m
+            out[bfl] = swap_halves(m) if swapped(table, bfl, m) else m
             continue
         width = next(iter(parts.values())).in_features
         rows = rows_of(bfl) if rows_of else None
@@ -260,14 +275,15 @@ def _refuse_base(path: Path, found: DitLayout, base: KeyResolver, hits: int = 0,
     )
 
 
-def text_names(text: dict[str, LoraModule], base: KeyResolver | None) -> dict[str, LoraModule]:
+def text_names(text: dict[str, LoraModule], base: KeyResolver | None, family: str = "flux") -> dict[str, LoraModule]:
     """Text-encoder modules (kohya names) resolved against a pipeline's text encoders; kept as they are else."""
     if base is None or base.kind != "pipeline":
         return dict(text)
     out = {}
     for name, m in text.items():
-        prefix = next(p for p in TEXT_PREFIX if name.startswith(p))
-        component = TEXT_PREFIX[prefix]
+        prefixes = text_prefix(family)
+        prefix = next(p for p in prefixes if name.startswith(p))
+        component = prefixes[prefix]
         reader = base.components.get(component)
         index: dict[str, str] = {}
         for k in reader.keys() if reader is not None else []:
@@ -280,14 +296,15 @@ def text_names(text: dict[str, LoraModule], base: KeyResolver | None) -> dict[st
     return out
 
 
-def kohya_text_name(name: str) -> str | None:
+def kohya_text_name(name: str, family: str = "flux") -> str | None:
     """The kohya name of a Flux pipeline's text-encoder module (``text_encoder.encoder.layers.0...``), else None."""
     component, _, rest = name.partition(".")
-    if component not in _TEXT_BACK:
+    back = {c: p for p, c in text_prefix(family).items()} if family in _FAMILY_TEXT else _TEXT_BACK
+    if component not in back:
         return None
     if component == "text_encoder" and rest.startswith(_TE_ROOTS):
         rest = "text_model." + rest
-    return _TEXT_BACK[component] + rest.replace(".", "_")
+    return back[component] + rest.replace(".", "_")
 
 
 __all__ = ["base_family", "bfl_prefix", "fuse_to_bfl", "place", "read_bfl_named", "split_to_diffusers"]

@@ -19,6 +19,7 @@ from loratools.formats.dit.flux_io import (
     place,
     read_bfl_named,
     text_names,
+    text_prefix,
 )
 from loratools.formats.dit.layouts import HANDLED, LABELS, DitLayout, detect, refuse_unhandled
 from loratools.formats.dit.tables import table_for
@@ -44,7 +45,7 @@ def read_dit(
     refuse_unhandled(path, found)
     bfl, text, assumed = read_bfl_named(path, tensors, found)
     modules = place(path, found, bfl, None, base)
-    modules.update(text_names(text, base))
+    modules.update(text_names(text, base, found.family))
     return Adapter(
         modules=modules,
         meta={
@@ -95,7 +96,7 @@ def _bfl_named(adapter: Adapter, family: str) -> tuple[dict[str, LoraModule], di
             dora = getattr(m, "magnitude", None) is not None
             bad.append(f"{name} ({'DoRA' if dora else getattr(m, 'label', m.kind)})")
             continue
-        kohya = name if name.startswith(("lora_te1_", "lora_te3_", "lora_te_")) else kohya_text_name(name)
+        kohya = name if name.startswith(tuple(text_prefix(family))) else kohya_text_name(name, family)
         if kohya is not None:
             text[kohya] = m
             continue
@@ -131,8 +132,8 @@ def dit_tensors(adapter: Adapter, layout: str) -> dict[str, torch.Tensor] | None
     label = LABELS.get(family, family)
     if family not in HANDLED:
         raise UnsupportedError(
-            f"this is a {label} LoRA; loratools writes the kohya and ComfyUI layouts of Flux, Wan and Qwen-Image "
-            "only for now",
+            f"this is a {label} LoRA; loratools writes the kohya and ComfyUI layouts of Flux, SD3, HunyuanVideo, Wan "
+            "and Qwen-Image only for now",
             hint="write it as diffusers or PEFT: loratools convert ADAPTER --to diffusers -o OUT",
         )
     modules, text = _bfl_named(adapter, family)

@@ -33,12 +33,13 @@ LABELS = {
     "ltx_cogvideo": "LTX-Video/CogVideoX",
 }
 #: the families loratools reads in each layout (the others are refused by name)
-HANDLED = {"flux", "wan", "qwen_image"}
+HANDLED = {"flux", "wan", "qwen_image", "sd3", "hunyuan_video"}
 #: (family, pattern on the module name with ``.`` and ``_`` both written ``[._]``), first match wins; the
 #: HunyuanVideo and Chroma markers come before Flux, whose double/single blocks they share
 _FAMILY_MARKS: tuple[tuple[str, str], ...] = (
     ("hunyuan_video", r"^(double_blocks[._]\d+[._](img|txt)_(mlp[._]fc[12]|mod[._]linear)|single_blocks[._]\d+[._]"
-     r"modulation[._]linear|txt_in[._]individual_token_refiner|context_embedder[._]token_refiner)"),
+     r"modulation[._]linear|txt_in[._]individual_token_refiner|context_embedder[._]token_refiner"
+     r"|double_blocks\.\d+\.(img|txt)_attn_(qkv|proj)|(time|guidance)_in[._]mlp)"),
     ("chroma", r"^distilled_guidance_layer"),
     ("flux", r"^(double_blocks[._]\d+[._](img|txt)_(attn|mlp|mod)|single_blocks[._]\d+[._](linear[12]|modulation)"
      r"|single_transformer_blocks[._]\d+[._]|final_layer[._](linear|adaLN)|(img|txt|time|vector|guidance)_in([._]|$)"
@@ -82,7 +83,7 @@ def _layout_of(key: str) -> str | None:
         return "diffusers"
     if key.startswith(("double_blocks.", "single_blocks.", "final_layer.", "img_in.", "txt_in.")):
         return "bfl"
-    if key.startswith(("blocks.", "transformer_blocks.")):
+    if key.startswith(("blocks.", "transformer_blocks.", "joint_blocks.")):
         return "original"
     return None
 
@@ -122,13 +123,26 @@ def detect(keys: Iterable[str]) -> DitLayout | None:
             families.setdefault(f, k)
     if not families:
         return DitLayout("flux", layout, example) if layout in ("xlabs",) else None
-    # the HunyuanVideo/Chroma markers decide over Flux's shared block names, Qwen-Image's and Wan's over the
-    # top-level names Flux shares with them (img_in, txt_in)
-    family = next((f for f in ("hunyuan_video", "chroma", "qwen_image", "wan", "flux") if f in families), None)
+    # the HunyuanVideo/Chroma markers decide over Flux's shared block names, Qwen-Image's, Wan's and SD3's over the
+    # top-level names Flux shares with them (img_in, txt_in, final_layer)
+    family = next((f for f in ("hunyuan_video", "chroma", "qwen_image", "wan", "sd3", "flux") if f in families), None)
     family = family or next(iter(families))
-    if layout == "bfl" and family not in ("flux", "chroma", "hunyuan_video"):
+    if family == "ltx_cogvideo" and _sd35_diffusers(keys):
+        family = "sd3"
+        families.setdefault("sd3", families["ltx_cogvideo"])
+    if layout == "bfl" and family not in ("flux", "chroma"):
         layout = "original"  # bare names of another family that starts with img_in/txt_in too (Qwen-Image)
     return DitLayout(family, layout, families[family])
+
+
+_ATTN1 = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn1\.")
+_JOINT_ATTN = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn\.(to_|add_)")
+
+
+def _sd35_diffusers(keys: list[str]) -> bool:
+    """SD3.5's MMDiT-X attn2 beside the joint attn (``transformer_blocks.N.attn.``, never attn1): LTX-Video and
+    CogVideoX name their attentions attn1/attn2 and have no ``attn.``."""
+    return not any(_ATTN1.search(k) for k in keys) and any(_JOINT_ATTN.search(k) for k in keys)
 
 
 def original_layout(keys: Iterable[str]) -> DitLayout | None:
@@ -161,8 +175,8 @@ def refuse_unhandled(path: object, found: DitLayout) -> None:
         return
     raise UnsupportedError(
         f"{path}: {found.example!r}: this is {describe(found)}, which loratools does not read yet "
-        "(diffusion transformers: Flux, Wan and Qwen-Image in the kohya, ComfyUI and diffusers layouts, and in their "
-        "original bare names)",
+        "(diffusion transformers: Flux, SD3, HunyuanVideo, Wan and Qwen-Image in the kohya, ComfyUI and diffusers "
+        "layouts, and in their original bare names)",
         hint="a diffusers-layout file (transformer.<module>.lora_A.weight) of any family merges into its diffusers "
         "pipeline; for this layout use the trainer's own tools for now",
         path=path,

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from loratools.formats.dit import flux, qwen_image, wan
+from loratools.formats.dit import flux, hunyuan_video, qwen_image, sd3, wan
 from loratools.formats.dit.renamed import RenamedTable
 
 
 def table_for(family: str) -> Any:
     """The name table of ``family`` (a key of ``layouts.LABELS`` in ``layouts.HANDLED``)."""
-    return {"flux": flux, "wan": wan.TABLE, "qwen_image": qwen_image.TABLE}[family]
+    return {"flux": flux, "wan": wan.TABLE, "qwen_image": qwen_image.TABLE,
+            "sd3": sd3.TABLE, "hunyuan_video": hunyuan_video.TABLE}[family]
 
 
 __all__ = ["RenamedTable", "table_for"]
