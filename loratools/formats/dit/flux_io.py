@@ -223,6 +223,9 @@ def base_family(base: KeyResolver) -> str:
     keys = base.keys()
     if any(k.startswith("model.diffusion_model.input_blocks.") for k in keys):
         return "a Stable Diffusion (UNet) single file"
+    for family in ("sd3", "hunyuan_video", "wan", "qwen_image", "flux"):  # a single file's own marker tensor first
+        if bfl_prefix(base, table_for(family)) is not None:  # (SD3's final_layer would read as Flux's below)
+            return f"{'an' if family == 'sd3' else 'a'} {LABELS[family]} checkpoint"
     for k in keys[:2000]:
         f = family_of(k)
         if f:
