@@ -134,3 +134,31 @@ class VllmMoeFormat(AdapterFormat):
         if isinstance(selected, list) and isinstance(cfg.get("target_parameters"), list):
             record.update(target_parameters=cfg["target_parameters"], config_parameters=selected)
         save_file(tensors, str(weights), metadata={**metadata, RECORD: json.dumps(record, sort_keys=True)})
+        _add_fused_targets(path / "adapter_config.json", groups, scheme, routers)
+
+
+def _add_fused_targets(cfg_file: Path, groups: dict[str, Any], scheme: str, routers: list[str]) -> None:
+    """``target_modules`` gets, beside every per-expert path, its container without the expert index (and
+    Mixtral's router under ``mlp``): the names PEFT >= 0.22 turns into transformers 5's fused parameters.
+
+    PEFT 0.22's MoE config conversion (``peft/utils/transformers_weight_conversion.py``,
+    ``_convert_peft_config_moe``, PR #3715 for issue #3711) keeps a dotted target's path and renames only its
+    leaf: ``…experts.0.gate_proj`` becomes ``…experts.0.gate_up_proj``, a parameter no model has, which it then
+    skips without a word (0.21 kept only the leaf, ``gate_up_proj``, and matched every layer). The added
+    ``…mlp.experts.gate_proj`` becomes ``…mlp.experts.gate_up_proj``, the real one; on transformers 4 (experts
+    as linears) and in vLLM / SGLang, which go by the tensors' names, it matches nothing and changes nothing.
+    """
+    from loratools.model.per_expert import SCHEMES
+
+    parts = SCHEMES[scheme][1]
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    targets = cfg.get("target_modules")
+    if not isinstance(targets, list):
+        return
+    extra = set()
+    for parameter in groups:
+        container, _, leaf = parameter.rpartition(".")
+        extra.update(f"{container}.{part}" for part in parts.get(leaf, ()))
+    extra.update(r for r in routers if r.endswith(".mlp.gate"))  # Mixtral's is written as block_sparse_moe.gate
+    cfg["target_modules"] = targets + sorted(extra - set(targets))
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
