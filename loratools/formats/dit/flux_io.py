@@ -244,6 +244,8 @@ def place(
         return {f"transformer.{k}": m for k, m in named.items()}
     prefix = bfl_prefix(base, table)
     if prefix is not None:
+        if bfl is not None and any(getattr(table, "is_alias", lambda _: False)(k) for k in bfl):
+            diffusers, bfl = split_to_diffusers(path, bfl, table), None  # Z-Image's split names: fused as the file is
         if bfl is None:
             shapes = base
 

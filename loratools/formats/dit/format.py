@@ -114,7 +114,12 @@ def _bfl_named(adapter: Adapter, family: str) -> tuple[dict[str, LoraModule], di
             hint="write it as diffusers (loratools convert ADAPTER --to diffusers -o OUT), or leave those parts out "
             "(loratools convert ADAPTER --to comfyui --exclude REGEX -o OUT)",
         )
-    fused = fuse_to_bfl(diffusers, None, table)
+    if getattr(table, "SPLIT_FILES", False):  # Z-Image: its trainers' files hold diffusers' names (lumina2.py)
+        from loratools.formats.dit.flux_io import split_to_diffusers
+
+        diffusers.update(split_to_diffusers(Path("adapter"), bfl, table))
+        bfl = {}
+    fused = diffusers if getattr(table, "SPLIT_FILES", False) else fuse_to_bfl(diffusers, None, table)
     clash = sorted(set(fused) & set(bfl))
     if clash:
         raise UnsupportedError(f"module {clash[0]} is given twice (as itself and as its diffusers parts)")

@@ -27,13 +27,14 @@ LABELS = {
     "sd3": "SD3",
     "wan": "Wan",
     "qwen_image": "Qwen-Image",
-    "lumina2": "Lumina2/Z-Image",
+    "lumina2": "Lumina2",
+    "z_image": "Z-Image",
     "hidream": "HiDream",
     "chroma": "Chroma",
     "ltx_cogvideo": "LTX-Video/CogVideoX",
 }
 #: the families loratools reads in each layout (the others are refused by name)
-HANDLED = {"flux", "wan", "qwen_image", "sd3", "hunyuan_video"}
+HANDLED = {"flux", "wan", "qwen_image", "sd3", "hunyuan_video", "lumina2", "z_image", "chroma", "hidream"}
 #: (family, pattern on the module name with ``.`` and ``_`` both written ``[._]``), first match wins; the
 #: HunyuanVideo and Chroma markers come before Flux, whose double/single blocks they share
 _FAMILY_MARKS: tuple[tuple[str, str], ...] = (
@@ -48,7 +49,8 @@ _FAMILY_MARKS: tuple[tuple[str, str], ...] = (
     ("hidream", r"^(double_stream_blocks|single_stream_blocks)[._]"),
     ("qwen_image", r"^transformer_blocks[._]\d+[._](img_mlp|txt_mlp|img_mod|txt_mod)"),
     ("wan", r"^(blocks[._]\d+[._](self_attn|cross_attn|ffn|attn[12][._](to_|add_[kv]_proj))|condition_embedder[._])"),
-    ("lumina2", r"^layers[._]\d+[._](attention|feed_forward|adaLN_modulation)"),
+    ("lumina2", r"^((layers|noise_refiner|context_refiner)[._]\d+[._](attention|attn|feed_forward|adaLN_modulation)"
+     r"|all_x_embedder|all_final_layer|time_caption_embed[._])"),
     ("ltx_cogvideo", r"^transformer_blocks[._]\d+[._]attn[12][._]"),
     ("sd3", r"^(pos_embed[._]proj|transformer_blocks[._]\d+[._]attn2[._])"),
 )
@@ -83,7 +85,8 @@ def _layout_of(key: str) -> str | None:
         return "diffusers"
     if key.startswith(("double_blocks.", "single_blocks.", "final_layer.", "img_in.", "txt_in.")):
         return "bfl"
-    if key.startswith(("blocks.", "transformer_blocks.", "joint_blocks.")):
+    if key.startswith(("blocks.", "transformer_blocks.", "joint_blocks.", "layers.", "noise_refiner.",
+                       "context_refiner.", "double_stream_blocks.", "single_stream_blocks.")):
         return "original"
     return None
 
@@ -125,8 +128,14 @@ def detect(keys: Iterable[str]) -> DitLayout | None:
         return DitLayout("flux", layout, example) if layout in ("xlabs",) else None
     # the HunyuanVideo/Chroma markers decide over Flux's shared block names, Qwen-Image's, Wan's and SD3's over the
     # top-level names Flux shares with them (img_in, txt_in, final_layer)
-    family = next((f for f in ("hunyuan_video", "chroma", "qwen_image", "wan", "sd3", "flux") if f in families), None)
+    family = next((f for f in ("hunyuan_video", "chroma", "qwen_image", "wan", "sd3", "hidream", "lumina2", "flux")
+                   if f in families), None)
     family = family or next(iter(families))
+    if family == "lumina2":  # one original module tree, two diffusers models (formats/dit/lumina2.py)
+        from loratools.formats.dit.lumina2 import variant
+
+        family = variant(keys)
+        families.setdefault(family, families["lumina2"])
     if family == "ltx_cogvideo" and _sd35_diffusers(keys):
         family = "sd3"
         families.setdefault("sd3", families["ltx_cogvideo"])
@@ -170,13 +179,13 @@ def describe(found: DitLayout) -> str:
 
 def refuse_unhandled(path: object, found: DitLayout) -> None:
     """One clear line for a family or layout recognized but not read yet."""
-    read = ("kohya", "comfyui", "diffusers", "bfl" if found.family == "flux" else "original")
+    read = ("kohya", "comfyui", "diffusers", "bfl" if found.family in ("flux", "chroma") else "original")
     if found.family in HANDLED and found.layout in read:
         return
     raise UnsupportedError(
         f"{path}: {found.example!r}: this is {describe(found)}, which loratools does not read yet "
-        "(diffusion transformers: Flux, SD3, HunyuanVideo, Wan and Qwen-Image in the kohya, ComfyUI and diffusers "
-        "layouts, and in their original bare names)",
+        "(diffusion transformers: Flux, SD3, HunyuanVideo, Wan, Qwen-Image, Lumina2, Z-Image, Chroma and HiDream in "
+        "the kohya, ComfyUI and diffusers layouts, and in their original bare names)",
         hint="a diffusers-layout file (transformer.<module>.lora_A.weight) of any family merges into its diffusers "
         "pipeline; for this layout use the trainer's own tools for now",
         path=path,
