@@ -28,14 +28,20 @@ WAN_GGUF_CONFIG = dict(
     freq_dim=32, ffn_dim=256, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
     rope_max_seq_len=32,
 )  # fmt: skip
-#: tools/lcpp.patch: names llama-quantize leaves unquantized, per architecture
+QWEN_GGUF_CONFIG = dict(
+    patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=32, num_attention_heads=2,
+    joint_attention_dim=32, axes_dims_rope=(4, 12, 16),
+)  # fmt: skip
+#: tools/lcpp.patch: names llama-quantize leaves unquantized, per architecture (qwen_image: not in the patch at
+#: 795e451 though loader.py takes it; its input/output layers, as for Flux)
 NOT_QUANTIZED = {
+    "qwen_image": ("img_in.", "txt_in.", "time_text_embed.", "norm_out.", "proj_out."),
     "flux": ("txt_in.", "img_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer."),
     "wan": ("modulation.", "patch_embedding.", "text_embedding.", "time_projection.", "time_embedding.",
             "img_emb.", "head."),
 }  # fmt: skip
 #: tools/convert.py keys_hiprec
-HIPREC = {"flux": (), "wan": (".modulation",)}
+HIPREC = {"flux": (), "wan": (".modulation",), "qwen_image": ()}
 
 
 def flux_model(seed: int = 0):
@@ -49,15 +55,21 @@ def flux_model(seed: int = 0):
     return model
 
 
-def wan_model(seed: int = 0):
-    from diffusers import WanTransformer3DModel
+def wan_model(seed: int = 0, qwen: bool = False):
+    """A Wan transformer (a Qwen-Image one with ``qwen``)."""
+    from diffusers import QwenImageTransformer2DModel, WanTransformer3DModel
 
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(**WAN_GGUF_CONFIG).eval()
+    cls, config = (QwenImageTransformer2DModel, QWEN_GGUF_CONFIG) if qwen else (WanTransformer3DModel, WAN_GGUF_CONFIG)
+    model = cls(**config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
     return model
+
+
+def qwen_model(seed: int = 0):
+    return wan_model(seed, qwen=True)
 
 
 def convert_type(key: str, t: torch.Tensor, arch: str) -> str:
@@ -167,6 +179,7 @@ def dense_deltas(lora: dict[str, torch.Tensor], names: dict[str, str]) -> dict[s
 
 
 __all__ = [
-    "FLUX_GGUF_CONFIG", "WAN_GGUF_CONFIG", "comfy_state", "dense_deltas", "flux_model", "raw_bytes", "wan_model",
+    "FLUX_GGUF_CONFIG", "WAN_GGUF_CONFIG", "comfy_state", "dense_deltas", "flux_model", "qwen_model", "raw_bytes",
+    "wan_model",
     "write_comfy_gguf",
 ]  # fmt: skip

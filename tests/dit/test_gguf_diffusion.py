@@ -1,6 +1,6 @@
 """DiT LoRAs merged into GGUF diffusion checkpoints as ComfyUI-GGUF writes them (issue 21 item 3, last part).
 
-Bases: tiny random-weight diffusers Flux and Wan transformers in their original names, written by gguf_dit_support
+Bases: tiny random-weight diffusers Flux, Wan and Qwen-Image transformers in their original names, written by gguf_dit_support
 following ComfyUI-GGUF's ``tools/convert.py`` + patched llama-quantize rules (mixed Q8_0 / Q4_K / F16 / BF16 / F32,
 a 5-D F32 Wan patch embedding, a reshaped tensor with ``comfy.gguf.orig_shape``). LoRAs: kohya/musubi files with an
 alpha per module (some none). Oracles: the merged file read back as ComfyUI-GGUF's loader reads it (gguf.GGUFReader,
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 from dit_support import BFL_MODULES, kohya_flux, to_bfl
-from gguf_dit_support import comfy_state, dense_deltas, flux_model, raw_bytes, wan_model, write_comfy_gguf
+from gguf_dit_support import comfy_state, dense_deltas, flux_model, qwen_model, raw_bytes, wan_model, write_comfy_gguf
 from safetensors.torch import load_file, save_file
-from wan_qwen_support import WAN
+from wan_qwen_support import QWEN, WAN
 
 from loratools import merge
 from loratools.ops.merge.gguf_dit_base import peek_architecture
@@ -170,6 +170,22 @@ def test_wan_gguf_with_a_5d_patch_embedding(tmp_path):
     assert summary.tensors_changed == len(deltas) and summary.retyped == []
     worst = _check_merged(base, out, deltas, types)
     assert "Q8_0" in worst
+
+
+def test_qwen_image_gguf_with_an_ai_toolkit_lora(tmp_path):
+    model = qwen_model()
+    state = model.state_dict()  # Qwen-Image's original names are diffusers'
+    base = tmp_path / "qwen-image-Q8_0.gguf"
+    types = write_comfy_gguf(state, base, "qwen_image", "Q8_0")
+    assert "Q8_0" in types.values()
+    lora = QWEN.lora(model, "aitoolkit")
+    path = tmp_path / "aitoolkit.safetensors"
+    save_file(lora, str(path))
+    out = tmp_path / "out.gguf"
+    merge(base, [path], out, verify=True)
+    stems = {k.rsplit(".", 2)[0] for k in lora if k.endswith("lora_A.weight")}
+    deltas = dense_deltas(lora, {s: s.removeprefix("diffusion_model.") + ".weight" for s in stems})
+    assert "Q8_0" in _check_merged(base, out, deltas, types)
 
 
 def test_refusals_name_the_base(flux, tmp_path):
