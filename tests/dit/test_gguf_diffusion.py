@@ -1,13 +1,14 @@
 """DiT LoRAs merged into GGUF diffusion checkpoints as ComfyUI-GGUF writes them (issue 21 item 3, last part).
 
-Bases: tiny random-weight diffusers Flux, Wan and Qwen-Image transformers in their original names, written by gguf_dit_support
-following ComfyUI-GGUF's ``tools/convert.py`` + patched llama-quantize rules (mixed Q8_0 / Q4_K / F16 / BF16 / F32,
-a 5-D F32 Wan patch embedding, a reshaped tensor with ``comfy.gguf.orig_shape``). LoRAs: kohya/musubi files with an
-alpha per module (some none). Oracles: the merged file read back as ComfyUI-GGUF's loader reads it (gguf.GGUFReader,
-orig_shape, the package's dequantization) equals dequant(base) + ΔW (ΔW by the trainers' rule in fp64) within the
-type's own rounding — Q8_0 within its block step, a Q4_K tensor (written as F16) within F16's half ulp — after a
-parity check that ΔW is far beyond those bounds; a base holding only F16/BF16/F32 gives exactly the bytes of the
-safetensors single-file merge of the same tensors; untouched tensors and the metadata are copied byte for byte.
+Bases: tiny random-weight diffusers Flux, Wan and Qwen-Image transformers in their original names, written by
+gguf_dit_support following ComfyUI-GGUF's ``tools/convert.py`` + patched llama-quantize rules (mixed Q8_0 / Q4_K /
+F16 / BF16 / F32, a 5-D F32 Wan patch embedding, a reshaped tensor with ``comfy.gguf.orig_shape``). LoRAs:
+kohya/musubi files (ai-toolkit for Qwen-Image) with an alpha per module (some none). Oracles: the merged file read
+back as ComfyUI-GGUF's loader reads it (gguf.GGUFReader, orig_shape, the package's dequantization) equals
+dequant(base) + ΔW (ΔW by the trainers' rule in fp64) within the type's own rounding — Q8_0 within its block step,
+a Q4_K tensor (written as F16) within F16's half ulp — after a parity check that ΔW is far beyond those bounds; a
+base holding only F16/BF16/F32 gives exactly the bytes of the safetensors single-file merge of the same tensors;
+untouched tensors and the metadata are copied byte for byte.
 """
 
 from __future__ import annotations
