@@ -205,6 +205,15 @@ class DiffusersFormat(AdapterFormat):
         from loratools.formats.dit.layouts import HANDLED, detect
 
         found = detect(k for k in tensors if k.startswith("transformer."))  # the family, for info and --to kohya
+        if found is None and base is not None:  # names Flux, SD3 and HunyuanVideo share (diffusers' SD3 trainer)
+            from loratools.formats.dit.flux_io import base_dit_family
+            from loratools.formats.dit.layouts import DitLayout
+            from loratools.formats.dit.tables import table_for
+
+            family = base_dit_family(base)
+            names = [k.removeprefix("transformer.") for k in modules if k.startswith("transformer.")]
+            if family and names and all(table_for(family).to_original(n) for n in names):
+                found = DitLayout(family, "diffusers", f"transformer.{names[0]}")
         if found is not None and found.family in HANDLED:  # named as the base names it (a BFL/Wan-AI file: renamed)
             from loratools.formats.dit.flux_io import place
 

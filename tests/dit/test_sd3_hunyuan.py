@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import sd3_hunyuan_support as S
@@ -305,3 +306,46 @@ def test_sd3_text_encoders_resolve_against_the_pipeline(models, tmp_path):
     back = load_file(str(save_adapter(adapter, tmp_path / "k2.safetensors", format="kohya")))
     assert torch.equal(back["lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"],
                        lora["lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"])  # fmt: skip
+
+
+def test_an_attention_only_musubi_file_is_told_by_its_metadata_or_base(models, pipelines, tmp_path):
+    """kohya names of HunyuanVideo's attention and single-block linears are Flux's too
+    (lora_unet_double_blocks_0_img_attn_qkv): musubi's modelspec.architecture or the base tells the family; into a
+    HunyuanVideo single file it merges under the file's own names."""
+    F, model = S.HV, models["hunyuan_video"]
+    attention = re.compile(r"^(double_blocks\.\d+\.(img|txt)_attn_(qkv|proj)|single_blocks\.\d+\.linear[12])$")
+    lora = F.lora(model, "kohya", [n for n in F.linears(model) if attention.match(n)])
+    assert not any("mlp" in k or "_mod_" in k for k in lora)
+    plain, tagged = tmp_path / "plain.safetensors", tmp_path / "tagged.safetensors"
+    save_file(lora, str(plain))
+    save_file(lora, str(tagged), metadata={"modelspec.architecture": "hunyuan-video/lora"})
+    assert load_adapter(plain).meta["dit"]["family"] == "flux"  # the names alone: Flux's
+    assert load_adapter(tagged).meta["dit"] == {"family": "hunyuan_video", "layout": "kohya"}
+    base = tmp_path / "hv.safetensors"
+    save_file(F.to_original(model.state_dict(), "model.diffusion_model."), str(base))
+    want = F.trainer_merge(model, lora)
+    for i, path in enumerate((plain, tagged)):
+        merge(base, [path], tmp_path / f"m{i}.safetensors")
+        close(F.from_original(load_file(str(tmp_path / f"m{i}.safetensors"))), want)
+        merge(pipelines["hunyuan_video"], [path], tmp_path / f"p{i}")
+        close(_weights(tmp_path / f"p{i}"), want)
+
+
+def test_a_diffusers_attention_only_sd3_file_merges_into_a_single_file(models, pipelines, tmp_path):
+    """diffusers' SD3 DreamBooth script trains the joint attention only: names Flux shares, no SD3 marker. Into an
+    SD3.5 single file the base tells the family, and the merge is the pipeline merge."""
+    import dit_support
+
+    F, model = S.SD3, models["sd3"]
+    tensors, config = dit_support.diffusers_flux(model)
+    keep = {k: v for k, v in tensors.items() if ".attn." in k and "norm" not in k}
+    path = tmp_path / "d.safetensors"
+    save_file(keep, str(path), metadata={"lora_adapter_metadata": json.dumps(
+        {f"transformer.{k}": v for k, v in config.items()})})  # fmt: skip
+    assert load_adapter(path).meta["dit"] is None  # the names alone tell no family
+    base = tmp_path / "sd3.safetensors"
+    save_file(F.to_original(model.state_dict()), str(base))
+    merge(pipelines["sd3"], [path], tmp_path / "want")
+    merge(base, [path], tmp_path / "m.safetensors")
+    close(F.from_original(load_file(str(tmp_path / "m.safetensors"))), _weights(tmp_path / "want"))
+    close(_weights(tmp_path / "want"), fused(F.diffusers_fused(copy.deepcopy(model), path)))

@@ -207,6 +207,35 @@ def bfl_prefix(base: KeyResolver | None, table: Any = flux) -> str | None:
     return None
 
 
+#: diffusers transformer class -> family, for the files whose names several families share (below)
+_CLASSES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3",
+            "HunyuanVideoTransformer3DModel": "hunyuan_video"}  # fmt: skip
+
+
+def base_dit_family(base: KeyResolver | None) -> str | None:
+    """Flux, SD3 or HunyuanVideo when ``base`` is one (its transformer's class, or an original-layout single file's
+    marker tensor), else None."""
+    if base is None:
+        return None
+    comp = base.components.get("transformer") if base.kind == "pipeline" else base
+    cls = ((comp.config or {}).get("_class_name") if comp is not None else None) or ""
+    if cls in _CLASSES:
+        return _CLASSES[cls]
+    return next((f for f in ("sd3", "hunyuan_video", "flux") if bfl_prefix(base, table_for(f)) is not None), None)
+
+
+def shared_names(found: DitLayout, base: KeyResolver | None, metadata: dict[str, str]) -> DitLayout:
+    """A kohya file on attention and single-block linears only has names Flux and HunyuanVideo share
+    (``lora_unet_double_blocks_0_img_attn_qkv``): musubi-tuner's ``modelspec.architecture`` or the base tells it."""
+    if found.family != "flux" or found.layout != "kohya":
+        return found
+    if metadata.get("modelspec.architecture", "").startswith("hunyuan-video") or base_dit_family(base) == (
+        "hunyuan_video"
+    ):
+        return DitLayout("hunyuan_video", found.layout, found.example)
+    return found
+
+
 def base_family(base: KeyResolver) -> str:
     """What the base is, for a refusal (``a Flux diffusers pipeline``, ``an SD/SDXL pipeline (unet)``)."""
     from loratools.formats.dit.layouts import family_of

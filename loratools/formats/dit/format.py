@@ -18,6 +18,7 @@ from loratools.formats.dit.flux_io import (
     kohya_text_name,
     place,
     read_bfl_named,
+    shared_names,
     text_names,
     text_prefix,
 )
@@ -42,6 +43,7 @@ def read_dit(
     by name)."""
     from loratools.publishing.publish import read_provenance
 
+    found = shared_names(found, base, metadata)
     refuse_unhandled(path, found)
     bfl, text, assumed = read_bfl_named(path, tensors, found)
     modules = place(path, found, bfl, None, base)
