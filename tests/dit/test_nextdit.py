@@ -215,3 +215,57 @@ def test_info_names_family_and_layout(models, tmp_path, name):
     r = CliRunner().invoke(cli, ["info", str(path), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["dit"] == {"family": name, "layout": "kohya"}
+
+
+def test_lumina2_at_full_width_equals_diffusers_converter(tmp_path):
+    """diffusers' ``_convert_non_diffusers_lumina2_lora_to_diffusers`` hard-codes Lumina-Image 2.0's widths (q 2304
+    rows, k/v 768: grouped-query attention): at that width, a ComfyUI-layout file (lora_A/B, no alpha, as that
+    converter wants) read by loratools gives its very factors, on every block kind."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lumina2_lora_to_diffusers
+
+    g, hidden, rank, state = torch.Generator().manual_seed(0), 2304, 2, {}
+    rows = {"attention.qkv": 3840, "attention.out": hidden, "feed_forward.w1": 6144, "feed_forward.w2": hidden,
+            "feed_forward.w3": 6144, "adaLN_modulation.1": 4 * hidden}  # fmt: skip
+    for block in ("layers.0", "layers.1", "noise_refiner.0", "context_refiner.0"):
+        for inner, out in rows.items():
+            if block.startswith("context_refiner") and inner.startswith("adaLN"):
+                continue  # the context refiner has no modulation
+            width = 6144 if inner == "feed_forward.w2" else hidden
+            state[f"diffusion_model.{block}.{inner}.lora_A.weight"] = torch.randn(rank, width, generator=g)
+            state[f"diffusion_model.{block}.{inner}.lora_B.weight"] = torch.randn(out, rank, generator=g)
+    path = tmp_path / "full.safetensors"
+    save_file(state, str(path))
+    theirs = _convert_non_diffusers_lumina2_lora_to_diffusers(dict(state))
+    ours = load_adapter(path)
+    assert ours.meta["dit"] == {"family": "lumina2", "layout": "comfyui"}
+    assert {k.rsplit(".lora_", 1)[0] for k in theirs} == set(ours.modules)
+    for name, m in ours.modules.items():
+        assert m.scale == 1.0
+        assert torch.equal(m.down, theirs[f"{name}.lora_A.weight"])
+        assert torch.equal(m.up, theirs[f"{name}.lora_B.weight"])
+
+
+def test_the_test_names_are_diffusers_own(models):
+    """The native names nextdit_support writes are what diffusers' single-file converters take back: Z-Image's at
+    the tiny width, Lumina2's (which hard-codes 2304/768) at full width on the meta device."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import (
+        convert_lumina2_to_diffusers,
+        convert_z_image_transformer_checkpoint_to_diffusers,
+    )
+
+    state = models["z_image"].state_dict()
+    back = convert_z_image_transformer_checkpoint_to_diffusers(S.Z_IMAGE.to_native(state))
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    with torch.device("meta"):
+        full = diffusers.Lumina2Transformer2DModel(num_layers=1, num_refiner_layers=1)
+    state = full.state_dict()
+    linears = {f"{n}.{leaf}" for n in S.LUMINA2.linears(full) for leaf in ("weight", "bias")} & set(state)
+    native = {}
+    for k in linears:
+        mod, _, leaf = k.rpartition(".")
+        orig, part = S.LUMINA2.native(mod)
+        native.setdefault(f"{orig}.{leaf}", []).append((part, state[k]))
+    native = {k: torch.cat([t for _, t in sorted(v, key=lambda p: p[0])]) for k, v in native.items()}
+    back = convert_lumina2_to_diffusers(native)
+    assert set(back) == linears and all(back[k].shape == state[k].shape for k in linears)

@@ -17,7 +17,8 @@ _FF = [f"ff_i.shared_experts.w{i}" for i in (1, 2, 3)] + [f"ff_i.w{i}" for i in 
 _INNER = ["block.adaLN_modulation.1"] + [f"block.attn1.{a}" for a in _ATTN] + [f"block.{f}" for f in _FF]
 _TOP = ["t_embedder.timestep_embedder.linear_1", "t_embedder.timestep_embedder.linear_2",
         "p_embedder.pooled_embedder.linear_1", "p_embedder.pooled_embedder.linear_2", "x_embedder.proj",
-        "final_layer.linear", "final_layer.adaLN_modulation.1"] + [f"caption_projection.{i}.linear" for i in range(64)]  # fmt: skip
+        "final_layer.linear", "final_layer.adaLN_modulation.1"]  # fmt: skip
+_TOP += [f"caption_projection.{i}.linear" for i in range(64)]
 
 TABLE = BlockTable(
     FAMILY="hidream", blocks=("double_stream_blocks", "single_stream_blocks"),
