@@ -117,10 +117,16 @@ def test_flux_q8_0_mixed_types_through_the_cli(flux, tmp_path):
         assert a.fields[key].parts[-1].tolist() == b.fields[key].parts[-1].tolist()
 
 
-def test_plain_float_base_equals_the_safetensors_merge_byte_for_byte(flux, tmp_path):
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_plain_float_base_equals_the_safetensors_merge_byte_for_byte(flux, tmp_path, layout):
     """No quantization: F16, BF16 and F32 tensors; the same tensors as a BFL safetensors single file merged by the
-    safetensors path give exactly the GGUF merge's bytes."""
+    safetensors path give exactly the GGUF merge's bytes (diffusers layout: its own A per q/k/v, fused into qkv and
+    linear1 rows)."""
+    from dit_support import diffusers_flux
+
     base, lora_path, _, types = _flux_files(flux, tmp_path, target=None)
+    if layout == "diffusers":
+        save_file(diffusers_flux(flux)[0], str(lora_path))
     assert set(types.values()) == {"F16", "BF16", "F32"}
     state, _, _ = comfy_state(base)
     dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
@@ -134,7 +140,7 @@ def test_plain_float_base_equals_the_safetensors_merge_byte_for_byte(flux, tmp_p
         want = t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.float32 else t.numpy().tobytes()
         assert ours[k] == want, k
         changed += ours[k] != raw_bytes(base)[k]
-    assert changed == len(BFL_MODULES)
+    assert changed == len(BFL_MODULES)  # every Linear of the tiny model, in both layouts
 
 
 def test_reshaped_tensor_keeps_its_orig_shape(flux, tmp_path):

@@ -103,6 +103,15 @@ def merge_gguf_diffusion(
 
 
 def _refuse_new(plan: Any, reader: GgufDitBase) -> None:
+    """A GGUF merge rewrites the base's tensors in place in the layout: none added, none resized."""
+    for key, j in plan.jobs.items():
+        if j.replacement is not None and key in reader and tuple(j.shape) != reader.info(key).shape:
+            raise UnsupportedError(
+                f"{reader.root}: the adapter replaces {key} with a tensor of shape {tuple(j.shape)}, the base's is "
+                f"{reader.info(key).shape}; a merge into a GGUF file keeps every tensor's shape",
+                hint="merge into the model's safetensors single file instead, or leave that module out with --exclude",
+                path=reader.root,
+            )
     if plan.new_keys:
         key = sorted(plan.new_keys)[0]
         raise UnsupportedError(
