@@ -1,6 +1,8 @@
 """Run kohya-ss/sd-scripts' real ``networks/merge_lora.py`` in this environment (benchmark use only).
 
-    python benchmarks/run_sd_scripts_merge.py SD_SCRIPTS_DIR [merge_lora.py arguments ...]
+    python benchmarks/run_sd_scripts_merge.py SD_SCRIPTS_DIR [networks/flux_merge_lora.py] [its arguments ...]
+
+(the script defaults to ``networks/merge_lora.py``; bench_dit.py runs ``networks/flux_merge_lora.py``.)
 
 Shims, none on the merge path: modules sd-scripts imports at top level but never calls while merging
 (torchvision, cv2, imagesize, voluptuous: not installed here) are stubbed after diffusers and
@@ -66,5 +68,7 @@ import library.train_util  # noqa: E402,F401  (imports CLIPFeatureExtractor)
 sys.modules["transformers"] = transformers
 
 model_util.CLIPTextModel = CLIPTextModelV4
-sys.argv = [f"{root}/networks/merge_lora.py", *sys.argv[2:]]
+script, rest = ((sys.argv[2], sys.argv[3:]) if sys.argv[2:3] and sys.argv[2].endswith(".py")
+                else ("networks/merge_lora.py", sys.argv[2:]))  # fmt: skip
+sys.argv = [f"{root}/{script}", *rest]
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -9,7 +9,9 @@ many as fit in :data:`RUN_BYTES` when experts are small.
 
 The bytes equal those of the whole-tensor merge: ``apply_inplace`` keeps the whole tensor's row blocks
 (``first_row``), so every ``addmm_`` is the call it makes on the whole tensor, and ``compute`` updates one
-expert at a time anyway. A cast of a large untouched tensor (``--dtype``) is streamed by rows the same way.
+expert at a time anyway. A cast of a large untouched tensor (``--dtype``) is streamed by rows the same way, and
+so is a large 2-D weight with plain LoRA updates (Flux's fused ``linear1``, 132 MB in bf16), in runs of whole row
+blocks, each term's rows shifted to the run (issue 21's benchmark: 855 -> 326 MB peak on a 5 GB Flux file).
 """
 
 from __future__ import annotations
@@ -42,26 +44,47 @@ def _stacked(job: Any) -> bool:
     )
 
 
+def _plain(job: Any) -> bool:
+    """Plain LoRA updates of a 2-D weight (no experts): a run of its rows takes them without the rest."""
+    return (
+        job.replacement is None
+        and not job.biases
+        and bool(job.deltas)
+        and all(c.expert is None and hasattr(c.lora, "factors") for c in job.deltas)
+        and job.dora is None
+        and job.scale == 1
+    )
+
+
 def pieces(src: Source, dtype: str, base: BaseBytes, prefix: str, dev: Any, factors: Any) -> Iterator | None:
     """``(first row, tensor)`` pieces that make output tensor ``src`` in order, or None when it is made whole
-    (not a stack of experts with plain updates, not a cast, or not a byte range of a safetensors file)."""
+    (not a stack of experts or a large 2-D weight with plain updates, not a cast, or not a byte range of a
+    safetensors file)."""
     import math
 
     from loratools.files.safetensors_file import DTYPES
+    from loratools.ops.merge.apply import BLOCK_ELEMENTS
 
     key = (src.key if src.job is None else src.job.source or "")[len(prefix) :]
     if src.job is None and not key:
         return None
-    if src.job is not None and (src.job.source is None or not _stacked(src.job)):
+    if src.job is not None and (src.job.source is None or not (_stacked(src.job) or _plain(src.job))):
         return None
     info = base.reader.info(key)
     shape = tuple(info.shape)
-    if not hasattr(info, "start") or len(shape) < (1 if src.job is None else 3) or not shape[0]:
+    rows2d = src.job is not None and _plain(src.job)  # a large Linear weight (Flux's linear1), by rows
+    if not hasattr(info, "start") or len(shape) < (1 if src.job is None else 2 if rows2d else 3) or not shape[0]:
         return None
     row = max(info.nbytes, math.prod(shape) * DTYPES[dtype][1]) // shape[0]  # bytes per row, read or written
-    if src.job is None and row * shape[0] <= RUN_BYTES:  # a small cast: whole, as before
+    if (src.job is None or rows2d) and row * shape[0] <= RUN_BYTES:  # small: whole, as before
         return None
-    return _runs(src, key, shape, max(1, RUN_BYTES // max(1, row)), dtype, base, dev, factors)
+    per = max(1, RUN_BYTES // max(1, row))
+    if rows2d:  # in place, in whole row blocks of apply_inplace's (the same addmm_ calls: the same bytes)
+        if dev is not None or info.dtype != dtype or len(shape) != 2:
+            return None
+        block = max(1, BLOCK_ELEMENTS // max(1, shape[1]))
+        per = max(block, per // block * block)
+    return _runs(src, key, shape, per, dtype, base, dev, factors)
 
 
 def _runs(src, key, shape, per, dtype, base, dev, factors) -> Iterator[tuple[int, torch.Tensor]]:  # noqa: ANN001
@@ -76,6 +99,12 @@ def _runs(src, key, shape, per, dtype, base, dev, factors) -> Iterator[tuple[int
         run = base.get_rows(key, e0, count)
         if job is None:  # a cast
             yield e0, run.to(target)
+            continue
+        if all(c.expert is None for c in job.deltas):  # rows e0 … of a 2-D weight: each term's rows, shifted
+            spans = [(c, *(c.rows or (0, shape[0]))) for c in job.deltas]
+            deltas = [replace(c, rows=(r0 - e0, r1 - e0)) for c, r0, r1 in spans if r0 < e0 + count and r1 > e0]
+            sub = replace(job, deltas=deltas, shape=(count, *shape[1:]))
+            yield e0, apply_inplace(sub, run, base.scratch(BLOCK_ELEMENTS + shape[-1]), first_row=e0)
             continue
         sub = replace(
             job,
