@@ -90,8 +90,8 @@ def merge(
     """Merge ADAPTERS into the BASE checkpoint: W' = W + sum of weight * scale * B * A.
 
     BASE is a model folder (sharded or not, safetensors or .bin), a .safetensors file, a diffusers
-    pipeline folder, an ONNX export or a GGUF model (touched tensors keep their type; K/I-quants become
-    F16), or a quantized checkpoint (bitsandbytes 4/8-bit, FP8, GPTQ, AWQ: merged into its dequantized
+    pipeline folder, an ONNX export or a GGUF model (llama.cpp's, or a ComfyUI-GGUF diffusion file: touched
+    tensors keep their type; K/I-quants become F16), or a quantized checkpoint (bitsandbytes 4/8-bit, FP8, GPTQ, AWQ: merged into its dequantized
     weights and written in 16-bit, or requantized). Tensors no adapter touches are copied byte for byte; memory
     stays at about one tensor. Tied embeddings are untied when an adapter changes one side.
 
@@ -101,6 +101,7 @@ def merge(
       loratools merge base/ style/ detail/ --weights 1,-0.5 -o merged/ --verify
       loratools merge base/ adapter/ -o merged/ --dtype bf16 --max-shard-size 2GB
       loratools merge model-Q8_0.gguf adapter/ -o merged.gguf --verify
+      loratools merge flux1-dev-Q8_0.gguf flux-lora.safetensors -o merged.gguf
       loratools merge model-bnb-4bit/ qlora/ -o merged/ --reference model-bf16/
       loratools merge model-bnb-4bit/ qlora/ -o merged-4bit/ --requantize
     """
