@@ -237,3 +237,15 @@ def test_architecture_found_when_it_is_not_the_first_key(tmp_path):
     w.write_tensors_to_file()
     w.close()
     assert peek_architecture(tmp_path / "late.gguf") is None and is_diffusion_gguf(tmp_path / "late.gguf")
+
+
+def test_weights_per_adapter(flux, tmp_path):
+    """--weights 1,-1 of one LoRA gives the base back (within one step of each type), and 0.5,0.5 the LoRA once."""
+    base, lora_path, lora, types = _flux_files(flux, tmp_path)
+    merge(base, [lora_path, lora_path], tmp_path / "zero.gguf", weights=[1, -1])
+    before, after = comfy_state(base)[0], comfy_state(tmp_path / "zero.gguf")[0]
+    for name, w in before.items():
+        step = _q8_0_steps(w) if types[name] == "Q8_0" else w.abs() * 2.0**-10 + 2.0**-24
+        assert bool(((after[name] - w).abs() <= step * 1.01).all()), name
+    merge(base, [lora_path, lora_path], tmp_path / "half.gguf", weights=[0.5, 0.5])
+    _check_merged(base, tmp_path / "half.gguf", _flux_deltas(lora), types)
