@@ -349,3 +349,34 @@ def test_a_diffusers_attention_only_sd3_file_merges_into_a_single_file(models, p
     merge(base, [path], tmp_path / "m.safetensors")
     close(F.from_original(load_file(str(tmp_path / "m.safetensors"))), _weights(tmp_path / "want"))
     close(_weights(tmp_path / "want"), fused(F.diffusers_fused(copy.deepcopy(model), path)))
+
+
+def test_merge_into_comfyui_fp8_scaled_single_file(family, tmp_path):
+    """A ComfyUI fp8-scaled SD3.5 / HunyuanVideo single file (fp8 block weights + scale_weight): each fused weight
+    dequantized as ComfyUI does, plus the trainers' update on it, to ≤1e-5 in fp32."""
+    from comfy_fp8_support import dequantize, scaled_file
+
+    F, model, _ = family
+    prefix = "model.diffusion_model."
+    raw = scaled_file(F.to_original(model.state_dict(), prefix), prefix)
+    base = tmp_path / "fp8.safetensors"
+    save_file(raw, str(base))
+    lora = F.lora(model, "kohya")
+    path = tmp_path / "k.safetensors"
+    save_file(lora, str(path))
+    merge(base, [path], tmp_path / "m.safetensors", dtype="fp32")
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    by_kohya = {"lora_unet_" + k[len(prefix) : -len(".weight")].replace(".", "_"): k
+                for k in raw if k.endswith(".weight")}  # fmt: skip
+    deltas = {}
+    for stem in {k.split(".", 1)[0] for k in lora}:
+        down, up = lora[f"{stem}.lora_down.weight"], lora[f"{stem}.lora_up.weight"]
+        alpha = float(lora[f"{stem}.alpha"]) if f"{stem}.alpha" in lora else down.shape[0]
+        deltas[by_kohya[stem]] = alpha / down.shape[0] * up @ down
+    assert any(raw[k].dtype == torch.float8_e4m3fn for k in deltas)
+    worst = 0.0
+    for k, v in merged.items():
+        scale = raw.get(k.removesuffix(".weight") + ".scale_weight")
+        w = dequantize(raw[k], scale).to(torch.bfloat16).float() if scale is not None else raw[k].float()
+        worst = max(worst, float((v.float() - (w + deltas[k] if k in deltas else w)).abs().max()))
+    assert worst <= 1e-5, worst
