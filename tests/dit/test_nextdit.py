@@ -269,3 +269,38 @@ def test_the_test_names_are_diffusers_own(models):
     native = {k: torch.cat([t for _, t in sorted(v, key=lambda p: p[0])]) for k, v in native.items()}
     back = convert_lumina2_to_diffusers(native)
     assert set(back) == linears and all(back[k].shape == state[k].shape for k in linears)
+
+
+#: ComfyUI-GGUF's general.architecture for each family (Z-Image runs as its Lumina2 model, Chroma as Flux)
+GGUF_ARCH = {"z_image": "lumina2", "lumina2": "lumina2", "hidream": "hidream", "chroma": "flux"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_merge_into_gguf_and_fp8_scaled_single_files(models, tmp_path, name):
+    """A ComfyUI-GGUF F16 file merges to exactly the safetensors single-file merge's values; a ComfyUI fp8-scaled
+    file to dequantized weights + the trainers' update, within bf16's rounding (the written type)."""
+    import comfy_fp8_support as C
+    import gguf_dit_support as G
+
+    F, model = S.FAMILIES[name], models[name]
+    native = {k: v.half() for k, v in F.to_native(model.state_dict()).items()}
+    save_file(native, str(tmp_path / "base.safetensors"))
+    lora = _lora(F, model, "kohya")
+    save_file(lora, str(tmp_path / "l.safetensors"))
+    merge(tmp_path / "base.safetensors", [tmp_path / "l.safetensors"], tmp_path / "m.safetensors")
+    want = load_file(str(tmp_path / "m.safetensors"))
+    G.write_comfy_gguf(native, tmp_path / "base.gguf", GGUF_ARCH[name], target=None)
+    merge(tmp_path / "base.gguf", [tmp_path / "l.safetensors"], tmp_path / "m.gguf")
+    got = G.comfy_state(tmp_path / "m.gguf")[0]
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k].float()) for k in want)
+
+    prefix = "model.diffusion_model."
+    scaled = C.scaled_file({prefix + k: v.float() for k, v in native.items()}, only_blocks=False)
+    save_file(scaled, str(tmp_path / "fp8.safetensors"))
+    merge(tmp_path / "fp8.safetensors", [tmp_path / "l.safetensors"], tmp_path / "m8.safetensors")
+    merged = {k.removeprefix(prefix): v for k, v in load_file(str(tmp_path / "m8.safetensors")).items()}
+    dequantized = copy.deepcopy(model)
+    dequantized.load_state_dict(F.from_native({k.removeprefix(prefix): v for k, v in
+                                               C.dequantized_state(scaled).items()}, model))  # fmt: skip
+    S.close(F.from_native({k: v.float() for k, v in merged.items() if k != "scaled_fp8"}, model),
+            F.trainer_merge(dequantized, lora), atol=2e-2)  # fmt: skip
