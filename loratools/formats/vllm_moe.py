@@ -8,8 +8,8 @@ Read in the servers' own code (docs/formats.md cites the files and commits):
   ``block_sparse_moe.experts.{e}.w1|w3|w2``), each ``(r, in)`` / ``(out, r)``, and packs them itself; a model
   with ``is_3d_moe_weight`` (gpt-oss, Qwen3.5-MoE, Qwen3-VL-MoE, GLM-4-MoE-Lite) takes PEFT's ``target_parameters``
   file (``experts.base_layer`` = gate_up_proj, ``experts`` = down_proj), which ``--to peft`` writes.
-- SGLang (``python/sglang/srt/lora/lora.py``): the same per-expert names (``w1/w3/w2`` renamed to
-  ``gate/up/down_proj``), gate and up stacked per expert with one A each.
+- SGLang (``python/sglang/srt/lora/lora.py``): the same per-expert names, and PEFT's target_parameters file as it
+  is (``LoRAAdapter._normalize_peft_paramwrapper_moe``; at most two parameters, one ``r``): no layout of its own.
 
 So the file is an ordinary PEFT adapter (PEFT with transformers 5 loads it too, fusing the experts itself); what
 marks it as this layout is loratools' record in the safetensors metadata (``loratools.experts``: naming scheme,

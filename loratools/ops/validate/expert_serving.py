@@ -5,7 +5,11 @@
 - ``experts_fused_not_3d``: such slices for a model vLLM does not hold as 3-D experts (no ``is_3d_moe_weight``):
   it loads per-expert modules there;
 - ``experts_fused_partial``: a layer with gate_up_proj adapted but not down_proj, or the reverse (vLLM's 3-D path
-  needs both of a layer).
+  needs both of a layer);
+- ``experts_fused_extra_params``: the ``target_parameters`` of a file with expert slices when it lists more than
+  the two expert parameters (a router ``mlp.gate.weight``): SGLang's PEFT normalizer refuses more than two;
+- ``experts_fused_rank_off``: expert parameters whose rank is not the config's ``r`` (a ``rank_pattern``): SGLang
+  reshapes every ``(E·r, in)`` / ``(out, r·E)`` pair with the adapter's one ``r``.
 """
 
 from __future__ import annotations
@@ -34,9 +38,14 @@ def expert_conditions(adapter: Adapter) -> dict[str, list[str]]:
         container, _, leaf = parameter.rpartition(".")
         containers.setdefault(container, set()).add(leaf)
     partial = sorted(c for c, leaves in containers.items() if leaves != {"gate_up_proj", "down_proj"})
+    listed = cfg.get("target_parameters") if fused and isinstance(cfg.get("target_parameters"), list) else []
+    r = cfg.get("r")
+    rank_off = sorted({m.parameter for n, m in adapter.modules.items() if n in fused and m.rank != r}) if r else []
     return {
         "experts": fused + per_expert,
         "experts_fused": fused,
         "experts_fused_not_3d": not_3d,
         "experts_fused_partial": partial if not not_3d else [],
+        "experts_fused_extra_params": [str(t) for t in listed] if len(listed) > 2 else [],
+        "experts_fused_rank_off": rank_off,
     }
