@@ -77,6 +77,33 @@ def dequantize_blocks(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.d
     return w.reshape(e, rows, g * BLOCK).transpose(1, 2).contiguous()
 
 
+#: rows of one expert :func:`dequantize_into` takes at a time (its fp32 temporaries: ~1 MiB per 1000 inputs)
+CHUNK_ROWS = 128
+
+
+def dequantize_into(blocks: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`dequantize_blocks` written into ``out`` (E, G·32, rows): the same values (each is its code's fp32
+    value ``ldexp``-ed by its scale, rounded once into ``out``'s dtype), :data:`CHUNK_ROWS` rows of one expert
+    at a time, so the temporaries are one expert in ``out``'s dtype plus O(chunk), not 5× the tensor in
+    fp32/int64. A byte's two values come from a 256-entry table (one int32 gather, not two int64 ones):
+    2-3× faster than :func:`dequantize_blocks` on one thread."""
+    import torch
+
+    lut = torch.tensor(E2M1, dtype=torch.float32)
+    pairs = lut[unpack_codes(torch.arange(256, dtype=torch.uint8)).long()].view(256, 2)  # low nibble first
+    e, rows, g, _ = blocks.shape
+    expert = torch.empty((rows, g * BLOCK), dtype=out.dtype)  # one expert as stored (rows, in)
+    for i in range(e):
+        for r0 in range(0, rows, CHUNK_ROWS):
+            b, s = blocks[i, r0 : r0 + CHUNK_ROWS], scales[i, r0 : r0 + CHUNK_ROWS]
+            n = b.shape[0]
+            values = pairs.index_select(0, b.reshape(-1).to(torch.int32)).view(n, g, BLOCK)
+            w = torch.ldexp(values, s.to(torch.int32).sub(127).unsqueeze(-1))
+            expert[r0 : r0 + n].copy_(w.view(n, g * BLOCK))
+        out[i].copy_(expert.T)
+    return out
+
+
 def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(E, in, rows) fp32 -> (blocks uint8 (E, rows, in/32, 16), scales uint8 (E, rows, in/32))."""
     import torch
