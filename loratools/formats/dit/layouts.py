@@ -85,10 +85,14 @@ def _layout_of(key: str) -> str | None:
         return "diffusers"
     if key.startswith(("double_blocks.", "single_blocks.", "final_layer.", "img_in.", "txt_in.")):
         return "bfl"
-    if key.startswith(("blocks.", "transformer_blocks.", "joint_blocks.", "layers.", "noise_refiner.",
-                       "context_refiner.", "double_stream_blocks.", "single_stream_blocks.")):
+    if key.startswith(("blocks.", "transformer_blocks.", "joint_blocks.", "noise_refiner.", "context_refiner.",
+                       "double_stream_blocks.", "single_stream_blocks.")) or _NEXTDIT.match(key):
         return "original"
     return None
+
+
+#: a bare NextDiT (Lumina2/Z-Image) name: not ``layers.N.feed_forward.w1`` alone, which Meta's Llama layout shares
+_NEXTDIT = re.compile(r"^layers\.\d+\.(attention\.(qkv|out|to_[qkv]|to_out)|attn\.to_|adaLN_modulation)")
 
 
 def family_of(name: str) -> str | None:
