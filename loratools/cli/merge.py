@@ -92,8 +92,9 @@ def merge(
     BASE is a model folder (sharded or not, safetensors or .bin), a .safetensors file, a diffusers
     pipeline folder, an ONNX export or a GGUF model (llama.cpp's, or a ComfyUI-GGUF diffusion file: touched
     tensors keep their type; K/I-quants become F16), or a quantized checkpoint (bitsandbytes 4/8-bit, FP8, GPTQ,
-    AWQ: merged into its dequantized weights and written in 16-bit, or requantized). Tensors no adapter touches are copied byte for byte; memory
-    stays at about one tensor. Tied embeddings are untied when an adapter changes one side.
+    AWQ: merged into its dequantized weights and written in 16-bit, or requantized). Tensors no adapter touches
+    are copied byte for byte; memory stays at about one tensor. Tied embeddings are untied when an adapter
+    changes one side.
 
     \b
     Examples:
