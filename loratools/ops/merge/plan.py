@@ -114,6 +114,9 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
     from loratools.checkpoint.expert_keymap import lower_experts
 
     adapters = [lower_experts(a, reader, read) for a in adapters]  # expert slices: the base's per-expert/fused tensors
+    from loratools.checkpoint.fused_keymap import lower_fused
+
+    adapters = [lower_fused(a, reader, read) for a in adapters]  # split q/k/v, gate/up <-> Phi-3's fused tensors
     quant = reader.quantization
     if quant and reader.quant is None:  # a scheme checkpoint/quant cannot dequantize
         raise UnsupportedError(
