@@ -304,3 +304,20 @@ def test_merge_into_gguf_and_fp8_scaled_single_files(models, tmp_path, name):
                                                C.dequantized_state(scaled).items()}, model))  # fmt: skip
     S.close(F.from_native({k: v.float() for k, v in merged.items() if k != "scaled_fp8"}, model),
             F.trainer_merge(dequantized, lora), atol=2e-2)  # fmt: skip
+
+
+def test_fused_only_names_are_told_lumina2_by_shape_or_base(models, pipelines, tmp_path):
+    """A ComfyUI file on the fused attention alone (names Lumina2 and Z-Image share): Lumina2 when its qkv is not
+    three equal parts (GQA) or the base is a Lumina2 one; else Z-Image."""
+    F, model = S.LUMINA2, models["lumina2"]
+    lora = _lora(F, model, "comfyui", modules=["layers.0.attention.qkv", "layers.1.attention.out"])
+    path = tmp_path / "attn.safetensors"
+    save_file(lora, str(path))
+    assert load_adapter(path).meta["dit"]["family"] == "lumina2"  # qkv of 64 rows for 32 inputs
+    merge(pipelines["lumina2"], [path], tmp_path / "out")
+    S.close(_weights(tmp_path / "out"), F.trainer_merge(model, lora))
+    out = {k: v for k, v in lora.items() if "attention.out" in k}  # no qkv: only the base can tell
+    save_file(out, str(tmp_path / "out.safetensors"))
+    assert load_adapter(tmp_path / "out.safetensors").meta["dit"]["family"] == "z_image"
+    merge(pipelines["lumina2"], [tmp_path / "out.safetensors"], tmp_path / "out2")
+    S.close(_weights(tmp_path / "out2"), F.trainer_merge(model, out))

@@ -45,6 +45,10 @@ def read_dit(
 
     found = shared_names(found, base, metadata)
     refuse_unhandled(path, found)
+    if found.family == "z_image":  # names Lumina2 shares: the qkv's shape or the base decides (lumina2.refine)
+        from loratools.formats.dit.lumina2 import refine
+
+        found = refine(found, tensors, base)
     bfl, text, assumed = read_bfl_named(path, tensors, found)
     modules = place(path, found, bfl, None, base)
     modules.update(text_names(text, base, found.family))

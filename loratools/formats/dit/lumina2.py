@@ -26,6 +26,7 @@ ComfyUI single files: ``{layers,noise_refiner,context_refiner}.N.attention.qkv``
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from loratools.formats.dit.block_table import BlockTable
 
@@ -90,4 +91,30 @@ def variant(keys: Iterable[str]) -> str:
     return "z_image"
 
 
-__all__ = ["LUMINA2", "Z_IMAGE", "variant"]
+
+
+def refine(found: Any, tensors: dict[str, Any], base: Any) -> Any:
+    """A NextDiT file whose names fit both (only fused ``attention.qkv``/``out``/``feed_forward``): Lumina2 when a
+    ``qkv`` holds other than three equal parts (grouped-query attention) or the base is Lumina2 (its transformer's
+    class, or a single file with a block's ``adaLN_modulation.1``); ``found`` as it is otherwise."""
+    from dataclasses import replace
+
+    if found.family != "z_image" or any(w in k for k in tensors for w in _Z_IMAGE_ONLY):
+        return found
+    for k, t in tensors.items():
+        if k.endswith(("attention.qkv.lora_up.weight", "attention.qkv.lora_B.weight", "attention_qkv.lora_up.weight")):
+            down = next((tensors[k.replace(a, b)] for a, b in (("lora_up", "lora_down"), ("lora_B", "lora_A"))
+                         if k.replace(a, b) in tensors), None)  # fmt: skip
+            if down is not None and down.ndim == 2 and t.ndim == 2 and t.shape[0] != 3 * down.shape[1]:
+                return replace(found, family="lumina2")
+    if base is None:
+        return found
+    comp = base.components.get("transformer") if base.kind == "pipeline" else base
+    cls = ((getattr(comp, "config", None) or {}).get("_class_name") if comp is not None else None) or ""
+    if cls == "Lumina2Transformer2DModel" or (base.kind == "file" and any(
+            k.endswith("layers.0.adaLN_modulation.1.weight") for k in base.keys())):  # fmt: skip
+        return replace(found, family="lumina2")
+    return found
+
+
+__all__ = ["LUMINA2", "Z_IMAGE", "refine", "variant"]
