@@ -321,3 +321,19 @@ def test_fused_only_names_are_told_lumina2_by_shape_or_base(models, pipelines, t
     assert load_adapter(tmp_path / "out.safetensors").meta["dit"]["family"] == "z_image"
     merge(pipelines["lumina2"], [tmp_path / "out.safetensors"], tmp_path / "out2")
     S.close(_weights(tmp_path / "out2"), F.trainer_merge(model, out))
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+@pytest.mark.parametrize("fused", [False, True])
+def test_z_image_into_a_single_file_in_tongyis_names(models, tmp_path, prefix, fused):
+    """A Z-Image single file in Tongyi's/diffusers' names (attention.to_q, all_x_embedder.2-1: Comfy-Org's fp8
+    files hold these): merged under its own names, from musubi's split names and from ComfyUI's fused ones."""
+    F, model = S.Z_IMAGE, models["z_image"]
+    base = tmp_path / "base.safetensors"
+    save_file({prefix + k: v for k, v in model.state_dict().items()}, str(base))
+    lora = _lora(F, model, "kohya", fused=fused)
+    save_file(lora, str(tmp_path / "l.safetensors"))
+    merge(base, [tmp_path / "l.safetensors"], tmp_path / "m.safetensors")
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    assert set(merged) == set(load_file(str(base)))
+    S.close({k.removeprefix(prefix): v for k, v in merged.items()}, F.trainer_merge(model, lora))

@@ -32,6 +32,8 @@ class BlockTable:
     thirds: bool = False
     #: files are written in the diffusers names (the family's trainers write those; read: both)
     SPLIT_FILES: bool = False
+    #: a tensor of a single file in the diffusers names (group 1: its prefix), merged under those names
+    split_probe: str | None = None
     SWAPPED: None = None
     _kohya: dict[str, str] = field(init=False, repr=False)
     _back: dict[str, tuple[str, int, int]] = field(init=False, repr=False)
@@ -56,6 +58,11 @@ class BlockTable:
     @property
     def PROBE(self) -> re.Pattern[str]:  # noqa: N802 - the same attribute as flux.PROBE
         return re.compile(self.probe)
+
+    def split_prefix(self, keys: list[str]) -> str | None:
+        """The prefix of a single file that holds the diffusers names (``split_probe``), else None."""
+        probe = re.compile(self.split_probe) if self.split_probe else None
+        return next((m.group(1) for k in keys if probe and (m := probe.match(k))), None)
 
     def _parts(self, inner: str, in_block: bool) -> Parts | None:
         table, aliases = (self.inner, self.aliases) if in_block else (self.top, self.top_aliases)

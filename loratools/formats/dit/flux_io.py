@@ -271,6 +271,10 @@ def place(
     if base is None:
         named = diffusers if diffusers is not None else split_to_diffusers(path, bfl or {}, table)
         return {f"transformer.{k}": m for k, m in named.items()}
+    split = table.split_prefix(base.keys()) if base.kind == "file" and hasattr(table, "split_prefix") else None
+    if split is not None:  # a single file in diffusers' names (Z-Image's Tongyi names): merged under them
+        named = diffusers if diffusers is not None else split_to_diffusers(path, bfl or {}, table)
+        return {split + k: m for k, m in named.items()}
     prefix = bfl_prefix(base, table)
     if prefix is not None:
         if bfl is not None and any(getattr(table, "is_alias", lambda _: False)(k) for k in bfl):

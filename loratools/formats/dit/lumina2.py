@@ -20,7 +20,8 @@ ComfyUI single files: ``{layers,noise_refiner,context_refiner}.N.attention.qkv``
   ai-toolkit also write; ``attention.qkv`` splits in thirds (its attention has as many key/value heads as query
   heads). Both name sets are read under every prefix; files are written in Tongyi's split names (``SPLIT_FILES``:
   the names diffusers, musubi and ComfyUI's ``z_image_to_diffusers`` key map all load), and merged into a
-  ComfyUI single file under its fused names.
+  ComfyUI single file under its fused names, into a single file in Tongyi's names (Comfy-Org's fp8 files) under
+  those.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ _Z_INNER = {"attention.to_q": "attention.to_q", "attention.to_k": "attention.to_
             "attention.to_out.0": "attention.to_out.0"}  # fmt: skip
 Z_IMAGE = BlockTable(
     FAMILY="z_image", blocks=_BLOCKS, thirds=True, SPLIT_FILES=True,
+    split_probe=r"^(.*?)layers\.\d+\.attention\.to_q\.weight$",
     inner={
         "attention.qkv": ("attention.to_q", "attention.to_k", "attention.to_v"),
         "attention.out": ("attention.to_out.0",), "feed_forward.w1": ("feed_forward.w1",),
