@@ -113,6 +113,15 @@ def expert_summary(adapter: Adapter) -> list[dict[str, Any]]:
 
 #: the formats whose writers pack expert slices (PEFT target_parameters; the per-expert serving layout)
 EXPERT_WRITERS = ("peft", "vllm-moe")
+#: why a format has no place for expert LoRA, and the way out, where more can be said than "none"
+_NO_PLACE = {
+    "gguf": (
+        "llama.cpp has no runtime expert LoRA (a GGUF adapter adapts 2-D matrix multiplications by tensor name; the "
+        "experts are one 3-D ffn_*_exps tensor per layer)",
+        "merge it into the GGUF base (loratools merge BASE.gguf ADAPTER -o merged.gguf writes each expert's ΔW into "
+        "ffn_*_exps); loratools convert ADAPTER --to gguf --exclude '\\]$' ... writes the rest",
+    ),
+}
 
 
 def refuse_write(adapter: Adapter, fmt: str) -> None:
@@ -121,6 +130,9 @@ def refuse_write(adapter: Adapter, fmt: str) -> None:
     if fmt in EXPERT_WRITERS:
         return
     for name, m in adapter.modules.items():
+        if isinstance(m, ExpertLoraModule) and fmt in _NO_PLACE:
+            why, hint = _NO_PLACE[fmt]
+            raise UnsupportedError(f"writing {fmt}: module {name} is one expert's slice: {why}", hint=hint)
         if isinstance(m, ExpertLoraModule):
             raise UnsupportedError(
                 f"writing {fmt}: module {name} is one expert's slice of a LoRA on the expert parameter "

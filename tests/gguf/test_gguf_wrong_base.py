@@ -41,14 +41,14 @@ def test_an_architecture_name_alone_is_no_evidence(tmp_path: Path) -> None:
     assert code == 0, err
 
 
-def test_an_expert_lora_into_a_gguf_base_says_what_is_missing(tmp_path: Path) -> None:
-    """llama.cpp has no runtime expert LoRA and loratools does not yet write into ffn_*_exps: one line saying so
-    (it said 'no llama GGUF tensor corresponds' with a --base hint)."""
+def test_an_expert_lora_into_a_dense_gguf_base_says_what_is_missing(tmp_path: Path) -> None:
+    """An expert LoRA into a dense GGUF base: one line naming the stacked expert tensor it lacks (it said 'no
+    llama GGUF tensor corresponds' with a --base hint); MoE bases take it (tests/gguf/test_gguf_moe.py)."""
     moe = FIXTURES / "moe" / "qwen3-moe-lora"
     code, _, err = run_cli(["merge", FIXTURES / "gguf" / "llama-f32.gguf", moe, "-o", tmp_path / "m.gguf",
                             "--allow-other-base"])  # fmt: skip
-    assert code == 2 and "an expert LoRA; llama.cpp has no runtime expert LoRA" in err, err
-    assert "convert_hf_to_gguf.py" in err and not (tmp_path / "m.gguf").exists()
+    assert code == 2 and "an expert LoRA, but the GGUF base has no stacked expert tensor blk.0.ffn_" in err, err
+    assert "mixture-of-experts model" in err and not (tmp_path / "m.gguf").exists()
 
 
 def test_a_merge_beyond_the_f16_range_is_refused_not_written_as_inf(tmp_path: Path) -> None:

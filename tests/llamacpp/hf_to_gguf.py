@@ -21,6 +21,7 @@ ARCH = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3moe",
+    "MixtralForCausalLM": "llama",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
     "Phi3ForCausalLM": "phi3",
@@ -53,9 +54,10 @@ def _hparams(w: Any, arch: str, cfg: dict[str, Any]) -> None:
     if arch == "gemma2":
         w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
         w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
-    if arch == "qwen3moe":
-        w.add_expert_count(cfg["num_experts"])
+    if "num_local_experts" in cfg or "num_experts" in cfg:  # Qwen3-MoE, Mixtral (transformers 5 saves either key)
+        w.add_expert_count(n_experts(cfg))
         w.add_expert_used_count(cfg["num_experts_per_tok"])
+    if arch == "qwen3moe":
         w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
 
 
@@ -79,14 +81,21 @@ def _tensors(src: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def n_experts(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("num_experts") or cfg["num_local_experts"])
+
+
 def _moe_stacks(tensors: dict[str, np.ndarray], n_layer: int, n_expert: int) -> dict[str, np.ndarray]:
-    """Qwen3-MoE per-expert weights stacked the way the converter stacks them (one 3-D tensor each)."""
+    """Per-expert weights (Qwen3-MoE ``mlp.experts.{e}.gate_proj``, Mixtral ``block_sparse_moe.experts.{e}.w1``)
+    stacked the way the converter stacks them (``torch.stack(dim=0)``: one 3-D tensor each, no row permutation)."""
     out = dict(tensors)
     for i in range(n_layer):
-        for part in ("gate_proj", "up_proj", "down_proj"):
-            keys = [f"model.layers.{i}.mlp.experts.{e}.{part}.weight" for e in range(n_expert)]
+        for box, part in [("mlp", p) for p in ("gate_proj", "up_proj", "down_proj")] + [
+            ("block_sparse_moe", p) for p in ("w1", "w3", "w2")
+        ]:
+            keys = [f"model.layers.{i}.{box}.experts.{e}.{part}.weight" for e in range(n_expert)]
             if keys[0] in out:
-                out[f"model.layers.{i}.mlp.experts.{part}.weight"] = np.stack([out.pop(k) for k in keys])
+                out[f"model.layers.{i}.{box}.experts.{part}.weight"] = np.stack([out.pop(k) for k in keys])
     return out
 
 
@@ -105,8 +114,8 @@ def convert(src: Path, dst: Path, outtype: str = "f32") -> Path:
     _hparams(w, arch, cfg)
     _tokenizer(w, cfg["vocab_size"])
     tensors = _tensors(src)
-    if arch == "qwen3moe":
-        tensors = _moe_stacks(tensors, n_layer, cfg["num_experts"])
+    if "num_local_experts" in cfg or "num_experts" in cfg:
+        tensors = _moe_stacks(tensors, n_layer, n_experts(cfg))
     for name, t in tensors.items():
         t = t.astype(np.float32)
         if arch.startswith("gemma") and name == "lm_head.weight":

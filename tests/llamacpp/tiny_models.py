@@ -33,6 +33,9 @@ def _config(arch: str) -> Any:
         return tf.Qwen3MoeConfig(**{**_COMMON, "intermediate_size": 64}, head_dim=16, num_experts=4,
                                  num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
                                  norm_topk_prob=True, tie_word_embeddings=False)  # fmt: skip
+    if arch == "mixtral":
+        return tf.MixtralConfig(**{**_COMMON, "intermediate_size": 32}, head_dim=16, num_local_experts=4,
+                                num_experts_per_tok=2, tie_word_embeddings=False)  # fmt: skip
     if arch == "gemma2":
         return tf.Gemma2Config(**_COMMON, head_dim=16, query_pre_attn_scalar=16, sliding_window=64,
                                attn_logit_softcapping=50.0, final_logit_softcapping=30.0)  # fmt: skip
@@ -46,7 +49,8 @@ def _config(arch: str) -> Any:
 
 
 _CLASSES = {"llama": "LlamaForCausalLM", "llama-tied": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM", "gemma2": "Gemma2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+            "gemma2": "Gemma2ForCausalLM",
             "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}  # fmt: skip
 
 

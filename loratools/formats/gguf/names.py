@@ -55,6 +55,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "MistralForCausalLM": ArchSpec("llama", _LLAMA_FAMILY, permute_qk=True),
     "Qwen2ForCausalLM": ArchSpec("qwen2", _LLAMA_FAMILY),
     "Qwen3ForCausalLM": ArchSpec("qwen3", _LLAMA_FAMILY),
+    # Qwen3MoeModel (conversion/qwen.py): names only; q_norm/k_norm kept; experts stacked into ffn_*_exps
+    "Qwen3MoeForCausalLM": ArchSpec("qwen3moe", _LLAMA_FAMILY),
+    # LlamaModel: Q/K permuted; block_sparse_moe.experts.{e}.w1/w3/w2 stacked into ffn_gate/up/down_exps
+    "MixtralForCausalLM": ArchSpec("llama", _LLAMA_FAMILY, permute_qk=True),
     # GemmaModel / Gemma2Model.modify_tensors: no Q/K permutation, norms + 1, lm_head skipped
     "GemmaForCausalLM": ArchSpec("gemma", _LLAMA_FAMILY, tied_default=True, output_dropped=True),
     "Gemma2ForCausalLM": ArchSpec("gemma2", _LLAMA_FAMILY, tied_default=True, output_dropped=True),
@@ -72,7 +76,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "gemma": "GemmaForCausalLM",
                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-                "phi3": "Phi3ForCausalLM"}  # fmt: skip
+                "phi3": "Phi3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                "mixtral": "MixtralForCausalLM"}  # fmt: skip
 #: GGUF architecture -> spec (Mistral converts as llama)
 BY_GGUF_ARCH: dict[str, ArchSpec] = {s.gguf_arch: s for s in reversed(list(ARCHITECTURES.values()))}
 

@@ -9,11 +9,11 @@ LoRA cannot carry is one :class:`Problem` with the way out.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from loratools.errors import ShapeError
+from loratools.formats.gguf.experts import expert_problem, is_expert_module
 from loratools.formats.gguf.rewrites import TOKEN_EMBD, rows_to_gguf
 
 if TYPE_CHECKING:
@@ -57,6 +57,8 @@ class Pair:
     module: str
     lora_a: torch.Tensor
     lora_b: torch.Tensor
+    #: a merge's update of one expert slice ``tensor[expert]`` of a stacked ffn_*_exps tensor (:mod:`.experts`)
+    expert: int | None = None
 
 
 @dataclass
@@ -99,10 +101,6 @@ def tied_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None, m
     return Problem(name, "tied_embedding", f"{name}: the base ties lm_head to the token embeddings: {why}", hint)
 
 
-#: a per-expert module path (Mixtral's experts.3.w1, Qwen3-MoE's experts.3.gate_proj)
-_EXPERT = re.compile(r"\.experts\.\d+\.")
-
-
 def _module_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None, merge: bool) -> Problem | None:
     if m.magnitude is not None:
         return Problem(name, "dora", f"{name}: DoRA magnitude vectors have no place in a GGUF LoRA", LOWER_HINT)
@@ -113,15 +111,9 @@ def _module_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None
     tied = tied_problem(name, m, base, tensor, merge)
     if tied is not None:
         return tied
-    if tensor is None and (hasattr(m, "num_experts") or _EXPERT.search(name)):
-        return Problem(
-            name,
-            "expert",
-            f"{name}: an expert LoRA; llama.cpp has no runtime expert LoRA, and merging into a GGUF's stacked "
-            "expert tensors (ffn_*_exps) is not built yet",
-            "merge into the safetensors checkpoint (loratools merge BASE ADAPTER -o OUT), then convert the merged "
-            "model with llama.cpp's convert_hf_to_gguf.py",
-        )
+    if tensor is None and is_expert_module(name, m):
+        found = expert_problem(name, base, merge)
+        return None if found is None else Problem(name, *found)
     if tensor is None:
         return Problem(
             name,
@@ -226,6 +218,9 @@ def plan(adapter: Adapter, base: GgufBase, merge: bool = False) -> GgufPlan:
     for name, m in adapter.modules.items():
         if name in regrouped.consumed:
             continue
+        if merge and is_expert_module(name, m) and m.magnitude is None and m.bias is None:
+            _expert_pairs(name, m, base, out)
+            continue
         tensor = base.gguf_name(name)
         problem = _module_problem(name, m, base, tensor, merge)
         if problem is None and tensor is not None:
@@ -251,21 +246,36 @@ def plan(adapter: Adapter, base: GgufBase, merge: bool = False) -> GgufPlan:
     return out
 
 
+def _expert_pairs(name: str, m: LoraModule, base: GgufBase, out: GgufPlan) -> None:
+    """A merge's pairs of expert module ``m``: one per expert slice of each stacked tensor it updates."""
+    from loratools.formats.gguf.experts import expert_parts, part_problem
+
+    parts, why = expert_parts(name, m, base)
+    if why is not None:
+        out.problems.append(Problem(name, "expert", why, HF_MERGE_HINT))
+    for part in parts:
+        why = part_problem(name, part, base, getattr(m, "orientation_known", True))
+        if why is not None:
+            out.problems.append(Problem(name, "expert_shape", why, _WRONG_BASE))
+        else:
+            out.pairs.append(Pair(part.tensor, name, part.down, part.up, expert=part.expert))
+
+
 def _one_pair_per_tensor(pairs: list[Pair]) -> list[Pair]:
     """Pairs on one tensor (a fused projection's parts beside a LoRA on the fused module) as one pair whose
     ΔW is their sum, exactly: A's stacked, B's side by side (token_embd's lora_a is Aᵀ: side by side too)."""
     import torch
 
-    by_tensor: dict[str, list[Pair]] = {}
+    by_tensor: dict[tuple[str, int | None], list[Pair]] = {}
     for p in pairs:
-        by_tensor.setdefault(p.tensor, []).append(p)
+        by_tensor.setdefault((p.tensor, p.expert), []).append(p)
     out = []
-    for tensor, group in by_tensor.items():
+    for (tensor, expert), group in by_tensor.items():
         if len(group) == 1:
             out.append(group[0])
             continue
         a_dim = 1 if tensor == TOKEN_EMBD else 0
         lora_a = torch.cat([p.lora_a for p in group], dim=a_dim)
         lora_b = torch.cat([p.lora_b for p in group], dim=1)
-        out.append(Pair(tensor, " + ".join(p.module for p in group), lora_a, lora_b))
+        out.append(Pair(tensor, " + ".join(p.module for p in group), lora_a, lora_b, expert))
     return out

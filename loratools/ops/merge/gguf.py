@@ -7,7 +7,8 @@ identical to the ``gguf`` package's, two buffers reused from tensor to tensor), 
 Σ wᵢ·ΔWᵢ in the GGUF layout (the same pairs a GGUF adapter holds: each module's exact scale, the
 converter's Q/K row permutation, token_embd's rule), and written back in its own type when the package
 can write it (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0); K- and I-quant tensors are written as F16,
-as llama.cpp's ``llama-export-lora`` does, and are counted in ``retyped``.
+as llama.cpp's ``llama-export-lora`` does, and are counted in ``retyped``. A MoE base's stacked expert
+tensors (``ffn_*_exps``) take each expert's ΔW one expert slice at a time (:mod:`.gguf_experts`).
 """
 
 from __future__ import annotations
@@ -40,15 +41,24 @@ def is_gguf_base(path: str | Path) -> bool:
     return is_gguf_file(path)
 
 
-def _updates(adapters: Sequence[Adapter], weights: Sequence[float], info: GgufBase) -> dict[str, list[Any]]:
-    """GGUF tensor name -> [(lora_a, lora_b·w), ...] for every adapter, each checked like a GGUF adapter."""
+def _updates(adapters: Sequence[Adapter], weights: Sequence[float], info: GgufBase) -> dict[str, Any]:
+    """GGUF tensor name -> [(lora_a, lora_b·w), ...] for every adapter, each checked like a GGUF adapter; a
+    stacked expert tensor (ffn_*_exps) -> {expert: [(lora_a, lora_b·w), ...]} (:mod:`.gguf_experts`)."""
     from loratools.formats.gguf.format import check_plan
 
-    out: dict[str, list[Any]] = {}
+    out: dict[str, Any] = {}
     for adapter, w in zip(adapters, weights, strict=True):
         for pair in check_plan(adapter, info, merge=True).pairs:
-            out.setdefault(pair.tensor, []).append((pair.lora_a, pair.lora_b * float(w)))
+            update = (pair.lora_a, pair.lora_b * float(w))
+            if pair.expert is None:
+                out.setdefault(pair.tensor, []).append(update)
+            else:
+                out.setdefault(pair.tensor, {}).setdefault(pair.expert, []).append(update)
     return out
+
+
+def _n_pairs(update: Any) -> int:
+    return sum(map(len, update.values())) if isinstance(update, dict) else len(update)
 
 
 def add_updates(w: torch.Tensor, name: str, pairs: list[Any]) -> torch.Tensor:
@@ -244,7 +254,7 @@ def merge_gguf(
             verify_gguf_merge(base_path, Path(tmp), updates, info)
     return MergeSummary(
         output=Path(output),
-        modules_merged=sum(len(v) for v in updates.values()),
+        modules_merged=sum(map(_n_pairs, updates.values())),
         tensors_changed=len(updates),
         tensors_written=len(plan),
         bytes_written=written,
@@ -257,11 +267,12 @@ def merge_gguf(
 
 
 def _write_tensors(
-    plan: list[tuple[str, Any, str | None]], updates: dict[str, list[Any]], base: Path, fd: int, alignment: int
+    plan: list[tuple[str, Any, str | None]], updates: dict[str, Any], base: Path, fd: int, alignment: int
 ) -> int:
     """The data section at ``fd``: untouched tensors file to file in the kernel, touched ones merged and
     written from the scratch buffer they were encoded into, each write overlapping the next tensor's merge
     (buffers freed on return, before a --verify). Bytes of tensor data written."""
+    from loratools.ops.merge.gguf_experts import write_experts
     from loratools.ops.merge.gguf_tensors import DataSection, Scratch
     from loratools.ops.merge.write import torch_threads
 
@@ -274,6 +285,8 @@ def _write_tensors(
                 if out_type is None:
                     data.copy(src.fileno(), t.data_offset, int(t.n_bytes))
                     written += int(t.n_bytes)
+                elif isinstance(updates[name], dict):  # a stacked expert tensor: one expert at a time
+                    written += write_experts(t, updates[name], out_type, src.fileno(), base, data, scratch, _merged)
                 else:
                     scratch.next_slot()  # the other byte buffer, once the writer is done with it
                     encoded = _merged(t, updates[name], src.fileno(), base, name, scratch)[0]
@@ -286,7 +299,7 @@ def _write_tensors(
     return written
 
 
-def output_layout(reader: Any, updates: dict[str, list[Any]], info: GgufBase) -> list[tuple[str, Any]]:
+def output_layout(reader: Any, updates: dict[str, Any], info: GgufBase) -> list[tuple[str, Any]]:
     """(name written, base tensor read) in the output's order: the base's own, and for a tied base whose
     lm_head or token_embd an adapter changes, ``output.weight`` made from the original ``token_embd``
     right after it (the runtime reuses token_embd only when there is no output.weight)."""
@@ -317,10 +330,11 @@ def _tensor_info(shape: tuple[int, ...], out_type: str) -> tuple[Any, Any, int, 
     return byte_shape, np.dtype(np.uint8), math.prod(byte_shape), qtype
 
 
-def verify_gguf_merge(base: Path, merged: Path, updates: dict[str, list[Any]], info: GgufBase) -> None:
+def verify_gguf_merge(base: Path, merged: Path, updates: dict[str, Any], info: GgufBase) -> None:
     """Untouched tensors byte-identical, touched ones equal to base + ΔW as their type encodes it (an
     untied output.weight: the base's token_embd + its own ΔW)."""
     from loratools.formats.gguf.names import open_gguf
+    from loratools.ops.merge.gguf_experts import verify_experts
     from loratools.ops.merge.gguf_tensors import Scratch, same_bytes
 
     before, after = open_gguf(base), open_gguf(merged)
@@ -335,6 +349,11 @@ def verify_gguf_merge(base: Path, merged: Path, updates: dict[str, list[Any]], i
                 same = old.tensor_type == new.tensor_type and old.n_bytes == new.n_bytes
                 if not same or not same_bytes(b, new.data_offset, (a, old.data_offset, int(old.n_bytes))):
                     raise VerificationError(f"{merged}: untouched tensor {name} is not byte-identical to the base")
+                continue
+            if isinstance(updates[name], dict):
+                if not verify_experts(old, new, updates[name], _out_type(old.type_label), (a, b), base, scratch,
+                                      _merged):  # fmt: skip
+                    raise VerificationError(f"{merged}: tensor {name} is not the base plus the experts' ΔW")
                 continue
             want, out_type = _merged(old, updates[name], a, base, name, scratch)
             same = new.type_label == out_type and new.n_bytes == want.nbytes

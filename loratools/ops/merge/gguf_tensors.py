@@ -301,9 +301,10 @@ class DataSection:
         self._pending: list[Any] = []
         self._submit(lambda: None, 0)
 
-    def _submit(self, job: Any, n: int) -> Any:
-        """Run ``job`` (writing ``n`` bytes at the end of the file) on the writer, then the padding."""
-        pad = -(self.pos + n) % self.alignment
+    def _submit(self, job: Any, n: int, pad_after: bool = True) -> Any:
+        """Run ``job`` (writing ``n`` bytes at the end of the file) on the writer, then the padding (none
+        with ``pad_after=False``: a piece of a tensor written in parts, see :meth:`pad`)."""
+        pad = -(self.pos + n) % self.alignment if pad_after else 0
         self.pos += n + pad
 
         def run() -> None:
@@ -315,12 +316,16 @@ class DataSection:
         self._pending.append(future)
         return future
 
-    def write(self, data: Any) -> Any:
+    def write(self, data: Any, pad: bool = True) -> Any:
         """Queue ``data`` (a buffer left untouched until the returned future is done)."""
-        return self._submit(lambda: write_all(self.fd, data), memoryview(data).nbytes)
+        return self._submit(lambda: write_all(self.fd, data), memoryview(data).nbytes, pad)
 
-    def copy(self, src: int, offset: int, n: int) -> Any:
-        return self._submit(lambda: copy_range(src, offset, n, self.fd), n)
+    def copy(self, src: int, offset: int, n: int, pad: bool = True) -> Any:
+        return self._submit(lambda: copy_range(src, offset, n, self.fd), n, pad)
+
+    def pad(self) -> Any:
+        """The padding after a tensor written in pieces (``pad=False``)."""
+        return self._submit(lambda: None, 0)
 
     def close(self, wait_only: bool = False) -> None:
         """Wait for every queued write; raise the first failure (not with ``wait_only``, on another error)."""
