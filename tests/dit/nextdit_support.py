@@ -22,7 +22,7 @@ import torch
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 Z_CONFIG = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
-                n_heads=4, n_kv_heads=4, cap_feat_dim=12, axes_dims=[2, 2, 4], axes_lens=[32, 32, 32])  # fmt: skip
+                n_heads=4, n_kv_heads=4, cap_feat_dim=12, axes_dims=[2, 2, 4], axes_lens=[64, 32, 32])  # fmt: skip
 L_CONFIG = dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=1,
                 num_attention_heads=4, num_kv_heads=2, multiple_of=16, axes_dim_rope=(2, 2, 4),
                 axes_lens=(32, 32, 32), cap_feat_dim=12)  # fmt: skip  (2 of 4 heads for key/value: GQA)
@@ -91,6 +91,27 @@ def _c_native(name: str) -> tuple[str, int]:
     return f"{block}.{m.group(2)}.{inner}", part
 
 
+def _forward(name: str, model: Any) -> torch.Tensor:
+    """The transformer's output on fixed random inputs (the same on every call)."""
+    g = torch.Generator().manual_seed(1)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    with torch.no_grad():
+        if name == "z_image":
+            return model([r(4, 1, 4, 4)], torch.tensor([0.5]), [r(3, 12)], return_dict=False)[0][0]
+        if name == "lumina2":
+            return model(r(1, 4, 4, 4), torch.tensor([0.5]), r(1, 3, 12), torch.ones(1, 3, dtype=torch.bool),
+                         return_dict=False)[0]  # fmt: skip
+        if name == "chroma":
+            return model(hidden_states=r(1, 6, 4), encoder_hidden_states=r(1, 3, 12), timestep=torch.tensor([0.4]),
+                         img_ids=r(6, 3), txt_ids=r(3, 3), return_dict=False)[0]  # fmt: skip
+        return model(hidden_states=r(1, 4, 4, 4), timesteps=torch.tensor([500]), encoder_hidden_states_t5=r(1, 3, 8),
+                     encoder_hidden_states_llama3=r(2, 1, 3, 6), pooled_embeds=r(1, 10),
+                     return_dict=False)[0]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -110,6 +131,9 @@ class Family:
             for p in model.parameters():
                 p.copy_(torch.randn_like(p) * 0.2)
         return model
+
+    def forward(self, model: Any) -> torch.Tensor:
+        return _forward(self.name, model)
 
     def linears(self, model: Any) -> dict[str, tuple[int, int]]:
         return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

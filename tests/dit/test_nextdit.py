@@ -70,6 +70,22 @@ def test_the_lora_moves_the_weights_far_beyond_the_tolerance(models, tmp_path, n
                and (theirs[k] != before[k]).any()) > 100 * 1e-5  # fmt: skip
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_merged_outputs_equal_diffusers_with_the_lora_active(models, pipelines, tmp_path, name):
+    """The transformer merged by loratools gives the output diffusers' model gives with the LoRA loaded (not
+    fused) to ≤1e-4, and the LoRA moves that output far beyond the tolerance."""
+    import diffusers
+
+    F, model = S.FAMILIES[name], models[name]
+    path = tmp_path / "d.safetensors"
+    _diffusers_file(model, path)
+    theirs = F.forward(F.diffusers_fused(copy.deepcopy(model), path))
+    assert float((theirs - F.forward(model)).abs().max()) > 100 * 1e-4
+    merge(pipelines[name], [path], tmp_path / "out")
+    ours = getattr(diffusers, F.transformer).from_pretrained(tmp_path / "out" / "transformer").eval()
+    assert float((F.forward(ours) - theirs).abs().max()) <= 1e-4
+
+
 @pytest.mark.parametrize(("name", "layout", "alphas", "leave_out"), DIFFUSERS_OK)
 def test_merge_into_pipeline_equals_diffusers(models, pipelines, tmp_path, name, layout, alphas, leave_out):
     F, model = S.FAMILIES[name], models[name]
