@@ -16,7 +16,10 @@ QWEN3_MOE = ROOT / "fixtures" / "moe" / "qwen3-moe-bf16"
 QWEN3_MOE_LORA = ROOT / "fixtures" / "moe" / "qwen3-moe-lora"
 
 
-def write_moe_gguf(dst: Path, outtype: str = "f32", experts: int | None = None, ffn: int | None = None) -> Path:
+def write_moe_gguf(
+    dst: Path, outtype: str = "f32", experts: int | None = None, ffn: int | None = None, flat: bool = False
+) -> Path:
+    """``flat``: the stacked tensors written 2-D, (E·out, in), as no converter writes them."""
     import json
 
     import gguf
@@ -32,6 +35,7 @@ def write_moe_gguf(dst: Path, outtype: str = "f32", experts: int | None = None, 
             stack = stack[:keep]
             if ffn is not None:
                 stack = stack[:, :ffn] if part != "down_proj" else stack[:, :, :ffn]
+            stack = stack.reshape(-1, stack.shape[-1]) if flat else stack
             tensors[f"model.layers.{i}.mlp.experts.{part}.weight"] = np.ascontiguousarray(stack)
     w = gguf.GGUFWriter(dst, "qwen3moe")
     w.add_block_count(n_layer)

@@ -2,7 +2,8 @@
 ``target_parameters`` adapter for a tiny Qwen3-MoE (4 experts, r=2, both expert parameters) built by PEFT itself
 in the case's folder, or its per-expert ``vllm-moe`` form written by loratools, then one field or tensor broken.
 Every case is refused when read, so the Llama base of the shared commands does not matter. The cases that need
-the MoE base itself (a wrong expert count, rank_pattern against the base's count) stay in tests/moe."""
+the MoE base itself (a wrong expert count, rank_pattern against the base's count) stay in tests/moe; GGUF MoE
+bases that do not fit the fixture adapter (expert count, expert shape, not stacked) are the last cases."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from hostile import ADAPTER_COMMANDS, HostileCase
 from loratools.files.safetensors_file import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "moe"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 A0 = "base_model.model.model.layers.0.mlp.experts.lora_A.weight"  # down_proj of layer 0 (the outer wrapper)
 B0 = "base_model.model.model.layers.0.mlp.experts.lora_B.weight"
 GATE0 = "base_model.model.model.layers.0.mlp.experts.3.gate_proj.lora_A.weight"
+QWEN3_MOE_LORA = Path(__file__).resolve().parents[2] / "fixtures" / "moe" / "qwen3-moe-lora"
 
 
 def _seed(folder: Path, served: bool = False) -> Path:
@@ -88,6 +91,15 @@ def _case(name: str, build: Callable[[Path], Path], expect: tuple[str, ...], val
 
 def _drop_version(c: dict[str, Any]) -> None:
     c.pop("peft_version", None)
+
+
+def _gguf_base(**kw: Any) -> Callable[[Path], Path]:
+    def build(folder: Path) -> Path:
+        from moe_gguf import write_moe_gguf
+
+        return write_moe_gguf(folder / "moe.gguf", **kw)
+
+    return build
 
 
 CASES = [
@@ -161,5 +173,23 @@ CASES = [
         "served-gate-width",
         _tensors(lambda t, m: t.update({GATE0: t[GATE0][:, :16].contiguous()}), True),
         ("expert 3", "disagree", WEIGHTS),
+    ),
+    # GGUF MoE bases (tests/moe_gguf.py) that do not fit the fixture's 4 experts of (24, 32) / (32, 24)
+    *(
+        HostileCase(
+            f"moe-gguf-base-{name}",
+            _gguf_base(**kw),
+            expect,
+            commands={"merge": ["merge", "B", QWEN3_MOE_LORA, "-o", "O"]},
+        )  # fmt: skip
+        for name, kw, expect in (
+            (
+                "too-few-experts",
+                {"experts": 3},
+                ("the adapter holds 4 experts", "blk.0.ffn_down_exps.weight [3, 32, 24]"),
+            ),
+            ("narrow-experts", {"ffn": 16}, ("blk.0.ffn_down_exps.weight holds experts of [32, 16]",)),
+            ("not-stacked", {"flat": True}, ("blk.0.ffn_down_exps.weight [128, 24] is not a stack of experts",)),
+        )
     ),
 ]
