@@ -380,3 +380,29 @@ def test_merge_into_comfyui_fp8_scaled_single_file(family, tmp_path):
         w = dequantize(raw[k], scale).to(torch.bfloat16).float() if scale is not None else raw[k].float()
         worst = max(worst, float((v.float() - (w + deltas[k] if k in deltas else w)).abs().max()))
     assert worst <= 1e-5, worst
+
+
+def test_sd3_x_embedder_conv_lora(models, pipelines, tmp_path):
+    """sd-scripts' emb_dims trains SD3's Conv2d x_embedder.proj (pos_embed.proj): down (r, in, k, k), up
+    (out, r, 1, 1). Read, merged as its rule does (up·down reshaped), converted to diffusers and loaded there."""
+    F, model = S.SD3, models["sd3"]
+    lora = F.lora(model, "kohya", ["joint_blocks.0.x_block.attn.qkv"], alphas="all")
+    w = model.state_dict()["pos_embed.proj.weight"]
+    g = torch.Generator().manual_seed(9)
+    lora["lora_unet_x_embedder_proj.lora_down.weight"] = torch.randn(2, *w.shape[1:], generator=g)
+    lora["lora_unet_x_embedder_proj.lora_up.weight"] = torch.randn(w.shape[0], 2, 1, 1, generator=g)
+    lora["lora_unet_x_embedder_proj.alpha"] = torch.tensor(3.0)
+    path = tmp_path / "k.safetensors"
+    save_file(lora, str(path))
+    adapter = load_adapter(path)
+    assert adapter.modules["transformer.pos_embed.proj"].kind == "conv"
+    conv = {k: v for k, v in lora.items() if "x_embedder" not in k}
+    want = F.trainer_merge(model, conv)
+    down, up = lora["lora_unet_x_embedder_proj.lora_down.weight"], lora["lora_unet_x_embedder_proj.lora_up.weight"]
+    want["pos_embed.proj.weight"] = w + 1.5 * (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+    merge(pipelines["sd3"], [path], tmp_path / "out")
+    close(_weights(tmp_path / "out"), want)
+    back = load_file(str(save_adapter(adapter, tmp_path / "k2.safetensors", format="kohya")))
+    assert all(torch.equal(back[k], v) for k, v in lora.items())
+    out = save_adapter(adapter, tmp_path / "d", format="diffusers")
+    close(fused(F.diffusers_fused(copy.deepcopy(model), out / "pytorch_lora_weights.safetensors")), want)

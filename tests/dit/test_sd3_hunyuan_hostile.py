@@ -1,6 +1,6 @@
 """Broken SD3 and HunyuanVideo LoRAs: each refused by info, convert and merge with exit 2 and one ``Error:`` line
 naming the file and the tensor, nothing written — fused qkv / linear1 factors that fit no split, swapped halves of
-an odd row count, the conv embedders loratools does not read; LoRAs given a base of another family: refused by
+an odd row count, a conv LoRA half 2-D, HunyuanVideo's Conv3d embedder; LoRAs given a base of another family: refused by
 merge, naming both (issue 21 item 4).
 
 The variants are generated at test time from one valid sd-scripts SD3.5 file and one musubi-tuner HunyuanVideo
@@ -56,8 +56,9 @@ BROKEN: list[tuple[str, str, Callable[[Tensors], Tensors], tuple[str, ...]]] = [
     ("rank-mismatch", "sd3", _set(f"{QKV}.lora_up.weight", lambda t: t[:, :-1].contiguous()), ("attn.qkv", "rank")),
     ("alpha-nan", "sd3", _set(f"{QKV}.alpha", lambda t: torch.tensor(float("nan"))), (f"{QKV}.alpha", "NaN")),
     ("nan-factor", "sd3", _set(f"{QKV}.lora_down.weight", _nan), (QKV, "NaN")),
-    ("conv-embedder", "sd3", _add("lora_unet_x_embedder_proj.lora_down.weight", torch.ones(2, 4, 1, 1)),
-     ("x_embedder_proj", "names no SD3 module")),
+    ("conv-half", "sd3", lambda sd: {**sd, "lora_unet_x_embedder_proj.lora_down.weight": torch.ones(2, 4, 1, 1),
+                                     "lora_unet_x_embedder_proj.lora_up.weight": torch.ones(16, 2)},
+     ("x_embedder.proj", "2-D")),
     ("unknown-module", "sd3", _add("lora_unet_joint_blocks_0_x_block_attn3_qkv.lora_down.weight", torch.ones(2, 16)),
      ("attn3_qkv", "names no SD3 module")),
     ("lokr", "sd3", _add(f"{QKV}.lokr_w1", torch.ones(4, 4)), ("lokr_w1", "LyCORIS")),

@@ -83,11 +83,15 @@ def _split_key(path: Path, key: str, found: DitLayout) -> tuple[str, str, bool]:
     return bfl, part, False
 
 
-def _module(path: Path, name: str, p: dict[str, torch.Tensor], family: str = "Flux") -> LoraModule:
+def _module(
+    path: Path, name: str, p: dict[str, torch.Tensor], family: str = "Flux", conv: bool = False
+) -> LoraModule:  # fmt: skip
+    """``conv``: the module is a Conv2d (SD3's ``x_embedder.proj``): 4-D factors allowed, down k×k, up 1×1."""
+    conv = conv and all(role in p and p[role].ndim == 4 for role in ("down", "up"))
     for role, label in (("down", "lora_down (A)"), ("up", "lora_up (B)")):
         if role not in p:
             raise ValidationError(f"{path}: {family} module {name} has no {label} tensor", path=path)
-        if p[role].ndim != 2:
+        if p[role].ndim != 2 and not conv:
             raise ShapeError(f"{path}: {name} {label} is {tuple(p[role].shape)}; a {family} LoRA factor is 2-D",
                              path=path)  # fmt: skip
     alpha_t = p.get("alpha")
@@ -98,7 +102,8 @@ def _module(path: Path, name: str, p: dict[str, torch.Tensor], family: str = "Fl
         raise FormatError(f"{path}: {name}.alpha is {alpha}", hint="the file is damaged; re-export it", path=path)
     rank = int(p["down"].shape[0])
     try:
-        return LoraModule(down=p["down"], up=p["up"], alpha=float(rank) if not alpha else alpha)
+        return LoraModule(down=p["down"], up=p["up"], alpha=float(rank) if not alpha else alpha,
+                          kind="conv" if conv else "linear")
     except ValidationError as exc:
         raise type(exc)(f"{path}: module {name}: {exc.message}", hint=exc.hint, path=path) from None
 
@@ -124,7 +129,7 @@ def read_bfl_named(
     text: dict[str, LoraModule] = {}
     assumed = []
     for (name, is_text), p in sorted(parts.items()):
-        m = _module(path, name, p, found.label)
+        m = _module(path, name, p, found.label, name in getattr(table_for(found.family), "CONV", ()))
         (text if is_text else modules)[name] = m
         if "alpha" not in p:
             assumed.append(name)

@@ -98,7 +98,9 @@ def _bfl_named(adapter: Adapter, family: str) -> tuple[dict[str, LoraModule], di
     text: dict[str, LoraModule] = {}
     bad: list[str] = []
     for name, m in adapter.modules.items():
-        if not isinstance(m, LoraModule) or m.kind != "linear" or m.magnitude is not None or m.bias is not None:
+        conv = getattr(m, "kind", None) == "conv" and bool(getattr(table_for(family), "CONV", ()))  # SD3 x_embedder
+        if not isinstance(m, LoraModule) or (m.kind != "linear" and not conv) or m.magnitude is not None \
+                or m.bias is not None:  # fmt: skip
             dora = getattr(m, "magnitude", None) is not None
             bad.append(f"{name} ({'DoRA' if dora else getattr(m, 'label', m.kind)})")
             continue

@@ -30,6 +30,8 @@ class FusedTable:
     swap: Callable[[str, int, int], bool]
     qkv_mlp: str | None = None
     mlp_ratio: int = 4
+    #: original modules that are Conv2d (their LoRA factors are 4-D: down k×k, up 1×1)
+    CONV: frozenset[str] = frozenset()
     SWAPPED: None = None
     _kohya: dict[str, str] = field(init=False, repr=False)
     _back: dict[str, tuple[str, int, int]] = field(init=False, repr=False)

@@ -13,8 +13,8 @@ use; diffusers' ``SD3Transformer2DModel`` splits three of them. The table follow
 - ``final_layer.adaLN_modulation.1`` is ``norm_out.linear``, and the last block's ``context_block.adaLN_
   modulation.1`` (the one ``pre_only`` block: 2·D rows where the others have 6·D) is ``norm1_context.linear``,
   both with their two row halves swapped (shift, scale -> scale, shift; diffusers' ``swap_scale_shift``);
-- every other module is one module under another name (below). ``x_embedder.proj`` (``pos_embed.proj``) is a
-  Conv2d: kohya trains it only with ``emb_dims``; loratools does not read a conv LoRA on it yet.
+- every other module is one module under another name (below); ``x_embedder.proj`` (``pos_embed.proj``) is a
+  Conv2d, which sd-scripts trains only with ``emb_dims`` (its LoRA: down k×k, up 1×1).
 
 diffusers 0.42 has no converter for kohya SD3 files: ``StableDiffusion3Pipeline.load_lora_weights`` loads one
 and applies nothing. sd-scripts' own rule (``networks/lora_flux.py`` ``LoRAModule.merge_to``: W += alpha/rank ·
@@ -51,6 +51,7 @@ TOP: dict[str, tuple[str, ...]] = {
     "y_embedder.mlp.2": ("time_text_embed.text_embedder.linear_2",),
     "final_layer.linear": ("proj_out",),
     "final_layer.adaLN_modulation.1": ("norm_out.linear",),
+    "x_embedder.proj": ("pos_embed.proj",),
 }
 
 
@@ -62,7 +63,7 @@ def _swapped(path: str, out_rows: int, in_features: int) -> bool:
 
 TABLE = FusedTable(
     FAMILY=FAMILY, blocks=(("joint_blocks", "transformer_blocks", INNER),), top=TOP,
-    probe=r"^(.*?)joint_blocks\.\d+\.x_block\.attn\.qkv\.weight$", swap=_swapped,
+    probe=r"^(.*?)joint_blocks\.\d+\.x_block\.attn\.qkv\.weight$", swap=_swapped, CONV=frozenset({"x_embedder.proj"}),
     EXAMPLES="joint_blocks.N.x_block.attn.qkv, joint_blocks.N.context_block.mlp.fc1, final_layer.linear ...",
 )  # fmt: skip
 
