@@ -8,7 +8,8 @@ PEFT ``target_parameters`` on both expert parameters plus q/k/v/o (rank and alph
 adapter as per-expert modules (``experts.{e}.gate_proj`` / Mixtral ``w1/w3/w2``). The merged GGUF's
 all-position logits in the runtime equal PEFT's unmerged model within the base's own noise, while the adapter
 moves them far more; F16 and Q8_0 bases are requantized tensor by tensor to the ``gguf`` package's own bytes.
-A GGUF *adapter* with expert modules stays refused with one line that says: merge.
+A GGUF *adapter* with expert modules stays refused with one line that says: merge; the attention part alone is a GGUF
+adapter the runtime applies.
 """
 
 from __future__ import annotations
@@ -138,6 +139,25 @@ def test_expert_gguf_adapter_is_refused_with_one_line(case):
     assert len([line for line in err.splitlines() if line.startswith("Error:")]) == 1 and not out.exists()
     code, text, _ = run_cli(["validate", case.adapters["per-expert"], "--target", "llama.cpp"])
     assert code == 1 and "no runtime expert LoRA" in text and "merge" in text, text
+
+
+def test_attention_adapter_in_runtime(case):
+    """The attention part of a MoE model as a GGUF adapter the runtime applies: q/k/v/o map as in Qwen3 / Llama
+    (Mixtral's Q/K rows permuted; Qwen3-MoE's q_norm/k_norm take no LoRA)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(2)
+    cfg = LoraConfig(r=4, lora_alpha=6, use_rslora=True, init_lora_weights=False, target_modules=_ATTN,
+                     rank_pattern={"k_proj": 2})  # fmt: skip
+    pm = get_peft_model(copy.deepcopy(case.model), cfg).eval()
+    folder, out = case.gguf.parent / "attn-lora", case.gguf.parent / "attn.gguf"
+    pm.save_pretrained(folder)
+    want = hf_logits(pm)
+    code, _, err = run_cli(["convert", folder, "--to", "gguf", "--base", case.gguf, "-o", out, "--overwrite"])
+    assert code == 0, err
+    effect = max_diff(want, hf_logits(case.model))
+    diff = max_diff(run_logits(case.gguf, out).ok(), want)
+    assert effect > 50 * case.tol and diff < case.tol, (diff, effect)
 
 
 def _peft_expert_deltas(pm: torch.nn.Module) -> dict[str, torch.Tensor]:
