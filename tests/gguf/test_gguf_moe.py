@@ -124,3 +124,20 @@ def test_expert_count_and_dims_must_match(tmp_path: Path) -> None:
         code, _, err = run_cli(["merge", base, QWEN3_MOE_LORA, "-o", tmp_path / f"{label}-m.gguf"])
         assert code == 2 and expect in err and err.count("Error:") == 1, err
         assert not (tmp_path / f"{label}-m.gguf").exists()
+
+
+def test_one_expert_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory O(one expert slice): the fp32 work buffer and the byte buffers never hold more than one expert of a
+    stacked tensor (the largest one here: 24 × 32 values), while each tensor holds 4."""
+    from loratools.ops.merge import gguf_tensors
+    from loratools.ops.merge.gguf import merge_gguf
+
+    asked: list[int] = []
+    work, stored = gguf_tensors.Scratch.work, gguf_tensors.Scratch.stored
+    monkeypatch.setattr(gguf_tensors.Scratch, "work", lambda self, n: (asked.append(n), work(self, n))[1])
+    monkeypatch.setattr(
+        gguf_tensors.Scratch, "stored", lambda self, n: (asked.append(n // 2), stored(self, n))[1]
+    )  # F16 bytes
+    base = write_moe_gguf(tmp_path / "base.gguf", "f16")
+    merge_gguf(base, [QWEN3_MOE_LORA], tmp_path / "merged.gguf", verify=True)
+    assert asked and max(asked) == 24 * 32, max(asked)
