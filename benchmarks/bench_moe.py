@@ -8,11 +8,18 @@ what transformers 5 ``save_pretrained`` writes for Qwen3-MoE) and fused (``mlp.e
 written shard by shard (no model is instantiated). The adapter is a PEFT ``target_parameters`` LoRA (r=16) on
 both expert parameters of every layer, in PEFT 0.21's file layout.
 
+``mxfp4``: the same weights' shapes as a gpt-oss model (``GptOssForCausalLM``: Qwen3-MoE's sizes above, gpt-oss'
+fused ``(E, in, out)`` experts with biases, attention biases and sinks), its experts stored as gpt-oss stores them
+(``*_blocks`` E2M1 codes + ``*_scales`` E8M0 per 32, ``quant_method: mxfp4``, packed by loratools' own
+``quantize_blocks``, bit-equal to transformers' dequantization), everything else bf16. loratools merges it to
+bf16 (streamed) and ``--requantize`` back to MXFP4; PEFT's route is transformers' CPU load with
+``Mxfp4Config(dequantize=True)`` (dequantized to bf16 on load) + ``merge_and_unload`` + ``save_pretrained``.
+
 Whole processes are timed (imports included) with ``/usr/bin/time -v`` (bench_merge.py's ``timed``), tools
 alternating, and the medians printed as a markdown table. PEFT: ``from_pretrained`` + ``merge_and_unload`` +
 ``save_pretrained`` (it reads the per-expert layout and fuses it on load).
 
-    python benchmarks/bench_moe.py [--runs 3] [--experts 8 32] [--layouts per-expert fused] [--no-peft]
+    python benchmarks/bench_moe.py [--runs 3] [--experts 8 32] [--layouts per-expert fused mxfp4] [--no-peft]
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ ROOT = Path("/tmp/loratools-bench-moe")
 HIDDEN, INTER, HEADS, KV, HEAD_DIM, VOCAB, RANK = 2048, 768, 32, 4, 128, 32000, 16
 LAYERS = {8: 16, 32: 5}  # experts -> layers for ~2 GB
 SHARD = 500 * 10**6
+LAYOUTS = ["per-expert", "fused", "mxfp4"]
 
 PEFT_SCRIPT = """
 import sys, torch
@@ -40,6 +48,73 @@ m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 m = PeftModel.from_pretrained(m, sys.argv[2]).merge_and_unload()
 m.save_pretrained(sys.argv[3], max_shard_size="500MB")
 """
+#: PEFT on the MXFP4 base: transformers dequantizes it on load (on the CPU it cannot run the MXFP4 kernels)
+PEFT_MXFP4_SCRIPT = PEFT_SCRIPT.replace(
+    "dtype=torch.bfloat16)",
+    "dtype=torch.bfloat16, quantization_config=__import__('transformers').Mxfp4Config(dequantize=True))",
+)
+NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+
+
+def gptoss_config(experts: int, layers: int) -> dict:
+    from transformers import GptOssConfig
+
+    cfg = GptOssConfig(
+        hidden_size=HIDDEN, intermediate_size=INTER, num_local_experts=experts, num_experts_per_tok=min(4, experts),
+        num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HEAD_DIM, num_hidden_layers=layers,
+        vocab_size=VOCAB, tie_word_embeddings=False,
+    ).to_dict()  # fmt: skip
+    cfg.update(architectures=["GptOssForCausalLM"], dtype="bfloat16")
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": NOT_CONVERTED}
+    return cfg
+
+
+def build_mxfp4_base(path: Path, experts: int) -> None:
+    """A gpt-oss-shaped MXFP4 checkpoint: names and shapes from a meta-device model, random weights, each expert
+    quantized on its own and written as the next piece of its ``*_blocks`` (``*_scales`` kept until written)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    from loratools.checkpoint.quant.mxfp4 import BLOCK, quantize_blocks
+    from loratools.checkpoint.writer import SafetensorsWriter, TensorEntry, plan_shards, write_index
+
+    if (path / "model.safetensors.index.json").is_file():
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = gptoss_config(experts, LAYERS[experts])
+    with torch.device("meta"):
+        plain = {k: v for k, v in cfg.items() if k != "quantization_config"}
+        model = AutoModelForCausalLM.from_config(GptOssConfig(**plain))
+    entries, experts_of = [], {}
+    for name, t in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            e, n_in, rows = t.shape
+            entries += [TensorEntry(f"{name}_blocks", "U8", (e, rows, n_in // BLOCK, 16))]
+            entries += [TensorEntry(f"{name}_scales", "U8", (e, rows, n_in // BLOCK))]
+            experts_of[name] = (n_in, rows)
+        else:
+            entries.append(TensorEntry(name, "BF16", tuple(t.shape)))
+    del model
+    g = torch.Generator().manual_seed(experts)
+    scales: dict[str, list] = {}
+    plan = plan_shards(entries, SHARD)
+    for fname, group in plan.files.items():
+        with SafetensorsWriter(path / fname, group, {"format": "pt"}) as w:
+            for e in group:
+                stem = e.name.removesuffix("_blocks").removesuffix("_scales")
+                if e.name.endswith("_blocks"):
+                    n_in, rows = experts_of[stem]
+                    scales[stem] = []
+                    for _ in range(e.shape[0]):
+                        b, s = quantize_blocks(torch.randn((1, n_in, rows), generator=g) * 0.02)
+                        w.write_part(e.name, b)
+                        scales[stem].append(s)
+                elif e.name.endswith("_scales"):
+                    w.write(e.name, torch.cat(scales.pop(stem)))
+                else:
+                    w.write(e.name, (torch.randn(e.shape, generator=g) * 0.02).to(torch.bfloat16))
+    write_index(path / "model.safetensors.index.json", plan)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
 def config(experts: int, layers: int) -> dict:
@@ -150,24 +225,32 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--experts", type=int, nargs="+", default=[8, 32], choices=sorted(LAYERS))
-    ap.add_argument("--layouts", nargs="+", default=["per-expert", "fused"], choices=["per-expert", "fused"])
+    ap.add_argument("--layouts", nargs="+", default=LAYOUTS, choices=LAYOUTS)
     ap.add_argument("--no-peft", action="store_true")
-    ap.add_argument("--peft-layouts", nargs="+", default=["per-expert"], help="layouts PEFT is run on")
+    ap.add_argument("--peft-layouts", nargs="+", default=["per-expert", "mxfp4"], help="layouts PEFT is run on")
+    ap.add_argument("--no-requantize", action="store_true", help="no --requantize row for the MXFP4 base")
     args = ap.parse_args()
     rows = []
     for experts in args.experts:
         adapter = ROOT / f"lora-{experts}e"
         build_adapter(adapter, experts)
         for layout in args.layouts:
-            base = ROOT / f"qwen3moe-{experts}e-{layout}"
-            build_base(base, experts, layout == "fused")
+            mxfp4 = layout == "mxfp4"
+            base = ROOT / (f"gptoss-{experts}e-mxfp4" if mxfp4 else f"qwen3moe-{experts}e-{layout}")
+            if mxfp4:
+                build_mxfp4_base(base, experts)
+            else:
+                build_base(base, experts, layout == "fused")
             out = ROOT / "out"
             size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
             tools = {
                 "loratools merge": [sys.executable, "-m", "loratools", "merge", str(base), str(adapter), "-o", str(out)]
             }
+            if mxfp4 and not args.no_requantize:
+                tools["loratools merge --requantize"] = [*tools["loratools merge"], "--requantize"]
             if not args.no_peft and layout in args.peft_layouts:
-                tools["PEFT"] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]
+                script = PEFT_MXFP4_SCRIPT if mxfp4 else PEFT_SCRIPT
+                tools["PEFT"] = [sys.executable, "-c", script, str(base), str(adapter), str(out)]
             results: dict[str, list[tuple[float, float]]] = {t: [] for t in tools}
             for _ in range(args.runs):
                 for name, cmd in tools.items():

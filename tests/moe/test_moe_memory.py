@@ -112,3 +112,57 @@ def test_fused_expert_merge_memory_does_not_grow_with_the_expert_count(dtype: st
         f"the merge's own peak RSS grew from {peak8:.0f} MiB (8 experts) to {peak32:.0f} MiB (32 experts); "
         f"the fused gate_up_proj grew by {grown:.0f} MiB"
     )
+
+
+def _mxfp4_base(folder: Path, experts: int) -> None:
+    """A gpt-oss-shaped MXFP4 base (``*_blocks``/``*_scales``, experts (E, in, out) once dequantized): random
+    code bytes and scales near 2^-7 (any byte is a valid pair of E2M1 codes; packing real weights is slow)."""
+    folder.mkdir()
+    g = torch.Generator().manual_seed(experts)
+    p = "model.layers.0.mlp.experts"
+    tensors = {"model.layers.0.mlp.router.weight": torch.randn(experts, HIDDEN, generator=g).to(torch.bfloat16)}
+    for name, (n_in, rows) in (("gate_up_proj", (HIDDEN, 2 * INTER)), ("down_proj", (INTER, HIDDEN))):
+        tensors[f"{p}.{name}_blocks"] = torch.randint(0, 256, (experts, rows, n_in // 32, 16), generator=g).to(
+            torch.uint8
+        )
+        tensors[f"{p}.{name}_scales"] = torch.randint(118, 122, (experts, rows, n_in // 32), generator=g).to(
+            torch.uint8
+        )
+    save_file(tensors, folder / "model.safetensors")
+    config = {
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_local_experts": experts,
+        "num_hidden_layers": 1,
+        "dtype": "bfloat16",
+        "quantization_config": {"quant_method": "mxfp4"},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the child's peak RSS from /proc")
+def test_mxfp4_expert_merge_memory_does_not_grow_with_the_expert_count(tmp_path: Path) -> None:
+    """The 16-bit merge of an MXFP4 base dequantizes, updates and writes a run of experts at a time
+    (ops/merge/quant_stream.py); dequantizing the whole tensor held ~5x its fp32 size in temporaries."""
+    peaks = {}
+    for experts in (8, 32):
+        base, adapter, out = tmp_path / f"mx-{experts}", tmp_path / f"lora-{experts}", tmp_path / f"out-{experts}"
+        _mxfp4_base(base, experts)
+        _expert_lora(adapter, experts)
+        run = subprocess.run(
+            [sys.executable, "-c", CHILD, str(base), str(adapter), str(out), "auto"],
+            capture_output=True,
+            text=True,
+            timeout=600,  # a hang guard only
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        rss = json.loads(run.stdout.strip().splitlines()[-1])
+        assert (out / "model.safetensors").stat().st_size > 3 * (base / "model.safetensors").stat().st_size
+        peaks[experts] = (rss["after_kib"] - rss["before_kib"]) / 1024
+    grown = (32 - 8) * 2 * INTER * HIDDEN * 2 / 2**20  # the dequantized bf16 gate_up_proj's growth, MiB
+    assert peaks[32] - peaks[8] < grown / 2, (
+        f"the MXFP4 merge's own peak RSS grew from {peaks[8]:.0f} MiB (8 experts) to {peaks[32]:.0f} MiB "
+        f"(32 experts); the dequantized gate_up_proj grew by {grown:.0f} MiB"
+    )
