@@ -63,9 +63,6 @@ UNHANDLED: list[tuple[str, Tensors, tuple[str, ...]]] = [
     ("flux-bare-diffusers", {"transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(2, 4),
                              "single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(2, 4)},
      ("a Flux LoRA", "bare")),
-    ("xlabs", {"double_blocks.0.processor.qkv_lora1.down.weight": torch.ones(2, 4)}, ("XLabs layout",)),
-    ("bfl-control", {"double_blocks.0.img_attn.qkv.lora_A.weight": torch.ones(2, 4),
-                     "double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(4)}, ("BFL control-LoRA",)),
 ]  # fmt: skip
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratools.errors import UnsupportedError, name_list
+from loratools.formats.dit.bfl_control import check_in_width, is_norm, norm_replacements
 from loratools.formats.dit.flux_io import (
+    bfl_prefix,
     fuse_to_bfl,
     kohya_text_name,
     place,
@@ -49,13 +51,25 @@ def read_dit(
         from loratools.formats.dit.lumina2 import refine
 
         found = refine(found, tensors, base)
-    bfl, text, assumed = read_bfl_named(path, tensors, found)
-    modules = place(path, found, bfl, None, base)
-    modules.update(text_names(text, base, found.family))
+    norms = {k: t for k, t in tensors.items() if found.layout == "bfl-control" and is_norm(k)}
+    if found.layout == "xlabs":  # x-flux processor LoRAs: diffusers-named parts, alpha = rank (formats/dit/xlabs.py)
+        from loratools.formats.dit.xlabs import read_xlabs
+
+        modules = place(path, found, None, read_xlabs(path, tensors), base)
+        assumed: list[str] = []
+    else:
+        bfl, text, assumed = read_bfl_named(path, {k: t for k, t in tensors.items() if k not in norms}, found)
+        modules = place(path, found, bfl, None, base)
+        modules.update(text_names(text, base, found.family))
+    replacements = {}
+    if found.layout == "bfl-control":  # q/k norm scales replaced, img_in's wider input (formats/dit/bfl_control.py)
+        replacements = norm_replacements(path, norms, bfl_prefix(base))  # the file's own damage named first
+        check_in_width(path, modules, base)
     return Adapter(
         modules=modules,
+        replacements=replacements,
         meta={
-            "format": "kohya" if found.layout == "kohya" else "comfyui",
+            "format": "kohya" if found.layout == "kohya" else "diffusers" if found.layout == "xlabs" else "comfyui",
             "dit": {"family": found.family, "layout": found.layout},
             "base_model": metadata.get("ss_sd_model_name") or metadata.get("modelspec.architecture"),
             "metadata": metadata,

@@ -75,7 +75,8 @@ class DitLayout:
 
 
 def _layout_of(key: str) -> str | None:
-    if key.startswith(("double_blocks.", "single_blocks.")) and re.search(r"\.processor\.\w+_lora\d*\.", key):
+    bare = key.removeprefix("diffusion_model.")
+    if bare.startswith(("double_blocks.", "single_blocks.")) and re.search(r"\.processor\.\w+_lora\d*\.", bare):
         return "xlabs"
     if key.startswith(("lora_unet_", "lora_transformer_")):
         return "kohya"
@@ -183,7 +184,8 @@ def describe(found: DitLayout) -> str:
 
 def refuse_unhandled(path: object, found: DitLayout) -> None:
     """One clear line for a family or layout recognized but not read yet."""
-    read = ("kohya", "comfyui", "diffusers", "bfl" if found.family in ("flux", "chroma") else "original")
+    read = ("kohya", "comfyui", "diffusers", "bfl" if found.family in ("flux", "chroma") else "original",
+            "xlabs" if found.family == "flux" else "", "bfl-control" if found.family == "flux" else "")
     if found.family in HANDLED and found.layout in read:
         return
     raise UnsupportedError(
