@@ -191,7 +191,8 @@ def refuse_unhandled(path: object, found: DitLayout) -> None:
     raise UnsupportedError(
         f"{path}: {found.example!r}: this is {describe(found)}, which loratools does not read yet "
         "(diffusion transformers: Flux, SD3, HunyuanVideo, Wan, Qwen-Image, Lumina2, Z-Image, Chroma and HiDream in "
-        "the kohya, ComfyUI and diffusers layouts, and in their original bare names)",
+        "the kohya, ComfyUI and diffusers layouts, and in their original bare names; Flux's XLabs and BFL control "
+        "files)",
         hint="a diffusers-layout file (transformer.<module>.lora_A.weight) of any family merges into its diffusers "
         "pipeline; for this layout use the trainer's own tools for now",
         path=path,
