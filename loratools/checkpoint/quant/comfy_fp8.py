@@ -113,9 +113,8 @@ class ComfyScaledFp8(QuantScheme):
     def dequantize(
         self, t: QuantTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype, at: Callable[[str], str]
     ) -> torch.Tensor:
-        import torch
 
-        w = parts["weight"].to(torch.float32) * parts["scale"].to(torch.float32).reshape(())
+        w = dequantize_fp8(parts["weight"], parts["scale"])
         return w if w.dtype == dtype else w.to(dtype)
 
     def value_range(
@@ -139,6 +138,38 @@ class ComfyScaledFp8(QuantScheme):
             )
         q, scale = quantize(merged, old["scale"])
         return {**old, "weight": q, "scale": scale.to(old["scale"].dtype).reshape(old["scale"].shape)}
+
+
+#: elements per chunk of :func:`dequantize_fp8` (its int16/fp32 work stays in cache)
+CHUNK = 1 << 18
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``q.to(float32) * scale`` in float32, bit for bit, at about twice its speed (issue 21 benchmark: torch's
+    float8 -> float32 cast is scalar code, 40 s of a 5 GB Flux file's 80 s merge). The fp8 byte is moved into
+    float16 bits (e4m3: sign to bit 15, exponent+mantissa shifted 7 up, a value 2^-8 of the code's, subnormals
+    included; e5m2 is float16's top byte), widened exactly, and multiplied by ``scale·256`` (or ``scale``): one
+    rounding of the same exact product. e4m3's NaN codes (0x7f/0xff) take torch's cast, so a NaN stays a NaN."""
+    import torch
+
+    e4m3 = q.dtype == torch.float8_e4m3fn
+    s = scale.to(torch.float32).reshape(())
+    if not (e4m3 or q.dtype == torch.float8_e5m2) or not q.numel():
+        return q.to(torch.float32) * s
+    u = q.reshape(-1).view(torch.uint8)
+    out = torch.empty(u.numel(), dtype=torch.float32)
+    factor = s * 256.0 if e4m3 else s
+    x, sign = (torch.empty(min(CHUNK, u.numel()), dtype=torch.int16) for _ in range(2))
+    for c in range(0, u.numel(), CHUNK):
+        k = min(CHUNK, u.numel() - c)
+        xs, ys = x[:k], sign[:k]
+        xs.copy_(u[c : c + k])
+        torch.bitwise_and(xs, 0x80, out=ys).mul_(-256)  # 0x8000 as int16
+        xs.bitwise_and_(0x7F).mul_(128 if e4m3 else 256)
+        if e4m3 and bool((xs == 0x7F * 128).any()):
+            return q.to(torch.float32) * s
+        out[c : c + k].copy_(xs.bitwise_or_(ys).view(torch.float16)).mul_(factor)
+    return out.view(q.shape)
 
 
 def quantize(w: torch.Tensor, old_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
