@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -130,7 +131,7 @@ def test_dora_magnitudes_carried(llama, work):
         assert torch.equal(m.magnitude, src.modules[n].magnitude)
     from peft import PeftModel
 
-    PeftModel.from_pretrained(llama, str(work / "dora2"))  # loads
+    PeftModel.from_pretrained(copy.deepcopy(llama), str(work / "dora2"))  # loads (a copy: PEFT injects in place)
 
 
 def test_cli_report_json_and_errors(llama_adapter, work):
