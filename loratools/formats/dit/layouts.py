@@ -32,9 +32,10 @@ LABELS = {
     "hidream": "HiDream",
     "chroma": "Chroma",
     "ltx_cogvideo": "LTX-Video/CogVideoX",
+    "ltx_video": "LTX-Video",
 }
 #: the families loratools reads in each layout (the others are refused by name)
-HANDLED = {"flux", "wan", "qwen_image", "sd3", "hunyuan_video", "lumina2", "z_image", "chroma", "hidream"}
+HANDLED = {"ltx_video", "flux", "wan", "qwen_image", "sd3", "hunyuan_video", "lumina2", "z_image", "chroma", "hidream"}
 #: (family, pattern on the module name with ``.`` and ``_`` both written ``[._]``), first match wins; the
 #: HunyuanVideo and Chroma markers come before Flux, whose double/single blocks they share
 _FAMILY_MARKS: tuple[tuple[str, str], ...] = (
@@ -51,6 +52,8 @@ _FAMILY_MARKS: tuple[tuple[str, str], ...] = (
     ("wan", r"^(blocks[._]\d+[._](self_attn|cross_attn|ffn|attn[12][._](to_|add_[kv]_proj))|condition_embedder[._])"),
     ("lumina2", r"^((layers|noise_refiner|context_refiner)[._]\d+[._](attention|attn|feed_forward|adaLN_modulation)"
      r"|all_x_embedder|all_final_layer|time_caption_embed[._])"),
+    ("ltx_video", r"^(patchify_proj|adaln_single[._]|caption_projection[._]linear"
+     r"|transformer_blocks[._]\d+[._]attn2[._])"),
     ("ltx_cogvideo", r"^transformer_blocks[._]\d+[._]attn[12][._]"),
     ("sd3", r"^(pos_embed[._]proj|transformer_blocks[._]\d+[._]attn2[._])"),
 )
@@ -133,7 +136,8 @@ def detect(keys: Iterable[str]) -> DitLayout | None:
         return DitLayout("flux", layout, example) if layout in ("xlabs",) else None
     # the HunyuanVideo/Chroma markers decide over Flux's shared block names, Qwen-Image's, Wan's and SD3's over the
     # top-level names Flux shares with them (img_in, txt_in, final_layer)
-    family = next((f for f in ("hunyuan_video", "chroma", "qwen_image", "wan", "sd3", "hidream", "lumina2", "flux")
+    family = next((f for f in ("hunyuan_video", "chroma", "qwen_image", "wan", "sd3", "hidream", "lumina2", "flux",
+                               "ltx_video")
                    if f in families), None)
     family = family or next(iter(families))
     if family == "lumina2":  # one original module tree, two diffusers models (formats/dit/lumina2.py)
@@ -141,9 +145,9 @@ def detect(keys: Iterable[str]) -> DitLayout | None:
 
         family = variant(keys)
         families.setdefault(family, families["lumina2"])
-    if family == "ltx_cogvideo" and _sd35_diffusers(keys):
+    if family in ("ltx_cogvideo", "ltx_video") and _sd35_diffusers(keys):
+        families.setdefault("sd3", families[family])
         family = "sd3"
-        families.setdefault("sd3", families["ltx_cogvideo"])
     if layout == "bfl" and family not in ("flux", "chroma"):
         layout = "original"  # bare names of another family that starts with img_in/txt_in too (Qwen-Image)
     return DitLayout(family, layout, families[family])
@@ -190,9 +194,9 @@ def refuse_unhandled(path: object, found: DitLayout) -> None:
         return
     raise UnsupportedError(
         f"{path}: {found.example!r}: this is {describe(found)}, which loratools does not read yet "
-        "(diffusion transformers: Flux, SD3, HunyuanVideo, Wan, Qwen-Image, Lumina2, Z-Image, Chroma and HiDream in "
-        "the kohya, ComfyUI and diffusers layouts, and in their original bare names; Flux's XLabs and BFL control "
-        "files)",
+        "(diffusion transformers: Flux, SD3, HunyuanVideo, Wan, Qwen-Image, Lumina2, Z-Image, Chroma, HiDream and "
+        "LTX-Video in the kohya, ComfyUI and diffusers layouts, and in their original bare names; Flux's XLabs and "
+        "BFL control files)",
         hint="a diffusers-layout file (transformer.<module>.lora_A.weight) of any family merges into its diffusers "
         "pipeline; for this layout use the trainer's own tools for now",
         path=path,
