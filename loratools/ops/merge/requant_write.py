@@ -133,6 +133,11 @@ def write_requantized(
             for key, job in sorted(plan.jobs.items()):
                 if job.is_copy:
                     continue
+                streamed = _streamed(reader, key, factors.resolve(job), report, ref, spill, pos)
+                if streamed is not None:
+                    spilled.update(streamed[0])
+                    pos = streamed[1]
+                    continue
                 for raw, tensor in _new_tensors(reader, key, factors.resolve(job), report, ref).items():
                     data = tensor_bytes(tensor)
                     spill.write(data)
@@ -172,6 +177,24 @@ def write_requantized(
         write_index(index_path, out_plan, {k: v for k, v in (idx_meta or {}).items() if k != "total_size"})
         written += index_path.stat().st_size
     return written, sorted(names), count
+
+
+def _streamed(reader: Any, key: str, job: Any, report: Any, ref: Any, spill: Any, pos: int) -> Any:
+    """An MXFP4 expert stack requantized a run of experts at a time (:mod:`.requant_stream`), or None. A
+    NumericError rewinds the spill and leaves the tensor to the whole-tensor path, which names it whole."""
+    from loratools.errors import NumericError
+    from loratools.ops.merge.requant_stream import stream_requantized
+
+    if ref is not None:
+        return None
+    rows = len(report.rows)
+    try:
+        return stream_requantized(reader, key, job, report, spill, pos, _merged)
+    except NumericError:
+        del report.rows[rows:]
+        spill.seek(pos)
+        spill.truncate()
+        return None
 
 
 def check_reference(ref: CheckpointReader, key: str, reader: CheckpointReader) -> None:
