@@ -150,8 +150,9 @@ def test_control_names_equal_diffusers_converter_at_full_width(tmp_path):
     stems = {k.rsplit(".lora_A", 1)[0] for k in theirs if ".lora_A." in k}
     assert set(ours.modules) == stems
     for stem in stems - {"transformer.norm_out.linear"}:  # diffusers: alpha = rank (no alphas in the file)
-        want = theirs[f"{stem}.lora_B.weight"] @ theirs[f"{stem}.lora_A.weight"]
-        assert torch.allclose(ours.modules[stem].delta(), want, atol=1e-6, rtol=0), stem
+        m = ours.modules[stem]  # the factors themselves (a full-width delta per module would take minutes)
+        assert m.scale == 1.0 and torch.equal(m.down, theirs[f"{stem}.lora_A.weight"]), stem
+        assert torch.equal(m.up, theirs[f"{stem}.lora_B.weight"]), stem
     # norm_out: diffusers swaps the halves of lora_B (shift, scale -> scale, shift: right) and of lora_A's rank rows
     # too (a permutation of A alone: wrong for rank > 1, formats.md); ours swaps B's rows only, as the weight's
     a, b = sd[f"{flux.SWAPPED}.lora_A.weight"], sd[f"{flux.SWAPPED}.lora_B.weight"]
