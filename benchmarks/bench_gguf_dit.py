@@ -115,7 +115,7 @@ def survival(base: Path, merged: Path, lora: Path) -> dict[str, tuple[float, flo
     """Per tensor (ρ = ⟨Q(W+ΔW) − Q(W), ΔW⟩ / ‖ΔW‖², as docs/quantized.md defines it; ‖realized − ΔW‖ / ‖ΔW‖)."""
     from safetensors.torch import load_file
 
-    from loratools.ops.merge.gguf_dit_base import GgufDitBase
+    from loratools.checkpoint.gguf_diffusion import GgufDitBase
 
     before, after, ad = GgufDitBase(base), GgufDitBase(merged), load_file(str(lora))
     out = {}

@@ -268,7 +268,8 @@ def _open_folder(root: Path) -> CheckpointReader:
 
 
 def open_checkpoint(path: str | Path) -> CheckpointReader:
-    """Open a base checkpoint (folder, sharded folder, single .safetensors file or diffusers pipeline)."""
+    """Open a base checkpoint (folder, sharded folder, single .safetensors file, diffusers pipeline, or a GGUF
+    diffusion model as ComfyUI-GGUF writes it: :mod:`loratools.checkpoint.gguf_diffusion`)."""
     from loratools.publishing.hub import resolve_path
 
     p = resolve_path(path, "base checkpoint")
@@ -277,6 +278,13 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
             return CheckpointReader(p, [p])
         if p.suffix in (".bin", ".pt", ".pth"):
             return CheckpointReader(p, [p])
+        from loratools.files.gguf_file import is_gguf_file
+
+        if is_gguf_file(p):  # a diffusion model as ComfyUI-GGUF writes it; a llama.cpp model is refused there
+            from importlib import import_module
+
+            # named, not imported: GgufDitBase subclasses CheckpointReader (an import would be a circle)
+            return import_module("loratools.checkpoint.gguf_diffusion").open_gguf_checkpoint(p)
         raise FormatError(f"{p}: not a checkpoint (expected .safetensors or a model folder)", path=p)
     if (p / "model_index.json").is_file():
         return PipelineReader(p)

@@ -36,9 +36,7 @@ def load_adapter(
     reader = None
     gguf_base = None
     if base is not None:
-        from loratools.formats.gguf.names import is_gguf_file
-
-        if isinstance(base, str | Path) and is_gguf_file(base):
+        if gguf_base_kind(base) == "llama.cpp":
             gguf_base = base  # a GGUF model names no Hugging Face tensors; a GGUF adapter reads its heads from it
         else:
             reader = base if isinstance(base, CheckpointReader) else open_checkpoint(base)
@@ -50,6 +48,38 @@ def load_adapter(
 
         adapter = normalize_adapter(adapter, reader)
     return adapter
+
+
+def gguf_base_kind(base: Any) -> str | None:
+    """How a GGUF file named as a base is read: ``"diffusion"`` (a ComfyUI-GGUF architecture, or none stated and
+    tensor names that are a diffusion transformer's original ones, as stable-diffusion.cpp files hold them): opened
+    by ``open_checkpoint`` like a safetensors single file; ``"llama.cpp"`` (any other): a GgufBase for GGUF
+    adapters, its header and architecture checked there; None for anything but a local GGUF file."""
+    from loratools.formats.gguf.names import is_gguf_file
+
+    if not isinstance(base, str | Path) or not is_gguf_file(base):
+        return None
+    from loratools.checkpoint.gguf_diffusion import DIFFUSION_ARCHS, MAX_DIMS, peek_architecture
+    from loratools.errors import LoratoolsError
+    from loratools.files.gguf_file import open_gguf_file
+
+    arch = peek_architecture(base)
+    if arch is None:
+        try:
+            header = open_gguf_file(Path(base), MAX_DIMS)
+            arch = header.string("general.architecture")
+        except LoratoolsError:  # the llama.cpp reader names the damage
+            return "llama.cpp"
+        if arch is None:
+            from loratools.formats.dit.tables import original_family
+
+            return "diffusion" if original_family(t.name for t in header.tensors) else "llama.cpp"
+    return "diffusion" if arch in DIFFUSION_ARCHS else "llama.cpp"
+
+
+def is_llamacpp_gguf(base: Any) -> bool:
+    """A llama.cpp GGUF model as a base (:func:`gguf_base_kind`): its tensor table and head counts are the base."""
+    return gguf_base_kind(base) == "llama.cpp"
 
 
 def save_adapter(

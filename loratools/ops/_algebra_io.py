@@ -27,9 +27,10 @@ def load(
     from loratools.publishing.hub import resolve_path
 
     if isinstance(base, str | Path) and not isinstance(adapter, Adapter):
+        from loratools.formats.adapter_io import is_llamacpp_gguf
         from loratools.formats.gguf.names import is_gguf_file
 
-        if is_gguf_file(base) and not is_gguf_file(adapter):
+        if is_llamacpp_gguf(base) and not is_gguf_file(adapter):
             base = None  # a GGUF model names no Hugging Face modules: here it is only the target of a gguf write
     if isinstance(adapter, Adapter):
         loaded, path = adapter, None

@@ -251,9 +251,9 @@ def combine(
     reader = None
     if base is not None:
         from loratools.checkpoint.reader import open_checkpoint
-        from loratools.formats.gguf.names import is_gguf_file
+        from loratools.formats.adapter_io import is_llamacpp_gguf
 
-        reader = None if is_gguf_file(base) else open_checkpoint(base)  # a .gguf base is only a gguf target
+        reader = None if is_llamacpp_gguf(base) else open_checkpoint(base)  # a .gguf base is only a gguf target
     loaded = [load(a, base=reader, trust_tensors=trust_tensors) for a in adapters]
     ads = [ad for ad, _ in loaded]
     from loratools.model.adapter import require_lora

@@ -103,9 +103,9 @@ def convert(
         raise UsageError("--ollama writes a Modelfile for a GGUF adapter", hint="use it with --to gguf")
     target_base = base  # a GGUF model serves load_adapter (GGUF adapters) and the gguf writer only
     if isinstance(base, str | Path):
-        from loratools.formats.gguf.names import is_gguf_file
+        from loratools.formats.adapter_io import is_llamacpp_gguf
 
-        if is_gguf_file(base):
+        if is_llamacpp_gguf(base):  # a GGUF diffusion model is a base like a single file
             base = None
     inputs: tuple[str | Path, ...] = ()
     if isinstance(adapter, Adapter):

@@ -218,9 +218,9 @@ def info(adapter_path: str | Path, base: str | Path | None = None, *, format: st
     local = resolve_path(adapter_path, "adapter")
     if base is not None:
         require_model(base, f"loratools info {adapter_path}")
-    from loratools.formats.gguf.names import is_gguf_file
+    from loratools.formats.adapter_io import is_llamacpp_gguf
 
-    gguf_base = base is not None and is_gguf_file(base)  # a llama.cpp model: its tensor table is the base
+    gguf_base = base is not None and is_llamacpp_gguf(base)  # a llama.cpp model: its tensor table is the base
     reader = open_checkpoint(base) if base is not None and not gguf_base else None
     try:
         try:

@@ -121,9 +121,9 @@ def _lower_base_dependent(ad: Adapter, base: str | Path | None, scale: float) ->
         "pass --base BASE (the Hugging Face model folder): these modules become exact plain LoRA of W′ − W, "
         "then scaled; or lower them first: loratools convert ADAPTER --to peft --as-lora --base BASE -o low/"
     )
-    from loratools.formats.gguf.names import is_gguf_file
+    from loratools.formats.adapter_io import is_llamacpp_gguf
 
-    if base is None or is_gguf_file(base):
+    if base is None or is_llamacpp_gguf(base):
         raise UnsupportedError(why, hint=way_out)
     from loratools.checkpoint.reader import open_checkpoint
     from loratools.ops.lower import lower_to_lora

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from wan_qwen_support import QWEN, WAN
 
 from loratools import merge
-from loratools.ops.merge.gguf_dit_base import peek_architecture
+from loratools.checkpoint.gguf_diffusion import peek_architecture
 
 Q4K = "double_blocks.0.img_mlp.2"
 BF16_TOP = ("txt_in.", "guidance_in.")  # unquantized by the patch: kept BF16 as convert.py writes a BF16 source
@@ -213,7 +213,7 @@ def test_refusals_name_the_base(flux, tmp_path):
 
 def test_lora_for_an_llm_gguf_is_not_taken_here(tmp_path):
     """An LLM GGUF base still goes to the llama.cpp target (architecture not a diffusion one)."""
-    from loratools.ops.merge.gguf_dit_base import is_diffusion_gguf
+    from loratools.checkpoint.gguf_diffusion import is_diffusion_gguf
 
     w = gguf.GGUFWriter(tmp_path / "llm.gguf", "llama")
     w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
@@ -225,7 +225,7 @@ def test_lora_for_an_llm_gguf_is_not_taken_here(tmp_path):
 
 
 def test_architecture_found_when_it_is_not_the_first_key(tmp_path):
-    from loratools.ops.merge.gguf_dit_base import is_diffusion_gguf
+    from loratools.checkpoint.gguf_diffusion import is_diffusion_gguf
 
     w = gguf.GGUFWriter(tmp_path / "late.gguf", "flux")
     w.add_uint32("general.quantization_version", 2)

@@ -10,6 +10,7 @@ families whose original layout renames modules one to one (Wan, Qwen-Image) are 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from loratools.formats.dit import chroma, flux, hidream, hunyuan_video, ltx_video, lumina2, qwen_image, sd3, wan
@@ -24,4 +25,19 @@ def table_for(family: str) -> Any:
             "ltx_video": ltx_video.TABLE}[family]
 
 
-__all__ = ["RenamedTable", "table_for"]
+#: every family, in the order their markers are tried (Chroma's and Z-Image's are Flux's and Lumina2's)
+FAMILIES = ("flux", "sd3", "hunyuan_video", "wan", "qwen_image", "lumina2", "hidream")
+
+
+def original_family(names: Iterable[str]) -> str | None:
+    """The family one of whose original-layout marker tensors (``PROBE``) is among ``names`` (a base's tensor names,
+    bare or under a prefix), else None: how a GGUF file without ``general.architecture`` is told a diffusion model."""
+    probes = [(f, table_for(f).PROBE) for f in FAMILIES]
+    for name in names:
+        for family, probe in probes:
+            if probe.match(name):
+                return family
+    return None
+
+
+__all__ = ["FAMILIES", "RenamedTable", "original_family", "table_for"]

@@ -13,7 +13,6 @@ tensors (``ffn_*_exps``) take each expert's ΔW one expert slice at a time (:mod
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from collections.abc import Sequence
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratools.errors import UsageError, VerificationError
+from loratools.ops.merge.gguf_write import tensor_info as _tensor_info  # shared with the diffusion GGUF merge
+from loratools.ops.merge.gguf_write import writer_class as _writer_class
 from loratools.ops.merge.summary import MergeSummary
 
 if TYPE_CHECKING:
@@ -133,24 +134,6 @@ def _copy_metadata(reader: Any, writer: Any, record: dict[str, Any]) -> None:
             )
         writer.add_key_value(f.name, f.values(), vtype, sub_type=sub)
     writer.add_string("loratools.provenance", json.dumps(record, sort_keys=True))
-
-
-@functools.cache
-def _writer_class() -> Any:
-    import gguf
-    import numpy as np
-
-    class Writer(gguf.GGUFWriter):
-        """``GGUFWriter`` that packs a numpy array of fixed-size values in one piece (its own ``_pack_val``
-        packs one element at a time: 7.6 s for a base's 4 MiB uint8 array)."""
-
-        def _pack_val(self, val: Any, vtype: Any, add_vtype: bool, sub_type: Any = None) -> bytes:
-            if vtype == gguf.GGUFValueType.ARRAY and isinstance(val, np.ndarray) and sub_type is not None:
-                head = self._pack("I", vtype) if add_vtype else b""
-                return head + self._pack("I", sub_type) + self._pack("Q", len(val)) + val.tobytes()
-            return super()._pack_val(val, vtype, add_vtype, sub_type)
-
-    return Writer
 
 
 def _require_base(info: Any, adapters: Sequence[Adapter], labels: Sequence[str | None]) -> None:
@@ -313,21 +296,6 @@ def output_layout(reader: Any, updates: dict[str, Any], info: GgufBase) -> list[
         if untie and t.name == TOKEN_EMBD:
             out.append((OUTPUT, t))
     return out
-
-
-def _tensor_info(shape: tuple[int, ...], out_type: str) -> tuple[Any, Any, int, Any]:
-    """(shape, numpy dtype, nbytes, raw type) for ``GGUFWriter.add_tensor_info`` (quantized: byte shape)."""
-    import math
-
-    import gguf
-    import numpy as np
-
-    qtype = gguf.GGMLQuantizationType[out_type]
-    if out_type in ("F32", "F16"):
-        dtype = np.dtype(np.float32 if out_type == "F32" else np.float16)
-        return shape, dtype, math.prod(shape) * dtype.itemsize, qtype
-    byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
-    return byte_shape, np.dtype(np.uint8), math.prod(byte_shape), qtype
 
 
 def verify_gguf_merge(base: Path, merged: Path, updates: dict[str, Any], info: GgufBase) -> None:

@@ -1,8 +1,8 @@
 """Merge diffusion-transformer LoRAs into a GGUF diffusion checkpoint as ComfyUI-GGUF writes it, streaming.
 
-The base (:mod:`.gguf_dit_base`) holds the original-layout names, so the adapters are read and planned exactly as
-for an original-layout safetensors single file (``load_for_merge`` + ``build_plan``: the DiT name tables, fused
-``qkv``/``linear1`` rows, shapes checked against the base, every refusal); only reading and writing differ.
+The base (:mod:`loratools.checkpoint.gguf_diffusion`) holds the original-layout names, so the adapters are read and
+planned exactly as for an original-layout safetensors single file (``load_for_merge`` + ``build_plan``: the DiT name
+tables, fused ``qkv``/``linear1`` rows, shapes checked against the base, every refusal); only reading and writing differ.
 Tensors no adapter touches are copied byte for byte, in the kernel; the metadata (``comfy.gguf.orig_shape.*``
 included) and the tensor order are the base's. A touched tensor is read into a reused buffer and:
 
@@ -30,9 +30,9 @@ from loratools.ops.merge.summary import MergeSummary
 if TYPE_CHECKING:
     import numpy as np
 
+    from loratools.checkpoint.gguf_diffusion import DitTensorInfo, GgufDitBase
     from loratools.model.adapter import Adapter
     from loratools.ops.merge.factors import FactorStore
-    from loratools.ops.merge.gguf_dit_base import DitTensorInfo, GgufDitBase
     from loratools.ops.merge.gguf_tensors import Scratch
     from loratools.ops.merge.options import MergeOptions
     from loratools.ops.merge.plan import TensorJob
@@ -55,8 +55,8 @@ def merge_gguf_diffusion(
     Everything is checked (names, shapes, finite values) before a byte is written; ``options.verify`` reads the
     output back before publishing (untouched tensors byte-identical, touched ones the merge's bytes)."""
     from loratools.args.numeric_args import check_weights
+    from loratools.checkpoint.gguf_diffusion import GgufDitBase
     from loratools.ops.merge.factors import FactorStore, load_for_merge, release_memory
-    from loratools.ops.merge.gguf_dit_base import GgufDitBase
     from loratools.ops.merge.plan import build_plan
     from loratools.ops.merge.write import torch_threads
     from loratools.publishing.publish import atomic_output, describe_input, provenance
@@ -192,15 +192,15 @@ def _copy_metadata(reader: GgufDitBase, writer: Any, record: dict[str, Any]) -> 
 
 def _write(reader: GgufDitBase, jobs: dict[str, TensorJob], factors: FactorStore, tmp: Path, record: dict) -> int:
     """The whole output file at ``tmp``; bytes of tensor data written."""
-    from loratools.ops.merge.gguf import _tensor_info, _writer_class
     from loratools.ops.merge.gguf_tensors import DataSection, Scratch
+    from loratools.ops.merge.gguf_write import tensor_info, writer_class
 
-    writer = _writer_class()(tmp, reader.arch)
+    writer = writer_class()(tmp, reader.arch)
     writer.data_alignment = reader.file.alignment
     _copy_metadata(reader, writer, record)
     for t in reader.file.tensors:
         if t.name in jobs:
-            writer.add_tensor_info(t.name, *_tensor_info(t.shape, out_type(t.type_label)))
+            writer.add_tensor_info(t.name, *tensor_info(t.shape, out_type(t.type_label)))
         else:
             writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
     writer.write_header_to_file()
@@ -229,8 +229,8 @@ def _write(reader: GgufDitBase, jobs: dict[str, TensorJob], factors: FactorStore
 def verify_dit_gguf(reader: GgufDitBase, merged: Path, jobs: dict[str, TensorJob], factors: FactorStore) -> None:
     """The output read back: the base's tensors in its order, untouched ones byte-identical, touched ones the
     merge's bytes recomputed from the base and the adapters."""
+    from loratools.checkpoint.gguf_diffusion import MAX_DIMS
     from loratools.files.gguf_file import open_gguf_file
-    from loratools.ops.merge.gguf_dit_base import MAX_DIMS
     from loratools.ops.merge.gguf_tensors import Scratch, same_bytes
 
     after = open_gguf_file(merged, MAX_DIMS)

@@ -76,9 +76,10 @@ def validate(
                     _report_nonfinite(t, key, f, _module_of(key, None, fmt.name), report)
             return report
     reader = None
-    from loratools.formats.gguf.names import is_gguf_file
+    from loratools.formats.adapter_io import is_llamacpp_gguf
 
-    if base is not None and is_gguf_file(base):  # a GGUF model's header is checked whatever the target
+    llamacpp_base = base is not None and is_llamacpp_gguf(base)  # a GGUF diffusion model: a single file
+    if llamacpp_base:  # a GGUF model's header is checked whatever the target
         from loratools.formats.gguf.names import load_base
 
         try:
@@ -86,7 +87,7 @@ def validate(
         except LoratoolsError as exc:
             return report.unusable(exc, "base_unreadable")
     onnx_base = base is not None and target == "onnxruntime-genai" and _is_onnx_model(base)
-    if base is not None and not is_gguf_file(base) and not onnx_base:  # a GGUF model: a base for GGUF targets
+    if base is not None and not llamacpp_base and not onnx_base:  # a GGUF model: a base for GGUF targets
         try:
             reader = open_checkpoint(base)
         except LoratoolsError as exc:

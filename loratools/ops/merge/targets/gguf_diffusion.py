@@ -16,9 +16,9 @@ class GgufDiffusionTarget(MergeTarget):
 
     @classmethod
     def takes(cls, base: Path, options: Any) -> bool:
-        from loratools.ops.merge.gguf_dit_base import is_diffusion_gguf
+        from loratools.formats.adapter_io import gguf_base_kind
 
-        return is_diffusion_gguf(base)
+        return gguf_base_kind(base) == "diffusion"
 
     @classmethod
     def merge(cls, base: Any, base_path: Path, adapters: Any, output: Any, options: Any) -> Any:

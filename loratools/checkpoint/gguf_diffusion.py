@@ -13,7 +13,10 @@ F32 by ``tools/fix_5d_tensors.py``, so these files may hold a 5-D tensor (llama.
 :class:`GgufDitBase` answers what the merge plan asks of a base (the ``KeyResolver`` protocol plus what
 ``build_plan`` reads): every name, its logical shape (``orig_shape`` when recorded, as ComfyUI's loader reads it)
 and its values dequantized to fp32 on demand. The header is read by the bounded reader
-(:mod:`loratools.files.gguf_file`).
+(:mod:`loratools.files.gguf_file`). :func:`open_checkpoint` opens such a file as a base for every command
+(``validate --base``, ``info --base``, ``convert --base``, ``merge``); a GGUF file without ``general.architecture``
+(stable-diffusion.cpp writes none) is read here too, and the callers (``formats.adapter_io.gguf_base_kind``) take
+it as a diffusion base only when its names are a diffusion transformer's original ones.
 """
 
 from __future__ import annotations
@@ -86,6 +89,31 @@ def is_diffusion_gguf(path: str | Path) -> bool:
         except LoratoolsError:
             return False
     return arch in DIFFUSION_ARCHS
+
+
+def gguf_architecture(path: str | Path) -> str | None:
+    """``general.architecture`` of a GGUF file (the bounded header read where it is not the first key), None when
+    the file states none; a FormatError naming the damage when the header cannot be read."""
+    arch = peek_architecture(path)
+    if arch is not None:
+        return arch
+    from loratools.files.gguf_file import open_gguf_file
+
+    return open_gguf_file(Path(path), MAX_DIMS).string("general.architecture")
+
+
+def open_gguf_checkpoint(path: Path) -> GgufDitBase:
+    """A GGUF file as a base checkpoint (:func:`loratools.checkpoint.reader.open_checkpoint`): a diffusion model
+    (ComfyUI-GGUF's architectures, or none stated) as :class:`GgufDitBase`; a llama.cpp model is refused."""
+    arch = gguf_architecture(path)
+    if arch is not None and arch not in DIFFUSION_ARCHS:
+        raise FormatError(
+            f"{path}: a llama.cpp GGUF model (architecture {arch!r}), not a checkpoint whose tensors are read here",
+            hint="it is the base for GGUF adapters and GGUF merges: `loratools convert ADAPTER --to gguf --base "
+            "MODEL.gguf`, `loratools merge MODEL.gguf ADAPTER -o merged.gguf`",
+            path=path,
+        )
+    return GgufDitBase(path)
 
 
 @dataclass(frozen=True)
@@ -187,7 +215,9 @@ class GgufDitBase(CheckpointReader):
         return self.root
 
     def metadata(self, path: Path) -> dict[str, str]:
-        return {}
+        """The string key/values (an earlier merge's ``loratools.provenance`` among them), as safetensors
+        metadata is read."""
+        return {name: f.contents() for name, f in self.file.fields.items() if f.types == (8,)}  # STRING
 
     def keys_in(self, path: Path) -> list[str]:
         return self.keys() if Path(path) == self.root else []
@@ -205,12 +235,30 @@ class GgufDitBase(CheckpointReader):
 
     def get(self, key: str) -> torch.Tensor:
         """Tensor ``key`` dequantized to fp32 in its logical shape (a fresh tensor)."""
-        from loratools.errors import UnsupportedError
-        from loratools.ops.merge.gguf_tensors import Scratch, decode, read_stored
+        import os
 
-        info, scratch = self.info(key), Scratch()
+        import numpy as np
+        import torch
+
+        from loratools.errors import UnsupportedError
+
+        info = self.info(key)
+        t = info.tensor
+        raw = os.pread(self.fd(), int(t.n_bytes), int(t.data_offset))
+        if len(raw) != int(t.n_bytes):
+            raise FormatError(f"{self.root}: tensor {key} ends past the end of the file", path=self.root)
+        stored = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         try:
-            w = decode(read_stored(info.tensor, self.fd(), scratch), info.tensor, scratch)
+            if info.stored_type in FLOAT_TYPES:
+                dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[info.stored_type]
+                w = stored.view(dtype).float()
+            else:  # the gguf package's own dequantization (the merge's fast Q8_0 path gives the same values)
+                import gguf
+
+                byte_shape = gguf.quants.quant_shape_to_byte_shape(t.shape, t.tensor_type)
+                with np.errstate(invalid="ignore", over="ignore"):
+                    values = gguf.quants.dequantize(stored.numpy().reshape(byte_shape), t.tensor_type)
+                w = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
         except NotImplementedError:
             raise UnsupportedError(
                 f"{self.root}: tensor {key} is stored as {info.stored_type}, which the gguf package cannot "
@@ -227,4 +275,7 @@ class GgufDitBase(CheckpointReader):
             self._fd = None
 
 
-__all__ = ["DIFFUSION_ARCHS", "DitTensorInfo", "GgufDitBase", "is_diffusion_gguf", "peek_architecture"]
+__all__ = [
+    "DIFFUSION_ARCHS", "DitTensorInfo", "GgufDitBase", "gguf_architecture", "is_diffusion_gguf",
+    "open_gguf_checkpoint", "peek_architecture",
+]  # fmt: skip
