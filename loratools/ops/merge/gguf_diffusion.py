@@ -2,7 +2,8 @@
 
 The base (:mod:`loratools.checkpoint.gguf_diffusion`) holds the original-layout names, so the adapters are read and
 planned exactly as for an original-layout safetensors single file (``load_for_merge`` + ``build_plan``: the DiT name
-tables, fused ``qkv``/``linear1`` rows, shapes checked against the base, every refusal); only reading and writing differ.
+tables, fused ``qkv``/``linear1`` rows, shapes checked against the base, every refusal); only reading and writing
+differ.
 Tensors no adapter touches are copied byte for byte, in the kernel; the metadata (``comfy.gguf.orig_shape.*``
 included) and the tensor order are the base's. A touched tensor is read into a reused buffer and:
 
@@ -196,6 +197,8 @@ def _write(reader: GgufDitBase, jobs: dict[str, TensorJob], factors: FactorStore
     from loratools.ops.merge.gguf_write import tensor_info, writer_class
 
     writer = writer_class()(tmp, reader.arch)
+    if not reader.arch:  # a stable-diffusion.cpp file states none: neither does its merge
+        writer.kv_data[0].pop("general.architecture", None)
     writer.data_alignment = reader.file.alignment
     _copy_metadata(reader, writer, record)
     for t in reader.file.tensors:
