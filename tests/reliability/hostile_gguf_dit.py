@@ -4,7 +4,7 @@
 one place each, merged with the fixture's kohya LoRA.
 
 Header cases are found when the file is opened; value cases (a NaN block scale in a tensor the LoRA touches) when
-the touched tensor is decoded. Only ``merge`` takes a GGUF diffusion base today.
+the touched tensor is decoded.
 """
 
 from __future__ import annotations
