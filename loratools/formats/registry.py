@@ -132,9 +132,9 @@ def detect_format(path: str | Path) -> type[AdapterFormat]:
     hint = "a PEFT adapter is a folder with adapter_config.json; a kohya file is one .safetensors"
     if p.is_file() and p.suffix.lower() == ".gguf":
         hint = (
-            f"{p} is a GGUF model, not an adapter: name the adapter here; merge into the model with "
-            "`loratools merge MODEL.gguf ADAPTER -o merged.gguf`, write an adapter for it with "
-            "`loratools convert ADAPTER --to gguf --base MODEL.gguf -o adapter.gguf`"
+            f"{p} is a GGUF model (llama.cpp or a ComfyUI-GGUF diffusion model), not an adapter: name the adapter "
+            "here; merge into the model with `loratools merge MODEL.gguf ADAPTER -o merged.gguf`; for a llama.cpp "
+            "model an adapter is written with `loratools convert ADAPTER --to gguf --base MODEL.gguf -o adapter.gguf`"
         )
     if p.is_dir() and ((p / "config.json").is_file() or (p / "model_index.json").is_file()):
         hint = (
