@@ -96,3 +96,15 @@ def test_quantize_blocks_bytes_equal_the_counting_rule(seed: int) -> None:
         assert torch.equal(got, want)
     experts = [mxfp4.quantize_blocks(w[i : i + 1]) for i in range(3)]  # each expert alone: the same bytes
     assert torch.equal(torch.cat([b for b, _ in experts]), mxfp4.quantize_blocks(w)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantize_into_equals_dequantize_blocks_on_every_byte_and_scale(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    blocks = torch.randint(0, 256, (3, 300, 4, 16), generator=g).to(torch.uint8)
+    blocks[0, 0, :, :] = torch.arange(64, dtype=torch.uint8).view(4, 16) * 4 + torch.arange(4).view(4, 1)
+    scales = torch.randint(0, 255, (3, 300, 4), generator=g).to(torch.uint8)
+    scales[0, :64].view(-1)[:255] = torch.arange(255, dtype=torch.uint8)  # every finite E8M0 scale
+    want = mxfp4.dequantize_blocks(blocks, scales, dtype)
+    got = mxfp4.dequantize_into(blocks, scales, torch.empty(want.shape, dtype=dtype))
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
