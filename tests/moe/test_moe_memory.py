@@ -191,9 +191,10 @@ def test_mxfp4_requantize_memory_does_not_grow_with_the_expert_count(tmp_path: P
         assert size <= (out / "model.safetensors").stat().st_size < size + 65536
         peaks[experts] = (rss["after_kib"] - rss["before_kib"]) / 1024
     grown = (32 - 8) * 2 * INTER * HIDDEN * 4 / 2**20  # the fp32 gate_up_proj's growth, MiB
-    # measured 250-370 -> 310-420 MiB streamed (a loaded machine's allocator adds tens of MiB either way); the
-    # whole-tensor requantize it replaces grew 779 -> 2985 MiB here, 11x this bar
-    assert peaks[32] - peaks[8] < grown, (
+    # measured 250-370 -> 310-420 MiB streamed (growth 20-150 MiB: a loaded machine's allocator adds tens of MiB
+    # either way, so the bar is three fp32 gate_up_proj growths, 576 MiB); the whole-tensor requantize it replaces
+    # grew 779 -> 2985 MiB here, ~4x this bar
+    assert peaks[32] - peaks[8] < 3 * grown, (
         f"the MXFP4 --requantize merge's own peak RSS grew from {peaks[8]:.0f} MiB (8 experts) to "
-        f"{peaks[32]:.0f} MiB (32 experts); the fp32 gate_up_proj grew by {grown:.0f} MiB"
+        f"{peaks[32]:.0f} MiB (32 experts); the bar is 3x the fp32 gate_up_proj's growth, {3 * grown:.0f} MiB"
     )
