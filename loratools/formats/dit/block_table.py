@@ -119,7 +119,8 @@ class BlockTable:
             raise UnsupportedError(
                 f"module {path}: only its query part has a LoRA, and the key/value width (grouped-query attention) "
                 "is not in the adapter",
-                hint="merge it into the base (the base gives the widths), or convert it --to diffusers",
+                hint="merge it into the base (the base gives the widths), or write it as diffusers: "
+                "loratools convert ADAPTER --to diffusers -o OUT",
             )
         return kv[0]
 
