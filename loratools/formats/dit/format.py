@@ -85,15 +85,22 @@ def dit_family(adapter: Adapter) -> str | None:
     recorded = (adapter.meta.get("dit") or {}).get("family")
     if recorded:
         return str(recorded)
-    names = [n for n in adapter.modules if not n.startswith(("text_encoder", "lora_te"))]
+    names = [_peft_bare(n) for n in adapter.modules if not n.startswith(("text_encoder", "lora_te"))]
     found = detect(f"{n}.lora_A.weight" for n in names) if names else None
     return found.family if found is not None else None
+
+
+def _peft_bare(name: str) -> str:
+    """``transformer.base_model.model.X`` (a PEFT-wrapped model's state dict under save_lora_weights) as
+    ``transformer.X``: the name merge and validate resolve it by."""
+    return name.replace("transformer.base_model.model.", "transformer.", 1)
 
 
 def _original(name: str, table: Any) -> tuple[str | None, str | None]:
     """``(diffusers path, original path)`` of an adapter's module name, one of them None: ``transformer.`` + a
     diffusers path, an original path (bare or ``diffusion_model.``), or a bare diffusers path; both None when it
     is no module of the family."""
+    name = _peft_bare(name)
     rest = name.removeprefix("transformer.")
     bare = next((name[len(p) :] for p in _COMFY if name.startswith(p)), name)
     if name.startswith("transformer.") and table.to_original(rest) is not None:
