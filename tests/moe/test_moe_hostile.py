@@ -62,13 +62,13 @@ CASES = [
     Case(
         "wrong-expert-count",
         _config(lambda c: c.update(r=1)),
-        ("8 experts x rank 1", "the base has 4 experts", "config.json num_"),
+        ("8 experts x rank 1", "config.json says 4 experts", "(num_"),
         ("info-base", "merge"),
     ),
     Case(
         "rank-pattern-contradicts-base",
         _config(lambda c: c.update(rank_pattern={"layers.0.mlp.experts.down_proj": 4})),
-        ("2 experts x rank 4", "the base has 4 experts", "rank_pattern"),
+        ("2 experts x rank 4", "config.json says 4 experts", "rank_pattern"),
         ("info-base", "merge"),
     ),
 ]

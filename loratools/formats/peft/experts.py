@@ -293,9 +293,11 @@ def _wrapper(
         return {host: LoraModule(down=a, up=b, alpha=alpha, use_rslora=rslora)}
     if counted is not None and n != counted[0]:
         raise ShapeError(
-            f"{where}: {a_key} has {rows} rows = {n} experts x rank {r}, but the base has {counted[0]} experts "
-            f"(config.json {counted[1]}); r / rank_pattern in adapter_config.json or the base is wrong",
-            hint="merge into the base the adapter was trained on, and check rank_pattern for " + path,
+            f"{where}: {a_key} has {rows} rows = {n} experts x rank {r}, but the base's config.json says "
+            f"{counted[0]} experts ({counted[1]}); r / rank_pattern in adapter_config.json, or the base's "
+            "config.json, is wrong",
+            hint="merge into the base the adapter was trained on, check rank_pattern for " + path + ", and check "
+            f"that the base's expert tensors hold {counted[1]} = {counted[0]} experts",
             path=where,
         )
     if param == "weight":
