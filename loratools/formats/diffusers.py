@@ -54,6 +54,9 @@ _PROCESSOR = re.compile(
 _UNET_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 _TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
+#: the infix of a PEFT-wrapped transformer's names under save_lora_weights (transformer.base_model.model.X)
+_PEFT_INFIX = "transformer.base_model.model."
+
 
 def _weights_file(path: Path) -> Path | None:
     if path.is_file():
@@ -204,14 +207,20 @@ class DiffusersFormat(AdapterFormat):
                 raise type(exc)(f"{weights}: module {name}: {exc.message}", hint=exc.hint, path=weights) from None
         from loratools.formats.dit.layouts import HANDLED, detect
 
-        found = detect(k for k in tensors if k.startswith("transformer."))  # the family, for info and --to kohya
+        # the family, for info and --to kohya (PEFT-wrapped names, save_lora_weights of a get_peft_model
+        # transformer, are told by their module paths as well)
+        found = detect(k.replace(_PEFT_INFIX, "transformer.", 1) for k in tensors if k.startswith("transformer."))
         if found is None and base is not None:  # names Flux, SD3 and HunyuanVideo share (diffusers' SD3 trainer)
             from loratools.formats.dit.flux_io import base_dit_family
             from loratools.formats.dit.layouts import DitLayout
             from loratools.formats.dit.tables import table_for
 
             family = base_dit_family(base)
-            names = [k.removeprefix("transformer.") for k in modules if k.startswith("transformer.")]
+            names = [
+                k.replace(_PEFT_INFIX, "transformer.", 1).removeprefix("transformer.")
+                for k in modules
+                if k.startswith("transformer.")
+            ]
             if family and names and all(table_for(family).to_original(n) for n in names):
                 found = DitLayout(family, "diffusers", f"transformer.{names[0]}")
         if found is not None and found.family in HANDLED:  # named as the base names it (a BFL/Wan-AI file: renamed)
