@@ -16,8 +16,8 @@ import sd3_hunyuan_support as S
 import torch
 from safetensors.torch import save_file
 from test_dit_hostile import _refused
+from test_wan_qwen_hostile import Tensors, _add, _drop, _nan, _set
 
-Tensors = dict[str, torch.Tensor]
 QKV = "lora_unet_joint_blocks_0_x_block_attn_qkv"
 CTX = "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1"
 FIN = "lora_unet_final_layer_adaLN_modulation_1"
@@ -26,22 +26,6 @@ L1 = "lora_unet_single_blocks_0_linear1"
 REF = "lora_unet_txt_in_individual_token_refiner_blocks_0_self_attn_qkv"
 
 
-def _drop(key: str) -> Callable[[Tensors], Tensors]:
-    return lambda sd: {k: v for k, v in sd.items() if k != key}
-
-
-def _set(key: str, value: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Tensors], Tensors]:
-    return lambda sd: {**sd, key: value(sd[key])}
-
-
-def _add(key: str, value: torch.Tensor) -> Callable[[Tensors], Tensors]:
-    return lambda sd: {**sd, key: value}
-
-
-def _nan(t: torch.Tensor) -> torch.Tensor:
-    t = t.clone()
-    t.view(-1)[1] = float("nan")
-    return t
 
 
 def _rows(n: int) -> Callable[[torch.Tensor], torch.Tensor]:
