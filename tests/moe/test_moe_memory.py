@@ -142,25 +142,31 @@ def _mxfp4_base(folder: Path, experts: int) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
+def _mxfp4_merge_peak(tmp_path: Path, experts: int, child: str) -> tuple[Path, Path, float]:
+    """(base, output, the merge's own peak RSS growth in MiB) of merging an expert LoRA into an MXFP4 base of
+    ``experts`` experts in a child process running ``child``."""
+    base, adapter, out = tmp_path / f"mx-{experts}", tmp_path / f"lora-{experts}", tmp_path / f"out-{experts}"
+    _mxfp4_base(base, experts)
+    _expert_lora(adapter, experts)
+    run = subprocess.run(
+        [sys.executable, "-c", child, str(base), str(adapter), str(out), "auto"],
+        capture_output=True,
+        text=True,
+        timeout=600,  # a hang guard only
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rss = json.loads(run.stdout.strip().splitlines()[-1])
+    return base, out, (rss["after_kib"] - rss["before_kib"]) / 1024
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the child's peak RSS from /proc")
 def test_mxfp4_expert_merge_memory_does_not_grow_with_the_expert_count(tmp_path: Path) -> None:
     """The 16-bit merge of an MXFP4 base dequantizes, updates and writes a run of experts at a time
     (ops/merge/quant_stream.py); dequantizing the whole tensor held ~5x its fp32 size in temporaries."""
     peaks = {}
     for experts in (8, 32):
-        base, adapter, out = tmp_path / f"mx-{experts}", tmp_path / f"lora-{experts}", tmp_path / f"out-{experts}"
-        _mxfp4_base(base, experts)
-        _expert_lora(adapter, experts)
-        run = subprocess.run(
-            [sys.executable, "-c", CHILD, str(base), str(adapter), str(out), "auto"],
-            capture_output=True,
-            text=True,
-            timeout=600,  # a hang guard only
-        )
-        assert run.returncode == 0, run.stderr[-3000:]
-        rss = json.loads(run.stdout.strip().splitlines()[-1])
+        base, out, peaks[experts] = _mxfp4_merge_peak(tmp_path, experts, CHILD)
         assert (out / "model.safetensors").stat().st_size > 3 * (base / "model.safetensors").stat().st_size
-        peaks[experts] = (rss["after_kib"] - rss["before_kib"]) / 1024
     grown = (32 - 8) * 2 * INTER * HIDDEN * 2 / 2**20  # the dequantized bf16 gate_up_proj's growth, MiB
     assert peaks[32] - peaks[8] < grown / 2, (
         f"the MXFP4 merge's own peak RSS grew from {peaks[8]:.0f} MiB (8 experts) to {peaks[32]:.0f} MiB "
@@ -176,20 +182,9 @@ def test_mxfp4_requantize_memory_does_not_grow_with_the_expert_count(tmp_path: P
     child = CHILD.replace("dtype=sys.argv[4])", "dtype=sys.argv[4], requantize=True)")
     peaks = {}
     for experts in (8, 32):
-        base, adapter, out = tmp_path / f"mx-{experts}", tmp_path / f"lora-{experts}", tmp_path / f"out-{experts}"
-        _mxfp4_base(base, experts)
-        _expert_lora(adapter, experts)
-        run = subprocess.run(
-            [sys.executable, "-c", child, str(base), str(adapter), str(out), "auto"],
-            capture_output=True,
-            text=True,
-            timeout=600,  # a hang guard only
-        )
-        assert run.returncode == 0, run.stderr[-3000:]
-        rss = json.loads(run.stdout.strip().splitlines()[-1])
+        base, out, peaks[experts] = _mxfp4_merge_peak(tmp_path, experts, child)
         size = (base / "model.safetensors").stat().st_size  # still MXFP4 (the header gains provenance)
         assert size <= (out / "model.safetensors").stat().st_size < size + 65536
-        peaks[experts] = (rss["after_kib"] - rss["before_kib"]) / 1024
     grown = (32 - 8) * 2 * INTER * HIDDEN * 4 / 2**20  # the fp32 gate_up_proj's growth, MiB
     # measured 250-370 -> 310-420 MiB streamed (growth 20-150 MiB: a loaded machine's allocator adds tens of MiB
     # either way, so the bar is three fp32 gate_up_proj growths, 576 MiB); the whole-tensor requantize it replaces
