@@ -13,13 +13,13 @@ tensors (``ffn_*_exps``) take each expert's ΔW one expert slice at a time (:mod
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratools.errors import UsageError, VerificationError
+from loratools.ops.merge.gguf_write import copy_metadata
 from loratools.ops.merge.gguf_write import tensor_info as _tensor_info  # shared with the diffusion GGUF merge
 from loratools.ops.merge.gguf_write import writer_class as _writer_class
 from loratools.ops.merge.summary import MergeSummary
@@ -114,28 +114,6 @@ def _merged(
         ) from None
 
 
-def _copy_metadata(reader: Any, writer: Any, record: dict[str, Any]) -> None:
-    """Every key/value of the base but the architecture (the writer's own) and the header counts, strings
-    copied as their bytes."""
-    import gguf
-
-    from loratools.errors import UnsupportedError
-
-    for f in reader.fields.values():
-        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
-            continue
-        vtype = gguf.GGUFValueType(f.types[0])
-        sub = gguf.GGUFValueType(f.types[1]) if f.is_array else None
-        if f.is_array and (f.count == 0 or sub == gguf.GGUFValueType.ARRAY):
-            raise UnsupportedError(
-                f"{reader.path}: metadata {f.name} is an empty or nested array, which the gguf "
-                "package cannot write back",
-                path=reader.path,
-            )
-        writer.add_key_value(f.name, f.values(), vtype, sub_type=sub)
-    writer.add_string("loratools.provenance", json.dumps(record, sort_keys=True))
-
-
 def _require_base(info: Any, adapters: Sequence[Adapter], labels: Sequence[str | None]) -> None:
     """The wrong-base rule (:mod:`loratools.ops.base_match`) against what a GGUF header states: its layer and
     head counts. Not its architecture name: llama.cpp writes a Mistral as ``llama``, so a name differing is no
@@ -216,7 +194,7 @@ def merge_gguf(
     with atomic_output(output, overwrite=overwrite, inputs=[base_path, *paths], directory=False) as tmp:
         writer = _writer_class()(tmp, info.arch)
         writer.data_alignment = reader.alignment
-        _copy_metadata(reader, writer, record)
+        copy_metadata(reader.fields, writer, record, reader.path)
         plan: list[tuple[str, Any, str | None]] = []
         for name, t in layout:
             if name in updates:

@@ -19,7 +19,6 @@ Memory: one tensor's bytes and its fp32 values (two byte buffers while the write
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -172,35 +171,16 @@ def merged_bytes(
         ) from None
 
 
-def _copy_metadata(reader: GgufDitBase, writer: Any, record: dict[str, Any]) -> None:
-    """Every key/value of the base but the architecture (the writer's own), the header counts and an earlier
-    merge's provenance; strings copied as their bytes, numeric arrays in one piece."""
-    import gguf
-
-    for f in reader.file.fields.values():
-        if f.name in (gguf.Keys.General.ARCHITECTURE, "loratools.provenance") or f.name.startswith("GGUF."):
-            continue
-        sub = gguf.GGUFValueType(f.types[1]) if f.is_array else None
-        if f.is_array and (f.count == 0 or sub == gguf.GGUFValueType.ARRAY):
-            raise UnsupportedError(
-                f"{reader.root}: metadata {f.name} is an empty or nested array, which the gguf package cannot "
-                "write back",
-                path=reader.root,
-            )
-        writer.add_key_value(f.name, f.values(), gguf.GGUFValueType(f.types[0]), sub_type=sub)
-    writer.add_string("loratools.provenance", json.dumps(record, sort_keys=True))
-
-
 def _write(reader: GgufDitBase, jobs: dict[str, TensorJob], factors: FactorStore, tmp: Path, record: dict) -> int:
     """The whole output file at ``tmp``; bytes of tensor data written."""
     from loratools.ops.merge.gguf_tensors import DataSection, Scratch
-    from loratools.ops.merge.gguf_write import tensor_info, writer_class
+    from loratools.ops.merge.gguf_write import copy_metadata, tensor_info, writer_class
 
     writer = writer_class()(tmp, reader.arch)
     if not reader.arch:  # a stable-diffusion.cpp file states none: neither does its merge
         writer.kv_data[0].pop("general.architecture", None)
     writer.data_alignment = reader.file.alignment
-    _copy_metadata(reader, writer, record)
+    copy_metadata(reader.file.fields, writer, record, reader.root)
     for t in reader.file.tensors:
         if t.name in jobs:
             writer.add_tensor_info(t.name, *tensor_info(t.shape, out_type(t.type_label)))

@@ -1,6 +1,6 @@
 """What both GGUF merges (llama.cpp models, :mod:`.gguf`; ComfyUI-GGUF diffusion files, :mod:`.gguf_diffusion`)
-need of the ``gguf`` package's writer: a ``GGUFWriter`` that packs numeric arrays in one piece, and the
-``add_tensor_info`` arguments of a tensor written in a given type."""
+need of the ``gguf`` package's writer: a ``GGUFWriter`` that packs numeric arrays in one piece, the base's
+metadata copied into it, and the ``add_tensor_info`` arguments of a tensor written in a given type."""
 
 from __future__ import annotations
 
@@ -24,6 +24,29 @@ def writer_class() -> Any:
             return super()._pack_val(val, vtype, add_vtype, sub_type)
 
     return Writer
+
+
+def copy_metadata(fields: Any, writer: Any, record: dict[str, Any], path: Any) -> None:
+    """Every key/value of a base's ``fields`` but the architecture (the writer's own), the header counts and an
+    earlier merge's provenance, then this merge's ``record``; strings copied as their bytes, numeric arrays in one
+    piece. An empty or nested array (which the gguf package cannot write) is refused naming ``path``."""
+    import json
+
+    import gguf
+
+    from loratools.errors import UnsupportedError
+
+    for f in fields.values():
+        if f.name in (gguf.Keys.General.ARCHITECTURE, "loratools.provenance") or f.name.startswith("GGUF."):
+            continue
+        sub = gguf.GGUFValueType(f.types[1]) if f.is_array else None
+        if f.is_array and (f.count == 0 or sub == gguf.GGUFValueType.ARRAY):
+            raise UnsupportedError(
+                f"{path}: metadata {f.name} is an empty or nested array, which the gguf package cannot write back",
+                path=path,
+            )
+        writer.add_key_value(f.name, f.values(), gguf.GGUFValueType(f.types[0]), sub_type=sub)
+    writer.add_string("loratools.provenance", json.dumps(record, sort_keys=True))
 
 
 def tensor_info(shape: tuple[int, ...], out_type: str) -> tuple[Any, Any, int, Any]:
