@@ -101,21 +101,40 @@ def fp8_base(tmp_path_factory: pytest.TempPathFactory, base16: Path) -> Path:
     return fp8_save(base16, tmp_path_factory.mktemp("fp8") / "fp8", [32, 32])
 
 
+_AWQ_PACKER: tuple[Any, Any] | None = None
+
+
 def load_awq_packer() -> Any:
     """autoawq's WQLinear_GEMM and dequantize_gemm without its package __init__ (which needs datasets)."""
     import importlib.util
 
-    if "awq" not in sys.modules:
-        spec = importlib.util.find_spec("awq")
-        if spec is None or not spec.submodule_search_locations:
-            pytest.skip("autoawq is not installed (pip install --no-deps autoawq runs its CPU packer)")
-        pkg = types.ModuleType("awq")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules["awq"] = pkg
-    from awq.modules.linear.gemm import WQLinear_GEMM
-    from awq.utils.packing_utils import dequantize_gemm
+    global _AWQ_PACKER
+    if _AWQ_PACKER is not None:
+        return _AWQ_PACKER
+    if "awq" in sys.modules:  # the real package, already imported
+        from awq.modules.linear.gemm import WQLinear_GEMM
+        from awq.utils.packing_utils import dequantize_gemm
 
-    return WQLinear_GEMM, dequantize_gemm
+        _AWQ_PACKER = (WQLinear_GEMM, dequantize_gemm)
+        return _AWQ_PACKER
+    spec = importlib.util.find_spec("awq")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("autoawq is not installed (pip install --no-deps autoawq runs its CPU packer)")
+    # A bare stand-in for the package lets its submodules import; it is taken out of sys.modules again so that
+    # no later ``import awq`` in this process (transformers' own checks, other tests) meets the stub.
+    before = set(sys.modules)
+    pkg = types.ModuleType("awq")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["awq"] = pkg
+    try:
+        from awq.modules.linear.gemm import WQLinear_GEMM
+        from awq.utils.packing_utils import dequantize_gemm
+    finally:
+        for name in set(sys.modules) - before:
+            if name == "awq" or name.startswith("awq."):
+                del sys.modules[name]
+    _AWQ_PACKER = (WQLinear_GEMM, dequantize_gemm)
+    return _AWQ_PACKER
 
 
 def minmax_groups(w: torch.Tensor, group: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
