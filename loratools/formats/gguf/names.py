@@ -59,6 +59,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "Qwen3MoeForCausalLM": ArchSpec("qwen3moe", _LLAMA_FAMILY),
     # LlamaModel: Q/K permuted; block_sparse_moe.experts.{e}.w1/w3/w2 stacked into ffn_gate/up/down_exps
     "MixtralForCausalLM": ArchSpec("llama", _LLAMA_FAMILY, permute_qk=True),
+    # GptOssModel (conversion/gpt_oss.py): names only; experts.gate_up_proj (E, in, 2I) transposed, its
+    # interleaved columns split gate ::2 / up 1::2 into ffn_gate_exps / ffn_up_exps (formats/gguf/experts.py)
+    "GptOssForCausalLM": ArchSpec("gpt-oss", _LLAMA_FAMILY),
+    # DeepseekV2Model (conversion/deepseek.py): names only; experts stacked, kv_b_proj split into attn_k_b
+    # (per head, transposed) / attn_v_b, which no LoRA is mapped onto (formats/gguf/experts.py)
+    "DeepseekV2ForCausalLM": ArchSpec("deepseek2", _LLAMA_FAMILY),
+    "DeepseekV3ForCausalLM": ArchSpec("deepseek2", _LLAMA_FAMILY),
     # GemmaModel / Gemma2Model.modify_tensors: no Q/K permutation, norms + 1, lm_head skipped
     "GemmaForCausalLM": ArchSpec("gemma", _LLAMA_FAMILY, tied_default=True, output_dropped=True),
     "Gemma2ForCausalLM": ArchSpec("gemma2", _LLAMA_FAMILY, tied_default=True, output_dropped=True),
@@ -77,7 +84,8 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "q
                 "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "gemma": "GemmaForCausalLM",
                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                 "phi3": "Phi3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                "mixtral": "MixtralForCausalLM"}  # fmt: skip
+                "mixtral": "MixtralForCausalLM", "gpt_oss": "GptOssForCausalLM",
+                "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}  # fmt: skip
 #: GGUF architecture -> spec (Mistral converts as llama)
 BY_GGUF_ARCH: dict[str, ArchSpec] = {s.gguf_arch: s for s in reversed(list(ARCHITECTURES.values()))}
 

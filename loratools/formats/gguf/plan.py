@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from loratools.errors import ShapeError
-from loratools.formats.gguf.experts import expert_problem, is_expert_module
+from loratools.formats.gguf.experts import (
+    expert_problem,
+    is_expert_module,
+    kv_b_problem,
+    split_kv_b,
+    unapplied_problem,
+)
 from loratools.formats.gguf.rewrites import TOKEN_EMBD, rows_to_gguf
 
 if TYPE_CHECKING:
@@ -221,8 +227,16 @@ def plan(adapter: Adapter, base: GgufBase, merge: bool = False) -> GgufPlan:
         if merge and is_expert_module(name, m) and m.magnitude is None and m.bias is None:
             _expert_pairs(name, m, base, out)
             continue
+        if split_kv_b(name, base) is not None:  # DeepSeek MLA kv_b_proj held split per head (3-D)
+            if merge and m.magnitude is None and m.bias is None:
+                _expert_pairs(name, m, base, out)
+            else:
+                out.problems.append(Problem(name, *kv_b_problem(name, merge)))
+            continue
         tensor = base.gguf_name(name)
         problem = _module_problem(name, m, base, tensor, merge)
+        if problem is None and not merge and (found := unapplied_problem(name, tensor, base)) is not None:
+            problem = Problem(name, *found)
         if problem is None and tensor is not None:
             try:
                 pair = _pair(name, m, base, tensor)
