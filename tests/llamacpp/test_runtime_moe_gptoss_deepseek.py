@@ -287,3 +287,82 @@ def test_attention_and_shared_experts_as_gguf_adapter(case):
     effect = max_diff(want, hf_logits(case.model))
     diff = max_diff(run_logits(case.gguf, out).ok(), want)
     assert effect > 50 * case.tol and diff < case.tol, (diff, effect)
+
+
+def _gguf_tensors(path: Path) -> dict:
+    import gguf
+
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def test_mxfp4_experts_stay_mxfp4(case):
+    """gpt-oss's MXFP4 form as libllama's ``llama_model_quantize`` writes it (MXFP4_MOE: experts MXFP4, attention
+    Q8_0). The gguf package's MXFP4 encoder gives libllama's own bytes from the same f32 experts, and its
+    decode/encode round trip is byte-stable; the merge keeps every expert tensor MXFP4 and writes exactly the
+    package's encoding of the dequantized base plus PEFT's ΔW; in the runtime the merged model is far nearer
+    PEFT over the dequantized base than the unmerged base is."""
+    import gguf
+    from llama_quantize import quantize
+
+    if case.arch != "gpt-oss":
+        pytest.skip("gpt-oss's MXFP4 experts only")
+    mx = gguf.GGMLQuantizationType.MXFP4
+    base = quantize(case.gguf, case.gguf.parent / "base-mxfp4.gguf", "MXFP4_MOE")
+    f32, before = _gguf_tensors(case.gguf), _gguf_tensors(base)
+    exps = [n for n in before if n.endswith("_exps.weight")]
+    assert exps and all(before[n].tensor_type == mx for n in exps)
+    for name in exps:
+        stored = np.array(before[name].data)
+        values = np.array(f32[name].data, dtype=np.float32)
+        assert np.array_equal(gguf.quants.quantize(values, mx), stored), name  # the package's encoder = ggml's
+        assert np.array_equal(gguf.quants.quantize(gguf.quants.dequantize(stored, mx), mx), stored), name
+    out = case.gguf.parent / "merged-mxfp4.gguf"
+    code, text, err = run_cli(["merge", base, case.adapter, "-o", out, "--overwrite", "--verify"])
+    assert code == 0, err
+    after, deltas = _gguf_tensors(out), peft_deltas(case)
+    for name in exps:
+        assert after[name].tensor_type == mx, (name, after[name].tensor_type)
+        want = gguf.quants.dequantize(np.array(before[name].data), mx).reshape(deltas[name].shape) + deltas[name]
+        assert np.array_equal(np.array(after[name].data), gguf.quants.quantize(want.astype(np.float32), mx)), name
+    ref = _dequantized_gpt_oss(case, base)
+    with pytest.MonkeyPatch.context() as mp:
+        want = _peft_over(ref, case.adapter, mp)
+    merged = np.abs(run_logits(out).ok() - want).max(-1)
+    unmerged = np.abs(run_logits(base).ok() - want).max(-1)
+    assert np.isfinite(merged).all() and np.median(merged) < np.median(unmerged) / 5, (merged, unmerged)
+
+
+def _dequantized_gpt_oss(case: Case, path: Path) -> torch.nn.Module:
+    """The gpt-oss model holding ``path``'s weights as the runtime sees them (dequantized; experts transposed
+    back and gate/up re-interleaved into gate_up_proj)."""
+    import gguf
+
+    from loratools.formats.gguf.names import _name_map
+
+    tensors = {n: gguf.quants.dequantize(np.array(t.data), t.tensor_type).reshape(t.shape[::-1].tolist())
+               for n, t in _gguf_tensors(path).items()}  # fmt: skip
+    names = _name_map("gpt-oss", 2)
+    model = copy.deepcopy(case.model)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if ".mlp.experts." in key:
+                layer = key.split("layers.")[1].split(".")[0]
+                if key.endswith("gate_up_proj"):
+                    p[:, :, ::2] = torch.from_numpy(tensors[f"blk.{layer}.ffn_gate_exps.weight"]).transpose(1, 2)
+                    p[:, :, 1::2] = torch.from_numpy(tensors[f"blk.{layer}.ffn_up_exps.weight"]).transpose(1, 2)
+                elif key.endswith("down_proj"):
+                    p.copy_(torch.from_numpy(tensors[f"blk.{layer}.ffn_down_exps.weight"]).transpose(1, 2))
+                continue  # biases stay F32
+            stem, _, suffix = key.rpartition(".")
+            gguf_name = names.get_name(stem)
+            if gguf_name is not None and f"{gguf_name}.{suffix}" in tensors:
+                p.copy_(torch.from_numpy(np.array(tensors[f"{gguf_name}.{suffix}"], dtype=np.float32)).reshape(p.shape))
+    return model.eval()
+
+
+def _peft_over(model: torch.nn.Module, adapter: Path, mp: pytest.MonkeyPatch) -> np.ndarray:
+    import peft.utils.transformers_weight_conversion as conversion
+    from peft import PeftModel
+
+    mp.setattr(conversion, "convert_peft_config_for_transformers", lambda *a, **k: None)
+    return hf_logits(PeftModel.from_pretrained(model, str(adapter)).eval())

@@ -6,7 +6,7 @@ for byte, in the kernel. A touched tensor is decoded (:mod:`loratools.ops.merge.
 identical to the ``gguf`` package's, two buffers reused from tensor to tensor), updated in fp32 with
 Σ wᵢ·ΔWᵢ in the GGUF layout (the same pairs a GGUF adapter holds: each module's exact scale, the
 converter's Q/K row permutation, token_embd's rule), and written back in its own type when the package
-can write it (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0); K- and I-quant tensors are written as F16,
+can write it (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4); K- and I-quant tensors are written as F16,
 as llama.cpp's ``llama-export-lora`` does, and are counted in ``retyped``. A MoE base's stacked expert
 tensors (``ffn_*_exps``) take each expert's ΔW one expert slice at a time (:mod:`.gguf_experts`).
 """
@@ -32,8 +32,9 @@ if TYPE_CHECKING:
     from loratools.model.adapter import Adapter
     from loratools.ops.merge.gguf_tensors import Scratch
 
-#: tensor types the gguf package quantizes itself (others are written as F16 after merging)
-_KEEP_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+#: tensor types the gguf package quantizes itself (others are written as F16 after merging); MXFP4 (gpt-oss
+#: experts): the package's encoder, equal to libllama's bytes (tests/llamacpp/test_runtime_moe_gptoss_deepseek.py)
+_KEEP_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4")
 
 
 def is_gguf_base(path: str | Path) -> bool:
