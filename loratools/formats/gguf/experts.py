@@ -104,7 +104,7 @@ def unapplied_problem(name: str, tensor: str | None, base: GgufBase) -> tuple[st
         f"{name}: llama.cpp's {base.arch} graph multiplies {kind} without its LoRA hook: a GGUF adapter pair on "
         "it loads and changes nothing",
         f"merge it into the GGUF base instead (loratools merge BASE.gguf ADAPTER -o merged.gguf), or --exclude "
-        f"'{name}$' to write the rest as a GGUF adapter",
+        f"'{name.rsplit('.', 1)[-1]}$' to write the rest as a GGUF adapter",
     )
 
 
@@ -117,8 +117,8 @@ def kv_b_problem(name: str, merge: bool) -> tuple[str, str, str]:
         "kv_b_split",
         f"{name}: the GGUF base holds kv_b_proj split per head into 3-D attn_k_b (transposed) and attn_v_b "
         "(llama.cpp's DeepSeek MLA layout), which a GGUF adapter cannot adapt",
-        f"merge it into the GGUF base instead (loratools merge BASE.gguf ADAPTER -o merged.gguf), or --exclude "
-        f"'{name}$' to write the rest as a GGUF adapter",
+        "merge it into the GGUF base instead (loratools merge BASE.gguf ADAPTER -o merged.gguf), or --exclude "
+        "'kv_b_proj$' to write the rest as a GGUF adapter",
     )
 
 

@@ -47,10 +47,27 @@ def base_findings(adapter: Adapter, target: str, base: str | Path | Any, where: 
         info = load_base(gguf_base(base))
     except LoratoolsError as exc:
         return [Finding("error", None, f"{target}.base", f"{exc.message} {where}", hint=exc.hint)]
-    return [
-        Finding("error", p.module, f"{target}.{p.code}", f"{p.message} {where}", hint=p.hint)
-        for p in plan(adapter, info).problems
-    ]
+    out = []
+    for family, group in _by_family(plan(adapter, info).problems).items():
+        code, first = family[0], group[0]
+        if code == "expert" and target == "llama.cpp":
+            continue  # the rule table's llama.cpp.experts names every expert module already, in one line
+        more = f" (+{len(group) - 1} more of {family[1]})" if len(group) > 1 else ""
+        module = first.module if len(group) == 1 else None
+        out.append(Finding("error", module, f"{target}.{code}", f"{first.message}{more} {where}", hint=first.hint))
+    return out
+
+
+def _by_family(problems: list[Any]) -> dict[tuple[str, str], list[Any]]:
+    """Problems grouped by code and tensor family: the module path with its layer and expert indices as ``*``
+    (``model.layers.*.mlp.experts.down_proj[*]``), so a MoE's hundreds of expert slices are one line each."""
+    import re
+
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for p in problems:
+        family = re.sub(r"\[\d+\]$", "[*]", re.sub(r"\.\d+(?=\.)", ".*", p.module or ""))
+        groups.setdefault((p.code, family), []).append(p)
+    return groups
 
 
 def _family(cls: str) -> str:
