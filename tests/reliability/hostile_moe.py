@@ -3,7 +3,8 @@
 in the case's folder, or its per-expert ``vllm-moe`` form written by loratools, then one field or tensor broken.
 Every case is refused when read, so the Llama base of the shared commands does not matter. The cases that need
 the MoE base itself (a wrong expert count, rank_pattern against the base's count) stay in tests/moe; GGUF MoE
-bases that do not fit the fixture adapter (expert count, expert shape, not stacked) are the last cases."""
+bases that do not fit the fixture adapter (expert count, expert shape, not stacked) and gpt-oss GGUF bases against
+the gpt-oss fixture adapter (expert count, a NaN in an f32 expert or an MXFP4 scale) are the last cases."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ A0 = "base_model.model.model.layers.0.mlp.experts.lora_A.weight"  # down_proj of
 B0 = "base_model.model.model.layers.0.mlp.experts.lora_B.weight"
 GATE0 = "base_model.model.model.layers.0.mlp.experts.3.gate_proj.lora_A.weight"
 QWEN3_MOE_LORA = Path(__file__).resolve().parents[2] / "fixtures" / "moe" / "qwen3-moe-lora"
+GPT_OSS_LORA = Path(__file__).resolve().parents[2] / "fixtures" / "moe" / "gpt-oss-lora"
 
 
 def _seed(folder: Path, served: bool = False) -> Path:
@@ -98,6 +100,15 @@ def _gguf_base(**kw: Any) -> Callable[[Path], Path]:
         from moe_gguf import write_moe_gguf
 
         return write_moe_gguf(folder / "moe.gguf", **kw)
+
+    return build
+
+
+def _gpt_oss_base(**kw: Any) -> Callable[[Path], Path]:
+    def build(folder: Path) -> Path:
+        from moe_gguf import write_gpt_oss_gguf
+
+        return write_gpt_oss_gguf(folder / "gpt-oss.gguf", **kw)
 
     return build
 
@@ -190,6 +201,28 @@ CASES = [
             ),
             ("narrow-experts", {"ffn": 16}, ("blk.0.ffn_down_exps.weight holds experts of [32, 16]",)),
             ("not-stacked", {"flat": True}, ("blk.0.ffn_down_exps.weight [128, 24] is not a stack of experts",)),
+        )
+    ),
+    # gpt-oss GGUF bases (tests/moe_gguf.py, the converter's layout) against the gpt-oss fixture adapter
+    *(
+        HostileCase(
+            f"moe-gguf-gpt-oss-{name}",
+            _gpt_oss_base(**kw),
+            expect,
+            commands={"merge": ["merge", "B", GPT_OSS_LORA, "-o", "O"]},
+        )  # fmt: skip
+        for name, kw, expect in (
+            (
+                "too-few-experts",
+                {"experts": 3},
+                ("the adapter holds 4 experts", "blk.0.ffn_down_exps.weight [3, 32, 32]"),
+            ),
+            ("nan-in-f32-expert", {"nan_expert": 2}, ("base tensor blk.0.ffn_gate_exps.weight[2] holds NaN",)),
+            (
+                "nan-mxfp4-scale",
+                {"outtype": "mxfp4", "nan_expert": 1},
+                ("base tensor blk.0.ffn_gate_exps.weight[1] holds NaN",),
+            ),
         )
     ),
 ]
