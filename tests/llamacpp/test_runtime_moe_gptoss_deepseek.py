@@ -366,3 +366,21 @@ def _peft_over(model: torch.nn.Module, adapter: Path, mp: pytest.MonkeyPatch) ->
 
     mp.setattr(conversion, "convert_peft_config_for_transformers", lambda *a, **k: None)
     return hf_logits(PeftModel.from_pretrained(model, str(adapter)).eval())
+
+
+def test_per_expert_deepseek_adapter_merges_alike(case):
+    """DeepSeek's adapter as per-expert modules (``experts.{e}.gate_proj/up_proj/down_proj``, what vLLM loads and
+    transformers-4 PEFT wrote) merges to the tensors of its target_parameters form and runs alike."""
+    from test_runtime_moe import per_expert
+
+    if case.arch != "deepseek":
+        pytest.skip("gpt-oss is served with 3-D experts: no per-expert form (convert --to vllm-moe refuses it)")
+    folder = per_expert(case.adapter, case.gguf.parent / "per-expert")
+    a, b = case.gguf.parent / "pe-fused.gguf", case.gguf.parent / "pe-split.gguf"
+    for adapter, out in ((case.adapter, a), (folder, b)):
+        code, _, err = run_cli(["merge", case.gguf, adapter, "-o", out, "--overwrite", "--verify"])
+        assert code == 0, err
+    fused, split = _tensors(a), _tensors(b)
+    assert sorted(fused) == sorted(split)
+    assert all(np.abs(fused[n] - split[n]).max() < 1e-6 for n in fused)
+    assert max_diff(run_logits(b).ok(), case.want) < case.tol
