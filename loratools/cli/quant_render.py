@@ -38,7 +38,11 @@ def describe_scheme(q: dict[str, Any]) -> str:
 def render_quant_report(r: dict[str, Any]) -> None:
     """The ``quantized_base`` part of a merge or validate result."""
     where = {"quantized": "deq(Wq)", "reference": "the 16-bit reference"}.get(r.get("merged_into"), "")
-    written = {"16-bit": "written as a 16-bit checkpoint (quantization_config removed)"}.get(
+    removed = {
+        "comfy-scaled-fp8": "scale_weight tensors and the scaled_fp8 marker removed",
+        "mlx-affine": "config.json's quantization removed",
+    }.get((r.get("quantization") or {}).get("scheme"), "quantization_config removed")
+    written = {"16-bit": f"written as a 16-bit checkpoint ({removed})"}.get(
         r.get("output") or "", "requantized with the base's own settings"
     )
     if r.get("output") == "none":
@@ -53,7 +57,7 @@ def render_quant_report(r: dict[str, Any]) -> None:
         key = "rho" if has_rho else "gap"
         ordered = sorted(rows, key=lambda m: m[key], reverse=key == "gap")[:SHOWN]
         label = "lowest rho (share of the update that survives requantization)" if has_rho else "largest gaps"
-        click.echo(f"  {len(rows)} modules; {label}:")
+        click.echo(f"  {len(rows)} tensors; {label}:")  # rows are base tensors (an MXFP4 row holds every expert)
         width = max(len(m["tensor"]) for m in ordered)
         head = f"    {'tensor':<{width}}  {'|dW|':>9}" + ("  {:>7}".format("rho") if has_rho else "")
         head += "  {:>9}".format("gap") if has_gap else ""
