@@ -124,8 +124,8 @@ def convert(
 ) -> None:
     """Convert ADAPTER to another format, losslessly: every module's ΔW is unchanged and alpha is kept
     or folded exactly. What the target cannot hold (an embedding LoRA or modules_to_save in a kohya
-    file, say) is refused with the list of modules. PEFT and diffusers outputs are folders, kohya is
-    one .safetensors file. Leaving kohya needs --base to resolve its underscore names; an adapter that
+    file, say) is refused with the list of modules. PEFT, diffusers and vllm-moe outputs are folders, kohya
+    and comfyui one .safetensors file. Leaving kohya needs --base to resolve its underscore names; an adapter that
     is not for a diffusers pipeline needs --kohya-prefix to become a kohya file. A GGUF adapter (for
     llama.cpp, Ollama, LM Studio) is written for one base: --base names the .gguf model or its Hugging
     Face folder; every module's exact scale is kept. --for-base MODEL rewrites module path prefixes
@@ -141,6 +141,9 @@ def convert(
       loratools convert llama-lora/ --to onnx-adapter --for genai-model/model.onnx -o a.onnx_adapter
       loratools convert llama-lora/ --to gguf --base model.gguf -o adapter.gguf --ollama
       loratools convert adapter.gguf --to peft -o llama-lora/
+      loratools convert flux-kohya.safetensors --to diffusers -o flux-diffusers/
+      loratools convert wan-musubi.safetensors --to comfyui -o wan-comfyui.safetensors
+      loratools convert qwen3-moe-lora/ --to vllm-moe -o qwen3-moe-vllm/
       loratools convert text-lora/ --for-base qwen2.5-vl/ -o vl-lora/
       loratools convert vl-lora/ --remap-prefix model.language_model.=model. -o text-lora/
       loratools convert lokr-adapter/ --to peft --as-lora -o lora/

@@ -45,8 +45,9 @@ from loratools.cli.output import get_output
 @click.option(
     "--requantize",
     is_flag=True,
-    help="Quantized base: write the base's own quantization back (bitsandbytes 4/8-bit, FP8) instead of "
-    "16-bit, and report how much of each update survives (see docs/quantized.md).",
+    help="Quantized base: write the base's own quantization back (bitsandbytes 4/8-bit, FP8, MXFP4, "
+    "compressed-tensors int/NVFP4, MLX, ComfyUI fp8-scaled) instead of 16-bit, and report how much of each "
+    "update survives (see docs/quantized.md).",
 )
 @click.option(
     "--reference",
@@ -92,9 +93,10 @@ def merge(
     BASE is a model folder (sharded or not, safetensors or .bin), a .safetensors file, a diffusers
     pipeline folder, an ONNX export or a GGUF model (llama.cpp's, or a ComfyUI-GGUF diffusion file: touched
     tensors keep their type; K/I-quants become F16), or a quantized checkpoint (bitsandbytes 4/8-bit, FP8, GPTQ,
-    AWQ: merged into its dequantized weights and written in 16-bit, or requantized). Tensors no adapter touches
-    are copied byte for byte; memory stays at about one tensor. Tied embeddings are untied when an adapter
-    changes one side.
+    AWQ, MXFP4, compressed-tensors int/NVFP4, MLX, ComfyUI fp8-scaled: merged into its dequantized weights and
+    written in 16-bit, or requantized). Expert LoRAs merge into per-expert or fused 3-D MoE checkpoints.
+    Tensors no adapter touches are copied byte for byte; memory stays at about one tensor. Tied embeddings
+    are untied when an adapter changes one side.
 
     \b
     Examples:
@@ -103,6 +105,8 @@ def merge(
       loratools merge base/ adapter/ -o merged/ --dtype bf16 --max-shard-size 2GB
       loratools merge model-Q8_0.gguf adapter/ -o merged.gguf --verify
       loratools merge flux1-dev-Q8_0.gguf flux-lora.safetensors -o merged.gguf
+      loratools merge flux1-dev.safetensors kohya-flux-lora.safetensors -o flux1-dev-merged.safetensors
+      loratools merge gpt-oss-20b/ expert-lora/ -o merged/
       loratools merge model-bnb-4bit/ qlora/ -o merged/ --reference model-bf16/
       loratools merge model-bnb-4bit/ qlora/ -o merged-4bit/ --requantize
     """

@@ -40,8 +40,8 @@ def validate(
 ) -> None:
     """Check an adapter: A/B present and rank-consistent, config agrees with the tensors, float
     dtypes, no NaN/Inf; with --base, every module resolves to a base weight of the right shape; a
-    quantized base (bitsandbytes, FP8, GPTQ, AWQ) is described, and --reference compares it with its
-    16-bit original.
+    quantized base (bitsandbytes, FP8, GPTQ, AWQ, MXFP4, compressed-tensors, MLX) is described, and
+    --reference compares it with its 16-bit original.
 
     Exit code 0: no errors (warnings allowed); 1: errors found; 2: the input cannot be read.
 
@@ -50,6 +50,7 @@ def validate(
       loratools validate fixtures/peft/llama-lora
       loratools validate fixtures/peft/llama-lora --base fixtures/bases/llama --json
       loratools validate fixtures/peft/llama-lora --target vllm
+      loratools validate fixtures/moe/qwen3-moe-lora --target vllm
       loratools validate fixtures/peft/llama-rslora --target ollama --base fixtures/gguf/llama-q8_0.gguf
       loratools validate fixtures/peft/llama-lora --scan
       loratools validate qlora/ --base model-bnb-4bit/ --reference model-bf16/
