@@ -142,3 +142,106 @@ def write_gpt_oss_gguf(
     w.write_tensors_to_file()
     w.close()
     return dst
+
+
+def build_deepseek(out: Path) -> tuple[Path, Path]:
+    """(model folder, PEFT adapter folder) of a seeded tiny DeepSeek-V3 (4 routed experts + 1 shared, a dense first
+    layer, MLA with q_lora_rank 32 / kv_lora_rank 32, 4 heads of nope 16 + rope 8, v 16) and a PEFT adapter on its
+    routed experts (target_parameters), shared expert, dense MLP and MLA attention, random non-zero B."""
+    import copy
+
+    import torch
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    cfg = tf.DeepseekV3Config(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                              max_position_embeddings=64, first_k_dense_replace=1, n_routed_experts=4,
+                              n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, q_lora_rank=32,
+                              kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                              tie_word_embeddings=False)  # fmt: skip
+    model = tf.DeepseekV3ForCausalLM(cfg).eval()
+    model.save_pretrained(out / "base")
+    lora = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_parameters=["mlp.experts.gate_up_proj",
+                      "mlp.experts.down_proj"], target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+                      "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # fmt: skip
+    try:
+        import peft.utils.transformers_weight_conversion as conversion
+
+        saved, conversion.convert_peft_config_for_transformers = (
+            conversion.convert_peft_config_for_transformers, lambda *a, **k: None)  # fmt: skip
+    except ImportError:
+        conversion = None
+    try:
+        get_peft_model(copy.deepcopy(model), lora).save_pretrained(out / "lora")
+    finally:
+        if conversion is not None:
+            conversion.convert_peft_config_for_transformers = saved
+    return out / "base", out / "lora"
+
+
+def write_deepseek_gguf(src: Path, dst: Path, experts: int | None = None, kv_rank: int | None = None,
+                        nan: str | None = None) -> Path:  # fmt: skip
+    """``src`` (a DeepSeek-V2/V3 folder) as llama.cpp's converter writes it (conversion/deepseek.py
+    ``DeepseekV2Model.modify_tensors``): routed experts stacked into ``ffn_*_exps``, shared experts and dense
+    layers 2-D, ``kv_b_proj`` viewed (H, nope + v, kv_rank) and split into ``attn_k_b`` (transposed: (H, kv_rank,
+    nope)) and ``attn_v_b`` (H, v, kv_rank). ``experts``: keep the first that many; ``kv_rank``: cut the split
+    tensors' kv_lora_rank side to that (a base of another model); ``nan``: a GGUF tensor that gets one NaN."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    cfg = json.loads((src / "config.json").read_text())
+    n_layer, n_head, n_expert = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["n_routed_experts"]
+    keep = experts or n_expert
+    nope, v = cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+    tensors = {k: t.float().numpy() for k, t in load_file(str(src / "model.safetensors")).items()}
+    out: dict[str, np.ndarray] = {}
+    for name in list(tensors):
+        if ".mlp.experts." in name and name.split(".mlp.experts.")[1].split(".")[0].isdigit():
+            continue
+        x = tensors[name]
+        if name.endswith("kv_b_proj.weight"):
+            kv_b = x.reshape(n_head, nope + v, x.shape[-1])
+            k_b, v_b = kv_b[:, :nope].transpose(0, 2, 1), kv_b[:, nope:]
+            if kv_rank is not None:
+                k_b, v_b = k_b[:, :kv_rank], v_b[..., :kv_rank]
+            out[name.replace("kv_b_proj", "k_b_proj")], out[name.replace("kv_b_proj", "v_b_proj")] = k_b, v_b
+            continue
+        out[name] = x
+    for i in range(cfg["first_k_dense_replace"], n_layer):
+        for part in ("gate_proj", "up_proj", "down_proj"):
+            keys = [f"model.layers.{i}.mlp.experts.{e}.{part}.weight" for e in range(n_expert)]
+            out[f"model.layers.{i}.mlp.experts.{part}.weight"] = np.stack([tensors[k] for k in keys])[:keep]
+    w = gguf.GGUFWriter(dst, "deepseek2")
+    w.add_block_count(n_layer)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(1)  # MLA converts to MQA (the converter's own note)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_expert_count(keep)
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    w.add_expert_shared_count(cfg["n_shared_experts"])
+    w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
+    w.add_q_lora_rank(cfg["q_lora_rank"])
+    w.add_kv_lora_rank(cfg["kv_lora_rank"])
+    w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, n_layer)
+    for name, t in out.items():
+        name = name.replace("e_score_correction_bias", "e_score_correction.bias")  # -> exp_probs_b.bias
+        new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert new is not None, name
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        if new == nan:
+            t = t.copy()
+            t.reshape(-1)[0] = np.nan
+        w.add_tensor(new, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst

@@ -384,3 +384,17 @@ def test_per_expert_deepseek_adapter_merges_alike(case):
     assert sorted(fused) == sorted(split)
     assert all(np.abs(fused[n] - split[n]).max() < 1e-6 for n in fused)
     assert max_diff(run_logits(b).ok(), case.want) < case.tol
+
+
+def test_deepseek_writer_matches_the_converter(case):
+    """tests/moe_gguf.write_deepseek_gguf (the converter-free base of test_gguf_deepseek_writer.py and the hostile
+    cases) writes llama.cpp's converter's tensors exactly: names, shapes, the kv_b split, the stacking."""
+    import gguf
+    from moe_gguf import write_deepseek_gguf
+
+    if case.arch != "deepseek":
+        pytest.skip("the DeepSeek writer only")
+    ours = write_deepseek_gguf(case.folder, case.gguf.parent / "ours.gguf")
+    a = {t.name: np.array(t.data) for t in gguf.GGUFReader(case.gguf).tensors}
+    b = {t.name: np.array(t.data) for t in gguf.GGUFReader(ours).tensors}
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[n], b[n]) for n in a)

@@ -4,12 +4,18 @@ in the case's folder, or its per-expert ``vllm-moe`` form written by loratools, 
 Every case is refused when read, so the Llama base of the shared commands does not matter. The cases that need
 the MoE base itself (a wrong expert count, rank_pattern against the base's count) stay in tests/moe; GGUF MoE
 bases that do not fit the fixture adapter (expert count, expert shape, not stacked) and gpt-oss GGUF bases against
-the gpt-oss fixture adapter (expert count, a NaN in an f32 expert or an MXFP4 scale) are the last cases."""
+the gpt-oss fixture adapter (expert count, a NaN in an f32 expert or an MXFP4 scale), and DeepSeek-V3 GGUF bases
+against a PEFT adapter built once per process (expert count, a kv_b split of another rank, NaN in a shared expert
+or an attn_k_b head) are the last cases."""
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -109,6 +115,27 @@ def _gpt_oss_base(**kw: Any) -> Callable[[Path], Path]:
         from moe_gguf import write_gpt_oss_gguf
 
         return write_gpt_oss_gguf(folder / "gpt-oss.gguf", **kw)
+
+    return build
+
+
+#: the DeepSeek cases' adapter and Hugging Face model (a PEFT adapter has no committed fixture here): built once
+#: per test process by moe_gguf.build_deepseek, removed at exit; each case's GGUF base is built in its own folder
+DEEPSEEK = Path(tempfile.gettempdir()) / f"loratools-hostile-deepseek-{os.getpid()}"
+
+
+def _deepseek_base(**kw: Any) -> Callable[[Path], Path]:
+    def build(folder: Path) -> Path:
+        import warnings
+
+        from moe_gguf import build_deepseek, write_deepseek_gguf
+
+        if not (DEEPSEEK / "lora" / CONFIG).is_file():
+            atexit.register(shutil.rmtree, DEEPSEEK, True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                build_deepseek(DEEPSEEK)
+        return write_deepseek_gguf(DEEPSEEK / "base", folder / "deepseek.gguf", **kw)
 
     return build
 
@@ -223,6 +250,29 @@ CASES = [
                 {"outtype": "mxfp4", "nan_expert": 1},
                 ("base tensor blk.0.ffn_gate_exps.weight[1] holds NaN",),
             ),
+        )
+    ),
+    # DeepSeek-V3 GGUF bases (moe_gguf.write_deepseek_gguf, the converter's layout) that do not fit its adapter
+    *(
+        HostileCase(
+            f"moe-gguf-deepseek-{name}",
+            _deepseek_base(**kw),
+            expect,
+            commands={"merge": ["merge", "B", DEEPSEEK / "lora", "-o", "O"]},
+        )  # fmt: skip
+        for name, kw, expect in (
+            (
+                "too-few-experts",
+                {"experts": 3},
+                ("the adapter holds 4 experts", "blk.1.ffn_down_exps.weight [3, 64, 32]"),
+            ),
+            (
+                "kv-b-other-rank",
+                {"kv_rank": 16},
+                ("kv_b_proj", "blk.0.attn_k_b.weight [4, 16, 16]", "split a kv_b_proj of [128, 16]"),
+            ),
+            ("nan-shared-expert", {"nan": "blk.1.ffn_gate_shexp.weight"}, ("blk.1.ffn_gate_shexp.weight holds NaN",)),
+            ("nan-k-b", {"nan": "blk.1.attn_k_b.weight"}, ("base tensor blk.1.attn_k_b.weight[0] holds NaN",)),
         )
     ),
 ]
