@@ -265,8 +265,8 @@ def _expert_pairs(name: str, m: LoraModule, base: GgufBase, out: GgufPlan) -> No
     from loratools.formats.gguf.experts import expert_parts, part_problem
 
     parts, why = expert_parts(name, m, base)
-    if why is not None:
-        out.problems.append(Problem(name, "expert", why, HF_MERGE_HINT))
+    if why is not None:  # a split kv_b_proj that does not fit: another model's base
+        out.problems.append(Problem(name, "expert", why, _WRONG_BASE if split_kv_b(name, base) else HF_MERGE_HINT))
     for part in parts:
         why = part_problem(name, part, base, getattr(m, "orientation_known", True))
         if why is not None:
