@@ -252,6 +252,19 @@ CASES = [
             ),
         )
     ),
+    # an adapter of the other expert layout: (out, in) Qwen3-MoE experts into gpt-oss, (in, out) gpt-oss into Qwen3-MoE
+    HostileCase(
+        "moe-gguf-gpt-oss-qwen-adapter",
+        _gpt_oss_base(),
+        ("stores experts (out, in)", "a gpt-oss GGUF is converted from (in, out) experts"),
+        commands={"merge": ["merge", "B", QWEN3_MOE_LORA, "-o", "O"]},
+    ),
+    HostileCase(
+        "moe-gguf-qwen-gpt-oss-adapter",
+        _gguf_base(),
+        ("stores experts (in, out)", "a qwen3moe GGUF is converted from (out, in) experts"),
+        commands={"merge": ["merge", "B", GPT_OSS_LORA, "-o", "O"]},
+    ),
     # DeepSeek-V3 GGUF bases (moe_gguf.write_deepseek_gguf, the converter's layout) that do not fit its adapter
     *(
         HostileCase(
