@@ -1,0 +1,311 @@
+"""K-quant encoders (Q6_K, Q5_K, Q4_K, Q3_K, Q2_K) that reproduce llama.cpp's reference quantizers byte for byte.
+
+The ``gguf`` package decodes K-quants but cannot encode them, so a merged Q4_K tensor used to be written as F16.
+These are ggml's ``quantize_row_q*_K_ref`` (``ggml/src/ggml-quants.c``: ``make_qkx2_quants`` for Q4_K/Q5_K/Q2_K,
+``make_qx_quants`` for Q6_K, ``make_q3_quants`` for Q3_K; no importance matrix), vectorised across blocks in
+numpy float32. C float arithmetic is evaluated one operation at a time in source order, so every product and
+quotient here is one numpy float32 operation in that order, and every sum over a block's elements runs in the C
+loop's order: elements are laid out ``(element, block)`` and summed with ``np.add.reduce(axis=0)``, which adds
+row after row (sequential per column, unlike a sum along the contiguous axis or ``torch.sum``). ``nearest_int`` is
+ggml's own bit trick (``(f + 1.5·2²³)`` as int32, low 23 bits − 2²²), so even its values beyond ±2²² match.
+``tests/gguf/test_kquant_encode.py`` compares the bytes with libggml's own functions (through the llama.cpp
+runtime venv) on random rows with outliers, zeros, constant and tiny blocks.
+
+Input: float32 values, finite and within ±65504 (F16's range, checked by the caller), a multiple of 256 of them.
+Measured equal on 3·4000 blocks per type with block maxima from 1e-30 to 65504 (normal, t(1.2), uniform) and
+the edge blocks of the test; beyond ~1e5 the super-block scales overflow F16 and ggml's own results turn to
+inf/NaN scales that no decoder reads back (a byte difference there would mean nothing, so such values are refused).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+QK_K = 256
+#: bytes per 256-value super-block
+BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+#: super-blocks per chunk: temporaries of (32, 8·chunk) float32 stay in cache
+_CHUNK = 256
+_EPS = 1e-15  # GROUP_MAX_EPS
+#: the largest |value| encoded (F16's largest finite)
+MAX_ABS = 65504.0
+
+
+def encodable(type_name: str) -> bool:
+    return type_name in BLOCK_BYTES
+
+
+def quantize(values: np.ndarray, type_name: str, threads: int = 1, out: np.ndarray | None = None) -> np.ndarray:
+    """``values`` (float32, any shape, size a multiple of 256) as ``type_name``: a flat uint8 array (``out`` if
+    given), identical to ggml's ``quantize_row_<type>_ref`` over the same values. Chunks of super-blocks are
+    independent: with ``threads`` > 1 they run on that many threads (numpy releases the GIL in its loops)."""
+    import numpy as np
+
+    from loratools.ops.merge import kquant_low
+
+    fn = {"Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k, "Q3_K": kquant_low.q3_k, "Q2_K": kquant_low.q2_k}[type_name]
+    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1, QK_K)
+    size = flat.shape[0] * BLOCK_BYTES[type_name]
+    out = np.empty(size, dtype=np.uint8) if out is None else out.reshape(-1)[:size]
+    blocks = out.reshape(flat.shape[0], BLOCK_BYTES[type_name])
+
+    def run(s: int) -> None:
+        with np.errstate(all="ignore"):  # x/0 and 1/0 where C computes them too; those lanes are masked out
+            fn(flat[s : s + _CHUNK], blocks[s : s + _CHUNK])
+
+    starts = range(0, flat.shape[0], _CHUNK)
+    if threads > 1 and len(starts) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(threads, len(starts)), thread_name_prefix="loratools-kquant") as pool:
+            list(pool.map(run, starts))
+    else:
+        for s in starts:
+            run(s)
+    return out
+
+
+# ---- helpers shared with kquant_low ------------------------------------------------------------------------------
+
+
+def f32(v: float) -> np.float32:
+    import numpy as np
+
+    return np.float32(v)
+
+
+def nearest_int(f: np.ndarray) -> np.ndarray:
+    """ggml's ``nearest_int``: round half to even for |f| ≤ 2²², int32."""
+    import numpy as np
+
+    v = (f + f32(12582912.0)).view(np.int32)
+    return (v & 0x007FFFFF) - 0x00400000
+
+
+def seq_sum(a: np.ndarray) -> np.ndarray:
+    """``float s = 0; for i: s += a[i]`` per column of ``a`` (element, block): row after row, then ``+ 0`` for
+    the C sum's starting +0 (a column of −0 sums to +0 in C)."""
+    import numpy as np
+
+    return np.add.reduce(a, axis=0) + f32(0.0)
+
+
+def first_abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``for i: if (fabsf(x[i]) > amax) {amax = fabsf(x[i]); max = x[i];}`` from amax = max = 0, per column:
+    (amax, max)."""
+    import numpy as np
+
+    ax = np.abs(x)
+    idx = np.argmax(ax, axis=0)  # the first maximal index, as the strict '>' keeps
+    cols = np.arange(x.shape[1])
+    return ax[idx, cols], x[idx, cols]
+
+
+def to_f16_f32(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float16 bits as uint16, the float16 value back in float32): ``GGML_FP32_TO_FP16`` rounds to nearest even."""
+    import numpy as np
+
+    h = v.astype(np.float16)
+    return h.view(np.uint16), h.astype(np.float32)
+
+
+def columns(x: np.ndarray, n: int) -> np.ndarray:
+    """Super-blocks (nb, 256) as sub-blocks of ``n`` laid out (element, sub-block), sub-block = i·(256/n) + j."""
+    import numpy as np
+
+    return np.ascontiguousarray(x.reshape(-1, n).T)
+
+
+def nearest_clip(f: np.ndarray, lo: int, hi: int, exact: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    """``MAX(lo, MIN(hi, nearest_int(f)))`` as float32. For |f| ≤ 2²² (every finite scale here keeps |f| within
+    a few times nmax) ``f + 1.5·2²³`` rounds ``f`` half to even onto the integers, so clamping in that domain
+    and subtracting is the same in 3 passes; ``exact`` (a scale that overflowed: inf/NaN lanes) takes ggml's bit
+    trick itself. Computed in ``out`` if given, else in ``f`` itself."""
+    import numpy as np
+
+    if exact:
+        return np.clip(nearest_int(f), lo, hi).astype(np.float32)
+    c = f32(12582912.0)
+    v = np.add(f, c, out=f if out is None else out)
+    np.clip(v, c + f32(lo), c + f32(hi), out=v)
+    return np.subtract(v, c, out=v)
+
+
+def make_qkx2(
+    x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``make_qkx2_quants`` per column of ``x`` (element, sub-block) with weights ``w``: (scale, the_min, L)."""
+    import numpy as np
+
+    mn, mx = x.min(axis=0), x.max(axis=0)
+    sum_w = np.add.reduce(w, axis=0)  # C starts from element 0, not from 0
+    sum_x = np.add.reduce(w * x, axis=0)
+    mn = np.where(mn > 0, f32(0.0), mn)
+    flat, flat_min = mx == mn, -mn
+    fmax = f32(nmax)
+    buf = np.empty_like(x)
+
+    def diff_sum(scale: np.ndarray, low: np.ndarray, q: np.ndarray) -> np.ndarray:
+        diff = np.multiply(scale, q, out=buf)
+        np.add(diff, low, out=diff)
+        np.subtract(diff, x, out=diff)
+        if use_mad:
+            np.abs(diff, out=diff)
+        else:
+            np.multiply(diff, diff, out=diff)
+        return seq_sum(np.multiply(w, diff, out=diff))
+
+    with np.errstate(all="ignore"):
+        iscale = fmax / (mx - mn)
+    exact = not np.isfinite(iscale[~flat]).all()  # a range so small that nmax/range overflows
+    scale = f32(1.0) / iscale
+    xm = x - mn
+    L = nearest_clip(iscale * xm, 0, nmax, exact)
+    best = diff_sum(scale, mn, L)
+    wl, q = np.empty_like(x), np.empty_like(x)
+    for step in range(nstep + 1):
+        iscale = (f32(rmin) + f32(rdelta) * f32(step) + fmax) / (mx - mn)
+        q = nearest_clip(np.multiply(iscale, xm, out=q), 0, nmax, exact)
+        np.multiply(w, q, out=wl)
+        sum_l = seq_sum(wl)
+        sum_xl = seq_sum(np.multiply(wl, x, out=buf))
+        sum_l2 = seq_sum(np.multiply(wl, q, out=wl))
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        pos = this_min > 0
+        this_min = np.where(pos, f32(0.0), this_min)
+        this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+        cur = diff_sum(this_scale, this_min, q)
+        take = (D > 0) & (cur < best)
+        if not take.any():
+            continue
+        np.copyto(L, q, where=take)
+        best = np.where(take, cur, best)
+        scale = np.where(take, this_scale, scale)
+        mn = np.where(take, this_min, mn)
+        np.subtract(x, mn, out=xm, where=take)
+    L = np.where(flat, f32(0.0), L)
+    return np.where(flat, f32(0.0), scale), np.where(flat, flat_min, -mn), L
+
+
+def pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 12 scale bytes from 6-bit scales and mins (nb, 8)."""
+    import numpy as np
+
+    sc = np.zeros((ls.shape[0], 12), dtype=np.uint8)
+    sc[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    sc[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    sc[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    return sc
+
+
+# ---- Q4_K / Q5_K ---------------------------------------------------------------------------------------------------
+
+
+def _qk_scales(x: np.ndarray, out: np.ndarray, nmax: int, rmin: float, nstep: int) -> np.ndarray:
+    """The common part of Q4_K and Q5_K: sub-blocks of 32 through make_qkx2, d/dmin and 6-bit scales written to
+    ``out[:, 0:16]``; the final L (nb, 256) as int."""
+    import numpy as np
+
+    nb = x.shape[0]
+    X = columns(x, 32)
+    av_x = np.sqrt(seq_sum(X * X) / f32(32.0))
+    W = av_x + np.abs(X)
+    scales, mins, L = make_qkx2(X, W, nmax, rmin, 0.1, nstep, False)
+    scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
+    max_scale = np.maximum(scales.max(axis=1), f32(0.0))
+    max_min = np.maximum(mins.max(axis=1), f32(0.0))
+    inv_scale = np.where(max_scale > 0, f32(63.0) / max_scale, f32(0.0))[:, None]
+    inv_min = np.where(max_min > 0, f32(63.0) / max_min, f32(0.0))[:, None]
+    ls = np.minimum(nearest_int(inv_scale * scales) & 0xFF, 63).astype(np.uint8)  # uint8_t, then MIN(63, ·)
+    lm = np.minimum(nearest_int(inv_min * mins) & 0xFF, 63).astype(np.uint8)
+    d16, d = to_f16_f32(max_scale / f32(63.0))
+    m16, dmin = to_f16_f32(max_min / f32(63.0))
+    out[:, 0:2] = d16[:, None].view(np.uint8)
+    out[:, 2:4] = m16[:, None].view(np.uint8)
+    out[:, 4:16] = pack_scale_min_k4(ls, lm)
+    dj = (d[:, None] * ls.astype(np.float32)).reshape(-1)
+    dm = (dmin[:, None] * lm.astype(np.float32)).reshape(-1)
+    q = nearest_clip((X + dm) / dj, 0, nmax)  # d == 0 lanes: inf/NaN, not taken
+    L = np.where(dj != 0, q, L).astype(np.int32)  # d == 0: the sub-block keeps make_qkx2's L
+    return L.T.reshape(nb, QK_K).astype(np.uint8)
+
+
+def _q4_k(x: np.ndarray, out: np.ndarray) -> None:
+    L = _qk_scales(x, out, 15, -1.0, 20).reshape(-1, 4, 2, 32)
+    out[:, 16:144] = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _q5_k(x: np.ndarray, out: np.ndarray) -> None:
+    import numpy as np
+
+    L = _qk_scales(x, out, 31, -0.5, 15).reshape(-1, 4, 2, 32)  # (nb, group of 64, half, 32)
+    hi = (L >> 4).astype(np.uint8)
+    shifts = (np.arange(4, dtype=np.uint8) * 2)[None, :, None]
+    qh = np.bitwise_or.reduce((hi[:, :, 0] << shifts) | (hi[:, :, 1] << (shifts + 1)), axis=1)
+    out[:, 16:48] = qh
+    lo = L & 0xF
+    out[:, 48:176] = (lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(-1, 128)
+
+
+# ---- Q6_K ----------------------------------------------------------------------------------------------------------
+
+
+def make_qx_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` per column: (scale, L) with L = l + nmax."""
+    import numpy as np
+
+    amax, mx = first_abs_max(x)
+    zero = amax < f32(_EPS)
+    w = x * x
+    wx = w * x
+
+    def quants(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        q = nearest_clip(iscale * x, -nmax, nmax - 1)  # |max| ≥ 1e-15 where it counts: finite
+        return q, seq_sum(wx * q), seq_sum(w * q * q)
+
+    q, sumlx, suml2 = quants(f32(-nmax) / mx)
+    L = q
+    scale = np.where(suml2 != 0, sumlx / suml2, f32(0.0))
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        q, sumlx, suml2 = quants(-(f32(nmax) + f32(0.1) * f32(step)) / mx)
+        take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        L = np.where(take, q, L)
+        scale = np.where(take, sumlx / suml2, scale)
+        best = np.where(take, scale * sumlx, best)
+    L = np.where(zero, f32(-nmax), L)  # all zero: C stores L = 0, i.e. l = −nmax
+    return np.where(zero, f32(0.0), scale), (L + f32(nmax)).astype(np.int32)
+
+
+def _q6_k(x: np.ndarray, out: np.ndarray) -> None:
+    import numpy as np
+
+    nb = x.shape[0]
+    X = columns(x, 16)
+    scales, L = make_qx_rmse1(X, 32)
+    scales = scales.reshape(nb, 16)
+    max_abs, max_scale = first_abs_max(scales.T)
+    zero = max_abs < f32(_EPS)
+    iscale = f32(-128.0) / max_scale
+    d16, d = to_f16_f32(f32(1.0) / iscale)
+    sc = np.minimum(nearest_int(iscale[:, None] * scales), 127).astype(np.int8)
+    dj = (d[:, None] * sc.astype(np.float32)).reshape(-1)
+    q = nearest_clip(X / dj, -32, 31) + f32(32.0)
+    L = np.where(dj != 0, q, L).T.reshape(nb, 2, 4, 32).astype(np.uint8)  # (nb, half of 128, quarter, 32)
+    lo, hi = L & 0xF, L >> 4
+    ql = np.stack([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)
+    out[:, 0:128] = ql.reshape(nb, 128)
+    out[:, 128:192] = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(nb, 64)
+    out[:, 192:208] = sc.view(np.uint8)
+    out[:, 208:210] = d16[:, None].view(np.uint8)
+    out[zero] = 0  # memset, d = +0
+
+
+__all__ = ["BLOCK_BYTES", "MAX_ABS", "QK_K", "encodable", "quantize"]

@@ -1,0 +1,132 @@
+"""Q3_K and Q2_K encoders: ggml's ``quantize_row_q3_K_ref`` / ``quantize_row_q2_K_ref`` byte for byte, vectorised
+across blocks in numpy float32 the way :mod:`.kquant_encode` is (read its notes: one float op per C op, sums in the
+C loop's order). ``make_q3_quants``' refinement walks a sub-block's 16 elements one at a time, updating its sums as
+it goes: here that walk runs element by element too, each step over every sub-block at once, and a sub-block whose
+pass changed nothing stops (C's ``break``) while the others go on.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from loratools.ops.merge.kquant_encode import (
+    QK_K,
+    columns,
+    f32,
+    first_abs_max,
+    make_qkx2,
+    nearest_clip,
+    nearest_int,
+    seq_sum,
+    to_f16_f32,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+_EPS = 1e-15  # GROUP_MAX_EPS
+
+
+def _pack_2bit(L: np.ndarray) -> np.ndarray:
+    """qs[64] from L (nb, 256) of 2-bit values: byte 32·h + l holds L[128h + l + 32k] at bits 2k."""
+    q = L.reshape(-1, 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+# ---- Q2_K ----------------------------------------------------------------------------------------------------------
+
+
+def q2_k(x: np.ndarray, out: np.ndarray) -> None:
+    import numpy as np
+
+    nb = x.shape[0]
+    X = columns(x, 16)
+    scales, mins, L = make_qkx2(X, np.abs(X), 3, -0.5, 0.1, 15, True)
+    scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
+    max_scale = np.maximum(scales.max(axis=1), f32(0.0))
+    max_min = np.maximum(mins.max(axis=1), f32(0.0))
+    has_scale, has_min = max_scale > 0, max_min > 0
+    ls = nearest_int((f32(15.0) / max_scale)[:, None] * scales) & 0xFF  # y[i].scales[j] = l (uint8_t)
+    ls = np.where(has_scale[:, None], ls, 0)
+    lm = (nearest_int((f32(15.0) / max_min)[:, None] * mins) << 4) & 0xFF
+    sc = (ls | np.where(has_min[:, None], lm, 0)).astype(np.uint8)
+    d16, d = to_f16_f32(np.where(has_scale, max_scale / f32(15.0), f32(0.0)))
+    m16, dmin = to_f16_f32(np.where(has_min, max_min / f32(15.0), f32(0.0)))
+    dj = (d[:, None] * (sc & 0xF).astype(np.float32)).reshape(-1)
+    dm = (dmin[:, None] * (sc >> 4).astype(np.float32)).reshape(-1)
+    q = nearest_clip((X + dm) / dj, 0, 3)  # d == 0 lanes: inf/NaN, not taken
+    L = np.where(dj != 0, q, L).T.reshape(nb, QK_K).astype(np.uint8)
+    out[:, 0:16] = sc
+    out[:, 16:80] = _pack_2bit(L)
+    out[:, 80:82] = d16[:, None].view(np.uint8)
+    out[:, 82:84] = m16[:, None].view(np.uint8)
+
+
+# ---- Q3_K ----------------------------------------------------------------------------------------------------------
+
+
+def make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """``make_q3_quants(n, nmax, x, L, do_rmse=true)`` per column of ``x`` (element, sub-block): (scale, L + nmax)."""
+    import numpy as np
+
+    amax, mx = first_abs_max(x)
+    zero = amax < f32(_EPS)
+    L = np.clip(nearest_int((f32(-nmax) / mx) * x), -nmax, nmax - 1).astype(np.float32)
+    w = x * x
+    wx = w * x
+    sumlx, suml2 = seq_sum(wx * L), seq_sum(w * L * L)
+    active = ~zero
+    for _ in range(5):
+        changed = np.zeros_like(active)
+        for i in range(x.shape[0]):
+            wi, wxi, li = w[i], wx[i], L[i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            new_l = np.clip(nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1).astype(np.float32)
+            slx2 = slx + wxi * new_l
+            sl22 = sl2 + wi * new_l * new_l
+            ok = active & (slx > 0) & (new_l != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[i] = np.where(ok, new_l, li)
+            sumlx = np.where(ok, slx2, sumlx)
+            suml2 = np.where(ok, sl22, suml2)
+            changed |= ok
+        active &= changed  # a sub-block whose pass changed nothing is done
+        if not active.any():
+            break
+    scale = np.where(suml2 > 0, sumlx / suml2, f32(0.0))
+    L = np.where(zero, f32(0.0), L + f32(nmax))
+    return np.where(zero, f32(0.0), scale), L
+
+
+def q3_k(x: np.ndarray, out: np.ndarray) -> None:
+    import numpy as np
+
+    nb = x.shape[0]
+    X = columns(x, 16)
+    scales, L = make_q3(X, 4)
+    scales = scales.reshape(nb, 16)
+    amax, max_scale = first_abs_max(scales.T)
+    has = max_scale != 0
+    iscale = f32(-32.0) / max_scale
+    l8 = nearest_int(iscale[:, None] * scales).astype(np.int8)  # int8_t l = nearest_int(...)
+    lq = (np.clip(l8, -32, 31) + 32).astype(np.uint8)
+    lq = np.where(has[:, None], lq, np.uint8(32))  # no scale: all bytes 0, i.e. sc = −32 (d = 0 anyway)
+    sc = np.zeros((nb, 12), dtype=np.uint8)
+    sc[:, 0:8] = (lq[:, 0:8] & 0xF) | ((lq[:, 8:16] & 0xF) << 4)
+    hi = (lq >> 4).reshape(nb, 4, 4)  # [j / 4, j % 4]
+    sc[:, 8:12] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
+    sc = np.where(has[:, None], sc, np.uint8(0))
+    d16, d = to_f16_f32(np.where(has, f32(1.0) / iscale, f32(0.0)))
+    dj = (d[:, None] * (lq.astype(np.float32) - f32(32.0))).reshape(-1)
+    q = nearest_clip(X / dj, -4, 3) + f32(4.0)  # d == 0 lanes: inf/NaN, not taken
+    L = np.where(dj != 0, q, L).T.reshape(nb, QK_K).astype(np.uint8)
+    high = L > 3
+    out[:, 0:32] = np.bitwise_or.reduce(
+        high.reshape(nb, 8, 32).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None], axis=1
+    )  # hmask: bit j // 32 of byte j % 32
+    out[:, 32:96] = _pack_2bit(np.where(high, L - 4, L).astype(np.uint8))
+    out[:, 96:108] = sc
+    out[:, 108:110] = d16[:, None].view(np.uint8)
+
+
+__all__ = ["make_q3", "q2_k", "q3_k"]
