@@ -108,6 +108,7 @@ def validate(
         except LoratoolsError as exc:
             return report.unusable(exc, "unreadable")
         report.modules_checked = len(adapter.modules)
+        report.format = adapter.format or report.format  # a DiT file's layout (comfyui, ...), as info names it
         check_adapter(adapter, report)
         check_finite(adapter, report)
         if reader is not None:
