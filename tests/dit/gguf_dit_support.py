@@ -5,14 +5,14 @@ The rules are city96/ComfyUI-GGUF's (read in its source): ``tools/convert.py`` k
 (≤ 1024 values) float tensors and the family's ``keys_hiprec`` as F32, and leaves >4-D tensors to
 ``tools/fix_5d_tensors.py``, which adds them back as F32 (5-D). ``tools/lcpp.patch`` (the patched llama-quantize)
 then quantizes 2-D+ tensors but each family's input/output layers, falling back to F16 where a row is no whole
-number of the type's blocks. Q4_K cannot be encoded by the ``gguf`` package: those tensors are random valid Q4_K
-blocks (the merge only decodes them). ``comfy_state`` reads a file back as ComfyUI-GGUF's ``loader.py`` does
+number of the type's blocks. K-quants, which the ``gguf`` package cannot encode, are encoded by
+``loratools.ops.merge.kquant_encode`` (llama.cpp's reference quantizers; tests/gguf/test_kquant_encode.py holds it to
+libggml's bytes). ``comfy_state`` reads a file back as ComfyUI-GGUF's ``loader.py`` does
 (``gguf.GGUFReader``, ``comfy.gguf.orig_shape.<name>`` for the logical shape, the package's dequantization).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -81,33 +81,25 @@ def convert_type(key: str, t: torch.Tensor, arch: str) -> str:
     return qtype
 
 
-def quantize_type(key: str, t: torch.Tensor, arch: str, current: str, target: str | None, k_quant: tuple) -> str:
+def quantize_type(
+    key: str, t: torch.Tensor, arch: str, current: str, target: str | None, k_quant: tuple, k_type: str = "Q4_K"
+) -> str:
     """The patched llama-quantize's type: ``target`` for 2-D+ tensors the patch quantizes whose rows fit its
-    blocks (``k_quant`` names get Q4_K), F16 where a K-quant row does not fit, else the converted type."""
+    blocks (``k_quant`` names get ``k_type``), F16 where a K-quant row does not fit, else the converted type."""
     import gguf
 
     if target is None or t.ndim < 2 or any(x in key for x in NOT_QUANTIZED[arch]):
         return current
-    want = "Q4_K" if any(key.startswith(k) for k in k_quant) else target
+    want = k_type if any(key.startswith(k) for k in k_quant) else target
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[want]][0]
     if t.shape[-1] % block:
         return "F16" if want.endswith("_K") else current
     return want
 
 
-def random_q4_k(shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """Valid Q4_K blocks (144 bytes per 256 values: F16 d and dmin, 12 bytes of 6-bit scales, 128 of nibbles)."""
-    rng = np.random.default_rng(seed)
-    n_blocks = math.prod(shape) // 256
-    raw = rng.integers(0, 256, size=(n_blocks, 144), dtype=np.uint8)
-    raw[:, 0:2] = np.full(n_blocks, 0.004, np.float16).view(np.uint8).reshape(-1, 2)
-    raw[:, 2:4] = np.full(n_blocks, 0.002, np.float16).view(np.uint8).reshape(-1, 2)
-    return raw.reshape(*shape[:-1], shape[-1] // 256 * 144)
-
-
 def write_comfy_gguf(
     state: dict[str, torch.Tensor], path: Path, arch: str, target: str | None = "Q8_0", k_quant: tuple = (),
-    reshape: tuple = (),
+    reshape: tuple = (), k_type: str = "Q4_K",
 ) -> dict[str, str]:  # fmt: skip
     """``state`` (original names) as ComfyUI-GGUF's convert.py + patched llama-quantize would write it; ``reshape``:
     names stored as (n/256, 256) with ``comfy.gguf.orig_shape`` (convert.py's shape_fix). Returns name -> type."""
@@ -117,15 +109,17 @@ def write_comfy_gguf(
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if target == "Q8_0" else gguf.LlamaFileType.MOSTLY_F16)
     types = {}
-    for i, (key, t) in enumerate(state.items()):
-        qtype = quantize_type(key, t, arch, convert_type(key, t, arch), target, k_quant)
+    for key, t in state.items():
+        qtype = quantize_type(key, t, arch, convert_type(key, t, arch), target, k_quant, k_type)
         qtype = "F32" if t.ndim > 4 else qtype  # fix_5d_tensors.py adds them back as F32
         data = t.float().numpy()
         if key in reshape:
             writer.add_array(f"comfy.gguf.orig_shape.{key}", tuple(int(d) for d in data.shape))
             data = data.reshape(-1, 256)
-        if qtype == "Q4_K":
-            raw = random_q4_k(data.shape, seed=i)
+        if qtype.endswith("_K"):
+            from loratools.ops.merge.kquant_encode import quantize
+
+            raw = quantize(data, qtype).reshape(*data.shape[:-1], -1)
         else:
             raw = gguf.quants.quantize(data, gguf.GGMLQuantizationType[qtype])
         writer.add_tensor(key, raw, raw_dtype=gguf.GGMLQuantizationType[qtype])

@@ -1,5 +1,5 @@
 """Merging into a GGUF base: untouched tensors byte for byte, metadata and tokenizer kept, touched ones in
-their own type (K-quants as F16, counted), and the merged F32 model equal to PEFT's merge_and_unload
+their own type (K-quants too, by llama.cpp's quantizer), and the merged F32 model equal to PEFT's merge_and_unload
 converted the way llama.cpp's converter converts it."""
 
 from __future__ import annotations
@@ -72,28 +72,36 @@ def _kquant_adapter() -> Adapter:
 
     return Adapter(
         {
-            "model.layers.0.self_attn.q_proj": mod(256, 256),  # Q4_K -> F16
+            "model.layers.0.self_attn.q_proj": mod(256, 256),  # Q4_K kept
             "model.layers.0.self_attn.o_proj": mod(256, 256),  # Q8_0 kept
             "model.layers.0.mlp.up_proj": mod(256, 256),  # F16 kept
-            "model.layers.0.mlp.down_proj": mod(256, 256, alpha=2.0),  # Q6_K -> F16
+            "model.layers.0.mlp.down_proj": mod(256, 256, alpha=2.0),  # Q6_K kept
         }
     )
 
 
-def test_merge_k_quants_become_f16_and_are_counted(work):
+def test_merge_k_quants_keep_their_type(work):
+    from loratools.ops.merge.kquant_encode import quantize
+
     out = work / "merged-k.gguf"
     summary = merge_gguf(GGUF / "kquant.gguf", [_kquant_adapter()], out, verify=True)
-    assert sorted(summary.retyped) == ["blk.0.attn_q.weight", "blk.0.ffn_down.weight"]
+    assert summary.retyped == []
     got, before = tensors(out), tensors(GGUF / "kquant.gguf")
-    assert got["blk.0.attn_q.weight"].tensor_type.name == "F16"
+    assert got["blk.0.attn_q.weight"].tensor_type.name == "Q4_K"
+    assert got["blk.0.ffn_down.weight"].tensor_type.name == "Q6_K"
     assert got["blk.0.attn_output.weight"].tensor_type.name == "Q8_0"
     assert got["blk.0.attn_k.weight"].tensor_type.name == "Q5_K"  # untouched: kept, byte for byte
     assert np.array_equal(np.asarray(got["blk.0.attn_k.weight"].data), np.asarray(before["blk.0.attn_k.weight"].data))
     m = _kquant_adapter().modules["model.layers.0.self_attn.q_proj"]
     old = gguf.quants.dequantize(before["blk.0.attn_q.weight"].data, before["blk.0.attn_q.weight"].tensor_type)
     want = torch.from_numpy(old) + llama_permute(m.delta(), 4, 4)
-    have = torch.from_numpy(np.array(got["blk.0.attn_q.weight"].data, dtype=np.float32))
-    assert float((have - want).abs().max()) <= 2**-10 * float(want.abs().max())
+    q4k = gguf.GGMLQuantizationType.Q4_K
+    have = torch.from_numpy(gguf.quants.dequantize(got["blk.0.attn_q.weight"].data, q4k))
+    best = torch.from_numpy(gguf.quants.dequantize(quantize(want.numpy(), "Q4_K").reshape(256, -1), q4k))
+    rms, best_rms = float((have - want).pow(2).mean().sqrt()), float((best - want).pow(2).mean().sqrt())
+    assert rms <= 1.05 * best_rms  # as close as llama.cpp's own quantizer gets to the exact sum
+    moved, delta = (have - torch.from_numpy(old)).reshape(-1), llama_permute(m.delta(), 4, 4).reshape(-1)
+    assert float(torch.nn.functional.cosine_similarity(moved, delta, dim=0)) > 0.5  # parity: the merge moved it by ΔW
 
 
 def test_merge_refuses_before_writing(work):

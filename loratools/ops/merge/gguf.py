@@ -6,8 +6,9 @@ for byte, in the kernel. A touched tensor is decoded (:mod:`loratools.ops.merge.
 identical to the ``gguf`` package's, two buffers reused from tensor to tensor), updated in fp32 with
 Σ wᵢ·ΔWᵢ in the GGUF layout (the same pairs a GGUF adapter holds: each module's exact scale, the
 converter's Q/K row permutation, token_embd's rule), and written back in its own type when the package
-can write it (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4); K- and I-quant tensors are written as F16,
-as llama.cpp's ``llama-export-lora`` does, and are counted in ``retyped``. A MoE base's stacked expert
+can write it (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4) and for the K-quants Q2_K..Q6_K
+(:mod:`.kquant_encode`, llama.cpp's reference quantizers byte for byte); I-quant and other tensors are written
+as F16, as llama.cpp's ``llama-export-lora`` does, and are counted in ``retyped``. A MoE base's stacked expert
 tensors (``ffn_*_exps``) take each expert's ΔW one expert slice at a time (:mod:`.gguf_experts`).
 """
 
@@ -31,10 +32,6 @@ if TYPE_CHECKING:
     from loratools.formats.gguf.names import GgufBase
     from loratools.model.adapter import Adapter
     from loratools.ops.merge.gguf_tensors import Scratch
-
-#: tensor types the gguf package quantizes itself (others are written as F16 after merging); MXFP4 (gpt-oss
-#: experts): the package's encoder, equal to libllama's bytes (tests/llamacpp/test_runtime_moe_gptoss_deepseek.py)
-_KEEP_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4")
 
 
 def is_gguf_base(path: str | Path) -> bool:
@@ -77,7 +74,12 @@ def add_updates(w: torch.Tensor, name: str, pairs: list[Any]) -> torch.Tensor:
 
 
 def _out_type(type_name: str) -> str:
-    return type_name if type_name in _KEEP_TYPES else "F16"
+    """A touched tensor keeps its type where :func:`.gguf_tensors.can_encode` says so (the package's encoders;
+    MXFP4 equal to libllama's bytes, tests/llamacpp/test_runtime_moe_gptoss_deepseek.py; the K-quants by
+    :mod:`.kquant_encode`), else it is written as F16."""
+    from loratools.ops.merge.gguf_tensors import can_encode
+
+    return type_name if can_encode(type_name) else "F16"
 
 
 def _merged(

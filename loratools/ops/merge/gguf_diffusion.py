@@ -9,10 +9,11 @@ included) and the tensor order are the base's. A touched tensor is read into a r
 
 * F32 / F16 / BF16: updated in place in its own dtype by the safetensors merge's own function
   (``apply_inplace``: fp32 row blocks, one rounding), so the bytes equal that merge's;
-* Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (the types the ``gguf`` package encodes): dequantized to fp32, updated,
-  requantized to the same type (bytes identical to ``gguf.quants.quantize``);
-* K- and I-quants (Q4_K, Q6_K, IQ4_XS ...), which the package decodes but cannot encode: written as F16, listed in
-  ``retyped`` (as llama.cpp's ``llama-export-lora`` does; ComfyUI-GGUF loads any type per tensor).
+* Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (the types the ``gguf`` package encodes) and the K-quants Q2_K..Q6_K
+  (:mod:`.kquant_encode`: llama.cpp's reference quantizers, byte for byte): dequantized to fp32, updated,
+  requantized to the same type (bytes identical to ``gguf.quants.quantize`` / ggml's ``quantize_row_*_ref``);
+* I-quants and the rest (IQ4_XS, IQ2_XXS, TQ1_0 ...), which the package decodes but nothing here encodes: written
+  as F16, listed in ``retyped`` (as llama.cpp's ``llama-export-lora`` does; ComfyUI-GGUF loads any type per tensor).
 
 Memory: one tensor's bytes and its fp32 values (two byte buffers while the writer thread writes the previous one).
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratools.errors import NumericError, UnsupportedError, VerificationError
+from loratools.ops.merge.gguf_tensors import ENCODABLE
 from loratools.ops.merge.summary import MergeSummary
 
 if TYPE_CHECKING:
@@ -37,8 +39,9 @@ if TYPE_CHECKING:
     from loratools.ops.merge.options import MergeOptions
     from loratools.ops.merge.plan import TensorJob
 
-#: stored types written back in their own type after merging (the gguf package encodes them)
-KEEP_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+#: stored types written back in their own type after merging (:func:`.gguf_tensors.can_encode`: the gguf package's
+#: encoders, and ours for the K-quants)
+KEEP_TYPES = ENCODABLE
 #: what a touched tensor of any other type becomes
 FALLBACK_TYPE = "F16"
 

@@ -10,7 +10,9 @@ non-finite one pays for the exact check), encoded back into the byte buffer and 
 Exactness: F16/BF16 are torch's round-to-nearest-even conversions, which equal numpy's ``astype`` and the
 package's BF16 rounding on every finite value; Q8_0 repeats ``gguf.quants.Q8_0`` operation by operation in
 fp32 (``d = max|x|/127``, ``id = 1/d``, round half away from zero of ``x·id``, ``d`` as F16), and falls
-back to the package for a chunk where ``1/d`` overflows; every other type goes through the package itself.
+back to the package for a chunk where ``1/d`` overflows; the K-quants (Q2_K..Q6_K), which the package cannot
+encode, are :mod:`.kquant_encode` (llama.cpp's reference quantizers, byte for byte); every other type goes
+through the package itself. :func:`can_encode` says which types a merge can write back in their own type.
 ``tests/gguf/test_gguf_codec.py`` compares the bytes with the package's.
 """
 
@@ -35,6 +37,18 @@ def _chunk_blocks() -> int:
     import torch
 
     return _CHUNK_BLOCKS if torch.get_num_threads() > 1 else _CHUNK_BLOCKS_ONE_THREAD
+
+
+#: types :func:`encode` writes: the package's encoders, ours for Q8_0 and the K-quants (:mod:`.kquant_encode`)
+ENCODABLE = (
+    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+)  # fmt: skip
+
+
+def can_encode(type_name: str) -> bool:
+    """Whether a merged tensor can be written back as ``type_name`` (else it becomes F16, and is listed as
+    retyped). The one list both GGUF merges (LLM, experts included, and diffusion) decide by."""
+    return type_name in ENCODABLE
 
 
 #: values per block of the F16/BF16 encoder's finiteness check and conversion (1 MiB of fp32)
@@ -142,7 +156,8 @@ def encoded_size(n: int, type_name: str) -> int:
 
 
 def encode(w: torch.Tensor, type_name: str, scratch: Scratch) -> np.ndarray:
-    """``w`` (fp32, C order) stored as ``type_name``, bytes identical to ``gguf.quants.quantize``: a flat
+    """``w`` (fp32, C order) stored as ``type_name``, bytes identical to ``gguf.quants.quantize`` (K-quants:
+    to ggml's ``quantize_row_*_ref``; values beyond ±65504 refused as for F16): a flat
     uint8 array in the scratch byte buffer (the values have been decoded from it already), or the
     package's own output for the types it alone encodes. :class:`NotFinite` when ``w`` holds NaN/Inf:
     checked a cache-sized block at a time just before that block is encoded (one read of ``w`` from
@@ -169,6 +184,13 @@ def encode(w: torch.Tensor, type_name: str, scratch: Scratch) -> np.ndarray:
         raise NotFinite
     if type_name == "F32":
         return flat.view(torch.uint8).numpy()
+    from loratools.ops.merge import kquant_encode
+
+    if kquant_encode.encodable(type_name):
+        if float(flat.abs().max()) > kquant_encode.MAX_ABS:  # its F16 super-block scales would overflow
+            raise NotFinite
+        out = scratch.stored(encoded_size(n, type_name)).numpy()
+        return kquant_encode.quantize(flat.numpy(), type_name, threads=torch.get_num_threads(), out=out)
     import gguf
 
     return gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[type_name]).reshape(-1).view("uint8")
