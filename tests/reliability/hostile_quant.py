@@ -255,6 +255,10 @@ def _register_all() -> None:
     def _(t: Tensors, _: dict) -> None:  # a finite scale that overflows fp32: 448 × 1e38
         t[K + "_scale_inv"] = torch.full_like(t[K + "_scale_inv"], 1e38)
 
+    @case("fp8-negative-scale-untouched", "fp8", [K + "_scale_inv", "negative"], data=True)
+    def _(t: Tensors, _: dict) -> None:  # no quantizer writes scale_inv < 0: the weights would flip sign silently
+        t[K + "_scale_inv"] = -t[K + "_scale_inv"]
+
     @case("inf-nf4-fp16-overflow", "nf4plain", [f"{Q}.absmax", "range"], data=True)
     def _(t: Tensors, _: dict) -> None:  # absmax 1e30 in an fp16 state: finite in fp32, Inf once cast
         t[f"{Q}.absmax"] = torch.full_like(t[f"{Q}.absmax"], 1e30)

@@ -191,6 +191,14 @@ def check_values(t: Any, parts: dict[str, torch.Tensor], at: Callable[[str], str
                 f"{t.key} would write it",
                 hint="the quantized checkpoint is damaged; nothing was written",
             )
+    scale = parts.get("scale") if t.scheme == "fp8" else None
+    if scale is not None and scale.numel() and bool((scale < 0).any()):  # scale_inv = absmax / 448 is never < 0
+        first = [int(i) for i in (scale < 0).nonzero()[0]]
+        raise NumericError(
+            f"{at('scale')} holds a negative scale (first at index {first}: {float(scale[tuple(first)])}); "
+            f"dequantizing {t.key} would flip its signs",
+            hint="the quantized checkpoint is damaged; nothing was written",
+        )
     _check_range(t, parts, at)
     g = parts.get("g_idx")
     if g is not None and g.numel() and "scales" in parts:
