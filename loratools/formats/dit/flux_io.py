@@ -37,7 +37,10 @@ _COMFY = ("model.diffusion_model.", "diffusion_model.")
 TEXT_PREFIX = {"lora_te1_": "text_encoder", "lora_te_": "text_encoder", "lora_te3_": "text_encoder_2"}
 _TEXT_BACK = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}
 #: the same for the families whose text encoders differ (SD3, sd-scripts ``lora_sd3.py``: CLIP-L, CLIP-G, T5-XXL)
-_FAMILY_TEXT = {"sd3": {"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"}}
+_FAMILY_TEXT = {"sd3": {"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"},
+                # one text encoder, lora_te_: sd-scripts lora_lumina.py (Gemma2); CogVideoX-Fun (T5); Z-Image (Qwen3)
+                "lumina2": {"lora_te_": "text_encoder"}, "z_image": {"lora_te_": "text_encoder"},
+                "cogvideox": {"lora_te_": "text_encoder"}, "hidream": {}}  # fmt: skip
 
 
 def text_prefix(family: str) -> dict[str, str]:

@@ -46,7 +46,15 @@ def read_dit(
     from loratools.publishing.publish import read_provenance
 
     found = shared_names(found, base, metadata)
+    if found.family == "ltx_cogvideo":  # names LTX-Video and CogVideoX share: the prefix or the base tells
+        from loratools.formats.dit.cogvideox import resolve
+
+        found = resolve(path, found, list(tensors), base)
     refuse_unhandled(path, found)
+    if found.family == "hidream" and found.layout == "kohya":
+        from loratools.formats.dit.hidream import refuse_text
+
+        refuse_text(path, list(tensors))
     if found.family == "z_image":  # names Lumina2 shares: the qkv's shape or the base decides (lumina2.refine)
         from loratools.formats.dit.lumina2 import refine
 
@@ -179,7 +187,8 @@ def dit_tensors(adapter: Adapter, layout: str) -> dict[str, torch.Tensor] | None
             "(loratools convert ADAPTER --to comfyui --exclude '^text_encoder' -o OUT)",
         )
     out: dict[str, torch.Tensor] = {}
-    names = {f"lora_unet_{k.replace('.', '_')}" if layout == "kohya" else f"diffusion_model.{k}": m
+    unet = getattr(table_for(family), "KOHYA_PREFIX", "lora_unet_")  # CogVideoX-Fun's lora_unet__ (cogvideox.py)
+    names = {f"{unet}{k.replace('.', '_')}" if layout == "kohya" else f"diffusion_model.{k}": m
              for k, m in modules.items()}  # fmt: skip
     names.update(text)
     for k, m in sorted(names.items()):

@@ -9,6 +9,9 @@ diffusers' ``_convert_non_diffusers_hidream_lora_to_diffusers`` only swaps ``dif
 
 from __future__ import annotations
 
+import re
+
+from loratools.errors import UnsupportedError
 from loratools.formats.dit.block_table import BlockTable
 
 _ATTN = ("to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t")
@@ -20,6 +23,26 @@ _TOP = ["t_embedder.timestep_embedder.linear_1", "t_embedder.timestep_embedder.l
         "final_layer.linear", "final_layer.adaLN_modulation.1"]  # fmt: skip
 _TOP += [f"caption_projection.{i}.linear" for i in range(64)]
 
+#: kohya text-encoder prefixes: no HiDream trainer writes them (sd-scripts and musubi-tuner have no HiDream network,
+#: ai-toolkit writes diffusers names), and HiDream's four encoders (CLIP-L, CLIP-G, T5, Llama) would make any
+#: sd-scripts-style numbering a guess
+_TEXT = re.compile(r"^lora_te\d*_")
+
+
+def refuse_text(path: object, keys: list[str]) -> None:
+    """One line for a kohya HiDream file with text-encoder parts (which of the four encoders is unknown)."""
+    key = next((k for k in keys if _TEXT.match(k)), None)
+    if key is not None:
+        raise UnsupportedError(
+            f"{path}: {key!r}: a kohya text-encoder LoRA on HiDream, whose four text encoders (text_encoder CLIP-L, "
+            "text_encoder_2 CLIP-G, text_encoder_3 T5, text_encoder_4 Llama) no HiDream trainer numbers in kohya "
+            "names; loratools does not guess which one it is",
+            hint="leave the text encoder out (loratools convert ADAPTER --exclude '^lora_te' -o OUT), or write it "
+            "with diffusers names (text_encoder_N.<module>.lora_A.weight)",
+            path=path,
+        )
+
+
 TABLE = BlockTable(
     FAMILY="hidream", blocks=("double_stream_blocks", "single_stream_blocks"),
     inner={p: (p,) for p in _INNER}, top={p: (p,) for p in _TOP},
@@ -27,4 +50,4 @@ TABLE = BlockTable(
     EXAMPLES="double_stream_blocks.N.block.attn1.to_q, single_stream_blocks.N.block.ff_i.shared_experts.w1 ...",
 )  # fmt: skip
 
-__all__ = ["TABLE"]
+__all__ = ["TABLE", "refuse_text"]

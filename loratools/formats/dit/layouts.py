@@ -33,9 +33,11 @@ LABELS = {
     "chroma": "Chroma",
     "ltx_cogvideo": "LTX-Video/CogVideoX",
     "ltx_video": "LTX-Video",
+    "cogvideox": "CogVideoX",
 }
 #: the families loratools reads in each layout (the others are refused by name)
-HANDLED = {"ltx_video", "flux", "wan", "qwen_image", "sd3", "hunyuan_video", "lumina2", "z_image", "chroma", "hidream"}
+HANDLED = {"cogvideox", "ltx_video", "flux", "wan", "qwen_image", "sd3", "hunyuan_video", "lumina2", "z_image",
+           "chroma", "hidream"}  # fmt: skip
 #: (family, pattern on the module name with ``.`` and ``_`` both written ``[._]``), first match wins; the
 #: HunyuanVideo and Chroma markers come before Flux, whose double/single blocks they share
 _FAMILY_MARKS: tuple[tuple[str, str], ...] = (
@@ -54,11 +56,13 @@ _FAMILY_MARKS: tuple[tuple[str, str], ...] = (
      r"|all_x_embedder|all_final_layer|time_caption_embed[._])"),
     ("ltx_video", r"^(patchify_proj|adaln_single[._]|caption_projection[._]linear"
      r"|transformer_blocks[._]\d+[._]attn2[._])"),
+    ("cogvideox", r"^(transformer_blocks[._]\d+[._]norm2[._]linear|patch_embed[._]text_proj|ofs_embedding[._]linear)"),
     ("ltx_cogvideo", r"^transformer_blocks[._]\d+[._]attn[12][._]"),
     ("sd3", r"^(pos_embed[._]proj|transformer_blocks[._]\d+[._]attn2[._])"),
 )
 #: layout prefixes stripped before the family patterns (which match the module path from its root)
-_PREFIXES = ("lora_unet_", "lora_transformer_", "model.diffusion_model.", "diffusion_model.", "transformer.")
+_PREFIXES = ("lora_unet__", "lora_unet_", "lora_transformer_", "model.diffusion_model.", "diffusion_model.",
+             "transformer.")  # fmt: skip
 _COMPILED = tuple((f, re.compile(p)) for f, p in _FAMILY_MARKS)
 #: a Qwen-Image file that trains attention only: its block names are Flux's diffusers ones, so this tells it only
 #: in the kohya/ComfyUI/bare layouts (Flux writes double_blocks there) and without Flux's single blocks
@@ -81,6 +85,8 @@ def _layout_of(key: str) -> str | None:
     bare = key.removeprefix("diffusion_model.")
     if bare.startswith(("double_blocks.", "single_blocks.")) and re.search(r"\.processor\.\w+_lora\d*\.", bare):
         return "xlabs"
+    if _SAT.search(key):
+        return "sat"
     if key.startswith(("lora_unet_", "lora_transformer_")):
         return "kohya"
     if key.startswith(("diffusion_model.", "model.diffusion_model.")):
@@ -96,6 +102,8 @@ def _layout_of(key: str) -> str | None:
 
 
 #: a bare NextDiT (Lumina2/Z-Image) name: not ``layers.N.feed_forward.w1`` alone, which Meta's Llama layout shares
+#: THUDM SAT LoRA tensors (SwissArmyTransformer's LoRA mixin: one A and one B per part of a fused linear)
+_SAT = re.compile(r"\.(attention|cross_attention)\.(query_key_value|dense)\.matrix_[AB]\.\d+$")
 _NEXTDIT = re.compile(r"^layers\.\d+\.(attention\.(qkv|out|to_[qkv]|to_out)|attn\.to_|adaLN_modulation)")
 
 
@@ -117,7 +125,7 @@ def detect(keys: Iterable[str]) -> DitLayout | None:
         found = _layout_of(k)
         if found is not None:
             layout, example = found, k
-            if found in ("xlabs",):
+            if found in ("xlabs", "sat"):
                 break
     if layout is None or example is None:
         return None
@@ -132,12 +140,14 @@ def detect(keys: Iterable[str]) -> DitLayout | None:
             f = "qwen_image"
         if f is not None:
             families.setdefault(f, k)
+    if layout == "sat":  # THUDM's SAT training of CogVideoX (formats/dit/cogvideox.py)
+        return DitLayout("cogvideox", layout, example)
     if not families:
         return DitLayout("flux", layout, example) if layout in ("xlabs",) else None
     # the HunyuanVideo/Chroma markers decide over Flux's shared block names, Qwen-Image's, Wan's and SD3's over the
     # top-level names Flux shares with them (img_in, txt_in, final_layer)
     family = next((f for f in ("hunyuan_video", "chroma", "qwen_image", "wan", "sd3", "hidream", "lumina2", "flux",
-                               "ltx_video")
+                               "ltx_video", "cogvideox")
                    if f in families), None)
     family = family or next(iter(families))
     if family == "lumina2":  # one original module tree, two diffusers models (formats/dit/lumina2.py)
@@ -177,6 +187,7 @@ _LAYOUT_WORDS = {
     "diffusers": "diffusers layout",
     "xlabs": "XLabs layout",
     "bfl-control": "BFL control-LoRA layout (it also replaces norm scales and widens img_in)",
+    "sat": "SAT layout (THUDM's SwissArmyTransformer training: matrix_A/matrix_B per part of query_key_value)",
 }
 
 
@@ -184,6 +195,11 @@ def describe(found: DitLayout) -> str:
     """``a Flux LoRA in the kohya/musubi-tuner layout``."""
     article = "an" if found.family in ("sd3", "ltx_cogvideo") else "a"
     return f"{article} {found.label} LoRA in the {_LAYOUT_WORDS.get(found.layout, found.layout)}"
+
+
+_SAT_HINT = ("convert it with THUDM/CogVideo's tools/export_sat_lora_weight.py, which writes diffusers names without "
+             "SAT's alpha/r scaling, then merge with --weights ALPHA/R (SAT's alpha is 1 by default; THUDM's "
+             "load_cogvideox_lora.py applies the export at lora_alpha/lora_r)")  # fmt: skip
 
 
 def refuse_unhandled(path: object, found: DitLayout) -> None:
@@ -194,11 +210,11 @@ def refuse_unhandled(path: object, found: DitLayout) -> None:
         return
     raise UnsupportedError(
         f"{path}: {found.example!r}: this is {describe(found)}, which loratools does not read yet "
-        "(diffusion transformers: Flux, SD3, HunyuanVideo, Wan, Qwen-Image, Lumina2, Z-Image, Chroma, HiDream and "
-        "LTX-Video in the kohya, ComfyUI and diffusers layouts, and in their original bare names; Flux's XLabs and "
-        "BFL control files)",
-        hint="a diffusers-layout file (transformer.<module>.lora_A.weight) of any family merges into its diffusers "
-        "pipeline; for this layout use the trainer's own tools for now",
+        "(diffusion transformers: Flux, SD3, HunyuanVideo, Wan, Qwen-Image, Lumina2, Z-Image, Chroma, HiDream, "
+        "LTX-Video and CogVideoX in the kohya, ComfyUI and diffusers layouts, and in their original bare names; "
+        "Flux's XLabs and BFL control files)",
+        hint=_SAT_HINT if found.layout == "sat" else "a diffusers-layout file (transformer.<module>.lora_A.weight) "
+        "of any family merges into its diffusers pipeline; for this layout use the trainer's own tools for now",
         path=path,
     )
 

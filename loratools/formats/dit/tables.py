@@ -13,13 +13,24 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from loratools.formats.dit import chroma, flux, hidream, hunyuan_video, ltx_video, lumina2, qwen_image, sd3, wan
+from loratools.formats.dit import (
+    chroma,
+    cogvideox,
+    flux,
+    hidream,
+    hunyuan_video,
+    ltx_video,
+    lumina2,
+    qwen_image,
+    sd3,
+    wan,
+)
 from loratools.formats.dit.renamed import RenamedTable
 
 
 def table_for(family: str) -> Any:
     """The name table of ``family`` (a key of ``layouts.LABELS`` in ``layouts.HANDLED``)."""
-    return {"flux": flux, "wan": wan.TABLE, "qwen_image": qwen_image.TABLE,
+    return {"flux": flux, "wan": wan.TABLE, "cogvideox": cogvideox.TABLE, "qwen_image": qwen_image.TABLE,
             "sd3": sd3.TABLE, "hunyuan_video": hunyuan_video.TABLE,
             "lumina2": lumina2.LUMINA2, "z_image": lumina2.Z_IMAGE, "chroma": chroma, "hidream": hidream.TABLE,
             "ltx_video": ltx_video.TABLE}[family]
