@@ -352,6 +352,12 @@ def _register_all() -> None:
     case("fp8-weight-1d", "fp8", [Q])(_resize(Q, numel=1024))
     case("fp8-weight-f16", "fp8", [Q, "F16"])(_resize(Q, shape=(1025, 1), dtype=torch.float16))  # found by the fuzzer
 
+    experts = "model.layers.0.mlp.experts.gate_up_proj"
+
+    @case("fp8-experts-no-scale", "fp8", [experts, "_scale_inv"])
+    def _(t: Tensors, _: dict) -> None:  # a 3-D FP8 expert tensor without its scale was read as plain bytes
+        t[experts] = torch.zeros(2, 16, 32).to(torch.float8_e4m3fn)
+
     @case("fp8-scale-f8", "fp8", [f"{Q}_scale_inv"])
     def _(t: Tensors, _: dict) -> None:
         t[f"{Q}_scale_inv"] = t[f"{Q}_scale_inv"].to(torch.float8_e4m3fn)

@@ -184,7 +184,8 @@ class QuantizedCheckpoint:
                 raise FormatError(f"{self._at(w)} is stored as {self.raw_info(w).dtype}; beside its {k} an FP8 weight "
                                   "is F8_E4M3 or F8_E5M2", hint=checks.DAMAGED)  # fmt: skip
         for k in sorted(keys):
-            fused = not k.endswith(".weight") and f"{k}_scale_inv" in keys  # 3-D experts: gate_up_proj_scale_inv
+            # 3-D experts: gate_up_proj_scale_inv; an FP8 one without it is refused below, not read as plain bytes
+            fused = not k.endswith(".weight") and not k.endswith(("_scale_inv", "_scale"))
             if not (k.endswith(".weight") or fused) or self.raw_info(k).dtype not in ("F8_E4M3", "F8_E5M2"):
                 continue
             stem = k[: -len(".weight")]
