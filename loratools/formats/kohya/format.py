@@ -189,7 +189,8 @@ class KohyaFormat(AdapterFormat):
             return False
         if any(_NAME.match(k.partition(".")[0]) or k.startswith("diffusion_model.") for k in tensors):
             return True  # else a BFL/XLabs LoRA (read or refused by name), not a base in those names (no LoRA tensor)
-        lora = any("lora" in k.lower() or k.endswith((".alpha", ".dora_scale")) for k in tensors)
+        lora = any("lora" in k.lower() or k.endswith((".alpha", ".dora_scale")) or ".matrix_A." in k  # SAT's
+                   for k in tensors)  # fmt: skip
         return lora and original_layout(tensors) is not None
 
     @classmethod
