@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from loratools.ops.merge.kquant_encode import (
-    QK_K,
+from loratools.ops.merge.kquant_math import (
     columns,
     f32,
     first_abs_max,
@@ -24,6 +23,7 @@ from loratools.ops.merge.kquant_encode import (
 if TYPE_CHECKING:
     import numpy as np
 
+QK_K = 256
 _EPS = 1e-15  # GROUP_MAX_EPS
 
 

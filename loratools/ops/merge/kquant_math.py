@@ -1,0 +1,136 @@
+"""The arithmetic ggml's K-quant reference quantizers share (``ggml/src/ggml-quants.c``), vectorised across blocks
+in numpy float32 for :mod:`.kquant_encode` and :mod:`.kquant_low`: ``nearest_int``, sums in the C loop's order,
+the first-maximum search, F16 rounding, and ``make_qkx2_quants`` (Q4_K, Q5_K, Q2_K). The notes on exactness are
+in :mod:`.kquant_encode`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+def f32(v: float) -> np.float32:
+    import numpy as np
+
+    return np.float32(v)
+
+
+def nearest_int(f: np.ndarray) -> np.ndarray:
+    """ggml's ``nearest_int``: round half to even for |f| ≤ 2²², int32."""
+    import numpy as np
+
+    v = (f + f32(12582912.0)).view(np.int32)
+    return (v & 0x007FFFFF) - 0x00400000
+
+
+def seq_sum(a: np.ndarray) -> np.ndarray:
+    """``float s = 0; for i: s += a[i]`` per column of ``a`` (element, block): row after row, then ``+ 0`` for
+    the C sum's starting +0 (a column of −0 sums to +0 in C)."""
+    import numpy as np
+
+    return np.add.reduce(a, axis=0) + f32(0.0)
+
+
+def first_abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``for i: if (fabsf(x[i]) > amax) {amax = fabsf(x[i]); max = x[i];}`` from amax = max = 0, per column:
+    (amax, max)."""
+    import numpy as np
+
+    ax = np.abs(x)
+    idx = np.argmax(ax, axis=0)  # the first maximal index, as the strict '>' keeps
+    cols = np.arange(x.shape[1])
+    return ax[idx, cols], x[idx, cols]
+
+
+def to_f16_f32(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float16 bits as uint16, the float16 value back in float32): ``GGML_FP32_TO_FP16`` rounds to nearest even."""
+    import numpy as np
+
+    h = v.astype(np.float16)
+    return h.view(np.uint16), h.astype(np.float32)
+
+
+def columns(x: np.ndarray, n: int) -> np.ndarray:
+    """Super-blocks (nb, 256) as sub-blocks of ``n`` laid out (element, sub-block), sub-block = i·(256/n) + j."""
+    import numpy as np
+
+    return np.ascontiguousarray(x.reshape(-1, n).T)
+
+
+def nearest_clip(f: np.ndarray, lo: int, hi: int, exact: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    """``MAX(lo, MIN(hi, nearest_int(f)))`` as float32. For |f| ≤ 2²² (every finite scale here keeps |f| within
+    a few times nmax) ``f + 1.5·2²³`` rounds ``f`` half to even onto the integers, so clamping in that domain
+    and subtracting is the same in 3 passes; ``exact`` (a scale that overflowed: inf/NaN lanes) takes ggml's bit
+    trick itself. Computed in ``out`` if given, else in ``f`` itself."""
+    import numpy as np
+
+    if exact:
+        return np.clip(nearest_int(f), lo, hi).astype(np.float32)
+    c = f32(12582912.0)
+    v = np.add(f, c, out=f if out is None else out)
+    np.clip(v, c + f32(lo), c + f32(hi), out=v)
+    return np.subtract(v, c, out=v)
+
+
+def make_qkx2(
+    x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``make_qkx2_quants`` per column of ``x`` (element, sub-block) with weights ``w``: (scale, the_min, L)."""
+    import numpy as np
+
+    mn, mx = x.min(axis=0), x.max(axis=0)
+    sum_w = np.add.reduce(w, axis=0)  # C starts from element 0, not from 0
+    sum_x = np.add.reduce(w * x, axis=0)
+    mn = np.where(mn > 0, f32(0.0), mn)
+    flat, flat_min = mx == mn, -mn
+    fmax = f32(nmax)
+    buf = np.empty_like(x)
+
+    def diff_sum(scale: np.ndarray, low: np.ndarray, q: np.ndarray) -> np.ndarray:
+        diff = np.multiply(scale, q, out=buf)
+        np.add(diff, low, out=diff)
+        np.subtract(diff, x, out=diff)
+        if use_mad:
+            np.abs(diff, out=diff)
+        else:
+            np.multiply(diff, diff, out=diff)
+        return seq_sum(np.multiply(w, diff, out=diff))
+
+    with np.errstate(all="ignore"):
+        iscale = fmax / (mx - mn)
+    exact = not np.isfinite(iscale[~flat]).all()  # a range so small that nmax/range overflows
+    scale = f32(1.0) / iscale
+    xm = x - mn
+    L = nearest_clip(iscale * xm, 0, nmax, exact)
+    best = diff_sum(scale, mn, L)
+    wl, q = np.empty_like(x), np.empty_like(x)
+    for step in range(nstep + 1):
+        iscale = (f32(rmin) + f32(rdelta) * f32(step) + fmax) / (mx - mn)
+        q = nearest_clip(np.multiply(iscale, xm, out=q), 0, nmax, exact)
+        np.multiply(w, q, out=wl)
+        sum_l = seq_sum(wl)
+        sum_xl = seq_sum(np.multiply(wl, x, out=buf))
+        sum_l2 = seq_sum(np.multiply(wl, q, out=wl))
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        pos = this_min > 0
+        this_min = np.where(pos, f32(0.0), this_min)
+        this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+        cur = diff_sum(this_scale, this_min, q)
+        take = (D > 0) & (cur < best)
+        if not take.any():
+            continue
+        np.copyto(L, q, where=take)
+        best = np.where(take, cur, best)
+        scale = np.where(take, this_scale, scale)
+        mn = np.where(take, this_min, mn)
+        np.subtract(x, mn, out=xm, where=take)
+    L = np.where(flat, f32(0.0), L)
+    return np.where(flat, f32(0.0), scale), np.where(flat, flat_min, -mn), L
+
+
+__all__ = ["columns", "f32", "first_abs_max", "make_qkx2", "nearest_clip", "nearest_int", "seq_sum", "to_f16_f32"]
