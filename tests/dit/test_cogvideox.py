@@ -174,3 +174,16 @@ def test_attn1_only_names_told_by_the_base_or_refused(model, pipeline, tmp_path)
     kohya = tmp_path / "attn-fun.safetensors"
     save_file(fun_lora(model, attn_only=True), str(kohya))
     assert load_adapter(kohya).meta["dit"]["family"] == "cogvideox"
+
+
+def test_merge_into_single_file_in_its_names(model, pipeline, tmp_path):
+    """A bare single file of the transformer (the diffusers names; found by transformer_blocks.N.norm2.linear)."""
+    path = tmp_path / "fun.safetensors"
+    state = fun_lora(model)
+    save_file(state, str(path))
+    base = tmp_path / "cogvideox-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base))
+    merge(base, [path], tmp_path / "merged.safetensors")
+    merged, want = load_file(str(tmp_path / "merged.safetensors")), _fun_merge(model, state)
+    assert set(merged) == set(want)
+    assert max(float((merged[k] - want[k]).abs().max()) for k in merged) <= 1e-5

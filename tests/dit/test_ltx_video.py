@@ -109,3 +109,26 @@ def test_convert_is_lossless(model, tmp_path, fmt):
     back = load_adapter(out)
     assert back.meta["dit"]["family"] == "ltx_video" and set(back.modules) == set(first.modules)
     assert all(torch.equal(back.modules[k].delta(), m.delta()) for k, m in first.modules.items())
+
+
+def test_attn1_only_file_is_told_by_the_ltx_base(model, pipeline, tmp_path):
+    """attn1-only names are CogVideoX's too (formats/dit/cogvideox.py): alone refused saying to pass the base; with
+    the LTX-Video pipeline (its transformer class) read as LTX-Video and merged as diffusers' loader does."""
+    from diffusers import LTXPipeline
+
+    from loratools.errors import UnsupportedError
+
+    path = tmp_path / "attn1.safetensors"
+    save_file({k: v for k, v in lora(model).items() if ".attn1." in k}, str(path))
+    with pytest.raises(UnsupportedError, match="LTX-Video and CogVideoX share"):
+        load_adapter(path)
+    assert load_adapter(path, base=pipeline).meta["dit"]["family"] == "ltx_video"
+    merge(pipeline, [path], tmp_path / "out")
+    theirs = copy.deepcopy(model)
+    LTXPipeline.load_lora_into_transformer(LTXPipeline.lora_state_dict(str(path)), transformer=theirs, adapter_name="x")
+    theirs.fuse_lora()
+    want = {k.replace(".base_layer", ""): v for k, v in theirs.state_dict().items() if "lora_" not in k}
+    ours = _weights(tmp_path / "out")
+    assert max(float((ours[k] - want[k]).abs().max()) for k in ours) <= 1e-5
+    assert float((ours["transformer_blocks.0.attn1.to_q.weight"] - model.state_dict()[
+        "transformer_blocks.0.attn1.to_q.weight"]).abs().max()) > 1e-2  # fmt: skip
