@@ -189,8 +189,7 @@ class KohyaFormat(AdapterFormat):
             return False
         if any(_NAME.match(k.partition(".")[0]) or k.startswith("diffusion_model.") for k in tensors):
             return True  # else a BFL/XLabs LoRA (read or refused by name), not a base in those names (no LoRA tensor)
-        lora = any("lora" in k.lower() or k.endswith((".alpha", ".dora_scale")) or ".matrix_A." in k  # SAT's
-                   for k in tensors)  # fmt: skip
+        lora = any("lora" in k.lower() or k.endswith((".alpha", ".dora_scale")) or ".matrix_A." in k for k in tensors)
         return lora and original_layout(tensors) is not None
 
     @classmethod
