@@ -187,3 +187,23 @@ def test_merge_into_single_file_in_its_names(model, pipeline, tmp_path):
     merged, want = load_file(str(tmp_path / "merged.safetensors")), _fun_merge(model, state)
     assert set(merged) == set(want)
     assert max(float((merged[k] - want[k]).abs().max()) for k in merged) <= 1e-5
+
+
+def test_diffusers_attn1_only_written_as_comfyui_then_kohya_by_the_base(model, pipeline, tmp_path):
+    """diffusers' train_cogvideox_lora.py trains to_q/to_k/to_v/to_out.0 only: ComfyUI names are both families';
+    kohya's differ, so kohya is refused until the base tells (then CogVideoX-Fun's lora_unet__)."""
+    state = {k.replace("diffusion_model.", "transformer."): v
+             for k, v in fun_lora(model, prefix="diffusion_model.", attn_only=True).items()}  # fmt: skip
+    state = {k.replace("_attn1_", ".attn1.").replace("blocks_", "blocks.").replace("_to_", ".to_")
+             .replace("to_out_0", "to_out.0").replace("lora_down", "lora_A").replace("lora_up", "lora_B"): v
+             for k, v in state.items() if not k.endswith(".alpha")}  # fmt: skip
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    save_file(state, str(folder / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(UnsupportedError, match="kohya names differ"):
+        save_adapter(load_adapter(folder), tmp_path / "k.safetensors", format="kohya")
+    comfy = save_adapter(load_adapter(folder), tmp_path / "c.safetensors", format="comfyui")
+    kohya = save_adapter(load_adapter(comfy, base=pipeline), tmp_path / "k.safetensors", format="kohya")
+    assert all(k.startswith("lora_unet__transformer_blocks_") for k in load_file(str(kohya)))
+    first, back = load_adapter(folder), load_adapter(kohya)
+    assert all(torch.equal(back.modules[k].delta(), m.delta()) for k, m in first.modules.items())

@@ -96,4 +96,17 @@ def resolve(path: object, found: DitLayout, keys: list[str], base: KeyResolver |
     )
 
 
-__all__ = ["FAMILY", "KOHYA_PREFIX", "TABLE", "TOP", "base_family", "resolve"]
+def shared_layout(layout: str) -> str:
+    """The family to write an attn1/ff-only adapter (names LTX-Video shares) as: ComfyUI names are the same for
+    both; kohya's are not (CogVideoX-Fun ``lora_unet__``, LTX-Video ``lora_unet_``), refused in one line."""
+    if layout == "comfyui":
+        return FAMILY
+    raise UnsupportedError(
+        "this LoRA trains transformer_blocks.N.attn1 / ff only, names that LTX-Video and CogVideoX share, and their "
+        "kohya names differ (CogVideoX-Fun writes lora_unet__, LTX-Video lora_unet_)",
+        hint="write it as ComfyUI (the same names for both: loratools convert ADAPTER --to comfyui -o C.safetensors); "
+        "loratools convert C.safetensors --to kohya --base BASE -o OUT then writes the base family's kohya names",
+    )
+
+
+__all__ = ["FAMILY", "KOHYA_PREFIX", "TABLE", "TOP", "base_family", "resolve", "shared_layout"]

@@ -171,6 +171,10 @@ def dit_tensors(adapter: Adapter, layout: str) -> dict[str, torch.Tensor] | None
     family = dit_family(adapter)
     if family is None:
         return None
+    if family == "ltx_cogvideo":  # attn1/ff only: ComfyUI names are the same in both families, kohya's are not
+        from loratools.formats.dit.cogvideox import shared_layout
+
+        family = shared_layout(layout)
     label = LABELS.get(family, family)
     if family not in HANDLED:
         raise UnsupportedError(
