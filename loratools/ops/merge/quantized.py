@@ -164,6 +164,7 @@ def merge_requantized(
     from loratools.ops.merge.plan import build_plan
     from loratools.ops.merge.quant_report import QuantReport
     from loratools.ops.merge.requant_write import write_requantized
+    from loratools.ops.merge.write import torch_threads
     from loratools.publishing.publish import atomic_output
 
     factors = FactorStore()
@@ -181,9 +182,12 @@ def merge_requantized(
             with atomic_output(
                 output, overwrite=overwrite, inputs=inputs, directory=not single, expected_bytes=expected
             ) as tmp:
-                written, files, count = write_requantized(
-                    reader, plan, factors, Path(tmp), single, meta, report, ref, progress
-                )
+                # one compute thread fewer than cores, as the 16-bit merge: on 2 busy cores two OpenMP threads
+                # per small chunked op spun on each other (8-expert MXFP4 bench: 173 s at load 3, 32 s on one)
+                with torch_threads():
+                    written, files, count = write_requantized(
+                        reader, plan, factors, Path(tmp), single, meta, report, ref, progress
+                    )
                 if not single:
                     written += _copy_others(base_path, Path(tmp), reader, plan)
         finally:

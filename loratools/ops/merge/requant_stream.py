@@ -51,7 +51,7 @@ def _write(
     import torch
 
     from loratools.checkpoint.quant import checks
-    from loratools.checkpoint.quant.mxfp4 import dequantize_into, quantize_blocks
+    from loratools.checkpoint.quant.mxfp4 import quantize_blocks
     from loratools.checkpoint.writer import TensorEntry, tensor_bytes
     from loratools.files.safetensors_file import dtype_name, torch_dtype
     from loratools.ops.merge.quant_report import ModuleRow
@@ -61,13 +61,14 @@ def _write(
     where, stored = at("weight"), torch_dtype(t.dtype)
     experts, d1, d2 = t.shape
     start, scales, sq, moved = pos, [], 0.0, 0.0
+    # bf16 holds every MXFP4 value its range check lets through exactly: such runs dequantize straight into
+    # fp32 (the same values), and the range check (check_values) is their finite check
+    wide = torch.float32 if stored in (torch.bfloat16, torch.float32) else stored
     for e0 in range(0, experts, per):
         count = min(per, experts - e0)
         parts = {role: _read_rows(base, reader, t.parts[role], raws[role], e0, count) for role in ("weight", "scales")}
         checks.check_values(t, parts, at)
-        deq = checks.check_dequantized(
-            dequantize_into(parts["weight"], parts["scales"], torch.empty((count, d1, d2), dtype=stored)), where
-        ).float()
+        deq = _dequantized(parts["weight"], parts["scales"], (count, d1, d2), wide, where)
         sub = replace(
             job,
             deltas=[replace(c, expert=c.expert - e0) for c in job.deltas if e0 <= c.expert < e0 + count],
@@ -77,11 +78,14 @@ def _write(
         blocks, sc = quantize_blocks(merged)
         new = {"weight": blocks, "scales": sc}
         checks.check_values(t, new, at)
-        back = checks.check_dequantized(dequantize_into(blocks, sc, torch.empty_like(deq, dtype=stored)), where)
-        delta = merged.sub_(deq).reshape(-1).to(torch.float64)
-        sq += float(delta.dot(delta))
-        moved += float((back.reshape(-1).to(torch.float64) - deq.reshape(-1).to(torch.float64)).dot(delta))
-        data = tensor_bytes(blocks.contiguous())
+        back = _dequantized(blocks, sc, (count, d1, d2), wide, where)
+        delta = merged.sub_(deq)
+        for lo in range(0, delta.numel(), DOT_CHUNK):  # float64 sums, a cache-sized piece at a time
+            d = delta.view(-1)[lo : lo + DOT_CHUNK].to(torch.float64)
+            sq += float(d.dot(d))
+            b = back.view(-1)[lo : lo + DOT_CHUNK].to(torch.float64)
+            moved += float(b.sub_(deq.view(-1)[lo : lo + DOT_CHUNK].to(torch.float64)).dot(d))
+        data = tensor_bytes(blocks)
         spill.write(data)
         pos += data.nbytes
         scales.append(sc)
@@ -93,6 +97,21 @@ def _write(
     pos += data.nbytes
     report.rows.append(ModuleRow(t.key, t.scheme, math.sqrt(sq), rho=1.0 if sq == 0.0 else moved / sq))
     return out, pos
+
+
+#: elements of ΔW per float64 dot product of ρ's sums
+DOT_CHUNK = 1 << 16
+
+
+def _dequantized(blocks: Any, scales: Any, shape: tuple, dtype: Any, where: str) -> Any:
+    """A run dequantized into ``dtype``; checked for NaN/Inf unless into fp32 (bounded by the range check)."""
+    import torch
+
+    from loratools.checkpoint.quant import checks
+    from loratools.checkpoint.quant.mxfp4 import dequantize_into
+
+    w = dequantize_into(blocks, scales, torch.empty(shape, dtype=dtype))
+    return w if dtype == torch.float32 else checks.check_dequantized(w, where).float()
 
 
 __all__ = ["stream_requantized"]

@@ -70,8 +70,8 @@ def _merged(job: Any, w: torch.Tensor, where: str, plain: bool = True) -> torch.
 
     try:
         merged = _plain_sum(job, w) if plain else None
-        if merged is None:
-            merged = compute(job, w)
+        if merged is None:  # compute() refuses NaN/Inf itself (the same fp32 sum): not summed twice
+            return compute(job, w)
     except NumericError as exc:
         raise NumericError(f"{where}: {exc.message}", hint=exc.hint) from None
     if not bool(torch.isfinite(merged.sum())) and first_nonfinite(merged) is not None:
