@@ -189,9 +189,9 @@ def test_merge_into_single_file_in_its_names(model, pipeline, tmp_path):
     assert max(float((merged[k] - want[k]).abs().max()) for k in merged) <= 1e-5
 
 
-def test_diffusers_attn1_only_written_as_comfyui_then_kohya_by_the_base(model, pipeline, tmp_path):
-    """diffusers' train_cogvideox_lora.py trains to_q/to_k/to_v/to_out.0 only: ComfyUI names are both families';
-    kohya's differ, so kohya is refused until the base tells (then CogVideoX-Fun's lora_unet__)."""
+def test_diffusers_attn1_only_is_not_written_as_kohya_or_comfyui(model, tmp_path):
+    """diffusers' train_cogvideox_lora.py trains to_q/to_k/to_v/to_out.0 only: names LTX-Video's diffusers files
+    share, while both families' kohya and ComfyUI names differ: refused in one line each, not guessed."""
     state = {k.replace("diffusion_model.", "transformer."): v
              for k, v in fun_lora(model, prefix="diffusion_model.", attn_only=True).items()}  # fmt: skip
     state = {k.replace("_attn1_", ".attn1.").replace("blocks_", "blocks.").replace("_to_", ".to_")
@@ -200,10 +200,38 @@ def test_diffusers_attn1_only_written_as_comfyui_then_kohya_by_the_base(model, p
     folder = tmp_path / "peft"
     folder.mkdir()
     save_file(state, str(folder / "pytorch_lora_weights.safetensors"))
-    with pytest.raises(UnsupportedError, match="kohya names differ"):
-        save_adapter(load_adapter(folder), tmp_path / "k.safetensors", format="kohya")
-    comfy = save_adapter(load_adapter(folder), tmp_path / "c.safetensors", format="comfyui")
-    kohya = save_adapter(load_adapter(comfy, base=pipeline), tmp_path / "k.safetensors", format="kohya")
-    assert all(k.startswith("lora_unet__transformer_blocks_") for k in load_file(str(kohya)))
-    first, back = load_adapter(folder), load_adapter(kohya)
-    assert all(torch.equal(back.modules[k].delta(), m.delta()) for k, m in first.modules.items())
+    for fmt in ("kohya", "comfyui"):
+        with pytest.raises(UnsupportedError, match="names differ between the two"):
+            save_adapter(load_adapter(folder), tmp_path / f"{fmt}.safetensors", format=fmt)
+
+
+#: ComfyUI's own CogVideoX module names (comfy/ldm/cogvideo/model.py), written out here independently
+COMFY = {"attn1.to_q": "q", "attn1.to_k": "k", "attn1.to_v": "v", "attn1.to_out.0": "attn_out",
+         "ff.net.0.proj": "ff_proj", "ff.net.2": "ff_out",
+         "time_embedding.linear_": "time_embedding_linear_"}  # fmt: skip
+
+
+def _comfy(name: str) -> str:
+    name = name.replace("transformer_blocks.", "blocks.")
+    for a, b in COMFY.items():
+        name = name.replace(a, b)
+    return name
+
+
+def test_comfyui_names_are_comfys_own_and_merge_into_its_checkpoint(model, pipeline, tmp_path):
+    """Written as ComfyUI, the names are ComfyUI's model's (its lora loader binds diffusion_model.<state-dict path>);
+    merged into a ComfyUI checkpoint (model.diffusion_model.blocks.N.q.weight) equal to the pipeline merge."""
+    kohya = tmp_path / "k.safetensors"
+    state = fun_lora(model)
+    save_file(state, str(kohya))
+    comfy = save_adapter(load_adapter(kohya), tmp_path / "c.safetensors", format="comfyui")
+    want = {f"diffusion_model.{_comfy(n)}" for n, _ in _linears(model) if n != "patch_embed.proj"}
+    assert {k.rsplit(".lora_", 1)[0].removesuffix(".alpha") for k in load_file(str(comfy))} == want
+    assert load_adapter(comfy).meta["dit"]["family"] == "cogvideox"  # ComfyUI's names tell it alone
+    base = tmp_path / "cogvideox_comfy.safetensors"
+    save_file({f"model.diffusion_model.{_comfy(k)}": v.contiguous() for k, v in model.state_dict().items()}, str(base))
+    merge(base, [kohya], tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    ref = {f"model.diffusion_model.{_comfy(k)}": v for k, v in _fun_merge(model, state).items()}
+    assert set(merged) == set(ref)
+    assert max(float((merged[k] - ref[k]).abs().max()) for k in merged) <= 1e-5

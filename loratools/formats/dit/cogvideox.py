@@ -22,6 +22,7 @@ transformer class or single file) or refuses in one line saying what to pass.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,28 +34,62 @@ if TYPE_CHECKING:
     from loratools.formats.registry import KeyResolver
 
 FAMILY = "cogvideox"
-_BLOCK = ("norm1.linear", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "norm2.linear",
-          "ff.net.0.proj", "ff.net.2")  # fmt: skip
-TOP = ("patch_embed.text_proj", "time_embedding.linear_1", "time_embedding.linear_2", "ofs_embedding.linear_1",
-       "ofs_embedding.linear_2", "norm_out.linear", "proj_out")  # fmt: skip
+#: ComfyUI's own CogVideoX (comfy/ldm/cogvideo/model.py) path inside ``blocks.N`` -> diffusers' inside
+#: ``transformer_blocks.N``
+INNER = {"norm1.linear": "norm1.linear", "q": "attn1.to_q", "k": "attn1.to_k", "v": "attn1.to_v",
+         "attn_out": "attn1.to_out.0", "norm2.linear": "norm2.linear", "ff_proj": "ff.net.0.proj",
+         "ff_out": "ff.net.2"}  # fmt: skip
+TOP = {"patch_embed.text_proj": "patch_embed.text_proj", "time_embedding_linear_1": "time_embedding.linear_1",
+       "time_embedding_linear_2": "time_embedding.linear_2", "ofs_embedding_linear_1": "ofs_embedding.linear_1",
+       "ofs_embedding_linear_2": "ofs_embedding.linear_2", "norm_out.linear": "norm_out.linear",
+       "proj_out": "proj_out"}  # fmt: skip
 #: CogVideoX-Fun's kohya prefix (``lora_unet`` + ``.`` + an empty module name, dots written ``_``)
 KOHYA_PREFIX = "lora_unet__"
+#: the diffusers names as a table of their own (read as aliases: CogVideoX-Fun's kohya names, diffusers-named
+#: ``diffusion_model.`` files, bare single files of the diffusers transformer)
+_DIFFUSERS = RenamedTable(
+    FAMILY=FAMILY, block="transformer_blocks", diff_block="transformer_blocks",
+    inner={v: v for v in INNER.values()}, top={v: v for v in TOP.values()}, probe=r"^$", EXAMPLES="",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class CogVideoXTable(RenamedTable):
+    """ComfyUI's names are the original layout (written for ComfyUI, merged into its checkpoints); diffusers'
+    names are read beside them everywhere and written as kohya (CogVideoX-Fun's)."""
+
     KOHYA_PREFIX: str = KOHYA_PREFIX
+    split_probe: str = r"^(.*?)transformer_blocks\.\d+\.norm2\.linear\.weight$"
 
     def from_kohya(self, underscored: str) -> str | None:
-        """CogVideoX-Fun's ``_transformer_blocks_0_attn1_to_q`` (``lora_unet_`` removed) or the one-underscore
-        form."""
-        return super().from_kohya(underscored[1:] if underscored.startswith("_") else underscored)
+        """CogVideoX-Fun's ``_transformer_blocks_0_attn1_to_q`` (``lora_unet_`` removed: the diffusers path, an
+        alias) or ComfyUI's ``blocks_0_q``."""
+        bare = underscored[1:] if underscored.startswith("_") else underscored
+        return _DIFFUSERS.from_kohya(bare) or super().from_kohya(bare)
+
+    def to_diffusers(self, path: str) -> tuple[str, ...] | None:
+        return super().to_diffusers(path) or _DIFFUSERS.to_diffusers(path)
+
+    def is_alias(self, path: str) -> bool:
+        """A diffusers path read as an original one (never written so)."""
+        return super().to_diffusers(path) is None and _DIFFUSERS.to_diffusers(path) is not None
+
+    def kohya_path(self, path: str) -> str:
+        """The path CogVideoX-Fun's kohya names spell (diffusers') for an original (ComfyUI) one."""
+        parts = self.to_diffusers(path)
+        return parts[0] if parts else path
+
+    def split_prefix(self, keys: list[str]) -> str | None:
+        """The prefix of a single file in the diffusers names (merged under those names), else None."""
+        probe = re.compile(self.split_probe)
+        return next((m.group(1) for k in keys if (m := probe.match(k))), None)
 
 
 TABLE = CogVideoXTable(
-    FAMILY=FAMILY, block="transformer_blocks", diff_block="transformer_blocks", inner={p: p for p in _BLOCK},
-    top={p: p for p in TOP}, probe=r"^(.*?)transformer_blocks\.\d+\.norm2\.linear\.weight$",
-    EXAMPLES="transformer_blocks.N.attn1.to_q, transformer_blocks.N.norm1.linear, patch_embed.text_proj ...",
+    FAMILY=FAMILY, block="blocks", diff_block="transformer_blocks", inner=INNER, top=TOP,
+    probe=r"^(.*?)(?<![a-z_])blocks\.\d+\.attn_out\.weight$",
+    EXAMPLES="transformer_blocks.N.attn1.to_q (blocks.N.q in ComfyUI's names), transformer_blocks.N.norm1.linear, "
+    "patch_embed.text_proj ...",
 )  # fmt: skip
 
 _CLASSES = {"CogVideoXTransformer3DModel": FAMILY, "LTXVideoTransformer3DModel": "ltx_video"}
@@ -71,7 +106,8 @@ def base_family(base: KeyResolver | None) -> str | None:
     if base.kind == "file":
         from loratools.formats.dit import ltx_video
 
-        for family, probe in ((FAMILY, TABLE.PROBE), ("ltx_video", ltx_video.TABLE.PROBE)):
+        probes = (TABLE.PROBE, re.compile(TABLE.split_probe), ltx_video.TABLE.PROBE)
+        for family, probe in zip((FAMILY, FAMILY, "ltx_video"), probes, strict=True):
             if any(probe.match(k) for k in base.keys()):
                 return family
     return None
@@ -97,16 +133,16 @@ def resolve(path: object, found: DitLayout, keys: list[str], base: KeyResolver |
 
 
 def shared_layout(layout: str) -> str:
-    """The family to write an attn1/ff-only adapter (names LTX-Video shares) as: ComfyUI names are the same for
-    both; kohya's are not (CogVideoX-Fun ``lora_unet__``, LTX-Video ``lora_unet_``), refused in one line."""
-    if layout == "comfyui":
-        return FAMILY
+    """An attn1/ff-only adapter in diffusers' names (LTX-Video's too) cannot be written as kohya or ComfyUI: both
+    families spell those differently (CogVideoX-Fun ``lora_unet__`` + diffusers' path, ComfyUI's CogVideoX
+    ``blocks.N.q``; LTX-Video ``lora_unet_`` / ``diffusion_model.transformer_blocks.N.attn1.to_q``)."""
     raise UnsupportedError(
-        "this LoRA trains transformer_blocks.N.attn1 / ff only, names that LTX-Video and CogVideoX share, and their "
-        "kohya names differ (CogVideoX-Fun writes lora_unet__, LTX-Video lora_unet_)",
-        hint="write it as ComfyUI (the same names for both: loratools convert ADAPTER --to comfyui -o C.safetensors); "
-        "loratools convert C.safetensors --to kohya --base BASE -o OUT then writes the base family's kohya names",
+        f"this LoRA trains transformer_blocks.N.attn1 / ff only, names that LTX-Video and CogVideoX share, and its "
+        f"{layout} names differ between the two (CogVideoX: lora_unet__… / diffusion_model.blocks.N.q; LTX-Video: "
+        "lora_unet_… / diffusion_model.transformer_blocks.N.attn1.to_q), so loratools does not guess",
+        hint="merge it as it is (loratools merge BASE ADAPTER -o OUT reads it against the base), or keep it as "
+        "diffusers (loratools convert ADAPTER --to diffusers -o OUT)",
     )
 
 
-__all__ = ["FAMILY", "KOHYA_PREFIX", "TABLE", "TOP", "base_family", "resolve", "shared_layout"]
+__all__ = ["FAMILY", "INNER", "KOHYA_PREFIX", "TABLE", "TOP", "base_family", "resolve", "shared_layout"]

@@ -191,8 +191,9 @@ def dit_tensors(adapter: Adapter, layout: str) -> dict[str, torch.Tensor] | None
             "(loratools convert ADAPTER --to comfyui --exclude '^text_encoder' -o OUT)",
         )
     out: dict[str, torch.Tensor] = {}
-    unet = getattr(table_for(family), "KOHYA_PREFIX", "lora_unet_")  # CogVideoX-Fun's lora_unet__ (cogvideox.py)
-    names = {f"{unet}{k.replace('.', '_')}" if layout == "kohya" else f"diffusion_model.{k}": m
+    table = table_for(family)  # CogVideoX-Fun's kohya names: lora_unet__ + diffusers' path (cogvideox.py)
+    unet, path_of = getattr(table, "KOHYA_PREFIX", "lora_unet_"), getattr(table, "kohya_path", lambda k: k)
+    names = {f"{unet}{path_of(k).replace('.', '_')}" if layout == "kohya" else f"diffusion_model.{k}": m
              for k, m in modules.items()}  # fmt: skip
     names.update(text)
     for k, m in sorted(names.items()):

@@ -56,7 +56,8 @@ _FAMILY_MARKS: tuple[tuple[str, str], ...] = (
      r"|all_x_embedder|all_final_layer|time_caption_embed[._])"),
     ("ltx_video", r"^(patchify_proj|adaln_single[._]|caption_projection[._]linear"
      r"|transformer_blocks[._]\d+[._]attn2[._])"),
-    ("cogvideox", r"^(transformer_blocks[._]\d+[._]norm2[._]linear|patch_embed[._]text_proj|ofs_embedding[._]linear)"),
+    ("cogvideox", r"^(transformer_blocks[._]\d+[._]norm2[._]linear|patch_embed[._]text_proj|ofs_embedding[._]linear"
+     r"|blocks[._]\d+[._](attn_out|ff_proj|ff_out)$|time_embedding_linear_[12]$)"),  # diffusers', ComfyUI's names
     ("ltx_cogvideo", r"^transformer_blocks[._]\d+[._]attn[12][._]"),
     ("sd3", r"^(pos_embed[._]proj|transformer_blocks[._]\d+[._]attn2[._])"),
 )
