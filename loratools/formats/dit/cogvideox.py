@@ -8,16 +8,20 @@ read here, and the layouts that only their names tell from LTX-Video's.
   the diffusers path with ``.`` -> ``_``: ``lora_unet__transformer_blocks_0_attn1_to_q`` (two underscores),
   ``lora_down``/``lora_up``/``alpha``, every Linear (the Conv2d ``patch_embed.proj`` skipped), merged as
   W += alpha/rank · up·down; its text-encoder part is ``lora_te_`` + the T5 path (``text_encoder``);
-- ComfyUI-style ``diffusion_model.<diffusers path>`` (written here; CogVideoX-Fun's merge reads it too).
+- ComfyUI: its own model (``comfy/ldm/cogvideo/model.py``) renames the block modules (``blocks.N.q/k/v``,
+  ``attn_out``, ``ff_proj``, ``ff_out``; ``time_embedding_linear_1``), and its LoRA loader binds
+  ``diffusion_model.`` + a state-dict path: written so, merged into its checkpoints (``model.diffusion_model.``);
+  ``diffusion_model.`` + diffusers' path is read too.
 
-Nothing is fused, renamed or swapped. THUDM's SAT training (``sat/`` with SwissArmyTransformer's LoRA mixin:
+Nothing is fused or swapped. THUDM's SAT training (``sat/`` with SwissArmyTransformer's LoRA mixin:
 ``…layers.N.attention.query_key_value.matrix_A.0``) is refused by name: convert it with THUDM's
 ``tools/export_sat_lora_weight.py`` (which drops SAT's alpha/r scaling: THUDM's ``tools/load_cogvideox_lora.py``
 applies the export at ``set_adapters(..., lora_alpha / lora_r)``, SAT's alpha 1 by default).
 
-LTX-Video names its attentions ``attn1``/``attn2`` inside ``transformer_blocks`` too: a kohya/ComfyUI file on
-``attn1`` and ``ff`` only is either; :func:`resolve` decides from CogVideoX-Fun's double underscore, the base (its
-transformer class or single file) or refuses in one line saying what to pass.
+LTX-Video names its attentions ``attn1``/``attn2`` inside ``transformer_blocks`` too: a file on ``attn1`` and
+``ff`` only in diffusers' names is either; :func:`resolve` decides from CogVideoX-Fun's double underscore, the base
+(its transformer class or single file) or refuses in one line saying what to pass (:func:`shared_layout`: such an
+adapter is not written as kohya or ComfyUI, whose names differ per family).
 """
 
 from __future__ import annotations
