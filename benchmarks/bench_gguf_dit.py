@@ -8,7 +8,10 @@ The LoRA: rank 32 on every Linear of the blocks, ‖ΔW‖/‖W‖ ≈ 2 % (W ~ 
 processes are timed with ``/usr/bin/time -v`` (wall, peak RSS), ``cp`` as the floor; then how much of each update
 survives Q8_0 requantization per tensor: ρ and ‖(deq(merged) − deq(base)) − ΔW‖ / ‖ΔW‖.
 
-    python benchmarks/bench_gguf_dit.py [--double 1 --single 2] [--runs 3]
+    python benchmarks/bench_gguf_dit.py [--double 1 --single 2] [--runs 3] [--block-type Q4_K]
+
+``--block-type``: the blocks' 2-D weights in another type (Q4_K, Q6_K ...: encoded by loratools' K-quant encoder,
+llama.cpp's reference quantizer; rows must be whole 256-value super-blocks, as every Flux block weight's are).
 """
 
 from __future__ import annotations
@@ -54,10 +57,23 @@ def shapes(n_double: int, n_single: int) -> dict[str, tuple[int, ...]]:
     return out
 
 
+BLOCK_TYPE = "Q8_0"
+
+
 def qtype(name: str, shape: tuple[int, ...]) -> str:
     if len(shape) == 1:
         return "F32"
-    return "Q8_0" if name.startswith(("double_blocks", "single_blocks")) else "F16"
+    return BLOCK_TYPE if name.startswith(("double_blocks", "single_blocks")) else "F16"
+
+
+def encode(values: np.ndarray, kind: str) -> np.ndarray:
+    import gguf
+
+    if kind.endswith("_K"):
+        from loratools.ops.merge.kquant_encode import quantize
+
+        return quantize(values, kind, threads=os.cpu_count() or 1)
+    return gguf.quants.quantize(values, gguf.GGMLQuantizationType[kind])
 
 
 def value(name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -70,12 +86,12 @@ def build(n_double: int, n_single: int) -> tuple[Path, Path, Path]:
     from safetensors.torch import save_file
 
     ROOT.mkdir(parents=True, exist_ok=True)
-    gg, st, lora = ROOT / f"flux-{n_double}d{n_single}s-Q8_0.gguf", ROOT / f"flux-{n_double}d{n_single}s.safetensors", ROOT / "lora.safetensors"  # noqa: E501
+    gg, st, lora = ROOT / f"flux-{n_double}d{n_single}s-{BLOCK_TYPE}.gguf", ROOT / f"flux-{n_double}d{n_single}s.safetensors", ROOT / "lora.safetensors"  # noqa: E501
     table = shapes(n_double, n_single)
     if not gg.exists():
         w = gguf.GGUFWriter(gg, "flux")
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+        w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{BLOCK_TYPE}", gguf.LlamaFileType.MOSTLY_Q8_0))
         for name, shape in table.items():
             t = gguf.GGMLQuantizationType[qtype(name, shape)]
             nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, t)))
@@ -84,7 +100,7 @@ def build(n_double: int, n_single: int) -> tuple[Path, Path, Path]:
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for name, shape in table.items():
-            w.write_tensor_data(gguf.quants.quantize(value(name, shape), gguf.GGMLQuantizationType[qtype(name, shape)]))
+            w.write_tensor_data(encode(value(name, shape), qtype(name, shape)))
         w.close()
     if not st.exists():
         save_file({k: torch.from_numpy(value(k, s)).bfloat16() for k, s in table.items()}, str(st))
@@ -136,16 +152,20 @@ def main() -> None:
     ap.add_argument("--double", type=int, default=1)
     ap.add_argument("--single", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--block-type", default="Q8_0")
     a = ap.parse_args()
+    global BLOCK_TYPE
+    BLOCK_TYPE = a.block_type
+    q = BLOCK_TYPE
     gg, st, lora = build(a.double, a.single)
     exe = [sys.executable, "-m", "loratools"]
     tools = {
-        "loratools merge Q8_0.gguf": [*exe, "merge", str(gg), str(lora), "-o", str(ROOT / "out.gguf"), "--overwrite"],
-        "loratools merge Q8_0.gguf --verify": [*exe, "merge", str(gg), str(lora), "-o", str(ROOT / "out.gguf"),
+        f"loratools merge {q}.gguf": [*exe, "merge", str(gg), str(lora), "-o", str(ROOT / "out.gguf"), "--overwrite"],
+        f"loratools merge {q}.gguf --verify": [*exe, "merge", str(gg), str(lora), "-o", str(ROOT / "out.gguf"),
                                                 "--overwrite", "--verify"],  # fmt: skip
         "loratools merge bf16.safetensors": [*exe, "merge", str(st), str(lora), "-o", str(ROOT / "out.safetensors"),
                                              "--overwrite"],  # fmt: skip
-        "cp Q8_0.gguf": ["cp", str(gg), str(ROOT / "copy.gguf")],
+        f"cp {q}.gguf": ["cp", str(gg), str(ROOT / "copy.gguf")],
     }
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in tools}
     for _ in range(a.runs):
