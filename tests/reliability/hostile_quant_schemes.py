@@ -158,6 +158,14 @@ def _register() -> None:
     def _(t: Tensors, cfg: dict) -> None:
         cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = True
 
+    @case("ct-symmetric-str", "ct-int", ["symmetric"])
+    def _(t: Tensors, cfg: dict) -> None:
+        cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = "no"
+
+    case("ct-asym-no-zero-point", "ct-int", [f"{Q}.weight_packed", "weight_zero_point"])(
+        lambda t, _: t.pop(f"{Q}.weight_zero_point"))  # fmt: skip
+    case("ct-stated-shape", "ct-int", [f"{Q}.weight_shape", "packed"], data=True)(
+        _put(f"{Q}.weight_shape", lambda x: x * 2))  # fmt: skip
     case("nvfp4-scale-grid", "nvfp4", [f"{Q}.weight_scale", "shape"])(_put(f"{Q}.weight_scale", lambda x: x[:, 1:]))
     case("nvfp4-no-global", "nvfp4", [f"{K}.weight_packed", "weight_global_scale"])(
         lambda t, _: t.pop(f"{K}.weight_global_scale"))  # fmt: skip

@@ -123,6 +123,13 @@ class CompressedTensors(QuantScheme):
             p = cp._parts(parts)
             shape, dtype = (_check_int if scheme == "ct-int" else _check_nvfp4)(p, settings)
             settings["symmetric"] = "zero_point" not in parts
+            sym = w.get("symmetric")
+            if sym is not None and not isinstance(sym, bool):
+                raise FormatError(f"{cp.config_at}: quantization_config weights.symmetric is {sym!r}, not true/false",
+                                  hint=checks.DAMAGED, path=cp.config_at)  # fmt: skip
+            if scheme == "ct-int" and sym is False and settings["symmetric"]:  # the tensors contradict the config
+                raise FormatError(f"{cp._at(k)} has no {module}.weight_zero_point beside it, and the config says "
+                                  "symmetric: false (asymmetric weights need one)", hint=checks.DAMAGED)  # fmt: skip
             cp.tensors[f"{module}.weight"] = QuantTensor(f"{module}.weight", scheme, parts, shape, dtype, settings)
 
     def _settings(self, w: dict[str, Any], scheme: str, where: str) -> dict[str, Any]:
@@ -156,6 +163,10 @@ class CompressedTensors(QuantScheme):
         self, t: QuantTensor, parts: dict[str, torch.Tensor], at: Callable[[str], str]
     ) -> tuple[str, float, float]:
         scale = float(parts["scale"].float().abs().max()) if parts["scale"].numel() else 0.0
+        stated = parts.get("shape")
+        if stated is not None and [int(v) for v in stated.reshape(-1)] != list(t.shape):
+            raise FormatError(f"{at('shape')} is {[int(v) for v in stated.reshape(-1)]}; the packed weight holds "
+                              f"{list(t.shape)}", hint=checks.DAMAGED)  # fmt: skip
         if t.scheme == "nvfp4":
             from loratools.model.finite import first_nonfinite
 
