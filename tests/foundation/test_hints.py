@@ -42,6 +42,7 @@ REACHED_FROM: dict[str, tuple[str, ...]] = {
     "formats/diffusers.py": ("convert", "resize", "rescale", "combine"),
     "formats/kohya/format.py": WRITERS,
     "formats/gguf": ("info", "validate", "diff", "convert"),
+    "formats/dit/layouts.py": READERS,
     "formats/kohya/lycoris.py": ("convert", "resize", "rescale", "combine"),
     "formats/onnx_adapter.py": ("convert",),
     "formats/peft": ("convert", "resize", "rescale", "combine", "extract"),

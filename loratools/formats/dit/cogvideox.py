@@ -130,8 +130,8 @@ def resolve(path: object, found: DitLayout, keys: list[str], base: KeyResolver |
     raise UnsupportedError(
         f"{path}: {found.example!r}: this LoRA trains transformer_blocks.N.attn1 / ff only, names that LTX-Video "
         "and CogVideoX share, and neither its names nor its metadata tell which it is for",
-        hint="pass the base it is for: loratools merge BASE ADAPTER -o OUT, or loratools info/convert ADAPTER "
-        "--base BASE (an LTX-Video or CogVideoX pipeline, transformer folder or single file)",
+        hint="pass the base it is for (an LTX-Video or CogVideoX pipeline, transformer folder or single file): "
+        "loratools info ADAPTER --base BASE, and merge takes it as its first argument",
         path=path,
     )
 

@@ -57,7 +57,7 @@ _FAMILY_MARKS: tuple[tuple[str, str], ...] = (
     ("ltx_video", r"^(patchify_proj|adaln_single[._]|caption_projection[._]linear"
      r"|transformer_blocks[._]\d+[._]attn2[._])"),
     ("cogvideox", r"^(transformer_blocks[._]\d+[._]norm2[._]linear|patch_embed[._]text_proj|ofs_embedding[._]linear"
-     r"|blocks[._]\d+[._](attn_out|ff_proj|ff_out)$|time_embedding_linear_[12]$)"),  # diffusers', ComfyUI's names
+     r"|blocks[._]\d+[._](attn_out|ff_proj|ff_out)$)"),  # not time_embedding_linear_N: SD's UNet
     ("ltx_cogvideo", r"^transformer_blocks[._]\d+[._]attn[12][._]"),
     ("sd3", r"^(pos_embed[._]proj|transformer_blocks[._]\d+[._]attn2[._])"),
 )
@@ -199,7 +199,8 @@ def describe(found: DitLayout) -> str:
 
 
 _SAT_HINT = ("convert it with THUDM/CogVideo's tools/export_sat_lora_weight.py, which writes diffusers names without "
-             "SAT's alpha/r scaling, then merge with --weights ALPHA/R (SAT's alpha is 1 by default; THUDM's "
+             "SAT's alpha/r scaling, then loratools merge BASE ADAPTER -o OUT --weights ALPHA/R (SAT's alpha is 1 by "
+             "default; THUDM's "
              "load_cogvideox_lora.py applies the export at lora_alpha/lora_r)")  # fmt: skip
 
 
