@@ -16,6 +16,26 @@ QWEN3_MOE = ROOT / "fixtures" / "moe" / "qwen3-moe-bf16"
 QWEN3_MOE_LORA = ROOT / "fixtures" / "moe" / "qwen3-moe-lora"
 
 
+def _moe_writer(dst: Path, arch: str, cfg: dict, n_layer: int, n_expert: int, expert_ffn: int):  # noqa: ANN202
+    """A GGUFWriter with the hyperparameters the Qwen3-MoE and gpt-oss writers share (GQA heads of ``head_dim``)."""
+    import gguf
+
+    w = gguf.GGUFWriter(dst, arch)
+    w.add_block_count(n_layer)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_expert_count(n_expert)
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    w.add_expert_feed_forward_length(expert_ffn)
+    return w
+
+
 def write_moe_gguf(
     dst: Path, outtype: str = "f32", experts: int | None = None, ffn: int | None = None, flat: bool = False
 ) -> Path:
@@ -37,19 +57,7 @@ def write_moe_gguf(
                 stack = stack[:, :ffn] if part != "down_proj" else stack[:, :, :ffn]
             stack = stack.reshape(-1, stack.shape[-1]) if flat else stack
             tensors[f"model.layers.{i}.mlp.experts.{part}.weight"] = np.ascontiguousarray(stack)
-    w = gguf.GGUFWriter(dst, "qwen3moe")
-    w.add_block_count(n_layer)
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_key_length(cfg["head_dim"])
-    w.add_value_length(cfg["head_dim"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_expert_count(n_expert)
-    w.add_expert_used_count(cfg["num_experts_per_tok"])
-    w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    w = _moe_writer(dst, "qwen3moe", cfg, n_layer, n_expert, cfg["moe_intermediate_size"])
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3MOE, n_layer)
     for name, t in tensors.items():
         new = tmap.get_name(name, try_suffixes=(".weight",))
@@ -106,19 +114,7 @@ def write_gpt_oss_gguf(
                 tensors[f"{stem}.down_proj.bias"] = x
             continue
         tensors[name + ".weight" if name.endswith("sinks") else name] = x
-    w = gguf.GGUFWriter(dst, "gpt-oss")
-    w.add_block_count(n_layer)
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_key_length(cfg["head_dim"])
-    w.add_value_length(cfg["head_dim"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_expert_count(keep)
-    w.add_expert_used_count(cfg["num_experts_per_tok"])
-    w.add_expert_feed_forward_length(cfg["intermediate_size"])
+    w = _moe_writer(dst, "gpt-oss", cfg, n_layer, keep, cfg["intermediate_size"])
     w.add_sliding_window(cfg["sliding_window"])
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT_OSS, n_layer)
     mx = gguf.GGMLQuantizationType.MXFP4

@@ -101,10 +101,11 @@ _CLASSES = {"CogVideoXTransformer3DModel": FAMILY, "LTXVideoTransformer3DModel":
 
 def base_family(base: KeyResolver | None) -> str | None:
     """``cogvideox`` / ``ltx_video`` when the base tells (its transformer's class, or a single file's marker)."""
+    from loratools.formats.dit.layouts import transformer_class
+
     if base is None:
         return None
-    comp = base.components.get("transformer") if base.kind == "pipeline" else base
-    cls = ((comp.config or {}).get("_class_name") if comp is not None else None) or ""
+    cls = transformer_class(base)
     if cls in _CLASSES:
         return _CLASSES[cls]
     if base.kind == "file":

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from loratools.errors import FormatError, ShapeError, UnsupportedError, ValidationError
 from loratools.formats.dit import flux
-from loratools.formats.dit.layouts import LABELS, DitLayout, describe
+from loratools.formats.dit.layouts import LABELS, DitLayout, describe, transformer_class
 from loratools.formats.dit.tables import table_for
 from loratools.model.adapter import LoraModule
 from loratools.model.fused import fuse, split, swap_halves
@@ -225,8 +225,7 @@ def base_dit_family(base: KeyResolver | None) -> str | None:
     marker tensor), else None."""
     if base is None:
         return None
-    comp = base.components.get("transformer") if base.kind == "pipeline" else base
-    cls = ((comp.config or {}).get("_class_name") if comp is not None else None) or ""
+    cls = transformer_class(base)
     if cls in _CLASSES:
         return _CLASSES[cls]
     return next((f for f in ("sd3", "hunyuan_video", "flux") if bfl_prefix(base, table_for(f)) is not None), None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from loratools.errors import UnsupportedError
 
@@ -190,6 +191,13 @@ _LAYOUT_WORDS = {
     "bfl-control": "BFL control-LoRA layout (it also replaces norm scales and widens img_in)",
     "sat": "SAT layout (THUDM's SwissArmyTransformer training: matrix_A/matrix_B per part of query_key_value)",
 }
+
+
+def transformer_class(base: Any) -> str:
+    """The ``_class_name`` of ``base``'s transformer config (a pipeline's ``transformer/`` component, else the base
+    itself, a KeyResolver); ``""`` where it has none."""
+    comp = base.components.get("transformer") if base.kind == "pipeline" else base
+    return ((comp.config or {}).get("_class_name") if comp is not None else None) or ""
 
 
 def describe(found: DitLayout) -> str:

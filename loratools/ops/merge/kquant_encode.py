@@ -22,6 +22,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from loratools.ops.merge.kquant_math import (
+    EPS,
+    QK_K,
     columns,
     f32,
     first_abs_max,
@@ -35,12 +37,10 @@ from loratools.ops.merge.kquant_math import (
 if TYPE_CHECKING:
     import numpy as np
 
-QK_K = 256
 #: bytes per 256-value super-block
 BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 #: super-blocks per chunk: temporaries of (32, 8·chunk) float32 stay in cache
 _CHUNK = 256
-_EPS = 1e-15  # GROUP_MAX_EPS
 #: the largest |value| encoded (F16's largest finite)
 MAX_ABS = 65504.0
 
@@ -147,7 +147,7 @@ def make_qx_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     import numpy as np
 
     amax, mx = first_abs_max(x)
-    zero = amax < f32(_EPS)
+    zero = amax < f32(EPS)
     w = x * x
     wx = w * x
 
@@ -179,7 +179,7 @@ def _q6_k(x: np.ndarray, out: np.ndarray) -> None:
     scales, L = make_qx_rmse1(X, 32)
     scales = scales.reshape(nb, 16)
     max_abs, max_scale = first_abs_max(scales.T)
-    zero = max_abs < f32(_EPS)
+    zero = max_abs < f32(EPS)
     iscale = f32(-128.0) / max_scale
     d16, d = to_f16_f32(f32(1.0) / iscale)
     sc = np.minimum(nearest_int(iscale[:, None] * scales), 127).astype(np.int8)

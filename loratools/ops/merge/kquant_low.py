@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from loratools.ops.merge.kquant_math import (
+    EPS,
+    QK_K,
     columns,
     f32,
     first_abs_max,
@@ -22,9 +24,6 @@ from loratools.ops.merge.kquant_math import (
 
 if TYPE_CHECKING:
     import numpy as np
-
-QK_K = 256
-_EPS = 1e-15  # GROUP_MAX_EPS
 
 
 def _pack_2bit(L: np.ndarray) -> np.ndarray:
@@ -70,7 +69,7 @@ def make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     import numpy as np
 
     amax, mx = first_abs_max(x)
-    zero = amax < f32(_EPS)
+    zero = amax < f32(EPS)
     L = np.clip(nearest_int((f32(-nmax) / mx) * x), -nmax, nmax - 1).astype(np.float32)
     w = x * x
     wx = w * x

@@ -11,6 +11,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
+#: values per super-block
+QK_K = 256
+#: ggml's GROUP_MAX_EPS: a block whose largest |value| is below it is all zeros
+EPS = 1e-15
+
 
 def f32(v: float) -> np.float32:
     import numpy as np
