@@ -30,6 +30,7 @@ import pytest
 import torch
 from llama_converter import convert_with_llama_cpp, converter
 from llamacpp_support import TOL, hf_logits, max_diff, run_cli, run_logits
+from tiny_models import spread_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*pattern keys did not match")
 
@@ -66,14 +67,7 @@ def build(arch: str, out: Path) -> tuple[Path, torch.nn.Module]:
                                   num_experts_per_tok=2, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=32,
                                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)  # fmt: skip
         model = tf.DeepseekV3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.randn_like(p) * 0.1 + 1)
-            elif "embed" in name or "lm_head" in name:
-                p.copy_(torch.randn_like(p) * 0.5)
-            else:
-                p.copy_(torch.randn_like(p) * 0.05)
+    spread_weights(model, rest=0.05)
     model.save_pretrained(out)
     if arch == "deepseek":
         path = out / "config.json"

@@ -22,6 +22,7 @@ from llama_converter import convert_with_llama_cpp, converter
 from llama_quantize import quantize
 from llamacpp_support import run_cli, run_logits
 from test_runtime_moe import _peft_expert_deltas, dequantized, expert_peft, peft_over
+from tiny_models import spread_weights
 
 from loratools.ops.merge.kquant_encode import quantize as quantize_k
 
@@ -41,12 +42,7 @@ def kcase(runtime, tmp_path_factory) -> SimpleNamespace:
                             rms_norm_eps=1e-6, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
                             decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False)  # fmt: skip
     model = tf.Qwen3MoeForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.randn_like(p) * 0.1 + 1)
-            elif "embed" in name or "lm_head" in name:
-                p.copy_(torch.randn_like(p) * 0.5)
+    spread_weights(model)
     folder = work / "base"
     model.save_pretrained(folder)
     f32 = work / "base.gguf"

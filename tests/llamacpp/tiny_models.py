@@ -54,6 +54,19 @@ _CLASSES = {"llama": "LlamaForCausalLM", "llama-tied": "LlamaForCausalLM", "qwen
             "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}  # fmt: skip
 
 
+def spread_weights(model: torch.nn.Module, norm_center: float = 1.0, rest: float | None = None) -> None:
+    """Norm weights ~ N(norm_center, 0.1²) (so a wrong norm rule shows), embeddings and lm_head ~ N(0, 0.5²), every
+    other parameter ~ N(0, rest²) where ``rest`` is given (else left at its init); in place."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + norm_center)
+            elif "embed" in name or "lm_head" in name:
+                p.copy_(torch.randn_like(p) * 0.5)
+            elif rest is not None:
+                p.copy_(torch.randn_like(p) * rest)
+
+
 def build(arch: str, out: Path, seed: int = 0) -> tuple[Path, torch.nn.Module]:
     """(folder, model in eval mode) of a seeded tiny ``arch`` model; norm weights random too, so a wrong
     norm rule shows."""
@@ -62,11 +75,6 @@ def build(arch: str, out: Path, seed: int = 0) -> tuple[Path, torch.nn.Module]:
     torch.manual_seed(seed)
     cfg = _config(arch)
     model = getattr(tf, _CLASSES[arch])(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.randn_like(p) * 0.1 + (0 if arch.startswith("gemma") else 1))
-            elif "embed" in name or "lm_head" in name:
-                p.copy_(torch.randn_like(p) * 0.5)
+    spread_weights(model, norm_center=0.0 if arch.startswith("gemma") else 1.0)
     model.save_pretrained(out)
     return out, model
