@@ -6,10 +6,10 @@ first and refuses it with one line naming the file and the tensor."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from hostile import ADAPTER_COMMANDS, HostileCase
+from hostile_nextdit import _file
 
 Tensors = dict[str, torch.Tensor]
 _Q = "lora_unet__transformer_blocks_0_attn1_to_q"
@@ -24,18 +24,6 @@ def _pair(stem: str, rows: int = 16, cols: int = 16, rank: int = 2, down: str = 
     if down == "lora_down":
         out[f"{stem}.alpha"] = torch.tensor(alpha)
     return out
-
-
-def _file(name: str, tensors: Callable[[], Tensors]) -> Callable[[Path], Path]:
-    def build(folder: Path) -> Path:
-        from safetensors.torch import save_file
-
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}.safetensors"
-        save_file(tensors(), str(path))
-        return path
-
-    return build
 
 
 def _fun(**broken: torch.Tensor) -> Callable[[], Tensors]:
