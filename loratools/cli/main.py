@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 
 import click
 
@@ -191,8 +192,8 @@ def _boundary(run, json_errors: _JsonErrors | None = None):  # noqa: ANN001, ANN
         if j is not None:
             j.emit("Abort", "aborted", None, 1)
         raise
-    except BrokenPipeError:  # stdout's reader left (`loratools info a/ | head`): click exits quietly
-        raise
+    except BrokenPipeError:  # stdout's reader left (`loratools info a/ | head -1`)
+        _closed_stdout()
     except LoratoolsError as exc:
         _fail(exc.message, exc.hint, exc.exit_code, j, kind=exc.__class__.__name__, path=exc.path)
     except KeyboardInterrupt:
@@ -212,6 +213,17 @@ def _boundary(run, json_errors: _JsonErrors | None = None):  # noqa: ANN001, ANN
             j,
             kind="InternalError",
         )
+
+
+def _closed_stdout() -> None:
+    """End quietly with exit 0, as Unix tools do for ``| head``: Python's recipe (docs, "Note on SIGPIPE") points
+    stdout at devnull, so the interpreter's last flush of what is still buffered cannot fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # CliRunner's stdout has no file descriptor (io.UnsupportedOperation)
+        pass
+    raise click.exceptions.Exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
