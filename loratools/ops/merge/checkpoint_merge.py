@@ -42,6 +42,7 @@ def merge_checkpoint(
     """
     from loratools.checkpoint.reader import open_checkpoint
     from loratools.checkpoint.writer import parse_size
+    from loratools.ops.merge.base_dtypes import settle_base_dtypes
     from loratools.ops.merge.factors import FactorStore, load_for_merge, release_memory
     from loratools.ops.merge.files import copy_other_files, other_files
     from loratools.ops.merge.plan import build_plan
@@ -70,6 +71,7 @@ def merge_checkpoint(
             allow_other_base=o.allow_other_base,
         )  # fmt: skip
         plan = build_plan(reader, loaded, weights, read=factors.read)
+        notes = settle_base_dtypes(reader, plan, out_dtype)
         meta = _provenance(base, base_path, reader, adapters, weights, dtype, max_shard_size, include, exclude)
         units = _layout(reader, plan, out_dtype, shard_bytes, meta)
         release_memory()
@@ -118,6 +120,7 @@ def merge_checkpoint(
             untied=plan.untied,
             verify=report,
             left_out=left_out,
+            notes=notes,
             quant=_quant_report(reader, quant_base, adapters, weights, reference, into, include, exclude, trust_tensors),  # noqa: E501
         )
     finally:

@@ -31,6 +31,8 @@ class MergeSummary:
     retyped: list[str] | None = None
     #: the outcome of a verification that keeps no per-tensor report (a GGUF output read back)
     verified: bool | None = None
+    #: one line each for the user: what the merge wrote differently from the base (a dtype) and why
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,4 +48,5 @@ class MergeSummary:
             "left_out": self.left_out,
             **({"quantized_base": self.quant.to_dict()} if self.quant is not None else {}),
             **({"retyped": self.retyped} if self.retyped is not None else {}),
+            **({"notes": self.notes} if self.notes else {}),
         }
