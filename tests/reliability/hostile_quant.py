@@ -259,6 +259,18 @@ def _register_all() -> None:
     def _(t: Tensors, _: dict) -> None:  # no quantizer writes scale_inv < 0: the weights would flip sign silently
         t[K + "_scale_inv"] = -t[K + "_scale_inv"]
 
+    @case("fp8-zero-scales", "fp8", [Q + "_scale_inv", "all zeros"], data=True)
+    def _(t: Tensors, _: dict) -> None:  # every scale 0: the whole weight would dequantize to 0, silently
+        t[Q + "_scale_inv"] = torch.zeros_like(t[Q + "_scale_inv"])
+
+    for method in ("gptq", "awq"):
+        scales = Q.replace(".weight", ".scales")
+
+        @case(f"{method}-negative-scale", method, [scales, "negative"], data=True)
+        def _(t: Tensors, _: dict, scales: str = scales) -> None:  # (max - min) / 15 is never < 0
+            t[scales] = t[scales].clone()
+            t[scales].view(-1)[3] *= -1
+
     @case("inf-nf4-fp16-overflow", "nf4plain", [f"{Q}.absmax", "range"], data=True)
     def _(t: Tensors, _: dict) -> None:  # absmax 1e30 in an fp16 state: finite in fp32, Inf once cast
         t[f"{Q}.absmax"] = torch.full_like(t[f"{Q}.absmax"], 1e30)

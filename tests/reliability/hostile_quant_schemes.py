@@ -139,6 +139,10 @@ def _register() -> None:
         _put(f"{Q}.weight_global_scale", torch.zeros_like))  # fmt: skip
     case("nvfp4-nan-scale", "nvfp4", [f"{K}.weight_scale", "NaN"], data=True)(
         _put(f"{K}.weight_scale", lambda x: _nan_at(x.float()).to(torch.float8_e4m3fn)))  # fmt: skip
+    case("ct-negative-scale", "ct-int", [f"{Q}.weight_scale", "negative"], data=True)(
+        _put(f"{Q}.weight_scale", lambda x: -x))  # fmt: skip
+    case("nvfp4-negative-scale", "nvfp4", [f"{Q}.weight_scale", "negative"], data=True)(
+        _put(f"{Q}.weight_scale", lambda x: (-x.float()).to(torch.float8_e4m3fn)))  # fmt: skip
     case("mlx-nan-biases", "mlx4", [f"{Q}.biases", "NaN"], data=True)(_put(f"{Q}.biases", _nan_at))
     case("mlx-huge-scales", "mlx4", [f"{K}.scales", "range"], data=True)(
         _put(f"{K}.scales", lambda x: torch.full_like(x, 1e38)))  # fmt: skip

@@ -191,14 +191,7 @@ def check_values(t: Any, parts: dict[str, torch.Tensor], at: Callable[[str], str
                 f"{t.key} would write it",
                 hint="the quantized checkpoint is damaged; nothing was written",
             )
-    scale = parts.get("scale") if t.scheme == "fp8" else None
-    if scale is not None and scale.numel() and bool((scale < 0).any()):  # scale_inv = absmax / 448 is never < 0
-        first = [int(i) for i in (scale < 0).nonzero()[0]]
-        raise NumericError(
-            f"{at('scale')} holds a negative scale (first at index {first}: {float(scale[tuple(first)])}); "
-            f"dequantizing {t.key} would flip its signs",
-            hint="the quantized checkpoint is damaged; nothing was written",
-        )
+    _check_signs(t, parts, at)
     _check_range(t, parts, at)
     g = parts.get("g_idx")
     if g is not None and g.numel() and "scales" in parts:
@@ -207,6 +200,42 @@ def check_values(t: Any, parts: dict[str, torch.Tensor], at: Callable[[str], str
             raise FormatError(
                 f"{at('g_idx')} points at group {lo if lo < 0 else hi}; scales has {groups} groups", hint=DAMAGED
             )
+
+
+#: scale parts no quantizer writes negative (absmax and row maxima; FP8 scale_inv = absmax / 448; GPTQ, AWQ and
+#: compressed-tensors' (max - min) / levels; NVFP4's E4M3 group scales): a negative one flips the weight's signs.
+#: MLX's affine scales are signed by design (the edge value's sign) and are not here.
+UNSIGNED = ("scale", "scales", "SCB", "absmax", "global_scale")
+
+
+def _check_signs(t: Any, parts: dict[str, torch.Tensor], at: Callable[[str], str]) -> None:
+    """No negative scale, and not every scale zero (the weight would dequantize to all zeros)."""
+    if t.scheme in ("mlx-affine", "comfy-scaled-fp8"):  # the ComfyUI scheme words its own scale_weight refusal
+        return
+    for role in UNSIGNED:
+        x = parts.get(role)
+        if x is None or not x.numel() or not x.is_floating_point():  # U8 E8M0 / nested absmax codes: unsigned
+            continue
+        x = x if x.element_size() > 1 else x.float()
+        if bool((x < 0).any()):
+            first = [int(i) for i in (x < 0).nonzero()[0]]
+            raise NumericError(
+                f"{at(role)} holds a negative scale (first at index {first}: {float(x[tuple(first)])}); "
+                f"dequantizing {t.key} would flip its signs",
+                hint="the quantized checkpoint is damaged; nothing was written",
+            )
+        codes = parts.get("weight", parts.get("qweight"))
+        if role in ("scale", "scales") and not bool(x.any()) and (codes is None or _nonzero(codes)):
+            raise NumericError(
+                f"{at(role)} is all zeros; every value of {t.key} would dequantize to 0",
+                hint="the quantized checkpoint is damaged; nothing was written",
+            )
+
+
+def _nonzero(codes: torch.Tensor) -> bool:
+    import torch
+
+    return bool(codes.contiguous().reshape(-1).view(torch.uint8).any())
 
 
 def _check_range(t: Any, parts: dict[str, torch.Tensor], at: Callable[[str], str]) -> None:
