@@ -89,8 +89,10 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
 
 def _lora_metadata(metadata: dict[str, str], where: Path) -> dict[str, dict[str, Any]]:
     raw = metadata.get(METADATA_KEY)
-    if not raw:
-        return {}
+    if not raw:  # finetrainers writes its own key, lora_config (formats/dit/finetrainers.py)
+        from loratools.formats.dit.finetrainers import transformer_config
+
+        return transformer_config(metadata, where)
     try:
         flat = json.loads(raw)
     except (ValueError, RecursionError) as exc:

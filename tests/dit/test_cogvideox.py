@@ -18,8 +18,8 @@ from loratools import load_adapter, merge, save_adapter
 from loratools.errors import UnsupportedError
 
 
-@pytest.fixture(scope="module")
-def model():
+def tiny_model():
+    """A two-block CogVideoXTransformer3DModel with random weights (also tests/dit/test_cogvideox_trainers.py's)."""
     from diffusers import CogVideoXTransformer3DModel
 
     torch.manual_seed(0)
@@ -34,8 +34,7 @@ def model():
     return m
 
 
-@pytest.fixture(scope="module")
-def t5():
+def tiny_t5():
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(2)
@@ -43,15 +42,29 @@ def t5():
     return T5EncoderModel(cfg).eval()
 
 
-@pytest.fixture(scope="module")
-def pipeline(model, t5, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cog") / "pipe"
+def tiny_pipeline(model, t5, folder):
+    """A CogVideoXPipeline folder holding ``model`` and ``t5`` (no VAE, scheduler or tokenizer: merges need none)."""
     model.save_pretrained(folder / "transformer")
     t5.save_pretrained(folder / "text_encoder")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline",
                                                          "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
                                                          "text_encoder": ["transformers", "T5EncoderModel"]}))
     return folder
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def t5():
+    return tiny_t5()
+
+
+@pytest.fixture(scope="module")
+def pipeline(model, t5, tmp_path_factory):
+    return tiny_pipeline(model, t5, tmp_path_factory.mktemp("cog") / "pipe")
 
 
 def _linears(model):

@@ -2,7 +2,8 @@
 read here, and the layouts that only their names tell from LTX-Video's.
 
 - diffusers/PEFT ``transformer.transformer_blocks.N.attn1.to_q.lora_A.weight`` (diffusers'
-  ``examples/cogvideo/train_cogvideox_lora.py``, finetrainers; ``CogVideoXLoraLoaderMixin`` converts nothing);
+  ``examples/cogvideo/train_cogvideox_lora.py``, finetrainers, whose ``lora_config`` metadata carries its
+  lora_alpha/r: :mod:`.finetrainers`; ``CogVideoXLoraLoaderMixin`` converts nothing);
 - CogVideoX-Fun (aigc-apps, and kijai's ComfyUI-CogVideoXWrapper ``lora_utils.py``, which loads them): a kohya
   network over the whole ``CogVideoXTransformer3DModel``, so its names are ``lora_unet`` + ``.`` + ``""`` + ``.`` +
   the diffusers path with ``.`` -> ``_``: ``lora_unet__transformer_blocks_0_attn1_to_q`` (two underscores),
@@ -11,7 +12,11 @@ read here, and the layouts that only their names tell from LTX-Video's.
 - ComfyUI: its own model (``comfy/ldm/cogvideo/model.py``) renames the block modules (``blocks.N.q/k/v``,
   ``attn_out``, ``ff_proj``, ``ff_out``; ``time_embedding_linear_1``), and its LoRA loader binds
   ``diffusion_model.`` + a state-dict path: written so, merged into its checkpoints (``model.diffusion_model.``);
-  ``diffusion_model.`` + diffusers' path is read too.
+  ``diffusion_model.`` + diffusers' path is read too;
+- DiffSynth-Studio 1.x (its CogDiT, ``diffsynth/models/cog_dit.py``; 2.0 dropped CogVideoX): bare or
+  ``diffusion_model.`` ``blocks.N.attn1.to_q/to_out``, ``blocks.N.ff.0/2``, ``context_embedder``,
+  ``time_embedder.timestep_embedder.0`` with ``lora_A``/``lora_B`` (``.default`` or not), merged as W += up·down
+  (``models/lora.py`` GeneralLoRAFromPeft reads no alpha): read as aliases, never written.
 
 Nothing is fused or swapped. THUDM's SAT training (``sat/`` with SwissArmyTransformer's LoRA mixin:
 ``…layers.N.attention.query_key_value.matrix_A.0``) is refused by name: convert it with THUDM's
@@ -49,6 +54,20 @@ TOP = {"patch_embed.text_proj": "patch_embed.text_proj", "time_embedding_linear_
        "proj_out": "proj_out"}  # fmt: skip
 #: CogVideoX-Fun's kohya prefix (``lora_unet`` + ``.`` + an empty module name, dots written ``_``)
 KOHYA_PREFIX = "lora_unet__"
+#: DiffSynth-Studio 1.x's CogDiT (``diffsynth/models/cog_dit.py``, ``CogDiTStateDictConverter.from_diffusers``):
+#: its path inside ``blocks.N`` -> diffusers' inside ``transformer_blocks.N``, and its top-level paths; its LoRA loader
+#: (``models/lora.py`` GeneralLoRAFromPeft) takes ``[diffusion_model.]<path>.lora_B[.default].weight`` as W += up·down
+DIFFSYNTH_INNER = {"attn1.to_q": "attn1.to_q", "attn1.to_k": "attn1.to_k", "attn1.to_v": "attn1.to_v",
+                   "attn1.to_out": "attn1.to_out.0", "norm1.linear": "norm1.linear", "norm2.linear": "norm2.linear",
+                   "ff.0": "ff.net.0.proj", "ff.2": "ff.net.2"}  # fmt: skip
+DIFFSYNTH_TOP = {"context_embedder": "patch_embed.text_proj",
+                 "time_embedder.timestep_embedder.0": "time_embedding.linear_1",
+                 "time_embedder.timestep_embedder.2": "time_embedding.linear_2", "norm_out.linear": "norm_out.linear",
+                 "proj_out": "proj_out"}  # fmt: skip
+_DIFFSYNTH = RenamedTable(
+    FAMILY=FAMILY, block="blocks", diff_block="transformer_blocks", inner=DIFFSYNTH_INNER, top=DIFFSYNTH_TOP,
+    probe=r"^$", EXAMPLES="",
+)  # fmt: skip
 #: the diffusers names as a table of their own (read as aliases: CogVideoX-Fun's kohya names, diffusers-named
 #: ``diffusion_model.`` files, bare single files of the diffusers transformer)
 _DIFFUSERS = RenamedTable(
@@ -72,11 +91,11 @@ class CogVideoXTable(RenamedTable):
         return _DIFFUSERS.from_kohya(bare) or super().from_kohya(bare)
 
     def to_diffusers(self, path: str) -> tuple[str, ...] | None:
-        return super().to_diffusers(path) or _DIFFUSERS.to_diffusers(path)
+        return super().to_diffusers(path) or _DIFFUSERS.to_diffusers(path) or _DIFFSYNTH.to_diffusers(path)
 
     def is_alias(self, path: str) -> bool:
-        """A diffusers path read as an original one (never written so)."""
-        return super().to_diffusers(path) is None and _DIFFUSERS.to_diffusers(path) is not None
+        """A diffusers or DiffSynth path read as an original one (never written so)."""
+        return super().to_diffusers(path) is None and self.to_diffusers(path) is not None
 
     def kohya_path(self, path: str) -> str:
         """The path CogVideoX-Fun's kohya names spell (diffusers') for an original (ComfyUI) one."""

@@ -52,6 +52,7 @@ _FAMILY_MARKS: tuple[tuple[str, str], ...] = (
     ("sd3", r"^joint_blocks[._]"),
     ("hidream", r"^(double_stream_blocks|single_stream_blocks)[._]"),
     ("qwen_image", r"^transformer_blocks[._]\d+[._](img_mlp|txt_mlp|img_mod|txt_mod)"),
+    ("cogvideox", r"^blocks\.\d+\.(attn1\.to_out|norm[12]\.linear|ff\.[02])$"),  # DiffSynth's CogDiT (cogvideox.py)
     ("wan", r"^(blocks[._]\d+[._](self_attn|cross_attn|ffn|attn[12][._](to_|add_[kv]_proj))|condition_embedder[._])"),
     ("lumina2", r"^((layers|noise_refiner|context_refiner)[._]\d+[._](attention|attn|feed_forward|adaLN_modulation)"
      r"|all_x_embedder|all_final_layer|time_caption_embed[._])"),
@@ -148,6 +149,8 @@ def detect(keys: Iterable[str]) -> DitLayout | None:
         return DitLayout("flux", layout, example) if layout in ("xlabs",) else None
     # the HunyuanVideo/Chroma markers decide over Flux's shared block names, Qwen-Image's, Wan's and SD3's over the
     # top-level names Flux shares with them (img_in, txt_in, final_layer)
+    if "cogvideox" in families:  # DiffSynth's CogDiT: its blocks.N.attn1.to_q/k/v are Wan's diffusers names too
+        families.pop("wan", None)
     family = next((f for f in ("hunyuan_video", "chroma", "qwen_image", "wan", "sd3", "hidream", "lumina2", "flux",
                                "ltx_video", "cogvideox")
                    if f in families), None)

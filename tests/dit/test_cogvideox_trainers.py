@@ -1,0 +1,204 @@
+"""CogVideoX LoRAs of the trainers beyond diffusers' example and CogVideoX-Fun (issue 21, item 1).
+
+- finetrainers (huggingface/finetrainers): the fixture is written by finetrainers' own saving steps run here
+  (``trainer/sft_trainer/trainer.py``: ``get_peft_model_state_dict`` of the LoRA-injected transformer, then
+  ``models/cogvideox/base_specification.py``: ``CogVideoXPipeline.save_lora_weights`` with a save function whose
+  metadata is ``{"lora_config": json}``); the oracle is finetrainers' own loader
+  (``patches/dependencies/diffusers/peft.py``: ``LoraConfig(**lora_config)``, ``inject_adapter_in_model``,
+  ``set_peft_model_state_dict``), run here the same way; diffusers' ``load_lora_weights`` ignores lora_config.
+- DiffSynth-Studio 1.x (``diffsynth/models/lora.py`` GeneralLoRAFromPeft over ``cog_dit.py``'s CogDiT, the
+  loader of ECNU-CILab's ExVideo-CogVideoX LoRA; DiffSynth 2.0 dropped CogVideoX): not pip-installable here
+  without its model stack, so the files are built byte for byte by its key rule as read in its source —
+  ``[diffusion_model.]<CogDiT parameter path without .weight>.lora_B[.default].weight`` — and merged by its rule
+  (W += up·down, no alpha read) written out here.
+- musubi-tuner and ai-toolkit do not train CogVideoX (no CogVideoX network or model in either; docs/formats.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from test_cogvideox import _forward, _linears, tiny_model, tiny_pipeline, tiny_t5
+
+from loratools import load_adapter, merge, save_adapter
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def pipeline(model, tmp_path_factory):
+    return tiny_pipeline(model, tiny_t5(), tmp_path_factory.mktemp("cog-trainers") / "pipe")
+
+
+#: finetrainers' SFT default target (finetrainers/trainer/sft_trainer/config.py)
+TARGETS = "(transformer_blocks|single_transformer_blocks).*(to_q|to_k|to_v|to_out.0)"
+
+
+def _finetrainers_file(model, folder, alpha_pattern=None):
+    """finetrainers' save steps: PEFT-injected transformer -> get_peft_model_state_dict -> save_lora_weights."""
+    from diffusers import CogVideoXPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import save_file as safetensors_torch_save_function
+
+    trained = copy.deepcopy(model)
+    cfg = LoraConfig(r=4, lora_alpha=12, init_lora_weights=True, target_modules=TARGETS,
+                     alpha_pattern=alpha_pattern or {})  # fmt: skip
+    inject_adapter_in_model(cfg, trained)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    state = get_peft_model_state_dict(trained)
+    metadata = {"r": 4, "lora_alpha": 12, "init_lora_weights": True, "target_modules": TARGETS}
+    if alpha_pattern:  # the control trainer's field (alpha_pattern beside r/lora_alpha)
+        metadata["alpha_pattern"] = alpha_pattern
+    metadata = {"lora_config": json.dumps(metadata, indent=4)}
+    CogVideoXPipeline.save_lora_weights(
+        str(folder),
+        state,
+        save_function=functools.partial(safetensors_torch_save_function, metadata=metadata),
+        safe_serialization=True,
+    )
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def _finetrainers_load(model, path):
+    """finetrainers' load_lora_weights (patches/dependencies/diffusers/peft.py), on a bare transformer."""
+    from diffusers import CogVideoXPipeline
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    state = CogVideoXPipeline.lora_state_dict(str(path))
+    state = {k[len("transformer.") :]: v for k, v in state.items() if k.startswith("transformer.")}
+    with safe_open(str(path), framework="pt") as f:
+        cfg = json.loads(f.metadata()["lora_config"])
+    theirs = copy.deepcopy(model)
+    inject_adapter_in_model(LoraConfig(**cfg), theirs, adapter_name="default")
+    result = set_peft_model_state_dict(theirs, state, adapter_name="default", ignore_mismatched_sizes=False)
+    assert not result.unexpected_keys
+    return theirs
+
+
+@pytest.mark.parametrize("alpha_pattern", [None, {"transformer_blocks.1.attn1.to_v": 2}])
+def test_finetrainers_lora_config_scale_merges_like_finetrainers(model, pipeline, tmp_path, alpha_pattern):
+    path = _finetrainers_file(model, tmp_path / "ft", alpha_pattern)
+    with safe_open(str(path), framework="pt") as f:  # finetrainers' key, not diffusers' lora_adapter_metadata
+        assert set(f.metadata()) == {"lora_config"}
+    adapter = load_adapter(path)
+    q = adapter.modules["transformer.transformer_blocks.0.attn1.to_q"]
+    assert q.alpha == 12 and q.scale == 3  # lora_alpha/r, not diffusers' alpha = rank
+    if alpha_pattern:
+        assert adapter.modules["transformer.transformer_blocks.1.attn1.to_v"].alpha == 2
+    merge(pipeline, [path], tmp_path / "out")
+    ours = load_file(str(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    theirs = _finetrainers_load(model, path)
+    merged = copy.deepcopy(model)
+    merged.load_state_dict(ours)
+    base_out, lora_out, merged_out = _forward(model), _forward(theirs), _forward(merged)
+    assert float((lora_out - base_out).abs().max()) > 1e-2  # parity first: the LoRA moves the output
+    assert float((merged_out - lora_out).abs().max()) <= 1e-4
+    for module in (m for _, m in theirs.named_modules() if hasattr(m, "merge") and hasattr(m, "lora_A")):
+        module.merge()
+    fused = {k.replace(".base_layer", ""): v for k, v in theirs.state_dict().items() if "lora_" not in k}
+    assert max(float((ours[k] - fused[k]).abs().max()) for k in ours) <= 1e-5
+    # written back as diffusers, the scale rides in lora_adapter_metadata (diffusers' loader then agrees)
+    back = load_adapter(save_adapter(adapter, tmp_path / "diffusers", format="diffusers"))
+    assert all(torch.allclose(back.modules[k].delta(), m.delta()) for k, m in adapter.modules.items())
+
+
+def test_diffusers_loader_ignores_finetrainers_lora_config(model, tmp_path):
+    """Why the reader takes lora_config: diffusers' load_lora_weights path takes alpha = rank on the same file."""
+    from diffusers import CogVideoXPipeline
+
+    path = _finetrainers_file(model, tmp_path / "ft")
+    lora, meta = CogVideoXPipeline.lora_state_dict(str(path), return_lora_metadata=True)
+    assert not meta
+    theirs = copy.deepcopy(model)
+    CogVideoXPipeline.load_lora_into_transformer(lora, transformer=theirs, adapter_name="x", metadata=meta)
+    ours = _finetrainers_load(model, path)
+    assert float((_forward(theirs) - _forward(ours)).abs().max()) > 1e-2
+
+
+#: DiffSynth-Studio 1.x CogDiT names (diffsynth/models/cog_dit.py CogDiTStateDictConverter.from_diffusers), written
+#: out here independently: diffusers path -> DiffSynth path
+DIFFSYNTH_INNER = {"attn1.to_q": "attn1.to_q", "attn1.to_k": "attn1.to_k", "attn1.to_v": "attn1.to_v",
+                   "attn1.to_out.0": "attn1.to_out", "norm1.linear": "norm1.linear", "norm2.linear": "norm2.linear",
+                   "ff.net.0.proj": "ff.0", "ff.net.2": "ff.2"}  # fmt: skip
+DIFFSYNTH_TOP = {"patch_embed.text_proj": "context_embedder",
+                 "time_embedding.linear_1": "time_embedder.timestep_embedder.0",
+                 "time_embedding.linear_2": "time_embedder.timestep_embedder.2", "norm_out.linear": "norm_out.linear",
+                 "proj_out": "proj_out"}  # fmt: skip
+
+
+def _diffsynth_name(name: str) -> str | None:
+    if name in DIFFSYNTH_TOP:
+        return DIFFSYNTH_TOP[name]
+    parts = name.split(".")
+    if parts[0] == "transformer_blocks" and ".".join(parts[2:]) in DIFFSYNTH_INNER:
+        return f"blocks.{parts[1]}.{DIFFSYNTH_INNER['.'.join(parts[2:])]}"
+    return None
+
+
+def diffsynth_lora(model, prefix="", adapter_name=True):
+    """A LoRA on every Linear CogDiT names, in GeneralLoRAFromPeft's key form (rank differing per module)."""
+    g = torch.Generator().manual_seed(5)
+    out = {}
+    infix = ".default" if adapter_name else ""
+    for i, (name, lin) in enumerate(_linears(model)):
+        target = _diffsynth_name(name)
+        if target is None:
+            continue
+        r = 2 + i % 2
+        out[f"{prefix}{target}.lora_A{infix}.weight"] = torch.randn(r, lin.in_features, generator=g) * 0.3
+        out[f"{prefix}{target}.lora_B{infix}.weight"] = torch.randn(lin.out_features, r, generator=g) * 0.3
+    return out
+
+
+def _diffsynth_merge(model, state, prefix="", adapter_name=True):
+    """GeneralLoRAFromPeft.load: W += alpha · up @ down with the caller's alpha (1.0 by default), no alpha key."""
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    infix = ".default" if adapter_name else ""
+    for name, _ in _linears(model):
+        target = _diffsynth_name(name)
+        if target is not None and f"{prefix}{target}.lora_B{infix}.weight" in state:
+            up, down = state[f"{prefix}{target}.lora_B{infix}.weight"], state[f"{prefix}{target}.lora_A{infix}.weight"]
+            want[f"{name}.weight"] += up @ down
+    return want
+
+
+@pytest.mark.parametrize(("prefix", "adapter_name"), [("", True), ("diffusion_model.", False), ("", False)])
+def test_diffsynth_cogdit_names_merge_by_its_rule(model, pipeline, tmp_path, prefix, adapter_name):
+    path = tmp_path / "diffsynth.safetensors"
+    state = diffsynth_lora(model, prefix, adapter_name)
+    save_file(state, str(path))
+    adapter = load_adapter(path)
+    layout = "comfyui" if prefix else "original"  # bare names: DiffSynth's own files
+    assert adapter.meta["dit"] == {"family": "cogvideox", "layout": layout}
+    assert all(m.scale == 1 for m in adapter.modules.values())
+    merge(pipeline, [path], tmp_path / "out")
+    ours = load_file(str(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    want = _diffsynth_merge(model, state, prefix, adapter_name)
+    assert set(ours) == set(want)
+    assert max(float((ours[k] - want[k]).abs().max()) for k in ours) <= 1e-5
+    assert max(float((ours[k] - model.state_dict()[k]).abs().max()) for k in ours) > 1e-2  # it moved
+
+
+def test_diffsynth_converts_losslessly_to_every_layout(model, tmp_path):
+    path = tmp_path / "diffsynth.safetensors"
+    save_file(diffsynth_lora(model), str(path))
+    first = load_adapter(path)
+    for fmt in ("kohya", "comfyui", "diffusers"):
+        back = load_adapter(save_adapter(first, tmp_path / (fmt if fmt == "diffusers" else f"{fmt}.safetensors"),
+                                         format=fmt))  # fmt: skip
+        assert len(back.modules) == len(first.modules)
+        deltas = sorted(float(m.delta().norm()) for m in back.modules.values())
+        assert deltas == pytest.approx(sorted(float(m.delta().norm()) for m in first.modules.values()), rel=1e-6)
