@@ -9,14 +9,19 @@ block's ``norm.query_norm``: ``attn.norm_q``). The norm scales are read as repla
 ``FluxLoraLoaderMixin._load_norm_into_transformer`` overwrites them the same way).
 
 The wider ``img_in``: diffusers' ``FluxControlPipeline.load_lora_weights`` widens a plain FLUX.1-dev
-``x_embedder`` (``_maybe_expand_transformer_param_shape_or_error_``: zero columns, ``in_channels`` doubled in
-the config). loratools does not rewrite a base's shapes or config: it merges such a file into a base whose
-``img_in``/``x_embedder`` already takes the wider input and refuses any other with one line saying so.
+``x_embedder`` (``_maybe_expand_transformer_param_shape_or_error_``: zero columns, ``in_channels`` raised in
+the config). loratools merges such a file into a base whose ``img_in``/``x_embedder`` already takes the wider
+input; into a plain one only with ``merge --expand-base`` (:func:`expanding_base` is on while that merge reads
+its adapters; the widening itself is the plan's, ``ops/merge/widen.py``), and refuses it otherwise in one line
+naming the flag.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,8 +66,42 @@ def norm_replacements(path: Path, tensors: dict[str, torch.Tensor], prefix: str 
     return out
 
 
+#: the input layers a control LoRA may widen (diffusers ``x_embedder``, BFL/ComfyUI ``img_in``), by tensor-name end
+INPUT_LAYERS = ("x_embedder.weight", "img_in.weight")
+#: base tensor key -> (base inputs, widened inputs), while a ``merge --expand-base`` runs (None otherwise)
+_EXPANDING: ContextVar[dict[str, tuple[int, int]] | None] = ContextVar("loratools_expand_base", default=None)
+
+
+@contextlib.contextmanager
+def expanding_base(on: bool = True) -> Iterator[dict[str, tuple[int, int]]]:
+    """While on, a control LoRA's wider img_in/x_embedder is let through here for the merge plan to widen the base
+    (``ops/merge/widen.py``); yields what the plan widened (base key -> (old, new) inputs)."""
+    widened: dict[str, tuple[int, int]] = {}
+    token = _EXPANDING.set(widened if on else None)
+    try:
+        yield widened
+    finally:
+        _EXPANDING.reset(token)
+
+
+def expansion() -> dict[str, tuple[int, int]] | None:
+    """The running ``--expand-base`` merge's record of widened tensors, None when no such merge runs."""
+    return _EXPANDING.get()
+
+
+def width_problem(have: int, want: int) -> str | None:
+    """Why ``want`` inputs cannot widen a layer of ``have`` (None when they can): wider, and a whole number of
+    the base's inputs (Canny/Depth: 2×, Fill: 6× — the latent beside the control image's latent and mask)."""
+    if want < have:
+        return f"takes {want} inputs, fewer than the base's {have}: it was made for another model"
+    if want % have:
+        return f"takes {want} inputs, not a multiple of the base's {have}: no control LoRA layout has that width"
+    return None
+
+
 def check_in_width(path: Path, modules: dict[str, LoraModule], base: KeyResolver | None) -> None:
-    """Refuses a base whose ``img_in``/``x_embedder`` takes fewer inputs than the file's ``img_in`` LoRA."""
+    """Refuses a base whose ``img_in``/``x_embedder`` takes fewer inputs than the file's ``img_in`` LoRA (unless a
+    ``merge --expand-base`` reads it and the width is one it can widen to)."""
     if base is None:
         return
     name = next((k for k in modules if k.endswith(("img_in", "transformer.x_embedder"))), None)
@@ -72,14 +111,23 @@ def check_in_width(path: Path, modules: dict[str, LoraModule], base: KeyResolver
     if key is None:
         return
     have, want = int(base.info(key).shape[1]), modules[name].in_features
-    if have != want:
+    if have == want:
+        return
+    problem = width_problem(have, want)
+    if problem is not None:  # narrower, or no whole number of inputs: no widening makes it fit
+        raise ShapeError(f"{path}: img_in lora_A {problem} ({key})", hint="check the base is the model the file "
+                         "was trained for (FLUX.1-dev: img_in takes 64 inputs)", path=path)  # fmt: skip
+    if expansion() is None:
         raise ShapeError(
             f"{path}: img_in lora_A takes {want} inputs and the base's {key} takes {have}: a BFL control LoRA "
-            f"(Canny/Depth) feeds img_in the latent and the control image's latent side by side",
-            hint=f"merge it into a base whose img_in/x_embedder already takes {want} inputs (a FLUX.1 Canny/Depth dev "
-            "checkpoint), or load it with diffusers' FluxControlPipeline, which widens x_embedder with zero columns",
+            f"(Canny/Depth) feeds img_in the latent and the control image's latent side by side; merge with "
+            f"--expand-base to widen {key} with zero columns",
+            hint=f"or merge it into a base whose img_in/x_embedder already takes {want} inputs (a FLUX.1 Canny/Depth "
+            "dev checkpoint), or load it with diffusers' FluxControlPipeline, which widens x_embedder the same way",
             path=path,
         )
 
 
-__all__ = ["check_in_width", "is_norm", "norm_replacements"]
+__all__ = [
+    "INPUT_LAYERS", "check_in_width", "expanding_base", "expansion", "is_norm", "norm_replacements", "width_problem",
+]  # fmt: skip

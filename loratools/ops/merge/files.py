@@ -74,6 +74,10 @@ def copy_other_files(base: Path, tmp: Path, units: list[Unit], plan, out_dtype, 
             dst.write_text(patched_config(src, plan, out_dtype, dequantized), encoding="utf-8")
         else:
             shutil.copyfile(src, dst)
+        if getattr(plan, "widened", None):  # merge --expand-base: in_channels, the control pipeline class
+            from loratools.ops.merge.widen import widen_config
+
+            widen_config(dst, rel, plan)
         written += dst.stat().st_size
     return written
 

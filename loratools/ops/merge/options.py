@@ -27,6 +27,8 @@ class MergeOptions:
     ``requantize``, ``reference`` and ``into`` are for quantized bases (:mod:`.quantized`).
     ``allow_alora`` merges an activated LoRA although merged it acts on every token.
     ``allow_other_base`` merges an adapter that says it was trained on another model (:mod:`loratools.ops.base_match`).
+    ``expand_base`` widens a base's Flux input layer (img_in/x_embedder, zero columns) to a control LoRA's wider
+    input (Canny/Depth) before merging, and writes the wider tensor and config (:mod:`.widen`).
     ``progress(total_bytes)`` may return a context manager yielding ``advance(n_bytes)``.
     """
 
@@ -45,6 +47,7 @@ class MergeOptions:
     into: str = "base"
     allow_alora: bool = False
     allow_other_base: bool = False
+    expand_base: bool = False
     progress: Progress | None = field(default=None, compare=False)
 
     @classmethod
@@ -89,6 +92,7 @@ FLAGS = {
     "requantize": "--requantize",
     "reference": "--reference",
     "into": "--into",
+    "expand_base": "--expand-base",
 }
 
 

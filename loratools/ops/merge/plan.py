@@ -57,6 +57,8 @@ class TensorJob:
     dtype: str = "F32"
     #: a factor on the result: an untied T5 head carries the decoder rescale its tied model applied (model/tied.py)
     scale: float = 1.0
+    #: (base inputs, written inputs) of an input layer widened by ``merge --expand-base`` (ops/merge/widen.py)
+    widened: tuple[int, int] | None = None
 
     @property
     def dora(self) -> Contribution | None:
@@ -75,6 +77,8 @@ class MergePlan:
     untied: list[str]
     vocab_size: int | None
     modules_merged: int
+    #: base key -> (old, new) inputs of the input layers ``--expand-base`` widened (ops/merge/widen.py)
+    widened: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def _located(
@@ -213,6 +217,9 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
             job(emb_key)
             untied = sorted({emb_key, *(heads or ["lm_head.weight"])})
 
+    from loratools.ops.merge.widen import widen_jobs
+
+    widened = widen_jobs(jobs, reader)  # --expand-base: a control LoRA's wider img_in/x_embedder
     vocab_size = None
     for j in jobs.values():
         try:
@@ -222,7 +229,7 @@ def build_plan(reader: CheckpointReader, adapters: list[Adapter], weights: list[
         if j.key == (emb_key or "") or j.key.endswith(EMBED_SUFFIXES):
             if j.source in keys and j.shape[:1] != tuple(reader.info(j.source).shape[:1]):
                 vocab_size = j.shape[0]
-    return MergePlan(jobs, new_keys, untied, vocab_size, modules_merged)
+    return MergePlan(jobs, new_keys, untied, vocab_size, modules_merged, widened)
 
 
 def _neighbour(key: str, reader: CheckpointReader) -> str:
@@ -255,7 +262,7 @@ def _finish(j: TensorJob, reader: CheckpointReader, emb_key: str | None) -> None
         if j.source is not None:
             base_shape = tuple(reader.info(j.source).shape)
             resized = len(shape) == 2 and len(base_shape) == 2 and shape[1:] == base_shape[1:]
-            if shape != base_shape and not resized:
+            if shape != base_shape and not resized and j.widened is None:
                 raise ShapeError(
                     f"replacement for {j.key} has shape {shape}, the base tensor {j.source} is {base_shape}",
                     hint="the adapter was saved from a different model",
@@ -270,11 +277,14 @@ def _finish(j: TensorJob, reader: CheckpointReader, emb_key: str | None) -> None
             continue
         want = tuple(c.lora.weight_shape)
         if not _fits(c, shape):
+            from loratools.ops.merge.widen import widen_advice
+
             raise ShapeError(
                 f"adapter module {c.module} (rank {c.lora.rank}) expects a weight of shape {want}, "
                 f"the base tensor {j.source or j.key} is {shape}"
                 + (f" (its rows {c.rows[0]}:{c.rows[1]} are this module)" if c.rows else "")
-                + (f" (its expert {c.expert} is this module)" if c.expert is not None else ""),
+                + (f" (its expert {c.expert} is this module)" if c.expert is not None else "")
+                + widen_advice(j.key, want, shape),
                 hint="the adapter was trained on a different model size or layout",
             )
         if c.lora.magnitude is not None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from loratools.ops.merge.targets import MergeTarget
 
-_FOLDER = frozenset({"dtype", "max_shard_size", "device", "verify"})
+_FOLDER = frozenset({"dtype", "max_shard_size", "device", "verify", "expand_base"})
 
 
 class _Checkpoint(MergeTarget):
@@ -18,9 +18,16 @@ class _Checkpoint(MergeTarget):
 
     @classmethod
     def merge(cls, base: Any, base_path: Path, adapters: Any, output: Any, options: Any) -> Any:
+        from loratools.formats.dit.bfl_control import expanding_base
         from loratools.ops.merge.checkpoint_merge import merge_checkpoint
 
-        return merge_checkpoint(base, base_path, adapters, output, options)
+        with expanding_base(options.expand_base) as widened:  # a control LoRA's wider img_in (ops/merge/widen.py)
+            summary = merge_checkpoint(base, base_path, adapters, output, options)
+        if options.expand_base:
+            from loratools.ops.merge.widen import widen_notes
+
+            summary.notes.extend(widen_notes(widened, base_path.is_file()))
+        return summary
 
 
 class PipelineTarget(_Checkpoint):
