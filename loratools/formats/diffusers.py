@@ -225,6 +225,10 @@ class DiffusersFormat(AdapterFormat):
             ]
             if family and names and all(table_for(family).to_original(n) for n in names):
                 found = DitLayout(family, "diffusers", f"transformer.{names[0]}")
+        if found is not None and found.family == "ltx_cogvideo" and base is not None:  # attn1/ff only: the base tells
+            from loratools.formats.dit.cogvideox import told_by_base
+
+            found = told_by_base(found, base)
         if found is not None and found.family in HANDLED:  # named as the base names it (a BFL/Wan-AI file: renamed)
             from loratools.formats.dit.flux_io import place
 

@@ -202,3 +202,104 @@ def test_diffsynth_converts_losslessly_to_every_layout(model, tmp_path):
         assert len(back.modules) == len(first.modules)
         deltas = sorted(float(m.delta().norm()) for m in back.modules.values())
         assert deltas == pytest.approx(sorted(float(m.delta().norm()) for m in first.modules.values()), rel=1e-6)
+
+
+# ComfyUI's LoRA key mapping, re-implemented from comfy/lora.py as read (comfyanonymous/ComfyUI at 41444b5: the
+# whole repository is too large to fetch here and comfy/ imports its model-management stack): model_lora_keys_unet
+# maps every ``diffusion_model.<path>.weight`` of the model's state dict from ``lora_unet_<path with _>`` and from
+# ``diffusion_model.<path>`` (its "generic lora format"); its only diffusers-name maps are for UNets, SD3, AuraFlow,
+# HunyuanDiT and Flux, none for CogVideoX. load_lora then consumes ``<x>.alpha`` and one of its up/down spellings per
+# mapped name and warns "lora key not loaded" for the rest. The state dict is ComfyUI's CogVideoX model's
+# (comfy/ldm/cogvideo/model.py), whose names are written out here from reading it.
+_COMFY_INNER = {"attn1.to_q": "q", "attn1.to_k": "k", "attn1.to_v": "v", "attn1.to_out.0": "attn_out",
+                "attn1.norm_q": "norm_q", "attn1.norm_k": "norm_k", "ff.net.0.proj": "ff_proj",
+                "ff.net.2": "ff_out"}  # fmt: skip
+_COMFY_TOP = {"time_embedding.linear_1": "time_embedding_linear_1",
+              "time_embedding.linear_2": "time_embedding_linear_2"}  # fmt: skip
+_COMFY_PAIRS = ((".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", "_lora.down.weight"),
+                (".lora_B.weight", ".lora_A.weight"), (".lora.up.weight", ".lora.down.weight"),
+                (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"))  # fmt: skip
+
+
+def _comfy_state_key(key: str) -> str:
+    stem, _, leaf = key.rpartition(".")
+    parts = stem.split(".")
+    if parts[0] == "transformer_blocks":
+        inner = ".".join(parts[2:])
+        return f"blocks.{parts[1]}.{_COMFY_INNER.get(inner, inner)}.{leaf}"
+    return f"{_COMFY_TOP.get(stem, stem)}.{leaf}"
+
+
+def comfy_key_map(model) -> dict[str, str]:
+    """model_lora_keys_unet's generic branch over ComfyUI's CogVideoX model (``diffusion_model.`` + its keys)."""
+    key_map = {}
+    for k in (f"diffusion_model.{_comfy_state_key(k)}" for k in model.state_dict()):
+        if k.endswith(".weight"):
+            path = k[len("diffusion_model.") : -len(".weight")]
+            key_map[f"lora_unet_{path.replace('.', '_')}"] = k
+            key_map[k[: -len(".weight")]] = k
+        else:
+            key_map[k] = k
+    return key_map
+
+
+def comfy_load(lora: dict[str, torch.Tensor], key_map: dict[str, str]):
+    """load_lora + the "lora" weight adapter: ``{model key: alpha/rank · up @ down}`` and the keys it leaves."""
+    loaded, deltas = set(), {}
+    for x, to in key_map.items():
+        alpha = float(lora[f"{x}.alpha"]) if f"{x}.alpha" in lora else None
+        if alpha is not None:
+            loaded.add(f"{x}.alpha")
+        for up, down in _COMFY_PAIRS:
+            if x + up in lora:
+                u, d = lora[x + up], lora[x + down]
+                deltas[to] = (alpha / d.shape[0] if alpha is not None else 1.0) * u @ d
+                loaded |= {x + up, x + down}
+                break
+    return deltas, set(lora) - loaded
+
+
+def test_comfyui_output_loads_in_comfys_key_mapping_with_nothing_left(model, pipeline, tmp_path):
+    """Every tensor of ``convert --to comfyui`` maps in ComfyUI's loader, and what it applies is the merge; the
+    kohya (CogVideoX-Fun) and diffusers files map nothing there — the ComfyUI output is the one for ComfyUI."""
+    from test_cogvideox import _fun_merge, fun_lora
+
+    kohya = tmp_path / "fun.safetensors"
+    state = fun_lora(model)
+    save_file(state, str(kohya))
+    comfy = save_adapter(load_adapter(kohya), tmp_path / "c.safetensors", format="comfyui")
+    key_map = comfy_key_map(model)
+    deltas, left = comfy_load(load_file(str(comfy)), key_map)
+    assert not left
+    want = _fun_merge(model, state)
+    assert len(deltas) == sum(1 for k in state if k.endswith(".lora_up.weight"))
+    for name, w in model.state_dict().items():
+        to = f"diffusion_model.{_comfy_state_key(name)}"
+        if to in deltas:
+            assert float((w + deltas[to] - want[name]).abs().max()) <= 1e-5
+    assert comfy_load(state, key_map)[0] == {}  # CogVideoX-Fun's lora_unet__ names are the wrapper's, not ComfyUI's
+    diffusers = save_adapter(load_adapter(kohya), tmp_path / "d", format="diffusers")
+    assert comfy_load(load_file(str(diffusers / "pytorch_lora_weights.safetensors")), key_map)[0] == {}
+
+
+def test_finetrainers_file_converts_to_comfyui_with_its_base(model, pipeline, tmp_path):
+    """finetrainers' default (attn1 only, diffusers names LTX-Video shares) is refused as ComfyUI alone (one line),
+    written with the CogVideoX base as ComfyUI's names, every key mapped, alpha/r kept."""
+    from loratools.errors import UnsupportedError
+    from loratools.ops.convert import convert
+
+    path = _finetrainers_file(model, tmp_path / "ft")
+    with pytest.raises(UnsupportedError, match="LTX-Video and CogVideoX share"):
+        convert(path, "comfyui", tmp_path / "alone.safetensors")
+    convert(path, "comfyui", tmp_path / "c.safetensors", base=pipeline)
+    lora = load_file(str(tmp_path / "c.safetensors"))
+    deltas, left = comfy_load(lora, comfy_key_map(model))
+    assert not left and len(deltas) == 8  # q, k, v, attn_out in two blocks
+    theirs = _finetrainers_load(model, path)
+    for module in (m for _, m in theirs.named_modules() if hasattr(m, "merge") and hasattr(m, "lora_A")):
+        module.merge()
+    fused = {k.replace(".base_layer", ""): v for k, v in theirs.state_dict().items() if "lora_" not in k}
+    for name, w in model.state_dict().items():
+        to = f"diffusion_model.{_comfy_state_key(name)}"
+        if to in deltas:
+            assert float((w + deltas[to] - fused[name]).abs().max()) <= 1e-5

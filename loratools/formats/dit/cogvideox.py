@@ -156,6 +156,15 @@ def resolve(path: object, found: DitLayout, keys: list[str], base: KeyResolver |
     )
 
 
+def told_by_base(found: DitLayout, base: KeyResolver) -> DitLayout:
+    """A diffusers-layout file on ``attn1``/``ff`` only (diffusers' ``train_cogvideox_lora.py`` and finetrainers'
+    default targets) as the family its base tells (then written as that family's kohya/ComfyUI), else as it is."""
+    from loratools.formats.dit.layouts import DitLayout
+
+    told = base_family(base)
+    return DitLayout(told, found.layout, found.example) if told is not None else found
+
+
 def shared_layout(layout: str) -> str:
     """An attn1/ff-only adapter in diffusers' names (LTX-Video's too) cannot be written as kohya or ComfyUI: both
     families spell those differently (CogVideoX-Fun ``lora_unet__`` + diffusers' path, ComfyUI's CogVideoX
@@ -164,9 +173,10 @@ def shared_layout(layout: str) -> str:
         f"this LoRA trains transformer_blocks.N.attn1 / ff only, names that LTX-Video and CogVideoX share, and its "
         f"{layout} names differ between the two (CogVideoX: lora_unet__… / diffusion_model.blocks.N.q; LTX-Video: "
         "lora_unet_… / diffusion_model.transformer_blocks.N.attn1.to_q), so loratools does not guess",
-        hint="merge it as it is (loratools merge BASE ADAPTER -o OUT reads it against the base), or keep it as "
-        "diffusers (loratools convert ADAPTER --to diffusers -o OUT)",
+        hint=f"pass the base it is for (loratools convert ADAPTER --to {layout} --base BASE -o OUT: a CogVideoX or "
+        "LTX-Video pipeline, transformer folder or single file), or merge it as it is (loratools merge BASE ADAPTER "
+        "-o OUT)",
     )
 
 
-__all__ = ["FAMILY", "INNER", "KOHYA_PREFIX", "TABLE", "TOP", "base_family", "resolve", "shared_layout"]
+__all__ = ["FAMILY", "INNER", "KOHYA_PREFIX", "TABLE", "TOP", "base_family", "resolve", "shared_layout", "told_by_base"]
