@@ -303,3 +303,24 @@ def test_finetrainers_file_converts_to_comfyui_with_its_base(model, pipeline, tm
         to = f"diffusion_model.{_comfy_state_key(name)}"
         if to in deltas:
             assert float((w + deltas[to] - fused[name]).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["diffsynth", "finetrainers"])
+def test_wrong_shapes_against_the_base_are_refused_naming_file_and_module(model, pipeline, tmp_path, kind):
+    """A factor whose width is not the base weight's: merge refuses in one line naming the file and the module."""
+    from loratools.errors import LoratoolsError
+
+    path = tmp_path / f"{kind}-wide.safetensors"
+    if kind == "diffsynth":
+        state = diffsynth_lora(model)
+        state["blocks.0.attn1.to_q.lora_A.default.weight"] = torch.ones(2, 20)
+        save_file(state, str(path))
+    else:
+        path = _finetrainers_file(model, tmp_path / "ft")
+        state = load_file(str(path))
+        state["transformer.transformer_blocks.0.attn1.to_q.lora_A.weight"] = torch.ones(4, 20)
+        save_file(state, str(path), metadata={"lora_config": json.dumps({"r": 4, "lora_alpha": 12})})
+    with pytest.raises(LoratoolsError) as err:
+        merge(pipeline, [path], tmp_path / "out")
+    assert path.name in str(err.value) and "transformer_blocks.0.attn1.to_q" in str(err.value), str(err.value)
+    assert not (tmp_path / "out").exists()
