@@ -81,7 +81,7 @@ def test_a_single_file_base_refuses_max_shard_size_before_reading_anything(tmp_p
     single = Path(shutil.copy(BASE / "model.safetensors", tmp_path / "model.safetensors"))
     code, _, err = run_cli(["merge", single, LORA, "-o", tmp_path / "m.safetensors", "--max-shard-size", "1MB"])
     assert code == 2 and "merging into a single .safetensors file does not take this option" in err, err
-    assert "takes --device, --dtype, --verify" in err
+    assert "takes --device, --dtype, --expand-base, --verify" in err
 
 
 def test_keyword_options_and_an_options_object_give_the_same_merge(tmp_path: Path) -> None:
