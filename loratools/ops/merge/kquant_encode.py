@@ -27,6 +27,7 @@ from loratools.ops.merge.kquant_math import (
     columns,
     f32,
     first_abs_max,
+    keep_columns,
     make_qkx2,
     nearest_clip,
     nearest_int,
@@ -117,9 +118,9 @@ def _qk_scales(x: np.ndarray, out: np.ndarray, nmax: int, rmin: float, nstep: in
     out[:, 4:16] = pack_scale_min_k4(ls, lm)
     dj = (d[:, None] * ls.astype(np.float32)).reshape(-1)
     dm = (dmin[:, None] * lm.astype(np.float32)).reshape(-1)
-    q = nearest_clip((X + dm) / dj, 0, nmax)  # d == 0 lanes: inf/NaN, not taken
-    L = np.where(dj != 0, q, L).astype(np.int32)  # d == 0: the sub-block keeps make_qkx2's L
-    return L.T.reshape(nb, QK_K).astype(np.uint8)
+    q = nearest_clip(np.divide(np.add(X, dm, out=X), dj, out=X), 0, nmax)  # d == 0 lanes: inf/NaN, not taken
+    L = keep_columns(q, L, dj == 0)  # d == 0: the sub-block keeps make_qkx2's L
+    return L.astype(np.uint8).T.reshape(nb, QK_K)
 
 
 def _q4_k(x: np.ndarray, out: np.ndarray) -> None:
@@ -143,32 +144,39 @@ def _q5_k(x: np.ndarray, out: np.ndarray) -> None:
 
 
 def make_qx_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` per column: (scale, L) with L = l + nmax."""
+    """``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` per column: (scale, L) with L = l + nmax, float32.
+    As in :func:`.make_qkx2`, the iscale of the best candidate is kept, not its L: L is made again at the end."""
     import numpy as np
 
     amax, mx = first_abs_max(x)
     zero = amax < f32(EPS)
     w = x * x
     wx = w * x
+    q, t = np.empty_like(x), np.empty_like(x)
 
-    def quants(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        q = nearest_clip(iscale * x, -nmax, nmax - 1)  # |max| ≥ 1e-15 where it counts: finite
-        return q, seq_sum(wx * q), seq_sum(w * q * q)
+    def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        nearest_clip(np.multiply(iscale, x, out=q), -nmax, nmax - 1)  # |max| ≥ 1e-15 where it counts: finite
+        sumlx = seq_sum(np.multiply(wx, q, out=t))
+        return sumlx, seq_sum(np.multiply(np.multiply(w, q, out=t), q, out=t))
 
-    q, sumlx, suml2 = quants(f32(-nmax) / mx)
-    L = q
+    iscale = f32(-nmax) / mx
+    sumlx, suml2 = sums(iscale)
+    best_iscale = iscale
     scale = np.where(suml2 != 0, sumlx / suml2, f32(0.0))
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        q, sumlx, suml2 = quants(-(f32(nmax) + f32(0.1) * f32(step)) / mx)
+        iscale = -(f32(nmax) + f32(0.1) * f32(step)) / mx
+        sumlx, suml2 = sums(iscale)
         take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = np.where(take, q, L)
+        best_iscale = np.where(take, iscale, best_iscale)
         scale = np.where(take, sumlx / suml2, scale)
         best = np.where(take, scale * sumlx, best)
-    L = np.where(zero, f32(-nmax), L)  # all zero: C stores L = 0, i.e. l = −nmax
-    return np.where(zero, f32(0.0), scale), (L + f32(nmax)).astype(np.int32)
+    # all zero: C stores L = 0, i.e. l = −nmax: an iscale of 0 makes l = 0, times 0 after the + nmax
+    nearest_clip(np.multiply(np.where(zero, f32(0.0), best_iscale), x, out=q), -nmax, nmax - 1)
+    L = np.multiply(np.add(q, f32(nmax), out=q), (~zero).astype(np.float32), out=q)
+    return np.where(zero, f32(0.0), scale), L
 
 
 def _q6_k(x: np.ndarray, out: np.ndarray) -> None:
@@ -184,8 +192,8 @@ def _q6_k(x: np.ndarray, out: np.ndarray) -> None:
     d16, d = to_f16_f32(f32(1.0) / iscale)
     sc = np.minimum(nearest_int(iscale[:, None] * scales), 127).astype(np.int8)
     dj = (d[:, None] * sc.astype(np.float32)).reshape(-1)
-    q = nearest_clip(X / dj, -32, 31) + f32(32.0)
-    L = np.where(dj != 0, q, L).T.reshape(nb, 2, 4, 32).astype(np.uint8)  # (nb, half of 128, quarter, 32)
+    q = np.add(nearest_clip(np.divide(X, dj, out=X), -32, 31), f32(32.0), out=X)
+    L = keep_columns(q, L, dj == 0).astype(np.uint8).T.reshape(nb, 2, 4, 32)  # (nb, half of 128, quarter, 32)
     lo, hi = L & 0xF, L >> 4
     ql = np.stack([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)
     out[:, 0:128] = ql.reshape(nb, 128)

@@ -65,25 +65,42 @@ def columns(x: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(-1, n).T)
 
 
-def nearest_clip(f: np.ndarray, lo: int, hi: int, exact: bool = False, out: np.ndarray | None = None) -> np.ndarray:
-    """``MAX(lo, MIN(hi, nearest_int(f)))`` as float32. For |f| ≤ 2²² (every finite scale here keeps |f| within
-    a few times nmax) ``f + 1.5·2²³`` rounds ``f`` half to even onto the integers, so clamping in that domain
-    and subtracting is the same in 3 passes; ``exact`` (a scale that overflowed: inf/NaN lanes) takes ggml's bit
-    trick itself. Computed in ``out`` if given, else in ``f`` itself."""
+def keep_columns(q: np.ndarray, L: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``where(keep, L, q)`` per column into ``q``, for a ``keep`` that is rarely true: a copy of those columns
+    (a select broadcast from a column mask costs ~10 plain passes)."""
     import numpy as np
 
+    idx = np.flatnonzero(keep)
+    if idx.size:
+        q[:, idx] = L[:, idx]
+    return q
+
+
+def nearest_clip(f: np.ndarray, lo: int, hi: int, exact: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    """``MAX(lo, MIN(hi, nearest_int(f)))`` as float32. For |f| ≤ 2²² (every finite scale here keeps |f| within
+    a few times nmax) the bit trick rounds half to even, as ``rint`` does, and clamping to integer bounds before
+    or after rounding is the same: 2 passes. A zero may come out as −0, which no sum or product here tells from
+    +0 (``seq_sum`` ends on ``+ 0``). ``exact`` (a scale that overflowed: inf/NaN lanes) takes ggml's bit trick
+    itself. Computed in ``out`` if given, else in ``f`` itself."""
+    import numpy as np
+
+    v = f if out is None else out
     if exact:
-        return np.clip(nearest_int(f), lo, hi).astype(np.float32)
-    c = f32(12582912.0)
-    v = np.add(f, c, out=f if out is None else out)
-    np.clip(v, c + f32(lo), c + f32(hi), out=v)
-    return np.subtract(v, c, out=v)
+        v[...] = np.clip(nearest_int(f), lo, hi)
+        return v
+    np.clip(f, f32(lo), f32(hi), out=v)  # clip, then round: the same for integer bounds, and no ±0 left
+    return np.rint(v, out=v)  # half to even, as the bit trick for |f| < 2²²
 
 
 def make_qkx2(
     x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``make_qkx2_quants`` per column of ``x`` (element, sub-block) with weights ``w``: (scale, the_min, L)."""
+    """``make_qkx2_quants`` per column of ``x`` (element, sub-block) with weights ``w``: (scale, the_min, L).
+
+    Speed (every pass over (32, columns) counts; a masked copy broadcast from a column mask costs ~10 passes):
+    a candidate's L is not kept; the step's iscale and min that made the best one are, and L is made again
+    from them once at the end (the same float ops, so the same values). ``x − min`` is rebuilt in one pass
+    after a step that moved some column's min, instead of a masked update."""
     import numpy as np
 
     mn, mx = x.min(axis=0), x.max(axis=0)
@@ -92,7 +109,7 @@ def make_qkx2(
     mn = np.where(mn > 0, f32(0.0), mn)
     flat, flat_min = mx == mn, -mn
     fmax = f32(nmax)
-    buf = np.empty_like(x)
+    buf, xm, q, wl = (np.empty_like(x) for _ in range(4))
 
     def diff_sum(scale: np.ndarray, low: np.ndarray, q: np.ndarray) -> np.ndarray:
         diff = np.multiply(scale, q, out=buf)
@@ -108,13 +125,12 @@ def make_qkx2(
         iscale = fmax / (mx - mn)
     exact = not np.isfinite(iscale[~flat]).all()  # a range so small that nmax/range overflows
     scale = f32(1.0) / iscale
-    xm = x - mn
-    L = nearest_clip(iscale * xm, 0, nmax, exact)
-    best = diff_sum(scale, mn, L)
-    wl, q = np.empty_like(x), np.empty_like(x)
+    np.subtract(x, mn, out=xm)
+    best_iscale, best_mn = iscale, mn  # what the best L is made from: nearest_clip(best_iscale · (x − best_mn))
+    best = diff_sum(scale, mn, nearest_clip(np.multiply(iscale, xm, out=q), 0, nmax, exact))
     for step in range(nstep + 1):
         iscale = (f32(rmin) + f32(rdelta) * f32(step) + fmax) / (mx - mn)
-        q = nearest_clip(np.multiply(iscale, xm, out=q), 0, nmax, exact)
+        nearest_clip(np.multiply(iscale, xm, out=q), 0, nmax, exact)
         np.multiply(w, q, out=wl)
         sum_l = seq_sum(wl)
         sum_xl = seq_sum(np.multiply(wl, x, out=buf))
@@ -129,13 +145,24 @@ def make_qkx2(
         take = (D > 0) & (cur < best)
         if not take.any():
             continue
-        np.copyto(L, q, where=take)
         best = np.where(take, cur, best)
         scale = np.where(take, this_scale, scale)
+        best_iscale, best_mn = np.where(take, iscale, best_iscale), np.where(take, mn, best_mn)
         mn = np.where(take, this_min, mn)
-        np.subtract(x, mn, out=xm, where=take)
-    L = np.where(flat, f32(0.0), L)
+        np.subtract(x, mn, out=xm)
+    best_iscale = np.where(flat, f32(0.0), best_iscale)  # a flat sub-block's L is all 0 (0 · (x − min) = 0)
+    L = nearest_clip(np.multiply(best_iscale, np.subtract(x, best_mn, out=xm), out=q), 0, nmax, exact)
     return np.where(flat, f32(0.0), scale), np.where(flat, flat_min, -mn), L
 
 
-__all__ = ["columns", "f32", "first_abs_max", "make_qkx2", "nearest_clip", "nearest_int", "seq_sum", "to_f16_f32"]
+__all__ = [
+    "columns",
+    "f32",
+    "first_abs_max",
+    "keep_columns",
+    "make_qkx2",
+    "nearest_clip",
+    "nearest_int",
+    "seq_sum",
+    "to_f16_f32",
+]
