@@ -23,7 +23,9 @@ def info(ctx: click.Context, adapter: str, base: str | None, json_mode: bool) ->
 
     ADAPTER is a PEFT folder (adapter_config.json + weights) or any other supported adapter file.
     With --base, module names are matched to the base checkpoint and the parameter share is shown.
-    A checkpoint written by `loratools merge` shows what was merged into it (its provenance record).
+    A checkpoint written by `loratools merge` (safetensors or GGUF) shows what was merged into it (its
+    provenance record); a base model (GGUF or safetensors) is named as what it is, with the command that
+    takes it, and exit code 2.
 
     \b
     Examples:
@@ -155,6 +157,7 @@ def _human_merged(d: dict[str, Any]) -> None:
         ("path", d["path"]),
         ("kind", f"{d['kind']} ({d['tensors']} tensors)"),
         ("base", d["base"] or "-"),
+        *([("architecture", d["architecture"])] if d.get("architecture") else []),
     ]
     for i, (adapter, w) in enumerate(zip(d["adapters"], weights, strict=False)):
         rows.append(("merged" if i == 0 else "", f"{adapter} (weight {w:g})"))

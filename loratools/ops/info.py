@@ -225,11 +225,10 @@ def info(adapter_path: str | Path, base: str | Path | None = None, *, format: st
     try:
         try:
             adapter = load_streamed(local, format=format, base=reader)  # huge tensors: header facts only
-        except FormatError:
-            merged = merged_checkpoint(local, adapter_path)
-            if merged is None:
-                raise
-            return merged
+        except FormatError as exc:  # a base model or a merge output: say what it is (ops/info_base.py)
+            from loratools.ops.info_base import not_an_adapter
+
+            return not_an_adapter(Path(local), adapter_path, exc)
         data: dict[str, Any] = {"path": str(adapter_path)}
         data.update(summarize(adapter))
         data["size_on_disk"] = size_on_disk(adapter, local)
@@ -297,35 +296,3 @@ def require_model(base: str | Path, usage: str) -> None:
         f"--base {base} is an adapter ({fmt.name}), not a base model",
         hint=f"pass the model the adapter was trained on: {usage} --base MODEL",
     )
-
-
-def merged_checkpoint(local: Path, shown: str | Path) -> dict[str, Any] | None:
-    """What ``info`` says of a checkpoint that ``loratools merge`` wrote: its provenance record (the base,
-    the adapters and their weights); None when ``local`` is no checkpoint or holds no merge record."""
-    from loratools.checkpoint.reader import open_checkpoint
-    from loratools.errors import LoratoolsError
-    from loratools.publishing.publish import read_provenance
-
-    try:
-        reader = open_checkpoint(local)
-    except LoratoolsError:
-        return None
-    try:
-        keys = reader.keys()
-        record = read_provenance(reader.metadata(reader.file_of(keys[0]))) if keys else None
-        if not record or record.get("operation") != "merge":
-            return None
-        inputs, params = record.get("inputs") or {}, record.get("parameters") or {}
-        adapters = [a.get("path") or a.get("repo_id") for a in inputs.get("adapters") or []]
-        base = inputs.get("base") or {}
-        return {
-            "path": str(shown),
-            "kind": "merged checkpoint",
-            "base": base.get("path") or base.get("repo_id"),
-            "adapters": adapters,
-            "weights": params.get("weights"),
-            "tensors": len(keys),
-            "provenance": record,
-        }
-    finally:
-        reader.close()

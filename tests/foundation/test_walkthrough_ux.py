@@ -49,3 +49,57 @@ def test_head_closes_the_pipe_quietly(tmp_path: Path) -> None:
         assert proc.returncode == 0, stderr
         assert proc.stdout.count("\n") == 1 and proc.stdout.strip(), proc.stdout
         assert "Error" not in stderr and "Traceback" not in stderr and "Exception" not in stderr, stderr
+
+
+FIXTURES = ROOT / "fixtures"
+
+
+def test_info_on_a_gguf_base_model_says_what_it_is_and_how_to_use_it() -> None:
+    model = FIXTURES / "gguf" / "llama-q8_0.gguf"
+    r = run("info", model)
+    assert r.exit_code == 2, r.output  # as for every other input that is no adapter
+    first, hint = r.output.splitlines()[:2]
+    assert first.startswith(f"Error: {model} is a GGUF model (a base model), not a LoRA adapter: architecture llama, ")
+    assert "21 tensors (Q8_0 ×14, F32 ×5, F16 ×2)" in first
+    assert f"loratools merge {model} ADAPTER -o merged.gguf" in hint and "--to gguf --base" in hint
+    d = json.loads(run("info", model, "--json").stdout)  # --json: the same as one error object
+    assert d["ok"] is False and d["error"]["exit_code"] == 2 and "architecture llama" in d["error"]["message"]
+
+
+def test_info_on_a_safetensors_base_says_what_it_is() -> None:
+    bases = FIXTURES / "bases"
+    for base, what in ((bases / "llama", "a llama model"),
+                       (bases / "llama" / "model.safetensors", "a checkpoint (its architecture is not stated)"),
+                       (bases / "llama-bnb-nf4", "a llama model")):  # fmt: skip
+        r = run("info", base)
+        assert r.exit_code == 2, r.output
+        assert f"Error: {base} looks like a base model, not an adapter: {what}, 21 tensors (" in r.output, r.output
+        assert f"loratools merge {base} ADAPTER -o OUT" in r.output
+    assert "quantized (bnb-4bit)" in run("info", FIXTURES / "bases" / "llama-bnb-nf4").output
+
+
+def test_an_unknown_lora_layout_is_not_called_a_base(tmp_path: Path) -> None:
+    """A LoRA in a layout no reader takes keeps the "not a LoRA adapter in any known format" line."""
+    path = tmp_path / "odd.safetensors"
+    stem = "blocks.0.attn.lora1"
+    save_file({f"{stem}.down.weight": torch.zeros(2, 4), f"{stem}.up.weight": torch.zeros(4, 2)}, path)
+    r = run("info", path)
+    assert r.exit_code == 2 and "not a LoRA adapter in any known format" in r.output and "base model" not in r.output
+
+
+def test_info_on_a_gguf_merge_output_shows_its_provenance(tmp_path: Path) -> None:
+    base, lora, out = FIXTURES / "gguf" / "llama-q8_0.gguf", FIXTURES / "peft" / "llama-lora", tmp_path / "m.gguf"
+    assert run("merge", base, lora, "-o", out, "--weights", "0.5").exit_code == 0
+    from loratools import __version__
+
+    lines = run("info", out).output.splitlines()
+    assert lines[1:] == [
+        "kind          merged checkpoint (21 tensors)",
+        f"base          {base}",
+        "architecture  llama",
+        f"merged        {lora} (weight 0.5)",
+        f"made by       loratools {__version__} merge",
+    ], lines
+    d = json.loads(run("info", out, "--json").output)
+    assert (d["kind"], d["base"], d["adapters"], d["weights"]) == ("merged checkpoint", str(base), [str(lora)], [0.5])
+
