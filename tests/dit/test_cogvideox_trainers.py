@@ -7,8 +7,9 @@
   (``patches/dependencies/diffusers/peft.py``: ``LoraConfig(**lora_config)``, ``inject_adapter_in_model``,
   ``set_peft_model_state_dict``), run here the same way; diffusers' ``load_lora_weights`` ignores lora_config.
 - DiffSynth-Studio 1.x (``diffsynth/models/lora.py`` GeneralLoRAFromPeft over ``cog_dit.py``'s CogDiT, the
-  loader of ECNU-CILab's ExVideo-CogVideoX LoRA; DiffSynth 2.0 dropped CogVideoX): not pip-installable here
-  without its model stack, so the files are built byte for byte by its key rule as read in its source —
+  loader of ECNU-CILab's ExVideo-CogVideoX LoRA; DiffSynth 2.0 dropped CogVideoX): its package imports modelscope,
+  torchvision and more that this environment lacks, so the files are built byte for byte by its key rule as read in
+  its source (checked once by hand against diffsynth 1.1.9's own loader: docs/formats.md) —
   ``[diffusion_model.]<CogDiT parameter path without .weight>.lora_B[.default].weight`` — and merged by its rule
   (W += up·down, no alpha read) written out here.
 - musubi-tuner and ai-toolkit do not train CogVideoX (no CogVideoX network or model in either; docs/formats.md).
