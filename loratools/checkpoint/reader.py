@@ -90,7 +90,9 @@ class CheckpointReader:
                     weight_map[k] = f
         self.weight_map = weight_map
         cfg = root / "config.json" if root.is_dir() else None
-        self.config: dict[str, Any] | None = read_json(cfg, "config") if cfg and cfg.is_file() else None
+        # a config.json that is there but no file (a dangling link, a folder) is refused, not taken as absent
+        present = cfg is not None and (cfg.is_file() or cfg.is_symlink() or cfg.exists())
+        self.config: dict[str, Any] | None = read_json(cfg, "config") if cfg and present else None
         if self.config is not None and not isinstance(self.config, dict):
             raise FormatError(f"{cfg}: expected a JSON object", path=cfg)
         self.raw_weight_map = weight_map

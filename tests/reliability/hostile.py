@@ -21,6 +21,7 @@ from reliability_support import FIXTURES, LLAMA_BASE, LLAMA_LORA
 AREAS = (
     "hostile_gguf", "hostile_quant", "hostile_quant_schemes", "hostile_families", "hostile_files", "hostile_mlx",
     "hostile_moe", "hostile_comfy_fp8", "hostile_gguf_dit", "hostile_nextdit", "hostile_cogvideox",
+    "hostile_structure",
 )  # fmt: skip
 
 #: argv templates: A = the hostile adapter, B = the hostile base, O = the output path
