@@ -325,3 +325,18 @@ def test_wrong_shapes_against_the_base_are_refused_naming_file_and_module(model,
         merge(pipeline, [path], tmp_path / "out")
     assert path.name in str(err.value) and "transformer_blocks.0.attn1.to_q" in str(err.value), str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_diffsynth_merges_into_a_comfyui_checkpoint(model, tmp_path):
+    """DiffSynth names (read as aliases) land on ComfyUI's checkpoint names (model.diffusion_model.blocks.N.q)."""
+    path = tmp_path / "diffsynth.safetensors"
+    state = diffsynth_lora(model)
+    save_file(state, str(path))
+    base = tmp_path / "cogvideox_comfy.safetensors"
+    save_file({f"model.diffusion_model.{_comfy_state_key(k)}": v.contiguous() for k, v in model.state_dict().items()},
+              str(base))  # fmt: skip
+    merge(base, [path], tmp_path / "merged.safetensors")
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    want = {f"model.diffusion_model.{_comfy_state_key(k)}": v for k, v in _diffsynth_merge(model, state).items()}
+    assert set(merged) == set(want)
+    assert max(float((merged[k] - want[k]).abs().max()) for k in merged) <= 1e-5
