@@ -91,6 +91,11 @@ class VerificationError(LoratoolsError):
     exit_code = 1
 
 
+class LoratoolsWarning(UserWarning):
+    """A fact a reader took on a rule the file does not state (an ``.alpha`` of 0 read as alpha = rank): the
+    library warns (``warnings.warn``), the CLI prints it as one ``Warning:`` line on stderr (not with ``-q``)."""
+
+
 def name_list(names: list[str], limit: int) -> str:
     """The first ``limit`` names for a message, comma-separated, `` ...`` when there are more."""
     return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")

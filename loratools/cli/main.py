@@ -177,10 +177,10 @@ def _boundary(run, json_errors: _JsonErrors | None = None):  # noqa: ANN001, ANN
     from loratools.publishing.publish import Terminated
 
     if os.environ.get("LORATOOLS_DEBUG") == "1":
-        return run()
+        return _with_warning_lines(run, json_errors)
     j = json_errors
     try:
-        return run()
+        return _with_warning_lines(run, json_errors)
     except click.exceptions.Exit:
         raise
     except click.ClickException as exc:  # usage errors: click prints them (stderr) and exits 2
@@ -213,6 +213,32 @@ def _boundary(run, json_errors: _JsonErrors | None = None):  # noqa: ANN001, ANN
             j,
             kind="InternalError",
         )
+
+
+def _with_warning_lines(run, json_errors: _JsonErrors | None):  # noqa: ANN001, ANN202
+    """Run with every ``LoratoolsWarning`` (a rule a reader took that the file does not state) shown once as one
+    ``Warning: ...`` line on stderr as it happens, none with ``-q``; other warnings go where Python sends them."""
+    import warnings
+
+    from loratools.errors import LoratoolsWarning
+
+    shown: set[str] = set()
+    ctx = json_errors.ctx if json_errors is not None else None
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
+        if not issubclass(category, LoratoolsWarning):
+            return default(message, category, filename, lineno, file, line)
+        state = ctx.find_root().obj if ctx is not None else None
+        if str(message) not in shown and not (isinstance(state, dict) and state.get("quiet")):
+            shown.add(str(message))
+            click.echo(f"Warning: {message}", err=True)
+        return None
+
+    with warnings.catch_warnings():
+        default = warnings.showwarning
+        warnings.simplefilter("always", LoratoolsWarning)
+        warnings.showwarning = show
+        return run()
 
 
 def _closed_stdout() -> None:

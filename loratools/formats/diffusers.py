@@ -121,6 +121,19 @@ def _alpha(module: str, rank: int, cfg: dict[str, Any] | None, alpha_key: float 
     return float(alpha_key) if alpha_key else float(rank)
 
 
+def _warn_zero_alpha(weights: Path, zero: int, total: int) -> None:
+    import warnings
+
+    from loratools.errors import LoratoolsWarning
+
+    warnings.warn(
+        f"{weights}: {zero} of {total} modules store .alpha = 0, read as alpha = rank (scale 1), kohya's rule for a "
+        "zero alpha",
+        LoratoolsWarning,
+        stacklevel=3,
+    )
+
+
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise FormatError(f"{METADATA_KEY}: {what} must be a number, got {value!r}")
@@ -178,6 +191,7 @@ class DiffusersFormat(AdapterFormat):
             parts.setdefault(f"{split[0]}.{split[1]}", {})[split[2]] = t
         modules: dict[str, LoraModule] = {}
         assumed: list[str] = []  # modules whose alpha the file does not store (info says so)
+        zero: list[str] = []  # modules whose .alpha is 0
         for name, p in sorted(parts.items()):
             component, _, module = name.partition(".")
             emb = "down_emb" in p
@@ -190,9 +204,10 @@ class DiffusersFormat(AdapterFormat):
             alpha_t = p.get("alpha")
             if alpha_t is None and cfg is None:  # diffusers' rule: alpha = rank
                 assumed.append(name)
-            alpha = _alpha(
-                module, int(down.shape[0]), cfg, float(alpha_t.float().reshape(-1)[0]) if alpha_t is not None else None
-            )
+            stored = float(alpha_t.float().reshape(-1)[0]) if alpha_t is not None else None
+            if stored == 0 and not cfg:
+                zero.append(name)  # kohya's rule (0 means alpha = rank) is taken, and said (below)
+            alpha = _alpha(module, int(down.shape[0]), cfg, stored)
             kind = "embedding" if emb else ("conv" if down.ndim == 4 else "linear")
             magnitude = p.get("magnitude")
             try:
@@ -207,6 +222,9 @@ class DiffusersFormat(AdapterFormat):
                 )
             except ValidationError as exc:
                 raise type(exc)(f"{weights}: module {name}: {exc.message}", hint=exc.hint, path=weights) from None
+        zero_alpha = {"modules": len(zero), "of": len(modules)} if zero else None  # counted in the file's names
+        if zero:
+            _warn_zero_alpha(weights, len(zero), len(modules))
         from loratools.formats.dit.layouts import HANDLED, detect
 
         # the family, for info and --to kohya (PEFT-wrapped names, save_lora_weights of a get_peft_model
@@ -246,6 +264,7 @@ class DiffusersFormat(AdapterFormat):
                 "provenance": read_provenance(metadata),
                 "files": [str(weights)],
                 "alpha_assumed": assumed,
+                "alpha_zero": zero_alpha,
             },
         )
 

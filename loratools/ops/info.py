@@ -127,6 +127,12 @@ def _notes(adapter: Adapter, records: list[dict[str, Any]]) -> list[str]:
         total = len(adapter.modules)
         share = f"{len(assumed)} of {total} modules store none" if len(assumed) < total else "no module stores an alpha"
         notes.append(f"alpha assumed: {share}; {adapter.format} takes alpha = rank (scale 1), as shown")
+    zero = adapter.meta.get("alpha_zero")
+    if zero:  # formats/diffusers.py: an .alpha of 0 is read as alpha = rank, and said
+        notes.append(
+            f"alpha 0 read as alpha = rank: {zero['modules']} of {zero['of']} modules store .alpha = 0; kohya's rule "
+            "takes that as alpha = rank (scale 1), as shown"
+        )
     if any(r["kind"] is None for r in records):
         unknown = sum(1 for r in records if r["kind"] is None)
         notes.append(
@@ -190,6 +196,7 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
         "provenance": adapter.meta.get("provenance"),
         "experts": expert_summary(adapter),
         "alpha_assumed": sorted(n for n in adapter.meta.get("alpha_assumed") or [] if n in mods),
+        "alpha_zero": adapter.meta.get("alpha_zero"),
         "dit": adapter.meta.get("dit"),
         "notes": _notes(adapter, records),
         "modules": records,
