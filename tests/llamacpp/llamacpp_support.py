@@ -17,6 +17,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -94,6 +95,16 @@ def hf_logits(model: torch.nn.Module, tokens: list[int] = TOKENS) -> np.ndarray:
 def max_diff(a: np.ndarray, b: np.ndarray) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+
+
+def assert_merged_runs_like_peft(case: Any, adapter: Path, out: Path, *extra: str) -> None:
+    """``loratools merge case.gguf adapter -o out`` runs in llama.cpp within ``case.tol`` of PEFT's logits
+    (``case.want``), where the adapter moves them by more than 50 tolerances (``case.effect``)."""
+    code, _, err = run_cli(["merge", case.gguf, adapter, "-o", out, "--overwrite", *extra])
+    assert code == 0, err
+    diff = max_diff(run_logits(out).ok(), case.want)
+    assert case.effect > 50 * case.tol, case.effect
+    assert diff < case.tol, f"{case.arch}: {diff} off PEFT (base noise {case.noise}, effect {case.effect})"
 
 
 #: special tokens some vocab loaders look up by text (Phi-3's end of turn)

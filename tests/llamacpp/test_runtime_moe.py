@@ -23,7 +23,7 @@ import pytest
 import torch
 from hf_to_gguf import convert
 from llama_converter import convert_with_llama_cpp, converter
-from llamacpp_support import TOL, hf_logits, max_diff, run_cli, run_logits
+from llamacpp_support import TOL, assert_merged_runs_like_peft, hf_logits, max_diff, run_cli, run_logits
 from tiny_models import build
 
 from loratools.files.safetensors_file import load_file, save_file
@@ -122,12 +122,7 @@ def test_converters_agree(case):
 
 @pytest.mark.parametrize("kind", ["target_parameters", "per-expert"])
 def test_merged_moe_in_runtime(case, kind):
-    out = case.gguf.parent / f"merged-{kind}.gguf"
-    code, _, err = run_cli(["merge", case.gguf, case.adapters[kind], "-o", out, "--overwrite", "--verify"])
-    assert code == 0, err
-    diff = max_diff(run_logits(out).ok(), case.want)
-    assert case.effect > 50 * case.tol, case.effect
-    assert diff < case.tol, f"{case.arch} {kind}: {diff} off PEFT (base noise {case.noise}, effect {case.effect})"
+    assert_merged_runs_like_peft(case, case.adapters[kind], case.gguf.parent / f"merged-{kind}.gguf", "--verify")
 
 
 def test_expert_gguf_adapter_is_refused_with_one_line(case):

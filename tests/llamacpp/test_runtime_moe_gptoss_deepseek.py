@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 from llama_converter import convert_with_llama_cpp, converter
-from llamacpp_support import TOL, hf_logits, max_diff, run_cli, run_logits
+from llamacpp_support import TOL, assert_merged_runs_like_peft, hf_logits, max_diff, run_cli, run_logits
 from tiny_models import spread_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*pattern keys did not match")
@@ -198,12 +198,7 @@ def test_merged_tensors_are_base_plus_peft_delta(case):
 
 
 def test_merged_in_runtime(case):
-    out = case.gguf.parent / "merged-run.gguf"
-    code, _, err = run_cli(["merge", case.gguf, case.adapter, "-o", out, "--overwrite"])
-    assert code == 0, err
-    diff = max_diff(run_logits(out).ok(), case.want)
-    assert case.effect > 50 * case.tol, case.effect
-    assert diff < case.tol, f"{case.arch}: {diff} off PEFT (base noise {case.noise}, effect {case.effect})"
+    assert_merged_runs_like_peft(case, case.adapter, case.gguf.parent / "merged-run.gguf")
 
 
 def test_gguf_adapter_refuses_experts_and_split_kv_b_in_one_line(case):
