@@ -29,66 +29,43 @@ TOL = 1e-5
 EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
+#: what every tiny MoE config here shares: 2 layers of width 32, 4 heads (2 KV) of 8, 2 experts per token
+TINY: dict[str, Any] = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_experts_per_tok=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+)
+
+
 def qwen3_moe_config(num_experts: int = 4, **kw: Any):
     from transformers import Qwen3MoeConfig
 
-    base = dict(
-        hidden_size=32,
-        intermediate_size=48,
-        moe_intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=num_experts,
-        num_experts_per_tok=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    base.update(kw)
-    return Qwen3MoeConfig(**base)
+    shape = dict(intermediate_size=48, moe_intermediate_size=24, num_experts=num_experts, tie_word_embeddings=False)
+    return Qwen3MoeConfig(**{**TINY, **shape, **kw})
 
 
 def mixtral_config(num_experts: int = 4, **kw: Any):
     from transformers import MixtralConfig
 
-    base = dict(
-        hidden_size=32,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_local_experts=num_experts,
-        num_experts_per_tok=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
-    base.update(kw)
-    return MixtralConfig(**base)
+    return MixtralConfig(**{**TINY, "intermediate_size": 24, "num_local_experts": num_experts, **kw})
 
 
 def gpt_oss_config(num_experts: int = 4, **kw: Any):
     from transformers import GptOssConfig
 
-    base = dict(
-        hidden_size=32,
+    shape = dict(
         intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
         num_local_experts=num_experts,
-        num_experts_per_tok=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
         layer_types=["sliding_attention", "full_attention"],
         sliding_window=8,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
-    base.update(kw)
-    return GptOssConfig(**base)
+    return GptOssConfig(**{**TINY, **shape, **kw})
 
 
 CONFIGS = {"qwen3_moe": qwen3_moe_config, "mixtral": mixtral_config, "gpt_oss": gpt_oss_config}
