@@ -124,6 +124,16 @@ def convert(
     require_unambiguous(source, trust_tensors=trust_tensors)
     if include or exclude:
         source = source.select(include, exclude)
+    if isinstance(base, str | Path):  # is the base the adapter's? merge's rule, named families (ops/convert_base.py)
+        from loratools.checkpoint.reader import open_checkpoint
+        from loratools.ops.convert_base import require_base_family, require_pipeline
+
+        family_reader = open_checkpoint(base)
+        try:
+            require_base_family(source, family_reader, str(adapter) if inputs else "the adapter", str(base))
+            require_pipeline(fmt.name, source, family_reader, str(base))
+        finally:
+            family_reader.close()
     rebound = None
     if for_base is not None or remap_prefix:
         from loratools.ops.bind import bind_to

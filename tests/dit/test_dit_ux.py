@@ -68,3 +68,64 @@ def test_stored_alphas_warn_nothing(work: Path) -> None:
     save_file(out, work / "flux-alpha2.safetensors")
     r = run("info", work / "flux-alpha2.safetensors", "--json")
     assert r.exit_code == 0 and _warnings(r.output) == [] and json.loads(r.stdout)["alpha_zero"] is None
+
+
+def _sd_kohya(path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """A kohya SD 1.x UNet LoRA (two attention modules), with kohya's metadata or none."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for m in ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+              "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k"):  # fmt: skip
+        tensors[f"{m}.lora_down.weight"] = torch.randn(2, 32, generator=g)
+        tensors[f"{m}.lora_up.weight"] = torch.randn(32, 2, generator=g)
+        tensors[f"{m}.alpha"] = torch.tensor(1.0)
+    save_file(tensors, path, metadata=metadata)
+    return path
+
+
+def _refused(r, out: Path) -> str:
+    assert r.exit_code == 2, r.output
+    assert not out.exists()
+    lines = [line for line in r.stderr.splitlines() if not line.startswith("Warning:")]
+    assert len(lines) == 2 and lines[0].startswith("Error: ") and lines[1].startswith("Hint: "), r.stderr
+    return "\n".join(lines) + "\n"
+
+
+def test_convert_refuses_a_base_of_another_family(flux: tuple[Path, Path], work: Path, tmp_path: Path) -> None:
+    """convert --base checked as merge checks it: one line naming the family the file looks like and the base's
+    (an SD file said "18 module(s) still have kohya names ... pass --base" with --base given)."""
+    pipe, flux_lora = flux
+    from wan_qwen_support import WAN
+
+    wan = WAN.save_pipeline(WAN.model(), work / "wan-pipe")
+    err = _refused(run("convert", flux_lora, "--to", "kohya", "--base", wan, "-o", tmp_path / "a.safetensors"),
+                   tmp_path / "a.safetensors")  # fmt: skip  (the DiT reader's own refusal)
+    assert "a Flux LoRA in the diffusers layout" in err and "WanTransformer3DModel" in err
+    bare = _sd_kohya(tmp_path / "sd.safetensors")
+    for base in (pipe, wan):
+        err = _refused(run("convert", bare, "--to", "peft", "--base", base, "-o", tmp_path / "b"), tmp_path / "b")
+        cls = "FluxTransformer2DModel" if base == pipe else "WanTransformer3DModel"
+        assert err.startswith(
+            f"Error: {bare}: this is a Stable Diffusion (UNet) LoRA, and none of its 2 modules is in the base: "
+            f"--base {base} is a {cls} pipeline\n"
+        ), err
+    tagged = _sd_kohya(tmp_path / "sd-tagged.safetensors", {"ss_base_model_version": "sd_v1"})
+    err = _refused(run("convert", tagged, "--to", "peft", "--base", pipe, "-o", tmp_path / "c"), tmp_path / "c")
+    assert "this is a Stable Diffusion 1/2 LoRA" in err and "(sd vs flux)" in err and "FluxTransformer2DModel" in err
+    r = run("convert", work / "flux-alpha0.safetensors", "--to", "peft", "--base", pipe, "-o", tmp_path / "ok")
+    assert r.exit_code == 0, r.output  # its own family converts as before
+
+
+def test_convert_says_to_pass_the_pipeline_for_a_component_folder(flux: tuple[Path, Path], tmp_path: Path) -> None:
+    """--to diffusers names modules by component: --base PIPE/transformer gets a hint naming PIPE (it said "30
+    module(s) are not under a pipeline component ... kohya names need --base PIPELINE")."""
+    pipe, _ = flux
+    from dit_support import kohya_flux
+
+    kohya = tmp_path / "flux-kohya.safetensors"
+    save_file(kohya_flux(transformer()), kohya)
+    out = tmp_path / "d"
+    err = _refused(run("convert", kohya, "--to", "diffusers", "--base", pipe / "transformer", "-o", out), out)
+    assert f"--base {pipe / 'transformer'} is one model's folder, not a diffusers pipeline" in err
+    assert f"Hint: pass the pipeline folder: --base {pipe}\n" in err
+    assert run("convert", kohya, "--to", "diffusers", "--base", pipe, "-o", out).exit_code == 0

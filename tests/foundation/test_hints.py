@@ -57,6 +57,7 @@ REACHED_FROM: dict[str, tuple[str, ...]] = {
     "ops/bind.py": ("convert",),
     "ops/combine.py": ("combine",),
     "ops/convert.py": ("convert",),
+    "ops/convert_base.py": ("convert",),
     "ops/extract.py": ("extract",),
     "ops/info.py": ("info", "diff"),  # require_model: --base that names an adapter
     "ops/lower.py": ("convert",),
