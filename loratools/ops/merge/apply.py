@@ -33,10 +33,45 @@ def _check_sum(j: TensorJob, w: torch.Tensor) -> None:
 
 #: elements per block of the in-place update (fits in L2 with its fp32 copy)
 BLOCK_ELEMENTS = 1 << 18
+#: the smallest |fp32| that rounds (to nearest even) to an infinite bf16: bits 0x7f7f8000
+_BF16_OVERFLOW = 3.39617752923046e+38
+
+
+class FiniteCheck:
+    """The merged output's finite check, done on each fp32 block while it is in cache: ``ok`` stays True when
+    every value is finite and rounds to a finite value of ``dtype`` (bf16 or fp32) — what the writer's sum
+    over the rounded tensor (``write._cast_checked``) would otherwise re-read it for.
+
+    One ``dot(x, x)`` per block (4x faster than ``aminmax``, whose NaN-propagating compares are scalar-slow):
+    its squares are non-negative, so it is finite only if every value is finite and below 2^64 — far inside
+    bf16's range. A block whose sum of squares is not finite gets the exact test (``aminmax``)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        import torch
+
+        self.limit = _BF16_OVERFLOW if dtype == torch.bfloat16 else float("inf")
+        self.ok = dtype in (torch.bfloat16, torch.float32)
+
+    def see(self, block: torch.Tensor) -> None:
+        import math
+
+        import torch
+
+        flat = block.reshape(-1)
+        if math.isfinite(float(torch.dot(flat, flat))):
+            return
+        lo, hi = torch.aminmax(flat)  # NaN anywhere makes both NaN: the comparisons fail
+        if not (-self.limit < float(lo) and float(hi) < self.limit):
+            self.ok = False
 
 
 def apply_inplace(
-    j: TensorJob, w: torch.Tensor, scratch: torch.Tensor | None = None, first_row: int = 0
+    j: TensorJob,
+    w: torch.Tensor,
+    scratch: torch.Tensor | None = None,
+    first_row: int = 0,
+    out: torch.Tensor | None = None,
+    check: FiniteCheck | None = None,
 ) -> torch.Tensor:
     """Plain LoRA/bias updates applied to ``w`` in place, in fp32, rounded once into ``w``'s dtype.
 
@@ -47,11 +82,19 @@ def apply_inplace(
     ``first_row``: the row of the whole tensor's (E·d1, d2) view that ``w``'s first row is, when ``w`` is a run
     of experts of a larger stack: the blocks keep the whole tensor's boundaries, so every ``addmm_`` is the
     call the whole-tensor update makes and the result is bit-identical.
+
+    ``out`` (``w``'s shape and dtype): the result goes there and ``w`` is only read (a map of the base file's
+    pages: no copy of the base into private memory). ``check`` sees every fp32 block before it is rounded.
     """
     import torch
 
     stacked = any(c.expert is not None for c in j.deltas)  # experts (E, d1, d2): rows of its (E·d1, d2) view
-    mat = w.view(-1, w.shape[-1]) if stacked else w.view(w.shape[0], -1) if w.ndim > 1 else w.view(1, -1)
+    res = w if out is None else out
+
+    def rows_of(t: torch.Tensor) -> torch.Tensor:
+        return t.view(-1, t.shape[-1]) if stacked else t.view(t.shape[0], -1) if t.ndim > 1 else t.view(1, -1)
+
+    mat, omat = rows_of(w), rows_of(res)
     terms = []  # (left, right, coefficient, first row of the tensor it updates)
     for c in j.deltas:
         up, down = c.lora.factors(torch.float32)
@@ -62,10 +105,16 @@ def apply_inplace(
         acc = w.to(torch.float32)
         for c in j.biases:
             acc.add_(c.lora.bias.to(torch.float32), alpha=c.coefficient)
-        w.copy_(acc)
+        res.copy_(acc)
+        if check is not None:
+            check.see(acc)
     elif w.dtype == torch.float32:
+        if out is not None:
+            res.copy_(w)
         for a, b, coef, r0 in terms:
-            mat[r0 : r0 + a.shape[0]].addmm_(a, b, alpha=coef)
+            omat[r0 : r0 + a.shape[0]].addmm_(a, b, alpha=coef)
+        if check is not None:
+            check.see(res)
     else:
         rows = max(1, BLOCK_ELEMENTS // max(1, mat.shape[1]))
         buf = torch.empty((rows, mat.shape[1]), dtype=torch.float32) if scratch is None else scratch
@@ -79,11 +128,13 @@ def apply_inplace(
                 lo, hi = max(r, r0), min(r + blk.shape[0], r0 + a.shape[0])
                 if lo < hi:
                     acc[lo - r : hi - r].addmm_(a[lo - r0 : hi - r0], b, alpha=coef)
-            blk.copy_(acc)
+            if check is not None:
+                check.see(acc)
+            omat[r : r + blk.shape[0]].copy_(acc)
             r += blk.shape[0]
     if w.dtype == torch.float16:  # the one dtype a sane update can overflow
-        _check_sum(j, w)
-    return w
+        _check_sum(j, res)
+    return res
 
 
 def compute(j: TensorJob, base: torch.Tensor | None, device: Any = None) -> torch.Tensor:

@@ -57,7 +57,8 @@ def _plain(job: Any) -> bool:
 
 
 def pieces(src: Source, dtype: str, base: BaseBytes, prefix: str, dev: Any, factors: Any) -> Iterator | None:
-    """``(first row, tensor)`` pieces that make output tensor ``src`` in order, or None when it is made whole
+    """``(first row, tensor)`` pieces that make output tensor ``src`` in order (a 2-D weight's pieces carry a third
+    item, True when the piece was checked finite already), or None when it is made whole
     (not a stack of experts or a large 2-D weight with plain updates, not a cast, or not a byte range of a
     safetensors file)."""
     import math
@@ -76,7 +77,7 @@ def pieces(src: Source, dtype: str, base: BaseBytes, prefix: str, dev: Any, fact
     if not hasattr(info, "start") or len(shape) < (1 if src.job is None else 2 if rows2d else 3) or not shape[0]:
         return None
     row = max(info.nbytes, math.prod(shape) * DTYPES[dtype][1]) // shape[0]  # bytes per row, read or written
-    if (src.job is None or rows2d) and row * shape[0] <= RUN_BYTES:  # small: whole, as before
+    if src.job is None and row * shape[0] <= RUN_BYTES:  # a small cast: whole, as before
         return None
     per = max(1, RUN_BYTES // max(1, row))
     if rows2d:  # in place, in whole row blocks of apply_inplace's (the same addmm_ calls: the same bytes)
@@ -96,15 +97,12 @@ def _runs(src, key, shape, per, dtype, base, dev, factors) -> Iterator[tuple[int
     d1 = shape[1] if len(shape) > 1 else 1
     for e0 in range(0, shape[0], per):
         count = min(per, shape[0] - e0)
+        if job is not None and all(c.expert is None for c in job.deltas):  # rows e0 … of a 2-D weight
+            yield e0, *_rows2d(job, key, shape, e0, count, base)
+            continue
         run = base.get_rows(key, e0, count)
         if job is None:  # a cast
             yield e0, run.to(target)
-            continue
-        if all(c.expert is None for c in job.deltas):  # rows e0 … of a 2-D weight: each term's rows, shifted
-            spans = [(c, *(c.rows or (0, shape[0]))) for c in job.deltas]
-            deltas = [replace(c, rows=(r0 - e0, r1 - e0)) for c, r0, r1 in spans if r0 < e0 + count and r1 > e0]
-            sub = replace(job, deltas=deltas, shape=(count, *shape[1:]))
-            yield e0, apply_inplace(sub, run, base.scratch(BLOCK_ELEMENTS + shape[-1]), first_row=e0)
             continue
         sub = replace(
             job,
@@ -115,3 +113,50 @@ def _runs(src, key, shape, per, dtype, base, dev, factors) -> Iterator[tuple[int
             yield e0, apply_inplace(sub, run, base.scratch(BLOCK_ELEMENTS + shape[-1]), first_row=e0 * d1)
         else:
             yield e0, compute(sub, run, dev).to(target)
+
+
+def _rows2d(job, key, shape, e0, count, base) -> tuple[torch.Tensor, bool]:  # noqa: ANN001
+    """Rows ``e0 … e0+count-1`` of a 2-D weight merged: the base read straight from a map of its file's pages
+    into the fp32 blocks and rounded into a ring buffer (no private copy of the base, one pass over it), the
+    finite check done on the blocks while they are in cache; the run's second half (at a row-block boundary)
+    on a second compute thread where there is a second core."""
+    from loratools.ops.merge.apply import BLOCK_ELEMENTS
+
+    mapped = base.mapped_rows(key, e0, count)
+    if mapped is None:
+        run = base.get_rows(key, e0, count)
+        _merge_rows(job, shape, e0, run, None, base.scratch(BLOCK_ELEMENTS + shape[-1]))
+        return run, False
+    rows, drop = mapped
+    out = base.buffer(rows.numel() * rows.element_size()).view(rows.dtype).view(rows.shape)
+    block = max(1, BLOCK_ELEMENTS // max(1, shape[1]))
+    half = (count // 2 + block - 1) // block * block if count > block else count
+    helper = base.helper() if half < count else None
+    try:
+        if helper is None:
+            return out, _merge_rows(job, shape, e0, rows, out, base.scratch(BLOCK_ELEMENTS + shape[-1]))
+        second = helper.submit(
+            _merge_rows, job, shape, e0 + half, rows[half:], out[half:], base.scratch(BLOCK_ELEMENTS + shape[-1], 1)
+        )
+        try:
+            ok = _merge_rows(job, shape, e0, rows[:half], out[:half], base.scratch(BLOCK_ELEMENTS + shape[-1]))
+        finally:
+            ok = second.result() and ok
+        return out, ok
+    finally:
+        del rows
+        drop()
+
+
+def _merge_rows(job, shape, e0, rows, out, scratch):  # noqa: ANN001, ANN202
+    """``apply_inplace`` on rows ``e0 …`` of the 2-D weight (each term's rows shifted to them) into ``out`` (or in
+    place when None); True when the result was checked finite on the way."""
+    from loratools.ops.merge.apply import FiniteCheck, apply_inplace
+
+    count = rows.shape[0]
+    spans = [(c, *(c.rows or (0, shape[0]))) for c in job.deltas]
+    deltas = [replace(c, rows=(r0 - e0, r1 - e0)) for c, r0, r1 in spans if r0 < e0 + count and r1 > e0]
+    sub = replace(job, deltas=deltas, shape=(count, *shape[1:]))
+    check = FiniteCheck(rows.dtype) if out is not None else None
+    apply_inplace(sub, rows, scratch, first_row=e0, out=out, check=check)
+    return check is not None and check.ok

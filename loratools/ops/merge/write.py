@@ -8,6 +8,7 @@ the kernel copies of untouched byte ranges, so disk I/O overlaps the arithmetic.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import time
 from collections.abc import Callable
@@ -38,7 +39,9 @@ class BaseBytes:
         self.fds: dict[Path, int] = {}
         self._ring: list[torch.Tensor | None] = [None] * reuse
         self._turn = 0
-        self._scratch: torch.Tensor | None = None
+        self._scratch: dict[int, torch.Tensor] = {}
+        self._maps: dict[Path, mmap.mmap | None] = {}
+        self._helper: Any = None  # a one-thread executor: the second half of each row run (both cores compute)
 
     def get(self, key: str) -> torch.Tensor:
         info = self.reader.info(key)
@@ -49,8 +52,6 @@ class BaseBytes:
     def get_rows(self, key: str, first: int, count: int) -> torch.Tensor:
         """Rows ``first … first+count-1`` of the outer dimension of base tensor ``key`` (one contiguous byte
         range of its file; a 0-d tensor is one row), read like :meth:`get`."""
-        import torch
-
         from loratools.files.safetensors_file import torch_dtype
         from loratools.ops.merge.factors import pread_exact
 
@@ -59,29 +60,89 @@ class BaseBytes:
         row = info.nbytes // shape[0] if shape and shape[0] else info.nbytes
         nbytes = row * count if shape else info.nbytes
         path = self.reader.file_of(key)
+        buf = self.buffer(nbytes)
+        pread_exact(self._fd(path), buf, info.start + row * first, path, key)
+        return buf.view(torch_dtype(info.dtype)).reshape((count, *shape[1:]) if shape else shape)
+
+    def _fd(self, path: Path) -> int:
         fd = self.fds.get(path)
         if fd is None:
             fd = self.fds[path] = os.open(path, os.O_RDONLY)
-        if self._ring:
-            i = self._turn = (self._turn + 1) % len(self._ring)
-            if self._ring[i] is None or self._ring[i].numel() < nbytes:
-                self._ring[i] = None  # freed before the larger one is allocated
-                self._ring[i] = torch.empty(nbytes, dtype=torch.uint8)
-            buf = self._ring[i][:nbytes]
-        else:
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-        pread_exact(fd, buf, info.start + row * first, path, key)
-        return buf.view(torch_dtype(info.dtype)).reshape((count, *shape[1:]) if shape else shape)
+        return fd
 
-    def scratch(self, numel: int) -> torch.Tensor:
-        """A recycled fp32 work buffer of ``numel`` elements."""
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        """``nbytes`` uint8: the next buffer of the ring (a fresh one without a ring)."""
         import torch
 
-        if self._scratch is None or self._scratch.numel() < numel:
-            self._scratch = torch.empty(numel, dtype=torch.float32)
-        return self._scratch[:numel]
+        if not self._ring:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        i = self._turn = (self._turn + 1) % len(self._ring)
+        if self._ring[i] is None or self._ring[i].numel() < nbytes:
+            self._ring[i] = None  # freed before the larger one is allocated
+            self._ring[i] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._ring[i][:nbytes]
+
+    def mapped_rows(self, key: str, first: int, count: int) -> tuple[torch.Tensor, Callable[[], None]] | None:
+        """Rows like :meth:`get_rows`, as a read-only view of the file's pages (a private map: no copy into
+        our memory), and the call that drops those pages from our address space again (the page cache keeps
+        them; RSS stays at one run); None where the file cannot be mapped (then :meth:`get_rows`)."""
+        import torch
+
+        from loratools.files.safetensors_file import torch_dtype
+
+        info = self.reader.info(key)
+        shape = tuple(info.shape)
+        path = self.reader.file_of(key)
+        if not shape or not shape[0] or not hasattr(info, "start"):
+            return None
+        if path not in self._maps:
+            try:
+                self._maps[path] = mmap.mmap(self._fd(path), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError):  # an empty or unmappable file
+                self._maps[path] = None
+        mm = self._maps[path]
+        row = info.nbytes // shape[0]
+        start, nbytes = info.start + row * first, row * count
+        if mm is None or start + nbytes > len(mm):
+            return None
+        view = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=start)
+        page = mmap.PAGESIZE
+        lo = start // page * page
+
+        def drop() -> None:
+            with contextlib.suppress(OSError, ValueError):
+                mm.madvise(mmap.MADV_DONTNEED, lo, min(len(mm), start + nbytes) - lo)
+
+        return view.view(torch_dtype(info.dtype)).reshape(count, *shape[1:]), drop
+
+    def scratch(self, numel: int, slot: int = 0) -> torch.Tensor:
+        """A recycled fp32 work buffer of ``numel`` elements (one per ``slot``: per compute thread)."""
+        import torch
+
+        have = self._scratch.get(slot)
+        if have is None or have.numel() < numel:
+            have = self._scratch[slot] = torch.empty(numel, dtype=torch.float32)
+        return have[:numel]
+
+    def helper(self) -> Any:
+        """A one-thread executor for a second compute thread, or None on a one-core machine. torch's own
+        threads do not help here: a row block's ops are too small to split (two OpenMP threads per op ran
+        slower than one), while two threads on two halves of a run share nothing."""
+        if self._helper is None and (os.cpu_count() or 1) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="loratools-compute")
+        return self._helper
 
     def close(self) -> None:
+        if self._helper is not None:
+            self._helper.shutdown()
+            self._helper = None
+        for mm in self._maps.values():
+            with contextlib.suppress(BufferError):  # a view still alive: the map goes with it
+                if mm is not None:
+                    mm.close()
+        self._maps.clear()
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
@@ -159,7 +220,7 @@ def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance, factor
         for f in unit.files:
             path = tmp if single else tmp / f.rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            w = SafetensorsWriter(path, f.entries, f.metadata)
+            w = SafetensorsWriter(path, f.entries, f.metadata, direct=True)
             writers.append(w)
             run: list[str] = []
             run_src: Source | None = None
@@ -184,8 +245,9 @@ def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance, factor
                         tensor = _cast_checked(e.name, _make(src, e.dtype, base, prefix, dev, factors))
                         pipe.submit(partial(w.write, e.name, tensor))
                         advance(e.nbytes)
-                    for row, piece in parts or ():
-                        pipe.submit(partial(w.write_part, e.name, _cast_checked(e.name, piece, row)))
+                    for row, piece, *checked in parts or ():  # a third item True: checked finite in cache
+                        piece = piece if checked and checked[0] else _cast_checked(e.name, piece, row)
+                        pipe.submit(partial(w.write_part, e.name, piece))
                         advance(piece.numel() * piece.element_size())
                 except NumericError as exc:  # the merge's NaN/overflow messages name the tensor: add the base
                     if str(sub.root) in exc.message:

@@ -1,0 +1,97 @@
+"""The merge's fast path for 2-D weights (issue 21 benchmark): the base read from a map of its file into the fp32
+row blocks, the finite check done on the blocks in cache (ops/merge/apply.py FiniteCheck), the run's halves on two
+threads, and the output written with O_DIRECT through an aligned staging buffer (checkpoint/writer.py). Same bytes
+as before; the checks still refuse what the writer's sum refused."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loratools import merge
+from loratools.checkpoint import writer as W
+from loratools.errors import NumericError
+from loratools.ops.merge import apply, stacked
+
+
+def test_finite_check_edges() -> None:
+    big = apply._BF16_OVERFLOW
+    assert torch.tensor(big).view(torch.int32).item() == 0x7F7F8000
+    below = float(torch.tensor(big).view(torch.int32).sub(1).view(torch.float32))
+    for value, ok in ((1.0, True), (3.0e38, True), (below, True), (big, False), (-big, False)):
+        check = apply.FiniteCheck(torch.bfloat16)
+        check.see(torch.tensor([[0.5, value]]))
+        assert check.ok is ok, value
+        assert torch.tensor(value).bfloat16().isfinite().item() is ok  # the rounding the check predicts
+    for value in (float("nan"), float("inf")):
+        check = apply.FiniteCheck(torch.float32)
+        check.see(torch.tensor([[value, 1.0]]))
+        assert not check.ok
+    assert not apply.FiniteCheck(torch.float16).ok  # fp16 keeps its own checks
+
+
+def _files(tmp_path, value=None, at=(0, 0)):  # noqa: ANN001, ANN202
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(96, 40, generator=g) * 0.02).bfloat16()
+    if value is not None:
+        w[at] = value
+    base = tmp_path / "base.safetensors"
+    save_file({"blocks.0.proj.weight": w, "blocks.0.proj.bias": torch.zeros(96).bfloat16()}, str(base))
+    lora = tmp_path / "lora.safetensors"
+    save_file(
+        {
+            "lora_unet_blocks_0_proj.lora_down.weight": torch.rand(4, 40, generator=g).bfloat16(),  # ΔW > 0
+            "lora_unet_blocks_0_proj.lora_up.weight": torch.rand(96, 4, generator=g).bfloat16(),
+            "lora_unet_blocks_0_proj.alpha": torch.tensor(2.0),
+        },
+        str(lora),
+    )
+    return base, lora
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 3.3895e38])
+def test_non_finite_results_are_refused(tmp_path, monkeypatch, value) -> None:  # noqa: ANN001
+    monkeypatch.setattr(apply, "BLOCK_ELEMENTS", 160)  # 4 rows per block, several runs and halves
+    monkeypatch.setattr(stacked, "RUN_BYTES", 40 * 2 * 16)
+    base, lora = _files(tmp_path, value, at=(37, 3))
+    with pytest.raises(NumericError, match=r"blocks\.0\.proj\.weight.*NaN or Inf.*\[37, 3\]"):
+        weights = [1e37] if abs(value) < float("inf") else None  # a finite base value pushed out of bf16
+        merge(base, [lora], tmp_path / "out.safetensors", allow_other_base=True, weights=weights)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_runs_threads_and_direct_io_keep_the_bytes(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    base, lora = _files(tmp_path)
+    monkeypatch.setenv(W.NO_DIRECT_ENV, "1")
+    monkeypatch.setattr(stacked, "RUN_BYTES", 1 << 60)
+    merge(base, [lora], tmp_path / "plain.safetensors", allow_other_base=True)
+    monkeypatch.delenv(W.NO_DIRECT_ENV)
+    monkeypatch.setattr(apply, "BLOCK_ELEMENTS", 120)  # 3 rows per block
+    monkeypatch.setattr(stacked, "RUN_BYTES", 40 * 2 * 9)  # runs of 9 rows: halves on two threads
+    monkeypatch.setattr(W, "_STAGE", 2 * W._ALIGN)  # the staging buffer fills several times
+    merge(base, [lora], tmp_path / "fast.safetensors", allow_other_base=True)
+    assert (tmp_path / "fast.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
+    merged = load_file(tmp_path / "fast.safetensors")["blocks.0.proj.weight"]
+    assert not torch.equal(merged, load_file(base)["blocks.0.proj.weight"])
+
+
+def test_direct_writer_writes_the_buffered_bytes(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(50_000))
+    entries = [W.TensorEntry("a", "U8", (5000,)), W.TensorEntry("b", "F32", (3, 7)), W.TensorEntry("c", "U8", (9001,))]
+    monkeypatch.setattr(W, "_STAGE", 2 * W._ALIGN)
+    outs = []
+    for direct in (False, True):
+        path = tmp_path / f"out{direct}.safetensors"
+        with W.SafetensorsWriter(path, entries, {"k": "v"}, direct=direct) as w:
+            assert (w._stage is not None) is direct or direct  # a file system without O_DIRECT: buffered
+            w.copy("a", src, 123)
+            w.write_part("b", torch.arange(7.0))
+            w.write_part("b", torch.arange(14.0).reshape(2, 7))
+            w.copy("c", src, 7777)
+        outs.append(path.read_bytes())
+    assert outs[0] == outs[1]
+    assert load_file(tmp_path / "outTrue.safetensors")["c"].numel() == 9001
