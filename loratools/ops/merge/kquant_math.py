@@ -99,8 +99,9 @@ def make_qkx2(
 
     Speed (every pass over (32, columns) counts; a masked copy broadcast from a column mask costs ~10 passes):
     a candidate's L is not kept; the step's iscale and min that made the best one are, and L is made again
-    from them once at the end (the same float ops, so the same values). ``x − min`` is rebuilt in one pass
-    after a step that moved some column's min, instead of a masked update."""
+    from them once at the end (the same float ops, so the same values); ``x − min`` is made afresh at each step
+    (a step almost always moves some column's min) rather than updated under a mask. Few arrays: a chunk's
+    working set stays in L2."""
     import numpy as np
 
     mn, mx = x.min(axis=0), x.max(axis=0)
@@ -108,8 +109,8 @@ def make_qkx2(
     sum_x = np.add.reduce(w * x, axis=0)
     mn = np.where(mn > 0, f32(0.0), mn)
     flat, flat_min = mx == mn, -mn
-    fmax = f32(nmax)
-    buf, xm, q, wl = (np.empty_like(x) for _ in range(4))
+    fmax, f_rmin, f_rdelta = f32(nmax), f32(rmin), f32(rdelta)
+    buf, q, wl = (np.empty_like(x) for _ in range(3))  # few arrays: the working set stays in L2
 
     def diff_sum(scale: np.ndarray, low: np.ndarray, q: np.ndarray) -> np.ndarray:
         diff = np.multiply(scale, q, out=buf)
@@ -125,12 +126,11 @@ def make_qkx2(
         iscale = fmax / (mx - mn)
     exact = not np.isfinite(iscale[~flat]).all()  # a range so small that nmax/range overflows
     scale = f32(1.0) / iscale
-    np.subtract(x, mn, out=xm)
     best_iscale, best_mn = iscale, mn  # what the best L is made from: nearest_clip(best_iscale · (x − best_mn))
-    best = diff_sum(scale, mn, nearest_clip(np.multiply(iscale, xm, out=q), 0, nmax, exact))
+    best = diff_sum(scale, mn, nearest_clip(np.multiply(np.subtract(x, mn, out=q), iscale, out=q), 0, nmax, exact))
     for step in range(nstep + 1):
-        iscale = (f32(rmin) + f32(rdelta) * f32(step) + fmax) / (mx - mn)
-        nearest_clip(np.multiply(iscale, xm, out=q), 0, nmax, exact)
+        iscale = (f_rmin + f_rdelta * f32(step) + fmax) / (mx - mn)
+        nearest_clip(np.multiply(np.subtract(x, mn, out=q), iscale, out=q), 0, nmax, exact)
         np.multiply(w, q, out=wl)
         sum_l = seq_sum(wl)
         sum_xl = seq_sum(np.multiply(wl, x, out=buf))
@@ -149,9 +149,8 @@ def make_qkx2(
         scale = np.where(take, this_scale, scale)
         best_iscale, best_mn = np.where(take, iscale, best_iscale), np.where(take, mn, best_mn)
         mn = np.where(take, this_min, mn)
-        np.subtract(x, mn, out=xm)
     best_iscale = np.where(flat, f32(0.0), best_iscale)  # a flat sub-block's L is all 0 (0 · (x − min) = 0)
-    L = nearest_clip(np.multiply(best_iscale, np.subtract(x, best_mn, out=xm), out=q), 0, nmax, exact)
+    L = nearest_clip(np.multiply(np.subtract(x, best_mn, out=q), best_iscale, out=q), 0, nmax, exact)
     return np.where(flat, f32(0.0), scale), np.where(flat, flat_min, -mn), L
 
 
