@@ -95,3 +95,43 @@ def test_direct_writer_writes_the_buffered_bytes(tmp_path, monkeypatch) -> None:
         outs.append(path.read_bytes())
     assert outs[0] == outs[1]
     assert load_file(tmp_path / "outTrue.safetensors")["c"].numel() == 9001
+
+
+def _fp8_files(tmp_path, nan_at=None):  # noqa: ANN001, ANN202
+    from comfy_fp8_support import scaled_file
+    from dit_support import kohya_flux, to_bfl, transformer
+
+    model = transformer()
+    state = scaled_file(to_bfl(model.state_dict(), "model.diffusion_model."), "model.diffusion_model.")
+    key = "model.diffusion_model.single_blocks.0.linear1.weight"
+    if nan_at is not None:
+        state[key].view(torch.uint8)[nan_at] = 0x7F  # float8_e4m3fn's NaN code
+    base = tmp_path / "flux-fp8-scaled.safetensors"
+    save_file(state, str(base))
+    lora = tmp_path / "lora.safetensors"
+    save_file(kohya_flux(model), str(lora))
+    return base, lora, key
+
+
+def test_fp8_scaled_rows_stream_the_whole_tensor_bytes(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    base, lora, _ = _fp8_files(tmp_path)
+    monkeypatch.setattr(apply, "BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(stacked, "_fp8_pieces", lambda *a: None)  # the whole-tensor dequantization, as before
+    merge(base, [lora], tmp_path / "whole.safetensors")
+    monkeypatch.undo()
+    monkeypatch.setattr(apply, "BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(stacked, "RUN_BYTES", 1)  # one row block per run, halves on two threads
+    runs = []
+    rows2d = stacked._rows2d
+    monkeypatch.setattr(stacked, "_rows2d", lambda *a, **k: runs.append(k.get("fp8") is not None) or rows2d(*a, **k))
+    merge(base, [lora], tmp_path / "runs.safetensors")
+    assert sum(runs) > 13  # every fp8 weight went by several runs
+    assert (tmp_path / "runs.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+
+
+def test_fp8_nan_code_named_at_its_index_in_the_tensor(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(apply, "BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(stacked, "RUN_BYTES", 1)
+    base, lora, key = _fp8_files(tmp_path, nan_at=(13, 2))
+    with pytest.raises(NumericError, match=rf"{key} dequantizes to NaN/Inf in bfloat16 \(first at index \[13, 2\]\)"):
+        merge(base, [lora], tmp_path / "out.safetensors")

@@ -278,10 +278,10 @@ def _check_range(t: Any, parts: dict[str, torch.Tensor], at: Callable[[str], str
         )
 
 
-def check_dequantized(w: torch.Tensor, where: str) -> torch.Tensor:
+def check_dequantized(w: torch.Tensor, where: str, first_row: int = 0) -> torch.Tensor:
     """The one finite check on a dequantized weight (its state's parts were checked before): a finite code
     times a finite scale can still overflow, and FP8 has NaN codes. One cheap sum, a full look on failure.
-    ``where`` names the file and the packed weight."""
+    ``where`` names the file and the packed weight; ``first_row``: the row of the weight ``w`` starts at."""
     import torch
 
     from loratools.model.finite import first_nonfinite
@@ -291,6 +291,7 @@ def check_dequantized(w: torch.Tensor, where: str) -> torch.Tensor:
     first = first_nonfinite(w)
     if first is None:
         return w
+    first[0] += first_row
     dtype = str(w.dtype).removeprefix("torch.")
     raise NumericError(
         f"{where} dequantizes to NaN/Inf in {dtype} (first at index {first}): its stored codes or scales are "

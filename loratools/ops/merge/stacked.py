@@ -71,9 +71,12 @@ def pieces(src: Source, dtype: str, base: BaseBytes, prefix: str, dev: Any, fact
         return None
     if src.job is not None and (src.job.source is None or not (_stacked(src.job) or _plain(src.job))):
         return None
+    rows2d = src.job is not None and _plain(src.job)  # a large Linear weight (Flux's linear1), by rows
+    quant = getattr(base.reader, "quant", None)
+    if rows2d and dev is None and quant is not None and key in quant.tensors:  # ComfyUI fp8-scaled: by runs too
+        return _fp8_pieces(src, key, dtype, base, factors)
     info = base.reader.info(key)
     shape = tuple(info.shape)
-    rows2d = src.job is not None and _plain(src.job)  # a large Linear weight (Flux's linear1), by rows
     if not hasattr(info, "start") or len(shape) < (1 if src.job is None else 2 if rows2d else 3) or not shape[0]:
         return None
     row = max(info.nbytes, math.prod(shape) * DTYPES[dtype][1]) // shape[0]  # bytes per row, read or written
@@ -115,44 +118,59 @@ def _runs(src, key, shape, per, dtype, base, dev, factors) -> Iterator[tuple[int
             yield e0, compute(sub, run, dev).to(target)
 
 
-def _rows2d(job, key, shape, e0, count, base) -> tuple[torch.Tensor, bool]:  # noqa: ANN001
+def _rows2d(job, key, shape, e0, count, base, fp8=None) -> tuple[torch.Tensor, bool]:  # noqa: ANN001
     """Rows ``e0 … e0+count-1`` of a 2-D weight merged: the base read straight from a map of its file's pages
     into the fp32 blocks and rounded into a ring buffer (no private copy of the base, one pass over it), the
     finite check done on the blocks while they are in cache; the run's second half (at a row-block boundary)
-    on a second compute thread where there is a second core."""
+    on a second compute thread where there is a second core. ``fp8``: ``(codes, scale, dtype)`` of a ComfyUI
+    fp8-scaled weight's rows, dequantized into a work buffer (half by half, on the same threads) first."""
     from loratools.ops.merge.apply import BLOCK_ELEMENTS
 
-    mapped = base.mapped_rows(key, e0, count)
-    if mapped is None:
-        run = base.get_rows(key, e0, count)
-        _merge_rows(job, shape, e0, run, None, base.scratch(BLOCK_ELEMENTS + shape[-1]))
-        return run, False
-    rows, drop = mapped
+    drop = None
+    if fp8 is not None:
+        codes, scale, dtype = fp8
+        rows = base.work(codes.numel() * dtype.itemsize).view(dtype).view(codes.shape)
+    else:
+        mapped = base.mapped_rows(key, e0, count)
+        if mapped is None:
+            run = base.get_rows(key, e0, count)
+            _merge_rows(job, shape, e0, run, None, base.scratch(BLOCK_ELEMENTS + shape[-1]))
+            return run, False
+        rows, drop = mapped
     out = base.buffer(rows.numel() * rows.element_size()).view(rows.dtype).view(rows.shape)
     block = max(1, BLOCK_ELEMENTS // max(1, shape[1]))
     half = (count // 2 + block - 1) // block * block if count > block else count
     helper = base.helper() if half < count else None
+    part = (lambda lo, hi: None) if fp8 is None else (lambda lo, hi: (codes[lo:hi], scale))  # noqa: E731
     try:
         if helper is None:
-            return out, _merge_rows(job, shape, e0, rows, out, base.scratch(BLOCK_ELEMENTS + shape[-1]))
+            return out, _merge_rows(job, shape, e0, rows, out, base.scratch(BLOCK_ELEMENTS + shape[-1]), part(0, count))
         second = helper.submit(
-            _merge_rows, job, shape, e0 + half, rows[half:], out[half:], base.scratch(BLOCK_ELEMENTS + shape[-1], 1)
-        )
+            _merge_rows, job, shape, e0 + half, rows[half:], out[half:], base.scratch(BLOCK_ELEMENTS + shape[-1], 1),
+            part(half, count),
+        )  # fmt: skip
         try:
-            ok = _merge_rows(job, shape, e0, rows[:half], out[:half], base.scratch(BLOCK_ELEMENTS + shape[-1]))
+            ok = _merge_rows(job, shape, e0, rows[:half], out[:half], base.scratch(BLOCK_ELEMENTS + shape[-1]),
+                             part(0, half))  # fmt: skip
         finally:
             ok = second.result() and ok
         return out, ok
     finally:
         del rows
-        drop()
+        if drop is not None:
+            drop()
 
 
-def _merge_rows(job, shape, e0, rows, out, scratch):  # noqa: ANN001, ANN202
+def _merge_rows(job, shape, e0, rows, out, scratch, fp8=None):  # noqa: ANN001, ANN202
     """``apply_inplace`` on rows ``e0 …`` of the 2-D weight (each term's rows shifted to them) into ``out`` (or in
-    place when None); True when the result was checked finite on the way."""
+    place when None); True when the result was checked finite on the way. ``fp8``: ``(codes, scale)`` to
+    dequantize into ``rows`` first."""
     from loratools.ops.merge.apply import FiniteCheck, apply_inplace
 
+    if fp8 is not None:
+        from loratools.checkpoint.quant.comfy_fp8 import dequantize_fp8
+
+        dequantize_fp8(*fp8, out=rows)
     count = rows.shape[0]
     spans = [(c, *(c.rows or (0, shape[0]))) for c in job.deltas]
     deltas = [replace(c, rows=(r0 - e0, r1 - e0)) for c, r0, r1 in spans if r0 < e0 + count and r1 > e0]
@@ -160,3 +178,47 @@ def _merge_rows(job, shape, e0, rows, out, scratch):  # noqa: ANN001, ANN202
     check = FiniteCheck(rows.dtype) if out is not None else None
     apply_inplace(sub, rows, scratch, first_row=e0, out=out, check=check)
     return check is not None and check.ok
+
+
+def _fp8_pieces(src, key, dtype, base, factors) -> Iterator | None:  # noqa: ANN001
+    """A ComfyUI fp8-scaled weight merged into its 16-bit dtype by row runs (issue 21: the whole tensor was
+    dequantized to fp32 at once, 790 MB peak on the Flux bench): the codes read from a map of the file, each
+    run dequantized (``comfy_fp8.dequantize_fp8``, elementwise: the same values), rounded once to the 16-bit
+    dtype as the whole-tensor path does, then merged like a 16-bit weight's rows: the same bytes."""
+    from loratools.checkpoint.quant.comfy_fp8 import NAME
+
+    t = base.reader.quant.tensors[key]
+    if t.scheme != NAME or t.dtype != dtype or len(t.shape) != 2 or not t.shape[0]:
+        return None
+    if not hasattr(base.reader.quant.raw_info(t.parts["weight"]), "start"):
+        return None
+    return _fp8_runs(src, t, base, factors)
+
+
+def _fp8_runs(src, t, base, factors) -> Iterator[tuple[int, torch.Tensor, bool]]:  # noqa: ANN001
+    from loratools.checkpoint.quant import checks
+    from loratools.files.safetensors_file import torch_dtype
+    from loratools.ops.merge.apply import BLOCK_ELEMENTS
+
+    quant = base.reader.quant
+    at = quant.part_namer(t)
+    parts = quant.read_parts(t, skip=("weight",))
+    checks.check_values(t, parts, at)  # the scale's checks, before a code is read (as dequantize does)
+    job = factors.resolve(src.job) if factors is not None else src.job
+    target, shape, raw = torch_dtype(t.dtype), t.shape, t.parts["weight"]
+    block = max(1, BLOCK_ELEMENTS // max(1, shape[1]))
+    per = max(block, RUN_BYTES // max(1, shape[1] * target.itemsize) // block * block)
+    for e0 in range(0, shape[0], per):
+        count = min(per, shape[0] - e0)
+        mapped = base.mapped_rows(raw, e0, count, raw=True)
+        codes, drop = mapped if mapped is not None else (quant.raw_get(raw)[e0 : e0 + count], None)
+        try:
+            out, ok = _rows2d(job, raw, shape, e0, count, base, fp8=(codes, parts["scale"], target))
+        finally:
+            del codes
+            if drop is not None:
+                drop()
+        if not ok:  # NaN/Inf: the dequantized base's own message first, then the merge's (write._cast_checked)
+            rows = base.work(count * shape[1] * target.itemsize).view(target).view(count, shape[1])
+            checks.check_dequantized(rows, at("weight"), first_row=e0)
+        yield e0, out, ok

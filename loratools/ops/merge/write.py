@@ -40,6 +40,7 @@ class BaseBytes:
         self._ring: list[torch.Tensor | None] = [None] * reuse
         self._turn = 0
         self._scratch: dict[int, torch.Tensor] = {}
+        self._work: torch.Tensor | None = None
         self._maps: dict[Path, mmap.mmap | None] = {}
         self._helper: Any = None  # a one-thread executor: the second half of each row run (both cores compute)
 
@@ -70,6 +71,15 @@ class BaseBytes:
             fd = self.fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
+    def work(self, nbytes: int) -> torch.Tensor:
+        """A recycled uint8 work buffer (not the ring's: it never goes to the writer)."""
+        import torch
+
+        if self._work is None or self._work.numel() < nbytes:
+            self._work = None
+            self._work = torch.empty(nbytes, dtype=torch.uint8)
+        return self._work[:nbytes]
+
     def buffer(self, nbytes: int) -> torch.Tensor:
         """``nbytes`` uint8: the next buffer of the ring (a fresh one without a ring)."""
         import torch
@@ -82,17 +92,20 @@ class BaseBytes:
             self._ring[i] = torch.empty(nbytes, dtype=torch.uint8)
         return self._ring[i][:nbytes]
 
-    def mapped_rows(self, key: str, first: int, count: int) -> tuple[torch.Tensor, Callable[[], None]] | None:
+    def mapped_rows(
+        self, key: str, first: int, count: int, raw: bool = False
+    ) -> tuple[torch.Tensor, Callable[[], None]] | None:
         """Rows like :meth:`get_rows`, as a read-only view of the file's pages (a private map: no copy into
         our memory), and the call that drops those pages from our address space again (the page cache keeps
-        them; RSS stays at one run); None where the file cannot be mapped (then :meth:`get_rows`)."""
+        them; RSS stays at one run); None where the file cannot be mapped (then :meth:`get_rows`). ``raw``: the
+        tensor as stored in a quantized base (its fp8 codes), not the dequantized weight."""
         import torch
 
         from loratools.files.safetensors_file import torch_dtype
 
-        info = self.reader.info(key)
+        info = self.reader.quant.raw_info(key) if raw else self.reader.info(key)
         shape = tuple(info.shape)
-        path = self.reader.file_of(key)
+        path = self.reader.raw_weight_map[key] if raw else self.reader.file_of(key)
         if not shape or not shape[0] or not hasattr(info, "start"):
             return None
         if path not in self._maps:
