@@ -145,7 +145,8 @@ def _q5_k(x: np.ndarray, out: np.ndarray) -> None:
 
 def make_qx_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` per column: (scale, L) with L = l + nmax, float32.
-    As in :func:`.make_qkx2`, the iscale of the best candidate is kept, not its L: L is made again at the end."""
+    Each candidate's iscale depends on max alone, so the sums of all 20 candidates are made first and the C
+    loop's sequential choice then runs over those (N,)-vectors only; L is made again from the chosen iscale."""
     import numpy as np
 
     amax, mx = first_abs_max(x)
@@ -153,28 +154,31 @@ def make_qx_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     w = x * x
     wx = w * x
     q, t = np.empty_like(x), np.empty_like(x)
-
-    def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        nearest_clip(np.multiply(iscale, x, out=q), -nmax, nmax - 1)  # |max| ≥ 1e-15 where it counts: finite
-        sumlx = seq_sum(np.multiply(wx, q, out=t))
-        return sumlx, seq_sum(np.multiply(np.multiply(w, q, out=t), q, out=t))
-
-    iscale = f32(-nmax) / mx
-    sumlx, suml2 = sums(iscale)
-    best_iscale = iscale
-    scale = np.where(suml2 != 0, sumlx / suml2, f32(0.0))
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        iscale = -(f32(nmax) + f32(0.1) * f32(step)) / mx
-        sumlx, suml2 = sums(iscale)
-        take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        best_iscale = np.where(take, iscale, best_iscale)
-        scale = np.where(take, sumlx / suml2, scale)
-        best = np.where(take, scale * sumlx, best)
+    # the first candidate is −nmax/max, then −(nmax + 0.1·is)/max for is = −9..9 but 0, in C's order
+    num = [f32(-nmax)] + [-(f32(nmax) + f32(0.1) * f32(i)) for i in range(-9, 10) if i != 0]
+    iscales = np.array(num, dtype=np.float32)[:, None] / mx
+    sumlx = np.empty_like(iscales)
+    suml2 = np.empty_like(iscales)
+    for k in range(len(num)):
+        nearest_clip(np.multiply(iscales[k], x, out=q), -nmax, nmax - 1)  # |max| ≥ 1e-15 where it counts: finite
+        np.add.reduce(np.multiply(wx, q, out=t), axis=0, out=sumlx[k])
+        np.add.reduce(np.multiply(np.multiply(w, q, out=t), q, out=t), axis=0, out=suml2[k])
+    sumlx += f32(0.0)  # as seq_sum (suml2's terms w·l·l are never −0)
+    ratio = sumlx / suml2
+    cand = ratio * sumlx  # best = scale*sumlx of a candidate taken
+    square = sumlx * sumlx
+    has = suml2 > 0
+    scale0 = np.where(suml2[0] != 0, ratio[0], f32(0.0))
+    best = scale0 * sumlx[0]
+    chosen = np.zeros(x.shape[1], dtype=np.intp)
+    for k in range(1, len(num)):
+        take = has[k] & (square[k] > best * suml2[k])
+        best = np.where(take, cand[k], best)
+        chosen = np.where(take, k, chosen)
+    cols = np.arange(x.shape[1])
+    scale = np.where(chosen == 0, scale0, ratio[chosen, cols])
     # all zero: C stores L = 0, i.e. l = −nmax: an iscale of 0 makes l = 0, times 0 after the + nmax
-    nearest_clip(np.multiply(np.where(zero, f32(0.0), best_iscale), x, out=q), -nmax, nmax - 1)
+    nearest_clip(np.multiply(np.where(zero, f32(0.0), iscales[chosen, cols]), x, out=q), -nmax, nmax - 1)
     L = np.multiply(np.add(q, f32(nmax), out=q), (~zero).astype(np.float32), out=q)
     return np.where(zero, f32(0.0), scale), L
 

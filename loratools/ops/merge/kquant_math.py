@@ -41,13 +41,22 @@ def seq_sum(a: np.ndarray) -> np.ndarray:
 
 def first_abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``for i: if (fabsf(x[i]) > amax) {amax = fabsf(x[i]); max = x[i];}`` from amax = max = 0, per column:
-    (amax, max)."""
+    (amax, max). From the column's max and min (two fast reductions; an argmax over axis 0 costs ~25 passes):
+    the larger in magnitude is the one; a tie of +a and −a (a > 0) takes the first, found in those columns
+    alone; amax = 0 leaves max = +0."""
     import numpy as np
 
-    ax = np.abs(x)
-    idx = np.argmax(ax, axis=0)  # the first maximal index, as the strict '>' keeps
-    cols = np.arange(x.shape[1])
-    return ax[idx, cols], x[idx, cols]
+    hi, lo = x.max(axis=0), x.min(axis=0)
+    neg_lo = -lo
+    amax = np.maximum(hi, neg_lo)
+    mx = np.where(hi > neg_lo, hi, lo)
+    tie = np.flatnonzero((hi == neg_lo) & (hi > 0))
+    if tie.size:
+        sub = x[:, tie]
+        first = np.argmax(np.abs(sub), axis=0)  # the first maximal index, as the strict '>' keeps
+        mx[tie] = sub[first, np.arange(tie.size)]
+    mx[amax == 0] = 0.0
+    return amax, mx
 
 
 def to_f16_f32(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
