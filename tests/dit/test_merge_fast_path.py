@@ -135,3 +135,20 @@ def test_fp8_nan_code_named_at_its_index_in_the_tensor(tmp_path, monkeypatch) ->
     base, lora, key = _fp8_files(tmp_path, nan_at=(13, 2))
     with pytest.raises(NumericError, match=rf"{key} dequantizes to NaN/Inf in bfloat16 \(first at index \[13, 2\]\)"):
         merge(base, [lora], tmp_path / "out.safetensors")
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pair_lookup_is_the_computed_dequantization(fp8, dtype) -> None:  # noqa: ANN001
+    from loratools.checkpoint.quant.comfy_fp8 import dequantize_fp8, dequantize_pairs, pair_table
+
+    scale = torch.tensor(3.7e-4)
+    table = pair_table(scale, fp8, dtype)
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 256, (2 * 65536 + 3,), generator=g, dtype=torch.uint8)
+    codes[:512] = torch.arange(256, dtype=torch.uint8).repeat(2)  # every code (NaN codes too) in both bytes
+    for q in (codes[:-3], codes[1:-2], codes):  # even, at an odd offset, an odd count: the computed path
+        q = q.view(fp8)
+        out = torch.empty(q.shape, dtype=dtype)
+        want = dequantize_fp8(q, scale).to(dtype)
+        assert torch.equal(dequantize_pairs(q, scale, table, out).view(torch.int16), want.view(torch.int16))

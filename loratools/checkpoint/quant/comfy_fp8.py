@@ -183,6 +183,34 @@ def _into(w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return w if out is None else out.copy_(w.view(out.shape))
 
 
+def pair_table(scale: torch.Tensor, fp8: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    """65536 int32: for each pair of fp8 codes (low byte first) the two values of ``dequantize_fp8(codes,
+    scale).to(dtype)`` (a 16-bit dtype) side by side — the function is elementwise, so a lookup gives its
+    bytes (issue 21 benchmark: 3.6x faster than computing each value on one thread)."""
+    import torch
+
+    codes = torch.arange(256, dtype=torch.uint8).view(fp8)
+    one = dequantize_fp8(codes, scale).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    pairs = torch.arange(65536, dtype=torch.int32)
+    return one[pairs & 0xFF] | (one[pairs >> 8] << 16)
+
+
+def dequantize_pairs(q: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (16-bit, ``q``'s shape) = ``dequantize_fp8(q, scale).to(out.dtype)`` by :func:`pair_table` lookups,
+    chunk by chunk; an odd count or an offset a pair cannot be read at computes as :func:`dequantize_fp8`."""
+    import torch
+
+    u, o = q.reshape(-1).view(torch.uint8), out.view(-1)
+    if u.numel() % 2 or u.storage_offset() % 2 or o.storage_offset() % 2:
+        return dequantize_fp8(q, scale, out=out)
+    u16, o32 = u.view(torch.int16), o.view(torch.int32)
+    idx = torch.empty(min(CHUNK, u16.numel()), dtype=torch.int32)
+    for c in range(0, u16.numel(), CHUNK):
+        k = min(CHUNK, u16.numel() - c)
+        torch.index_select(table, 0, idx[:k].copy_(u16[c : c + k]).bitwise_and_(0xFFFF), out=o32[c : c + k])
+    return out
+
+
 def quantize(w: torch.Tensor, old_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q float8_e4m3fn, scale float32 ())`` of ``w`` by ComfyUI's ``scale="recalculate"`` rule; an all-zero
     weight keeps ``old_scale`` (the rule's 0 scale would write NaN codes)."""

@@ -122,13 +122,13 @@ def _rows2d(job, key, shape, e0, count, base, fp8=None) -> tuple[torch.Tensor, b
     """Rows ``e0 … e0+count-1`` of a 2-D weight merged: the base read straight from a map of its file's pages
     into the fp32 blocks and rounded into a ring buffer (no private copy of the base, one pass over it), the
     finite check done on the blocks while they are in cache; the run's second half (at a row-block boundary)
-    on a second compute thread where there is a second core. ``fp8``: ``(codes, scale, dtype)`` of a ComfyUI
+    on a second compute thread where there is a second core. ``fp8``: ``(codes, scale, table, dtype)`` of a ComfyUI
     fp8-scaled weight's rows, dequantized into a work buffer (half by half, on the same threads) first."""
     from loratools.ops.merge.apply import BLOCK_ELEMENTS
 
     drop = None
     if fp8 is not None:
-        codes, scale, dtype = fp8
+        codes, scale, table, dtype = fp8
         rows = base.work(codes.numel() * dtype.itemsize).view(dtype).view(codes.shape)
     else:
         mapped = base.mapped_rows(key, e0, count)
@@ -141,7 +141,7 @@ def _rows2d(job, key, shape, e0, count, base, fp8=None) -> tuple[torch.Tensor, b
     block = max(1, BLOCK_ELEMENTS // max(1, shape[1]))
     half = (count // 2 + block - 1) // block * block if count > block else count
     helper = base.helper() if half < count else None
-    part = (lambda lo, hi: None) if fp8 is None else (lambda lo, hi: (codes[lo:hi], scale))  # noqa: E731
+    part = (lambda lo, hi: None) if fp8 is None else (lambda lo, hi: (codes[lo:hi], scale, table))  # noqa: E731
     try:
         if helper is None:
             return out, _merge_rows(job, shape, e0, rows, out, base.scratch(BLOCK_ELEMENTS + shape[-1]), part(0, count))
@@ -163,14 +163,14 @@ def _rows2d(job, key, shape, e0, count, base, fp8=None) -> tuple[torch.Tensor, b
 
 def _merge_rows(job, shape, e0, rows, out, scratch, fp8=None):  # noqa: ANN001, ANN202
     """``apply_inplace`` on rows ``e0 …`` of the 2-D weight (each term's rows shifted to them) into ``out`` (or in
-    place when None); True when the result was checked finite on the way. ``fp8``: ``(codes, scale)`` to
+    place when None); True when the result was checked finite on the way. ``fp8``: ``(codes, scale, table)`` to
     dequantize into ``rows`` first."""
     from loratools.ops.merge.apply import FiniteCheck, apply_inplace
 
     if fp8 is not None:
-        from loratools.checkpoint.quant.comfy_fp8 import dequantize_fp8
+        from loratools.checkpoint.quant.comfy_fp8 import dequantize_pairs
 
-        dequantize_fp8(*fp8, out=rows)
+        dequantize_pairs(*fp8, out=rows)
     count = rows.shape[0]
     spans = [(c, *(c.rows or (0, shape[0]))) for c in job.deltas]
     deltas = [replace(c, rows=(r0 - e0, r1 - e0)) for c, r0, r1 in spans if r0 < e0 + count and r1 > e0]
@@ -183,8 +183,9 @@ def _merge_rows(job, shape, e0, rows, out, scratch, fp8=None):  # noqa: ANN001, 
 def _fp8_pieces(src, key, dtype, base, factors) -> Iterator | None:  # noqa: ANN001
     """A ComfyUI fp8-scaled weight merged into its 16-bit dtype by row runs (issue 21: the whole tensor was
     dequantized to fp32 at once, 790 MB peak on the Flux bench): the codes read from a map of the file, each
-    run dequantized (``comfy_fp8.dequantize_fp8``, elementwise: the same values), rounded once to the 16-bit
-    dtype as the whole-tensor path does, then merged like a 16-bit weight's rows: the same bytes."""
+    run dequantized and rounded once to the 16-bit dtype as the whole-tensor path does (``comfy_fp8.
+    dequantize_pairs``: a lookup of those values per pair of codes), then merged like a 16-bit weight's rows:
+    the same bytes."""
     from loratools.checkpoint.quant.comfy_fp8 import NAME
 
     t = base.reader.quant.tensors[key]
@@ -197,6 +198,7 @@ def _fp8_pieces(src, key, dtype, base, factors) -> Iterator | None:  # noqa: ANN
 
 def _fp8_runs(src, t, base, factors) -> Iterator[tuple[int, torch.Tensor, bool]]:  # noqa: ANN001
     from loratools.checkpoint.quant import checks
+    from loratools.checkpoint.quant.comfy_fp8 import pair_table
     from loratools.files.safetensors_file import torch_dtype
     from loratools.ops.merge.apply import BLOCK_ELEMENTS
 
@@ -206,6 +208,7 @@ def _fp8_runs(src, t, base, factors) -> Iterator[tuple[int, torch.Tensor, bool]]
     checks.check_values(t, parts, at)  # the scale's checks, before a code is read (as dequantize does)
     job = factors.resolve(src.job) if factors is not None else src.job
     target, shape, raw = torch_dtype(t.dtype), t.shape, t.parts["weight"]
+    table = pair_table(parts["scale"], torch_dtype(quant.raw_info(raw).dtype), target)
     block = max(1, BLOCK_ELEMENTS // max(1, shape[1]))
     per = max(block, RUN_BYTES // max(1, shape[1] * target.itemsize) // block * block)
     for e0 in range(0, shape[0], per):
@@ -213,7 +216,7 @@ def _fp8_runs(src, t, base, factors) -> Iterator[tuple[int, torch.Tensor, bool]]
         mapped = base.mapped_rows(raw, e0, count, raw=True)
         codes, drop = mapped if mapped is not None else (quant.raw_get(raw)[e0 : e0 + count], None)
         try:
-            out, ok = _rows2d(job, raw, shape, e0, count, base, fp8=(codes, parts["scale"], target))
+            out, ok = _rows2d(job, raw, shape, e0, count, base, fp8=(codes, parts["scale"], table, target))
         finally:
             del codes
             if drop is not None:
