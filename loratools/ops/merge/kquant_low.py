@@ -15,6 +15,7 @@ from loratools.ops.merge.kquant_math import (
     columns,
     f32,
     first_abs_max,
+    keep_columns,
     make_qkx2,
     nearest_clip,
     nearest_int,
@@ -53,8 +54,8 @@ def q2_k(x: np.ndarray, out: np.ndarray) -> None:
     m16, dmin = to_f16_f32(np.where(has_min, max_min / f32(15.0), f32(0.0)))
     dj = (d[:, None] * (sc & 0xF).astype(np.float32)).reshape(-1)
     dm = (dmin[:, None] * (sc >> 4).astype(np.float32)).reshape(-1)
-    q = nearest_clip((X + dm) / dj, 0, 3)  # d == 0 lanes: inf/NaN, not taken
-    L = np.where(dj != 0, q, L).T.reshape(nb, QK_K).astype(np.uint8)
+    q = nearest_clip(np.divide(np.add(X, dm, out=X), dj, out=X), 0, 3)  # d == 0 lanes: inf/NaN, not taken
+    L = keep_columns(q, L, dj == 0).astype(np.uint8).T.reshape(nb, QK_K)
     out[:, 0:16] = sc
     out[:, 16:80] = _pack_2bit(L)
     out[:, 80:82] = d16[:, None].view(np.uint8)
@@ -65,33 +66,63 @@ def q2_k(x: np.ndarray, out: np.ndarray) -> None:
 
 
 def make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """``make_q3_quants(n, nmax, x, L, do_rmse=true)`` per column of ``x`` (element, sub-block): (scale, L + nmax)."""
+    """``make_q3_quants(n, nmax, x, L, do_rmse=true)`` per column of ``x`` (element, sub-block): (scale, L + nmax).
+
+    C walks a sub-block's elements in order and takes a change as soon as it helps, updating its sums. Until
+    a column's first change its sums are the ones it started the pass with, so every element of every column
+    is tested at once against those; a column's first passing element is its first change (those before it
+    fail with the same sums, as in C). The columns that changed go on from the element after, against their
+    new sums, and so on until no column changes in the pass; a column with no change in a pass is done (C's
+    ``break``). Later rounds and passes run on the columns still going only (about 1 in 5 changes a pass)."""
     import numpy as np
 
     amax, mx = first_abs_max(x)
     zero = amax < f32(EPS)
-    L = np.clip(nearest_int((f32(-nmax) / mx) * x), -nmax, nmax - 1).astype(np.float32)
+    lo, hi = -nmax, nmax - 1
+    L = nearest_clip(np.multiply(f32(-nmax) / mx, x), lo, hi)  # only zero columns can exceed 2²²: not used
     w = x * x
     wx = w * x
     sumlx, suml2 = seq_sum(wx * L), seq_sum(w * L * L)
-    active = ~zero
+    n = x.shape[0]
+    rows = np.arange(n)[:, None]
+    live = np.flatnonzero(~zero)  # columns still in a pass
     for _ in range(5):
-        changed = np.zeros_like(active)
-        for i in range(x.shape[0]):
-            wi, wxi, li = w[i], wx[i], L[i]
-            slx = sumlx - wxi * li
-            sl2 = suml2 - wi * li * li
-            new_l = np.clip(nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1).astype(np.float32)
-            slx2 = slx + wxi * new_l
-            sl22 = sl2 + wi * new_l * new_l
-            ok = active & (slx > 0) & (new_l != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            L[i] = np.where(ok, new_l, li)
-            sumlx = np.where(ok, slx2, sumlx)
-            suml2 = np.where(ok, sl22, suml2)
-            changed |= ok
-        active &= changed  # a sub-block whose pass changed nothing is done
-        if not active.any():
+        if not live.size:
             break
+        changed = np.zeros(live.size, dtype=bool)
+        cols, start = live, None  # columns in this round, first element each tests (None: all from 0)
+        while cols.size:
+            if cols.size == x.shape[1]:
+                xs, ws, wxs, ls = x, w, wx, L  # all columns: no copies
+            else:
+                xs, ws, wxs, ls = x[:, cols], w[:, cols], wx[:, cols], L[:, cols]
+            sx, s2 = sumlx[cols], suml2[cols]
+            slx = sx - wxs * ls
+            sl2 = s2 - ws * ls * ls
+            new_l = np.clip(nearest_int(xs * sl2 / slx), lo, hi).astype(np.float32)
+            pre = (slx > 0) & (new_l != ls)
+            if start is not None:
+                pre &= rows >= start
+            r, k = np.nonzero(pre)  # few (about 2 in 100): the rest of C's test on those alone
+            nl = new_l[r, k]
+            slx2 = slx[r, k] + wxs[r, k] * nl
+            sl22 = sl2[r, k] + ws[r, k] * nl * nl
+            sxk = sx[k]
+            ok = (sl22 > 0) & (slx2 * slx2 * s2[k] > sxk * sxk * sl22)
+            r, k, nl, slx2, sl22 = r[ok], k[ok], nl[ok], slx2[ok], sl22[ok]
+            if not k.size:
+                break
+            first = np.full(cols.size, n, dtype=np.intp)
+            first[k[::-1]] = r[::-1]  # row-major order: written last, the smallest row of each column stays
+            pick = np.flatnonzero(first[k] == r)  # each column's first passing element
+            c = cols[k[pick]]
+            L[r[pick], c] = nl[pick]
+            sumlx[c] = slx2[pick]
+            suml2[c] = sl22[pick]
+            changed[np.searchsorted(live, c)] = True
+            go = r[pick] + 1 < n
+            cols, start = c[go], r[pick][go] + 1
+        live = live[changed]  # a column whose pass changed nothing is done
     scale = np.where(suml2 > 0, sumlx / suml2, f32(0.0))
     L = np.where(zero, f32(0.0), L + f32(nmax))
     return np.where(zero, f32(0.0), scale), L
@@ -117,13 +148,13 @@ def q3_k(x: np.ndarray, out: np.ndarray) -> None:
     sc = np.where(has[:, None], sc, np.uint8(0))
     d16, d = to_f16_f32(np.where(has, f32(1.0) / iscale, f32(0.0)))
     dj = (d[:, None] * (lq.astype(np.float32) - f32(32.0))).reshape(-1)
-    q = nearest_clip(X / dj, -4, 3) + f32(4.0)  # d == 0 lanes: inf/NaN, not taken
-    L = np.where(dj != 0, q, L).T.reshape(nb, QK_K).astype(np.uint8)
+    q = np.add(nearest_clip(np.divide(X, dj, out=X), -4, 3), f32(4.0), out=X)  # d == 0 lanes: inf/NaN, not taken
+    L = keep_columns(q, L, dj == 0).astype(np.uint8).T.reshape(nb, QK_K)
     high = L > 3
     out[:, 0:32] = np.bitwise_or.reduce(
         high.reshape(nb, 8, 32).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None], axis=1
     )  # hmask: bit j // 32 of byte j % 32
-    out[:, 32:96] = _pack_2bit(np.where(high, L - 4, L).astype(np.uint8))
+    out[:, 32:96] = _pack_2bit(L & 3)  # L − 4 where L > 3
     out[:, 96:108] = sc
     out[:, 108:110] = d16[:, None].view(np.uint8)
 
