@@ -75,6 +75,46 @@ def test_bytes_equal_llama_cpp_reference(kind):
         assert bad.size == 0, (kind, seed, bad[:10].tolist())
 
 
+def _edge_rows() -> np.ndarray:
+    """Blocks for the paths the vectorised encoders take apart from C's loop: a sub-block's largest |value| as
+    both +a and −a (C keeps the first), sub-blocks that are each other's negation (equal |scale| of opposite
+    sign: the super-block scale's tie), −0.0 (alone, among values, in an all-positive block), and values whose
+    scaled form lands on .5 (nearest_int rounds half to even)."""
+    rng = np.random.default_rng(7)
+    b = (rng.standard_normal((40, 256)) * 0.02).astype(np.float32)
+    for i, sign in ((0, 1), (1, -1)):
+        b[i, 3], b[i, 9] = sign * 0.5, -sign * 0.5  # ±a tie in the first 16 and the first 32
+        b[i, 16 + 5], b[i, 16 + 2] = sign * 0.25, -sign * 0.25
+        b[i + 2, 16:32] = -b[i + 2, 0:16]  # negated sub-blocks: opposite scales of one size
+        b[i + 2, 0:16] *= 40 * sign
+        b[i + 2, 16:32] *= 40 * sign
+        b[i + 4, 32:64] = -b[i + 4, 0:32] * 3
+    b[6] = -0.0
+    b[7, ::3] = -0.0
+    b[8] = np.abs(b[8])
+    b[8, ::5] = -0.0
+    b[9, :16] = -0.0
+    b[10] = rng.integers(-64, 65, 256)  # Q6_K/Q3_K: iscale·x on halves
+    b[10, 0] = 64
+    b[11] = rng.integers(0, 31, 256)  # Q4_K: 15/30 · (x − 0) on halves
+    b[11, 0], b[11, 1] = 0, 30
+    b[12] = rng.integers(0, 7, 256) * np.float32(0.5)
+    b[13] = np.repeat(rng.integers(-8, 9, 16).astype(np.float32), 16)  # constant sub-blocks
+    b[14, ::2] = 0
+    b[15:20] = rng.standard_t(1.5, (5, 256)) * 0.01
+    return b.reshape(-1)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_bytes_equal_llama_cpp_reference_edges(kind):
+    lib = _libggml()
+    x = _edge_rows()
+    want = _ggml_bytes(lib, x, kind).reshape(-1, BLOCK_BYTES[kind])
+    got = quantize(x, kind).reshape(-1, BLOCK_BYTES[kind])
+    bad = np.nonzero((want != got).any(axis=1))[0]
+    assert bad.size == 0, (kind, bad.tolist())
+
+
 @pytest.mark.parametrize("kind", TYPES)
 def test_threads_and_chunks_do_not_change_bytes(kind, monkeypatch):
     from loratools.ops.merge import kquant_encode
