@@ -129,7 +129,7 @@ def make_qkx2(
             np.abs(diff, out=diff)
         else:
             np.multiply(diff, diff, out=diff)
-        return seq_sum(np.multiply(w, diff, out=diff))
+        return np.add.reduce(np.multiply(w, diff, out=diff), axis=0)  # only compared: −0 and +0 alike
 
     with np.errstate(all="ignore"):
         iscale = fmax / (mx - mn)
@@ -137,19 +137,22 @@ def make_qkx2(
     scale = f32(1.0) / iscale
     best_iscale, best_mn = iscale, mn  # what the best L is made from: nearest_clip(best_iscale · (x − best_mn))
     best = diff_sum(scale, mn, nearest_clip(np.multiply(np.subtract(x, mn, out=q), iscale, out=q), 0, nmax, exact))
+    rng = mx - mn
     for step in range(nstep + 1):
-        iscale = (f_rmin + f_rdelta * f32(step) + fmax) / (mx - mn)
+        iscale = (f_rmin + f_rdelta * f32(step) + fmax) / rng
         nearest_clip(np.multiply(np.subtract(x, mn, out=q), iscale, out=q), 0, nmax, exact)
         np.multiply(w, q, out=wl)
-        sum_l = seq_sum(wl)
+        # sum_l or sum_l2 is −0 only where every l is 0, and there D = ±0 is not > 0: no seq_sum's + 0
+        sum_l = np.add.reduce(wl, axis=0)
         sum_xl = seq_sum(np.multiply(wl, x, out=buf))
-        sum_l2 = seq_sum(np.multiply(wl, q, out=wl))
+        sum_l2 = np.add.reduce(np.multiply(wl, q, out=wl), axis=0)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
         pos = this_min > 0
-        this_min = np.where(pos, f32(0.0), this_min)
-        this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+        if pos.any():
+            this_min = np.where(pos, f32(0.0), this_min)
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
         cur = diff_sum(this_scale, this_min, q)
         take = (D > 0) & (cur < best)
         if not take.any():
@@ -158,6 +161,7 @@ def make_qkx2(
         scale = np.where(take, this_scale, scale)
         best_iscale, best_mn = np.where(take, iscale, best_iscale), np.where(take, mn, best_mn)
         mn = np.where(take, this_min, mn)
+        rng = mx - mn
     best_iscale = np.where(flat, f32(0.0), best_iscale)  # a flat sub-block's L is all 0 (0 · (x − min) = 0)
     L = nearest_clip(np.multiply(np.subtract(x, best_mn, out=q), best_iscale, out=q), 0, nmax, exact)
     return np.where(flat, f32(0.0), scale), np.where(flat, flat_min, -mn), L
