@@ -1,8 +1,9 @@
 """Q3_K and Q2_K encoders: ggml's ``quantize_row_q3_K_ref`` / ``quantize_row_q2_K_ref`` byte for byte, vectorised
 across blocks in numpy float32 the way :mod:`.kquant_encode` is (read its notes: one float op per C op, sums in the
 C loop's order). ``make_q3_quants``' refinement walks a sub-block's 16 elements one at a time, updating its sums as
-it goes: here that walk runs element by element too, each step over every sub-block at once, and a sub-block whose
-pass changed nothing stops (C's ``break``) while the others go on.
+it goes: here each pass tests all elements of all sub-blocks at once against the pass's starting sums, takes each
+sub-block's first change, and goes on from there with the sub-blocks that changed (:func:`make_q3`); a sub-block
+whose pass changed nothing stops (C's ``break``) while the others go on.
 """
 
 from __future__ import annotations
