@@ -96,11 +96,15 @@ def make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
             if cols.size == x.shape[1]:
                 xs, ws, wxs, ls = x, w, wx, L  # all columns: no copies
             else:
-                xs, ws, wxs, ls = x[:, cols], w[:, cols], wx[:, cols], L[:, cols]
+                xs, ws, wxs, ls = (np.take(a, cols, axis=1) for a in (x, w, wx, L))
             sx, s2 = sumlx[cols], suml2[cols]
             slx = sx - wxs * ls
             sl2 = s2 - ws * ls * ls
-            new_l = np.clip(nearest_int(xs * sl2 / slx), lo, hi).astype(np.float32)
+            f = xs * sl2 / slx
+            new_l = np.clip(np.rint(f), lo, hi)  # nearest_int where |f| < 2²², its bit trick elsewhere:
+            big = ~(np.abs(f) < f32(4194304.0))
+            if big.any():
+                new_l[big] = np.clip(nearest_int(f[big]), lo, hi)
             pre = (slx > 0) & (new_l != ls)
             if start is not None:
                 pre &= rows >= start
