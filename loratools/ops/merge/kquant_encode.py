@@ -167,14 +167,14 @@ def make_qx_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     ratio = sumlx / suml2
     cand = ratio * sumlx  # best = scale*sumlx of a candidate taken
     square = sumlx * sumlx
-    has = suml2 > 0
     scale0 = np.where(suml2[0] != 0, ratio[0], f32(0.0))
     best = scale0 * sumlx[0]
     chosen = np.zeros(x.shape[1], dtype=np.intp)
     for k in range(1, len(num)):
-        take = has[k] & (square[k] > best * suml2[k])
-        best = np.where(take, cand[k], best)
-        chosen = np.where(take, k, chosen)
+        # C's suml2 > 0 is implied: where suml2 = 0 every w·l is 0, so sumlx = ±0 and 0 > best·0 fails
+        take = square[k] > best * suml2[k]
+        np.copyto(best, cand[k], where=take)
+        chosen[take] = k
     cols = np.arange(x.shape[1])
     scale = np.where(chosen == 0, scale0, ratio[chosen, cols])
     # all zero: C stores L = 0, i.e. l = −nmax: an iscale of 0 makes l = 0, times 0 after the + nmax
