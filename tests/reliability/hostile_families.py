@@ -253,6 +253,13 @@ def _cases() -> list[HostileCase]:
          config=setting(feedforward_modules=5), validate_exit=2)
     peft("feedforward-modules-object", ia3, ["adapter_config.json", "feedforward_modules"],
          config=setting(feedforward_modules={"down_proj": 1}), validate_exit=2)
+
+    # -- a family adapter merged into a GGUF base: no B·A pair to merge (AttributeError 'factors' before; probe4)
+    gguf = {"merge": ["merge", FIXTURES / "gguf" / "llama-f32.gguf", "A", "-o", "O"]}
+    for tag, label in (("oft", "OFT"), ("boft", "BOFT"), ("ia3", "(IA)³"), ("loha", "LoHa")):
+        build = peft_folder(FAMILIES / f"peft-{tag}", f"hostile-gguf-{tag}")
+        expect = [f"{label} modules have no place in a GGUF LoRA"]
+        cases.append(HostileCase(f"families-gguf-base-{tag}", build, expect, gguf, name_in_error=False))
     return cases
 
 

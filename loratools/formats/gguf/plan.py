@@ -108,6 +108,10 @@ def tied_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None, m
 
 
 def _module_problem(name: str, m: LoraModule, base: GgufBase, tensor: str | None, merge: bool) -> Problem | None:
+    if not hasattr(m, "factors"):  # an OFT/BOFT/IA3 module left unlowered: no B·A pair without the base weight
+        what = getattr(m, "label", "") or type(m).__name__
+        message = f"{name}: {what} modules have no place in a GGUF LoRA (B·A pairs only)"
+        return Problem(name, "family", message, LOWER_HINT)
     if m.magnitude is not None:
         return Problem(name, "dora", f"{name}: DoRA magnitude vectors have no place in a GGUF LoRA", LOWER_HINT)
     if m.bias is not None:
