@@ -3,8 +3,10 @@
 block weight's shape and spread), per type: medians of ``--runs`` of wall and CPU time, the bytes compared.
 
 loratools runs with torch and the encoder on 1 thread, then on 2 (``quantize(threads=2)``; ``torch.set_num_threads``
-the same); the C reference is single-threaded. ``--baseline SRC`` times another loratools tree (e.g. ``git archive``
-of an older commit) in a subprocess with SRC first on PYTHONPATH, on the same data: before/after from one run.
+the same); the C reference is single-threaded. ``--baseline SRC`` also times the encoder of another loratools tree
+(e.g. ``git archive`` of an older commit; its ``loratools/ops/merge/kquant_*.py`` loaded under other module names),
+on the same data. Every run times each in turn (C, loratools, 2 threads, baseline), so a shared machine's load
+falls on all alike.
 
     python benchmarks/bench_kquant.py [--runs 3] [--types Q4_K,Q6_K] [--baseline SRC]
 
@@ -16,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,21 +65,19 @@ def ggml_fn(lib: ctypes.CDLL, kind: str):  # noqa: ANN201
     return run
 
 
-def loratools_times(types: list[str], runs: int, threads: tuple[int, ...]) -> dict[str, dict[int, list[float]]]:
-    """{type: {threads: [wall, cpu]}} for this interpreter's loratools."""
-    import torch
+def load_baseline(src: Path):  # noqa: ANN201 - the baseline tree's kquant_encode module
+    """SRC's K-quant modules as ``_kq_base_*`` (their ``loratools.ops.merge.kquant_*`` imports renamed)."""
+    import types
 
-    from loratools.ops.merge.kquant_encode import quantize
-
-    x = values()
-    res: dict[str, dict[int, list[float]]] = {}
-    for kind in types:
-        res[kind] = {}
-        for n in threads:
-            torch.set_num_threads(n)
-            wall, cpu, _ = timed(lambda k=kind, n=n: quantize(x, k, threads=n), runs)
-            res[kind][n] = [wall, cpu]
-    return res
+    names = sorted(p.stem for p in (src / "loratools/ops/merge").glob("kquant_*.py"))
+    mods = {n: types.ModuleType(f"_kq_base_{n}") for n in names}
+    sys.modules.update({m.__name__: m for m in mods.values()})
+    for n in ["kquant_math", *[n for n in names if n != "kquant_math"]]:  # the shared arithmetic first
+        code = (src / "loratools/ops/merge" / f"{n}.py").read_text()
+        code = code.replace("loratools.ops.merge.kquant_", "_kq_base_kquant_")
+        code = code.replace("from loratools.ops.merge import kquant_low", "import _kq_base_kquant_low as kquant_low")
+        exec(compile(code, f"{src}/{n}.py", "exec"), mods[n].__dict__)  # noqa: S102 - a source tree we were given
+    return mods["kquant_encode"]
 
 
 def main() -> None:
@@ -87,48 +85,46 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--baseline", type=Path, help="another loratools source tree, timed the same way")
-    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)  # baseline subprocess: JSON out
     args = ap.parse_args()
-    types = args.types.split(",")
-    if args.inner:
-        print(json.dumps(loratools_times(types, args.runs, (1,))))
-        return
     import torch
 
     from loratools.ops.merge.kquant_encode import quantize
 
-    torch.set_num_threads(1)
     x = values()
     lib = libggml()
-    base = None
-    if args.baseline:
-        env = dict(os.environ, PYTHONPATH=str(args.baseline.resolve()))
-        cmd = [sys.executable, __file__, "--inner", "--runs", str(args.runs), "--types", args.types]
-        base = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
-    print(f"{SIDE}x{SIDE} float32, medians of {args.runs}, wall s (CPU s)\n")
+    base = load_baseline(args.baseline) if args.baseline else None
+    print(f"{SIDE}x{SIDE} float32, medians of {args.runs}, CPU s (wall s)\n")
     head = "| type | libggml C, 1 thread | loratools, 1 thread | loratools / C | loratools, 2 threads |"
     if base:
         head += " before, 1 thread | speed-up |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
-    for kind in types:
-        ours = loratools_times([kind], args.runs, (1, 2))[kind]
-        torch.set_num_threads(1)
-        row = f"| {kind} |"
+
+    def ours(kind: str, n: int):  # noqa: ANN202
+        torch.set_num_threads(n)
+        return quantize(x, kind, threads=n)
+
+    for kind in args.types.split(","):
+        tools = {"one": lambda k=kind: ours(k, 1), "two": lambda k=kind: ours(k, 2)}
         if lib is not None:
-            c_wall, c_cpu, want = timed(lambda k=kind: ggml_fn(lib, k)(x), args.runs)
-            same = np.array_equal(want, quantize(x, kind))
-            row += f" {c_wall:.3f} ({c_cpu:.3f}) |"
-        else:
-            c_cpu, same = float("nan"), None
-            row += " – |"
-        w1, p1 = ours[1]
-        w2, p2 = ours[2]
-        row += f" {w1:.3f} ({p1:.3f}) | {p1 / c_cpu:.2f} | {w2:.3f} ({p2:.3f}) |"
+            c_fn = ggml_fn(lib, kind)
+            tools = {"C": lambda f=c_fn: f(x), **tools}
         if base:
-            bw, bp = base[kind]["1"]
-            row += f" {bw:.3f} ({bp:.3f}) | {bp / p1:.2f}× |"
-        print(row + ("" if same is None else "" if same else "  BYTES DIFFER"))
+            tools["base"] = lambda k=kind: (torch.set_num_threads(1), base.quantize(x, k))[1]
+        times: dict[str, list[tuple[float, float]]] = {t: [] for t in tools}
+        outs = {}
+        for _ in range(args.runs):
+            for t, fn in tools.items():
+                wall, cpu, outs[t] = timed(fn, 1)
+                times[t].append((cpu, wall))
+        med = {t: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for t, v in times.items()}
+        cell = {t: f"{c:.3f} ({w:.3f})" for t, (c, w) in med.items()}
+        same = all(np.array_equal(o, outs["one"]) for o in outs.values())
+        c_cpu = med["C"][0] if "C" in med else float("nan")
+        row = f"| {kind} | {cell.get('C', '–')} | {cell['one']} | {med['one'][0] / c_cpu:.2f} | {cell['two']} |"
+        if base:
+            row += f" {cell['base']} | {med['base'][0] / med['one'][0]:.2f}× |"
+        print(row + ("" if same else "  BYTES DIFFER"), flush=True)
 
 
 if __name__ == "__main__":
