@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loratools import merge
+from loratools.checkpoint import direct_io as D
 from loratools.checkpoint import writer as W
 from loratools.errors import NumericError
 from loratools.ops.merge import apply, stacked
@@ -65,13 +66,13 @@ def test_non_finite_results_are_refused(tmp_path, monkeypatch, value) -> None:  
 
 def test_runs_threads_and_direct_io_keep_the_bytes(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     base, lora = _files(tmp_path)
-    monkeypatch.setenv(W.NO_DIRECT_ENV, "1")
+    monkeypatch.setenv(D.NO_DIRECT_ENV, "1")
     monkeypatch.setattr(stacked, "RUN_BYTES", 1 << 60)
     merge(base, [lora], tmp_path / "plain.safetensors", allow_other_base=True)
-    monkeypatch.delenv(W.NO_DIRECT_ENV)
+    monkeypatch.delenv(D.NO_DIRECT_ENV)
     monkeypatch.setattr(apply, "BLOCK_ELEMENTS", 120)  # 3 rows per block
     monkeypatch.setattr(stacked, "RUN_BYTES", 40 * 2 * 9)  # runs of 9 rows: halves on two threads
-    monkeypatch.setattr(W, "_STAGE", 2 * W._ALIGN)  # the staging buffer fills several times
+    monkeypatch.setattr(D, "STAGE", 2 * D.ALIGN)  # the staging buffer fills several times
     merge(base, [lora], tmp_path / "fast.safetensors", allow_other_base=True)
     assert (tmp_path / "fast.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
     merged = load_file(tmp_path / "fast.safetensors")["blocks.0.proj.weight"]
@@ -81,20 +82,32 @@ def test_runs_threads_and_direct_io_keep_the_bytes(tmp_path, monkeypatch) -> Non
 def test_direct_writer_writes_the_buffered_bytes(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(50_000))
-    entries = [W.TensorEntry("a", "U8", (5000,)), W.TensorEntry("b", "F32", (3, 7)), W.TensorEntry("c", "U8", (9001,))]
-    monkeypatch.setattr(W, "_STAGE", 2 * W._ALIGN)
+    big = 3 * D.ALIGN + 123
+    entries = [W.TensorEntry("a", "U8", (5000,)), W.TensorEntry("b", "F32", (3, 7)), W.TensorEntry("c", "U8", (9001,)),
+               W.TensorEntry("d", "U8", (2 * big,))]  # fmt: skip
+    monkeypatch.setattr(D, "STAGE", 2 * D.ALIGN)
+    data = torch.randint(0, 256, (2 * big,), dtype=torch.uint8)
+    direct_writes = []
+    write_all = D.DirectSink._write_all
+    monkeypatch.setattr(D.DirectSink, "_write_all", lambda self, v: direct_writes.append(
+        D.address(v) != D.address(memoryview(self.stage))) or write_all(self, v))  # fmt: skip
     outs = []
     for direct in (False, True):
         path = tmp_path / f"out{direct}.safetensors"
         with W.SafetensorsWriter(path, entries, {"k": "v"}, direct=direct) as w:
-            assert (w._stage is not None) is direct or direct  # a file system without O_DIRECT: buffered
             w.copy("a", src, 123)
             w.write_part("b", torch.arange(7.0))
             w.write_part("b", torch.arange(14.0).reshape(2, 7))
             w.copy("c", src, 7777)
+            at = w.offset_of("d")
+            buf = torch.empty(big + D.ALIGN, dtype=torch.uint8)  # placed like its file position: no staging copy
+            skip = (at - buf.data_ptr()) % D.ALIGN
+            w.write_part("d", buf[skip : skip + big].copy_(data[:big]))
+            w.write_part("d", data[big:].clone())  # not placed: staged
         outs.append(path.read_bytes())
     assert outs[0] == outs[1]
-    assert load_file(tmp_path / "outTrue.safetensors")["c"].numel() == 9001
+    assert torch.equal(load_file(tmp_path / "outTrue.safetensors")["d"], data)
+    assert not direct_writes or any(direct_writes) and not all(direct_writes)  # one piece from its own memory
 
 
 def _fp8_files(tmp_path, nan_at=None):  # noqa: ANN001, ANN202

@@ -124,6 +124,7 @@ def _rows2d(job, key, shape, e0, count, base, fp8=None) -> tuple[torch.Tensor, b
     finite check done on the blocks while they are in cache; the run's second half (at a row-block boundary)
     on a second compute thread where there is a second core. ``fp8``: ``(codes, scale, table, dtype)`` of a ComfyUI
     fp8-scaled weight's rows, dequantized into a work buffer (half by half, on the same threads) first."""
+    from loratools.checkpoint.direct_io import ALIGN
     from loratools.ops.merge.apply import BLOCK_ELEMENTS
 
     drop = None
@@ -137,7 +138,10 @@ def _rows2d(job, key, shape, e0, count, base, fp8=None) -> tuple[torch.Tensor, b
             _merge_rows(job, shape, e0, run, None, base.scratch(BLOCK_ELEMENTS + shape[-1]))
             return run, False
         rows, drop = mapped
-    out = base.buffer(rows.numel() * rows.element_size()).view(rows.dtype).view(rows.shape)
+    size = rows.element_size()
+    at = None if base.out_offset is None else (base.out_offset + e0 * rows[0].numel() * size)
+    phase = None if at is None or at % size else at % ALIGN  # placed like its file position: no staging copy
+    out = base.buffer(rows.numel() * size, phase).view(rows.dtype).view(rows.shape)
     block = max(1, BLOCK_ELEMENTS // max(1, shape[1]))
     half = (count // 2 + block - 1) // block * block if count > block else count
     helper = base.helper() if half < count else None

@@ -43,6 +43,7 @@ class BaseBytes:
         self._work: torch.Tensor | None = None
         self._maps: dict[Path, mmap.mmap | None] = {}
         self._helper: Any = None  # a one-thread executor: the second half of each row run (both cores compute)
+        self.out_offset: int | None = None  # where the output tensor being made starts in its file
 
     def get(self, key: str) -> torch.Tensor:
         info = self.reader.info(key)
@@ -80,17 +81,25 @@ class BaseBytes:
             self._work = torch.empty(nbytes, dtype=torch.uint8)
         return self._work[:nbytes]
 
-    def buffer(self, nbytes: int) -> torch.Tensor:
-        """``nbytes`` uint8: the next buffer of the ring (a fresh one without a ring)."""
+    def buffer(self, nbytes: int, phase: int | None = None) -> torch.Tensor:
+        """``nbytes`` uint8: the next buffer of the ring (a fresh one without a ring). ``phase``: its address
+        modulo the O_DIRECT alignment (the file position its bytes go to, modulo it: written from here, no
+        staging copy)."""
         import torch
 
+        from loratools.checkpoint.direct_io import ALIGN
+
+        extra = ALIGN if phase is not None else 0
         if not self._ring:
-            return torch.empty(nbytes, dtype=torch.uint8)
-        i = self._turn = (self._turn + 1) % len(self._ring)
-        if self._ring[i] is None or self._ring[i].numel() < nbytes:
-            self._ring[i] = None  # freed before the larger one is allocated
-            self._ring[i] = torch.empty(nbytes, dtype=torch.uint8)
-        return self._ring[i][:nbytes]
+            buf = torch.empty(nbytes + extra, dtype=torch.uint8)
+        else:
+            i = self._turn = (self._turn + 1) % len(self._ring)
+            if self._ring[i] is None or self._ring[i].numel() < nbytes + extra:
+                self._ring[i] = None  # freed before the larger one is allocated
+                self._ring[i] = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+            buf = self._ring[i]
+        skip = (phase - buf.data_ptr()) % ALIGN if phase is not None else 0
+        return buf[skip : skip + nbytes]
 
     def mapped_rows(
         self, key: str, first: int, count: int, raw: bool = False
@@ -252,6 +261,7 @@ def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance, factor
                     run, run_src, run_end = [e.name], src, src.start + src.nbytes
                     continue
                 try:
+                    base.out_offset = w.offset_of(e.name)
                     parts = pieces(src, e.dtype, base, prefix, dev, factors)  # a stack of experts, run by run
                     parts = parts or quant_pieces(src, e.dtype, base, prefix, dev, factors)  # MXFP4 experts too
                     if parts is None:
