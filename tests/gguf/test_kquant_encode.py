@@ -126,6 +126,18 @@ def test_threads_and_chunks_do_not_change_bytes(kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", TYPES)
+def test_sums_without_einsum_same_bytes(kind, monkeypatch):
+    """Where numpy's einsum is not C's arithmetic (a fused multiply-add build), the sums fall back to products
+    and sequential reductions: the same bytes."""
+    from loratools.ops.merge import kquant_math
+
+    x = np.concatenate([_rows(6, n_blocks=200), _edge_rows()])
+    one = quantize(x, kind)
+    monkeypatch.setattr(kquant_math, "einsum_is_c", lambda: False)
+    assert np.array_equal(quantize(x, kind), one)
+
+
+@pytest.mark.parametrize("kind", TYPES)
 def test_gguf_package_decodes_it(kind):
     """The layout: a (rows, 512) tensor through gguf_tensors.encode, read back by the gguf package."""
     rng = np.random.default_rng(1)

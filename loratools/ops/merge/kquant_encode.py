@@ -6,8 +6,10 @@ These are ggml's ``quantize_row_q*_K_ref`` (``ggml/src/ggml-quants.c``: ``make_q
 numpy float32. C float arithmetic is evaluated one operation at a time in source order, so every product and
 quotient here is one numpy float32 operation in that order, and every sum over a block's elements runs in the C
 loop's order: elements are laid out ``(element, block)`` and summed with ``np.add.reduce(axis=0)``, which adds
-row after row (sequential per column, unlike a sum along the contiguous axis or ``torch.sum``). ``nearest_int`` is
-ggml's own bit trick (``(f + 1.5·2²³)`` as int32, low 23 bits − 2²²), so even its values beyond ±2²² match.
+row after row (sequential per column, unlike a sum along the contiguous axis or ``torch.sum``), or with one
+``np.einsum`` per sum of products where that is C's arithmetic too (``kquant_math.einsum_is_c``, checked once).
+``nearest_int`` is ggml's own bit trick (``(f + 1.5·2²³)`` as int32, low 23 bits − 2²²), so even its values beyond
+±2²² match (``rint`` where |f| < 2²², the same).
 ``tests/gguf/test_kquant_encode.py`` compares the bytes with libggml's own functions (through the llama.cpp
 runtime venv) on random rows with outliers, zeros, constant and tiny blocks.
 
@@ -25,13 +27,13 @@ from loratools.ops.merge.kquant_math import (
     EPS,
     QK_K,
     columns,
+    dot_sum,
     f32,
     first_abs_max,
     keep_columns,
     make_qkx2,
     nearest_clip,
     nearest_int,
-    seq_sum,
     to_f16_f32,
 )
 
@@ -101,7 +103,7 @@ def _qk_scales(x: np.ndarray, out: np.ndarray, nmax: int, rmin: float, nstep: in
 
     nb = x.shape[0]
     X = columns(x, 32)
-    av_x = np.sqrt(seq_sum(X * X) / f32(32.0))
+    av_x = np.sqrt(dot_sum(X, X) / f32(32.0))
     W = av_x + np.abs(X)
     scales, mins, L = make_qkx2(X, W, nmax, rmin, 0.1, nstep, False)
     scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
@@ -153,7 +155,7 @@ def make_qx_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     zero = amax < f32(EPS)
     w = x * x
     wx = w * x
-    q, t = np.empty_like(x), np.empty_like(x)
+    q = np.empty_like(x)
     # the first candidate is −nmax/max, then −(nmax + 0.1·is)/max for is = −9..9 but 0, in C's order
     num = [f32(-nmax)] + [-(f32(nmax) + f32(0.1) * f32(i)) for i in range(-9, 10) if i != 0]
     iscales = np.array(num, dtype=np.float32)[:, None] / mx
@@ -161,9 +163,8 @@ def make_qx_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     suml2 = np.empty_like(iscales)
     for k in range(len(num)):
         nearest_clip(np.multiply(iscales[k], x, out=q), -nmax, nmax - 1)  # |max| ≥ 1e-15 where it counts: finite
-        np.add.reduce(np.multiply(wx, q, out=t), axis=0, out=sumlx[k])
-        np.add.reduce(np.multiply(np.multiply(w, q, out=t), q, out=t), axis=0, out=suml2[k])
-    sumlx += f32(0.0)  # as seq_sum (suml2's terms w·l·l are never −0)
+        sumlx[k] = dot_sum(wx, q)  # sumlx += w*x[i]*l (wx = w*x)
+        suml2[k] = dot_sum(w, q, q)  # suml2 += w*l*l
     ratio = sumlx / suml2
     cand = ratio * sumlx  # best = scale*sumlx of a candidate taken
     square = sumlx * sumlx

@@ -14,13 +14,13 @@ from loratools.ops.merge.kquant_math import (
     EPS,
     QK_K,
     columns,
+    dot_sum,
     f32,
     first_abs_max,
     keep_columns,
     make_qkx2,
     nearest_clip,
     nearest_int,
-    seq_sum,
     to_f16_f32,
 )
 
@@ -83,7 +83,7 @@ def make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     L = nearest_clip(np.multiply(f32(-nmax) / mx, x), lo, hi)  # only zero columns can exceed 2²²: not used
     w = x * x
     wx = w * x
-    sumlx, suml2 = seq_sum(wx * L), seq_sum(w * L * L)
+    sumlx, suml2 = dot_sum(wx, L), dot_sum(w, L, L)
     n = x.shape[0]
     rows = np.arange(n)[:, None]
     live = np.flatnonzero(~zero)  # columns still in a pass

@@ -6,6 +6,7 @@ in :mod:`.kquant_encode`.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,6 +38,38 @@ def seq_sum(a: np.ndarray) -> np.ndarray:
     import numpy as np
 
     return np.add.reduce(a, axis=0) + f32(0.0)
+
+
+@functools.cache
+def einsum_is_c() -> bool:
+    """Whether ``np.einsum('ij,ij->j')`` and ``('ij,ij,ij->j')`` sum each column row after row from +0 with every
+    product rounded, ``(a·b)·c`` in that order (no fused multiply-add, which numpy may use on other builds and
+    CPUs): tested once on values where a fused or reordered sum would differ. They are ~2× a multiply then a
+    reduce (one pass, no temporary)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for shape in ((32, 1032), (16, 40), (32, 8)):
+        a, b, c = ((rng.standard_normal(shape) * np.exp(rng.uniform(-6, 6, shape))).astype(np.float32) for _ in "abc")
+        want2, want3 = seq_sum(a * b), seq_sum(a * b * c)
+        if not (
+            np.array_equal(np.einsum("ij,ij->j", a, b, optimize=False), want2)
+            and np.array_equal(np.einsum("ij,ij,ij->j", a, b, c, optimize=False), want3)
+        ):
+            return False
+    return True
+
+
+def dot_sum(a: np.ndarray, b: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
+    """``float s = 0; for i: s += a[i]*b[i]`` (or ``a[i]*b[i]*c[i]``) per column: one einsum where it is C's
+    arithmetic (:func:`einsum_is_c`), else the products and :func:`seq_sum`."""
+    import numpy as np
+
+    if einsum_is_c():
+        if c is None:
+            return np.einsum("ij,ij->j", a, b, optimize=False)
+        return np.einsum("ij,ij,ij->j", a, b, c, optimize=False)
+    return seq_sum(a * b if c is None else a * b * c)
 
 
 def first_abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,17 +152,15 @@ def make_qkx2(
     mn = np.where(mn > 0, f32(0.0), mn)
     flat, flat_min = mx == mn, -mn
     fmax, f_rmin, f_rdelta = f32(nmax), f32(rmin), f32(rdelta)
-    buf, q, wl = (np.empty_like(x) for _ in range(3))  # few arrays: the working set stays in L2
+    buf, q = np.empty_like(x), np.empty_like(x)  # few arrays: the working set stays in L2
 
     def diff_sum(scale: np.ndarray, low: np.ndarray, q: np.ndarray) -> np.ndarray:
         diff = np.multiply(scale, q, out=buf)
         np.add(diff, low, out=diff)
         np.subtract(diff, x, out=diff)
         if use_mad:
-            np.abs(diff, out=diff)
-        else:
-            np.multiply(diff, diff, out=diff)
-        return np.add.reduce(np.multiply(w, diff, out=diff), axis=0)  # only compared: −0 and +0 alike
+            return dot_sum(w, np.abs(diff, out=diff))  # cur_error += w * fabsf(diff)
+        return dot_sum(diff, diff, w)  # cur_error += w * (diff * diff)
 
     with np.errstate(all="ignore"):
         iscale = fmax / (mx - mn)
@@ -141,11 +172,7 @@ def make_qkx2(
     for step in range(nstep + 1):
         iscale = (f_rmin + f_rdelta * f32(step) + fmax) / rng
         nearest_clip(np.multiply(np.subtract(x, mn, out=q), iscale, out=q), 0, nmax, exact)
-        np.multiply(w, q, out=wl)
-        # sum_l or sum_l2 is −0 only where every l is 0, and there D = ±0 is not > 0: no seq_sum's + 0
-        sum_l = np.add.reduce(wl, axis=0)
-        sum_xl = seq_sum(np.multiply(wl, x, out=buf))
-        sum_l2 = np.add.reduce(np.multiply(wl, q, out=wl), axis=0)
+        sum_l, sum_l2, sum_xl = dot_sum(w, q), dot_sum(w, q, q), dot_sum(w, q, x)  # w*l, w*l*l, w*l*x[i]
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -169,6 +196,8 @@ def make_qkx2(
 
 __all__ = [
     "columns",
+    "dot_sum",
+    "einsum_is_c",
     "f32",
     "first_abs_max",
     "keep_columns",
