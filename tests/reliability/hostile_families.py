@@ -254,6 +254,17 @@ def _cases() -> list[HostileCase]:
     peft("feedforward-modules-object", ia3, ["adapter_config.json", "feedforward_modules"],
          config=setting(feedforward_modules={"down_proj": 1}), validate_exit=2)
 
+    # -- PEFT flags that are not booleans and a null r / lora_alpha (read as true / as 8 before; probe4)
+    lora = FIXTURES / "peft" / "llama-lora"
+    for key, value in (("use_rslora", "yes"), ("use_dora", 1), ("fan_in_fan_out", "no"), ("lora_bias", "false")):
+        peft(f"flag-{key}-not-bool", lora, ["adapter_config.json", key], config=setting(**{key: value}),
+             validate_exit=2)
+    for key, value in (("rank_pattern", {"[": 4}), ("alpha_pattern", {"q_proj(": 2}), ("target_modules", "(q|v")):
+        peft(f"lora-{key}-bad-regex", lora, ["adapter_config.json", key, "regex"], config=setting(**{key: value}),
+             validate_exit=2)  # the rank/alpha ones named no file before
+    for key in ("r", "lora_alpha"):
+        peft(f"lora-{key}-null", lora, ["adapter_config.json", key], config=setting(**{key: None}), validate_exit=2)
+
     # -- a family adapter merged into a GGUF base: no B·A pair to merge (AttributeError 'factors' before; probe4)
     gguf = {"merge": ["merge", FIXTURES / "gguf" / "llama-f32.gguf", "A", "-o", "O"]}
     for tag, label in (("oft", "OFT"), ("boft", "BOFT"), ("ia3", "(IA)³"), ("loha", "LoHa")):

@@ -11,6 +11,7 @@ allows) are :func:`oft_block_problem` and :func:`boft_problem`; they follow peft
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from loratools.families.oft import MAX_NEUMANN_TERMS
 
 #: config keys naming modules: a regex string or a list of names (``feedforward_modules`` a subset of targets)
 MODULE_LISTS = ("target_modules", "feedforward_modules", "modules_to_save", "exclude_modules")
+#: config flags PEFT reads as booleans
+FLAGS = ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "use_qalora")
 #: PEFT type -> integer fields and their (lowest, highest) allowed values
 INTEGERS: dict[str, dict[str, tuple[int, int]]] = {
     "OFT": {"r": (0, 2**31), "oft_block_size": (0, 2**31), "num_cayley_neumann_terms": (0, MAX_NEUMANN_TERMS)},
@@ -55,10 +58,22 @@ def check_config(cfg: dict[str, Any], peft_type: str, cfg_path: Path) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise _bad(cfg_path, key, value, f"an integer from {low} to {high}")
+    for key in FLAGS:  # PEFT tests them for truth: "no" would switch rsLoRA / DoRA / the transpose on
+        value = cfg.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise _bad(cfg_path, key, value, "true or false")
+    for key in ("r", "lora_alpha") if peft_type == "LORA" else ():  # PEFT computes lora_alpha / r: null fails
+        if key in cfg and cfg[key] is None:
+            raise _bad(cfg_path, key, None, "a number (leave the key out for PEFT's default, 8)")
     for key in ("rank_pattern", "alpha_pattern"):
         value = cfg.get(key)
         if value is not None and (not isinstance(value, dict) or not all(_finite(v) for v in value.values())):
             raise _bad(cfg_path, key, value, "an object of regex -> finite number")
+        for p in value or ():  # PEFT matches rf"(.*\.)?({p})$": a broken regex fails there, named here
+            _regex(cfg_path, key, p, rf"(.*\.)?({p})$")
+    for key in MODULE_LISTS:
+        if isinstance(cfg.get(key), str):
+            _regex(cfg_path, key, cfg[key], cfg[key])
     if peft_type in ("LOHA", "LOKR"):
         alpha = cfg.get("alpha")
         if alpha is not None and not _finite(alpha):
@@ -74,6 +89,13 @@ def check_config(cfg: dict[str, Any], peft_type: str, cfg_path: Path) -> None:
         size, num = int(cfg.get("boft_block_size") or 0), int(cfg.get("boft_block_num") or 0)
         if (size == 0) == (num == 0):
             raise _bad(cfg_path, "boft_block_size and boft_block_num", [size, num], "exactly one of them non-zero")
+
+
+def _regex(cfg_path: Path, key: str, pattern: str, full: str) -> None:
+    try:
+        re.compile(full)
+    except re.error as exc:
+        raise _bad(cfg_path, key, pattern, f"a valid regex ({exc})") from None
 
 
 def _finite(value: Any) -> bool:
