@@ -287,6 +287,10 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
 
             # named, not imported: GgufDitBase subclasses CheckpointReader (an import would be a circle)
             return import_module("loratools.checkpoint.gguf_diffusion").open_gguf_checkpoint(p)
+        if p.suffix == ".gguf":  # named .gguf but no GGUF magic: say so, not "expected .safetensors"
+            with open(p, "rb") as f:
+                head = f.read(4)
+            raise FormatError(f"{p}: not a GGUF file (it starts with {head!r}, not b'GGUF')", path=p)
         raise FormatError(f"{p}: not a checkpoint (expected .safetensors or a model folder)", path=p)
     if (p / "model_index.json").is_file():
         return PipelineReader(p)

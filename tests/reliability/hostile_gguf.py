@@ -384,6 +384,8 @@ CASES: list[HostileCase] = [
     base("q8-nan-scale", _first_value(Q, struct.pack("<H", 0x7E00)), [Q, "NaN"], ("merge",), source=GGUF_Q8),
     base("huge-tokens", put("tokenizer.ggml.tokens", ARR, array(STR, [], GIANT)), ["tokenizer.ggml.tokens"]),
     base("huge-block-count", setv("llama.block_count", U32, (1 << 31) - 1), ["llama.block_count"]),
+    # said "not a checkpoint (expected .safetensors or a model folder)" (probe4)
+    base("bad-magic", attr(header_hook=lambda h: b"GGUX" + h[4:]), ["not a GGUF file", "GGUX"]),
     base("blocks-beyond-tensors", setv("llama.block_count", U32, 30), ["llama.block_count"]),
     base("blocks-too-few", setv("llama.block_count", U32, 1), ["llama.block_count"]),
     base("blocks-missing", lambda r: r.drop("llama.block_count"), ["llama.block_count"]),
