@@ -176,7 +176,9 @@ def convert(
 
 
 def _human(d: dict[str, Any]) -> None:
-    click.echo(f"wrote {d['output']} ({d['format']}, {d['modules']} modules, from {d['source_format']})")
+    n = d["modules"]  # adapter modules, as info counts them (merge counts the base tensors they change)
+    what = f"{n} adapter module{'' if n == 1 else 's'}"
+    click.echo(f"wrote {d['output']} ({d['format']}, {what}, from {d['source_format']})")
     if d.get("modelfile"):
         click.echo(f"wrote {d['modelfile']} (ollama create NAME -f {d['modelfile']})")
     rb = d.get("rebound")

@@ -63,6 +63,13 @@ from loratools.cli.output import get_output
     show_default=True,
     help="Quantized base: merge into deq(Wq) (base) or into the --reference 16-bit model.",
 )
+@click.option(
+    "--expand-base",
+    is_flag=True,
+    help="Flux control LoRA (Canny/Depth) into a plain Flux base: widen the base's img_in/x_embedder with zero "
+    "columns to the LoRA's wider input (the control image's latent), merge into it and write the wider tensor; "
+    "a pipeline or transformer folder gets in_channels in its config (and FluxControlPipeline in model_index.json).",
+)
 @filters
 @json_option
 @click.pass_context
@@ -87,6 +94,7 @@ def merge(
     requantize: bool,
     reference: str | None,
     into: str,
+    expand_base: bool,
 ) -> None:
     """Merge ADAPTERS into the BASE checkpoint: W' = W + sum of weight * scale * B * A.
 
@@ -106,6 +114,7 @@ def merge(
       loratools merge model-Q8_0.gguf adapter/ -o merged.gguf --verify
       loratools merge flux1-dev-Q8_0.gguf flux-lora.safetensors -o merged.gguf
       loratools merge flux1-dev.safetensors kohya-flux-lora.safetensors -o flux1-dev-merged.safetensors
+      loratools merge FLUX.1-dev/ flux1-canny-dev-lora.safetensors -o flux1-canny/ --expand-base
       loratools merge gpt-oss-20b/ expert-lora/ -o merged/
       loratools merge model-bnb-4bit/ qlora/ -o merged/ --reference model-bf16/
       loratools merge model-bnb-4bit/ qlora/ -o merged-4bit/ --requantize
@@ -130,6 +139,7 @@ def merge(
         requantize=requantize,
         reference=reference,
         into=into,
+        expand_base=expand_base,
         progress=lambda total: out.progress_callback(total, "merging"),
     )
     summary = run_merge(base, list(adapters), output, options)
@@ -141,10 +151,14 @@ def _human(d: dict[str, Any]) -> None:
 
     extra = " (verified)" if d.get("verified") else ""
     untied = f", untied {', '.join(d['untied'])}" if d.get("untied") else ""
-    n = d["modules_merged"]
+    n = d.get("tensors_changed")  # base tensors: a fused qkv or an expert tensor takes several adapter modules
+    if n is not None:
+        what = f"{n} base tensor{'' if n == 1 else 's'} changed"
+    else:  # an ONNX model counts the adapter modules it applied
+        what = f"{d['modules_merged']} adapter module{'' if d['modules_merged'] == 1 else 's'} applied"
     click.echo(
-        f"merged {n} module{'' if n == 1 else 's'} into {d['output']}: {format_bytes(d['bytes_written'])} written "
-        f"in {d['seconds']:.1f} s{untied}{extra}"
+        f"merged into {d['output']}: {what}, {format_bytes(d['bytes_written'])} written in {d['seconds']:.1f} s"
+        f"{untied}{extra}"
     )
     left = d.get("left_out") or []
     if left:
@@ -156,6 +170,8 @@ def _human(d: dict[str, Any]) -> None:
         from loratools.cli.quant_render import render_quant_report
 
         render_quant_report(d["quantized_base"])
+    for note in d.get("notes") or []:
+        click.echo(f"note: {note}")
     retyped = d.get("retyped") or []
     if retyped:
         click.echo(

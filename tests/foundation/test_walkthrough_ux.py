@@ -103,3 +103,17 @@ def test_info_on_a_gguf_merge_output_shows_its_provenance(tmp_path: Path) -> Non
     d = json.loads(run("info", out, "--json").output)
     assert (d["kind"], d["base"], d["adapters"], d["weights"]) == ("merged checkpoint", str(base), [str(lora)], [0.5])
 
+
+
+def test_convert_and_merge_name_the_units_they_count(tmp_path: Path) -> None:
+    """A Qwen3-MoE adapter: 16 adapter modules (one per expert and parameter, as info counts) change 24 base tensors
+    (gate_up_proj is gate_proj and up_proj on disk); convert said "16 modules", merge "24 modules"."""
+    lora, base = FIXTURES / "moe" / "qwen3-moe-lora", FIXTURES / "moe" / "qwen3-moe-bf16"
+    r = run("convert", lora, "--to", "vllm-moe", "-o", tmp_path / "v")
+    assert r.output == f"wrote {tmp_path / 'v'} (vllm-moe, 16 adapter modules, from peft)\n"
+    r = run("merge", base, lora, "-o", tmp_path / "m")
+    assert r.output.startswith(f"merged into {tmp_path / 'm'}: 24 base tensors changed, "), r.output
+    d = json.loads(run("merge", base, lora, "-o", tmp_path / "m2", "--json").output)
+    assert (d["modules_merged"], d["tensors_changed"]) == (24, 24)  # the fields stay as they were
+    assert json.loads(run("convert", lora, "--to", "vllm-moe", "-o", tmp_path / "v2", "--json").output)["modules"] == 16
+    assert json.loads(run("info", lora, "--json").output)["num_modules"] == 16

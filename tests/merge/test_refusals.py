@@ -95,6 +95,7 @@ def test_cli_summary_and_verify(case, tmp_path: Path, capsys) -> None:  # noqa: 
         main(["merge", str(case.base), str(case.adapter), "-o", str(out), "--verify"])
     assert exc.value.code == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith("merged 8 modules into") and "(verified)" in line and "\n" not in line
+    assert line.startswith("merged into") and ": 8 base tensors changed," in line
+    assert "(verified)" in line and "\n" not in line
     code, err = _run(["merge", case.base, case.adapter, "-o", out], capsys)
     assert code == 2 and "--overwrite" in err

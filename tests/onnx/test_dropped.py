@@ -99,7 +99,7 @@ def test_lora_slots_skip_the_dropped_module(dense, tmp_path):
     code, out, err = run_cli(["convert", adapter, "--to", "onnx-adapter", "--for", tmp_path / "s", "-o", out_file])
     assert code == 0, err
     assert out.splitlines() == [
-        f"wrote {out_file} (onnx-adapter, 6 modules, from peft)",
+        f"wrote {out_file} (onnx-adapter, 6 adapter modules, from peft)",
         "skipped pooler.dense: the export left pooler.dense.weight out of the graph, so it cannot change the outputs",
     ]
     feed = t.feed()

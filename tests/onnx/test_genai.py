@@ -65,7 +65,7 @@ def test_adapter_fits_the_builder_graph_and_matches_peft(genai_model, references
     out = tmp_path / "patterns.onnx_adapter"
     code, stdout, err = run_cli(["convert", PATTERNS, "--to", "onnx-adapter", "--for", MODEL / "model.onnx", "-o", out])
     assert code == 0, err
-    assert stdout.splitlines() == [f"wrote {out} (onnx-adapter, 8 modules, from peft)"]
+    assert stdout.splitlines() == [f"wrote {out} (onnx-adapter, 8 adapter modules, from peft)"]
     assert np.abs(genai_logits(genai_model, out) - tuned).max() <= 1e-4
 
 
