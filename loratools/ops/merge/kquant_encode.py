@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 #: super-blocks per chunk: temporaries of (32, 8·chunk) float32 stay in cache
 _CHUNK = 256
+#: chunk multipliers: Q3_K's refinement rounds cost per chunk more than per value (4 × 256: ~17 % faster)
+_CHUNK_TIMES = {"Q3_K": 4}
 #: the largest |value| encoded (F16's largest finite)
 MAX_ABS = 65504.0
 
@@ -66,11 +68,13 @@ def quantize(values: np.ndarray, type_name: str, threads: int = 1, out: np.ndarr
     out = np.empty(size, dtype=np.uint8) if out is None else out.reshape(-1)[:size]
     blocks = out.reshape(flat.shape[0], BLOCK_BYTES[type_name])
 
+    chunk = _CHUNK * _CHUNK_TIMES.get(type_name, 1)
+
     def run(s: int) -> None:
         with np.errstate(all="ignore"):  # x/0 and 1/0 where C computes them too; those lanes are masked out
-            fn(flat[s : s + _CHUNK], blocks[s : s + _CHUNK])
+            fn(flat[s : s + chunk], blocks[s : s + chunk])
 
-    starts = range(0, flat.shape[0], _CHUNK)
+    starts = range(0, flat.shape[0], chunk)
     if threads > 1 and len(starts) > 1:
         from concurrent.futures import ThreadPoolExecutor
 
