@@ -255,6 +255,12 @@ def _open_folder(root: Path) -> CheckpointReader:
             missing = sorted(set(weight_map) - set(actual))
             if missing:
                 raise FormatError(f"{index_path}: lists {missing[0]!r} but no shard holds it", path=index_path)
+            moved = sorted(k for k, f in weight_map.items() if actual[k] != f)  # transformers opens the listed shard
+            if moved:
+                k = moved[0]
+                raise FormatError(
+                    f"{index_path}: lists {k!r} in {weight_map[k].name}, but {actual[k].name} holds it", path=index_path
+                )
             return reader
     for name in ("model.safetensors", *COMPONENT_WEIGHTS, "pytorch_model.bin", "diffusion_pytorch_model.bin"):
         if (root / name).is_file():

@@ -3,13 +3,16 @@ link, a symlink loop or a folder. Each must be refused in one line naming that f
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from hostile import BASE_COMMANDS, HostileCase
-from reliability_support import LLAMA_BASE
+from reliability_support import FIXTURES, LLAMA_BASE
+
+SHARDED = FIXTURES / "bases" / "llama-sharded"
 
 
 def _base(name: str, shape: str) -> Callable[[Path], Path]:
@@ -31,12 +34,29 @@ def _base(name: str, shape: str) -> Callable[[Path], Path]:
     return build
 
 
+def _index_moved(folder: Path) -> Path:
+    """fixtures/bases/llama-sharded whose index lists layer 0's q_proj in a shard that does not hold it."""
+    out = folder / "llama-index-moved"
+    shutil.copytree(SHARDED, out)
+    path = out / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    wm = index["weight_map"]
+    key = "model.layers.0.self_attn.q_proj.weight"
+    wm[key] = next(f for f in sorted(set(wm.values())) if f != wm[key])
+    path.write_text(json.dumps(index))
+    return out
+
+
 def _cases() -> list[HostileCase]:
     c = []
     for shape in ("dangling", "loop", "folder"):
         # the base's config.json: validate/info --base took a broken config.json as no config (merge refused it)
         c.append(HostileCase(f"structure-base-config-{shape}", _base("config.json", shape), ["config.json"],
                              dict(BASE_COMMANDS)))  # fmt: skip
+    # read from the shard that holds it (merge, validate and info took the base; transformers cannot load it)
+    c.append(HostileCase("structure-index-tensor-in-other-shard", _index_moved,
+                         ["model.safetensors.index.json", "model.layers.0.self_attn.q_proj.weight"],
+                         dict(BASE_COMMANDS)))  # fmt: skip
     return c
 
 
