@@ -97,6 +97,7 @@ def _runs(src, key, shape, per, dtype, base, dev, factors) -> Iterator[tuple[int
 
     target = torch_dtype(dtype)
     job = None if src.job is None else factors.resolve(src.job) if factors is not None else src.job
+    job = job if job is None or any(c.expert is not None for c in job.deltas) else _fp32_factors(job)
     d1 = shape[1] if len(shape) > 1 else 1
     for e0 in range(0, shape[0], per):
         count = min(per, shape[0] - e0)
@@ -116,6 +117,22 @@ def _runs(src, key, shape, per, dtype, base, dev, factors) -> Iterator[tuple[int
             yield e0, apply_inplace(sub, run, base.scratch(BLOCK_ELEMENTS + shape[-1]), first_row=e0 * d1)
         else:
             yield e0, compute(sub, run, dev).to(target)
+
+
+def _fp32_factors(job: Any) -> Any:
+    """``job`` with its LoRA factors widened to fp32 once (``LoraModule.factors(fp32)`` is then a no-op), not
+    once per half-run: the same values (a 2-D weight's factors are small; experts' are not widened whole)."""
+    import torch
+
+    from loratools.model.adapter import LoraModule
+
+    def widen(c: Any) -> Any:
+        m = c.lora
+        if type(m) is not LoraModule or m.up.dtype == m.down.dtype == torch.float32:
+            return c
+        return replace(c, lora=replace(m, up=m.up.float(), down=m.down.float()))
+
+    return replace(job, deltas=[widen(c) for c in job.deltas])
 
 
 def _rows2d(job, key, shape, e0, count, base, fp8=None) -> tuple[torch.Tensor, bool]:  # noqa: ANN001
@@ -210,7 +227,7 @@ def _fp8_runs(src, t, base, factors) -> Iterator[tuple[int, torch.Tensor, bool]]
     at = quant.part_namer(t)
     parts = quant.read_parts(t, skip=("weight",))
     checks.check_values(t, parts, at)  # the scale's checks, before a code is read (as dequantize does)
-    job = factors.resolve(src.job) if factors is not None else src.job
+    job = _fp32_factors(factors.resolve(src.job) if factors is not None else src.job)
     target, shape, raw = torch_dtype(t.dtype), t.shape, t.parts["weight"]
     table = pair_table(parts["scale"], torch_dtype(quant.raw_info(raw).dtype), target)
     block = max(1, BLOCK_ELEMENTS // max(1, shape[1]))
