@@ -398,3 +398,32 @@ CASES: list[HostileCase] = [
     base("utf8-architecture", put("general.architecture", STR, text(b"ll\xffama")), ["general.architecture"]),
     base("tensor-type-unknown", on_tensor(Q, type=200), [Q, "unknown tensor type"]),
 ]
+
+
+def _hf_base_config(**values: object) -> Callable[[Path], Path]:
+    """fixtures/bases/llama with config.json values replaced: the Hugging Face base of ``convert --to gguf``."""
+
+    def build(folder: Path) -> Path:
+        import json
+        import shutil
+
+        out = folder / "llama-hf"
+        shutil.copytree(FIXTURES / "bases" / "llama", out)
+        cfg = json.loads((out / "config.json").read_text())
+        cfg.update(values)
+        (out / "config.json").write_text(json.dumps(cfg))
+        return out
+
+    return build
+
+
+#: convert --to gguf against a Hugging Face folder whose head count is a string ("config.json has no
+#: num_attention_heads" before; probe4)
+CASES.append(
+    HostileCase(
+        "gguf-hf-base-heads-string",
+        _hf_base_config(num_attention_heads="4"),
+        ["config.json num_attention_heads is '4', not an integer"],
+        {"convert-gguf": ["convert", LLAMA_LORA, "--to", "gguf", "--base", "B", "-o", "O"]},
+    )
+)

@@ -191,6 +191,9 @@ def _int(cfg: dict[str, Any], keys: tuple[str, ...], where: object) -> int:
     for k in keys:
         if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool):
             return int(cfg[k])
+    given = next((k for k in keys if cfg.get(k) is not None), None)
+    if given is not None:  # there, but "4" or 4.0 or true: say what it is
+        raise FormatError(f"{where}: config.json {given} is {cfg[given]!r}, not an integer", path=where)
     raise FormatError(f"{where}: config.json has no {keys[0]}", path=where)
 
 
