@@ -262,6 +262,8 @@ def _cases() -> list[HostileCase]:
     for key, value in (("rank_pattern", {"[": 4}), ("alpha_pattern", {"q_proj(": 2}), ("target_modules", "(q|v")):
         peft(f"lora-{key}-bad-regex", lora, ["adapter_config.json", key, "regex"], config=setting(**{key: value}),
              validate_exit=2)  # the rank/alpha ones named no file before
+    # use_dora without magnitude vectors: PEFT starts them at |W| (merged as plain LoRA before)
+    peft("lora-use-dora-no-magnitudes", lora, ["use_dora", "lora_magnitude_vector"], config=setting(use_dora=True))
     for key in ("r", "lora_alpha"):
         peft(f"lora-{key}-null", lora, ["adapter_config.json", key], config=setting(**{key: None}), validate_exit=2)
 

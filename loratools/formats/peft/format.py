@@ -307,6 +307,9 @@ class PeftFormat(AdapterFormat):
                 magnitude=p.get("magnitude"),
                 bias=p.get("bias"),
             )
+        if cfg.get("use_dora") and (plain := [n for n, m in modules.items() if m.magnitude is None]):
+            why = f"adapter_config.json sets use_dora, but {plain[0]} has no lora_magnitude_vector"  # PEFT: m = |W|
+            raise ValidationError(f"{weights_file}: {why}", hint="re-save it with PEFT, or use_dora false", path=path)
         _fan_in_fan_out(modules, bool(cfg.get("fan_in_fan_out", False)), base)
         modules.update(experts)  # after: their ranks are r / rank_pattern by construction, their layout known
         return Adapter(
