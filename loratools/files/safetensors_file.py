@@ -95,6 +95,19 @@ def _bad(path: Path, what: str) -> FormatError:
     )
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
+    return out
+
+
 def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header: ``(tensors, metadata)``. Allocates at most the header."""
     p = Path(path)
@@ -129,7 +142,12 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
         raise FormatError(f"{p}: is a folder, expected a .safetensors file", path=p) from None
     _check_entry_count(p, raw, size - 8 - n)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        header = json.loads(text)
+        if isinstance(header, dict) and raw.count(b'"data_offsets"') > len(header) - ("__metadata__" in header):
+            json.loads(text, object_pairs_hook=_unique_keys)  # fewer entries than listed: a key given twice?
+    except _DuplicateKey as dup:  # json keeps the last of two entries: which one a reader takes is a guess
+        raise _bad(p, f"the header lists {dup.key!r} twice") from None
     except RecursionError:
         raise UnsafeInputError(f"{p}: safetensors header is nested too deeply to parse", path=p) from None
     except (UnicodeDecodeError, ValueError) as exc:

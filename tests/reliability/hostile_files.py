@@ -124,6 +124,24 @@ def sparse_tensor(nbytes: int, nan_at_end: bool, stem: str) -> Callable[[Path], 
     return build
 
 
+def duplicate_key(stem: str) -> Callable[[Path], Path]:
+    """llama-lora's weights file whose header lists q_proj's lora_A a second time, over lora_B's bytes (json keeps
+    the last: read silently before; probe4)."""
+
+    def build(folder: Path) -> Path:
+        out = _folder(folder, stem)
+        data = (LLAMA_LORA / "adapter_model.safetensors").read_bytes()
+        n = struct.unpack("<Q", data[:8])[0]
+        header = json.loads(data[8 : 8 + n])
+        a, b = f"{PEFT_Q0}.lora_A.weight", f"{PEFT_Q0}.lora_B.weight"
+        text = json.dumps(header)[:-1] + f", {json.dumps(a)}: {json.dumps(header[b])}}}"
+        head = text.encode() + b" " * (-len(text) % 8)
+        (out / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + data[8 + n :])
+        return out
+
+    return build
+
+
 #: the sparse tensor's commands: convert and merge write (or apply) the whole tensor and are not bounded here
 READERS = {k: ADAPTER_COMMANDS[k] for k in ("info", "validate", "validate-base")}
 
@@ -141,6 +159,7 @@ def _cases() -> list[HostileCase]:
     case("pickle-bomb-data-pkl", zip_bomb("data.pkl", 2 * GiB, "hostile-pickle-bomb"), ["data.pkl", "2147483648"])
     case("pickle-bomb-storage", zip_bomb("data/0", GiB, "hostile-storage-bomb"), ["data/0", "compressed"])
     case("pickle-big-data-pkl", zip_bomb("data.pkl", 64 << 20, "hostile-pickle-64m"), ["data.pkl", "limit"])
+    case("st-duplicate-key", duplicate_key("hostile-st-duplicate"), ["lora_A.weight", "twice"])
     case("sparse-2gib-nan", sparse_tensor(2 * GiB, True, "hostile-sparse-2g-nan"), ["lora_A", "NaN"],
          validate_exit=1, commands=READERS)
     return c
