@@ -264,6 +264,8 @@ class GgufFile:
             infos.append(info)
         self.alignment = self._alignment()
         self.data_start = -(-off // self.alignment) * self.alignment
+        if any(self._mm[off : min(self.data_start, self.size)]):  # writers pad with zeros: infos remain
+            raise self._bad(f"the {n_tensors} tensor infos end at byte {off}, but non-zero bytes follow (count?)")
         self._tensors(infos)
 
     def _field(self, off: int) -> int:

@@ -246,6 +246,11 @@ def _big_endian(header: bytes) -> bytes:
 
 
 GIANT = 1 << 40
+
+
+def _one_tensor_fewer(header: bytes) -> bytes:
+    """The header with its tensor count one less than the tensor infos it holds."""
+    return header[:8] + struct.pack("<Q", struct.unpack_from("<Q", header, 8)[0] - 1) + header[16:]
 F32_ROWS = bytes(4 * 33 * 4)
 CASES: list[HostileCase] = [
     # claimed sizes far beyond the file: refused before anything is allocated or looped over
@@ -384,6 +389,10 @@ CASES: list[HostileCase] = [
     base("q8-nan-scale", _first_value(Q, struct.pack("<H", 0x7E00)), [Q, "NaN"], ("merge",), source=GGUF_Q8),
     base("huge-tokens", put("tokenizer.ggml.tokens", ARR, array(STR, [], GIANT)), ["tokenizer.ggml.tokens"]),
     base("huge-block-count", setv("llama.block_count", U32, (1 << 31) - 1), ["llama.block_count"]),
+    # one tensor info fewer than the file holds: the data section was taken to start inside the last info, every
+    # tensor read shifted (validate and info took the base; probe4)
+    base("tensor-count-short", attr(header_hook=_one_tensor_fewer), ["tensor infos end at byte", "non-zero bytes"]),
+    adapter("tensor-count-short", attr(header_hook=_one_tensor_fewer), ["tensor infos end at byte", "non-zero bytes"]),
     # said "not a checkpoint (expected .safetensors or a model folder)" (probe4)
     base("bad-magic", attr(header_hook=lambda h: b"GGUX" + h[4:]), ["not a GGUF file", "GGUX"]),
     base("blocks-beyond-tensors", setv("llama.block_count", U32, 30), ["llama.block_count"]),
