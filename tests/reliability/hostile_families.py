@@ -264,6 +264,10 @@ def _cases() -> list[HostileCase]:
              validate_exit=2)  # the rank/alpha ones named no file before
     # use_dora without magnitude vectors: PEFT starts them at |W| (merged as plain LoRA before)
     peft("lora-use-dora-no-magnitudes", lora, ["use_dora", "lora_magnitude_vector"], config=setting(use_dora=True))
+    for tag, change in (("r-0", {"r": 0}), ("r-negative", {"r": -4}), ("r-fraction", {"r": 2.5}),
+                        ("rank-pattern-0", {"rank_pattern": {"q_proj": 0}})):  # info read them (probe4)
+        peft(f"lora-{tag}", lora, ["adapter_config.json", "positive integer"], config=setting(**change),
+             validate_exit=2)
     for key in ("r", "lora_alpha"):
         peft(f"lora-{key}-null", lora, ["adapter_config.json", key], config=setting(**{key: None}), validate_exit=2)
 
