@@ -66,7 +66,7 @@ def check_config(cfg: dict[str, Any], peft_type: str, cfg_path: Path) -> None:
         pattern = cfg.get("rank_pattern") if isinstance(cfg.get("rank_pattern"), dict) else {}
         for key, value in [("r", cfg.get("r"))] + [(f"rank_pattern[{k!r}]", v) for k, v in pattern.items()]:
             if _finite(value) and (value < 1 or value != int(value)):
-                raise _bad(cfg_path, key, value, "a positive integer (PEFT refuses r <= 0)")
+                raise FormatError(f"{cfg_path}: {key} must be a positive integer, got {value!r}", path=cfg_path)
     for key in ("r", "lora_alpha") if peft_type == "LORA" else ():  # PEFT computes lora_alpha / r: null fails
         if key in cfg and cfg[key] is None:
             raise _bad(cfg_path, key, None, "a number (leave the key out for PEFT's default, 8)")
