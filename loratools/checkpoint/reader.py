@@ -205,8 +205,10 @@ class PipelineReader(CheckpointReader):
                 continue
             try:
                 self.components[name] = _open_folder(sub)
-            except FormatError:
-                continue  # scheduler, tokenizer: no weights
+            except FormatError:  # scheduler, tokenizer: no weights; a component with damaged weights is refused
+                if any(sub.glob("*.safetensors")) or any(sub.glob("*.bin")) or any(sub.glob("*.index.json")):
+                    raise
+                continue
         self.files = [f for c in self.components.values() for f in c.files]
         self.weight_map = {f"{n}.{k}": c.file_of(k) for n, c in self.components.items() for k in c.keys()}
 

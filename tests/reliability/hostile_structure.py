@@ -47,6 +47,19 @@ def _index_moved(folder: Path) -> Path:
     return out
 
 
+FLUX = FIXTURES / "dit" / "flux"
+
+
+def _pipeline_truncated(folder: Path) -> Path:
+    """The tiny Flux pipeline whose transformer weights are cut short: the component was skipped as one without
+    weights (a scheduler's), so the LoRA's modules were 'not in the base' (probe4)."""
+    out = folder / "flux-pipe-damaged"
+    shutil.copytree(FLUX / "pipeline", out)
+    weights = next((out / "transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return out
+
+
 def _cases() -> list[HostileCase]:
     c = []
     for shape in ("dangling", "loop", "folder"):
@@ -57,6 +70,9 @@ def _cases() -> list[HostileCase]:
     c.append(HostileCase("structure-index-tensor-in-other-shard", _index_moved,
                          ["model.safetensors.index.json", "model.layers.0.self_attn.q_proj.weight"],
                          dict(BASE_COMMANDS)))  # fmt: skip
+    lora = FLUX / "kohya-lora.safetensors"
+    flux_base = {"merge": ["merge", "B", lora, "-o", "O"], "validate": ["validate", lora, "--base", "B"]}
+    c.append(HostileCase("structure-pipeline-component-truncated", _pipeline_truncated, ["transformer"], flux_base))
     return c
 
 
