@@ -268,6 +268,9 @@ def _cases() -> list[HostileCase]:
                         ("rank-pattern-0", {"rank_pattern": {"q_proj": 0}})):  # info read them (probe4)
         peft(f"lora-{tag}", lora, ["adapter_config.json", "positive integer"], config=setting(**change),
              validate_exit=2)
+    # a modules_to_save copy stored as int32: merged into the base as integers before (probe4)
+    peft("lora-saved-module-int", FIXTURES / "peft" / "llama-mts", ["lm_head.weight", "int32", "floating point"],
+         edit=put("base_model.model.lm_head.weight", lambda t: (t * 100).to(torch.int32)))
     for key in ("r", "lora_alpha"):
         peft(f"lora-{key}-null", lora, ["adapter_config.json", key], config=setting(**{key: None}), validate_exit=2)
 

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from loratools.errors import FormatError
+from loratools.errors import FormatError, ValidationError
 from loratools.families.oft import MAX_NEUMANN_TERMS
 
 #: config keys naming modules: a regex string or a list of names (``feedforward_modules`` a subset of targets)
@@ -152,3 +152,15 @@ def boft_problem(cfg: dict[str, Any], blocks: int, block_size: int) -> str | Non
             f"(at most {int(math.log2(blocks)) + 1})"
         )
     return None
+
+
+def float_tensor(weights_file: Path, key: str, tensor: Any) -> Any:
+    """A saved full tensor (modules_to_save, a saved base layer) as read, refused when it is not floating point:
+    an int32 copy of lm_head would be merged into the base as integers."""
+    if not tensor.is_floating_point():
+        raise ValidationError(
+            f"{weights_file}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')}; a saved module's weights "
+            "must be floating point",
+            path=weights_file,
+        )
+    return tensor

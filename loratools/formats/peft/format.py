@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from loratools.errors import FormatError, ShapeError, UnsupportedError, ValidationError
 from loratools.files.safetensors_file import load_file, save_file
 from loratools.formats.peft.config import config_for, live_modules
-from loratools.formats.peft.config_checks import check_config
+from loratools.formats.peft.config_checks import check_config, float_tensor
 from loratools.formats.peft.experts import expert_meta, rank_problem
 from loratools.formats.peft.families import FAMILY_TYPES, has_family, read_adapter, write_adapter
 from loratools.formats.peft.pipeline import component_folders, read_pipeline
@@ -287,7 +287,7 @@ class PeftFormat(AdapterFormat):
             if role is None and mod.endswith(TOKENS_SUFFIX):  # trainable tokens: new rows (loratools/tokens.py)
                 token_values[mod.removesuffix(TOKENS_SUFFIX)] = tensor
             elif role is None:
-                replacements[mod] = tensor
+                replacements[mod] = float_tensor(weights_file, key, tensor)
             else:
                 parts.setdefault(mod, {})[role] = tensor
 
