@@ -25,8 +25,8 @@ KEY = "lora_config"
 def _bad(where: Path, what: str) -> FormatError:
     return FormatError(
         f"{where}: {KEY} metadata (finetrainers): {what}",
-        hint="the file's metadata is damaged; re-save it with finetrainers, or drop the metadata and pass the "
-        "scale as --weights ALPHA/R",
+        hint="the file's metadata is damaged; re-save it with finetrainers, or remove its lora_config metadata "
+        "(the file is then read with alpha = rank: merge it with a weight of ALPHA/R for the trained strength)",
         path=where,
     )
 
