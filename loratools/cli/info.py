@@ -65,7 +65,7 @@ def _human(d: dict[str, Any]) -> None:
     rows = [
         ("path", d["path"]),
         ("format", d["format"]),
-        *([("family", "{family} ({layout} layout)".format(**d["dit"]))] if d.get("dit") else []),
+        *([("family", "{label} ({layout} layout)".format(**d["dit"]))] if d.get("dit") else []),
         ("base model", d["base_model"] or "-"),
         ("modules", f"{d['num_modules']} ({', '.join(d['kinds'] + (['?'] if _kind_unknown(d) else [])) or '-'})"),
         ("targets", ", ".join(d["target_modules"]) or "-"),

@@ -44,6 +44,15 @@ def module_record(name: str, m: LoraModule) -> dict[str, Any]:
     return rec
 
 
+def _dit(dit: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The diffusion-transformer family and layout a reader found, with the family's name as users write it."""
+    if not dit:
+        return dit
+    from loratools.formats.dit.layouts import LABELS
+
+    return {**dit, "label": LABELS.get(dit["family"], dit["family"])}
+
+
 def _family_record(name: str, m: Any) -> dict[str, Any]:
     """A LoHa/LoKr/OFT/BOFT/IA3 module: the LoRA fields that apply, and the family's own facts."""
     tensors = m.tensors()
@@ -197,7 +206,7 @@ def summarize(adapter: Adapter) -> dict[str, Any]:
         "experts": expert_summary(adapter),
         "alpha_assumed": sorted(n for n in adapter.meta.get("alpha_assumed") or [] if n in mods),
         "alpha_zero": adapter.meta.get("alpha_zero"),
-        "dit": adapter.meta.get("dit"),
+        "dit": _dit(adapter.meta.get("dit")),
         "notes": _notes(adapter, records),
         "modules": records,
     }

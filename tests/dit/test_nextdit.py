@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loratools import load_adapter, merge, save_adapter
+from loratools.formats.dit.layouts import LABELS
 
 NAMES = list(S.FAMILIES)
 #: (family, layout, alphas, leave out) that diffusers 0.42.1 reads right at the tiny width: its Z-Image converter
@@ -230,7 +231,7 @@ def test_info_names_family_and_layout(models, tmp_path, name):
     save_file(_lora(F, model, "kohya"), str(path))
     r = CliRunner().invoke(cli, ["info", str(path), "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["dit"] == {"family": name, "layout": "kohya"}
+    assert json.loads(r.stdout)["dit"] == {"family": name, "layout": "kohya", "label": LABELS[name]}
 
 
 def test_lumina2_at_full_width_equals_diffusers_converter(tmp_path):

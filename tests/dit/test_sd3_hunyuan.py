@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from wan_qwen_support import close, fused
 
 from loratools import load_adapter, merge, save_adapter
+from loratools.formats.dit.layouts import LABELS
 
 FAMILIES = {"sd3": S.SD3, "hunyuan_video": S.HV}
 
@@ -284,7 +285,7 @@ def test_info_names_family_and_layout(family, tmp_path):
         save_file(F.lora(model, layout), str(path))
         r = CliRunner().invoke(cli, ["info", str(path), "--json"])
         assert r.exit_code == 0, r.output
-        assert json.loads(r.stdout)["dit"] == {"family": F.name, "layout": want}
+        assert json.loads(r.stdout)["dit"] == {"family": F.name, "layout": want, "label": LABELS[F.name]}
 
 
 def test_sd3_text_encoders_resolve_against_the_pipeline(models, tmp_path):

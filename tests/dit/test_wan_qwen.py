@@ -14,6 +14,7 @@ import wan_qwen_support as S
 from safetensors.torch import load_file, save_file
 
 from loratools import load_adapter, merge, save_adapter
+from loratools.formats.dit.layouts import LABELS
 
 FAMILIES = {"wan": S.WAN, "qwen_image": S.QWEN}
 
@@ -248,7 +249,7 @@ def test_info_names_family_and_layout(family, tmp_path):
     save_file(_lora(F, model, "kohya"), str(path))
     r = CliRunner().invoke(cli, ["info", str(path), "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["dit"] == {"family": F.name, "layout": "kohya"}
+    assert json.loads(r.stdout)["dit"] == {"family": F.name, "layout": "kohya", "label": LABELS[F.name]}
 
 
 @pytest.mark.parametrize(("name", "prefix", "adapter"), [
