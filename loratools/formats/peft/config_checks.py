@@ -45,7 +45,19 @@ def json_repr(value: Any) -> str:
 
 
 def check_config(cfg: dict[str, Any], peft_type: str, cfg_path: Path) -> None:
-    """FormatError naming ``cfg_path`` and the field for a value of the wrong type or out of range."""
+    """FormatError naming ``cfg_path`` and the field for a value of the wrong type or out of range; a warning
+    for a config without ``peft_type`` (read as LoRA; PEFT's ``PeftModel.from_pretrained`` needs the field)."""
+    if "peft_type" not in cfg:
+        import warnings
+
+        from loratools.errors import LoratoolsWarning
+
+        warnings.warn(
+            f"{cfg_path}: no peft_type, read as a LoRA config (PeftModel.from_pretrained refuses a config "
+            "without it; convert --to peft writes one)",
+            LoratoolsWarning,
+            stacklevel=3,
+        )
     for key in MODULE_LISTS:
         value = cfg.get(key)
         if value is None or isinstance(value, str):
