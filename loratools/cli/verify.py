@@ -15,6 +15,11 @@ from loratools.cli.output import get_output
 @click.option("--base", required=True, help="The base checkpoint the adapters were merged into.")
 @click.option("--adapter", "adapters", multiple=True, required=True, help="An adapter (repeat for several, in order).")
 @weights_option()
+@click.option(
+    "--expand-base",
+    is_flag=True,
+    help="MERGED came from merge --expand-base: widen BASE's img_in/x_embedder as that merge did.",
+)
 @filters
 @trust_tensors_option
 @json_option
@@ -28,6 +33,7 @@ def verify(
     include: str | None,
     exclude: str | None,
     trust_tensors: bool,
+    expand_base: bool,
     json_mode: bool,
 ) -> None:
     """Check that MERGED equals BASE plus the adapters, tensor by tensor, within the dtype's rounding.
@@ -41,6 +47,7 @@ def verify(
       loratools verify merged/ --base base/ --adapter adapter/
       loratools verify merged/ --base base/ --adapter a/ --adapter b/ --weights 1,0.5 --json
       loratools verify merged/ --base base/ --adapter adapter/ --include 'self_attn'
+      loratools verify flux1-canny/ --base FLUX.1-dev/ --adapter flux1-canny-dev-lora.safetensors --expand-base
     """
     from loratools.ops.verify import verify as run_verify
 
@@ -50,6 +57,7 @@ def verify(
         include=include,
         exclude=exclude,
         trust_tensors=trust_tensors,
+        expand_base=expand_base,
     )
     out.result(report.to_dict(), _human)
     if not report.verified:

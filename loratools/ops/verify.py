@@ -11,6 +11,7 @@ a tied embedding that carries the head's update is "tied weight changed".
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,46 +102,56 @@ def verify(
     include: str | None = None,
     exclude: str | None = None,
     trust_tensors: bool = False,
+    expand_base: bool = False,
 ) -> VerifyReport:
     """Check that ``merged`` equals ``base`` with ``adapters`` (scaled by ``weights``) merged in.
 
     ``include``/``exclude`` (regexes over module names) pick the adapters' modules the way ``merge``
     took them, so a ``merge --include`` output verifies with the same ``--include``. An adapter whose
     config rank disagrees with its tensors is refused unless ``trust_tensors``, as ``merge`` refuses it:
-    what it should have changed is a guess (:mod:`loratools.model.ambiguity`).
+    what it should have changed is a guess (:mod:`loratools.model.ambiguity`). ``expand_base``: the merge
+    widened the base's input layer for a Flux control LoRA (``merge --expand-base``).
     """
     from loratools.checkpoint.reader import CheckpointReader, open_checkpoint
-    from loratools.formats.adapter_io import load_adapter
-    from loratools.model.ambiguity import require_unambiguous
-    from loratools.ops.merge.plan import build_plan
-    from loratools.ops.merge.write import BaseBytes
+    from loratools.formats.dit.bfl_control import expanding_base
 
     weights = check_weights(weights, len(adapters))
     own = not isinstance(base, CheckpointReader)
     breader = open_checkpoint(base) if own else base
     mreader = open_checkpoint(merged)
     try:
-        loaded = [a if not isinstance(a, str | Path) else load_adapter(a, base=breader) for a in adapters]
-        for a in loaded:
-            require_unambiguous(a, trust_tensors=trust_tensors)
-        if include or exclude:
-            loaded = [a.select(include, exclude) for a in loaded]
-            if not any(a.modules or a.replacements for a in loaded):
-                raise UsageError("no adapter module is left to verify", hint="check --include / --exclude")
-        plan = build_plan(breader, loaded, weights)
-        report = VerifyReport(merged=str(merged), base=str(breader.root), modules_checked=plan.modules_merged)
-        bbytes, mbytes = BaseBytes(breader), BaseBytes(mreader)
-        try:
-            labels = [_label(a, i) for i, a in enumerate(loaded)]
-            _check_all(report, plan, breader, mreader, bbytes, mbytes, labels if len(loaded) > 1 else None)
-        finally:
-            bbytes.close()
-            mbytes.close()
-        return report
+        # off: leave the context as it is (merge --expand-base --verify runs this inside its own widening)
+        with expanding_base() if expand_base else contextlib.nullcontext():
+            return _verify(merged, breader, mreader, adapters, weights, include, exclude, trust_tensors)
     finally:
         mreader.close()
         if own:
             breader.close()
+
+
+def _verify(merged, breader, mreader, adapters, weights, include, exclude, trust_tensors) -> VerifyReport:  # noqa: ANN001
+    from loratools.formats.adapter_io import load_adapter
+    from loratools.model.ambiguity import require_unambiguous
+    from loratools.ops.merge.plan import build_plan
+    from loratools.ops.merge.write import BaseBytes
+
+    loaded = [a if not isinstance(a, str | Path) else load_adapter(a, base=breader) for a in adapters]
+    for a in loaded:
+        require_unambiguous(a, trust_tensors=trust_tensors)
+    if include or exclude:
+        loaded = [a.select(include, exclude) for a in loaded]
+        if not any(a.modules or a.replacements for a in loaded):
+            raise UsageError("no adapter module is left to verify", hint="check --include / --exclude")
+    plan = build_plan(breader, loaded, weights)
+    report = VerifyReport(merged=str(merged), base=str(breader.root), modules_checked=plan.modules_merged)
+    bbytes, mbytes = BaseBytes(breader), BaseBytes(mreader)
+    try:
+        labels = [_label(a, i) for i, a in enumerate(loaded)]
+        _check_all(report, plan, breader, mreader, bbytes, mbytes, labels if len(loaded) > 1 else None)
+    finally:
+        bbytes.close()
+        mbytes.close()
+    return report
 
 
 def _label(adapter: Adapter, index: int) -> str:

@@ -274,3 +274,26 @@ def test_broken_control_files_with_the_flag(model, pipeline, tmp_path, name, bui
     for want in expect:
         assert want in errors[0], (want, errors[0])
     assert not out.exists()
+
+
+def test_standalone_verify_of_a_widened_merge(model, pipeline, tmp_path):
+    """``verify --expand-base`` checks a widened output against the plain base tensor by tensor; without the flag
+    it is the one refusal line naming the flag; the widened layer changed afterwards fails it."""
+    from click.testing import CliRunner
+
+    from loratools.cli.main import cli
+
+    path = tmp_path / "control.safetensors"
+    save_file(control(model), str(path))
+    merge(pipeline, [path], tmp_path / "out", expand_base=True)
+    args = ["verify", tmp_path / "out", "--base", pipeline, "--adapter", path]
+    r = CliRunner().invoke(cli, [str(a) for a in [*args, "--expand-base"]], catch_exceptions=False)
+    assert r.exit_code == 0 and r.stdout.startswith("verified: "), r.output
+    code, err = _cli(*args)
+    assert code == 2 and "--expand-base" in err, err
+    weights = next((tmp_path / "out" / "transformer").glob("*.safetensors"))
+    tensors = load_file(weights)
+    tensors["x_embedder.weight"] = tensors["x_embedder.weight"] * 1.5  # the widened layer, changed afterwards
+    save_file(tensors, str(weights))
+    r = CliRunner().invoke(cli, [str(a) for a in [*args, "--expand-base"]], catch_exceptions=False)
+    assert r.exit_code == 1 and r.stdout.startswith("FAILED") and "x_embedder.weight" in r.stdout, r.output
