@@ -174,6 +174,11 @@ class BaseBytes:
         self.fds.clear()
 
 
+#: how often an idle writer thread looks at its stop flag, and how long the error path waits for it at most
+POLL_S = 0.2
+ABORT_JOIN_S = 10.0
+
+
 class _Pipeline:
     """Runs write calls on one background thread, in order, so disk I/O overlaps the arithmetic."""
 
@@ -183,11 +188,20 @@ class _Pipeline:
 
         self.q: queue.Queue[Callable[[], object] | None] = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
+        self.stopped = False
         self.thread = threading.Thread(target=self._run, name="loratools-writer", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        while (fn := self.q.get()) is not None:
+        import queue
+
+        while not self.stopped:
+            try:
+                fn = self.q.get(timeout=POLL_S)  # returns at once while work is queued; the wait looks at `stopped`
+            except queue.Empty:
+                continue
+            if fn is None:
+                return
             if self.error is None:
                 try:
                     fn()
@@ -213,6 +227,18 @@ class _Pipeline:
         self.thread.join()
         if self.error is not None:
             raise self.error
+
+    def abort(self) -> None:
+        """The error path (an exception, SIGTERM's ``Terminated``): stop the writer without waiting on it for
+        ever. An exception raised by a signal handler inside the queue's or ``join``'s locking can lose their
+        handshake (CPython's threading primitives are not signal-safe: a merge hung here after SIGTERM), so the
+        writer is told by a flag it polls and waited on for a bounded time; it is a daemon thread."""
+        import queue
+
+        self.stopped = True
+        with contextlib.suppress(queue.Full):
+            self.q.put_nowait(None)
+        self.thread.join(timeout=ABORT_JOIN_S)
 
 
 @contextlib.contextmanager
@@ -290,8 +316,7 @@ def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance, factor
         pipe.close()
     finally:
         if pipe.thread.is_alive():
-            with contextlib.suppress(BaseException):
-                pipe.close()
+            pipe.abort()
         for w in writers:
             w.abort()
         base.close()
