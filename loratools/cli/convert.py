@@ -9,6 +9,7 @@ import click
 from loratools.args.numeric_args import FRACTION
 from loratools.cli.options import (
     Number,
+    allow_other_base_option,
     base_option,
     dtype_option,
     filters,
@@ -98,6 +99,7 @@ class FormatChoice(click.Choice):
 @output_option
 @overwrite_option
 @trust_tensors_option
+@allow_other_base_option
 @json_option
 @click.pass_context
 def convert(
@@ -121,6 +123,7 @@ def convert(
     overwrite: bool,
     json_mode: bool,
     trust_tensors: bool,
+    allow_other_base: bool,
 ) -> None:
     """Convert ADAPTER to another format, losslessly: every module's ΔW is unchanged and alpha is kept
     or folded exactly. What the target cannot hold (an embedding LoRA or modules_to_save in a kohya
@@ -162,6 +165,7 @@ def convert(
         exclude=exclude,
         overwrite=overwrite,
         trust_tensors=trust_tensors,
+        allow_other_base=allow_other_base,
         dtype=None if dtype == "auto" else dtype,
         model=model,
         outtype=outtype,

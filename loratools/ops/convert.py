@@ -62,6 +62,7 @@ def convert(
     fro: float | None = None,
     for_base: str | Path | CheckpointReader | None = None,
     remap_prefix: tuple[str, ...] | list[str] = (),
+    allow_other_base: bool = False,
     **format_options: Any,
 ) -> ConvertResult:
     """Write ``adapter`` (a path or an :class:`Adapter`) to ``output`` in format ``to``, losslessly.
@@ -75,7 +76,9 @@ def convert(
     for, and ``ollama`` writes an Ollama ``Modelfile`` beside it. ``as_lora`` lowers every module (LoHa,
     LoKr, OFT, BOFT, IA3, DoRA, modules_to_save) to plain LoRA, exactly unless ``rank``/``fro`` ask for an
     optimal truncation (:func:`loratools.ops.lower.lower_to_lora`; W-dependent ones need ``base``).
-    ``remap_prefix`` (``OLD=NEW`` rules) and ``for_base`` (the model it must bind to: the prefix rewrites that
+    ``allow_other_base`` converts for ``base`` an adapter that says it was trained on another model (merge's
+    option of that name). ``remap_prefix`` (``OLD=NEW`` rules) and ``for_base`` (the model it must bind to: the
+    prefix rewrites that
     make every module path bind to its module tree, as PEFT and vLLM look them up, a vision-language
     wrapper's ``model.language_model.…`` say) rename modules; ``to`` None keeps the adapter's own format
     (:func:`loratools.ops.bind.bind_to`).
@@ -130,7 +133,8 @@ def convert(
 
         family_reader = open_checkpoint(base)
         try:
-            require_base_family(source, family_reader, str(adapter) if inputs else "the adapter", str(base))
+            shown = str(adapter) if inputs else "the adapter"
+            require_base_family(source, family_reader, shown, str(base), allow_other_base=allow_other_base)
             require_pipeline(fmt.name, source, family_reader, str(base))
         finally:
             family_reader.close()

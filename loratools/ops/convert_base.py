@@ -93,14 +93,17 @@ def _component_hint(adapter: Adapter, reader: CheckpointReader, shown: str) -> s
     return None
 
 
-def require_base_family(adapter: Adapter, reader: CheckpointReader, label: str, shown: str) -> None:
-    """Refuse ``convert --base`` when the adapter says it was trained on another model, or when none of its
-    modules is in the base: one line naming the family the file looks like and the base's."""
+def require_base_family(
+    adapter: Adapter, reader: CheckpointReader, label: str, shown: str, *, allow_other_base: bool = False
+) -> None:
+    """Refuse ``convert --base`` when the adapter says it was trained on another model (unless
+    ``allow_other_base``, as merge takes it), or when none of its modules is in the base: one line naming the
+    family the file looks like and the base's."""
     from loratools.ops.base_match import base_facts, claimed_base, mismatch
 
     judged = [n for n, m in adapter.modules.items() if not hasattr(m, "num_experts")]
     claim = claimed_base(adapter)
-    differences = mismatch(claim, base_facts(reader, shown)) if claim is not None else []
+    differences = mismatch(claim, base_facts(reader, shown)) if claim is not None and not allow_other_base else []
     if not differences and (not judged or _bound(adapter, reader)):
         return
     why = (
@@ -112,7 +115,8 @@ def require_base_family(adapter: Adapter, reader: CheckpointReader, label: str, 
     raise ValidationError(
         f"{label}: this is {adapter_family(adapter)}, and {why}: --base {shown} is {base_label(reader)}",
         hint=hint or "pass the model or pipeline the adapter was trained on as --base (or convert without --base "
-        "where the target format does not need one)",
+        "where the target format does not need one)"
+        + ("; --allow-other-base converts it for this base anyway" if differences else ""),
     )
 
 
