@@ -4,8 +4,10 @@ it, and a model ``loratools merge`` wrote (safetensors or GGUF) shows its proven
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,53 +84,57 @@ def _architecture(reader: Any) -> str:
     return "a checkpoint (its architecture is not stated)" if label.endswith("of another architecture") else label
 
 
-def base_checkpoint(local: Path, shown: str | Path) -> FormatError | None:
-    """The error ``info`` raises for a base checkpoint (a safetensors file, a model folder, a diffusers pipeline):
-    what it is and the commands that take it; None when ``local`` opens as no checkpoint."""
+@contextlib.contextmanager
+def _checkpoint(local: Path) -> Iterator[Any]:
+    """``local`` opened as a base checkpoint, or None where it opens as none; closed after."""
     from loratools.checkpoint.reader import open_checkpoint
     from loratools.errors import LoratoolsError
 
-    try:
+    reader = None
+    with contextlib.suppress(LoratoolsError):
         reader = open_checkpoint(local)
-    except LoratoolsError:
-        return None
     try:
-        keys = reader.keys()
-        if not keys or any(_ADAPTER_WORDS.search(k) for k in keys):
-            return None  # an adapter in a layout no reader takes (XLabs, a damaged file) is not called a base
-        dtypes = _types(Counter(str(reader.info(k).dtype).removeprefix("torch.") for k in keys))
-        quant = f", quantized ({reader.quant.summary().get('scheme')})" if getattr(reader, "quant", None) else ""
-        return FormatError(
-            f"{shown} looks like a base model, not an adapter: {_architecture(reader)}, {len(keys)} tensors "
-            f"({dtypes}){quant}",
-            hint=f"merge an adapter into it: loratools merge {shown} ADAPTER -o OUT; check an adapter against it: "
-            f"loratools info ADAPTER --base {shown}",
-            path=local,
-        )
-    except LoratoolsError:
-        return None
+        yield reader
     finally:
-        reader.close()
+        if reader is not None:
+            reader.close()
+
+
+def base_checkpoint(local: Path, shown: str | Path) -> FormatError | None:
+    """The error ``info`` raises for a base checkpoint (a safetensors file, a model folder, a diffusers pipeline):
+    what it is and the commands that take it; None when ``local`` opens as no checkpoint."""
+    from loratools.errors import LoratoolsError
+
+    with _checkpoint(local) as reader:
+        if reader is None:
+            return None
+        try:
+            keys = reader.keys()
+            if not keys or any(_ADAPTER_WORDS.search(k) for k in keys):
+                return None  # an adapter in a layout no reader takes (XLabs, a damaged file) is not called a base
+            dtypes = _types(Counter(str(reader.info(k).dtype).removeprefix("torch.") for k in keys))
+            quant = f", quantized ({reader.quant.summary().get('scheme')})" if getattr(reader, "quant", None) else ""
+            return FormatError(
+                f"{shown} looks like a base model, not an adapter: {_architecture(reader)}, {len(keys)} tensors "
+                f"({dtypes}){quant}",
+                hint=f"merge an adapter into it: loratools merge {shown} ADAPTER -o OUT; check an adapter against it: "
+                f"loratools info ADAPTER --base {shown}",
+                path=local,
+            )
+        except LoratoolsError:
+            return None
 
 
 def merged_checkpoint(local: Path, shown: str | Path) -> dict[str, Any] | None:
     """What ``info`` says of a safetensors checkpoint that ``loratools merge`` wrote: its provenance record (the
     base, the adapters and their weights); None when ``local`` is no checkpoint or holds no merge record."""
-    from loratools.checkpoint.reader import open_checkpoint
-    from loratools.errors import LoratoolsError
     from loratools.publishing.publish import read_provenance
 
-    try:
-        reader = open_checkpoint(local)
-    except LoratoolsError:
-        return None
-    try:
-        keys = reader.keys()
+    with _checkpoint(local) as reader:
+        keys = reader.keys() if reader is not None else []
         if not keys or not hasattr(reader, "metadata"):
             return None
         return merge_record(read_provenance(reader.metadata(reader.file_of(keys[0]))), shown, len(keys))
-    finally:
-        reader.close()
 
 
 def not_an_adapter(local: Path, shown: str | Path, error: FormatError) -> dict[str, Any]:
