@@ -194,4 +194,4 @@ def test_info_names_family_and_layout(model, tmp_path):
 
     path = tmp_path / "k.safetensors"
     save_file(S.kohya_flux(model), str(path))
-    assert summarize(load_adapter(path))["dit"] == {"family": "flux", "layout": "kohya"}
+    assert summarize(load_adapter(path))["dit"] == {"family": "flux", "layout": "kohya", "label": "Flux"}
