@@ -91,7 +91,7 @@ class CheckpointReader:
         self.weight_map = weight_map
         cfg = root / "config.json" if root.is_dir() else None
         # a config.json that is there but no file (a dangling link, a folder) is refused, not taken as absent
-        present = cfg is not None and (cfg.is_file() or cfg.is_symlink() or cfg.exists())
+        present = cfg is not None and (cfg.exists() or cfg.is_symlink())
         self.config: dict[str, Any] | None = read_json(cfg, "config") if cfg and present else None
         if self.config is not None and not isinstance(self.config, dict):
             raise FormatError(f"{cfg}: expected a JSON object", path=cfg)

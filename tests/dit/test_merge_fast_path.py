@@ -142,6 +142,20 @@ def test_fp8_scaled_rows_stream_the_whole_tensor_bytes(tmp_path, monkeypatch) ->
     assert (tmp_path / "runs.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
 
 
+def test_unmappable_files_stream_the_same_bytes(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Where the base file cannot be mapped, the runs read it (pread for 16-bit rows; an fp8 tensor's codes once,
+    not once per run): the same bytes as the mapped runs."""
+    from loratools.ops.merge.write import BaseBytes
+
+    base, lora, _ = _fp8_files(tmp_path)
+    monkeypatch.setattr(apply, "BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(stacked, "RUN_BYTES", 1)
+    merge(base, [lora], tmp_path / "mapped.safetensors")
+    monkeypatch.setattr(BaseBytes, "mapped_rows", lambda *a, **k: None)
+    merge(base, [lora], tmp_path / "read.safetensors")
+    assert (tmp_path / "read.safetensors").read_bytes() == (tmp_path / "mapped.safetensors").read_bytes()
+
+
 def test_fp8_nan_code_named_at_its_index_in_the_tensor(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setattr(apply, "BLOCK_ELEMENTS", 64)
     monkeypatch.setattr(stacked, "RUN_BYTES", 1)

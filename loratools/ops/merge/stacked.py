@@ -232,10 +232,13 @@ def _fp8_runs(src, t, base, factors) -> Iterator[tuple[int, torch.Tensor, bool]]
     table = pair_table(parts["scale"], torch_dtype(quant.raw_info(raw).dtype), target)
     block = max(1, BLOCK_ELEMENTS // max(1, shape[1]))
     per = max(block, RUN_BYTES // max(1, shape[1] * target.itemsize) // block * block)
+    whole = None  # an unmappable file: its codes read once, not once per run
     for e0 in range(0, shape[0], per):
         count = min(per, shape[0] - e0)
         mapped = base.mapped_rows(raw, e0, count, raw=True)
-        codes, drop = mapped if mapped is not None else (quant.raw_get(raw)[e0 : e0 + count], None)
+        if mapped is None and whole is None:
+            whole = quant.raw_get(raw)
+        codes, drop = mapped if mapped is not None else (whole[e0 : e0 + count], None)
         try:
             out, ok = _rows2d(job, raw, shape, e0, count, base, fp8=(codes, parts["scale"], table, target))
         finally:
