@@ -12,6 +12,13 @@ if TYPE_CHECKING:
     from loratools.model.adapter import Adapter
 
 
+def finite_number(value: object) -> bool:
+    """A config or metadata value that is a finite int or float (not a bool, a string or None)."""
+    import math
+
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
 def first_nonfinite(t: torch.Tensor) -> list[int] | None:
     """The index of the first NaN/Inf entry of a float tensor, or None when all are finite."""
     import torch

@@ -13,11 +13,11 @@ rank 64 and lora_alpha 64, hide the difference). Read here as the transformer's 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from loratools.errors import FormatError
+from loratools.model.finite import finite_number
 
 KEY = "lora_config"
 
@@ -29,10 +29,6 @@ def _bad(where: Path, what: str) -> FormatError:
         "(the file is then read with alpha = rank: merge it with a weight of ALPHA/R for the trained strength)",
         path=where,
     )
-
-
-def _finite(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 def transformer_config(metadata: dict[str, str], where: Path) -> dict[str, dict[str, Any]]:
@@ -47,11 +43,11 @@ def transformer_config(metadata: dict[str, str], where: Path) -> dict[str, dict[
     if not isinstance(cfg, dict):
         raise _bad(where, "not a JSON object")
     for field in ("r", "lora_alpha"):
-        if field in cfg and not (_finite(cfg[field]) and cfg[field] > 0):
+        if field in cfg and not (finite_number(cfg[field]) and cfg[field] > 0):
             raise _bad(where, f"{field} must be a positive finite number, got {cfg[field]!r}")
     for field in ("rank_pattern", "alpha_pattern"):
         pattern = cfg.get(field) or {}
-        if not isinstance(pattern, dict) or not all(_finite(v) and v > 0 for v in pattern.values()):
+        if not isinstance(pattern, dict) or not all(finite_number(v) and v > 0 for v in pattern.values()):
             raise _bad(where, f"{field} must be an object of module pattern -> positive number, got {pattern!r}")
     return {"transformer": cfg}
 

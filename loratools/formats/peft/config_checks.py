@@ -17,6 +17,7 @@ from typing import Any
 
 from loratools.errors import FormatError, ValidationError
 from loratools.families.oft import MAX_NEUMANN_TERMS
+from loratools.model.finite import finite_number
 
 #: config keys naming modules: a regex string or a list of names (``feedforward_modules`` a subset of targets)
 MODULE_LISTS = ("target_modules", "feedforward_modules", "modules_to_save", "exclude_modules")
@@ -77,14 +78,14 @@ def check_config(cfg: dict[str, Any], peft_type: str, cfg_path: Path) -> None:
     if peft_type == "LORA":  # PEFT's update_layer refuses r <= 0, for r and every rank_pattern value alike
         pattern = cfg.get("rank_pattern") if isinstance(cfg.get("rank_pattern"), dict) else {}
         for key, value in [("r", cfg.get("r"))] + [(f"rank_pattern[{k!r}]", v) for k, v in pattern.items()]:
-            if _finite(value) and (value < 1 or value != int(value)):
+            if finite_number(value) and (value < 1 or value != int(value)):
                 raise FormatError(f"{cfg_path}: {key} must be a positive integer, got {value!r}", path=cfg_path)
     for key in ("r", "lora_alpha") if peft_type == "LORA" else ():  # PEFT computes lora_alpha / r: null fails
         if key in cfg and cfg[key] is None:
             raise _bad(cfg_path, key, None, "a number (leave the key out for PEFT's default, 8)")
     for key in ("rank_pattern", "alpha_pattern"):
         value = cfg.get(key)
-        if value is not None and (not isinstance(value, dict) or not all(_finite(v) for v in value.values())):
+        if value is not None and (not isinstance(value, dict) or not all(finite_number(v) for v in value.values())):
             raise _bad(cfg_path, key, value, "an object of regex -> finite number")
         for p in value or ():  # PEFT matches rf"(.*\.)?({p})$": a broken regex fails there, named here
             _regex(cfg_path, key, p, rf"(.*\.)?({p})$")
@@ -93,11 +94,11 @@ def check_config(cfg: dict[str, Any], peft_type: str, cfg_path: Path) -> None:
             _regex(cfg_path, key, cfg[key], cfg[key])
     if peft_type in ("LOHA", "LOKR"):
         alpha = cfg.get("alpha")
-        if alpha is not None and not _finite(alpha):
+        if alpha is not None and not finite_number(alpha):
             raise _bad(cfg_path, "alpha", alpha, "a finite number")
     if peft_type == "OFT":
         eps = cfg.get("eps")
-        if eps is not None and (not _finite(eps) or eps < 0):
+        if eps is not None and (not finite_number(eps) or eps < 0):
             raise _bad(cfg_path, "eps", eps, "a finite number >= 0")
         r, size = int(cfg.get("r") or 0), int(cfg.get("oft_block_size") or 0)
         if (r == 0) == (size == 0):
@@ -113,10 +114,6 @@ def _regex(cfg_path: Path, key: str, pattern: str, full: str) -> None:
         re.compile(full)
     except re.error as exc:
         raise _bad(cfg_path, key, pattern, f"a valid regex ({exc})") from None
-
-
-def _finite(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 def _adjust(in_features: int, value: int) -> int:
