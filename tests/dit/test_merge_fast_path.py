@@ -15,7 +15,7 @@ from loratools import merge
 from loratools.checkpoint import direct_io as D
 from loratools.checkpoint import writer as W
 from loratools.errors import NumericError
-from loratools.ops.merge import apply, stacked
+from loratools.ops.merge import apply, pipeline, stacked
 
 
 def test_finite_check_edges() -> None:
@@ -77,6 +77,9 @@ def test_runs_threads_and_direct_io_keep_the_bytes(tmp_path, monkeypatch) -> Non
     assert (tmp_path / "fast.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
     merged = load_file(tmp_path / "fast.safetensors")["blocks.0.proj.weight"]
     assert not torch.equal(merged, load_file(base)["blocks.0.proj.weight"])
+    monkeypatch.setattr(pipeline, "POOL_BYTES", 1)  # one lent piece at a time: each run waits for the writer
+    merge(base, [lora], tmp_path / "narrow.safetensors", allow_other_base=True)
+    assert (tmp_path / "narrow.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
 
 
 def test_direct_writer_writes_the_buffered_bytes(tmp_path, monkeypatch) -> None:  # noqa: ANN001

@@ -45,8 +45,9 @@ def merge_checkpoint(
     from loratools.ops.merge.base_dtypes import settle_base_dtypes
     from loratools.ops.merge.factors import FactorStore, load_for_merge, release_memory
     from loratools.ops.merge.files import copy_other_files, other_files
+    from loratools.ops.merge.pipeline import torch_threads
     from loratools.ops.merge.plan import build_plan
-    from loratools.ops.merge.write import torch_threads, write_unit
+    from loratools.ops.merge.write import write_unit
     from loratools.publishing.publish import atomic_output
 
     t0 = time.perf_counter()

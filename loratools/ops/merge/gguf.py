@@ -238,7 +238,7 @@ def _write_tensors(
     (buffers freed on return, before a --verify). Bytes of tensor data written."""
     from loratools.ops.merge.gguf_experts import write_experts
     from loratools.ops.merge.gguf_tensors import DataSection, Scratch
-    from loratools.ops.merge.write import torch_threads
+    from loratools.ops.merge.pipeline import torch_threads
 
     data, scratch, written = DataSection(fd, alignment), Scratch(slots=2), 0
     try:

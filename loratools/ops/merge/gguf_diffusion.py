@@ -60,8 +60,8 @@ def merge_gguf_diffusion(
     from loratools.args.numeric_args import check_weights
     from loratools.checkpoint.gguf_diffusion import GgufDitBase
     from loratools.ops.merge.factors import FactorStore, load_for_merge, release_memory
+    from loratools.ops.merge.pipeline import torch_threads
     from loratools.ops.merge.plan import build_plan
-    from loratools.ops.merge.write import torch_threads
     from loratools.publishing.publish import atomic_output, describe_input, provenance
 
     t0, o = time.perf_counter(), options

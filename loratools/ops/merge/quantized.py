@@ -161,10 +161,10 @@ def merge_requantized(
     """
     from loratools.checkpoint.reader import open_checkpoint
     from loratools.ops.merge.factors import FactorStore
+    from loratools.ops.merge.pipeline import torch_threads
     from loratools.ops.merge.plan import build_plan
     from loratools.ops.merge.quant_report import QuantReport
     from loratools.ops.merge.requant_write import write_requantized
-    from loratools.ops.merge.write import torch_threads
     from loratools.publishing.publish import atomic_output
 
     factors = FactorStore()

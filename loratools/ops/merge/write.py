@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from loratools.checkpoint.reader import CheckpointReader
     from loratools.ops.merge.layout import Source, Unit
+    from loratools.ops.merge.pipeline import PiecePool
 
 #: Linux 5.14+ (older kernels refuse it: then the pages fault in as they are read)
 _MADV_POPULATE_READ = 22
@@ -46,6 +47,7 @@ class BaseBytes:
         self._maps: dict[Path, mmap.mmap | None] = {}
         self._helper: Any = None  # a one-thread executor: the second half of each row run (both cores compute)
         self.out_offset: int | None = None  # where the output tensor being made starts in its file
+        self.pool: PiecePool | None = None  # where a merge's row runs take their output buffers (write_unit's)
 
     def get(self, key: str) -> torch.Tensor:
         info = self.reader.info(key)
@@ -174,91 +176,12 @@ class BaseBytes:
         self.fds.clear()
 
 
-#: how often an idle writer thread looks at its stop flag, and how long the error path waits for it at most
-POLL_S = 0.2
-ABORT_JOIN_S = 10.0
-
-
-class _Pipeline:
-    """Runs write calls on one background thread, in order, so disk I/O overlaps the arithmetic."""
-
-    def __init__(self) -> None:
-        import queue
-        import threading
-
-        self.q: queue.Queue[Callable[[], object] | None] = queue.Queue(maxsize=1)
-        self.error: BaseException | None = None
-        self.stopped = False
-        self.thread = threading.Thread(target=self._run, name="loratools-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        import queue
-
-        while not self.stopped:
-            try:
-                fn = self.q.get(timeout=POLL_S)  # returns at once while work is queued; the wait looks at `stopped`
-            except queue.Empty:
-                continue
-            if fn is None:
-                return
-            if self.error is None:
-                try:
-                    fn()
-                except BaseException as exc:  # re-raised in the main thread
-                    self.error = exc
-
-    def submit(self, fn: Callable[[], object]) -> None:
-        if self.error is not None:
-            raise self.error
-        self.q.put(fn)
-
-    def drain(self) -> None:
-        import threading
-
-        done = threading.Event()
-        self.submit(done.set)
-        done.wait()
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def abort(self) -> None:
-        """The error path (an exception, SIGTERM's ``Terminated``): stop the writer without waiting on it for
-        ever. An exception raised by a signal handler inside the queue's or ``join``'s locking can lose their
-        handshake (CPython's threading primitives are not signal-safe: a merge hung here after SIGTERM), so the
-        writer is told by a flag it polls and waited on for a bounded time; it is a daemon thread."""
-        import queue
-
-        self.stopped = True
-        with contextlib.suppress(queue.Full):
-            self.q.put_nowait(None)
-        self.thread.join(timeout=ABORT_JOIN_S)
-
-
-@contextlib.contextmanager
-def torch_threads() -> Any:
-    """One fewer compute thread than cores: the writer thread gets a core of its own."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before - 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance, factors=None) -> int:  # noqa: ANN001
     """Write ``unit`` under ``tmp``; ``factors`` (a FactorStore) reads each job's adapter factors just in time."""
     from functools import partial
 
     from loratools.checkpoint.writer import SafetensorsWriter, write_index
+    from loratools.ops.merge.pipeline import PiecePool, Pipeline
     from loratools.ops.merge.quant_stream import quant_pieces
     from loratools.ops.merge.stacked import pieces
 
@@ -267,7 +190,8 @@ def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance, factor
     base = BaseBytes(sub, reuse=3)
     pause = float(os.environ.get(PAUSE_ENV) or 0)
     writers: list[SafetensorsWriter] = []
-    pipe = _Pipeline()
+    pipe = Pipeline()
+    base.pool = pool = PiecePool(pipe)
     try:
         for f in unit.files:
             path = tmp if single else tmp / f.rel
@@ -300,7 +224,8 @@ def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance, factor
                         advance(e.nbytes)
                     for row, piece, *checked in parts or ():  # a third item True: checked finite in cache
                         piece = piece if checked and checked[0] else _cast_checked(e.name, piece, row)
-                        pipe.submit(partial(w.write_part, e.name, piece))
+                        lent = pool.owns(piece)
+                        pipe.submit(partial(_write_piece, w, e.name, piece, pool if lent else None), pooled=lent)
                         advance(piece.numel() * piece.element_size())
                 except NumericError as exc:  # the merge's NaN/overflow messages name the tensor: add the base
                     if str(sub.root) in exc.message:
@@ -326,6 +251,13 @@ def write_unit(reader, unit: Unit, tmp: Path, single: bool, dev, advance, factor
         write_index(index_path, unit.shard_plan, unit.index_meta)
         written += index_path.stat().st_size
     return written
+
+
+def _write_piece(w, name: str, piece: torch.Tensor, pool: PiecePool | None) -> None:  # noqa: ANN001
+    """The writer thread's part for one piece of a tensor: written, then given back to the pool it was lent from."""
+    w.write_part(name, piece)
+    if pool is not None:
+        pool.give_back(piece)
 
 
 def _cast_checked(name: str, t: torch.Tensor, first_row: int = 0) -> torch.Tensor:
