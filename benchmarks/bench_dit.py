@@ -32,6 +32,7 @@ import os
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -178,6 +179,18 @@ def compare(ours: Path, theirs: Path) -> str:
             f"max {worst_ulp} bf16 ulp")  # fmt: skip
 
 
+def settle(inputs: list[Path]) -> None:
+    """The same start for every tool: nothing left to write from the run before (its output's pages would be
+    written back during the next tool's run and slow that one), and the tool's inputs read once (in the page
+    cache, as after the previous tool: not evicted by its memory)."""
+    os.sync()
+    chunk = bytearray(64 << 20)
+    for path in inputs:
+        with open(path, "rb") as f:
+            while f.readinto(chunk):
+                pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sd-scripts", type=Path, help="a kohya-ss/sd-scripts checkout: also run flux_merge_lora.py")
@@ -219,25 +232,33 @@ def main() -> None:
     if args.only:
         tools = {k: v for k, v in tools.items() if k in args.only}
     results: dict[str, list[tuple[float, float]]] = {t: [] for t in tools}
+    flushes: dict[str, list[float]] = {t: [] for t in tools}
     loads = []
     for _ in range(args.runs):
-        for name, (_, cmd, out) in tools.items():
-            loads.append(os.getloadavg()[0])
+        for name, (kind, cmd, out) in tools.items():
             if out.is_file():  # the disk holds the base, the fp8 base and ~3 outputs of 5 GB, not a temp more
                 out.unlink()
+            settle([base if kind == "bf16" else fp8, lora])
+            loads.append(os.getloadavg()[0])
             results[name].append(timed(cmd))
-            print(f"{name}: {results[name][-1][0]:.1f} s, {results[name][-1][1]:.0f} MB", flush=True)
+            t0 = time.perf_counter()
+            os.sync()  # untimed: what the tool left in the page cache to write (counted, in its own column)
+            flushes[name].append(time.perf_counter() - t0)
+            print(f"{name}: {results[name][-1][0]:.1f} s (+{flushes[name][-1]:.1f} s sync), "
+                  f"{results[name][-1][1]:.0f} MB", flush=True)  # fmt: skip
             if name.startswith("diffusers"):
                 shutil.rmtree(out, ignore_errors=True)
     sizes = {"bf16": base.stat().st_size / 1e9, "fp8": fp8.stat().st_size / 1e9}
     print(f"\n{args.double} double + {args.single} single blocks, full width; load {min(loads):.1f}-{max(loads):.1f}")
-    print("\n| base | tool | wall s, median (min–max) | peak RSS MB, median | runs |\n|---|---|---|---|---|")
+    print("\n| base | tool | wall s, median (min–max) | then `sync` s, median | peak RSS MB, median | runs |")
+    print("|---|---|---|---|---|---|")
     for name, rs in results.items():
         kind = tools[name][0]
         walls = [r[0] for r in rs]
         label = f"{sizes[kind]:.2f} GB {'bf16' if kind == 'bf16' else 'fp8-scaled'}"
+        rss, flush = statistics.median(r[1] for r in rs), statistics.median(flushes[name])
         print(f"| {label} | {name} | {statistics.median(walls):.1f} ({min(walls):.1f}–{max(walls):.1f}) | "
-              f"{statistics.median(r[1] for r in rs):.0f} | {len(rs)} |")  # fmt: skip
+              f"{flush:.1f} | {rss:.0f} | {len(rs)} |")  # fmt: skip
     if args.sd_scripts and outs["sd"].exists() and outs["bf16"].exists():
         print("\nloratools vs sd-scripts (bf16 outputs):", compare(outs["bf16"], outs["sd"]))
 
