@@ -11,6 +11,7 @@ write is padded to the alignment and the file truncated to its size. Where the f
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -87,7 +88,9 @@ class DirectSink:
         os.ftruncate(self.fd, size)
 
     def close(self) -> None:
-        self.stage.close()
+        # on the error path a failed write's traceback still holds views of the stage: the map goes with them
+        with contextlib.suppress(BufferError):
+            self.stage.close()
 
     def _flush(self, last: bool = False) -> None:
         n = -(-self.fill // ALIGN) * ALIGN if last else self.fill

@@ -25,13 +25,17 @@ _REFUSED = {
         "write the output to a folder you may write to, or fix its permissions",
     ),
     errno.EPERM: ("the operating system refused the write in {parent}", "write the output to another folder"),
+    errno.EFBIG: (
+        "a file is larger than the file system of {parent} (or the shell's `ulimit -f`) allows",
+        "write the output to a file system that holds files this large (FAT32: 4 GB at most), or raise `ulimit -f`",
+    ),
 }
 
 
 def _concerns(exc: OSError, out: Path) -> bool:
     """Whether the OS error is about the output: its temporary, something in it, or a folder above it."""
-    if exc.errno in _FULL or not exc.filename:
-        return True  # a write that found the disk full names no file; it can only be an output
+    if exc.errno in _FULL or exc.errno == errno.EFBIG or not exc.filename:
+        return True  # a write that found the disk full (or the file too large) names no file: only an output
     for name in (exc.filename, exc.filename2):
         if not name:
             continue
@@ -82,6 +86,22 @@ def output_write_errors(target: str | Path, out: Path | None = None) -> Iterator
         if mapped is None:
             raise
         raise mapped from exc
+    except Exception as exc:  # safetensors' writer wraps the OS error: "I/O error: File too large (os error 27)"
+        code = _wrapped_errno(exc)
+        mapped = None if code is None else describe(OSError(code, os.strerror(code)), target, out)
+        if mapped is None:
+            raise
+        raise mapped from exc
+
+
+def _wrapped_errno(exc: Exception) -> int | None:
+    """The errno inside a ``safetensors.SafetensorError`` from a failed write (Rust's io::Error text), else None."""
+    import re
+
+    if type(exc).__name__ != "SafetensorError":
+        return None
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(found.group(1)) if found else None
 
 
 def check_writable(target: str | Path, folder: Path) -> None:

@@ -392,3 +392,16 @@ def test_other_writers_refuse_an_onnx_adapter_without_its_graph(tmp_path, comman
         f"Error: {command} cannot write an .onnx_adapter file: it is made for one ONNX graph, named with convert --for",
         "Hint: write peft here, then: loratools convert OUT --to onnx-adapter --for MODEL -o OUT",
     ]
+
+
+def test_safetensors_writer_errors_are_mapped_for_the_output(tmp_path) -> None:
+    """safetensors' save_file wraps the OS error in its own type; the text is what it raised on a full tmpfs here."""
+    from safetensors import SafetensorError
+
+    from loratools.publishing.write_errors import output_write_errors
+
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with pytest.raises(DiskSpaceError, match="the disk filled up"), output_write_errors(tmp_path / "out"):
+        raise full
+    with pytest.raises(SafetensorError), output_write_errors(tmp_path / "out"):  # not an OS error: as it was
+        raise SafetensorError("Error while serializing: header too large")
