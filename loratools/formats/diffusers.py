@@ -121,6 +121,21 @@ def _alpha(module: str, rank: int, cfg: dict[str, Any] | None, alpha_key: float 
     return float(alpha_key) if alpha_key else float(rank)
 
 
+def _check_rank(weights: Path, name: str, rank: int, cfg: dict[str, Any] | None) -> None:
+    """The metadata's ``r`` is the rank PEFT builds the layers with (diffusers' and finetrainers' loaders then fail
+    on the tensors' shapes): a file whose tensors disagree is damaged, and its lora_alpha/r is no strength to trust.
+    Not checked under a ``rank_pattern`` (its keys' matching is PEFT's to decide)."""
+    if not cfg or cfg.get("rank_pattern") or "r" not in cfg or isinstance(cfg["r"], bool):
+        return
+    if isinstance(cfg["r"], int | float) and cfg["r"] != rank:
+        raise FormatError(
+            f"{weights}: module {name} has rank {rank}, but the file's metadata says r = {cfg['r']} "
+            "(PEFT and diffusers refuse to load it: the metadata or the tensors were changed)",
+            hint="re-save the adapter with its trainer, or remove the metadata key to read it with alpha = rank",
+            path=weights,
+        )
+
+
 def _warn_zero_alpha(weights: Path, zero: int, total: int) -> None:
     import warnings
 
@@ -208,6 +223,7 @@ class DiffusersFormat(AdapterFormat):
             if stored == 0 and not cfg:
                 zero.append(name)  # kohya's rule (0 means alpha = rank) is taken, and said (below)
             alpha = _alpha(module, int(down.shape[0]), cfg, stored)
+            _check_rank(weights, name, int(down.shape[0]), cfg)
             kind = "embedding" if emb else ("conv" if down.ndim == 4 else "linear")
             magnitude = p.get("magnitude")
             try:

@@ -130,6 +130,8 @@ CASES = [
                 ["lora_config", "lora_alpha", "'64'"], COMMANDS),  # fmt: skip
     HostileCase("cogvideox-finetrainers-alpha-pattern", _ft_file("ft-pattern", _cfg(alpha_pattern=["to_q", 4])),
                 ["lora_config", "alpha_pattern"], COMMANDS),  # fmt: skip
+    HostileCase("cogvideox-finetrainers-rank", _ft_file("ft-rank", _cfg(r=4)),  # tensors of rank 2
+                [_FT, "rank 2", "r = 4"], COMMANDS),  # fmt: skip
     HostileCase("cogvideox-finetrainers-nan", _ft_file("ft-nan", _cfg(), **{f"{_FT}.lora_B.weight":
                 torch.full((16, 2), float("nan"))}), [f"{_FT}.lora_B", "NaN"], COMMANDS, 1),  # fmt: skip
     HostileCase("cogvideox-finetrainers-missing-half", _ft_file("ft-half", _cfg(), **{
