@@ -220,6 +220,13 @@ def test_without_the_flag_the_one_line_names_it(model, pipeline, tmp_path):
         assert code == 2 and len(_errors(err)) == 1, err
         assert "--expand-base" in _errors(err)[0] and "Traceback" not in err, err
         assert not (tmp_path / f"o-{name}").exists()
+        from click.testing import CliRunner
+
+        from loratools.cli.main import cli
+
+        r = CliRunner().invoke(cli, ["validate", str(path), "--base", str(pipeline)])  # its shape error's hint
+        assert r.exit_code == 1 and "control LoRA (Canny/Depth)" in r.output and "--expand-base" in r.output, r.output
+        assert "trained on a different base model" not in r.output, r.output
 
 
 def test_flag_on_a_base_that_needs_none_is_a_noted_noop(model, pipeline, tmp_path):

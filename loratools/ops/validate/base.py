@@ -146,6 +146,10 @@ def check_against_base(adapter: Adapter, reader: CheckpointReader, report: Valid
             hint = None
             if len(want) == 2 and have == want[::-1]:
                 hint = "the base stores this weight transposed; the adapter's fan_in_fan_out setting disagrees"
+            else:
+                from loratools.ops.merge.widen import widen_advice
+
+                hint = widen_advice(bkey, want, have).removeprefix("; ") or None  # a control LoRA: --expand-base
             report.add(
                 "error",
                 name,
