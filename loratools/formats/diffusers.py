@@ -136,19 +136,6 @@ def _check_rank(weights: Path, name: str, rank: int, cfg: dict[str, Any] | None)
         )
 
 
-def _warn_zero_alpha(weights: Path, zero: int, total: int) -> None:
-    import warnings
-
-    from loratools.errors import LoratoolsWarning
-
-    warnings.warn(
-        f"{weights}: {zero} of {total} modules store .alpha = 0, read as alpha = rank (scale 1), kohya's rule for a "
-        "zero alpha",
-        LoratoolsWarning,
-        stacklevel=3,
-    )
-
-
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise FormatError(f"{METADATA_KEY}: {what} must be a number, got {value!r}")
@@ -238,9 +225,9 @@ class DiffusersFormat(AdapterFormat):
                 )
             except ValidationError as exc:
                 raise type(exc)(f"{weights}: module {name}: {exc.message}", hint=exc.hint, path=weights) from None
-        zero_alpha = {"modules": len(zero), "of": len(modules)} if zero else None  # counted in the file's names
-        if zero:
-            _warn_zero_alpha(weights, len(zero), len(modules))
+        from loratools.formats.alpha_values import warn_zero_alpha
+
+        zero_alpha = warn_zero_alpha(weights, len(zero), len(modules))  # counted in the file's names
         from loratools.formats.dit.layouts import HANDLED, detect
 
         # the family, for info and --to kohya (PEFT-wrapped names, save_lora_weights of a get_peft_model

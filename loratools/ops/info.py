@@ -137,10 +137,10 @@ def _notes(adapter: Adapter, records: list[dict[str, Any]]) -> list[str]:
         share = f"{len(assumed)} of {total} modules store none" if len(assumed) < total else "no module stores an alpha"
         notes.append(f"alpha assumed: {share}; {adapter.format} takes alpha = rank (scale 1), as shown")
     zero = adapter.meta.get("alpha_zero")
-    if zero:  # formats/diffusers.py: an .alpha of 0 is read as alpha = rank, and said
+    if zero:  # formats/alpha_values.py: an .alpha of 0 is read as alpha = rank, and said
         notes.append(
-            f"alpha 0 read as alpha = rank: {zero['modules']} of {zero['of']} modules store .alpha = 0; kohya's rule "
-            "takes that as alpha = rank (scale 1), as shown"
+            f"alpha 0 read as alpha = rank: {zero['modules']} of {zero['of']} modules store .alpha = 0; sd-scripts' "
+            "rule takes that as alpha = rank (scale 1), as shown (ComfyUI applies them at scale 0)"
         )
     if any(r["kind"] is None for r in records):
         unknown = sum(1 for r in records if r["kind"] is None)

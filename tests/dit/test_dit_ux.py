@@ -42,12 +42,15 @@ def _warnings(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("Warning:")]
 
 
+ZERO_TAIL = "(ComfyUI applies such modules at scale 0: no effect)"
+
+
 def test_a_zero_alpha_is_said_once_and_info_shows_it(flux: tuple[Path, Path], tmp_path: Path) -> None:
     pipe, lora = flux
-    line = f"Warning: {lora}: 15 of 30 modules store .alpha = 0, read as alpha = rank (scale 1), kohya's rule for a "
+    line = f"Warning: {lora}: 15 of 30 modules store .alpha = 0, read as alpha = rank (scale 1), sd-scripts' rule "
     r = run("info", lora)
     assert r.exit_code == 0, r.output
-    assert _warnings(r.stderr) == [line + "zero alpha"]  # one line, on stderr, naming the file and the count
+    assert _warnings(r.stderr) == [line + ZERO_TAIL]  # one line, on stderr, naming the file and the count
     assert "note          alpha 0 read as alpha = rank: 15 of 30 modules store .alpha = 0" in r.stdout
     d = json.loads(run("info", lora, "--json").stdout)
     assert d["alpha_zero"] == {"modules": 15, "of": 30}
@@ -55,7 +58,7 @@ def test_a_zero_alpha_is_said_once_and_info_shows_it(flux: tuple[Path, Path], tm
     assert len(zero) == 15 and all(m["scale"] == 1 for m in zero)
     assert all(m["alpha"] == 3 for m in d["modules"] if m not in zero)
     r = run("merge", pipe, lora, "-o", tmp_path / "merged")
-    assert r.exit_code == 0 and _warnings(r.stderr) == [line + "zero alpha"], r.output  # once, whatever reads it
+    assert r.exit_code == 0 and _warnings(r.stderr) == [line + ZERO_TAIL], r.output  # once, whatever reads it
     assert _warnings(run("info", lora, "-q").output) == []  # -q: nothing but errors
 
 
@@ -68,6 +71,24 @@ def test_stored_alphas_warn_nothing(work: Path) -> None:
     save_file(out, work / "flux-alpha2.safetensors")
     r = run("info", work / "flux-alpha2.safetensors", "--json")
     assert r.exit_code == 0 and _warnings(r.output) == [] and json.loads(r.stdout)["alpha_zero"] is None
+
+
+def test_a_zero_alpha_in_a_kohya_file_is_said_too(tmp_path: Path) -> None:
+    """sd-scripts reads it as alpha = rank, ComfyUI as scale 0 (comfy/weight_adapter/lora.py): said, not chosen."""
+    from safetensors.torch import load_file
+
+    path = _sd_kohya(tmp_path / "k.safetensors")
+    tensors = load_file(path)
+    tensors["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.alpha"] = torch.tensor(0.0)
+    save_file(tensors, tmp_path / "zero.safetensors")
+    r = run("info", tmp_path / "zero.safetensors", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["alpha_zero"] == {"modules": 1, "of": 2}, r.output
+    assert _warnings(r.stderr) == [f"Warning: {tmp_path / 'zero.safetensors'}: 1 of 2 modules store .alpha = 0, read "
+                                   f"as alpha = rank (scale 1), sd-scripts' rule {ZERO_TAIL}"]  # fmt: skip
+    scales = sorted(m["scale"] for m in json.loads(r.stdout)["modules"])
+    assert scales == [0.5, 1.0]  # alpha 1 of rank 2; the zero one at rank 2 / rank 2
+    r = run("info", path, "--json")
+    assert _warnings(r.stderr) == [] and json.loads(r.stdout)["alpha_zero"] is None
 
 
 def _sd_kohya(path: Path, metadata: dict[str, str] | None = None) -> Path:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from loratools.errors import FormatError, UnsupportedError, UsageError, ValidationError, name_list
 from loratools.files.safetensors_file import load_file, read_header, save_file
+from loratools.formats.alpha_values import alpha_tensor, warn_zero_alpha
 from loratools.formats.dit.layouts import original_layout
 from loratools.formats.kohya.lycoris import PARTS as LYCORIS_PARTS
 from loratools.formats.kohya.lycoris import family_parts, module_from_parts, read_alpha
@@ -215,6 +216,7 @@ class KohyaFormat(AdapterFormat):
         modules: dict[str, LoraModule] = {}
         names: dict[str, str] = {}
         assumed: list[str] = []  # modules without an .alpha: alpha = rank (info says so)
+        zero = 0  # LoRA modules whose .alpha is 0: the same, said (formats/alpha_values.py)
         for name, p in sorted(parts.items()):
             key = (resolver.resolve(name) if resolver else None) or name
             if "alpha" not in p:
@@ -228,6 +230,7 @@ class KohyaFormat(AdapterFormat):
                 missing = "lora_down.weight" if "down" not in p else "lora_up.weight"
                 raise ValidationError(f"{path}: module {name} has no {missing} tensor", path=path)
             mod = _module(path, name, p)
+            zero += "alpha" in p and p["alpha"].numel() == 1 and float(p["alpha"]) == 0
             if key in modules:
                 raise ValidationError(f"{path}: {name} and {names[key]} both resolve to module {key}", path=path)
             modules[key], names[key] = mod, name
@@ -241,6 +244,7 @@ class KohyaFormat(AdapterFormat):
                 "kohya_names": names,
                 "kohya_digest": content_digest(tensors),
                 "alpha_assumed": assumed,
+                "alpha_zero": warn_zero_alpha(path, zero, len(modules)),
                 "files": [str(path)],
             },
         )
@@ -344,16 +348,6 @@ def kohya_names(adapter: Adapter, kohya_prefix: str | None = None) -> dict[str, 
     return out
 
 
-def _alpha_tensor(alpha: float, like: torch.Tensor) -> torch.Tensor:
-    """alpha as a 0-d tensor in the factors' dtype when that holds it exactly, else fp32, else fp64."""
-    import torch
-
-    for dtype in (like.dtype, torch.float32, torch.float64):
-        if dtype.is_floating_point and float(torch.tensor(alpha, dtype=dtype)) == alpha:
-            return torch.tensor(alpha, dtype=dtype)
-    return torch.tensor(alpha, dtype=torch.float64)
-
-
 def kohya_tensors(adapter: Adapter, kohya_prefix: str | None = None) -> dict[str, torch.Tensor]:
     """The kohya state dict for ``adapter``; refuses (listing modules) what kohya files cannot hold."""
     from loratools.formats.dit.format import dit_tensors
@@ -381,7 +375,7 @@ def kohya_tensors(adapter: Adapter, kohya_prefix: str | None = None) -> dict[str
         alpha = float(m.alpha) * math.sqrt(m.rank) if m.use_rslora else float(m.alpha)
         out[f"{k}.lora_down.weight"] = m.down.contiguous()
         out[f"{k}.lora_up.weight"] = m.up.contiguous()
-        out[f"{k}.alpha"] = _alpha_tensor(alpha, m.down)
+        out[f"{k}.alpha"] = alpha_tensor(alpha, m.down)
         if m.magnitude is not None:
             shape = (m.out_features, 1, 1, 1) if m.kind == "conv" else (m.out_features, 1)
             out[f"{k}.dora_scale"] = m.magnitude.reshape(shape).contiguous()
