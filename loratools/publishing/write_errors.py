@@ -95,13 +95,15 @@ def output_write_errors(target: str | Path, out: Path | None = None) -> Iterator
 
 
 def _wrapped_errno(exc: Exception) -> int | None:
-    """The errno inside a ``safetensors.SafetensorError`` from a failed write (Rust's io::Error text), else None."""
+    """The errno inside a ``safetensors.SafetensorError`` from a write that found the disk full or the file too large
+    (Rust's io::Error text), else None: its text names no file, so other errors may be about an input."""
     import re
 
     if type(exc).__name__ != "SafetensorError":
         return None
     found = re.search(r"\(os error (\d+)\)", str(exc))
-    return int(found.group(1)) if found else None
+    code = int(found.group(1)) if found else None
+    return code if code in _FULL or code == errno.EFBIG else None  # errors only a write meets (it names no file)
 
 
 def check_writable(target: str | Path, folder: Path) -> None:

@@ -1,8 +1,9 @@
 """Writing one unit of a merge: recycled read buffers, in-place updates, a writer thread.
 
 Touched tensors are read with ``pread`` into a small ring of recycled buffers (not the page-cache map,
-so they do not stay in our RSS), updated in place and handed to one writer thread, which also runs
-the kernel copies of untouched byte ranges, so disk I/O overlaps the arithmetic.
+so they do not stay in our RSS), or by row runs from a private map of the base file into buffers lent by a
+byte-bounded pool, updated and handed to one writer thread (ops/merge/pipeline.py), which also runs the kernel
+copies of untouched byte ranges, so disk I/O overlaps the arithmetic.
 """
 
 from __future__ import annotations
