@@ -104,6 +104,17 @@ def test_non_float_factor(tmp_path) -> None:
     assert codes(r) == ["dtype"] and r.findings[0].module == Q0
 
 
+def test_negative_alpha_is_a_warning(tmp_path) -> None:
+    """Read as it is (the update subtracted: sd-scripts, ComfyUI and PEFT multiply by it), but said."""
+    tensors = {"lora_unet_a_b.lora_down.weight": torch.randn(2, 8), "lora_unet_a_b.lora_up.weight": torch.randn(8, 2)}
+    save_file({**tensors, "lora_unet_a_b.alpha": torch.tensor(-4.0)}, tmp_path / "neg.safetensors")
+    r = validate(tmp_path / "neg.safetensors")
+    assert codes(r) == ["negative_alpha"] and r.ok and "alpha is -4" in r.findings[0].message
+    assert "--weights -1" in r.findings[0].hint
+    save_file({**tensors, "lora_unet_a_b.alpha": torch.tensor(4.0)}, tmp_path / "pos.safetensors")
+    assert codes(validate(tmp_path / "pos.safetensors")) == []
+
+
 def test_zero_b_is_a_warning(tmp_path) -> None:
     r = validate(broken(tmp_path, lambda t: t[f"{PREFIX}{Q0}.lora_B.weight"].zero_()))
     assert codes(r) == ["zero_delta"] and r.ok

@@ -182,6 +182,10 @@ def check_adapter(adapter: Adapter, report: ValidationReport) -> None:
             )
         if m.alpha == 0:
             report.add("warning", name, "zero_scale", f"module {name}: alpha is 0, so the module changes nothing")
+        elif m.alpha < 0:
+            from loratools.ops.validate.families import warn_negative_alpha
+
+            warn_negative_alpha(report, name, m.alpha)
         elif m.up.is_floating_point() and all_zero(m.up, adapter):
             report.add(
                 "warning",

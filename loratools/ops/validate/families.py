@@ -10,6 +10,20 @@ if TYPE_CHECKING:
     from loratools.ops.validate.findings import ValidationReport
 
 
+def warn_negative_alpha(report: ValidationReport, name: str, alpha: float) -> None:
+    """A negative alpha is read as it is (sd-scripts, ComfyUI and PEFT multiply by it: the update is subtracted),
+    but no trainer writes one: said."""
+    report.add(
+        "warning",
+        name,
+        "negative_alpha",
+        f"module {name}: alpha is {alpha:g}, so its update is subtracted (applied with the opposite sign); "
+        "trainers write a positive alpha",
+        hint="to subtract an adapter on purpose, keep its alpha positive and merge with a negative weight: "
+        "loratools merge BASE ADAPTER -o OUT --weights -1",
+    )
+
+
 def check_family_module(adapter: Adapter, name: str, m: FamilyModule, report: ValidationReport) -> None:
     """One LoHa/LoKr/OFT/BOFT/IA3/diag-OFT module on its own."""
     import torch
@@ -20,6 +34,9 @@ def check_family_module(adapter: Adapter, name: str, m: FamilyModule, report: Va
             dt = str(t.dtype).removeprefix("torch.")
             report.add("error", name, "dtype", f"module {name}: {role} is {dt}; adapter tensors must be floating point")
             return
+    alpha = getattr(m, "alpha", None)
+    if isinstance(alpha, int | float) and alpha < 0:
+        warn_negative_alpha(report, name, alpha)
     if _identity(m, torch):
         report.add(
             "warning",
