@@ -20,6 +20,18 @@ from loratools.errors import ShapeError, UsageError
 LAYOUT_KINDS = ("linear", "conv")
 
 
+def widen_float8_fields(obj: object) -> None:
+    """Replace every float8 tensor field of dataclass ``obj`` by its bf16 copy: exact (every e4m3/e5m2/e8m0 value is
+    a bf16 value), and torch implements no arithmetic (``isfinite``, ``add``) for float8 on CPU. An adapter stored in
+    float8 then reads, validates and merges like a bf16 one (a stranger's file: an internal error before)."""
+    from dataclasses import fields
+
+    for f in fields(obj):  # type: ignore[arg-type]
+        t = getattr(obj, f.name)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.element_size() == 1:
+            setattr(obj, f.name, t.to(torch.bfloat16))
+
+
 @dataclass(eq=False)
 class FamilyModule:
     """Base of every non-LoRA adapted module. ``weight_shape`` is the base weight's shape when known."""
@@ -39,6 +51,7 @@ class FamilyModule:
     magnitude = None
 
     def __post_init__(self) -> None:
+        widen_float8_fields(self)
         if getattr(self, "kind", "linear") not in LAYOUT_KINDS:
             raise ShapeError(f"{self.label}: unknown module kind {self.kind!r}; expected linear or conv")
         for role, t in self.tensors().items():

@@ -51,6 +51,9 @@ class LoraModule:
     bias: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        from loratools.families.base import widen_float8_fields
+
+        widen_float8_fields(self)
         if self.kind not in KINDS:
             raise ShapeError(f"unknown module kind {self.kind!r}; expected one of {', '.join(KINDS)}")
         if self.down.ndim < 2 or self.up.ndim < 2:
