@@ -56,3 +56,17 @@ def test_identity_oft_is_a_warning(tmp_path: Path):
 def test_family_against_bases(tmp_path: Path):
     assert validate(FAMILIES / "lycoris-loha.safetensors", base=FAMILIES / "tiny-unet").ok
     assert not validate(FAMILIES / "peft-boft", base=LLAMA.parent / "bert").ok  # not the model it was trained on
+
+
+def test_negative_alpha_warned_where_it_scales(tmp_path) -> None:
+    """LoHa multiplies by alpha/r: a negative alpha subtracts the update (said). LyCORIS' LoKr of two full halves
+    ignores alpha (scale 1): nothing to say."""
+    import torch
+
+    for fixture, warned in (("lycoris-loha.safetensors", True), ("lycoris-lokr-full.safetensors", False)):
+        tensors = load_file(FAMILIES / fixture)
+        key = sorted(k for k in tensors if k.endswith(".alpha"))[0]
+        tensors[key] = torch.tensor(-4.0)
+        save_file(tensors, tmp_path / fixture)
+        codes = [f.code for f in validate(tmp_path / fixture).findings]
+        assert ("negative_alpha" in codes) is warned, (fixture, codes)

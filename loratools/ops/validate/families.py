@@ -34,8 +34,8 @@ def check_family_module(adapter: Adapter, name: str, m: FamilyModule, report: Va
             dt = str(t.dtype).removeprefix("torch.")
             report.add("error", name, "dtype", f"module {name}: {role} is {dt}; adapter tensors must be floating point")
             return
-    alpha = getattr(m, "alpha", None)
-    if isinstance(alpha, int | float) and alpha < 0:
+    alpha, scale = getattr(m, "alpha", None), m.scale
+    if isinstance(alpha, int | float) and alpha < 0 and scale is not None and scale < 0:  # LoKr of full halves: 1
         warn_negative_alpha(report, name, alpha)
     if _identity(m, torch):
         report.add(
