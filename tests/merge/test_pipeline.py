@@ -1,82 +1,71 @@
-"""The merge's writer thread and its piece pool (ops/merge/pipeline.py): order kept, memory bounded, buffers
-recycled, a writer's error raised in the waiting thread. No wall-time assertions: waits are on events, and a
-"still waiting" check can only pass too easily on a busy machine, never fail."""
+"""A diffusers pipeline base: only the touched component is rewritten, the rest copied byte for byte."""
 
 from __future__ import annotations
 
-import threading
+import copy
+import json
+from pathlib import Path
 
 import pytest
+import torch
+from merge_support import TOL
 
-from loratools.ops.merge.pipeline import PiecePool, Pipeline
+from loratools import merge, verify
 
-LONG = 60.0  # a bound for what must happen, never reached unless the code is wrong
-
-
-def _blocked_pipe() -> tuple[Pipeline, threading.Event, list[str]]:
-    """A pipeline whose first call waits for the returned event."""
-    pipe, gate, done = Pipeline(), threading.Event(), []
-    started = threading.Event()
-    pipe.submit(lambda: (started.set(), gate.wait(LONG), done.append("first")))
-    assert started.wait(LONG)
-    return pipe, gate, done
+diffusers = pytest.importorskip("diffusers")
 
 
-def test_calls_run_in_order_and_ring_calls_wait_for_an_empty_queue() -> None:
-    pipe, gate, done = _blocked_pipe()
-    pipe.submit(lambda: done.append("pooled"), pooled=True)  # queues behind the blocked call at once
-    ring = threading.Thread(target=pipe.submit, args=(lambda: done.append("ring"),))
-    ring.start()
-    ring.join(0.2)
-    assert ring.is_alive(), "a ring buffer's call was queued behind another"
-    gate.set()
-    ring.join(LONG)
-    pipe.close()
-    assert done == ["first", "pooled", "ring"]
+def _unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    ).eval()
 
 
-def test_pool_lends_within_its_budget_and_recycles() -> None:
-    pipe = Pipeline()
-    pool = PiecePool(pipe, budget=3 * (1000 + 4096))
-    pieces = [pool.lend(1000, phase=i) for i in range(3)]
-    assert all(pool.owns(p) for p in pieces) and not pool.owns(pieces[0].clone())
-    assert [p.data_ptr() % 4096 for p in pieces] == [0, 1, 2]  # placed like their file positions
-    fourth: list = []
-    t = threading.Thread(target=lambda: fourth.append(pool.lend(1000)))
-    t.start()
-    t.join(0.2)
-    assert t.is_alive() and not fourth, "lent beyond the budget"
-    first = pieces[0].untyped_storage().data_ptr()
-    pool.give_back(pieces[0])
-    t.join(LONG)
-    assert fourth[0].untyped_storage().data_ptr() == first  # the given-back buffer, not a new one
-    assert pool.lent_bytes <= pool.budget
-    pipe.close()
+def test_pipeline_only_touched_component_rewritten(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
 
+    unet = _unet()
+    pipe = tmp_path / "pipe"
+    unet.save_pretrained(str(pipe / "unet"))
+    vae_like = _unet()  # a second weight component the adapter does not touch
+    vae_like.save_pretrained(str(pipe / "other"))
+    (pipe / "scheduler").mkdir()
+    (pipe / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDIMScheduler"}')
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+    index["other"] = ["diffusers", "UNet2DConditionModel"]
+    index["scheduler"] = ["diffusers", "DDIMScheduler"]
+    (pipe / "model_index.json").write_text(json.dumps(index))
 
-def test_a_piece_larger_than_the_budget_is_lent_alone() -> None:
-    pipe = Pipeline()
-    pool = PiecePool(pipe, budget=10)
-    big = pool.lend(100_000)
-    assert big.numel() == 100_000
-    pool.give_back(big)
-    assert pool.lend(50).numel() == 50
-    pipe.close()
+    cfg = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v", "conv1", "proj_in"], init_lora_weights=False)
+    peft = get_peft_model(copy.deepcopy(unet), cfg).eval()
+    state = {
+        "unet." + k.removeprefix("base_model.model.").replace(".default", ""): v.detach().contiguous()
+        for k, v in peft.state_dict().items()
+        if "lora_" in k
+    }
+    (tmp_path / "lora").mkdir()
+    save_file(state, str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    out = tmp_path / "merged"
+    merge(pipe, [tmp_path / "lora"], out)
 
-
-def test_a_writer_error_reaches_the_waiting_threads() -> None:
-    pipe, gate, _ = _blocked_pipe()
-    pool = PiecePool(pipe, budget=1)
-    pool.lend(10)  # the budget is spent: the next lend waits for the writer
-
-    def fail() -> None:
-        raise OSError(28, "No space left on device")
-
-    pipe.submit(fail, pooled=True)
-    gate.set()
-    with pytest.raises(OSError, match="No space"):
-        pool.lend(10)
-    with pytest.raises(OSError, match="No space"):
-        pipe.submit(lambda: None)
-    pipe.abort()
-    assert not pipe.thread.is_alive()
+    for rel in ("other/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", "model_index.json"):
+        assert (out / rel).read_bytes() == (pipe / rel).read_bytes()
+    merged = diffusers.UNet2DConditionModel.from_pretrained(str(out / "unet")).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([10]), torch.randn(1, 3, 16, generator=g)
+    with torch.no_grad():
+        ref, before, got = (m(x, t, encoder_hidden_states=ctx).sample for m in (peft, unet, merged))
+    assert (ref - before).abs().max() >= 100 * TOL
+    assert (got - ref).abs().max() <= TOL
+    assert verify(out, pipe, [tmp_path / "lora"]).verified
