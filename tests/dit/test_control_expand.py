@@ -22,16 +22,6 @@ D = S.D
 WIDE = 2 * S.CONFIG["in_channels"]  # the tiny model's img_in takes 4 inputs; a control LoRA's 8
 
 
-@pytest.fixture(scope="module")
-def model():
-    return S.transformer()
-
-
-@pytest.fixture(scope="module")
-def pipeline(model, tmp_path_factory):
-    return S.save_pipeline(model, tmp_path_factory.mktemp("expand") / "pipe")
-
-
 def diffusers_control(model, seed: int = 7) -> dict[str, torch.Tensor]:
     """A diffusers-trained control LoRA (``train_control_lora_flux.py`` names): x_embedder's lora_A takes WIDE inputs,
     LoRAs on attention, MLP and the output layers; no alphas (alpha = rank for diffusers and for us)."""

@@ -75,16 +75,6 @@ def invoke(*args: object) -> tuple[int, str, str]:
     return r.exit_code, r.stdout, r.stderr
 
 
-@pytest.fixture(scope="module")
-def model():
-    return S.transformer()
-
-
-@pytest.fixture(scope="module")
-def pipeline(model, tmp_path_factory):
-    return S.save_pipeline(model, tmp_path_factory.mktemp("hostile") / "pipe")
-
-
 def _refused(path: Path, args: list, out: Path, expect: tuple[str, ...]) -> None:
     code, stdout, stderr = invoke(*args)
     text = stdout + stderr

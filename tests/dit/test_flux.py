@@ -21,16 +21,6 @@ DIFFUSERS_OK = tuple(m for m in S.BFL_MODULES if m.startswith("double_blocks") o
 TOP = tuple(m for m in S.BFL_MODULES if not m.startswith(("double_blocks", "single_blocks")))
 
 
-@pytest.fixture(scope="module")
-def model():
-    return S.transformer()
-
-
-@pytest.fixture(scope="module")
-def pipeline(model, tmp_path_factory):
-    return S.save_pipeline(model, tmp_path_factory.mktemp("flux") / "pipe")
-
-
 @pytest.fixture(scope="module", params=["", "model.diffusion_model."])
 def bfl_file(model, tmp_path_factory, request):
     path = tmp_path_factory.mktemp("bfl") / "flux1-tiny.safetensors"

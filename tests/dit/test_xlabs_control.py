@@ -47,16 +47,6 @@ def control(model, width: int = 2 * 4, seed: int = 4) -> dict[str, torch.Tensor]
     return lora
 
 
-@pytest.fixture(scope="module")
-def model():
-    return S.transformer()
-
-
-@pytest.fixture(scope="module")
-def pipeline(model, tmp_path_factory):
-    return S.save_pipeline(model, tmp_path_factory.mktemp("xlabs") / "pipe")
-
-
 def _fused(model) -> dict[str, torch.Tensor]:
     model.fuse_lora()
     return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
